@@ -1,0 +1,397 @@
+"""Tests for the sparsifying kernels: trim/prune, TIES and DARE, against hand-worked math."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tvrecipe.ops import sparsify
+from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties, trim, trim_mask
+
+T = torch.tensor
+
+
+@contextmanager
+def tiny_blocks():
+    """Shrink the kernels' size constants so small inputs take the sampled, chunked paths."""
+    with mock.patch.multiple(
+        sparsify, _DIRECT_MAX=16, _SAMPLE_SIZE=64, _SAMPLE_MIN=8, _SCAN_CHUNK=64, _CPU_CHUNK=40
+    ):
+        yield
+
+
+def ref_keep(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Reference top-k mask: sort by (-|x|, flat index), keep the first k."""
+    xf = x.reshape(-1).double()
+    n = xf.numel()
+    k = max(1, round(density * n))
+    order = sorted(range(n), key=lambda i: (-abs(xf[i].item()), i))
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.view(x.shape)
+
+
+def ref_ties(xs, density, weights, majority, normalize) -> torch.Tensor:
+    """Entry-by-entry TIES in float64, straight from the definition in the docstring."""
+    trimmed = [torch.where(ref_keep(x, density), x, 0.0).double().reshape(-1) for x in xs]
+    out = torch.zeros(xs[0].numel(), dtype=torch.float64)
+    for e in range(out.numel()):
+        c = [w * t[e].item() for w, t in zip(weights, trimmed)]
+        total = sum(c)
+        sign_total = (total > 0) - (total < 0)
+        if majority == "total":
+            g = sign_total
+        else:
+            votes = sum((v > 0) - (v < 0) for v in c)
+            g = (votes > 0) - (votes < 0) or sign_total
+        agree = [i for i, v in enumerate(c) if v != 0 and ((v > 0) - (v < 0)) == g]
+        if not agree or g == 0:
+            continue
+        num = sum(c[i] for i in agree)
+        out[e] = num / sum(abs(weights[i]) for i in agree) if normalize else num
+    return out.view(xs[0].shape)
+
+
+# ---------------------------------------------------------------------------------------
+# trim / trim_mask / prune
+
+
+def test_trim_hand_example_with_tie_at_threshold():
+    # |x| = 3, 1, 2, 2, .5, 2; k = round(0.5 * 6) = 3; the 3rd largest magnitude is 2, held
+    # by indices 2, 3 and 5. Index 0 (|x| = 3 > 2) is kept, then the two lowest indices
+    # among the tied ones (2 and 3); index 5 loses the tie.
+    x = T([3.0, -1.0, 2.0, -2.0, 0.5, 2.0])
+    assert torch.equal(trim(x, density=0.5), T([3.0, 0.0, 2.0, -2.0, 0.0, 0.0]))
+    assert trim_mask(x, density=0.5).tolist() == [True, False, True, True, False, False]
+
+
+def test_trim_k_rounding_and_minimum_one():
+    x = T([1.0, -5.0, 3.0, 2.0, -4.0])
+    # round(0.5 * 5) = round(2.5) = 2 (halves go to even): keep -5 and -4.
+    assert torch.equal(trim(x, density=0.5), T([0.0, -5.0, 0.0, 0.0, -4.0]))
+    # round(0.7 * 5) = round(3.5) = 4: drops only the smallest (1).
+    assert torch.equal(trim(x, density=0.7), T([0.0, -5.0, 3.0, 2.0, -4.0]))
+    # 0.01 * 5 rounds to 0, but at least one entry is kept.
+    assert torch.equal(trim(x, density=0.01), T([0.0, -5.0, 0.0, 0.0, 0.0]))
+
+
+def test_trim_keeps_shape_and_does_not_mutate():
+    x = T([[0.5, -3.0], [2.0, 1.0]])
+    before = x.clone()
+    out = trim(x, density=0.5)
+    assert torch.equal(out, T([[0.0, -3.0], [2.0, 0.0]]))
+    assert torch.equal(x, before)
+    full = trim(x, density=1.0)
+    assert torch.equal(full, x) and full.data_ptr() != x.data_ptr()
+    assert trim_mask(x, density=1.0).all()
+
+
+def test_trim_zero_threshold_keeps_values_and_mask_breaks_zero_ties():
+    x = T([0.0, 2.0, 0.0, -1.0, 0.0])
+    # k = round(0.8 * 5) = 4 > 2 nonzeros: trim changes nothing; the mask still holds
+    # exactly 4 entries, the two nonzeros and the first two zeros (indices 0, 2).
+    assert torch.equal(trim(x, density=0.8), x)
+    assert trim_mask(x, density=0.8).tolist() == [True, True, True, True, False]
+
+
+def test_trim_non_contiguous_uses_row_major_flat_index():
+    x = T([[1.0, 1.0], [1.0, 1.0]]).t()  # all tied: keep flat (row-major) indices 0, 1
+    assert torch.equal(trim_mask(x, density=0.5), T([[True, True], [False, False]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_trim_other_dtypes(dtype):
+    x = T([0.25, -1.5, 1.5, 0.75, -0.125], dtype=dtype)  # exact in every dtype
+    out = trim(x, density=0.6)  # k = 3, tie 1.5/-1.5 both above 0.75
+    assert out.dtype == dtype
+    assert torch.equal(out, T([0.0, -1.5, 1.5, 0.75, 0.0], dtype=dtype))
+
+
+def test_trim_large_matches_topk_and_sampled_path():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1 << 20, generator=g)  # above _DIRECT_MAX: sampled band path
+    for d in (0.003, 0.2, 0.5, 0.97):
+        k = round(d * x.numel())
+        ref = torch.zeros_like(x)
+        idx = x.abs().topk(k).indices
+        ref[idx] = x[idx]
+        assert torch.equal(trim(x, density=d), ref), d
+
+
+def test_trim_large_with_massive_ties():
+    # Values in {-3..3}: the threshold value is shared by ~2/7 of a million entries.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-3, 4, (1 << 20,), generator=g).float()
+    for d in (0.1, 0.3, 0.9):
+        m = trim_mask(x, density=d)
+        k = round(d * x.numel())
+        assert int(m.sum()) == k
+        thr = x.abs()[m].min()
+        assert (x.abs()[~m] <= thr).all()
+        tied = m[x.abs() == thr]  # in flat order: kept ones must form a prefix
+        n_kept = int(tied.sum())
+        assert tied[:n_kept].all() and not tied[n_kept:].any()
+        assert torch.equal(trim(x, density=d), torch.where(m, x, 0.0))
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=32).filter(lambda v: v != 0)
+tied = st.sampled_from([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.one_of(finite, tied), min_size=1, max_size=300),
+    density=st.floats(0.001, 1.0),
+)
+def test_trim_property_exact_topk_with_index_ties(values, density):
+    x = T(values, dtype=torch.float32)
+    keep = ref_keep(x, density)
+    k = max(1, round(density * x.numel()))
+    for ctx in (contextmanager(lambda: (yield))(), tiny_blocks()):
+        with ctx:
+            out = trim(x, density=density)
+            mask = trim_mask(x, density=density)
+        assert torch.equal(mask, keep)
+        assert int((out != 0).sum()) == k  # inputs have no zeros
+        assert torch.equal(out, torch.where(keep, x, 0.0))
+
+
+def test_prune_is_magnitude_trim():
+    x = T([0.1, -0.9, 0.5, 0.3])
+    assert torch.equal(prune(x, density=0.5), T([0.0, -0.9, 0.5, 0.0]))
+    assert torch.equal(prune(x, density=0.5, by="magnitude"), trim(x, density=0.5))
+
+
+# ---------------------------------------------------------------------------------------
+# TIES
+
+# Hand-worked example, density 0.8 (k = 4 of 5 per input), weights (1, 1, 2):
+#   τ1 = [1, 2, -2, 0.1, 3]  -> drops 0.1            -> τ̂1 = [1,  2, -2, 0,  3]
+#   τ2 = [1, -1, 1, -0.2, -2] -> drops -0.2          -> τ̂2 = [1, -1,  1, 0, -2]
+#   τ3 = [-3, .5, .5, 4, -1] -> 4th largest |.| is .5, held by indices 1 and 2: index 1
+#                              wins the tie          -> τ̂3 = [-3, .5, 0, 4, -1]
+# Contributions c = w τ̂ per entry and the results:
+#   e0: c = (1, 1, -6)   total -4 -> γ=-: A={3}: -6/2 = -3 | sum -6
+#                        count 2:1 -> γ=+: A={1,2}: 2/2 = 1 | sum 2
+#   e1: c = (2, -1, 1)   γ=+ both: A={1,3}: 3/3 = 1 | sum 3
+#   e2: c = (-2, 1, 0)   total -1; count 1:1 tie -> total: γ=-: A={1}: -2/1 | sum -2
+#   e3: c = (0, 0, 8)    γ=+: A={3}: 8/2 = 4 | sum 8
+#   e4: c = (3, -2, -2)  γ=- both: A={2,3}: -4/3 | sum -4
+HAND_INPUTS = [
+    [1.0, 2.0, -2.0, 0.1, 3.0],
+    [1.0, -1.0, 1.0, -0.2, -2.0],
+    [-3.0, 0.5, 0.5, 4.0, -1.0],
+]
+HAND_EXPECTED = {
+    ("total", True): [-3.0, 1.0, -2.0, 4.0, -4.0 / 3.0],
+    ("total", False): [-6.0, 3.0, -2.0, 8.0, -4.0],
+    ("count", True): [1.0, 1.0, -2.0, 4.0, -4.0 / 3.0],
+    ("count", False): [2.0, 3.0, -2.0, 8.0, -4.0],
+}
+
+
+@pytest.mark.parametrize(("majority", "normalize"), list(HAND_EXPECTED))
+def test_ties_hand_example(majority, normalize):
+    xs = [T(v) for v in HAND_INPUTS]
+    before = [x.clone() for x in xs]
+    out = ties(xs, density=0.8, weights=[1.0, 1.0, 2.0], majority=majority, normalize=normalize)
+    torch.testing.assert_close(out, T(HAND_EXPECTED[(majority, normalize)]), rtol=1e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(xs, before))  # inputs untouched
+
+
+def test_ties_disagreeing_entry_takes_elected_side_only():
+    xs = [T([5.0]), T([3.0]), T([-4.0])]
+    # total 4 > 0: only the positive inputs are merged, the -4 is ignored entirely.
+    assert ties(xs).item() == 4.0
+    assert ties(xs, normalize=False).item() == 8.0
+
+
+def test_ties_count_tie_falls_back_to_total_then_zero():
+    xs = [T([1.0, 1.0]), T([-1.0, -3.0])]
+    # e0: one vote each, total 0 -> 0. e1: one vote each, total -2 -> γ=-, result -3.
+    out = ties(xs, majority="count")
+    assert out.tolist() == [0.0, -3.0]
+
+
+def test_ties_density_one_same_signs_is_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(50, 7, generator=g) + 0.1 for _ in range(4)]
+    ws = [0.5, 2.0, 1.0, 0.25]
+    expect = sum(w * x for w, x in zip(ws, xs)) / sum(ws)
+    torch.testing.assert_close(ties(xs, weights=ws), expect)
+    neg = [-x for x in xs]
+    torch.testing.assert_close(ties(neg, weights=ws, majority="count"), -expect)
+    torch.testing.assert_close(ties(xs), sum(xs) / 4)  # default weights: plain mean
+
+
+def test_ties_negative_weight_keeps_negation():
+    # c = (2, -1) -> γ=+, A={0}: 2. c = (0.5, -3) -> γ=-, A={1}: -3/|-1| = -3, i.e. the
+    # negated task survives (dividing by Σ_A w = -1 would flip it back to +3).
+    a, b = T([2.0, 0.5]), T([1.0, 3.0])
+    assert ties([a, b], weights=[1.0, -1.0]).tolist() == [2.0, -3.0]
+    # count: one vote each side at both entries, so the total decides; same result, also
+    # with the negatively weighted input first.
+    assert ties([b, a], weights=[-1.0, 1.0], majority="count").tolist() == [2.0, -3.0]
+    assert ties([a, b], weights=[1.0, -1.0], normalize=False).tolist() == [2.0, -3.0]
+
+
+def test_ties_zero_weight_input_takes_no_part():
+    a, b = T([1.0, -2.0, 3.0]), T([-9.0, 9.0, -9.0])
+    assert torch.equal(ties([a, b], weights=[1.0, 0.0], majority="count"), a)
+    assert torch.equal(ties([a, b], weights=[0.0, 0.0]), torch.zeros(3))
+
+
+def test_ties_single_input_is_trim():
+    x = T([0.3, -2.0, 1.0, 0.0, -0.7])
+    assert torch.equal(ties([x], density=0.4), trim(x, density=0.4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_ties_preserves_dtype(dtype):
+    xs = [T(v, dtype=dtype) for v in HAND_INPUTS]
+    out = ties(xs, density=0.8, weights=[1.0, 1.0, 2.0], majority="count")
+    assert out.dtype == dtype
+    expect = T(HAND_EXPECTED[("count", True)], dtype=dtype)
+    torch.testing.assert_close(out, expect, rtol=1e-2, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(1, 4),
+    size=st.integers(1, 150),
+    density=st.sampled_from([1.0, 0.6, 0.25, 0.05]),
+    majority=st.sampled_from(["total", "count"]),
+    normalize=st.booleans(),
+)
+def test_ties_property_matches_reference(data, n, size, density, majority, normalize):
+    vals = st.one_of(st.sampled_from([-1.0, 0.0, 0.5, 1.0]), st.floats(-10, 10, width=32))
+    xs = [T(data.draw(st.lists(vals, min_size=size, max_size=size))) for _ in range(n)]
+    ws = data.draw(st.lists(st.sampled_from([-1.0, 0.5, 1.0, 2.0]), min_size=n, max_size=n))
+    expect = ref_ties(xs, density, ws, majority, normalize).float()
+    for ctx in (contextmanager(lambda: (yield))(), tiny_blocks()):
+        with ctx:
+            out = ties(xs, density=density, weights=ws, majority=majority, normalize=normalize)
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_ties_large_matches_reference_formula():
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(300, 300, generator=g) for _ in range(3)]  # chunked, sampled paths
+    ws = [1.0, 0.5, 2.0]
+    kept = [torch.where(trim_mask(x, density=0.3), x, 0.0).double() for x in xs]
+    c = torch.stack([w * t for w, t in zip(ws, kept)])
+    gam = c.sum(0).sign()
+    agree = (c.sign() == gam) & (c != 0)
+    wabs = T(ws, dtype=torch.float64).abs().view(-1, 1, 1)
+    den = (wabs * agree).sum(0)
+    expect = torch.where(den > 0, (c * agree).sum(0) / den.clamp(min=1e-300), 0.0)
+    torch.testing.assert_close(ties(xs, density=0.3, weights=ws), expect.float())
+
+
+# ---------------------------------------------------------------------------------------
+# DARE and seeds
+
+
+def test_dare_density_one_is_identity_copy():
+    x = torch.randn(64, 3)
+    out = dare(x, density=1.0, seed=1)
+    assert out.numpy().tobytes() == x.numpy().tobytes() and out.data_ptr() != x.data_ptr()
+
+
+def test_dare_same_seed_same_bytes_different_seed_differs():
+    x = torch.randn(1000)
+    a = dare(x, density=0.3, seed=123).numpy().tobytes()
+    assert a == dare(x, density=0.3, seed=123).numpy().tobytes()
+    assert a != dare(x, density=0.3, seed=124).numpy().tobytes()
+
+
+def test_dare_values_rescale_and_mask_independent_of_dtype():
+    x = torch.randn(500, dtype=torch.float64)
+    out = dare(x, density=0.4, seed=9)
+    plain = dare(x, density=0.4, rescale=False, seed=9)
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept] / 0.4)
+    assert torch.equal(plain, torch.where(kept, x, 0.0))
+    # The mask is drawn in float32 on the CPU whatever the compute dtype.
+    assert torch.equal(dare(x.float(), density=0.4, seed=9) != 0, kept)
+    gen = torch.Generator().manual_seed(9)
+    assert torch.equal(kept, torch.rand(500, generator=gen) < 0.4)
+
+
+def test_dare_fraction_kept_close_to_density():
+    x = torch.ones(100_000)
+    frac = (dare(x, density=0.3, seed=2) != 0).double().mean().item()
+    assert abs(frac - 0.3) < 0.01  # sd 0.0015: 7 sd, with a fixed seed
+
+
+def test_dare_is_unbiased_over_seeds():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2000, generator=g, dtype=torch.float64)
+    seeds = range(300)
+    mean = sum(dare(x, density=0.5, seed=s) for s in seeds) / len(seeds)
+    # Per entry the estimate has sd |x| * sqrt((1-p)/p / 300) = 0.058 |x|; allow 6 sd.
+    assert ((mean - x).abs() <= 6 * 0.058 * x.abs() + 1e-12).all()
+    assert abs((mean - x).sum().item()) < 6 * 0.058 * x.pow(2).sum().sqrt().item()
+
+
+def test_derive_seed_canonical_and_in_range():
+    parts = (42, "ties", "tv.math", "model.layers.0.weight")
+    text = '[42,"ties","tv.math","model.layers.0.weight"]'
+    digest = hashlib.sha256(text.encode()).digest()
+    expected = int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+    assert derive_seed(*parts) == expected == 8505305506564836598
+    assert derive_seed(1, 2) != derive_seed(2, 1)
+    assert derive_seed("1") != derive_seed(1) != derive_seed(True)
+    assert derive_seed({"b": 1, "a": 2}) == derive_seed({"a": 2, "b": 1})
+    assert all(0 <= derive_seed(i) < 1 << 63 for i in range(100))
+    with pytest.raises(TypeError):
+        derive_seed(object())
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter errors
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_density(density):
+    x = T([1.0, 2.0])
+    msg = r"density must be in \(0, 1\], got"
+    with pytest.raises(ValueError, match=r"trim: " + msg):
+        trim(x, density=density)
+    with pytest.raises(ValueError, match=r"prune: " + msg):
+        prune(x, density=density)
+    with pytest.raises(ValueError, match=r"ties: " + msg):
+        ties([x], density=density)
+    with pytest.raises(ValueError, match=r"dare: " + msg):
+        dare(x, density=density, seed=0)
+
+
+def test_bad_parameters_messages():
+    x = T([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"ties: majority must be 'total' or 'count', got 'most'"):
+        ties([x], majority="most")
+    with pytest.raises(ValueError, match=r"ties: got 2 inputs but 1 weights"):
+        ties([x, x], weights=[1.0])
+    with pytest.raises(ValueError, match=r"ties: needs at least one input, got none"):
+        ties([])
+    with pytest.raises(ValueError, match=r"ties: all inputs must share shape, dtype and device"):
+        ties([x, T([1.0, 2.0, 3.0])])
+    with pytest.raises(ValueError, match=r"ties: weights must be finite numbers, got inf"):
+        ties([x], weights=[float("inf")])
+    with pytest.raises(ValueError, match=r"prune: by must be 'magnitude'.*got 'random'"):
+        prune(x, density=0.5, by="random")
+    with pytest.raises(ValueError, match=r"dare: seed must be an int in \[0, 2\*\*64\), got -1"):
+        dare(x, density=0.5, seed=-1)
+    with pytest.raises(TypeError, match=r"dare: seed must be an int"):
+        dare(x, density=0.5, seed=1.5)
+    with pytest.raises(TypeError, match=r"trim: expected a floating-point tensor"):
+        trim(T([1, 2]), density=0.5)
+    with pytest.raises(TypeError, match=r"trim: density must be a number"):
+        trim(x, density="0.5")

@@ -1,0 +1,229 @@
+"""Tests for atomic output folders, auxiliary file copying and OSError reporting."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvrecipe.errors import InputError, OutputError
+from tvrecipe.store import output
+from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror, plan_aux_files
+from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec
+
+
+def exact(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_commit_renames_staging_into_place(tmp_path):
+    target = tmp_path / "out"
+    folder = OutputFolder(target)
+    assert folder.staging.parent == tmp_path and folder.staging.name.startswith(".out.tmp-")
+    assert not target.exists()
+    (folder.staging / "a.txt").write_text("hello")
+    assert folder.commit() == target
+    assert (target / "a.txt").read_text() == "hello"
+    assert leftovers(tmp_path) == [] and not folder.staging.exists()
+    folder.abort()  # after commit: a no-op
+    assert (target / "a.txt").exists()
+    # Not the 0700 of mkdtemp: the usual permissions for a new folder.
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_existing_target_refused_without_force(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(
+        OutputError, match=exact(f"output {target} exists; pass --force to replace it")
+    ):
+        OutputFolder(target)
+    assert leftovers(tmp_path) == []
+
+
+def test_force_replaces_and_removes_old(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with OutputFolder(target, force=True) as folder:
+        (folder.staging / "new.txt").write_text("new")
+        folder.commit()
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_rename_keeps_previous_output(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    folder = OutputFolder(target, force=True)
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if Path(src) == folder.staging:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(output.os, "rename", failing_rename)
+    msg = (
+        f"cannot write {target}: {os.strerror(errno.ENOSPC)}; free space on that disk or "
+        "write the output elsewhere"
+    )
+    with pytest.raises(OutputError, match=exact(msg)):
+        folder.commit()
+    assert (target / "old.txt").read_text() == "old"
+    folder.abort()
+    assert leftovers(tmp_path) == []
+
+
+def test_abort_leaves_nothing_and_is_idempotent(tmp_path):
+    with OutputFolder(tmp_path / "out") as folder:
+        (folder.staging / "part.safetensors").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+    folder.abort()
+    folder.abort()
+
+
+def test_exception_in_block_aborts(tmp_path):
+    with pytest.raises(RuntimeError), OutputFolder(tmp_path / "out") as folder:
+        (folder.staging / "f").write_text("x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("rel", "relation"), [("model/sub", "is inside"), ("model", "is"), (".", "contains")]
+)
+def test_overlap_with_input_refused(tmp_path, rel, relation):
+    model = tmp_path / "model"
+    model.mkdir()
+    target = tmp_path / rel
+    msg = (
+        f"output {target} {relation} the input {model}; writing it could destroy the input: "
+        "choose an output path outside every input"
+    )
+    with pytest.raises(OutputError, match=exact(msg)):
+        OutputFolder(target, force=True, protected=[model])
+
+
+def test_overlap_through_symlink_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "link").symlink_to(model)
+    target = tmp_path / "link" / "out"
+    with pytest.raises(OutputError, match="is inside the input"):
+        OutputFolder(target, protected=[model])
+    # The input named through a link protects its real folder too.
+    with pytest.raises(OutputError, match="is inside the input"):
+        OutputFolder(model / "out", protected=[tmp_path / "link"])
+
+
+def test_unwritable_parent(tmp_path, monkeypatch):
+    def denied(**kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    msg = (
+        f"cannot write {tmp_path}: {os.strerror(errno.EACCES)}; check the permissions of "
+        f"{tmp_path.parent} or write the output elsewhere"
+    )
+    with pytest.raises(OutputError, match=exact(msg)):
+        OutputFolder(tmp_path / "out")
+
+
+def test_output_oserror_other():
+    err = output_oserror(OSError(errno.ENAMETOOLONG, "File name too long"), Path("/x/y"))
+    assert str(err) == "cannot write /x/y: File name too long; check the output path"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("n", [4, 1 << 20])  # flushed at close; written past the buffer
+def test_disk_full_while_writing(n):
+    msg = (
+        f"cannot write /dev/full: {os.strerror(errno.ENOSPC)}; "
+        "free space on that disk or write the output elsewhere"
+    )
+    specs = [TensorSpec("a", "F32", (n,))]
+    with (
+        pytest.raises(OutputError, match=exact(msg)),
+        SafetensorsStreamWriter(Path("/dev/full"), specs) as w,
+    ):
+        w.write("a", torch.zeros(n))
+
+
+def make_model_folder(root: Path) -> Path:
+    src = root / "model"
+    src.mkdir()
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "spm.model",
+    ):
+        (src / name).write_text(name)
+    for name in (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "x.gguf",
+    ):
+        (src / name).write_text("weights")
+    (src / "modeling_custom.py").write_text("import os")
+    (src / ".gitattributes").write_text("lfs")
+    (src / "subdir").mkdir()
+    (root / "secret.txt").write_text("outside")
+    (src / "leak.txt").symlink_to(root / "secret.txt")
+    (src / "inner.json").symlink_to(src / "config.json")
+    return src
+
+
+def test_copy_aux_files(tmp_path):
+    src = make_model_folder(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    copied = copy_aux_files(src, dest)
+    assert copied == [
+        "config.json", "inner.json", "spm.model", "tokenizer.json", "tokenizer_config.json",
+        "vocab.txt",
+    ]  # fmt: skip
+    assert sorted(p.name for p in dest.iterdir()) == copied
+    assert (dest / "inner.json").read_text() == "config.json"
+    assert not (dest / "inner.json").is_symlink()
+    plan = plan_aux_files(src)
+    assert plan.skipped == {
+        "leak.txt": f"symlink to {tmp_path / 'secret.txt'}, outside {src}",
+        "modeling_custom.py": "code file: copy it yourself if you trust it",
+    }
+
+
+def test_copy_aux_files_hf_cache_links(tmp_path):
+    repo = tmp_path / "models--org--m"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (repo / "blobs" / "deadbeef").write_text("{}")
+    (snap / "config.json").symlink_to(Path("../../blobs/deadbeef"))
+    assert plan_aux_files(snap).copy == ["config.json"]
+
+
+def test_copy_aux_files_source_not_folder(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    msg = (
+        f"{path}: not a folder; copy_files_from must name a model folder "
+        "(the one holding config.json)"
+    )
+    with pytest.raises(InputError, match=exact(msg)):
+        copy_aux_files(path, tmp_path)

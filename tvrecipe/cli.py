@@ -1,0 +1,165 @@
+"""The command line: the only module that prints, reads argv or exits."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from tvrecipe import __version__
+from tvrecipe.errors import Interrupted, TvrecipeError
+
+EXIT_BUG = 70
+
+
+def _fail(exc: TvrecipeError) -> None:
+    header = f"tvrecipe: {exc.family}"
+    click.echo(f"{header}:", err=True)
+    for line in str(exc).splitlines():
+        click.echo(f"  {line}", err=True)
+
+
+def handle_errors(fn):
+    """Map tvrecipe errors to their exit codes; show a traceback only with -v."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        verbose = click.get_current_context().find_root().params.get("verbose", 0)
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            exc = Interrupted("interrupted; temporary outputs were removed, the cache is intact")
+            _fail(exc)
+            sys.exit(exc.exit_code)
+        except TvrecipeError as exc:
+            if verbose:
+                raise
+            _fail(exc)
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException:
+            raise
+        except Exception as exc:  # a bug: say so, and how to report it
+            if verbose:
+                raise
+            click.echo(f"tvrecipe: internal error: {type(exc).__name__}: {exc}\n"
+                       "  this is a bug in tvrecipe; rerun with -v for the traceback and report it",
+                       err=True)
+            sys.exit(EXIT_BUG)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tvrecipe")
+@click.option("-v", "--verbose", count=True, help="Show tracebacks and more detail.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """Declarative merge recipes for task vectors.
+
+    Write a recipe (YAML), then `tvrecipe validate`, `tvrecipe plan` and `tvrecipe run` it.
+    """
+    ctx.ensure_object(dict)
+
+
+def _compile(recipe: str):
+    from tvrecipe.plan.graph import compile_recipe
+    from tvrecipe.spec.load import load_recipe
+    return compile_recipe(load_recipe(recipe))
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@handle_errors
+def validate(recipes: tuple[str, ...]) -> None:
+    """Check recipes: schema, references, kinds, cycles. Reads no tensor data."""
+    from tvrecipe.errors import RecipeError
+    failed: list[RecipeError] = []
+    for recipe in recipes:
+        try:
+            compiled = _compile(recipe)
+        except RecipeError as exc:
+            failed.append(exc)
+            _fail(exc)
+            continue
+        note = f"; unused steps: {', '.join(compiled.unused)}" if compiled.unused else ""
+        click.echo(f"{recipe}: ok ({len(compiled.steps)} steps, "
+                   f"{len(compiled.outputs)} outputs{note})")
+    if failed:
+        sys.exit(failed[0].exit_code)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text",
+              show_default=True, help="Text summary, or the step graph for a diagram tool.")
+@handle_errors
+def plan(recipe: str, fmt: str) -> None:
+    """Show what a run would do: steps in order, tensors, peak memory and output size."""
+    from tvrecipe.plan.summary import render_plan
+    compiled = _compile(recipe)
+    click.echo(render_plan(compiled, fmt))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace outputs that already exist.")
+@click.option("--device", help="Override settings.device: auto, cpu, cuda, cuda:N.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that contain NaN or Inf.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write every step's report (clusters, ranks) to this JSON file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@handle_errors
+def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
+        report_path: str | None, quiet: bool) -> None:
+    """Run a recipe and write its outputs (atomically: all or nothing per output)."""
+    from tvrecipe.exec.runner import RunOptions, run_recipe
+    from tvrecipe.report import render_reports
+    compiled = _compile(recipe)
+    progress = not quiet and sys.stderr.isatty()
+    result = run_recipe(compiled, RunOptions(force=force, device=device, progress=progress,
+                                             allow_nonfinite=allow_nonfinite))
+    if report_path:
+        Path(report_path).write_text(json.dumps(result.reports, indent=2, sort_keys=True) + "\n")
+    if quiet:
+        return
+    for text in render_reports(compiled, result.reports):
+        click.echo(text)
+    for name, path in result.outputs.items():
+        click.echo(f"wrote {name}: {path}")
+    click.echo(f"done in {result.seconds:.2f} s on {result.device}: read "
+               f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
+
+
+@main.command()
+@handle_errors
+def schema() -> None:
+    """Print the recipe JSON schema (schemas/recipe.schema.json is generated by this)."""
+    from tvrecipe.spec.schema import recipe_schema_json
+    click.echo(recipe_schema_json(), nl=False)
+
+
+@main.command("hash")
+@click.argument("path", type=click.Path())
+@handle_errors
+def hash_(path: str) -> None:
+    """Print the content hash of a model, for a `sha256:` pin in a recipe."""
+    from tvrecipe.store.checkpoint import open_checkpoint
+    from tvrecipe.store.hashing import checkpoint_digest
+    with open_checkpoint(path) as ck:
+        click.echo(checkpoint_digest(ck.files))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,190 @@
+"""Per-tensor evaluation of compiled steps: values for one tensor (or one row range of it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from tvrecipe import ops
+from tvrecipe.errors import ExecutionError
+from tvrecipe.plan.graph import CHECKPOINT, DECOMPOSITION, VECTORS, CompiledStep, Entry, Resolved
+
+# Ops whose result for a row range depends only on the same rows of their inputs: a large tensor
+# is processed in row chunks through them, which bounds peak memory by a few chunks.
+ROWWISE_OPS = frozenset({"extract", "scale", "negate", "sum", "mean", "apply"})
+
+Value = Any  # Tensor | None | dict[str, Tensor | None] | dict[str, dict[str, Tensor | None]]
+
+
+def select(value: Value, selector: Iterable[str]) -> Value:
+    """The part of a value a dotted reference names (``tv.math``, ``parts.unique.toxic``)."""
+    for part in selector:
+        value = value[part]
+    return value
+
+
+def entry_value(values: dict[str, Value], entry: Entry) -> torch.Tensor | None:
+    """The tensor of one expanded input entry."""
+    v = select(values[entry.ref.node], entry.ref.selector)
+    if entry.part is not None:
+        return v[entry.part][entry.member]
+    if entry.member is not None:
+        return v[entry.member]
+    return v
+
+
+def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Value:
+    """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return fn(value, "")
+    if isinstance(value, dict) and set(value) == {"shared", "unique"} and all(
+            isinstance(v, dict) for v in value.values()):
+        return {p: {m: None if t is None else fn(t, f"{p}.{m}") for m, t in d.items()}
+                for p, d in value.items()}
+    return {m: None if t is None else fn(t, m) for m, t in value.items()}
+
+
+class StepEvaluator:
+    """Computes one step's value for the current tensor from its inputs' values.
+
+    Args:
+        seed: The recipe's root seed.
+        reduced: Whole-model results by step name (cluster_basis clusterings).
+        reports: Per-step report dicts that steps append facts to.
+    """
+
+    def __init__(self, seed: int, reduced: dict[str, Any], reports: dict[str, dict]):
+        self.seed = seed
+        self.reduced = reduced
+        self.reports = reports
+        self.exclusive: set[str] = set()
+
+    def __call__(self, step: CompiledStep, values: dict[str, Value], tensor: str) -> Value:
+        try:
+            return getattr(self, "_" + step.op)(step, values, tensor)
+        except (ValueError, RuntimeError) as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError if torch.cuda.is_available()
+                          else ()):
+                raise ExecutionError(f"step {step.name!r} ({step.op}), tensor {tensor!r}: the "
+                                     f"device ran out of memory; use --device cpu") from exc
+            raise ExecutionError(f"step {step.name!r} ({step.op}), tensor {tensor!r}: {exc}") \
+                from exc
+
+    @staticmethod
+    def _one(step: CompiledStep, values: dict[str, Value], fld: str) -> Value:
+        res: Resolved = step.refs[fld][0]
+        return select(values[res.node], res.selector)
+
+    @staticmethod
+    def _tensors(step: CompiledStep, values: dict[str, Value], fld: str) -> list:
+        return [entry_value(values, e) for e in step.entries.get(fld, [])]
+
+    def _extract(self, step, values, tensor):
+        base = self._one(step, values, "base")
+        fin = step.spec.finetuned
+        if not isinstance(base, torch.Tensor) or not base.is_floating_point():
+            return None if isinstance(fin, str) else {m: None for m in step.type.members}
+        deltas = []
+        for ref in step.refs["finetuned"]:
+            ft = select(values[ref.node], ref.selector)
+            # A model read for this step alone is a fresh tensor no one else sees: subtract in
+            # place and save a tensor-sized allocation.
+            own = ref.node in self.exclusive and ft.data_ptr() != base.data_ptr()
+            deltas.append(ft.sub_(base) if own else ops.extract(base, ft))
+        if isinstance(fin, str):
+            return deltas[0]
+        return dict(zip(step.type.members, deltas))
+
+    def _apply(self, step, values, tensor):
+        base = self._one(step, values, "base")
+        delta = self._one(step, values, "delta")
+        if delta is None or not base.is_floating_point():
+            return base
+        return ops.apply(base, delta, scale=step.spec.scale)
+
+    def _scale(self, step, values, tensor):
+        return map_vectors(self._one(step, values, "input"),
+                           lambda t, _m: ops.scale(t, factor=step.spec.factor))
+
+    def _negate(self, step, values, tensor):
+        return map_vectors(self._one(step, values, "input"), lambda t, _m: ops.negate(t))
+
+    def _dare(self, step, values, tensor):
+        s = step.spec
+        return map_vectors(self._one(step, values, "input"), lambda t, m: ops.dare(
+            t, density=s.density, rescale=s.rescale,
+            seed=ops.derive_seed(self.seed, step.name, m, tensor)))
+
+    def _prune(self, step, values, tensor):
+        s = step.spec
+        return map_vectors(self._one(step, values, "input"),
+                           lambda t, _m: ops.prune(t, density=s.density, by=s.by))
+
+    def _sum(self, step, values, tensor):
+        xs = self._tensors(step, values, "inputs")
+        if xs[0] is None:
+            return None
+        return ops.sum(xs, weights=step.weights)
+
+    def _mean(self, step, values, tensor):
+        xs = self._tensors(step, values, "inputs")
+        return None if xs[0] is None else ops.mean(xs)
+
+    def _ties(self, step, values, tensor):
+        s = step.spec
+        xs = self._tensors(step, values, "inputs")
+        if xs[0] is None:
+            return None
+        return ops.ties(xs, density=s.density, weights=step.weights, majority=s.majority,
+                        normalize=s.normalize)
+
+    def _cluster_basis(self, step, values, tensor):
+        s = step.spec
+        clustering = self.reduced[step.name]
+        xs = self._tensors(step, values, "inputs")
+        names = [f"b{j}" for j in range(clustering.k)]
+        if xs[0] is None:
+            return {n: None for n in names}
+        options = {}
+        if s.merge == "ties":
+            options = {"density": s.density, "majority": s.majority, "normalize": s.normalize}
+        return {n: ops.merge_cluster([xs[i] for i in members], merge=s.merge, **options)
+                for n, members in zip(names, clustering.members)}
+
+    def _decompose(self, step, values, tensor):
+        import fnmatch
+        s = step.spec
+        targets = self._tensors(step, values, "inputs")
+        refs = self._tensors(step, values, "reference")
+        members = step.type.members
+        if targets[0] is None:
+            return {"shared": dict.fromkeys(members), "unique": dict.fromkeys(members)}
+        excluded = any(fnmatch.fnmatchcase(tensor, p) for p in s.exclude)
+        rank = s.rank if isinstance(s.rank, int) else {"energy": s.rank.energy}
+        result = ops.decompose([*targets, *refs], method=s.method, threshold=s.threshold,
+                               rank=rank, vectors_1d=s.vectors_1d, excluded=excluded)
+        n = len(targets)
+        self.reports.setdefault(step.name, {}).setdefault("tensors", {})[tensor] = result.info
+        return {"shared": dict(zip(members, result.shared[:n])),
+                "unique": dict(zip(members, result.unique[:n]))}
+
+
+def is_checkpoint_like(kind: str) -> bool:
+    """Checkpoints carry non-floating tensors; task vectors do not."""
+    return kind == CHECKPOINT
+
+
+__all__ = [
+    "DECOMPOSITION",
+    "ROWWISE_OPS",
+    "VECTORS",
+    "StepEvaluator",
+    "entry_value",
+    "is_checkpoint_like",
+    "map_vectors",
+    "select",
+]

@@ -1,0 +1,351 @@
+"""Run a compiled recipe: whole-model passes, then one streaming pass that writes every output."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvrecipe import __version__, ops
+from tvrecipe.errors import ExecutionError, InputError, OutputError
+from tvrecipe.exec.evaluate import ROWWISE_OPS, StepEvaluator, select
+from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
+from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan
+from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
+from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror
+from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
+
+# Row chunks of about 4 Mi elements (16 MiB in float32) bound the memory of row-wise recipes.
+CHUNK_ELEMENTS = 1 << 22
+VECTOR_SHARD = 1 << 62
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(setting)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ExecutionError(f"device {setting!r} asked for, but torch sees no CUDA device; "
+                             "use --device cpu or device: auto")
+    return dev
+
+
+@dataclass
+class RunOptions:
+    """How to run: everything that is not in the recipe itself."""
+
+    force: bool = False
+    device: str | None = None
+    progress: bool = False
+    allow_nonfinite: bool = False
+
+
+@dataclass
+class RunResult:
+    """What a run did."""
+
+    outputs: dict[str, Path]
+    reports: dict[str, dict]
+    device: str
+    seconds: float
+    bytes_read: int = 0
+    bytes_written: int = 0
+    passes: list[str] = field(default_factory=list)
+
+
+class _Output:
+    """One output being written: its staging folder and writers."""
+
+    def __init__(self, name: str, compiled: Compiled, plan: TensorPlan, force: bool,
+                 compute: torch.dtype, metadata: dict[str, str]):
+        spec, res = compiled.outputs[name]
+        self.name, self.spec, self.res = name, spec, res
+        self.kind = res.type.kind
+        self.target = compiled.loaded.resolve(spec.path)
+        protected = [m.path for m in plan.models.values()] + [compiled.loaded.path]
+        self.folder = OutputFolder(self.target, force=force, protected=protected)
+        out_dtype = st_dtype(DTYPES[spec.dtype]) if spec.dtype else None
+        meta = {**metadata, "tvrecipe.output": name, "tvrecipe.from": spec.from_,
+                "tvrecipe.kind": self.kind}
+        self.writers: dict[str, Any] = {}
+        if self.kind == CHECKPOINT:
+            specs = [TensorSpec(t, out_dtype or info.dtype if info.is_floating else info.dtype,
+                                info.shape) for t, info in plan.tensors.items()]
+            self.writers[""] = CheckpointWriter(self.folder.staging, specs,
+                                                shard_size=parse_size(spec.shard_size),
+                                                metadata={**meta, "format": "pt"})
+        else:
+            dt = out_dtype or st_dtype(compute)
+            specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]
+            members = [""] if self.kind == VECTOR else list(res.type.members or ())
+            for m in members:
+                if m:
+                    self.writers[m] = SafetensorsStreamWriter(
+                        self.folder.staging / f"{m}.safetensors", specs,
+                        {**meta, "tvrecipe.member": m})
+                else:
+                    self.writers[m] = CheckpointWriter(self.folder.staging, specs,
+                                                       shard_size=parse_size(spec.shard_size),
+                                                       metadata=meta)
+
+    def write(self, tensor: str, info: TensorInfo, value: Any) -> int:
+        written = 0
+        if self.kind == CHECKPOINT or self.kind == VECTOR:
+            items = {"": value}
+        else:
+            items = value
+        for m, t in items.items():
+            if t is None or (self.kind != CHECKPOINT and not info.is_floating):
+                continue
+            t = t.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            self.writers[m].write(tensor, t)
+            written += t.numel() * t.element_size()
+        return written
+
+    def finish(self, compiled: Compiled, report: dict | None) -> None:
+        for w in self.writers.values():
+            w.close()
+        if self.kind == VECTORS:
+            index = {"format": "tvrecipe.vectors", "version": 1,
+                     "members": list(self.writers),
+                     "files": {m: f"{m}.safetensors" for m in self.writers},
+                     "from": self.spec.from_, "tool": f"tvrecipe {__version__}"}
+            if report:
+                index["report"] = report
+            (self.folder.staging / "vectors.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n")
+        source = self.spec.copy_files_from
+        if source is None and self.kind == CHECKPOINT:
+            source = _base_model_of(compiled, self.res.node)
+        if source is not None:
+            src = compiled.loaded.resolve(compiled.models[source].path)
+            if src.is_dir():
+                copy_aux_files(src, self.folder.staging)
+
+
+def _base_model_of(compiled: Compiled, node: str) -> str | None:
+    """The checkpoint model an output checkpoint derives from (follows apply.base)."""
+    while node in compiled.steps:
+        step = compiled.steps[node]
+        if step.op != "apply":
+            return None
+        node = step.refs["base"][0].node
+    return node if node in compiled.models else None
+
+
+class Runner:
+    """Executes a compiled recipe tensor by tensor.
+
+    Args:
+        compiled: The compiled recipe.
+        options: Run options (force, device, progress).
+    """
+
+    def __init__(self, compiled: Compiled, options: RunOptions | None = None):
+        self.compiled = compiled
+        self.options = options or RunOptions()
+        settings = compiled.loaded.recipe.settings
+        self.device = resolve_device(self.options.device or settings.device)
+        self.compute = DTYPES[settings.compute_dtype]
+        self.seed = settings.seed
+        self.reduced: dict[str, Any] = {}
+        self.reports: dict[str, dict] = {}
+        self.bytes_read = 0
+        self.plan: TensorPlan | None = None
+
+    # ---- reading ---------------------------------------------------------------------------
+    def _read(self, models: list[str], tensor: str, rows: slice | None) -> dict[str, Any]:
+        """Read one tensor (or rows of it) of each model, converted to the compute dtype."""
+        out: dict[str, Any] = {}
+        for name in models:
+            handle = self.plan.models[name]
+            got = {}
+            for member, ck in handle.parts.items():
+                info = ck.tensors.get(tensor)
+                if info is None or (handle.kind != CHECKPOINT and not info.is_floating):
+                    got[member] = None
+                    continue
+                t = ck.get(tensor, None if rows is None else (rows.start, rows.stop))
+                self.bytes_read += t.numel() * t.element_size()
+                if info.is_floating:
+                    if self.device.type == "cuda":
+                        t = t.pin_memory().to(self.device, non_blocking=True)
+                        t = t.to(self.compute)
+                    else:
+                        # safetensors hands out views of a private file mapping: always copy,
+                        # so in-place kernels never change what a later read of the file sees.
+                        t = t.to(self.compute, copy=True)
+                    if not self.options.allow_nonfinite and not bool(torch.isfinite(t).all()):
+                        raise InputError(
+                            f"model {name!r}{' member ' + repr(member) if member else ''}: "
+                            f"tensor {tensor!r} contains NaN or Inf; fix the checkpoint, or pass "
+                            "--allow-nonfinite to merge it anyway")
+                got[member] = t
+            out[name] = got[""] if handle.kind != VECTORS else got
+        return out
+
+    def _work(self, steps: list[CompiledStep]) -> Iterator[tuple[str, TensorInfo, slice | None]]:
+        rowwise = all(s.op in ROWWISE_OPS for s in steps)
+        for tensor, info in self.plan.tensors.items():
+            numel = math.prod(info.shape)
+            if rowwise and len(info.shape) >= 1 and numel > CHUNK_ELEMENTS and info.shape[0] > 1:
+                per_row = numel // info.shape[0]
+                step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+                for start in range(0, info.shape[0], step):
+                    yield tensor, info, slice(start, min(start + step, info.shape[0]))
+            else:
+                yield tensor, info, None
+
+    def _stream(self, steps: list[CompiledStep], want: list[str], label: str
+                ) -> Iterator[tuple[str, TensorInfo, dict[str, Any]]]:
+        """Evaluate ``steps`` for every tensor, yielding the values of ``want``.
+
+        The next tensor's inputs are read on a background thread while this one computes.
+        """
+        uses: Counter[str] = Counter()
+        for s in steps:
+            for refs in s.refs.values():
+                uses.update(r.node for r in refs)
+        uses.update(want)
+        models = [m for m in self.plan.models if m in uses]
+        evaluator = StepEvaluator(self.seed, self.reduced, self.reports)
+        evaluator.exclusive = {m for m in models if uses[m] == 1}
+        items = list(self._work(steps))
+        bar = _progress(len(items), label, self.options.progress)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
+            future = pool.submit(self._read, models, items[0][0], items[0][2]) if items else None
+            for i, (tensor, info, rows) in enumerate(items):
+                values = future.result()
+                if i + 1 < len(items):
+                    nxt = items[i + 1]
+                    future = pool.submit(self._read, models, nxt[0], nxt[2])
+                remaining = Counter(uses)
+                for s in steps:
+                    values[s.name] = evaluator(s, values, tensor)
+                    for refs in s.refs.values():
+                        for r in refs:
+                            remaining[r.node] -= 1
+                            if remaining[r.node] <= 0:
+                                values.pop(r.node, None)
+                yield tensor, info, {w: values[w] for w in want}
+                bar.update(1)
+        bar.close()
+
+    # ---- whole-model passes ----------------------------------------------------------------
+    def _upstream(self, node: str) -> list[CompiledStep]:
+        import networkx as nx
+        anc = nx.ancestors(self.compiled.graph, node)
+        return [s for n, s in self.compiled.steps.items() if n in anc]
+
+    def _cluster_pass(self, step: CompiledStep) -> None:
+        entries = step.entries["inputs"]
+        n = len(entries)
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        want = sorted({e.ref.node for e in entries})
+        from tvrecipe.exec.evaluate import entry_value
+        for _tensor, info, values in self._stream(self._upstream(step.name), want,
+                                                  f"similarity ({step.name})"):
+            if not info.is_floating:
+                continue
+            ops.gram_update(gram, [entry_value(values, e) for e in entries])
+        s = step.spec
+        clustering = ops.cluster(ops.cosine_from_gram(gram), k=s.k, k_max=s.k_max, seed=self.seed)
+        self.reduced[step.name] = clustering
+        names = [e.name for e in entries]
+        report = clustering.to_dict()
+        report["tasks"] = names
+        report["basis"] = {f"b{j}": [names[i] for i in members]
+                           for j, members in enumerate(clustering.members)}
+        self.reports.setdefault(step.name, {}).update(report)
+
+    # ---- main ------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """Run every pass and write every output atomically.
+
+        Raises:
+            TvrecipeError: any user-facing failure; no output is left half-written.
+        """
+        start = time.perf_counter()
+        self.plan = build_tensor_plan(self.compiled)
+        outputs: dict[str, _Output] = {}
+        passes = []
+        try:
+            for name, step in list(self.compiled.steps.items()):
+                if step.op == "cluster_basis" and name not in self.reduced:
+                    self._cluster_pass(self.compiled.steps[name])
+                    passes.append(f"similarity:{name}")
+                    known = {n: tuple(f"b{j}" for j in range(c.k))
+                             for n, c in self.reduced.items()}
+                    self.compiled = compile_recipe(self.compiled.loaded, known_members=known)
+            loaded = self.compiled.loaded
+            metadata = {"tvrecipe.version": __version__, "tvrecipe.recipe": loaded.path.name,
+                        "tvrecipe.recipe_sha256": loaded.text_sha256}
+            for name in self.compiled.outputs:
+                outputs[name] = _Output(name, self.compiled, self.plan, self.options.force,
+                                        self.compute, metadata)
+            steps = list(self.compiled.steps.values())
+            want = sorted({o.res.node for o in outputs.values()})
+            written = 0
+            for tensor, info, values in self._stream(steps, want, "merge"):
+                for o in outputs.values():
+                    written += o.write(tensor, info, select(values[o.res.node], o.res.selector))
+            passes.append("merge")
+            for o in outputs.values():
+                o.finish(self.compiled, self.reports.get(o.res.node))
+            result_paths = {name: o.folder.commit() for name, o in outputs.items()}
+        except OSError as exc:
+            for o in outputs.values():
+                o.folder.abort()
+            raise output_oserror(exc, Path(exc.filename or ".")) from exc
+        except BaseException:
+            for o in outputs.values():
+                o.folder.abort()
+            raise
+        finally:
+            self.plan.close()
+        return RunResult(result_paths, self.reports, str(self.device),
+                         time.perf_counter() - start, self.bytes_read, written, passes)
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, label: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=label, unit="tensor", leave=False, dynamic_ncols=True)
+
+
+def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResult:
+    """Run a compiled recipe (see :class:`Runner`)."""
+    return Runner(compiled, options).run()
+
+
+__all__ = [
+    "OutputError",
+    "RunOptions",
+    "RunResult",
+    "Runner",
+    "resolve_device",
+    "run_recipe",
+    "torch_dtype",
+]

@@ -1,0 +1,27 @@
+"""Kernels: pure torch functions on concrete tensors, one registry ``OPS`` keyed by op name.
+
+Each kernel takes the YAML field names of its op as keyword arguments.
+"""
+
+from tvrecipe.ops.arithmetic import apply, extract, mean, negate, scale, sum
+from tvrecipe.ops.basis import cluster, cosine_from_gram, gram_update, merge_cluster
+from tvrecipe.ops.decompose import decompose
+from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties
+
+OPS = {
+    "extract": extract,
+    "scale": scale,
+    "negate": negate,
+    "sum": sum,
+    "mean": mean,
+    "apply": apply,
+    "ties": ties,
+    "dare": dare,
+    "prune": prune,
+    "cluster_basis": merge_cluster,
+    "decompose": decompose,
+}
+
+__all__ = ["OPS", "apply", "cluster", "cosine_from_gram", "dare", "decompose", "derive_seed",
+           "extract", "gram_update", "mean", "merge_cluster", "negate", "prune", "scale", "sum",
+           "ties"]

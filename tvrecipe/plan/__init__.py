@@ -1,0 +1,1 @@
+"""tvrecipe.plan layer."""

@@ -1,0 +1,347 @@
+"""Compile a recipe into a step DAG: resolve references, check kinds, find cycles, prune to outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from tvrecipe.errors import Problem, RecipeError
+from tvrecipe.spec.load import LoadedRecipe, did_you_mean
+from tvrecipe.spec.models import ExtractStep, ModelSpec, OutputSpec
+
+CHECKPOINT, VECTOR, VECTORS, DECOMPOSITION = "checkpoint", "vector", "vectors", "decomposition"
+VECTORS_INDEX = "vectors.json"
+
+# What each op accepts in each reference field.
+_ACCEPTS: dict[str, dict[str, set[str]]] = {
+    "extract": {"base": {CHECKPOINT}, "finetuned": {CHECKPOINT}},
+    "apply": {"base": {CHECKPOINT}, "delta": {VECTOR}},
+    "scale": {"input": {VECTOR, VECTORS, DECOMPOSITION}},
+    "negate": {"input": {VECTOR, VECTORS, DECOMPOSITION}},
+    "dare": {"input": {VECTOR, VECTORS}},
+    "prune": {"input": {VECTOR, VECTORS}},
+    "sum": {"inputs": {VECTOR, VECTORS, DECOMPOSITION}},
+    "mean": {"inputs": {VECTOR, VECTORS, DECOMPOSITION}},
+    "ties": {"inputs": {VECTOR, VECTORS}},
+    "cluster_basis": {"inputs": {VECTOR, VECTORS}},
+    "decompose": {"inputs": {VECTOR, VECTORS}, "reference": {VECTOR, VECTORS}},
+}
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """The kind of a value, and its member names when it is a set (None: known only at run time)."""
+
+    kind: str
+    members: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A resolved reference: the node it names, the path inside it, and the resulting type."""
+
+    text: str
+    node: str
+    selector: tuple[str, ...]
+    type: ValueType
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One task vector among the expanded ``inputs`` of a multi-input op."""
+
+    ref: Resolved
+    member: str | None      # member of a vectors value, None for a vector
+    part: str | None        # 'shared' / 'unique' for members of a decomposition
+    name: str               # display name, used to match weight mappings
+    field_index: int        # index of the reference in the user's list
+
+
+@dataclass
+class CompiledStep:
+    """One step ready to schedule."""
+
+    name: str
+    op: str
+    spec: Any
+    refs: dict[str, list[Resolved]]
+    entries: dict[str, list[Entry]]
+    type: ValueType
+    weights: list[float] | None = None
+
+
+@dataclass
+class Compiled:
+    """A compiled recipe: the graph, the steps outputs need, in order, and the outputs."""
+
+    loaded: LoadedRecipe
+    graph: nx.DiGraph
+    models: dict[str, ModelSpec]
+    model_types: dict[str, ValueType]
+    steps: dict[str, CompiledStep]          # only needed steps, in topological order
+    outputs: dict[str, tuple[OutputSpec, Resolved]]
+    unused: list[str] = field(default_factory=list)
+
+    def type_of(self, node: str) -> ValueType:
+        """The value type of a model or step."""
+        return self.model_types[node] if node in self.model_types else self.steps[node].type
+
+
+def _model_type(loaded: LoadedRecipe, spec: ModelSpec) -> ValueType:
+    if spec.kind == "checkpoint":
+        return ValueType(CHECKPOINT)
+    index = loaded.resolve(spec.path) / VECTORS_INDEX
+    if index.is_file():
+        try:
+            members = tuple(json.loads(index.read_text())["members"])
+        except (ValueError, KeyError, TypeError):
+            members = None
+        return ValueType(VECTORS, members)
+    return ValueType(VECTOR)
+
+
+class _Compiler:
+    def __init__(self, loaded: LoadedRecipe, known_members: dict[str, tuple[str, ...]]):
+        self.loaded = loaded
+        self.known = known_members
+        self.recipe = loaded.recipe
+        self.src = loaded.source
+        self.problems: list[Problem] = []
+        self.types: dict[str, ValueType | None] = {}
+
+    def problem(self, path: tuple, message: str, hint: str | None = None) -> None:
+        self.problems.append(self.src.problem(path, message, hint))
+
+    def resolve(self, text: str, where: tuple) -> Resolved | None:
+        head, *rest = text.split(".")
+        if head not in self.types:
+            self.problem(where, f"unknown reference {text!r}",
+                         did_you_mean(head, self.types) or
+                         "known names: " + ", ".join(sorted(self.types)))
+            return None
+        vt = self.types[head]
+        if vt is None:  # depends on a broken or cyclic step: already reported
+            return None
+        for i, part in enumerate(rest):
+            here = ".".join([head, *rest[:i]])
+            if vt.kind == DECOMPOSITION and part in ("shared", "unique"):
+                vt = ValueType(VECTORS, vt.members)
+            elif vt.kind == VECTORS:
+                if vt.members is not None and part not in vt.members:
+                    self.problem(where, f"{here!r} has no member {part!r}",
+                                 did_you_mean(part, vt.members) or
+                                 "members: " + ", ".join(vt.members))
+                    return None
+                vt = ValueType(VECTOR)
+            else:
+                hint = ("a decomposition has .shared and .unique" if vt.kind == DECOMPOSITION
+                        else f"a {vt.kind} has no members")
+                self.problem(where, f"{here!r} is a {vt.kind} and has no member {part!r}", hint)
+                return None
+        return Resolved(text, head, tuple(rest), vt)
+
+    def check_kind(self, step: str, op: str, fld: str, res: Resolved, where: tuple) -> bool:
+        allowed = _ACCEPTS[op][fld]
+        if res.type.kind in allowed:
+            return True
+        hint = None
+        if res.type.kind == VECTORS and VECTOR in allowed:
+            hint = f"combine the set first, e.g. {{op: sum, inputs: {res.text}}}, or pick a member"
+        elif res.type.kind == DECOMPOSITION:
+            hint = f"use {res.text}.shared or {res.text}.unique"
+        elif res.type.kind == CHECKPOINT:
+            hint = "extract a task vector first: {op: extract, base: ..., finetuned: ...}"
+        self.problem(where, f"step {step!r} ({op}) wants {' or '.join(sorted(allowed))} in "
+                            f"'{fld}', but {res.text!r} is a {res.type.kind}", hint)
+        return False
+
+    def expand(self, refs: list[Resolved]) -> list[Entry] | None:
+        entries = []
+        for i, r in enumerate(refs):
+            if r.type.kind == VECTOR:
+                entries.append(Entry(r, None, None, r.text.split(".")[-1], i))
+            elif r.type.kind == VECTORS:
+                if r.type.members is None:
+                    return None
+                entries += [Entry(r, m, None, m, i) for m in r.type.members]
+            elif r.type.kind == DECOMPOSITION:
+                if r.type.members is None:
+                    return None
+                for part in ("shared", "unique"):
+                    entries += [Entry(r, m, part, f"{part}.{m}", i) for m in r.type.members]
+        return entries
+
+    def output_type(self, name: str, step: Any, refs: dict[str, list[Resolved]],
+                    entries: dict[str, list[Entry] | None]) -> ValueType | None:
+        op = step.op
+        if op == "extract":
+            fin = step.finetuned
+            if isinstance(fin, str):
+                return ValueType(VECTOR)
+            names = list(fin) if isinstance(fin, dict) else [r.split(".")[-1] for r in fin]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                self.problem(("steps", name, "finetuned"),
+                             f"member name(s) {', '.join(dupes)} used twice",
+                             "give explicit names with a mapping: finetuned: {a: m1, b: m2}")
+            return ValueType(VECTORS, tuple(names))
+        if op == "apply":
+            return ValueType(CHECKPOINT)
+        if op in ("scale", "negate", "dare", "prune"):
+            return refs["input"][0].type
+        if op in ("sum", "mean", "ties"):
+            return ValueType(VECTOR)
+        if op == "cluster_basis":
+            ents = entries["inputs"]
+            if isinstance(step.k, int):
+                if ents is not None and step.k > len(ents):
+                    self.problem(("steps", name, "k"),
+                                 f"k = {step.k} but only {len(ents)} task vectors are given",
+                                 f"use k between 1 and {len(ents)}, or k: auto")
+                return ValueType(VECTORS, tuple(f"b{i}" for i in range(step.k)))
+            return ValueType(VECTORS, self.known.get(name))
+        if op == "decompose":
+            ents = entries["inputs"]
+            ref_ents = entries.get("reference") or []
+            if ents is not None and len(ents) + len(ref_ents) < 2:
+                self.problem(("steps", name, "inputs"),
+                             f"decompose needs at least 2 task vectors, got {len(ents)}",
+                             "a shared part only exists between tasks: add inputs or a "
+                             "'reference' set")
+            members = None if ents is None else tuple(e.name for e in ents)
+            return ValueType(DECOMPOSITION, members)
+        raise AssertionError(op)  # pragma: no cover
+
+    def weights(self, name: str, step: Any, entries: list[Entry]) -> list[float] | None:
+        w = getattr(step, "weights", None)
+        where = ("steps", name, "weights")
+        if w is None:
+            return [1.0] * len(entries)
+        if isinstance(w, (int, float)):
+            return [float(w)] * len(entries)
+        if isinstance(w, list):
+            n_refs = len(step.inputs) if isinstance(step.inputs, list) else 1
+            if len(w) != n_refs:
+                self.problem(where, f"{len(w)} weights for {n_refs} inputs",
+                             "give one weight per entry of 'inputs' (a weight for a set applies "
+                             "to each member), a mapping, or one number")
+                return None
+            return [float(w[e.field_index]) for e in entries]
+        names = [e.name for e in entries]
+        unknown = [k for k in w if k not in names]
+        for k in unknown:
+            self.problem((*where, k), f"weight for {k!r}, which is not among the inputs",
+                         did_you_mean(k, names) or "inputs: " + ", ".join(names))
+        missing = [n for n in names if n not in w]
+        if missing:
+            self.problem(where, "no weight for " + ", ".join(missing),
+                         "a weight mapping names every input")
+        return None if unknown or missing else [float(w[n]) for n in names]
+
+    def run(self) -> Compiled:
+        recipe = self.recipe
+        graph = nx.DiGraph()
+        for name, spec in recipe.models.items():
+            self.types[name] = _model_type(self.loaded, spec)
+            graph.add_node(name, kind="model")
+        for name in recipe.steps:
+            if name in recipe.models:
+                self.problem(("steps", name), f"name {name!r} is used by a model and a step",
+                             "rename one of them: models and steps share one namespace")
+            graph.add_node(name, kind="step", op=recipe.steps[name].op)
+        for name, step in recipe.steps.items():
+            for _, text in step.references():
+                head = text.split(".")[0]
+                if head in graph:
+                    graph.add_edge(head, name)
+        cyclic: set[str] = set()
+        for cycle in nx.simple_cycles(graph):
+            cyclic.update(cycle)
+            chain = " -> ".join([*cycle, cycle[0]])
+            first = min(cycle, key=lambda n: self.src.locate(("steps", n))[0] or 0)
+            self.problem(("steps", first), f"cycle: {chain}",
+                         "a step cannot depend on itself, directly or through others")
+        acyclic = graph.subgraph([n for n in graph if n not in cyclic])
+        steps: dict[str, CompiledStep] = {}
+        for name in nx.lexicographical_topological_sort(acyclic):
+            if name not in recipe.steps:
+                continue
+            step = recipe.steps[name]
+            refs: dict[str, list[Resolved]] = {}
+            ok = True
+            for path, text in step.references():
+                where = ("steps", name, *path)
+                res = self.resolve(text, where)
+                if res is None or not self.check_kind(name, step.op, path[0], res, where):
+                    ok = False
+                    continue
+                refs.setdefault(path[0], []).append(res)
+            if not ok:
+                self.types[name] = None
+                continue
+            entries = {f: self.expand(rs) for f, rs in refs.items()}
+            vt = self.output_type(name, step, refs, entries)
+            self.types[name] = vt
+            weights = None
+            if step.op in ("sum", "ties") and entries["inputs"] is not None:
+                weights = self.weights(name, step, entries["inputs"])
+            steps[name] = CompiledStep(name, step.op, step, refs,
+                                       {k: v for k, v in entries.items() if v is not None},
+                                       vt, weights)
+        for name in cyclic:
+            self.types[name] = None
+        outputs: dict[str, tuple[OutputSpec, Resolved]] = {}
+        paths: dict[str, str] = {}
+        for name, out in recipe.outputs.items():
+            where = ("outputs", name, "from")
+            res = self.resolve(out.from_, where)
+            if res is not None and res.type.kind == DECOMPOSITION:
+                self.problem(where, f"{out.from_!r} is a decomposition; write one part",
+                             f"from: {out.from_}.shared or from: {out.from_}.unique")
+                res = None
+            if out.copy_files_from is not None and out.copy_files_from not in recipe.models:
+                self.problem(("outputs", name, "copy_files_from"),
+                             f"unknown model {out.copy_files_from!r}",
+                             did_you_mean(out.copy_files_from, recipe.models))
+            target = str(self.loaded.resolve(out.path).resolve())
+            if target in paths:
+                self.problem(("outputs", name, "path"),
+                             f"output path {out.path!r} is also used by output {paths[target]!r}")
+            paths[target] = name
+            if res is not None:
+                outputs[name] = (out, res)
+        if self.problems:
+            self.problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+            raise RecipeError(self.problems)
+        needed: set[str] = set()
+        for _, res in outputs.values():
+            needed |= {res.node, *nx.ancestors(graph, res.node)}
+        ordered = {n: s for n, s in steps.items() if n in needed}
+        unused = [n for n in recipe.steps if n not in needed]
+        model_types = {n: t for n, t in self.types.items() if n in recipe.models}
+        return Compiled(self.loaded, graph, dict(recipe.models), model_types, ordered,
+                        outputs, unused)
+
+
+def compile_recipe(loaded: LoadedRecipe,
+                   known_members: dict[str, tuple[str, ...]] | None = None) -> Compiled:
+    """Check every reference and kind and order the steps outputs need.
+
+    Args:
+        loaded: The validated recipe.
+        known_members: Member names learnt at run time (``cluster_basis`` with ``k: auto``),
+            by step name; references to them are checked once they are known.
+
+    Raises:
+        RecipeError: with every problem found (unknown references, kind mismatches, cycles,
+            names used twice, bad weights), each located in the recipe file.
+    """
+    return _Compiler(loaded, known_members or {}).run()
+
+
+def is_extract_of(step: CompiledStep) -> bool:
+    """True for an ``extract`` step (used by the tensor planner to pair base and fine-tunes)."""
+    return isinstance(step.spec, ExtractStep)

@@ -1,0 +1,107 @@
+"""Render a compiled recipe as text (steps, tensors, memory and size estimates), Mermaid or DOT."""
+
+from __future__ import annotations
+
+import math
+
+from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled
+from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan
+
+ROWWISE = frozenset({"extract", "scale", "negate", "sum", "mean", "apply"})
+CHUNK_ELEMENTS = 1 << 22
+_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def human(n: float) -> str:
+    """Bytes as a short human string (decimal units, like shard sizes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
+    """Estimated peak working memory and the size of each output, from headers only."""
+    cbytes = _BYTES[compiled.loaded.recipe.settings.compute_dtype]
+    largest = max((math.prod(t.shape) for t in plan.tensors.values()), default=0)
+    rowwise = all(s.op in ROWWISE for s in compiled.steps.values())
+    unit = min(largest, CHUNK_ELEMENTS) if rowwise else largest
+    inputs = sum(len(m.parts) for m in plan.models.values())
+    live = 2 * inputs + sum(max(1, len(s.type.members or ())) for s in compiled.steps.values())
+    out: dict[str, float] = {"peak_bytes": live * unit * cbytes}
+    for name, (spec, res) in compiled.outputs.items():
+        total = 0
+        members = 1 if res.type.kind in (CHECKPOINT, VECTOR) else len(res.type.members or ())
+        for t in plan.tensors.values():
+            if res.type.kind != CHECKPOINT and not t.is_floating:
+                continue
+            size = (_BYTES[spec.dtype] if spec.dtype and t.is_floating else
+                    _ST_BYTES.get(t.dtype, 4) if res.type.kind == CHECKPOINT else cbytes)
+            total += math.prod(t.shape) * size
+        out[f"output:{name}"] = total * max(members, 1)
+    return out
+
+
+def _text(compiled: Compiled) -> str:
+    loaded = compiled.loaded
+    lines = [f"recipe {loaded.path} ({loaded.recipe.name or 'unnamed'})", "", "steps:"]
+    for i, (name, step) in enumerate(compiled.steps.items(), 1):
+        kind = step.type.kind
+        members = step.type.members
+        what = f"{kind}[{', '.join(members)}]" if members else kind
+        reduce = "  (whole-model pass)" if step.op == "cluster_basis" else ""
+        ins = ", ".join(r.text for refs in step.refs.values() for r in refs)
+        lines.append(f"  {i:>2}. {name:<14} {step.op:<13} {ins} -> {what}{reduce}")
+    if compiled.unused:
+        lines.append(f"  not needed by any output: {', '.join(compiled.unused)}")
+    plan = build_tensor_plan(compiled)
+    try:
+        est = estimates(compiled, plan)
+        floating = len(plan.floating)
+        lines += ["", (f"tensors: {len(plan.tensors)} ({floating} floating) from model "
+                      f"{plan.reference!r}; inputs: {', '.join(plan.models)}"),
+                  f"estimated peak working memory: {human(est['peak_bytes'])}", "", "outputs:"]
+        for name, (spec, res) in compiled.outputs.items():
+            lines.append(f"  {name}: {res.text} ({res.type.kind}) -> {spec.path}  "
+                         f"~{human(est['output:' + name])}")
+    finally:
+        plan.close()
+    return "\n".join(lines)
+
+
+def _edges(compiled: Compiled):
+    nodes = set(compiled.steps) | {r.node for s in compiled.steps.values()
+                                   for refs in s.refs.values() for r in refs}
+    for name, step in compiled.steps.items():
+        for refs in step.refs.values():
+            for r in refs:
+                yield r.node, name
+    for name, (_spec, res) in compiled.outputs.items():
+        yield res.node, f"out:{name}"
+    del nodes
+
+
+def render_plan(compiled: Compiled, fmt: str = "text") -> str:
+    """The plan as ``text``, ``mermaid`` or ``dot``."""
+    if fmt == "text":
+        return _text(compiled)
+    edges = sorted(set(_edges(compiled)))
+    label = {n: f"{n} ({s.op})" for n, s in compiled.steps.items()}
+    ident = {}
+
+    def node_id(n: str) -> str:
+        return ident.setdefault(n, f"n{len(ident)}")
+
+    if fmt == "mermaid":
+        lines = ["flowchart LR"]
+        for a, b in edges:
+            lines.append(f'  {node_id(a)}["{label.get(a, a)}"] --> {node_id(b)}["{label.get(b, b)}"]')
+        return "\n".join(lines)
+    lines = ["digraph recipe {", "  rankdir=LR;"]
+    for a, b in edges:
+        lines.append(f'  "{label.get(a, a)}" -> "{label.get(b, b)}";')
+    lines.append("}")
+    return "\n".join(lines)

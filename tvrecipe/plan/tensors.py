@@ -1,0 +1,143 @@
+"""The tensor plan: which tensors exist, their shapes and dtypes, from safetensors headers only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tvrecipe.errors import InputError
+from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled
+from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tvrecipe.store.hashing import checkpoint_digest
+
+MAX_LISTED = 12
+
+
+@dataclass
+class ModelHandle:
+    """An opened model input: one checkpoint, or one per member for a saved ``vectors`` set."""
+
+    name: str
+    kind: str                         # checkpoint | vector | vectors
+    path: Path
+    parts: dict[str, Checkpoint]      # "" for checkpoint / vector; member names for vectors
+
+    def files(self) -> list[Path]:
+        """Every weight file of this input."""
+        return [f for ck in self.parts.values() for f in ck.files]
+
+    def close(self) -> None:
+        """Close every open file."""
+        for ck in self.parts.values():
+            ck.close()
+
+
+@dataclass
+class TensorPlan:
+    """The tensors a run walks, in read order, and the opened inputs.
+
+    Attributes:
+        reference: The model whose tensor order, shapes and dtypes define the plan.
+        tensors: Every tensor of the reference, in read order.
+        models: Opened inputs by model name.
+    """
+
+    reference: str
+    tensors: dict[str, TensorInfo]
+    models: dict[str, ModelHandle]
+
+    def close(self) -> None:
+        """Close every input."""
+        for m in self.models.values():
+            m.close()
+
+    @property
+    def floating(self) -> list[str]:
+        """Names of the floating tensors (the ones task vectors have)."""
+        return [n for n, t in self.tensors.items() if t.is_floating]
+
+
+def needed_models(compiled: Compiled) -> list[str]:
+    """Models the outputs depend on, in recipe order."""
+    needed: set[str] = set()
+    for _, res in compiled.outputs.values():
+        needed.add(res.node)
+    for step in compiled.steps.values():
+        for refs in step.refs.values():
+            needed.update(r.node for r in refs)
+    return [m for m in compiled.models if m in needed]
+
+
+def _open(compiled: Compiled, name: str) -> ModelHandle:
+    spec = compiled.models[name]
+    path = compiled.loaded.resolve(spec.path)
+    vt = compiled.model_types[name]
+    where = f"model {name!r} ({spec.path})"
+    try:
+        if vt.kind == VECTORS:
+            parts = {m: open_checkpoint(path / f"{m}.safetensors") for m in vt.members or ()}
+        else:
+            parts = {"": open_checkpoint(path)}
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    handle = ModelHandle(name, vt.kind, path, parts)
+    if spec.sha256:
+        got = checkpoint_digest(handle.files())
+        if got.lower() != spec.sha256.lower():
+            raise InputError(
+                f"{where}: content hash {got} does not match the pinned sha256 {spec.sha256} "
+                f"(the files changed since the recipe was pinned); check the model, or update "
+                f"the pin with `tvrecipe hash {spec.path}`")
+    return handle
+
+
+def build_tensor_plan(compiled: Compiled) -> TensorPlan:
+    """Open the inputs (headers only) and check that their tensors line up.
+
+    Every floating tensor must exist in every input with the same shape; checkpoints must also
+    agree on non-floating tensors. All mismatches are reported together.
+
+    Raises:
+        InputError: an input cannot be opened, or tensors are missing or differ in shape.
+    """
+    names = needed_models(compiled)
+    models: dict[str, ModelHandle] = {}
+    try:
+        for name in names:
+            models[name] = _open(compiled, name)
+        if not models:
+            raise InputError("the outputs use no model")
+        reference = next((n for n in names if models[n].kind == CHECKPOINT), names[0])
+        ref_tensors = next(iter(models[reference].parts.values())).tensors
+        problems: list[str] = []
+        for name, handle in models.items():
+            for member, ck in handle.parts.items():
+                label = f"model {name!r}" + (f" member {member!r}" if member else "")
+                for t, info in ref_tensors.items():
+                    other = ck.tensors.get(t)
+                    if other is None:
+                        if info.is_floating or handle.kind == CHECKPOINT:
+                            problems.append(f"tensor {t!r} is missing from {label} "
+                                            f"(present in {reference!r})")
+                    elif other.shape != info.shape:
+                        problems.append(f"tensor {t!r} has shape {list(other.shape)} in {label} "
+                                        f"but {list(info.shape)} in {reference!r}")
+                    elif other.is_floating != info.is_floating:
+                        problems.append(f"tensor {t!r} is {other.dtype} in {label} but "
+                                        f"{info.dtype} in {reference!r}")
+                extra = [t for t in ck.tensors if t not in ref_tensors]
+                for t in extra:
+                    problems.append(f"tensor {t!r} is in {label} but not in {reference!r}")
+        if problems:
+            shown = problems[:MAX_LISTED]
+            more = len(problems) - len(shown)
+            tail = f"\n  ... and {more} more" if more else ""
+            raise InputError(
+                "the inputs' tensors do not line up:\n  " + "\n  ".join(shown) + tail +
+                "\n  (task arithmetic needs the same architecture in every input: check that "
+                "every model is a fine-tune of the same base)")
+    except BaseException:
+        for m in models.values():
+            m.close()
+        raise
+    return TensorPlan(reference, dict(ref_tensors), models)

@@ -1,0 +1,198 @@
+"""Load a recipe file: YAML with positions, section-by-section validation, all problems at once."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tvrecipe.errors import Problem, RecipeError
+from tvrecipe.spec.models import (
+    NAME_PATTERN,
+    STEP_CLASSES,
+    ModelSpec,
+    OutputSpec,
+    Recipe,
+    Settings,
+)
+from tvrecipe.spec.yamlsource import KeyPath, SourceMap, load_yaml
+
+SUPPORTED_VERSIONS = (1,)
+
+
+def did_you_mean(word: str, choices: Any) -> str | None:
+    """A ``did you mean 'x'?`` hint for the closest of ``choices``, or None."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe with what is needed to locate problems and resolve paths.
+
+    Attributes:
+        recipe: The validated, frozen recipe.
+        path: The recipe file.
+        source: Positions of its keys, for error messages.
+        text_sha256: Hash of the recipe file's bytes (provenance).
+    """
+
+    recipe: Recipe
+    path: Path
+    source: SourceMap
+    text_sha256: str
+
+    @property
+    def root(self) -> Path:
+        """The folder that relative paths in the recipe are relative to."""
+        return self.path.resolve().parent
+
+    def resolve(self, path: str) -> Path:
+        """A recipe path made absolute against the recipe's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
+             smap: SourceMap) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = (*prefix, *loc)
+        kind = err["type"]
+        hint = None
+        if kind == "extra_forbidden":
+            field = loc[-1] if loc else "?"
+            owner = model
+            allowed = _field_names(owner) if len(loc) == 1 else []
+            message = f"unknown field {field!r}"
+            hint = did_you_mean(field, allowed) if allowed else None
+            if allowed and not hint:
+                hint = "allowed fields: " + ", ".join(a for a in allowed if a != "op")
+        elif kind == "missing":
+            field = loc[-1] if loc else "?"
+            message = f"missing required field {field!r}"
+            info = model.model_fields.get(str(field)) if len(loc) == 1 else None
+            if info is None and len(loc) == 1:
+                info = next((f for f in model.model_fields.values() if f.alias == field), None)
+            if info is not None and info.description:
+                hint = info.description
+        elif kind == "literal_error":
+            message = f"{err['msg']}, got {err['input']!r}"
+            expected = re.findall(r"'([^']*)'", err["msg"])
+            hint = did_you_mean(err["input"], expected) if isinstance(err["input"], str) else None
+        else:
+            message = err["msg"]
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                message += f", got {err['input']!r}"
+        # A union's branch names (e.g. 'int', 'list[str]') are not keys the user wrote.
+        clean = tuple(p for p in path if not (isinstance(p, str) and ("[" in p or p in {
+            "int", "str", "float", "bool", "literal['auto']", "EnergyRank", "function-after"})))
+        problems.append(smap.problem(clean, message, hint))
+    return problems
+
+
+def _validate(model: type[BaseModel], value: Any, prefix: KeyPath, smap: SourceMap,
+              problems: list[Problem]) -> BaseModel | None:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems.extend(_convert(exc, prefix, model, smap))
+        return None
+
+
+def _check_mapping(value: Any, prefix: KeyPath, what: str, smap: SourceMap,
+                   problems: list[Problem]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(smap.problem(prefix, f"{what} must be a mapping of name: value, "
+                                             f"got {type(value).__name__}"))
+        return {}
+    for name in value:
+        if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+            problems.append(smap.problem(
+                (*prefix, name), f"invalid name {name!r}",
+                "names start with a letter or '_' and use letters, digits, '_' and '-' (no dots)"))
+    return value
+
+
+def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe | None:
+    """Validate parsed YAML against the recipe models, appending every problem found."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        problems.append(smap.problem((), f"a recipe must be a YAML mapping, got {got}",
+                                     "start from one of the recipes in recipes/"))
+        return None
+    top = _field_names(Recipe)
+    for key in data:
+        if key not in top:
+            problems.append(smap.problem((key,), f"unknown top-level key {key!r}",
+                                         did_you_mean(key, top) or "allowed: " + ", ".join(top)))
+    version = data.get("tvrecipe")
+    if "tvrecipe" not in data:
+        problems.append(smap.problem((), "missing 'tvrecipe:' format version",
+                                     "add 'tvrecipe: 1' as the first line"))
+    elif version not in SUPPORTED_VERSIONS:
+        problems.append(smap.problem(("tvrecipe",), f"unsupported format version {version!r}",
+                                     "this tvrecipe reads 'tvrecipe: 1'"))
+    if "settings" in data and data["settings"] is not None:
+        _validate(Settings, data["settings"], ("settings",), smap, problems)
+    for key, what in (("models", "models"), ("outputs", "outputs")):
+        if key not in data:
+            problems.append(smap.problem((), f"missing required section '{key}:'"))
+    for name, spec in _check_mapping(data.get("models"), ("models",), "models", smap,
+                                     problems).items():
+        _validate(ModelSpec, spec, ("models", name), smap, problems)
+    for name, spec in _check_mapping(data.get("steps"), ("steps",), "steps", smap,
+                                     problems).items():
+        where = ("steps", name)
+        if not isinstance(spec, dict):
+            problems.append(smap.problem(where, "a step must be a mapping with an 'op' field",
+                                         "e.g. {op: sum, inputs: [a, b]}"))
+            continue
+        op = spec.get("op")
+        if op is None:
+            problems.append(smap.problem(where, "step has no 'op'",
+                                         "one of: " + ", ".join(STEP_CLASSES)))
+        elif op not in STEP_CLASSES:
+            problems.append(smap.problem(
+                (*where, "op"), f"unknown op {op!r}",
+                did_you_mean(op, STEP_CLASSES) or "known ops: " + ", ".join(STEP_CLASSES)))
+        else:
+            _validate(STEP_CLASSES[op], spec, where, smap, problems)
+    for name, spec in _check_mapping(data.get("outputs"), ("outputs",), "outputs", smap,
+                                     problems).items():
+        _validate(OutputSpec, spec, ("outputs", name), smap, problems)
+    if problems:
+        return None
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:  # pragma: no cover - the sections above catch everything
+        problems.extend(_convert(exc, (), Recipe, smap))
+        return None
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read, parse and validate a recipe file (schema only: references are checked by compile).
+
+    Raises:
+        RecipeError: with every problem found, each located by file:line:col and key path.
+    """
+    path = Path(path)
+    data, smap, problems = load_yaml(path)
+    recipe = validate_data(data, smap, problems)
+    if problems or recipe is None:
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+        raise RecipeError(problems)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LoadedRecipe(recipe=recipe, path=path, source=smap, text_sha256=digest)

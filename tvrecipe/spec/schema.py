@@ -1,0 +1,20 @@
+"""The recipe JSON schema, generated from the Pydantic models (for editors and docs)."""
+
+from __future__ import annotations
+
+import json
+
+from tvrecipe.spec.models import Recipe
+
+SCHEMA_ID = "https://tvrecipe.dev/schemas/recipe.schema.json"
+
+
+def recipe_schema() -> dict:
+    """The JSON schema of a recipe file."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+
+
+def recipe_schema_json() -> str:
+    """The schema as the exact text of ``schemas/recipe.schema.json``."""
+    return json.dumps(recipe_schema(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -1,0 +1,110 @@
+"""YAML loading that remembers where every key and item came from (file:line:col)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tvrecipe.errors import Problem, RecipeError
+
+KeyPath = tuple[str | int, ...]
+
+
+def format_key_path(path: KeyPath) -> str:
+    """Render ``("steps", "merged", "inputs", 2)`` as ``steps.merged.inputs[2]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@dataclass
+class SourceMap:
+    """Positions of the nodes of one YAML document, by key path.
+
+    Attributes:
+        file: The file name as shown to users.
+        positions: 1-based (line, column) of each key (for mapping entries) or item.
+    """
+
+    file: str
+    positions: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+
+    def locate(self, path: KeyPath) -> tuple[int | None, int | None]:
+        """Line and column of ``path``, or of its nearest ancestor that has one."""
+        path = tuple(path)
+        while path:
+            if path in self.positions:
+                return self.positions[path]
+            path = path[:-1]
+        return (1, 1) if self.positions else (None, None)
+
+    def problem(self, path: KeyPath, message: str, hint: str | None = None) -> Problem:
+        """A :class:`Problem` located at ``path``."""
+        line, col = self.locate(path)
+        return Problem(message, file=self.file, line=line, column=col,
+                       key_path=format_key_path(path) or None, hint=hint)
+
+
+def _walk(node: yaml.Node, path: KeyPath, smap: SourceMap, problems: list[Problem]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+            sub = (*path, key)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(Problem(
+                    f"key {key!r} appears twice (first at line {seen[key]}); YAML keeps only the last",
+                    file=smap.file, line=line, column=key_node.start_mark.column + 1,
+                    key_path=format_key_path(sub), hint="remove or rename one of them"))
+            seen[key] = line
+            smap.positions[sub] = (line, key_node.start_mark.column + 1)
+            _walk(value_node, sub, smap, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = (*path, i)
+            smap.positions[sub] = (item.start_mark.line + 1, item.start_mark.column + 1)
+            _walk(item, sub, smap, problems)
+
+
+def load_yaml(path: Path, display_name: str | None = None) -> tuple[Any, SourceMap, list[Problem]]:
+    """Parse a YAML file safely, returning its data, a source map and duplicate-key problems.
+
+    Only ``yaml.SafeLoader`` is used: a recipe can never construct Python objects.
+
+    Raises:
+        RecipeError: the file cannot be read or is not valid YAML (with line and column).
+    """
+    name = display_name or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(Problem(f"recipe file not found: {path}")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(Problem(f"cannot read recipe: {exc}", file=name)) from None
+    smap = SourceMap(name)
+    problems: list[Problem] = []
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or "invalid YAML"
+        ctx = f" ({exc.context})" if exc.context else ""
+        raise RecipeError(Problem(
+            f"YAML syntax error: {what}{ctx}", file=name,
+            line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
+            hint="check indentation, colons and quotes around this spot")) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(Problem(f"YAML error: {exc}", file=name)) from None
+    if node is not None:
+        smap.positions[()] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        _walk(node, (), smap, problems)
+    return data, smap, problems

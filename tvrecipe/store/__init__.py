@@ -1,0 +1,1 @@
+"""tvrecipe.store layer."""

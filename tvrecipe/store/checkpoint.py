@@ -1,0 +1,390 @@
+"""Checkpoint reader: finds a model's safetensors files, parses headers, reads tensors on demand."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+
+from tvrecipe.errors import InputError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "Checkpoint",
+    "TensorInfo",
+    "dtype_size",
+    "open_checkpoint",
+    "read_header",
+    "st_dtype",
+    "torch_dtype",
+]
+
+# safetensors' own limit; a larger "header" means the file is not a safetensors file.
+MAX_HEADER_BYTES = 100_000_000
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+# Float8 types exist only in recent torch builds, so each is looked up by name.
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+}  # fmt: skip
+_TO_TORCH: dict[str, torch.dtype] = {
+    st: getattr(torch, name) for st, name in _DTYPE_NAMES.items() if hasattr(torch, name)
+}
+_TO_ST: dict[torch.dtype, str] = {dt: st for st, dt in _TO_TORCH.items()}
+_REDOWNLOAD = "re-download or re-export it"
+
+
+def torch_dtype(st_dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string, such as ``"BF16"`` -> ``torch.bfloat16``.
+
+    Raises:
+        ValueError: ``st_dtype`` is not a dtype tvrecipe can read.
+    """
+    try:
+        return _TO_TORCH[st_dtype]
+    except KeyError:
+        raise ValueError(
+            f"unknown safetensors dtype {st_dtype!r}; known: {', '.join(sorted(_TO_TORCH))}"
+        ) from None
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors dtype string of a torch dtype, such as ``torch.float32`` -> ``"F32"``.
+
+    Raises:
+        ValueError: safetensors cannot store ``dtype``.
+    """
+    try:
+        return _TO_ST[dtype]
+    except KeyError:
+        raise ValueError(f"safetensors cannot store tensors of dtype {dtype}") from None
+
+
+def dtype_size(st_dtype: str) -> int:
+    """Bytes per element of a safetensors dtype string."""
+    return torch_dtype(st_dtype).itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a checkpoint, from its file's header (no data read).
+
+    Attributes:
+        name: The tensor's name.
+        dtype: The safetensors dtype string, such as ``"BF16"``.
+        shape: The tensor's shape; ``()`` for a scalar.
+        file: The ``.safetensors`` file that holds it.
+        offset: Start of its data within the file's byte buffer (for read order).
+        nbytes: Size of its data in bytes.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def is_floating(self) -> bool:
+        """Whether the dtype is a real floating-point type (``F*`` or ``BF16``)."""
+        return self.dtype.startswith("F") or self.dtype == "BF16"
+
+
+def _corrupt(file: Path, what: str) -> InputError:
+    return InputError(f"{file}: corrupt safetensors file: {what}; {_REDOWNLOAD}")
+
+
+def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parses and validates one safetensors file's header without reading tensor data.
+
+    Args:
+        file: A ``.safetensors`` file.
+
+    Returns:
+        The tensors in data-offset order, and the header metadata (``{}`` when absent).
+
+    Raises:
+        InputError: The file is unreadable, truncated or not a valid safetensors file.
+    """
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(
+                    file, f"it is {size} bytes long, shorter than the 8-byte header length"
+                )
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise _corrupt(
+                    file, f"header length {n} exceeds the {size - 8} bytes after it (truncated?)"
+                )
+            if n > MAX_HEADER_BYTES:
+                raise _corrupt(file, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            raw = f.read(n)
+    except OSError as exc:
+        raise InputError(
+            f"cannot read {file}: {exc.strerror}; check the path and its permissions"
+        ) from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(file, f"header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(file, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _corrupt(file, "__metadata__ is not a mapping of strings to strings")
+    data_size = size - 8 - n
+    tensors = [_tensor_info(file, name, entry) for name, entry in header.items()]
+    tensors.sort(key=lambda t: (t.offset, t.nbytes, t.name))
+    end = 0
+    for t in tensors:
+        if t.offset != end:
+            raise _corrupt(
+                file, f"tensor {t.name!r} starts at byte {t.offset} of the data, expected {end}"
+            )
+        end += t.nbytes
+        if end > data_size:
+            raise _corrupt(
+                file,
+                f"tensor {t.name!r} ends at byte {end} of the data but the file holds only "
+                f"{data_size} bytes of data (truncated file)",
+            )
+    if end != data_size:
+        raise _corrupt(file, f"{data_size - end} unexpected bytes after the last tensor")
+    return {t.name: t for t in tensors}, dict(metadata)
+
+
+def _tensor_info(file: Path, name: str, entry: object) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise _corrupt(file, f"header entry {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _TO_TORCH:
+        raise InputError(
+            f"{file}: tensor {name!r} has unknown dtype {dtype!r}; tvrecipe reads "
+            f"{', '.join(sorted(_TO_TORCH))}: convert the tensor to one of them"
+        )
+    ints = (shape, offsets)
+    if not all(isinstance(v, list) and all(type(x) is int and x >= 0 for x in v) for v in ints):
+        raise _corrupt(file, f"tensor {name!r} has an invalid shape or data_offsets")
+    if len(offsets) != 2 or offsets[1] < offsets[0]:
+        raise _corrupt(file, f"tensor {name!r} has invalid data_offsets {offsets}")
+    nbytes = math.prod(shape) * _TO_TORCH[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise _corrupt(
+            file,
+            f"tensor {name!r} of shape {shape} and dtype {dtype} needs {nbytes} bytes "
+            f"but its data_offsets span {offsets[1] - offsets[0]}",
+        )
+    return TensorInfo(name, dtype, tuple(shape), file, offsets[0], nbytes)
+
+
+class Checkpoint:
+    """An opened model: its tensors' headers, with data read on demand.
+
+    Attributes:
+        path: The path the user named.
+        files: The weight files, in shard order.
+        tensors: Every tensor, in read order (shard order, then data offset within a shard).
+        metadata: The first file's header metadata (data only, never evaluated).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        files: list[Path],
+        tensors: dict[str, TensorInfo],
+        metadata: dict[str, str],
+    ):
+        self.path = path
+        self.files = files
+        self.tensors = tensors
+        self.metadata = metadata
+        self._handles: dict[Path, object] = {}
+        # One lock: safe_open handles are not documented as thread-safe, and the executor
+        # reads from a prefetch thread while the main thread may read too.
+        self._lock = threading.Lock()
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Reads one tensor on the CPU, or only rows ``start:stop`` of its first dimension.
+
+        Reading a row range bounds the memory of row-wise work on large tensors.
+
+        Raises:
+            InputError: The checkpoint has no tensor ``name``, or its file cannot be read.
+        """
+        info = self.tensors.get(name)
+        if info is None:
+            close = difflib.get_close_matches(name, list(self.tensors), n=1)
+            hint = (
+                f"did you mean {close[0]!r}?" if close else "check the tensor names of your inputs"
+            )
+            raise InputError(f"{self.path}: no tensor named {name!r}; {hint}")
+        with self._lock:
+            try:
+                handle = self._handles.get(info.file)
+                if handle is None:
+                    handle = safe_open(str(info.file), framework="pt", device="cpu")
+                    self._handles[info.file] = handle
+                if rows is None:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[rows[0] : rows[1]]
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise InputError(
+                    f"{info.file}: cannot read tensor {name!r}: {exc}; "
+                    "was the file changed or removed while tvrecipe ran?"
+                ) from exc
+
+    def close(self) -> None:
+        """Releases the open file handles (a later ``get`` opens them again)."""
+        with self._lock:
+            self._handles.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint({str(self.path)!r}, {len(self.files)} files, {len(self.tensors)} tensors)"
+        )
+
+
+def _pickle_error(where: Path, found: list[Path]) -> InputError:
+    src = found[0]
+    dst = (src.parent if src.is_file() else src) / "model.safetensors"
+    return InputError(
+        f"{where}: holds only pickled weights ({', '.join(p.name for p in found)}); tvrecipe never "
+        "unpickles files, since unpickling can run arbitrary code. Convert them to safetensors, "
+        "for example:\n"
+        "    import torch, safetensors.torch\n"
+        f"    sd = torch.load({str(src)!r}, map_location='cpu', weights_only=True)\n"
+        f"    safetensors.torch.save_file({{k: v.contiguous().clone() for k, v in sd.items()}}, "
+        f"{str(dst)!r})"
+    )
+
+
+def _find_weights(path: Path) -> tuple[list[Path], Path | None]:
+    """The weight files of ``path`` and the index that names them (if any)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; check the path to the checkpoint")
+    if path.is_file():
+        if path.name.endswith(".safetensors.index.json"):
+            return [], path
+        if path.suffix == ".safetensors":
+            return [path], None
+        if path.suffix in PICKLE_SUFFIXES:
+            raise _pickle_error(path, [path])
+        raise InputError(
+            f"{path}: not a safetensors file or index; name a .safetensors file, a "
+            ".safetensors.index.json file, or a model folder"
+        )
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (path / name).is_file():
+            return ([path / name], None) if name.endswith(".safetensors") else ([], path / name)
+    indexes = [p for p in entries if p.name.endswith(".safetensors.index.json") and p.is_file()]
+    singles = [p for p in entries if p.suffix == ".safetensors" and p.is_file()]
+    for kind, found in (("index files", indexes), (".safetensors files", singles)):
+        if len(found) == 1:
+            return (found, None) if kind != "index files" else ([], found[0])
+        if len(found) > 1:
+            raise InputError(
+                f"{path}: several {kind} ({', '.join(p.name for p in found)}) and no "
+                "model.safetensors or model.safetensors.index.json; name the one to use"
+            )
+    pickles = [p for p in entries if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    if pickles:
+        raise _pickle_error(path, pickles)
+    listing = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries) or "nothing"
+    raise InputError(
+        f"{path}: no weights found (it holds {listing}); expected model.safetensors, "
+        "model.safetensors.index.json or one *.safetensors file"
+    )
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read {index}: {exc.strerror}; check its permissions") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{index}: invalid JSON ({exc}); {_REDOWNLOAD}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError(f'{index}: no "weight_map" of tensor names to shard files; {_REDOWNLOAD}')
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        file = index.parent / shard
+        if not file.is_file():
+            raise InputError(
+                f"{index}: names shard {shard!r}, but {file} does not exist; "
+                "download the missing shard or regenerate the index"
+            )
+        shards.append(file)
+    return shards, weight_map
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Opens a checkpoint, reading and validating headers only.
+
+    Args:
+        path: A ``.safetensors`` file, a ``*.safetensors.index.json`` file, or a folder holding
+            ``model.safetensors``, ``model.safetensors.index.json``, one other index, or one
+            other ``.safetensors`` file.
+
+    Returns:
+        The opened checkpoint; close it (or use it as a context manager) when done.
+
+    Raises:
+        InputError: The path is missing, holds no or only pickled weights, or a file is corrupt
+            or disagrees with the index.
+    """
+    path = Path(path)
+    files, index = _find_weights(path)
+    weight_map: dict[str, str] = {}
+    if index is not None:
+        files, weight_map = _read_index(index)
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] | None = None
+    for file in files:
+        infos, meta = read_header(file)
+        metadata = meta if metadata is None else metadata
+        for name, info in infos.items():
+            if name in tensors:
+                raise InputError(
+                    f"{path}: tensor {name!r} is in both {tensors[name].file} and {file}; "
+                    "a checkpoint holds each tensor once: remove the duplicate shard"
+                )
+            tensors[name] = info
+    for name, shard in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file != index.parent / shard:
+            raise InputError(
+                f"{index}: maps tensor {name!r} to {shard!r}, but that file does not hold it; "
+                "the index does not match the shards: re-download them or regenerate the index"
+            )
+    return Checkpoint(path, files, tensors, metadata or {})

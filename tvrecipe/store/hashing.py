@@ -1,0 +1,149 @@
+"""Content hashes of files and models, memoised so unchanged files are read once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tvrecipe.errors import InputError
+
+__all__ = ["HashMemo", "checkpoint_digest", "sha256_file"]
+
+CHUNK = 8 << 20
+_MEMO_VERSION = 1
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    # A rewrite changes mtime or size; a replace-by-rename changes the inode.
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class HashMemo:
+    """Remembers file hashes in a small JSON file, keyed by resolved path.
+
+    An entry is reused only while the file's size, mtime (ns) and inode are unchanged. The
+    file is read on first use and saved atomically after each new hash; a corrupt memo file
+    is ignored (hashes are recomputed), and failing to save is not an error: the memo only
+    saves time.
+
+    Args:
+        path: The JSON file, such as ``<cache>/hashes.json``; ``None`` keeps it in memory.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self._entries: dict[str, dict] | None = None
+
+    def _load_file(self) -> dict[str, dict]:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != _MEMO_VERSION:
+            return {}
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            return {}
+        return {
+            k: v
+            for k, v in entries.items()
+            if isinstance(v, dict)
+            and isinstance(v.get("sha256"), str)
+            and isinstance(v.get("id"), list)
+        }
+
+    def get(self, key: str, st: os.stat_result) -> str | None:
+        """The memoised digest of ``key`` if the file still has identity ``st``."""
+        if self._entries is None:
+            self._entries = self._load_file()
+        entry = self._entries.get(key)
+        if entry is not None and entry["id"] == _identity(st):
+            return entry["sha256"]
+        return None
+
+    def put(self, key: str, st: os.stat_result, digest: str) -> None:
+        """Records a digest and saves the memo file."""
+        if self._entries is None:
+            self._entries = self._load_file()
+        self._entries[key] = {"id": _identity(st), "sha256": digest}
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        # Merge with what another run may have saved meanwhile, so neither loses entries.
+        merged = {**self._load_file(), **self._entries}
+        text = json.dumps({"version": _MEMO_VERSION, "entries": merged}, sort_keys=True, indent=1)
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+        except OSError:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _hash_stream(path: Path) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path, *, memo: HashMemo | None = None) -> str:
+    """The hex SHA-256 of a file, streamed in 8 MiB chunks.
+
+    Args:
+        path: The file to hash.
+        memo: Where to look up and record the digest; ``None`` always reads the file.
+
+    Raises:
+        InputError: The file is missing or unreadable.
+    """
+    path = Path(path)
+    try:
+        resolved = path.resolve()
+        before = resolved.stat()
+        if memo is not None and (hit := memo.get(str(resolved), before)) is not None:
+            return hit
+        digest = _hash_stream(resolved)
+        after = resolved.stat()
+    except OSError as exc:
+        raise InputError(
+            f"cannot read {path} to hash it: {exc.strerror}; check that it exists and is readable"
+        ) from exc
+    # A file written while it was hashed gives a digest of neither version: do not keep it.
+    if memo is not None and _identity(before) == _identity(after):
+        memo.put(str(resolved), after, digest)
+    return digest
+
+
+def checkpoint_digest(files: Sequence[Path], *, memo: HashMemo | None = None) -> str:
+    """One content hash of a model: SHA-256 over its sorted (file name, file SHA-256) pairs.
+
+    File names, not paths, go in, so the same files hash the same in any folder.
+
+    Args:
+        files: The model's weight files.
+        memo: Passed to ``sha256_file``.
+
+    Raises:
+        InputError: A file is missing or unreadable.
+    """
+    pairs = sorted((Path(f).name, sha256_file(Path(f), memo=memo)) for f in files)
+    digest = hashlib.sha256()
+    for name, file_digest in pairs:
+        digest.update(f"{name}\0{file_digest}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,257 @@
+"""Atomic output folders (built beside the target, then renamed) and non-weight file copies."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tvrecipe.errors import InputError, OutputError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["AuxPlan", "OutputFolder", "copy_aux_files", "output_oserror", "plan_aux_files"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# Code a model ships for trust_remote_code: copying it would spread code the user never read.
+CODE_SUFFIXES = (".py", ".pyc", ".so", ".dylib", ".dll", ".sh", ".exe")
+
+
+def output_oserror(exc: OSError, path: Path) -> OutputError:
+    """An OutputError for an OSError raised while writing ``path``, saying what to do.
+
+    Args:
+        exc: The error raised by the operating system.
+        path: The file or folder being written.
+    """
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk or write the output elsewhere"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"check the permissions of {path.parent} or write the output elsewhere"
+    else:
+        fix = "check the output path"
+    return OutputError(f"cannot write {path}: {reason}; {fix}")
+
+
+def _fsync_tree(root: Path) -> None:
+    # Data then directory entries: a crash after the rename must not expose empty files.
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open folders; the rename is still atomic there
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class OutputFolder:
+    """Builds an output folder beside its target and renames it into place at the end.
+
+    Write everything into ``staging``, then call ``commit()``. Used as a context manager it
+    removes the staging folder when the block exits without a commit (an error, an interrupt).
+
+    Args:
+        target: The folder to create.
+        force: Replace ``target`` if it exists (the old one is deleted only after the new one
+            is in place).
+        protected: Input paths the output must not be, lie inside, or contain.
+
+    Raises:
+        OutputError: ``target`` exists without ``force``, overlaps an input, or its parent
+            cannot be written.
+    """
+
+    def __init__(self, target: Path, *, force: bool = False, protected: Sequence[Path] = ()):
+        self.target = Path(target)
+        self.force = force
+        self.committed = False
+        resolved = self.target.resolve()
+        for p in protected:
+            p_res = Path(p).resolve()
+            if resolved == p_res or p_res in resolved.parents or resolved in p_res.parents:
+                relation = "is inside" if p_res in resolved.parents else "is"
+                relation = "contains" if resolved in p_res.parents else relation
+                raise OutputError(
+                    f"output {self.target} {relation} the input {p}; writing it could destroy "
+                    "the input: choose an output path outside every input"
+                )
+        if os.path.lexists(self.target) and not force:
+            raise OutputError(f"output {self.target} exists; pass --force to replace it")
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
+            # mkdtemp makes a private 0700 folder; the output should get the usual permissions.
+            os.chmod(self.staging, 0o777 & ~_current_umask())
+        except OSError as exc:
+            raise output_oserror(exc, parent) from exc
+
+    def commit(self) -> Path:
+        """Flushes the staging folder to disk and renames it to ``target``.
+
+        Returns:
+            The target path.
+
+        Raises:
+            OutputError: The rename failed (the previous output, if any, is left in place),
+                or the target appeared meanwhile and ``force`` is off.
+        """
+        if self.committed:
+            return self.target
+        parent = self.target.parent
+        aside: Path | None = None
+        try:
+            _fsync_tree(self.staging)
+            if os.path.lexists(self.target):
+                if not self.force:
+                    raise OutputError(f"output {self.target} exists; pass --force to replace it")
+                aside = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=parent))
+                os.rename(self.target, aside / self.target.name)
+            try:
+                os.rename(self.staging, self.target)
+            except OSError as exc:
+                if aside is not None:
+                    self._restore(aside, exc)
+                raise
+        except OSError as exc:
+            raise output_oserror(exc, self.target) from exc
+        self.committed = True
+        _fsync_dir(parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return self.target
+
+    def _restore(self, aside: Path, exc: OSError) -> None:
+        # Put the previous output back before reporting, so a failure never loses it.
+        try:
+            os.rename(aside / self.target.name, self.target)
+            aside.rmdir()
+        except OSError:
+            raise OutputError(
+                f"cannot write {self.target}: {exc.strerror}; the previous output was kept "
+                f"at {aside / self.target.name}: move it back by hand"
+            ) from exc
+
+    def abort(self) -> None:
+        """Removes the staging folder; safe to call more than once, and a no-op after commit."""
+        if not self.committed:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+@dataclass
+class AuxPlan:
+    """Which top-level files of a model folder ``copy_aux_files`` copies.
+
+    Attributes:
+        copy: Names of the files to copy, sorted.
+        skipped: Names of files left out on purpose, each with the reason.
+    """
+
+    copy: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def plan_aux_files(source: Path) -> AuxPlan:
+    """Lists the non-weight files of a model folder (config, tokenizer, ...) to copy.
+
+    Weights, hidden files, folders, code files and symlinks pointing outside the folder are
+    left out; code files and outside symlinks are reported in ``skipped``.
+
+    Raises:
+        InputError: ``source`` is not a folder.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise InputError(
+            f"{source}: not a folder; copy_files_from must name a model folder "
+            "(the one holding config.json)"
+        )
+    root = source.resolve()
+    # The Hugging Face cache links snapshots/<rev>/<file> to ../../blobs/<hash>; those are
+    # the model's own files, not outside ones.
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    plan = AuxPlan()
+    for entry in sorted(source.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        if entry.is_symlink():
+            real = entry.resolve()
+            if not (_inside(real, root) or (blobs is not None and _inside(real, blobs))):
+                plan.skipped[name] = f"symlink to {real}, outside {source}"
+                continue
+        if not entry.is_file():
+            continue
+        if name.endswith(CODE_SUFFIXES):
+            plan.skipped[name] = "code file: copy it yourself if you trust it"
+            continue
+        plan.copy.append(name)
+    return plan
+
+
+def copy_aux_files(source: Path, dest: Path) -> list[str]:
+    """Copies the non-weight files of a model folder into ``dest`` (see ``plan_aux_files``).
+
+    Args:
+        source: The model folder to copy from.
+        dest: The folder to copy into (usually an ``OutputFolder``'s staging folder).
+
+    Returns:
+        The names of the files copied, sorted.
+
+    Raises:
+        InputError: ``source`` is not a folder or a file in it cannot be read.
+        OutputError: A file cannot be written to ``dest``.
+    """
+    source, dest = Path(source), Path(dest)
+    plan = plan_aux_files(source)
+    for name in plan.copy:
+        try:
+            with open(source / name, "rb") as src:
+                try:
+                    with open(dest / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 8 << 20)
+                except OSError as exc:
+                    raise output_oserror(exc, dest / name) from exc
+        except OSError as exc:
+            raise InputError(
+                f"cannot read {source / name}: {exc.strerror}; check its permissions"
+            ) from exc
+    return plan.copy

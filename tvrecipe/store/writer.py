@@ -1,0 +1,351 @@
+"""Deterministic streaming safetensors writer, shard planning and the Hugging Face shard index."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from tvrecipe.store.checkpoint import dtype_size, torch_dtype
+from tvrecipe.store.output import output_oserror
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = [
+    "CheckpointWriter",
+    "SafetensorsStreamWriter",
+    "TensorSpec",
+    "encode_header",
+    "parse_size",
+    "plan_shards",
+]
+
+# Used only to byte-swap on big-endian hosts: safetensors data is always little-endian.
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor to write.
+
+    Attributes:
+        name: The tensor's name in the file.
+        dtype: The safetensors dtype string it is stored as, such as ``"BF16"``.
+        shape: Its shape; ``()`` for a scalar.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def plan_shards(specs: Sequence[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    """Splits tensors into shards greedily, keeping their order.
+
+    A shard's data stays within ``shard_size`` bytes, except that a tensor larger than
+    ``shard_size`` gets a shard of its own.
+
+    Returns:
+        The shards; ``[]`` when ``specs`` is empty.
+
+    Raises:
+        ValueError: ``shard_size`` is not positive.
+    """
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size}")
+    shards: list[list[TensorSpec]] = []
+    used = 0
+    for spec in specs:
+        if not shards or (shards[-1] and used + spec.nbytes > shard_size):
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += spec.nbytes
+    return shards
+
+
+def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
+    """The header bytes of a safetensors file holding ``specs`` in order, length prefix included.
+
+    The bytes depend only on the arguments: keys are sorted, separators compact, and the JSON
+    is padded with spaces to a multiple of 8 bytes, as safetensors itself does.
+
+    Raises:
+        ValueError: Duplicate names, or metadata that is not a mapping of str to str.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for spec in specs:
+        if spec.name in header or spec.name == "__metadata__":
+            raise ValueError(f"tensor name {spec.name!r} appears twice or is reserved")
+        end = offset + spec.nbytes
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map str to str")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class SafetensorsStreamWriter:
+    """Writes ONE .safetensors file whose layout is known in advance, tensor by tensor.
+
+    The header is written first, so the file is never held in memory. On an exception the
+    partial file is left for the caller to delete (it writes into a staging folder).
+
+    Args:
+        path: The file to create.
+        specs: The tensors, in the order they will be written.
+        metadata: Header metadata (``__metadata__``), such as provenance.
+
+    Raises:
+        OutputError: The file cannot be created.
+    """
+
+    def __init__(
+        self, path: Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None
+    ):
+        self.path = Path(path)
+        self.specs = list(specs)
+        header = encode_header(self.specs, metadata)
+        self._size = len(header) + sum(s.nbytes for s in self.specs)
+        self._next = 0
+        self._rows = 0  # rows of the current tensor written so far
+        try:
+            self._file = open(self.path, "wb", buffering=1 << 20)  # noqa: SIM115 (closed in close)
+            self._file.write(header)
+        except OSError as exc:
+            raise output_oserror(exc, self.path) from exc
+
+    def write(self, name: str, tensor: torch.Tensor) -> bool:
+        """Writes the next tensor, or the next block of its rows, cast to its spec's dtype.
+
+        A tensor may arrive whole or as consecutive row blocks (first dimension), which lets
+        the executor stream a large tensor without ever holding all of it.
+
+        Returns:
+            True once the tensor is complete.
+
+        Raises:
+            ValueError: ``name`` is not the next tensor in ``specs``, or the shape differs.
+            OutputError: The disk is full or the file cannot be written.
+        """
+        if self._next >= len(self.specs):
+            raise ValueError(f"{self.path}: tensor {name!r} written after the last one")
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise ValueError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
+        shape = tuple(tensor.shape)
+        whole = shape == spec.shape and self._rows == 0
+        block = (len(spec.shape) >= 1 and len(shape) == len(spec.shape)
+                 and shape[1:] == spec.shape[1:] and self._rows + shape[0] <= spec.shape[0])
+        if not (whole or block):
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has shape {shape}, "
+                f"but the planned shape is {spec.shape}"
+            )
+        # Cast before moving so a GPU result crosses the bus in the (usually smaller) stored dtype.
+        data = tensor.detach().to(torch_dtype(spec.dtype)).cpu().contiguous().reshape(-1)
+        if sys.byteorder == "big" and data.element_size() > 1:
+            data = data.view(_INT_OF_SIZE[data.element_size()]).numpy().byteswap()
+        else:
+            data = data.view(torch.uint8).numpy()  # a view: no copy of a large tensor
+        try:
+            self._file.write(memoryview(data).cast("B"))
+        except OSError as exc:
+            raise output_oserror(exc, self.path) from exc
+        if not whole:
+            self._rows += shape[0]
+            if self._rows < spec.shape[0]:
+                return False
+        self._next += 1
+        self._rows = 0
+        return True
+
+    def close(self) -> None:
+        """Checks every tensor was written, then flushes the file to disk.
+
+        Raises:
+            ValueError: Some tensors were not written.
+            OutputError: Flushing failed (disk full, ...).
+        """
+        if self._file.closed:
+            return
+        if self._next < len(self.specs):
+            missing = [s.name for s in self.specs[self._next :]]
+            self._file.close()
+            raise ValueError(f"{self.path}: tensors never written: {', '.join(missing[:5])}")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            self._discard()
+            raise output_oserror(exc, self.path) from exc
+        if self.path.stat().st_size != self._size:  # a bug, not a user error
+            raise AssertionError(f"{self.path}: wrote {self.path.stat().st_size} bytes")
+
+    def _discard(self) -> None:
+        # Closing flushes the buffer, which fails again on a full disk; the fd is freed anyway.
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._discard()
+
+
+class CheckpointWriter:
+    """Writes a HF-layout folder: ``model.safetensors`` or shards plus their index.
+
+    With more than one shard the files are ``{prefix}-0000i-of-0000N.safetensors`` and
+    ``{prefix}.safetensors.index.json``. Every shard carries ``metadata``.
+
+    Args:
+        folder: The folder to write into (created if missing).
+        specs: Every tensor, in the order they will be written.
+        shard_size: The most data bytes per shard (see ``plan_shards``).
+        metadata: Header metadata for every shard.
+        prefix: The file name stem.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        specs: Sequence[TensorSpec],
+        *,
+        shard_size: int,
+        metadata: Mapping[str, str] | None = None,
+        prefix: str = "model",
+    ):
+        self.folder = Path(folder)
+        # An empty model still gets one (empty) file, so it can be opened again.
+        self.shards = plan_shards(specs, shard_size) or [[]]
+        self.metadata = dict(metadata or {})
+        n = len(self.shards)
+        names = [f"{prefix}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self.files = [
+            self.folder / name for name in (names if n > 1 else [f"{prefix}.safetensors"])
+        ]
+        self.index_path = self.folder / f"{prefix}.safetensors.index.json"
+        self._shard = -1
+        self._writer: SafetensorsStreamWriter | None = None
+        self._left = 0
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_oserror(exc, self.folder) from exc
+
+    def _open_next(self) -> None:
+        self._shard += 1
+        specs = self.shards[self._shard]
+        self._writer = SafetensorsStreamWriter(self.files[self._shard], specs, self.metadata)
+        self._left = len(specs)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Writes the next tensor (in ``specs`` order), whole or in row blocks, into its shard."""
+        while self._left == 0:
+            if self._writer is not None:
+                self._writer.close()
+            if self._shard + 1 >= len(self.shards):
+                raise ValueError(f"{self.folder}: tensor {name!r} written after the last one")
+            self._open_next()
+        if self._writer.write(name, tensor):
+            self._left -= 1
+
+    def close(self) -> list[Path]:
+        """Closes the last shard and writes the index (only with more than one shard).
+
+        Returns:
+            The files written: the shards, then the index if any.
+        """
+        while True:
+            if self._writer is not None:
+                self._writer.close()
+            if self._shard + 1 >= len(self.shards):
+                break
+            self._open_next()  # only empty shards remain; close() reports missing tensors
+        if len(self.shards) == 1:
+            return list(self.files)
+        weight_map = {s.name: f.name for f, shard in zip(self.files, self.shards) for s in shard}
+        total = sum(s.nbytes for shard in self.shards for s in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        try:
+            with open(self.index_path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise output_oserror(exc, self.index_path) from exc
+        return [*self.files, self.index_path]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:
+            self._writer.__exit__(exc_type)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Parses a byte size such as ``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"4096"`` or ``4096``.
+
+    KB/MB/GB/TB are powers of 1000 and KiB/MiB/GiB/TiB powers of 1024 (case-insensitive).
+
+    Raises:
+        ValueError: Not a size, or not at least one byte.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE_RE.match(text) if isinstance(text, str) else None
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(
+                f"invalid size {text!r}: write a number of bytes with an optional unit, "
+                "such as 4096, 500MB, 2GB or 1.5GiB"
+            )
+        try:
+            value = int(Decimal(m.group(1)) * _UNITS[unit])
+        except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+            raise ValueError(f"invalid size {text!r}") from None
+    if value < 1:
+        raise ValueError(f"invalid size {text!r}: it must be at least 1 byte")
+    return value
