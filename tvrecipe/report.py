@@ -25,3 +25,26 @@ def render_reports(compiled: Compiled, reports: dict[str, dict]) -> list[str]:
                          f"mean shared dimension {mean_dim:.1f}, "
                          f"{len(rep['tensors']) - len(sub)} handled as 1-D/excluded")
     return texts
+
+
+def render_inspection(name: str, result: dict) -> str:
+    """A cosine matrix, or a per-tensor decomposition table, as aligned text."""
+    if "cosine" in result:
+        members = result["members"]
+        width = max(6, *(len(m) for m in members))
+        lines = [f"{name}: cosine similarity of {len(members)} task vectors",
+                 " " * width + " " + " ".join(f"{m:>{width}}" for m in members)]
+        for m, row in zip(members, result["cosine"]):
+            lines.append(f"{m:>{width}} " + " ".join(f"{v:>{width}.3f}" for v in row))
+        lines.append(f"{'norm':>{width}} " + " ".join(f"{v:>{width}.4g}" for v in result["norms"]))
+        return "\n".join(lines)
+    tensors = result["tensors"]
+    width = max([6, *(len(t) for t in tensors)])
+    lines = [f"{name}: shared/unique decomposition per tensor",
+             f"{'tensor':<{width}}  {'mode':<16} {'ranks':<18} {'shared':>6}  shared energy"]
+    for t, info in tensors.items():
+        ranks = ",".join(str(r) for r in info.get("ranks", [])) or "-"
+        energy = " ".join(f"{e:.2f}" for e in info.get("shared_energy", []))
+        lines.append(f"{t:<{width}}  {info['mode']:<16} {ranks:<18} {info['shared_dim']:>6}  "
+                     f"{energy}")
+    return "\n".join(lines)

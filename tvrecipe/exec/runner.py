@@ -271,6 +271,43 @@ class Runner:
                            for j, members in enumerate(clustering.members)}
         self.reports.setdefault(step.name, {}).update(report)
 
+    # ---- inspection ------------------------------------------------------------------------
+    def inspect(self, node: str) -> dict[str, Any]:
+        """Facts about one value without writing anything.
+
+        A ``vectors`` value gives its members' cosine similarity matrix (one streaming pass);
+        a ``decompose`` step gives its per-tensor ranks, shared dimension and energy shares.
+
+        Raises:
+            RecipeError: ``node`` names no model or step, or a value of another kind.
+        """
+        from tvrecipe.errors import RecipeError
+        if node not in self.compiled.steps and node not in self.compiled.models:
+            raise RecipeError(f"no step or model named {node!r}; known: "
+                              + ", ".join([*self.compiled.models, *self.compiled.steps]))
+        kind = self.compiled.type_of(node).kind
+        if kind not in (VECTORS, "decomposition"):
+            raise RecipeError(f"{node!r} is a {kind}: inspect shows a vectors set (cosine "
+                              "similarities) or a decompose step (ranks and shared dimensions)")
+        self.plan = build_tensor_plan(self.compiled)
+        try:
+            steps = [*self._upstream(node)] + ([self.compiled.steps[node]]
+                                                if node in self.compiled.steps else [])
+            if kind == "decomposition":
+                for _ in self._stream(steps, [node], f"inspect {node}"):
+                    pass
+                return {"kind": kind, "tensors": self.reports.get(node, {}).get("tensors", {})}
+            members = list(self.compiled.type_of(node).members or ())
+            gram = torch.zeros(len(members), len(members), dtype=torch.float64)
+            for _t, info, values in self._stream(steps, [node], f"inspect {node}"):
+                if info.is_floating:
+                    ops.gram_update(gram, [values[node][m] for m in members])
+            cos = ops.cosine_from_gram(gram)
+            return {"kind": kind, "members": members, "cosine": cos.tolist(),
+                    "norms": gram.diagonal().sqrt().tolist()}
+        finally:
+            self.plan.close()
+
     # ---- main ------------------------------------------------------------------------------
     def run(self) -> RunResult:
         """Run every pass and write every output atomically.
