@@ -150,7 +150,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
 @handle_errors
 def inspect(recipe: str, step: str, as_json: bool, device: str | None) -> None:
     """Show a vectors value's cosine matrix, or a decompose step's ranks per tensor."""
-    from tvrecipe.exec.runner import RunOptions, Runner
+    from tvrecipe.exec.runner import Runner, RunOptions
     from tvrecipe.report import render_inspection
     compiled = _compile(recipe)
     result = Runner(compiled, RunOptions(device=device, progress=sys.stderr.isatty())).inspect(step)

@@ -16,6 +16,9 @@ def render_reports(compiled: Compiled, reports: dict[str, dict]) -> list[str]:
             for b, tasks in rep["basis"].items():
                 lines.append(f"  {b}: {', '.join(tasks)}")
             texts.append("\n".join(lines))
+        elif op == "assign" and "assigned" in rep:
+            cos = ", ".join(f"{b} {c:.3f}" for b, c in rep["cosine"].items())
+            texts.append(f"{name} (assign): {rep['assigned']} (cosine: {cos})")
         elif op == "decompose" and "tensors" in rep:
             infos = rep["tensors"].values()
             sub = [i for i in infos if i.get("mode") == "subspace"]

@@ -155,6 +155,9 @@ class StepEvaluator:
         return {n: ops.merge_cluster([xs[i] for i in members], merge=s.merge, **options)
                 for n, members in zip(names, clustering.members)}
 
+    def _assign(self, step, values, tensor):
+        return self._tensors(step, values, "basis")[self.reduced[step.name]]
+
     def _decompose(self, step, values, tensor):
         import fnmatch
         s = step.spec

@@ -250,19 +250,22 @@ class Runner:
         anc = nx.ancestors(self.compiled.graph, node)
         return [s for n, s in self.compiled.steps.items() if n in anc]
 
-    def _cluster_pass(self, step: CompiledStep) -> None:
-        entries = step.entries["inputs"]
-        n = len(entries)
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        want = sorted({e.ref.node for e in entries})
+    def _gram(self, step: CompiledStep, entries: list) -> torch.Tensor:
+        """One streaming pass accumulating the Gram matrix of ``entries`` over the whole model."""
         from tvrecipe.exec.evaluate import entry_value
+        gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
+        want = sorted({e.ref.node for e in entries})
         for _tensor, info, values in self._stream(self._upstream(step.name), want,
                                                   f"similarity ({step.name})"):
-            if not info.is_floating:
-                continue
-            ops.gram_update(gram, [entry_value(values, e) for e in entries])
+            if info.is_floating:
+                ops.gram_update(gram, [entry_value(values, e) for e in entries])
+        return gram
+
+    def _cluster_pass(self, step: CompiledStep) -> None:
+        entries = step.entries["inputs"]
         s = step.spec
-        clustering = ops.cluster(ops.cosine_from_gram(gram), k=s.k, k_max=s.k_max, seed=self.seed)
+        similarity = ops.cosine_from_gram(self._gram(step, entries))
+        clustering = ops.cluster(similarity, k=s.k, k_max=s.k_max, seed=self.seed)
         self.reduced[step.name] = clustering
         names = [e.name for e in entries]
         report = clustering.to_dict()
@@ -270,6 +273,15 @@ class Runner:
         report["basis"] = {f"b{j}": [names[i] for i in members]
                            for j, members in enumerate(clustering.members)}
         self.reports.setdefault(step.name, {}).update(report)
+
+    def _assign_pass(self, step: CompiledStep) -> None:
+        basis = step.entries["basis"]
+        similarity = ops.cosine_from_gram(self._gram(step, [*step.entries["input"], *basis]))
+        row = similarity[0, 1:].tolist()
+        chosen = ops.assign(row)
+        self.reduced[step.name] = chosen
+        self.reports[step.name] = {"assigned": basis[chosen].name,
+                                   "cosine": {e.name: c for e, c in zip(basis, row)}}
 
     # ---- inspection ------------------------------------------------------------------------
     def inspect(self, node: str) -> dict[str, Any]:
@@ -321,6 +333,9 @@ class Runner:
         passes = []
         try:
             for name, step in list(self.compiled.steps.items()):
+                if step.op == "assign" and name not in self.reduced:
+                    self._assign_pass(step)
+                    passes.append(f"similarity:{name}")
                 if step.op == "cluster_basis" and name not in self.reduced:
                     self._cluster_pass(self.compiled.steps[name])
                     passes.append(f"similarity:{name}")

@@ -4,7 +4,7 @@ Each kernel takes the YAML field names of its op as keyword arguments.
 """
 
 from tvrecipe.ops.arithmetic import apply, extract, mean, negate, scale, sum
-from tvrecipe.ops.basis import cluster, cosine_from_gram, gram_update, merge_cluster
+from tvrecipe.ops.basis import assign, cluster, cosine_from_gram, gram_update, merge_cluster
 from tvrecipe.ops.decompose import decompose
 from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties
 
@@ -22,6 +22,6 @@ OPS = {
     "decompose": decompose,
 }
 
-__all__ = ["OPS", "apply", "cluster", "cosine_from_gram", "dare", "decompose", "derive_seed",
+__all__ = ["OPS", "apply", "assign", "cluster", "cosine_from_gram", "dare", "decompose", "derive_seed",
            "extract", "gram_update", "mean", "merge_cluster", "negate", "prune", "scale", "sum",
            "ties"]

@@ -27,6 +27,7 @@ _ACCEPTS: dict[str, dict[str, set[str]]] = {
     "mean": {"inputs": {VECTOR, VECTORS, DECOMPOSITION}},
     "ties": {"inputs": {VECTOR, VECTORS}},
     "cluster_basis": {"inputs": {VECTOR, VECTORS}},
+    "assign": {"input": {VECTOR}, "basis": {VECTORS}},
     "decompose": {"inputs": {VECTOR, VECTORS}, "reference": {VECTOR, VECTORS}},
 }
 
@@ -192,7 +193,7 @@ class _Compiler:
             return ValueType(CHECKPOINT)
         if op in ("scale", "negate", "dare", "prune"):
             return refs["input"][0].type
-        if op in ("sum", "mean", "ties"):
+        if op in ("sum", "mean", "ties", "assign"):
             return ValueType(VECTOR)
         if op == "cluster_basis":
             ents = entries["inputs"]
@@ -286,7 +287,7 @@ class _Compiler:
             vt = self.output_type(name, step, refs, entries)
             self.types[name] = vt
             weights = None
-            if step.op in ("sum", "ties") and entries["inputs"] is not None:
+            if step.op in ("sum", "ties") and entries.get("inputs") is not None:
                 weights = self.weights(name, step, entries["inputs"])
             steps[name] = CompiledStep(name, step.op, step, refs,
                                        {k: v for k, v in entries.items() if v is not None},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -184,6 +184,15 @@ class ClusterBasisStep(_Step):
         return v
 
 
+class AssignStep(_Step):
+    """Pick the basis vector most similar (cosine over the whole model) to a new task vector."""
+
+    op: Literal["assign"]
+    input: Ref = Field(description="The new task vector.")
+    basis: Ref = Field(description="A `vectors` set, such as a `cluster_basis` result.")
+    ref_fields: ClassVar[tuple[str, ...]] = ("input", "basis")
+
+
 class EnergyRank(_Frozen):
     """Rank chosen as the smallest r that keeps a fraction of the squared Frobenius norm."""
 
@@ -228,13 +237,12 @@ class ApplyStep(_Step):
 STEP_CLASSES: dict[str, type[_Step]] = {
     "extract": ExtractStep, "scale": ScaleStep, "negate": NegateStep, "sum": SumStep,
     "mean": MeanStep, "ties": TiesStep, "dare": DareStep, "prune": PruneStep,
-    "cluster_basis": ClusterBasisStep, "decompose": DecomposeStep, "apply": ApplyStep,
+    "cluster_basis": ClusterBasisStep, "assign": AssignStep, "decompose": DecomposeStep,
+    "apply": ApplyStep,
 }
 
-Step = Annotated[
-    ExtractStep | ScaleStep | NegateStep | SumStep | MeanStep | TiesStep | DareStep | PruneStep | ClusterBasisStep | DecomposeStep | ApplyStep,
-    Field(discriminator="op"),
-]
+# One union over the registry, so a new op is added in one place.
+Step = Annotated[Union[tuple(STEP_CLASSES.values())], Field(discriminator="op")]  # noqa: UP007
 
 
 class OutputSpec(_Frozen):
