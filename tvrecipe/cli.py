@@ -74,9 +74,8 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 
 def _compile(recipe: str):
-    from tvrecipe.plan.graph import compile_recipe
-    from tvrecipe.spec.load import load_recipe
-    return compile_recipe(load_recipe(recipe))
+    from tvrecipe.plan.graph import load_and_compile
+    return load_and_compile(recipe)
 
 
 @main.command()

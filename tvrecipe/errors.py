@@ -63,6 +63,7 @@ class RecipeError(TvrecipeError):
         elif isinstance(problems, Problem):
             problems = [problems]
         self.problems: list[Problem] = list(problems)
+        self.partial = None  # (valid part of the recipe, names of broken entries), if any
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

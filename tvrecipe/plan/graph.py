@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
 from tvrecipe.errors import Problem, RecipeError
-from tvrecipe.spec.load import LoadedRecipe, did_you_mean
+from tvrecipe.spec.load import LoadedRecipe, did_you_mean, load_recipe
 from tvrecipe.spec.models import ExtractStep, ModelSpec, OutputSpec
 
 CHECKPOINT, VECTOR, VECTORS, DECOMPOSITION = "checkpoint", "vector", "vectors", "decomposition"
@@ -105,8 +106,10 @@ def _model_type(loaded: LoadedRecipe, spec: ModelSpec) -> ValueType:
 
 
 class _Compiler:
-    def __init__(self, loaded: LoadedRecipe, known_members: dict[str, tuple[str, ...]]):
+    def __init__(self, loaded: LoadedRecipe, known_members: dict[str, tuple[str, ...]],
+                 broken: frozenset[str] = frozenset()):
         self.loaded = loaded
+        self.broken = broken
         self.known = known_members
         self.recipe = loaded.recipe
         self.src = loaded.source
@@ -248,6 +251,8 @@ class _Compiler:
         for name, spec in recipe.models.items():
             self.types[name] = _model_type(self.loaded, spec)
             graph.add_node(name, kind="model")
+        for name in self.broken:  # invalid entries: known names, problems already reported
+            self.types[name] = None
         for name in recipe.steps:
             if name in recipe.models:
                 self.problem(("steps", name), f"name {name!r} is used by a model and a step",
@@ -346,3 +351,29 @@ def compile_recipe(loaded: LoadedRecipe,
 def is_extract_of(step: CompiledStep) -> bool:
     """True for an ``extract`` step (used by the tensor planner to pair base and fine-tunes)."""
     return isinstance(step.spec, ExtractStep)
+
+
+def load_and_compile(path: str | Path) -> Compiled:
+    """Load, validate and compile a recipe file, reporting every problem of every phase at once.
+
+    When the schema check finds problems, the valid rest of the recipe is still compiled so
+    that unknown references, kind mismatches and cycles elsewhere are reported with them.
+
+    Raises:
+        RecipeError: with all problems, sorted by position in the file.
+    """
+    try:
+        loaded = load_recipe(path)
+    except RecipeError as exc:
+        if exc.partial is None:
+            raise
+        partial, broken = exc.partial
+        compiler = _Compiler(partial, {}, broken)
+        try:
+            compiler.run()
+        except RecipeError as more:
+            problems = [p for p in more.problems if "section" not in p.message]
+            exc = RecipeError(sorted([*exc.problems, *problems],
+                                     key=lambda p: (p.line or 0, p.column or 0)))
+        raise exc from None
+    return compile_recipe(loaded)

@@ -145,6 +145,7 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
     elif version not in SUPPORTED_VERSIONS:
         problems.append(smap.problem(("tvrecipe",), f"unsupported format version {version!r}",
                                      "this tvrecipe reads 'tvrecipe: 1'"))
+    valid: dict[str, dict] = {"models": {}, "steps": {}, "outputs": {}, "broken": {}}
     if "settings" in data and data["settings"] is not None:
         _validate(Settings, data["settings"], ("settings",), smap, problems)
     for key, what in (("models", "models"), ("outputs", "outputs")):
@@ -152,7 +153,8 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
             problems.append(smap.problem((), f"missing required section '{key}:'"))
     for name, spec in _check_mapping(data.get("models"), ("models",), "models", smap,
                                      problems).items():
-        _validate(ModelSpec, spec, ("models", name), smap, problems)
+        ok = _validate(ModelSpec, spec, ("models", name), smap, problems)
+        valid["models" if ok else "broken"][name] = ok
     for name, spec in _check_mapping(data.get("steps"), ("steps",), "steps", smap,
                                      problems).items():
         where = ("steps", name)
@@ -169,11 +171,23 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
                 (*where, "op"), f"unknown op {op!r}",
                 did_you_mean(op, STEP_CLASSES) or "known ops: " + ", ".join(STEP_CLASSES)))
         else:
-            _validate(STEP_CLASSES[op], spec, where, smap, problems)
+            ok = _validate(STEP_CLASSES[op], spec, where, smap, problems)
+            if ok is not None:
+                valid["steps"][name] = ok
+                continue
+        valid["broken"][name] = None
     for name, spec in _check_mapping(data.get("outputs"), ("outputs",), "outputs", smap,
                                      problems).items():
-        _validate(OutputSpec, spec, ("outputs", name), smap, problems)
+        ok = _validate(OutputSpec, spec, ("outputs", name), smap, problems)
+        if ok is not None:
+            valid["outputs"][name] = ok
     if problems:
+        # Keep what is valid, so that the compiler can still report reference and kind
+        # problems in the rest of the recipe: all problems are reported together.
+        smap.partial = (Recipe.model_construct(
+            tvrecipe=1, name=None, description=None, settings=Settings(),
+            models=valid["models"], steps=valid["steps"], outputs=valid["outputs"]),
+            frozenset(valid["broken"]))
         return None
     try:
         return Recipe.model_validate(data)
@@ -193,6 +207,10 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     recipe = validate_data(data, smap, problems)
     if problems or recipe is None:
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
-        raise RecipeError(problems)
+        error = RecipeError(problems)
+        if smap.partial is not None:
+            partial, broken = smap.partial
+            error.partial = (LoadedRecipe(partial, path, smap, ""), broken)
+        raise error
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoadedRecipe(recipe=recipe, path=path, source=smap, text_sha256=digest)

@@ -35,6 +35,7 @@ class SourceMap:
 
     file: str
     positions: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+    partial: Any = None  # the valid part of a recipe that has problems (see load_recipe)
 
     def locate(self, path: KeyPath) -> tuple[int | None, int | None]:
         """Line and column of ``path``, or of its nearest ancestor that has one."""
