@@ -118,17 +118,39 @@ def plan(recipe: str, fmt: str) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that contain NaN or Inf.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write every step's report (clusters, ranks) to this JSON file.")
+@click.option("--locked", is_flag=True,
+              help="Refuse to run when the recipe or inputs differ from the lock file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @handle_errors
 def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
-        report_path: str | None, quiet: bool) -> None:
+        report_path: str | None, locked: bool, quiet: bool) -> None:
     """Run a recipe and write its outputs (atomically: all or nothing per output)."""
+    from tvrecipe.errors import VerifyError
+    from tvrecipe.exec import lockfile
     from tvrecipe.exec.runner import RunOptions, run_recipe
     from tvrecipe.report import render_reports
+    from tvrecipe.store.lock import lock_path
     compiled = _compile(recipe)
+    memo = lockfile.hash_memo(compiled)
+    state = lockfile.run_state(compiled, memo)
+    has_lock = lock_path(compiled.loaded.path).is_file()
+    changes = lockfile.state_differences(compiled, state) if has_lock else None
+    if locked:
+        if changes is None:
+            raise VerifyError(f"--locked, but there is no lock file "
+                              f"{lock_path(compiled.loaded.path)}; run once without --locked")
+        if changes:
+            raise VerifyError("--locked, but the run would differ from the lock:\n"
+                              + "\n".join(changes))
+    if changes == [] and not force and not lockfile.output_differences(compiled, memo):
+        if not quiet:
+            click.echo("outputs are up to date with the lock; nothing to do "
+                       "(--force recomputes them)")
+        return
     progress = not quiet and sys.stderr.isatty()
     result = run_recipe(compiled, RunOptions(force=force, device=device, progress=progress,
                                              allow_nonfinite=allow_nonfinite))
+    lockfile.write_run_lock(compiled, state, result.outputs, memo)
     if report_path:
         Path(report_path).write_text(json.dumps(result.reports, indent=2, sort_keys=True) + "\n")
     if quiet:
@@ -155,6 +177,22 @@ def inspect(recipe: str, step: str, as_json: bool, device: str | None) -> None:
     result = Runner(compiled, RunOptions(device=device, progress=sys.stderr.isatty())).inspect(step)
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json
                else render_inspection(step, result))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@handle_errors
+def verify(recipe: str) -> None:
+    """Check that inputs, recipe and outputs still match the lock file, byte for byte."""
+    from tvrecipe.errors import VerifyError
+    from tvrecipe.exec import lockfile
+    compiled = _compile(recipe)
+    memo = lockfile.hash_memo(compiled)
+    problems = lockfile.state_differences(compiled, lockfile.run_state(compiled, memo))
+    problems += lockfile.output_differences(compiled, memo)
+    if problems:
+        raise VerifyError("does not match the lock:\n" + "\n".join(problems))
+    click.echo(f"{recipe}: ok, inputs, recipe and {len(compiled.outputs)} outputs match the lock")
 
 
 @main.command()

@@ -1,0 +1,425 @@
+"""End-to-end benchmark: `tvrecipe run` of the standard merges on synthetic Llama checkpoints.
+
+    python benchmarks/run.py [--size small|medium|large] [--n 8] [--only sum ties ...]
+
+Generates the checkpoints once (cached under bench-out/ckpt/), writes one recipe per merge,
+times each `tvrecipe run` as a child process (wall clock, peak RSS, bytes read/written) and, in
+the same run, a floor: the bare cost of reading every input and summing it in float32 with
+torch. See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BENCH = ROOT / "bench-out"
+sys.path.insert(0, str(HERE))
+
+import synth  # noqa: E402
+
+SIZES = {
+    "small": {"hidden": 256, "layers": 4, "vocab": 8000},
+    "medium": {"hidden": 512, "layers": 8, "vocab": 32000},
+    "large": {"hidden": 1024, "layers": 12, "vocab": 32000},
+}
+SHARD = "256MB"  # input shard size: real checkpoints are sharded, so read through the index
+OPS = ["sum", "ties", "dare", "cluster_basis", "decompose"]
+LABELS = {"sum": "task arithmetic (sum + apply)", "ties": "TIES d=0.2 + apply",
+          "dare": "DARE d=0.3 + sum + apply", "cluster_basis": "cluster_basis k=auto → vectors",
+          "decompose": "decompose rank 16 → unique vectors"}
+APPLY_SCALE = 0.3
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+def synth_config(size: str, n: int) -> synth.SynthConfig:
+    """The synthetic set used for ``size`` with ``n`` fine-tunes."""
+    return synth.SynthConfig(**SIZES[size], n=n, shard_size=synth.parse_size(SHARD))
+
+
+def ensure_checkpoints(size: str, n: int) -> tuple[synth.SynthConfig, Path]:
+    """Generate the set if it is missing or was made with other parameters; returns its folder."""
+    cfg = synth_config(size, n)
+    out = BENCH / "ckpt" / f"{size}-n{n}"
+    if not synth.is_complete(out, cfg):
+        need = cfg.params() * 2 * (n + 1)
+        free = shutil.disk_usage(BENCH.parent).free
+        if free < 2 * need:
+            sys.exit(f"not enough disk for {size}: need ~{need / 1e9:.1f} GB, {free / 1e9:.1f} free")
+        print(f"generating {size} checkpoints ({cfg.params() / 1e6:.1f}M params × {n + 1}) "
+              f"in {out} ...", flush=True)
+        t0 = time.perf_counter()
+        synth.generate(cfg, out)
+        print(f"  generated in {time.perf_counter() - t0:.1f} s", flush=True)
+    return cfg, out
+
+
+def weight_files(model: Path) -> list[Path]:
+    """The .safetensors files of one model folder, in order."""
+    return sorted(model.glob("*.safetensors"))
+
+
+def folder_mb(model: Path) -> float:
+    return sum(f.stat().st_size for f in weight_files(model)) / 1e6
+
+
+# ---- recipes ---------------------------------------------------------------------------------
+def recipe_text(op: str, ckpt: Path, n: int, out: Path) -> str:
+    """The recipe for one benchmarked merge (absolute paths)."""
+    fts = [f"ft{i}" for i in range(n)]
+    lines = ["tvrecipe: 1", f"name: bench-{op}", "settings: {device: cpu}", "models:",
+             f"  base: {ckpt / 'base'}"]
+    lines += [f"  {m}: {ckpt / m}" for m in fts]
+    lines += ["steps:", f"  tv: {{op: extract, base: base, finetuned: [{', '.join(fts)}]}}"]
+    model_out = f"  model: {{from: model, path: {out}, dtype: bfloat16, shard_size: 2GB}}"
+    apply = f"  model: {{op: apply, base: base, delta: merged, scale: {APPLY_SCALE}}}"
+    if op == "sum":
+        lines += ["  merged: {op: sum, inputs: tv}", apply, "outputs:", model_out]
+    elif op == "ties":
+        lines += ["  merged: {op: ties, inputs: tv, density: 0.2}", apply, "outputs:", model_out]
+    elif op == "dare":
+        lines += ["  dropped: {op: dare, input: tv, density: 0.3}",
+                  "  merged: {op: sum, inputs: dropped}", apply, "outputs:", model_out]
+    elif op == "cluster_basis":
+        lines += ["  basis: {op: cluster_basis, inputs: tv, k: auto}", "outputs:",
+                  f"  basis: {{from: basis, path: {out}, dtype: bfloat16}}"]
+    elif op == "decompose":
+        lines += ["  parts: {op: decompose, inputs: tv, rank: 16}", "outputs:",
+                  f"  unique: {{from: parts.unique, path: {out}, dtype: bfloat16}}"]
+    else:
+        raise ValueError(op)
+    return "\n".join(lines) + "\n"
+
+
+# ---- measuring a child process ---------------------------------------------------------------
+@dataclass
+class Measured:
+    """One child process: wall clock, peak memory, output."""
+
+    cmd: list[str]
+    rc: int = 0
+    wall: float = 0.0
+    peak_rss_mb: float = 0.0  # ru_maxrss of the child (anonymous + file-backed pages)
+    peak_anon_mb: float = 0.0  # max RssAnon seen by polling /proc (heap, tensors)
+    peak_file_mb: float = 0.0  # max RssFile seen by polling (mmapped files, libraries)
+    stdout: str = ""
+    stderr: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                    out[k] = int(v.split()[0])  # kB
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def measure(cmd: list[str], cwd: Path | None = None, poll: float = 0.05) -> Measured:
+    """Run ``cmd``; wall time, ``ru_maxrss`` via ``os.wait4`` and anon/file RSS by polling."""
+    m = Measured(cmd)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
+        peaks = {"RssAnon": 0, "RssFile": 0}
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                st = _proc_status(p.pid)
+                for k in peaks:
+                    peaks[k] = max(peaks[k], st.get(k, 0))
+                stop.wait(poll)
+
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        _, status, ru = os.wait4(p.pid, 0)
+        m.wall = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        p.returncode = m.rc = os.waitstatus_to_exitcode(status)
+        m.peak_rss_mb = ru.ru_maxrss / 1024  # Linux: kB
+        m.peak_anon_mb = peaks["RssAnon"] / 1024
+        m.peak_file_mb = peaks["RssFile"] / 1024
+        out.seek(0)
+        err.seek(0)
+        m.stdout, m.stderr = out.read(), err.read()
+    return m
+
+
+DONE_RE = re.compile(r"done in ([\d.]+) s on (\S+): read ([\d.]+) MB, wrote ([\d.]+) MB")
+
+
+def run_tvrecipe(recipe: Path, report: Path | None = None) -> Measured:
+    """Time one `tvrecipe run RECIPE --force` (not -q: its last line carries the byte counts)."""
+    exe = shutil.which("tvrecipe") or "tvrecipe"
+    cmd = [exe, "run", str(recipe), "--force"]
+    if report is not None:
+        cmd += ["--report", str(report)]
+    m = measure(cmd)
+    hit = DONE_RE.search(m.stdout)
+    if hit:
+        m.extra.update(engine_s=float(hit.group(1)), read_mb=float(hit.group(3)),
+                       written_mb=float(hit.group(4)))
+    return m
+
+
+# ---- the floor ---------------------------------------------------------------------------------
+def floor_worker(mode: str, models: list[Path], out: Path | None) -> None:
+    """In a child: ``read`` every input file, or the bare ``torch`` pass (``+write``)."""
+    t0 = time.perf_counter()
+    files = [f for d in models for f in weight_files(d)]
+    nbytes = 0
+    if mode == "read":
+        buf = bytearray(16 << 20)
+        view = memoryview(buf)
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while True:
+                    k = fh.readinto(view)
+                    if not k:
+                        break
+                    nbytes += k
+        print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": nbytes}))
+        return
+    import torch
+    from safetensors import safe_open
+    t_import = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    handles = []  # per model: tensor name -> open safe_open handle
+    for d in models:
+        names: dict[str, object] = {}
+        for f in weight_files(d):
+            h = safe_open(str(f), framework="pt", device="cpu")
+            names.update(dict.fromkeys(h.keys(), h))
+        handles.append(names)
+    sink = open(out, "wb") if out is not None else None
+    t_write = 0.0
+    try:
+        for name in handles[0]:
+            acc = None
+            for names in handles:
+                t = names[name].get_tensor(name)
+                nbytes += t.numel() * t.element_size()
+                if acc is None:
+                    acc = t.to(torch.float32, copy=True)
+                else:
+                    acc.add_(t.float())
+            if sink is not None:
+                tw = time.perf_counter()
+                r = acc.to(torch.bfloat16)
+                sink.write(r.view(torch.int16).numpy().data)
+                t_write += time.perf_counter() - tw
+    finally:
+        if sink is not None:
+            sink.close()
+            out.unlink()
+    print(json.dumps({"seconds": time.perf_counter() - t0, "import_s": t_import,
+                      "write_s": t_write, "bytes": nbytes}))
+
+
+def measure_floor(mode: str, models: list[Path], tmp: Path) -> Measured:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--floor-worker", mode]
+    if mode == "torch+write":
+        cmd += ["--floor-out", str(tmp / "floor.bin")]
+    m = measure(cmd + [str(d) for d in models])
+    if m.rc == 0:
+        m.extra.update(json.loads(m.stdout.strip().splitlines()[-1]))
+    return m
+
+
+def import_baseline() -> Measured:
+    """RSS and wall of the interpreter with tvrecipe's CLI and torch imported, doing nothing."""
+    return measure([sys.executable, "-c", "import tvrecipe.cli, torch"])
+
+
+# ---- mergekit (optional) ---------------------------------------------------------------------
+def mergekit_available() -> bool:
+    try:
+        import mergekit  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("mergekit-yaml") is not None
+
+
+def mergekit_config(op: str, ckpt: Path, n: int) -> str:
+    method = {"sum": "task_arithmetic", "ties": "ties", "dare": "dare_linear"}[op]
+    params = {"sum": "weight: 1.0", "ties": "weight: 1.0, density: 0.2",
+              "dare": "weight: 1.0, density: 0.3"}[op]
+    lines = [f"merge_method: {method}", f"base_model: {ckpt / 'base'}", "dtype: bfloat16",
+             "parameters: {normalize: false}" if op != "ties" else "parameters: {normalize: true}",
+             "models:"]
+    lines += [f"  - model: {ckpt / f'ft{i}'}\n    parameters: {{{params}}}" for i in range(n)]
+    return "\n".join(lines) + "\n"
+
+
+# ---- report ----------------------------------------------------------------------------------
+def fmt(x: float | None, nd: int = 1) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=list(SIZES), default="small")
+    p.add_argument("--n", type=int, default=8, help="number of fine-tunes")
+    p.add_argument("--only", nargs="+", choices=OPS, help="run only these merges")
+    p.add_argument("--repeat", type=int, default=1, help="runs per merge; the fastest is kept")
+    p.add_argument("--keep", action="store_true", help="keep the merge outputs")
+    p.add_argument("--floor-worker", choices=["read", "torch", "torch+write"], help=argparse.SUPPRESS)
+    p.add_argument("--floor-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("models", nargs="*", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.floor_worker:
+        floor_worker(a.floor_worker, a.models, a.floor_out)
+        return
+
+    import torch  # only for the header line
+    cfg, ckpt = ensure_checkpoints(a.size, a.n)
+    models = [ckpt / m for m in synth.model_names(a.n)]
+    model_mb = folder_mb(models[0])
+    work = BENCH / "runs" / f"{a.size}-n{a.n}"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"\n## tvrecipe benchmark: {a.size} ({cfg.params() / 1e6:.1f}M params, "
+          f"{cfg.hidden}×{cfg.layers} layers, vocab {cfg.vocab}), base + {a.n} fine-tunes")
+    print(f"cpu: {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), cuda: {torch.cuda.is_available()}; "
+          f"one checkpoint {model_mb:.0f} MB ({cfg.dtype}), inputs "
+          f"{model_mb * len(models):.0f} MB\n", flush=True)
+
+    rows: list[tuple[str, Measured, str]] = []
+    # Warm the page cache, then the floor (every figure below is measured with a warm cache).
+    measure_floor("read", models, work)
+    floor_read = measure_floor("read", models, work)
+    floor = measure_floor("torch", models, work)
+    floor_w = measure_floor("torch+write", models, work)
+    base_imp = import_baseline()
+    for m in (floor_read, floor, floor_w):
+        if m.rc:
+            sys.exit(f"floor pass failed:\n{m.stderr}")
+    print(f"floor: read inputs {floor_read.extra['seconds']:.2f} s "
+          f"({floor_read.extra['bytes'] / 1e6 / floor_read.extra['seconds']:.0f} MB/s); "
+          f"torch pass {floor.extra['seconds']:.2f} s in-process, {floor.wall:.2f} s wall "
+          f"(import {floor.extra['import_s']:.2f} s); with bf16 write "
+          f"{floor_w.wall:.2f} s wall", flush=True)
+    print(f"startup: `python -c 'import tvrecipe.cli, torch'` {base_imp.wall:.2f} s, "
+          f"RSS {base_imp.peak_rss_mb:.0f} MB", flush=True)
+
+    results: dict[str, Measured] = {}
+    reports: dict[str, dict] = {}
+    for op in a.only or OPS:
+        out = BENCH / "out" / f"{a.size}-n{a.n}" / op
+        recipe = work / f"{op}.yaml"
+        recipe.write_text(recipe_text(op, ckpt, a.n, out))
+        report = work / f"{op}.report.json"
+        best: Measured | None = None
+        for _ in range(a.repeat):
+            m = run_tvrecipe(recipe, report)
+            if m.rc:
+                break
+            if best is None or m.wall < best.wall:
+                m.peak_rss_mb = max(m.peak_rss_mb, best.peak_rss_mb if best else 0)
+                best = m
+        if m.rc:
+            print(f"{op}: FAILED (exit {m.rc})\n{m.stderr.strip()[-2000:]}", flush=True)
+            results[op] = m
+        else:
+            results[op] = best
+            try:
+                reports[op] = json.loads(report.read_text())
+            except (OSError, ValueError):
+                pass
+            print(f"{op}: {best.wall:.2f} s, peak RSS {best.peak_rss_mb:.0f} MB", flush=True)
+        if not a.keep and out.exists():
+            shutil.rmtree(out)
+
+    if mergekit_available():
+        for op in ("sum", "ties", "dare"):
+            if a.only and op not in a.only:
+                continue
+            cfg_path = work / f"mergekit-{op}.yml"
+            cfg_path.write_text(mergekit_config(op, ckpt, a.n))
+            out = BENCH / "out" / f"{a.size}-n{a.n}" / f"mergekit-{op}"
+            m = measure([shutil.which("mergekit-yaml"), str(cfg_path), str(out)])
+            results[f"mergekit {op}"] = m
+            print(f"mergekit {op}: {'FAILED ' + m.stderr[-500:] if m.rc else f'{m.wall:.2f} s'}")
+            if not a.keep and out.exists():
+                shutil.rmtree(out)
+    else:
+        print("mergekit: not installed")
+
+    # ---- table ----
+    ref = results.get("sum")
+    sum_wall = ref.wall if ref is not None and ref.rc == 0 else None
+    print("\n| op | wall s | engine s | ratio to floor | ratio to sum | peak RSS MB | "
+          "peak anon MB | model size MB | read / written MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| floor: read input files (warm cache) | {floor_read.wall:.2f} | "
+          f"{floor_read.extra['seconds']:.2f} | – | – | {floor_read.peak_rss_mb:.0f} | "
+          f"{floor_read.peak_anon_mb:.0f} | {model_mb:.0f} | "
+          f"{floor_read.extra['bytes'] / 1e6:.0f} / 0 |")
+    print(f"| floor: torch load→f32→accumulate | {floor.wall:.2f} | "
+          f"{floor.extra['seconds']:.2f} | 1.00 | "
+          f"{fmt(floor.wall / sum_wall if sum_wall else None, 2)} | "
+          f"{floor.peak_rss_mb:.0f} | {floor.peak_anon_mb:.0f} | {model_mb:.0f} | "
+          f"{floor.extra['bytes'] / 1e6:.0f} / 0 |")
+    print(f"| floor + write bf16 result | {floor_w.wall:.2f} | {floor_w.extra['seconds']:.2f} | "
+          f"{floor_w.wall / floor.wall:.2f} | "
+          f"{fmt(floor_w.wall / sum_wall if sum_wall else None, 2)} | "
+          f"{floor_w.peak_rss_mb:.0f} | {floor_w.peak_anon_mb:.0f} | {model_mb:.0f} | "
+          f"{floor_w.extra['bytes'] / 1e6:.0f} / {model_mb:.0f} |")
+    for op, m in results.items():
+        label = LABELS.get(op, op)
+        if m.rc:
+            print(f"| {label} | FAILED (exit {m.rc}) | | | | | | | |")
+            continue
+        rw = (f"{m.extra['read_mb']:.0f} / {m.extra['written_mb']:.0f}"
+              if "read_mb" in m.extra else "–")
+        print(f"| {label} | {m.wall:.2f} | {fmt(m.extra.get('engine_s'), 2)} | "
+              f"{m.wall / floor.wall:.2f} | {fmt(m.wall / sum_wall if sum_wall else None, 2)} | "
+              f"{m.peak_rss_mb:.0f} | {m.peak_anon_mb:.0f} | {model_mb:.0f} | {rw} |")
+    print(f"| (startup: import tvrecipe.cli, torch) | {base_imp.wall:.2f} | – | – | – | "
+          f"{base_imp.peak_rss_mb:.0f} | {base_imp.peak_anon_mb:.0f} | – | – |")
+
+    # ---- the ratios the issues ask for ----
+    def ratio(op: str) -> str:
+        m = results.get(op)
+        if m is None or m.rc or not sum_wall:
+            return "n/a"
+        return f"{m.wall / sum_wall:.2f}×"
+
+    print()
+    print(f"- task arithmetic / floor: "
+          f"{(sum_wall / floor.wall) if sum_wall else float('nan'):.2f}×")
+    print(f"- TIES / sum: {ratio('ties')}")
+    print(f"- DARE / sum: {ratio('dare')}")
+    print(f"- similarity pass (cluster_basis) / sum: {ratio('cluster_basis')}")
+    cb = reports.get("cluster_basis", {}).get("basis")
+    if isinstance(cb, dict):
+        print(f"  (cluster_basis chose k={len(cb.get('basis', {})) or cb.get('k')}: "
+              f"{json.dumps(cb.get('basis'))})")
+    d = results.get("decompose")
+    if d is not None and not d.rc:
+        print(f"- decompose (8 vectors, rank 16): {d.wall:.2f} s wall "
+              f"({ratio('decompose')} sum)")
+
+
+if __name__ == "__main__":
+    main()

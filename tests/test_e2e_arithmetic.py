@@ -1,0 +1,351 @@
+"""End to end from the CLI: task arithmetic (extract, scale, negate, sum, mean, apply) on tiny
+real checkpoints, checked against the same math done by hand with torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.conftest import (
+    FLOATING,
+    INT_BUFFER,
+    SHAPES,
+    read_metadata,
+    read_tensors,
+    snapshot,
+    weight_files,
+)
+from tvrecipe.store.checkpoint import Checkpoint
+
+TASKS = ("math", "code", "toxic")
+W = {"math": 0.5, "code": 0.25, "toxic": -0.3}
+
+
+def hand_sum(ms, weights: dict[str, float], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """θ₀ + scale · Σ w_i (θ_i − θ₀) in float32, tensor by tensor."""
+    base = ms.f32("base")
+    out = {}
+    for k in FLOATING:
+        delta = torch.zeros(SHAPES[k])
+        for name, w in weights.items():
+            delta += w * (ms.f32(name)[k] - base[k])
+        out[k] = base[k] + scale * delta
+    return out
+
+
+def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+
+
+def recipe(ms, steps: str, outputs: str, extra: str = "") -> str:
+    return ("tvrecipe: 1\n" + extra + ms.models_yaml() + "steps:\n" + steps + "outputs:\n"
+            + outputs)
+
+
+# ---- exactness ----------------------------------------------------------------------------
+
+
+def test_apply_of_extract_reproduces_each_finetune_exactly(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = "  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n" + "".join(
+        f"  back_{t}: {{op: apply, base: base, delta: tv.{t}}}\n" for t in TASKS)
+    outs = "".join(f"  {t}: {{from: back_{t}, path: ./out/{t}, dtype: float32}}\n"
+                   for t in TASKS)
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    for t in TASKS:
+        got = read_tensors(tmp_path / "out" / t)
+        assert set(got) == set(ms.weights["base"])
+        for k in FLOATING:
+            assert got[k].dtype == torch.float32
+            assert torch.equal(got[k], ms.weights[t][k]), f"{t}: {k} differs from the fine-tune"
+        # Integer buffers are never merged: the base's values, not the fine-tune's.
+        assert got[INT_BUFFER].dtype == torch.int64
+        assert torch.equal(got[INT_BUFFER], ms.weights["base"][INT_BUFFER])
+        assert not torch.equal(got[INT_BUFFER], ms.weights[t][INT_BUFFER])
+
+
+@pytest.mark.parametrize("inputs, weights, expected", [
+    ("[tv.math, tv.code, tv.toxic]", "[0.5, 0.25, -0.3]", W),
+    ("tv", "{math: 0.5, code: 0.25, toxic: -0.3}", W),
+    ("tv", "0.4", dict.fromkeys(TASKS, 0.4)),
+    ("[tv]", "[0.4]", dict.fromkeys(TASKS, 0.4)),
+    ("[tv.code, tv.toxic]", "null", {"code": 1.0, "toxic": 1.0}),
+], ids=["list", "mapping", "scalar", "set-weight", "default"])
+def test_weighted_sum_matches_hand_computation(make_models, cli, tmp_path, inputs, weights,
+                                               expected):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+             f"  merged: {{op: sum, inputs: {inputs}, weights: {weights}}}\n"
+             "  model: {op: apply, base: base, delta: merged}\n")
+    cli.write("r.yaml", recipe(ms, steps, "  m: {from: model, path: ./out/m, dtype: float32}\n"))
+    cli.ok("run", "r.yaml")
+    got = read_tensors(tmp_path / "out" / "m")
+    want = hand_sum(ms, expected)
+    for k in FLOATING:
+        close(got[k], want[k], k)
+
+
+def test_mean_scale_and_apply_scale(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+             "  avg: {op: mean, inputs: tv}\n"
+             "  big: {op: scale, input: avg, factor: 3.0}\n"
+             "  model: {op: apply, base: base, delta: big, scale: 0.5}\n")
+    cli.write("r.yaml", recipe(ms, steps, "  m: {from: model, path: ./out/m}\n"))
+    cli.ok("run", "r.yaml")
+    got = read_tensors(tmp_path / "out" / "m")
+    want = hand_sum(ms, dict.fromkeys(TASKS, 1 / 3), scale=1.5)
+    for k in FLOATING:
+        close(got[k], want[k], k)
+
+
+def test_negate_twice_is_the_identity(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+             "  n1: {op: negate, input: tv.math}\n"
+             "  n2: {op: negate, input: n1}\n"
+             "  nn: {op: negate, input: tv}\n"
+             "  nnn: {op: negate, input: nn}\n"
+             "  model: {op: apply, base: base, delta: n2}\n")
+    outs = ("  twice: {from: n2, path: ./out/twice}\n"
+            "  once: {from: n1, path: ./out/once}\n"
+            "  set: {from: nnn, path: ./out/set}\n"
+            "  model: {from: model, path: ./out/model}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    tau = ms.delta("math")
+    twice = read_tensors(tmp_path / "out" / "twice")
+    once = read_tensors(tmp_path / "out" / "once")
+    model = read_tensors(tmp_path / "out" / "model")
+    assert set(twice) == set(FLOATING)  # task vectors have no integer buffers
+    for k in FLOATING:
+        assert torch.equal(twice[k], tau[k])
+        assert torch.equal(once[k], -tau[k])
+        assert torch.equal(model[k], ms.weights["math"][k])
+    for t in TASKS:
+        got = read_tensors(tmp_path / "out" / "set" / f"{t}.safetensors")
+        for k in FLOATING:
+            assert torch.equal(got[k], ms.delta(t)[k])
+
+
+def test_zero_weights_give_the_base(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+             "  merged: {op: sum, inputs: tv, weights: 0}\n"
+             "  model: {op: apply, base: base, delta: merged}\n")
+    cli.write("r.yaml", recipe(ms, steps, "  m: {from: model, path: ./out/m}\n"))
+    cli.ok("run", "r.yaml")
+    got = read_tensors(tmp_path / "out" / "m")
+    assert set(got) == set(ms.weights["base"])
+    for k, v in ms.weights["base"].items():
+        assert got[k].dtype == v.dtype
+        assert torch.equal(got[k], v), k
+
+
+# ---- dtypes ---------------------------------------------------------------------------------
+
+
+def test_bf16_inputs_keep_bf16_by_default_and_float32_on_request(make_models, cli, tmp_path):
+    ms = make_models(TASKS, dtype=torch.bfloat16)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+             "  merged: {op: sum, inputs: tv, weights: {math: 0.5, code: 0.25, toxic: -0.3}}\n"
+             "  model: {op: apply, base: base, delta: merged}\n")
+    outs = ("  native: {from: model, path: ./out/native}\n"
+            "  wide: {from: model, path: ./out/wide, dtype: float32}\n"
+            "  vec: {from: merged, path: ./out/vec}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    want = hand_sum(ms, W)  # computed in float32 from the stored bf16 values
+    native = read_tensors(tmp_path / "out" / "native")
+    wide = read_tensors(tmp_path / "out" / "wide")
+    vec = read_tensors(tmp_path / "out" / "vec")
+    base = ms.f32("base")
+    for k in FLOATING:
+        assert native[k].dtype == torch.bfloat16
+        assert wide[k].dtype == torch.float32
+        assert vec[k].dtype == torch.float32  # task vectors default to the compute dtype
+        close(wide[k], want[k], k)
+        close(vec[k], want[k] - base[k], k)
+        # Cast only when writing: the bf16 output is the float32 result rounded once.
+        assert torch.equal(native[k], wide[k].to(torch.bfloat16)), k
+    assert torch.equal(native[INT_BUFFER], ms.weights["base"][INT_BUFFER])
+    assert torch.equal(wide[INT_BUFFER], ms.weights["base"][INT_BUFFER])
+
+
+# ---- layout, sharding, provenance ---------------------------------------------------------
+
+
+def test_sharded_output_layout_config_and_metadata(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+             "  merged: {op: sum, inputs: tv, weights: {math: 0.5, code: 0.25, toxic: -0.3}}\n"
+             "  model: {op: apply, base: base, delta: merged}\n")
+    outs = ("  sharded: {from: model, path: ./out/sharded, dtype: float32, shard_size: 300}\n"
+            "  single: {from: model, path: ./out/single, dtype: float32}\n")
+    path = cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    sharded, single = tmp_path / "out" / "sharded", tmp_path / "out" / "single"
+
+    assert sorted(p.name for p in single.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer_config.json"]
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    n = len(shards)
+    assert n >= 3
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert set(index["weight_map"]) == set(ms.weights["base"])
+    assert set(index["weight_map"].values()) == set(shards)
+    total = 0
+    for shard in shards:
+        with safe_open(str(sharded / shard), framework="pt") as h:
+            names = set(h.keys())
+            sizes = [h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in names]
+        assert names == {k for k, f in index["weight_map"].items() if f == shard}
+        assert sum(sizes) <= 300 or len(names) == 1, shard
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+
+    want = hand_sum(ms, W)
+    got, ref = read_tensors(sharded), read_tensors(single)
+    assert set(got) == set(ms.weights["base"])
+    for k in got:
+        assert torch.equal(got[k], ref[k]), k
+    for k in FLOATING:
+        close(got[k], want[k], k)
+    assert torch.equal(got[INT_BUFFER], ms.weights["base"][INT_BUFFER])
+
+    for folder in (sharded, single):
+        for name in ("config.json", "tokenizer_config.json"):
+            assert (folder / name).read_bytes() == (ms.path("base") / name).read_bytes()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    for f in weight_files(sharded) + weight_files(single):
+        meta = read_metadata(f)
+        assert meta["format"] == "pt"
+        assert meta["tvrecipe.recipe_sha256"] == digest
+    assert not list(tmp_path.joinpath("out").glob(".*")), "staging folders left behind"
+
+
+def test_vectors_output_reads_back_as_task_vector_model(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+             "  merged: {op: sum, inputs: tv, weights: {math: 0.5, code: 0.25, toxic: -0.3}}\n"
+             "  model: {op: apply, base: base, delta: merged}\n")
+    outs = ("  model: {from: model, path: ./out/model, dtype: float32}\n"
+            "  vectors: {from: tv, path: ./out/tv}\n"
+            "  vector: {from: merged, path: ./out/merged}\n")
+    first = cli.write("first.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "first.yaml")
+
+    lib = tmp_path / "out" / "tv"
+    assert sorted(p.name for p in lib.iterdir()) == [
+        "code.safetensors", "math.safetensors", "toxic.safetensors", "vectors.json"]
+    index = json.loads((lib / "vectors.json").read_text())
+    assert index["members"] == list(TASKS)
+    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    for t in TASKS:
+        got = read_tensors(lib / f"{t}.safetensors")
+        assert set(got) == set(FLOATING)
+        for k in FLOATING:
+            assert torch.equal(got[k], ms.delta(t)[k]), (t, k)
+        meta = read_metadata(lib / f"{t}.safetensors")
+        assert meta["tvrecipe.recipe_sha256"] == digest
+
+    cli.write("second.yaml", f"""\
+        tvrecipe: 1
+        models:
+          base: {ms.rel('base')}
+          lib: {{path: out/tv, kind: task_vector}}
+          vec: {{path: out/merged, kind: task_vector}}
+        steps:
+          merged: {{op: sum, inputs: lib, weights: {{math: 0.5, code: 0.25, toxic: -0.3}}}}
+          model: {{op: apply, base: base, delta: merged}}
+          again: {{op: apply, base: base, delta: vec}}
+          one: {{op: apply, base: base, delta: lib.code}}
+        outputs:
+          model: {{from: model, path: ./out2/model, dtype: float32}}
+          again: {{from: again, path: ./out2/again, dtype: float32}}
+          one: {{from: one, path: ./out2/one, dtype: float32}}
+        """)
+    cli.ok("run", "second.yaml")
+    ref = read_tensors(tmp_path / "out" / "model")
+    for out in ("model", "again"):
+        got = read_tensors(tmp_path / "out2" / out)
+        assert set(got) == set(ref)
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), (out, k)
+    one = read_tensors(tmp_path / "out2" / "one")
+    for k in FLOATING:
+        assert torch.equal(one[k], ms.weights["code"][k])
+    assert (tmp_path / "out2" / "model" / "config.json").is_file()
+
+
+def test_extract_with_a_mapping_names_the_members(make_models, cli, tmp_path):
+    ms = make_models(("math", "code"))
+    steps = "  tv: {op: extract, base: base, finetuned: {m: math, c: code}}\n"
+    cli.write("r.yaml", recipe(ms, steps, "  v: {from: tv, path: ./out/v}\n"))
+    cli.ok("run", "r.yaml")
+    index = json.loads((tmp_path / "out" / "v" / "vectors.json").read_text())
+    assert index["members"] == ["m", "c"]
+    got = read_tensors(tmp_path / "out" / "v" / "c.safetensors")
+    for k in FLOATING:
+        assert torch.equal(got[k], ms.delta("code")[k])
+
+
+# ---- streaming and determinism ------------------------------------------------------------
+
+STREAM_STEPS = ("  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+                "  detox: {op: negate, input: tv.toxic}\n"
+                "  merged: {op: sum, inputs: [tv.math, tv.code, detox], weights: [0.5, 0.5, 0.3]}\n"
+                "  model: {op: apply, base: base, delta: merged}\n")
+STREAM_OUTS = ("  model: {from: model, path: ./out/model, shard_size: 400}\n"
+               "  wide: {from: model, path: ./out/wide, dtype: float32}\n"
+               "  vectors: {from: tv, path: ./out/tv}\n"
+               "  merged: {from: merged, path: ./out/merged, dtype: bfloat16}\n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_row_chunk_streaming_gives_identical_bytes(make_models, cli, tmp_path, monkeypatch,
+                                                   dtype):
+    ms = make_models(TASKS, dtype=dtype)
+    cli.write("r.yaml", recipe(ms, STREAM_STEPS, STREAM_OUTS))
+    cli.ok("run", "r.yaml")
+    whole = snapshot(tmp_path / "out")
+    # Every tensor but the smallest is now read, computed and written in row blocks.
+    monkeypatch.setattr("tvrecipe.exec.runner.CHUNK_ELEMENTS", 7)
+    row_reads = []
+    real_get = Checkpoint.get
+
+    def spy(self, name, rows=None):
+        if rows is not None:
+            row_reads.append((name, rows))
+        return real_get(self, name, rows)
+
+    monkeypatch.setattr(Checkpoint, "get", spy)
+    cli.ok("run", "r.yaml", "--force")
+    assert {name for name, _ in row_reads} >= set(FLOATING), "the run did not stream in chunks"
+    chunked = snapshot(tmp_path / "out")
+    assert sorted(chunked) == sorted(whole)
+    for name in whole:
+        assert chunked[name] == whole[name], f"{name} differs when streamed in row chunks"
+    want = hand_sum(ms, {"math": 0.5, "code": 0.5, "toxic": -0.3})
+    got = read_tensors(tmp_path / "out" / "wide")
+    for k in FLOATING:
+        close(got[k], want[k], k)
+
+
+def test_two_runs_give_byte_identical_files(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    cli.write("r.yaml", recipe(ms, STREAM_STEPS, STREAM_OUTS))
+    cli.ok("run", "r.yaml")
+    first = snapshot(tmp_path / "out")
+    assert len(first) >= 8
+    cli.ok("run", "r.yaml", "--force")
+    second = snapshot(tmp_path / "out")
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert first[name] == second[name], f"{name} differs between two runs"

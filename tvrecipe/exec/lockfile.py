@@ -1,0 +1,103 @@
+"""Reproducibility: the state a run depends on, the lock it writes, and checks against it."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvrecipe import __version__
+from tvrecipe.plan.graph import Compiled
+from tvrecipe.plan.keys import step_keys
+from tvrecipe.plan.tensors import needed_models
+from tvrecipe.store.checkpoint import open_checkpoint
+from tvrecipe.store.hashing import HashMemo, checkpoint_digest
+from tvrecipe.store.lock import diff_hashes, hash_tree, lock_path, read_lock, write_lock
+
+
+def hash_memo(compiled: Compiled) -> HashMemo:
+    """The hash memo beside the recipe (``.tvrecipe/hashes.json``), so inputs hash once."""
+    return HashMemo(compiled.loaded.root / ".tvrecipe" / "hashes.json")
+
+
+def _model_files(compiled: Compiled, name: str) -> list[Path]:
+    path = compiled.loaded.resolve(compiled.models[name].path)
+    members = compiled.model_types[name].members
+    if members:
+        return [path / f"{m}.safetensors" for m in members]
+    with open_checkpoint(path) as ck:
+        return list(ck.files)
+
+
+def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any]:
+    """What a run's result depends on: the recipe's hash, input hashes and step keys."""
+    memo = memo or hash_memo(compiled)
+    inputs = {}
+    digests = {}
+    for name in needed_models(compiled):
+        digests[name] = checkpoint_digest(_model_files(compiled, name), memo=memo)
+        inputs[name] = {"path": compiled.models[name].path, "sha256": digests[name]}
+    keys = step_keys(compiled, digests)
+    return {"recipe": {"file": compiled.loaded.path.name,
+                       "sha256": compiled.loaded.text_sha256},
+            "inputs": inputs,
+            "steps": {n: keys[n] for n in compiled.steps}}
+
+
+def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str, Path],
+                   memo: HashMemo | None = None) -> Path:
+    """Write ``<recipe>.lock`` after a successful run."""
+    memo = memo or hash_memo(compiled)
+    data = {**state,
+            "outputs": {name: {"path": compiled.outputs[name][0].path,
+                               "files": hash_tree(path, memo)}
+                        for name, path in sorted(outputs.items())},
+            "tool": {"tvrecipe": __version__, "torch": torch.__version__.split("+")[0],
+                     "python": platform.python_version()}}
+    path = lock_path(compiled.loaded.path)
+    write_lock(path, data)
+    return path
+
+
+def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
+    """How the current recipe and inputs differ from the lock (empty when they match)."""
+    lock = read_lock(lock_path(compiled.loaded.path))
+    lines = []
+    if lock.get("recipe", {}).get("sha256") != state["recipe"]["sha256"]:
+        lines.append(f"the recipe {compiled.loaded.path.name} changed since the lock was written")
+    old_inputs = lock.get("inputs", {})
+    for name in sorted(set(old_inputs) | set(state["inputs"])):
+        old, new = old_inputs.get(name), state["inputs"].get(name)
+        if old is None:
+            lines.append(f"input {name!r} is new")
+        elif new is None:
+            lines.append(f"input {name!r} is no longer used")
+        elif old.get("sha256") != new["sha256"]:
+            lines.append(f"input {name!r} ({new['path']}) changed: sha256 {new['sha256'][:12]}…, "
+                         f"locked {str(old.get('sha256'))[:12]}…")
+    old_steps = lock.get("steps", {})
+    for name, key in state["steps"].items():
+        if old_steps.get(name) != key:
+            lines.append(f"step {name!r} changed (key {key}, locked {old_steps.get(name)})")
+    return lines
+
+
+def output_differences(compiled: Compiled, memo: HashMemo | None = None) -> list[str]:
+    """How the outputs on disk differ from the lock (empty when they match byte for byte)."""
+    memo = memo or hash_memo(compiled)
+    lock = read_lock(lock_path(compiled.loaded.path))
+    lines = []
+    locked = lock.get("outputs", {})
+    for name, (spec, _res) in compiled.outputs.items():
+        target = compiled.loaded.resolve(spec.path)
+        if name not in locked:
+            lines.append(f"output {name!r} is not in the lock")
+            continue
+        got = hash_tree(target, memo) if target.is_dir() else {}
+        if not got:
+            lines.append(f"output {name!r}: {spec.path} is missing")
+            continue
+        lines += diff_hashes(locked[name]["files"], got, spec.path)
+    return lines

@@ -1,0 +1,72 @@
+"""The lock file: a sorted YAML record of a run's inputs, step keys and output hashes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tvrecipe.errors import VerifyError
+from tvrecipe.store.hashing import HashMemo, sha256_file
+
+LOCK_VERSION = 1
+
+
+def lock_path(recipe: Path) -> Path:
+    """``recipe.yaml`` → ``recipe.yaml.lock`` beside it."""
+    return recipe.with_name(recipe.name + ".lock")
+
+
+def hash_tree(folder: Path, memo: HashMemo | None = None) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by relative path (sorted)."""
+    return {str(p.relative_to(folder)): sha256_file(p, memo=memo)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_lock(path: Path, data: dict[str, Any]) -> None:
+    """Write the lock atomically (temp + rename), keys sorted, so reruns give the same bytes."""
+    text = yaml.safe_dump({"lock_version": LOCK_VERSION, **data}, sort_keys=True,
+                          default_flow_style=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_lock(path: Path) -> dict[str, Any]:
+    """Read a lock file.
+
+    Raises:
+        VerifyError: it is missing, unreadable or of another version.
+    """
+    if not path.is_file():
+        raise VerifyError(f"no lock file {path}; run `tvrecipe run` first to create it")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise VerifyError(f"{path}: unreadable lock file ({exc}); rerun to recreate it") from None
+    if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION:
+        raise VerifyError(f"{path}: not a version-{LOCK_VERSION} tvrecipe lock file; rerun "
+                          "`tvrecipe run` to recreate it")
+    return data
+
+
+def diff_hashes(expected: dict[str, str], got: dict[str, str], where: str) -> list[str]:
+    """Human lines for every file that is missing, extra or different."""
+    lines = []
+    for name in sorted(set(expected) | set(got)):
+        if name not in got:
+            lines.append(f"{where}/{name}: missing")
+        elif name not in expected:
+            lines.append(f"{where}/{name}: not in the lock")
+        elif expected[name] != got[name]:
+            lines.append(f"{where}/{name}: content differs from the lock "
+                         f"(sha256 {got[name][:12]}…, locked {expected[name][:12]}…)")
+    return lines
