@@ -1,0 +1,109 @@
+"""Lock file, `tvrecipe verify` and `run --locked`, end to end on tiny checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from tvrecipe.cli import main
+
+RECIPE = """\
+tvrecipe: 1
+models:
+  base: ./base
+  a: ./a
+  b: ./b
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b]}
+  merged: {op: sum, inputs: tv, weights: 0.5}
+  model: {op: apply, base: base, delta: merged}
+outputs:
+  model: {from: model, path: ./out}
+"""
+
+
+def _make(tmp: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    for name in ("base", "a", "b"):
+        (tmp / name).mkdir()
+        save_file({"w": torch.randn(4, 3, generator=gen), "n": torch.randn(3, generator=gen)},
+                  str(tmp / name / "model.safetensors"))
+    recipe = tmp / "r.yaml"
+    recipe.write_text(RECIPE)
+    return recipe
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_run_writes_lock_and_verify_passes(tmp_path):
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    lock = (tmp_path / "r.yaml.lock").read_text()
+    assert "lock_version: 1" in lock and "model.safetensors:" in lock
+    res = _cli("verify", str(recipe))
+    assert res.exit_code == 0, res.output
+    assert "match the lock" in res.output
+
+
+def test_unchanged_rerun_recomputes_nothing(tmp_path):
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    before = (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns
+    res = _cli("run", str(recipe))
+    assert res.exit_code == 0
+    assert "up to date" in res.output
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_verify_fails_after_one_byte_changes(tmp_path):
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    f = tmp_path / "out" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    res = _cli("verify", str(recipe))
+    assert res.exit_code == 6
+    assert "./out/model.safetensors: content differs from the lock" in res.output
+
+
+def test_locked_refuses_changed_input_and_names_it(tmp_path):
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    save_file({"w": torch.zeros(4, 3), "n": torch.zeros(3)}, str(tmp_path / "a" / "model.safetensors"))
+    res = _cli("run", str(recipe), "--locked", "--force")
+    assert res.exit_code == 6
+    assert "input 'a' (./a) changed" in res.output
+
+
+def test_locked_without_lock_is_refused(tmp_path):
+    recipe = _make(tmp_path)
+    res = _cli("run", str(recipe), "--locked")
+    assert res.exit_code == 6
+    assert "there is no lock file" in res.output
+
+
+def test_forced_rerun_is_byte_identical(tmp_path):
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert _cli("run", str(recipe), "-q", "--force").exit_code == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    assert _cli("verify", str(recipe)).exit_code == 0
+
+
+def test_changed_coefficient_changes_only_downstream_keys(tmp_path):
+    import yaml
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    old = yaml.safe_load((tmp_path / "r.yaml.lock").read_text())["steps"]
+    recipe.write_text(RECIPE.replace("weights: 0.5", "weights: 0.7"))
+    _cli("run", str(recipe), "-q", "--force")
+    new = yaml.safe_load((tmp_path / "r.yaml.lock").read_text())["steps"]
+    assert new["tv"] == old["tv"]
+    assert new["merged"] != old["merged"] and new["model"] != old["model"]
