@@ -133,30 +133,61 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+# A tiny launcher between this (large) process and the measured one: Linux carries the peak RSS
+# of the memory image a process had before exec() into its ru_maxrss, and subprocess spawns
+# with vfork from this process, so measuring directly would report at least this process's own
+# peak. The launcher is a bare interpreter (~10 MB); it reports the child's pid, then its rusage.
+LAUNCHER = """
+import os, sys
+out = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+with open(out, "w") as f:
+    f.write(f"{pid}\\n")
+_, status, ru = os.wait4(pid, 0)
+with open(out, "a") as f:
+    f.write(f"{ru.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def measure(cmd: list[str], cwd: Path | None = None, poll: float = 0.05) -> Measured:
-    """Run ``cmd``; wall time, ``ru_maxrss`` via ``os.wait4`` and anon/file RSS by polling."""
+    """Run ``cmd``; wall time, its own ``ru_maxrss`` and anon/file RSS by polling /proc."""
     m = Measured(cmd)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".ru") as ru_file:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
+        p = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, ru_file.name, *cmd],
+                             cwd=cwd, stdout=out, stderr=err)
         peaks = {"RssAnon": 0, "RssFile": 0}
         stop = threading.Event()
 
         def watch() -> None:
+            pid = None
             while not stop.is_set():
-                st = _proc_status(p.pid)
-                for k in peaks:
-                    peaks[k] = max(peaks[k], st.get(k, 0))
+                if pid is None:
+                    try:
+                        pid = int(Path(ru_file.name).read_text().split()[0])
+                    except (OSError, ValueError, IndexError):
+                        pass
+                if pid is not None:
+                    st = _proc_status(pid)
+                    for k in peaks:
+                        peaks[k] = max(peaks[k], st.get(k, 0))
                 stop.wait(poll)
 
         th = threading.Thread(target=watch, daemon=True)
         th.start()
-        _, status, ru = os.wait4(p.pid, 0)
+        m.rc = p.wait()
         m.wall = time.perf_counter() - t0
         stop.set()
         th.join()
-        p.returncode = m.rc = os.waitstatus_to_exitcode(status)
-        m.peak_rss_mb = ru.ru_maxrss / 1024  # Linux: kB
+        lines = Path(ru_file.name).read_text().split()
+        m.peak_rss_mb = int(lines[1]) / 1024 if len(lines) > 1 else float("nan")  # Linux: kB
         m.peak_anon_mb = peaks["RssAnon"] / 1024
         m.peak_file_mb = peaks["RssFile"] / 1024
         out.seek(0)

@@ -73,6 +73,12 @@ def main(ctx: click.Context, verbose: int) -> None:
     ctx.ensure_object(dict)
 
 
+def _cache_root(recipe_dir: Path, option: str | None) -> Path:
+    import os
+    chosen = option or os.environ.get("TVRECIPE_CACHE")
+    return Path(chosen) if chosen else recipe_dir / ".tvrecipe" / "cache"
+
+
 def _compile(recipe: str):
     from tvrecipe.plan.graph import load_and_compile
     return load_and_compile(recipe)
@@ -118,17 +124,23 @@ def plan(recipe: str, fmt: str) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that contain NaN or Inf.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write every step's report (clusters, ranks) to this JSON file.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Cache of step results (default: $TVRECIPE_CACHE, else .tvrecipe/cache "
+                   "beside the recipe).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write cached step results.")
 @click.option("--locked", is_flag=True,
               help="Refuse to run when the recipe or inputs differ from the lock file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @handle_errors
 def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
-        report_path: str | None, locked: bool, quiet: bool) -> None:
+        report_path: str | None, cache_dir: str | None, no_cache: bool, locked: bool,
+        quiet: bool) -> None:
     """Run a recipe and write its outputs (atomically: all or nothing per output)."""
     from tvrecipe.errors import VerifyError
     from tvrecipe.exec import lockfile
     from tvrecipe.exec.runner import RunOptions, run_recipe
     from tvrecipe.report import render_reports
+    from tvrecipe.store.cache import TensorCache
     from tvrecipe.store.lock import lock_path
     compiled = _compile(recipe)
     memo = lockfile.hash_memo(compiled)
@@ -148,9 +160,13 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                        "(--force recomputes them)")
         return
     progress = not quiet and sys.stderr.isatty()
+    cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     result = run_recipe(compiled, RunOptions(force=force, device=device, progress=progress,
-                                             allow_nonfinite=allow_nonfinite))
+                                             allow_nonfinite=allow_nonfinite, cache=cache,
+                                             keys=state["steps"]))
     lockfile.write_run_lock(compiled, state, result.outputs, memo)
+    for warning in cache.warnings if cache else ():
+        click.echo(f"tvrecipe: warning: {warning}", err=True)
     if report_path:
         Path(report_path).write_text(json.dumps(result.reports, indent=2, sort_keys=True) + "\n")
     if quiet:
@@ -159,6 +175,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         click.echo(text)
     for name, path in result.outputs.items():
         click.echo(f"wrote {name}: {path}")
+    if result.cache_hits:
+        click.echo(f"from cache: {', '.join(result.cache_hits)}")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
 
@@ -193,6 +211,85 @@ def verify(recipe: str) -> None:
     if problems:
         raise VerifyError("does not match the lock:\n" + "\n".join(problems))
     click.echo(f"{recipe}: ok, inputs, recipe and {len(compiled.outputs)} outputs match the lock")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and clean the cache of step results."""
+
+
+def _cache_for(recipe: str | None, cache_dir: str | None):
+    from tvrecipe.store.cache import TensorCache
+    base = Path(recipe).resolve().parent if recipe else Path.cwd()
+    return TensorCache(_cache_root(base, cache_dir))
+
+
+_cache_opts = [
+    click.option("--recipe", type=click.Path(dir_okay=False),
+                 help="Use the cache beside this recipe (default: beside the current folder)."),
+    click.option("--cache-dir", type=click.Path(file_okay=False), help="The cache folder."),
+]
+
+
+def _with_cache_opts(fn):
+    for opt in reversed(_cache_opts):
+        fn = opt(fn)
+    return fn
+
+
+@cache.command("ls")
+@_with_cache_opts
+@handle_errors
+def cache_ls(recipe: str | None, cache_dir: str | None) -> None:
+    """List cached step results, least recently used first."""
+    import time
+
+    from tvrecipe.plan.summary import human
+    tc = _cache_for(recipe, cache_dir)
+    for e in tc.entries():
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
+        click.echo(f"{e.key:<34} {human(e.size):>10}  last used {when}")
+
+
+@cache.command("du")
+@_with_cache_opts
+@handle_errors
+def cache_du(recipe: str | None, cache_dir: str | None) -> None:
+    """Total size of the cache."""
+    from tvrecipe.plan.summary import human
+    tc = _cache_for(recipe, cache_dir)
+    entries = tc.entries()
+    leftovers = tc.leftovers()
+    click.echo(f"{tc.root}: {len(entries)} entries, {human(sum(e.size for e in entries))}; "
+               f"{len(leftovers)} leftover files of interrupted runs")
+
+
+@cache.command("gc")
+@_with_cache_opts
+@click.option("--older-than", help="Also remove entries unused for this long: 30d, 12h, 90m.")
+@handle_errors
+def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) -> None:
+    """Remove leftovers of interrupted runs (and, with --older-than, stale entries)."""
+    import re
+    seconds = None
+    if older_than:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", older_than.strip())
+        if not m:
+            raise click.BadParameter("use a number and a unit: 30d, 12h, 90m, 45s",
+                                     param_hint="--older-than")
+        seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    removed = _cache_for(recipe, cache_dir).gc(seconds)
+    click.echo(f"removed {len(removed)} files")
+
+
+@cache.command("clear")
+@_with_cache_opts
+@handle_errors
+def cache_clear(recipe: str | None, cache_dir: str | None) -> None:
+    """Remove the whole cache."""
+    tc = _cache_for(recipe, cache_dir)
+    tc.clear()
+    click.echo(f"cleared {tc.root}")
 
 
 @main.command()

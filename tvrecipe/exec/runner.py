@@ -17,8 +17,10 @@ import torch
 from tvrecipe import __version__, ops
 from tvrecipe.errors import ExecutionError, InputError, OutputError
 from tvrecipe.exec.evaluate import ROWWISE_OPS, StepEvaluator, select
+from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan
+from tvrecipe.store.cache import PendingEntry, TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
 from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
@@ -49,6 +51,8 @@ class RunOptions:
     device: str | None = None
     progress: bool = False
     allow_nonfinite: bool = False
+    cache: TensorCache | None = None
+    keys: dict[str, str] | None = None  # step keys (plan.keys.step_keys); needed by the cache
 
 
 @dataclass
@@ -62,6 +66,7 @@ class RunResult:
     bytes_read: int = 0
     bytes_written: int = 0
     passes: list[str] = field(default_factory=list)
+    cache_hits: list[str] = field(default_factory=list)
 
 
 class _Output:
@@ -165,12 +170,36 @@ class Runner:
         self.reports: dict[str, dict] = {}
         self.bytes_read = 0
         self.plan: TensorPlan | None = None
+        self.cached: dict[str, tuple[dict, dict]] = {}  # step -> (manifest, slot checkpoints)
+        self.cache_hits: list[str] = []
 
     # ---- reading ---------------------------------------------------------------------------
-    def _read(self, models: list[str], tensor: str, rows: slice | None) -> dict[str, Any]:
-        """Read one tensor (or rows of it) of each model, converted to the compute dtype."""
+    def _load(self, t: torch.Tensor, where: str, tensor: str) -> torch.Tensor:
+        """Move a floating tensor read from disk to the device, in the compute dtype."""
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
+        else:
+            # safetensors hands out views of a private file mapping: always copy, so in-place
+            # kernels never change what a later read of the file sees.
+            t = t.to(self.compute, copy=True)
+        if not self.options.allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{where}: tensor {tensor!r} contains NaN or Inf; fix the "
+                             "checkpoint, or pass --allow-nonfinite to merge it anyway")
+        return t
+
+    def _read(self, nodes: list[str], tensor: str, rows: slice | None) -> dict[str, Any]:
+        """Read one tensor (or rows of it) of each model or cached step, on the device."""
+        span = None if rows is None else (rows.start, rows.stop)
         out: dict[str, Any] = {}
-        for name in models:
+        for name in nodes:
+            if name in self.cached:
+                manifest, slots = self.cached[name]
+                got = {}
+                for slot, ck in slots.items():
+                    t = ck.get(tensor, span) if tensor in ck.tensors else None
+                    got[slot] = None if t is None else self._load(t, f"cache of {name!r}", tensor)
+                out[name] = from_slots(got, manifest["kind"])
+                continue
             handle = self.plan.models[name]
             got = {}
             for member, ck in handle.parts.items():
@@ -178,24 +207,28 @@ class Runner:
                 if info is None or (handle.kind != CHECKPOINT and not info.is_floating):
                     got[member] = None
                     continue
-                t = ck.get(tensor, None if rows is None else (rows.start, rows.stop))
+                t = ck.get(tensor, span)
                 self.bytes_read += t.numel() * t.element_size()
                 if info.is_floating:
-                    if self.device.type == "cuda":
-                        t = t.pin_memory().to(self.device, non_blocking=True)
-                        t = t.to(self.compute)
-                    else:
-                        # safetensors hands out views of a private file mapping: always copy,
-                        # so in-place kernels never change what a later read of the file sees.
-                        t = t.to(self.compute, copy=True)
-                    if not self.options.allow_nonfinite and not bool(torch.isfinite(t).all()):
-                        raise InputError(
-                            f"model {name!r}{' member ' + repr(member) if member else ''}: "
-                            f"tensor {tensor!r} contains NaN or Inf; fix the checkpoint, or pass "
-                            "--allow-nonfinite to merge it anyway")
+                    where = f"model {name!r}" + (f" member {member!r}" if member else "")
+                    t = self._load(t, where, tensor)
                 got[member] = t
             out[name] = got[""] if handle.kind != VECTORS else got
         return out
+
+    def _to_compute(self, targets: list[str]) -> list[CompiledStep]:
+        """Steps that must run to produce ``targets``: upstream search stops at cached steps."""
+        needed: set[str] = set()
+        stack = list(targets)
+        while stack:
+            node = stack.pop()
+            if node in needed or node not in self.compiled.steps:
+                continue
+            needed.add(node)
+            if node in self.cached:
+                continue
+            stack.extend(r.node for refs in self.compiled.steps[node].refs.values() for r in refs)
+        return [s for n, s in self.compiled.steps.items() if n in needed and n not in self.cached]
 
     def _work(self, steps: list[CompiledStep]) -> Iterator[tuple[str, TensorInfo, slice | None]]:
         rowwise = all(s.op in ROWWISE_OPS for s in steps)
@@ -221,6 +254,7 @@ class Runner:
                 uses.update(r.node for r in refs)
         uses.update(want)
         models = [m for m in self.plan.models if m in uses]
+        models += [n for n in self.cached if n in uses]
         evaluator = StepEvaluator(self.seed, self.reduced, self.reports)
         evaluator.exclusive = {m for m in models if uses[m] == 1}
         items = list(self._work(steps))
@@ -246,9 +280,10 @@ class Runner:
 
     # ---- whole-model passes ----------------------------------------------------------------
     def _upstream(self, node: str) -> list[CompiledStep]:
-        import networkx as nx
-        anc = nx.ancestors(self.compiled.graph, node)
-        return [s for n, s in self.compiled.steps.items() if n in anc]
+        step = self.compiled.steps.get(node)
+        if step is None:
+            return []
+        return self._to_compute([r.node for refs in step.refs.values() for r in refs])
 
     def _gram(self, step: CompiledStep, entries: list) -> torch.Tensor:
         """One streaming pass accumulating the Gram matrix of ``entries`` over the whole model."""
@@ -320,6 +355,62 @@ class Runner:
         finally:
             self.plan.close()
 
+    # ---- cache -----------------------------------------------------------------------------
+    def _recompile(self) -> None:
+        """Compile again once ``k: auto`` clusterings have named their basis vectors."""
+        known = {n: tuple(f"b{j}" for j in range(c.k)) for n, c in self.reduced.items()
+                 if self.compiled.steps[n].op == "cluster_basis"}
+        known.update({n: tuple(m["members"]) for n, (m, _) in self.cached.items()
+                      if m.get("members") is not None
+                      and self.compiled.steps[n].op == "cluster_basis"})
+        self.compiled = compile_recipe(self.compiled.loaded, known_members=known)
+
+    def _lookup_cache(self) -> None:
+        cache, keys = self.options.cache, self.options.keys
+        if cache is None or keys is None:
+            return
+        # Walk up from the outputs and stop at the first hit on each path: entries that only
+        # feed a hit are neither read nor verified.
+        stack = [res.node for _spec, res in self.compiled.outputs.values()]
+        seen: set[str] = set()
+        while stack:
+            name = stack.pop()
+            step = self.compiled.steps.get(name)
+            if step is None or name in seen:
+                continue
+            seen.add(name)
+            hit = cache.lookup(keys[name]) if step.op in CACHE_OPS and name in keys else None
+            if hit is None:
+                stack.extend(r.node for refs in step.refs.values() for r in refs)
+                continue
+            self.cached[name] = hit
+            self.cache_hits.append(name)
+            if hit[0].get("report"):
+                self.reports[name] = hit[0]["report"]
+        if any(self.compiled.steps[n].op == "cluster_basis" for n in self.cached):
+            self._recompile()
+
+    def _start_cache_entries(self, steps: list[CompiledStep],
+                             metadata: dict[str, str]) -> dict[str, PendingEntry]:
+        cache, keys = self.options.cache, self.options.keys
+        if cache is None or keys is None:
+            return {}
+        specs = [TensorSpec(t, st_dtype(self.compute), self.plan.tensors[t].shape)
+                 for t in self.plan.floating]
+        entries = {}
+        for step in steps:
+            if step.op in CACHE_OPS and step.name in keys:
+                slots = slot_names(step.type.kind, step.type.members)
+                entries[step.name] = cache.pending(
+                    keys[step.name], dict.fromkeys(slots, specs),
+                    {**metadata, "tvrecipe.step": step.name, "tvrecipe.key": keys[step.name]})
+        return entries
+
+    def _manifest(self, name: str) -> dict[str, Any]:
+        vt = self.compiled.steps[name].type
+        return {"kind": vt.kind, "members": list(vt.members) if vt.members else None,
+                "step": name, "report": self.reports.get(name)}
+
     # ---- main ------------------------------------------------------------------------------
     def run(self) -> RunResult:
         """Run every pass and write every output atomically.
@@ -331,45 +422,57 @@ class Runner:
         self.plan = build_tensor_plan(self.compiled)
         outputs: dict[str, _Output] = {}
         passes = []
+        pending: dict[str, PendingEntry] = {}
         try:
+            self._lookup_cache()
             for name, step in list(self.compiled.steps.items()):
+                targets = [res.node for _spec, res in self.compiled.outputs.values()]
+                if name not in {s.name for s in self._to_compute(targets)}:
+                    continue  # cached, or only feeds cached steps
                 if step.op == "assign" and name not in self.reduced:
                     self._assign_pass(step)
                     passes.append(f"similarity:{name}")
                 if step.op == "cluster_basis" and name not in self.reduced:
                     self._cluster_pass(self.compiled.steps[name])
                     passes.append(f"similarity:{name}")
-                    known = {n: tuple(f"b{j}" for j in range(c.k))
-                             for n, c in self.reduced.items()}
-                    self.compiled = compile_recipe(self.compiled.loaded, known_members=known)
+                    self._recompile()
             loaded = self.compiled.loaded
             metadata = {"tvrecipe.version": __version__, "tvrecipe.recipe": loaded.path.name,
                         "tvrecipe.recipe_sha256": loaded.text_sha256}
             for name in self.compiled.outputs:
                 outputs[name] = _Output(name, self.compiled, self.plan, self.options.force,
                                         self.compute, metadata)
-            steps = list(self.compiled.steps.values())
-            want = sorted({o.res.node for o in outputs.values()})
+            steps = self._to_compute([o.res.node for o in outputs.values()])
+            pending = self._start_cache_entries(steps, metadata)
+            want = sorted({o.res.node for o in outputs.values()} | set(pending))
             written = 0
             for tensor, info, values in self._stream(steps, want, "merge"):
                 for o in outputs.values():
                     written += o.write(tensor, info, select(values[o.res.node], o.res.selector))
+                if info.is_floating:
+                    for name, entry in pending.items():
+                        for slot, t in to_slots(values[name]).items():
+                            entry.write(slot, tensor, t.cpu())
             passes.append("merge")
             for o in outputs.values():
                 o.finish(self.compiled, self.reports.get(o.res.node))
+            for name, entry in pending.items():
+                entry.commit(self._manifest(name))
+            pending = {}
             result_paths = {name: o.folder.commit() for name, o in outputs.items()}
-        except OSError as exc:
+        except BaseException as exc:
             for o in outputs.values():
                 o.folder.abort()
-            raise output_oserror(exc, Path(exc.filename or ".")) from exc
-        except BaseException:
-            for o in outputs.values():
-                o.folder.abort()
+            for entry in pending.values():
+                entry.abort()
+            if isinstance(exc, OSError):
+                raise output_oserror(exc, Path(exc.filename or ".")) from exc
             raise
         finally:
             self.plan.close()
         return RunResult(result_paths, self.reports, str(self.device),
-                         time.perf_counter() - start, self.bytes_read, written, passes)
+                         time.perf_counter() - start, self.bytes_read, written, passes,
+                         self.cache_hits)
 
 
 class _NullBar:
