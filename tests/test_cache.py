@@ -1,0 +1,149 @@
+"""The step-result cache: hits, invalidation, corruption, interruption and concurrency."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from tvrecipe.cli import main
+
+RECIPE = """\
+tvrecipe: 1
+models:
+  base: ./base
+  a: ./a
+  b: ./b
+  c: ./c
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b, c]}
+  merged: {op: ties, inputs: tv, density: 0.5}
+  model: {op: apply, base: base, delta: merged, scale: SCALE}
+outputs:
+  model: {from: model, path: ./out}
+"""
+
+
+def _make(tmp: Path, scale: float = 1.0, rows: int = 64) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    for name in ("base", "a", "b", "c"):
+        (tmp / name).mkdir(exist_ok=True)
+        save_file({f"w{i}": torch.randn(rows, 32, generator=gen) for i in range(6)}
+                  | {"n": torch.randn(32, generator=gen)}, str(tmp / name / "model.safetensors"))
+    recipe = tmp / "r.yaml"
+    recipe.write_text(RECIPE.replace("SCALE", str(scale)))
+    return recipe
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _entries(tmp: Path) -> list[Path]:
+    return sorted((tmp / ".tvrecipe" / "cache").glob("*/*.json"))
+
+
+def test_changed_apply_scale_reuses_ties_and_matches_uncached(tmp_path):
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    assert len(_entries(tmp_path)) == 1  # the ties result
+    recipe.write_text(RECIPE.replace("SCALE", "0.5"))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0, res.output
+    assert "from cache: merged" in res.output
+    cached = (tmp_path / "out" / "model.safetensors").read_bytes()
+    res = _cli("run", str(recipe), "--force", "--no-cache", "-q")
+    assert res.exit_code == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == cached
+
+
+def test_corrupt_entry_is_detected_warned_and_recomputed(tmp_path):
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    (entry,) = [p for p in (tmp_path / ".tvrecipe" / "cache").glob("*/*.safetensors")]
+    data = bytearray(entry.read_bytes())
+    data[-3] ^= 0x40
+    entry.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["run", str(recipe), "--force"])
+    assert res.exit_code == 0
+    assert "is corrupt" in res.output and "recomputing it" in res.output
+    assert "from cache" not in res.output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+
+
+def test_truncated_entry_is_recomputed(tmp_path):
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    (entry,) = [p for p in (tmp_path / ".tvrecipe" / "cache").glob("*/*.safetensors")]
+    entry.write_bytes(entry.read_bytes()[:-100])
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0 and "is corrupt" in res.output
+
+
+def test_cache_commands(tmp_path):
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    res = _cli("cache", "ls", "--recipe", str(recipe))
+    assert res.output.startswith("ties-")
+    leftover = tmp_path / ".tvrecipe" / "cache" / "ab" / ".ties-x.123.tmp"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"partial")
+    old = time.time() - 7200
+    os.utime(leftover, (old, old))
+    assert "1 leftover" in _cli("cache", "du", "--recipe", str(recipe)).output
+    assert _cli("cache", "gc", "--recipe", str(recipe)).output.strip() == "removed 1 files"
+    assert not leftover.exists() and len(_entries(tmp_path)) == 1
+    _cli("cache", "clear", "--recipe", str(recipe))
+    assert _entries(tmp_path) == []
+
+
+def _run_proc(recipe: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tvrecipe.cli", "run", str(recipe), "-q",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_two_concurrent_runs_agree(tmp_path):
+    recipe = _make(tmp_path)
+    other = tmp_path / "r2.yaml"
+    other.write_text(RECIPE.replace("SCALE", "1.0").replace("./out", "./out2"))
+    procs = [_run_proc(recipe), _run_proc(other)]
+    for p in procs:
+        _out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    a = load_file(str(tmp_path / "out" / "model.safetensors"))
+    b = load_file(str(tmp_path / "out2" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(_entries(tmp_path)) == 1
+
+
+def test_killed_run_leaves_no_output_and_next_run_is_identical(tmp_path):
+    recipe = _make(tmp_path, rows=20000)  # big enough to be killed mid-way
+    reference = tmp_path / "ref.yaml"
+    reference.write_text(RECIPE.replace("SCALE", "1.0").replace("./out", "./ref"))
+    assert _cli("run", str(reference), "-q", "--no-cache").exit_code == 0
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        p = _run_proc(recipe)
+        time.sleep(1.5)
+        p.send_signal(sig)
+        p.communicate(timeout=60)
+        if sig == signal.SIGINT and p.returncode not in (0,):
+            assert p.returncode == 130
+        if p.returncode != 0:
+            assert not (tmp_path / "out").exists()
+            if sig == signal.SIGINT:  # cleaned up; after SIGKILL a staging folder may remain
+                assert not list(tmp_path.glob(".out.tmp*"))
+        else:  # finished before the signal: a complete output
+            (tmp_path / "out").rename(tmp_path / f"done-{sig}")
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    got = (tmp_path / "out" / "model.safetensors")
+    want = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    got_t = load_file(str(got))
+    assert all(torch.equal(got_t[k], want[k]) for k in want)
