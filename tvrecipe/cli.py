@@ -138,9 +138,6 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     """Run a recipe and write its outputs (atomically: all or nothing per output)."""
     from tvrecipe.errors import VerifyError
     from tvrecipe.exec import lockfile
-    from tvrecipe.exec.runner import RunOptions, run_recipe
-    from tvrecipe.report import render_reports
-    from tvrecipe.store.cache import TensorCache
     from tvrecipe.store.lock import lock_path
     compiled = _compile(recipe)
     memo = lockfile.hash_memo(compiled)
@@ -159,6 +156,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
         return
+    from tvrecipe.exec.runner import RunOptions, run_recipe  # imports torch: not for no-ops
+    from tvrecipe.report import render_reports
+    from tvrecipe.store.cache import TensorCache
     progress = not quiet and sys.stderr.isatty()
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     result = run_recipe(compiled, RunOptions(force=force, device=device, progress=progress,

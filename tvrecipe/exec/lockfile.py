@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from tvrecipe import __version__
 from tvrecipe.plan.graph import Compiled
@@ -15,6 +14,13 @@ from tvrecipe.plan.tensors import needed_models
 from tvrecipe.store.checkpoint import open_checkpoint
 from tvrecipe.store.hashing import HashMemo, checkpoint_digest
 from tvrecipe.store.lock import diff_hashes, hash_tree, lock_path, read_lock, write_lock
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package).split("+")[0]
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"
 
 
 def hash_memo(compiled: Compiled) -> HashMemo:
@@ -54,7 +60,7 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
                                "files": hash_tree(path, memo)}
                         for name, path in sorted(outputs.items())},
-            "tool": {"tvrecipe": __version__, "torch": torch.__version__.split("+")[0],
+            "tool": {"tvrecipe": __version__, "torch": _version("torch"),
                      "python": platform.python_version()}}
     path = lock_path(compiled.loaded.path)
     write_lock(path, data)

@@ -7,15 +7,14 @@ import json
 import math
 import threading
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
-from safetensors import safe_open
 
 from tvrecipe.errors import InputError
 
 if TYPE_CHECKING:
+    import torch
     from typing_extensions import Self
 
 __all__ = [
@@ -41,10 +40,20 @@ _DTYPE_NAMES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2",
     "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
 }  # fmt: skip
-_TO_TORCH: dict[str, torch.dtype] = {
-    st: getattr(torch, name) for st, name in _DTYPE_NAMES.items() if hasattr(torch, name)
-}
-_TO_ST: dict[torch.dtype, str] = {dt: st for st, dt in _TO_TORCH.items()}
+# Sizes without torch, so headers, plans, hashes and locks never pay for importing it.
+_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+          "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1,
+          "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8}  # fmt: skip
+
+
+@cache
+def _tables() -> tuple[dict, dict]:
+    import torch
+
+    to_torch = {st: getattr(torch, n) for st, n in _DTYPE_NAMES.items() if hasattr(torch, n)}
+    return to_torch, {dt: st for st, dt in to_torch.items()}
+
+
 _REDOWNLOAD = "re-download or re-export it"
 
 
@@ -54,11 +63,12 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
     Raises:
         ValueError: ``st_dtype`` is not a dtype tvrecipe can read.
     """
+    to_torch = _tables()[0]
     try:
-        return _TO_TORCH[st_dtype]
+        return to_torch[st_dtype]
     except KeyError:
         raise ValueError(
-            f"unknown safetensors dtype {st_dtype!r}; known: {', '.join(sorted(_TO_TORCH))}"
+            f"unknown safetensors dtype {st_dtype!r}; known: {', '.join(sorted(to_torch))}"
         ) from None
 
 
@@ -69,14 +79,20 @@ def st_dtype(dtype: torch.dtype) -> str:
         ValueError: safetensors cannot store ``dtype``.
     """
     try:
-        return _TO_ST[dtype]
+        return _tables()[1][dtype]
     except KeyError:
         raise ValueError(f"safetensors cannot store tensors of dtype {dtype}") from None
 
 
 def dtype_size(st_dtype: str) -> int:
-    """Bytes per element of a safetensors dtype string."""
-    return torch_dtype(st_dtype).itemsize
+    """Bytes per element of a safetensors dtype string.
+
+    Raises:
+        ValueError: ``st_dtype`` is not a dtype tvrecipe can read.
+    """
+    if st_dtype not in _SIZES:
+        torch_dtype(st_dtype)  # raises the "unknown dtype" error with the known list
+    return _SIZES[st_dtype]
 
 
 @dataclass(frozen=True)
@@ -178,17 +194,17 @@ def _tensor_info(file: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _corrupt(file, f"header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _TO_TORCH:
+    if dtype not in _SIZES:
         raise InputError(
             f"{file}: tensor {name!r} has unknown dtype {dtype!r}; tvrecipe reads "
-            f"{', '.join(sorted(_TO_TORCH))}: convert the tensor to one of them"
+            f"{', '.join(sorted(_SIZES))}: convert the tensor to one of them"
         )
     ints = (shape, offsets)
     if not all(isinstance(v, list) and all(type(x) is int and x >= 0 for x in v) for v in ints):
         raise _corrupt(file, f"tensor {name!r} has an invalid shape or data_offsets")
     if len(offsets) != 2 or offsets[1] < offsets[0]:
         raise _corrupt(file, f"tensor {name!r} has invalid data_offsets {offsets}")
-    nbytes = math.prod(shape) * _TO_TORCH[dtype].itemsize
+    nbytes = math.prod(shape) * _SIZES[dtype]
     if offsets[1] - offsets[0] != nbytes:
         raise _corrupt(
             file,
@@ -243,6 +259,8 @@ class Checkpoint:
             try:
                 handle = self._handles.get(info.file)
                 if handle is None:
+                    from safetensors import safe_open  # imports torch: only when reading
+
                     handle = safe_open(str(info.file), framework="pt", device="cpu")
                     self._handles[info.file] = handle
                 if rows is None:
