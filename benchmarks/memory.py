@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # noqa: E402
-import synth  # noqa: E402
+import run as bench
+import synth
 
 
 def main() -> None:
@@ -39,29 +39,37 @@ def main() -> None:
         recipe = work / "memory-sum.yaml"
         recipe.write_text(bench.recipe_text("sum", ckpt, a.n, out))
         bench.measure_floor("read", models, work)  # warm the page cache
-        m = bench.run_tvrecipe(recipe)
-        if out.exists():
-            shutil.rmtree(out)
-        if m.rc:
-            sys.exit(f"{size}: tvrecipe failed (exit {m.rc}):\n{m.stderr[-2000:]}")
-        rows.append((size, cfg, bench.folder_mb(models[0]), m))
-        print(f"{size}: {m.wall:.1f} s, peak RSS {m.peak_rss_mb:.0f} MB", flush=True)
+        got = {}
+        # "off" first: it also hashes the inputs into the memo, so "cold" pays no hashing.
+        for mode in ("off", "cold"):
+            m = bench.run_tvrecipe(recipe, cache=mode)
+            if out.exists():
+                shutil.rmtree(out)
+            if m.rc:
+                sys.exit(f"{size}: tvrecipe failed (exit {m.rc}):\n{m.stderr[-2000:]}")
+            got[mode] = m
+            print(f"{size}, cache {mode}: {m.wall:.1f} s, peak RSS {m.peak_rss_mb:.0f} MB",
+                  flush=True)
+        rows.append((size, cfg, bench.folder_mb(models[0]), got["cold"], got["off"]))
 
     print(f"\n## Peak memory of `tvrecipe run`: task arithmetic of base + {a.n} fine-tunes "
-          f"({os.cpu_count()} CPU cores)\n")
+          f"({os.cpu_count()} CPU cores); default cache on (fresh --cache-dir), "
+          f"and --no-cache\n")
     print("| size | model params | one checkpoint MB | peak RSS MB | RSS / checkpoint | "
-          "peak anon MB | peak file-backed MB | RSS − baseline MB | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for size, cfg, mb, m in rows:
+          "peak anon MB | peak file-backed MB | RSS − baseline MB | wall s | "
+          "peak RSS, --no-cache MB | peak anon, --no-cache MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, cfg, mb, m, off in rows:
         print(f"| {size} ({cfg.hidden}×{cfg.layers}, vocab {cfg.vocab}) | "
               f"{cfg.params() / 1e6:.1f}M | {mb:.0f} | {m.peak_rss_mb:.0f} | "
               f"{m.peak_rss_mb / mb:.2f} | {m.peak_anon_mb:.0f} | {m.peak_file_mb:.0f} | "
-              f"{m.peak_rss_mb - base.peak_rss_mb:.0f} | {m.wall:.1f} |")
+              f"{m.peak_rss_mb - base.peak_rss_mb:.0f} | {m.wall:.1f} | "
+              f"{off.peak_rss_mb:.0f} | {off.peak_anon_mb:.0f} |")
     print(f"| baseline: `python -c \"import tvrecipe.cli, torch\"` | – | – | "
           f"{base.peak_rss_mb:.0f} | – | {base.peak_anon_mb:.0f} | {base.peak_file_mb:.0f} | 0 | "
-          f"{base.wall:.1f} |")
+          f"{base.wall:.1f} | – | – |")
     if len(rows) == 2:
-        (_, c0, mb0, m0), (_, c1, mb1, m1) = rows
+        (_, _, mb0, m0, _), (_, _, mb1, m1, _) = rows
         grow = (m1.peak_rss_mb - m0.peak_rss_mb) / (mb1 - mb0)
         print(f"\npeak RSS grows {m1.peak_rss_mb - m0.peak_rss_mb:.0f} MB for "
               f"{mb1 - mb0:.0f} MB more per checkpoint ({grow:.2f} MB per checkpoint MB); "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ ROOT = HERE.parent
 BENCH = ROOT / "bench-out"
 sys.path.insert(0, str(HERE))
 
-import synth  # noqa: E402
+import synth
 
 SIZES = {
     "small": {"hidden": 256, "layers": 4, "vocab": 8000},
@@ -176,8 +175,8 @@ def measure(cmd: list[str], cwd: Path | None = None, poll: float = 0.05) -> Meas
                         pass
                 if pid is not None:
                     st = _proc_status(pid)
-                    for k in peaks:
-                        peaks[k] = max(peaks[k], st.get(k, 0))
+                    for k, v in peaks.items():
+                        peaks[k] = max(v, st.get(k, 0))
                 stop.wait(poll)
 
         th = threading.Thread(target=watch, daemon=True)
@@ -199,10 +198,28 @@ def measure(cmd: list[str], cwd: Path | None = None, poll: float = 0.05) -> Meas
 DONE_RE = re.compile(r"done in ([\d.]+) s on (\S+): read ([\d.]+) MB, wrote ([\d.]+) MB")
 
 
-def run_tvrecipe(recipe: Path, report: Path | None = None) -> Measured:
-    """Time one `tvrecipe run RECIPE --force` (not -q: its last line carries the byte counts)."""
+def dir_mb(path: Path) -> float:
+    """Bytes under ``path`` (0 when missing), in MB."""
+    if not path.exists():
+        return 0.0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def run_tvrecipe(recipe: Path, report: Path | None = None, cache: str = "off") -> Measured:
+    """Time one `tvrecipe run RECIPE --force` (not -q: its last line carries the byte counts).
+
+    ``cache``: ``off`` passes ``--no-cache`` (the merge alone); ``cold`` gives the run a fresh,
+    empty ``--cache-dir`` (a first run with the default cache on), measured then deleted.
+    The input-hash memo beside the recipe is left alone, so inputs are hashed once per set.
+    """
     exe = shutil.which("tvrecipe") or "tvrecipe"
     cmd = [exe, "run", str(recipe), "--force"]
+    cache_dir = recipe.with_name(f"cache-{recipe.stem}")
+    if cache == "off":
+        cmd.append("--no-cache")
+    else:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        cmd += ["--cache-dir", str(cache_dir)]
     if report is not None:
         cmd += ["--report", str(report)]
     m = measure(cmd)
@@ -210,6 +227,9 @@ def run_tvrecipe(recipe: Path, report: Path | None = None) -> Measured:
     if hit:
         m.extra.update(engine_s=float(hit.group(1)), read_mb=float(hit.group(3)),
                        written_mb=float(hit.group(4)))
+    if cache != "off":
+        m.extra["cache_mb"] = dir_mb(cache_dir)
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return m
 
 
@@ -240,7 +260,7 @@ def floor_worker(mode: str, models: list[Path], out: Path | None) -> None:
             h = safe_open(str(f), framework="pt", device="cpu")
             names.update(dict.fromkeys(h.keys(), h))
         handles.append(names)
-    sink = open(out, "wb") if out is not None else None
+    sink = open(out, "wb") if out is not None else None  # noqa: SIM115 (closed below)
     t_write = 0.0
     try:
         for name in handles[0]:
@@ -272,6 +292,13 @@ def measure_floor(mode: str, models: list[Path], tmp: Path) -> Measured:
     if m.rc == 0:
         m.extra.update(json.loads(m.stdout.strip().splitlines()[-1]))
     return m
+
+
+def best_of(k: int, fn) -> Measured:
+    """The fastest of ``k`` measurements (the floor is cheap: repeat it against noise)."""
+    runs = [fn() for _ in range(k)]
+    ok = [m for m in runs if m.rc == 0]
+    return min(ok, key=lambda m: m.wall) if ok else runs[0]
 
 
 def import_baseline() -> Measured:
@@ -311,6 +338,8 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=OPS, help="run only these merges")
     p.add_argument("--repeat", type=int, default=1, help="runs per merge; the fastest is kept")
     p.add_argument("--keep", action="store_true", help="keep the merge outputs")
+    p.add_argument("--cache", choices=["off", "cold", "both"], default="both",
+                   help="off: --no-cache; cold: a fresh empty cache per run; both (default)")
     p.add_argument("--floor-worker", choices=["read", "torch", "torch+write"], help=argparse.SUPPRESS)
     p.add_argument("--floor-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("models", nargs="*", type=Path, help=argparse.SUPPRESS)
@@ -332,12 +361,10 @@ def main() -> None:
           f"one checkpoint {model_mb:.0f} MB ({cfg.dtype}), inputs "
           f"{model_mb * len(models):.0f} MB\n", flush=True)
 
-    rows: list[tuple[str, Measured, str]] = []
     # Warm the page cache, then the floor (every figure below is measured with a warm cache).
     measure_floor("read", models, work)
-    floor_read = measure_floor("read", models, work)
-    floor = measure_floor("torch", models, work)
-    floor_w = measure_floor("torch+write", models, work)
+    floor_read, floor, floor_w = (best_of(3, lambda k=k: measure_floor(k, models, work))
+                                  for k in ("read", "torch", "torch+write"))
     base_imp = import_baseline()
     for m in (floor_read, floor, floor_w):
         if m.rc:
@@ -350,34 +377,52 @@ def main() -> None:
     print(f"startup: `python -c 'import tvrecipe.cli, torch'` {base_imp.wall:.2f} s, "
           f"RSS {base_imp.peak_rss_mb:.0f} MB", flush=True)
 
-    results: dict[str, Measured] = {}
-    reports: dict[str, dict] = {}
-    for op in a.only or OPS:
-        out = BENCH / "out" / f"{a.size}-n{a.n}" / op
-        recipe = work / f"{op}.yaml"
-        recipe.write_text(recipe_text(op, ckpt, a.n, out))
-        report = work / f"{op}.report.json"
-        best: Measured | None = None
-        for _ in range(a.repeat):
-            m = run_tvrecipe(recipe, report)
-            if m.rc:
-                break
-            if best is None or m.wall < best.wall:
-                m.peak_rss_mb = max(m.peak_rss_mb, best.peak_rss_mb if best else 0)
-                best = m
-        if m.rc:
-            print(f"{op}: FAILED (exit {m.rc})\n{m.stderr.strip()[-2000:]}", flush=True)
-            results[op] = m
-        else:
-            results[op] = best
-            try:
-                reports[op] = json.loads(report.read_text())
-            except (OSError, ValueError):
-                pass
-            print(f"{op}: {best.wall:.2f} s, peak RSS {best.peak_rss_mb:.0f} MB", flush=True)
-        if not a.keep and out.exists():
-            shutil.rmtree(out)
+    # Hash the inputs once (the memo beside the recipes), untimed, so no op pays for it.
+    warm = work / "warmup.yaml"
+    warm.write_text(recipe_text("sum", ckpt, a.n, BENCH / "out" / f"{a.size}-n{a.n}" / "warmup"))
+    w = run_tvrecipe(warm, cache="off")
+    shutil.rmtree(BENCH / "out" / f"{a.size}-n{a.n}" / "warmup", ignore_errors=True)
+    if w.rc:
+        sys.exit(f"warm-up run failed (exit {w.rc}):\n{w.stderr[-2000:]}")
 
+    modes = ["off", "cold"] if a.cache == "both" else [a.cache]
+    tables = {}
+    reports: dict[str, dict] = {}
+    for mode in modes:
+        print(f"\n-- cache {mode} --", flush=True)
+        results: dict[str, Measured] = {}
+        for op in a.only or OPS:
+            out = BENCH / "out" / f"{a.size}-n{a.n}" / op
+            recipe = work / f"{op}.yaml"
+            recipe.write_text(recipe_text(op, ckpt, a.n, out))
+            report = work / f"{op}.report.json"
+            best: Measured | None = None
+            for _ in range(a.repeat):
+                m = run_tvrecipe(recipe, report, cache=mode)
+                if m.rc:
+                    break
+                if best is None or m.wall < best.wall:
+                    if best is not None:
+                        m.peak_rss_mb = max(m.peak_rss_mb, best.peak_rss_mb)
+                    best = m
+            if m.rc:
+                print(f"{op}: FAILED (exit {m.rc})\n{m.stderr.strip()[-2000:]}", flush=True)
+                results[op] = m
+            else:
+                results[op] = best
+                try:
+                    reports[op] = json.loads(report.read_text())
+                except (OSError, ValueError):
+                    pass
+                extra = (f", cache written {best.extra['cache_mb']:.0f} MB"
+                         if "cache_mb" in best.extra else "")
+                print(f"{op}: {best.wall:.2f} s, peak RSS {best.peak_rss_mb:.0f} MB{extra}",
+                      flush=True)
+            if not a.keep and out.exists():
+                shutil.rmtree(out)
+        tables[mode] = results
+
+    mk: dict[str, Measured] = {}
     if mergekit_available():
         for op in ("sum", "ties", "dare"):
             if a.only and op not in a.only:
@@ -386,67 +431,90 @@ def main() -> None:
             cfg_path.write_text(mergekit_config(op, ckpt, a.n))
             out = BENCH / "out" / f"{a.size}-n{a.n}" / f"mergekit-{op}"
             m = measure([shutil.which("mergekit-yaml"), str(cfg_path), str(out)])
-            results[f"mergekit {op}"] = m
+            mk[f"mergekit {op}"] = m
             print(f"mergekit {op}: {'FAILED ' + m.stderr[-500:] if m.rc else f'{m.wall:.2f} s'}")
             if not a.keep and out.exists():
                 shutil.rmtree(out)
     else:
         print("mergekit: not installed")
 
-    # ---- table ----
+    for mode, results in tables.items():
+        if mode == modes[0]:
+            results.update(mk)
+        print_table(mode, results, floor_read, floor, floor_w, base_imp, model_mb)
+        print_ratios(mode, results, floor, reports)
+    if len(tables) == 2:
+        off, cold = tables["off"], tables["cold"]
+        print("\n- cost of the default cache on a first run (cold / --no-cache wall): "
+              + ", ".join(f"{op} {cold[op].wall / off[op].wall:.2f}× "
+                          f"({cold[op].extra.get('cache_mb', 0):.0f} MB cached)"
+                          for op in off if op in cold and not off[op].rc and not cold[op].rc))
+
+
+def print_table(mode: str, results: dict[str, Measured], floor_read: Measured, floor: Measured,
+                floor_w: Measured, base_imp: Measured, model_mb: float) -> None:
+    """The markdown table of one cache mode."""
     ref = results.get("sum")
     sum_wall = ref.wall if ref is not None and ref.rc == 0 else None
+    cold = mode != "off"
+    print(f"\n### cache {mode}" + (" (fresh --cache-dir per run)" if cold else " (--no-cache)"))
     print("\n| op | wall s | engine s | ratio to floor | ratio to sum | peak RSS MB | "
-          "peak anon MB | model size MB | read / written MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak anon MB | model size MB | read / written MB |" + (" cache MB |" if cold else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if cold else ""))
+    tail = " – |" if cold else ""
     print(f"| floor: read input files (warm cache) | {floor_read.wall:.2f} | "
           f"{floor_read.extra['seconds']:.2f} | – | – | {floor_read.peak_rss_mb:.0f} | "
           f"{floor_read.peak_anon_mb:.0f} | {model_mb:.0f} | "
-          f"{floor_read.extra['bytes'] / 1e6:.0f} / 0 |")
+          f"{floor_read.extra['bytes'] / 1e6:.0f} / 0 |{tail}")
     print(f"| floor: torch load→f32→accumulate | {floor.wall:.2f} | "
           f"{floor.extra['seconds']:.2f} | 1.00 | "
           f"{fmt(floor.wall / sum_wall if sum_wall else None, 2)} | "
           f"{floor.peak_rss_mb:.0f} | {floor.peak_anon_mb:.0f} | {model_mb:.0f} | "
-          f"{floor.extra['bytes'] / 1e6:.0f} / 0 |")
+          f"{floor.extra['bytes'] / 1e6:.0f} / 0 |{tail}")
     print(f"| floor + write bf16 result | {floor_w.wall:.2f} | {floor_w.extra['seconds']:.2f} | "
           f"{floor_w.wall / floor.wall:.2f} | "
           f"{fmt(floor_w.wall / sum_wall if sum_wall else None, 2)} | "
           f"{floor_w.peak_rss_mb:.0f} | {floor_w.peak_anon_mb:.0f} | {model_mb:.0f} | "
-          f"{floor_w.extra['bytes'] / 1e6:.0f} / {model_mb:.0f} |")
+          f"{floor_w.extra['bytes'] / 1e6:.0f} / {model_mb:.0f} |{tail}")
     for op, m in results.items():
         label = LABELS.get(op, op)
         if m.rc:
-            print(f"| {label} | FAILED (exit {m.rc}) | | | | | | | |")
+            print(f"| {label} | FAILED (exit {m.rc}) | | | | | | | |" + (" |" if cold else ""))
             continue
         rw = (f"{m.extra['read_mb']:.0f} / {m.extra['written_mb']:.0f}"
               if "read_mb" in m.extra else "–")
+        cache = f" {fmt(m.extra.get('cache_mb'), 0)} |" if cold else ""
         print(f"| {label} | {m.wall:.2f} | {fmt(m.extra.get('engine_s'), 2)} | "
               f"{m.wall / floor.wall:.2f} | {fmt(m.wall / sum_wall if sum_wall else None, 2)} | "
-              f"{m.peak_rss_mb:.0f} | {m.peak_anon_mb:.0f} | {model_mb:.0f} | {rw} |")
+              f"{m.peak_rss_mb:.0f} | {m.peak_anon_mb:.0f} | {model_mb:.0f} | {rw} |{cache}")
     print(f"| (startup: import tvrecipe.cli, torch) | {base_imp.wall:.2f} | – | – | – | "
-          f"{base_imp.peak_rss_mb:.0f} | {base_imp.peak_anon_mb:.0f} | – | – |")
+          f"{base_imp.peak_rss_mb:.0f} | {base_imp.peak_anon_mb:.0f} | – | – |{tail}")
 
-    # ---- the ratios the issues ask for ----
+
+def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
+                 reports: dict[str, dict]) -> None:
+    """The ratios the issues ask for, from one cache mode's results."""
+    ref = results.get("sum")
+    sum_wall = ref.wall if ref is not None and ref.rc == 0 else None
+
     def ratio(op: str) -> str:
         m = results.get(op)
         if m is None or m.rc or not sum_wall:
             return "n/a"
         return f"{m.wall / sum_wall:.2f}×"
 
-    print()
+    print(f"\nratios (cache {mode}):")
     print(f"- task arithmetic / floor: "
           f"{(sum_wall / floor.wall) if sum_wall else float('nan'):.2f}×")
     print(f"- TIES / sum: {ratio('ties')}")
     print(f"- DARE / sum: {ratio('dare')}")
     print(f"- similarity pass (cluster_basis) / sum: {ratio('cluster_basis')}")
     cb = reports.get("cluster_basis", {}).get("basis")
-    if isinstance(cb, dict):
-        print(f"  (cluster_basis chose k={len(cb.get('basis', {})) or cb.get('k')}: "
-              f"{json.dumps(cb.get('basis'))})")
+    if isinstance(cb, dict) and isinstance(cb.get("basis"), dict):
+        print(f"  (cluster_basis chose k={len(cb['basis'])}: {json.dumps(cb['basis'])})")
     d = results.get("decompose")
     if d is not None and not d.rc:
-        print(f"- decompose (8 vectors, rank 16): {d.wall:.2f} s wall "
-              f"({ratio('decompose')} sum)")
+        print(f"- decompose (8 vectors, rank 16): {d.wall:.2f} s wall ({ratio('decompose')} sum)")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def parse_size(text: str | int) -> int:
 
 def default_intermediate(hidden: int) -> int:
     """About 2.75 × hidden, rounded to a multiple of 64 (1024 → 2816)."""
-    return max(64, int(round(2.75 * hidden / 64)) * 64)
+    return max(64, round(2.75 * hidden / 64) * 64)
 
 
 def llama_shapes(hidden: int, layers: int, vocab: int, intermediate: int
@@ -217,7 +217,7 @@ def generate(cfg: SynthConfig, out: Path, verbose: bool = True) -> list[Path]:
     for i, entries in enumerate(shards):
         handles = []
         for m, d in zip(names, dirs):
-            f = open(d / files[i], "wb")
+            f = open(d / files[i], "wb")  # noqa: SIM115 (closed in finally)
             f.write(_header(entries, dtype, {"format": "pt", "synth.model": m}))
             handles.append(f)
         try:

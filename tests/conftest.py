@@ -240,4 +240,6 @@ class Cli:
 def cli(tmp_path, monkeypatch) -> Cli:
     """The CLI, run from ``tmp_path`` (so messages name recipes relative to it)."""
     monkeypatch.chdir(tmp_path)
+    # Caches live beside each recipe, inside tmp_path: never a user's shared cache.
+    monkeypatch.delenv("TVRECIPE_CACHE", raising=False)
     return Cli(tmp_path)

@@ -100,9 +100,6 @@ def test_bad_references_reports_every_problem(cli, tmp_path, command):
     assert listing(tmp_path) == before
 
 
-@pytest.mark.xfail(reason="BUG: plan/graph.py:267-269 prints a cycle starting wherever "
-                          "nx.simple_cycles starts, which depends on PYTHONHASHSEED",
-                   strict=True)
 def test_cycle_message_is_deterministic(tmp_path):
     shutil.copy(INVALID / "bad_references.yaml", tmp_path)
     seen = set()
@@ -166,9 +163,6 @@ def test_validate_ok_lists_unused_steps(cli):
     assert res.stdout.strip() == "r.yaml: ok (2 steps, 1 outputs; unused steps: spare)"
 
 
-@pytest.mark.xfail(reason="BUG: spec/models.py OutputSpec.shard_size accepts any string; "
-                          "run then dies in store/writer.parse_size with exit 70",
-                   strict=True)
 @pytest.mark.parametrize("size", ["lots", "0"])
 def test_bad_shard_size_is_a_recipe_error(cli, tmp_path, size):
     checkpoints(tmp_path)
@@ -191,9 +185,6 @@ def test_missing_model_path_is_named_by_plan(cli, tmp_path):
     assert "no such file or folder" in res.stderr
 
 
-@pytest.mark.xfail(reason="BUG: exec/lockfile.py _model_files opens the checkpoint without "
-                          "naming the model, so `run` says only the path",
-                   strict=True)
 def test_missing_model_path_is_named_by_run(cli, tmp_path):
     checkpoints(tmp_path)
     cli.write("r.yaml", simple(ft="./ckpt/nope"))
@@ -334,3 +325,10 @@ def test_output_overlapping_an_input(cli, tmp_path, out, relation):
         assert relation in res.stderr
         assert "choose an output path outside every input" in res.stderr
     assert listing(tmp_path / "ckpt") == before
+
+
+def test_report_in_a_missing_folder_is_an_output_error(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    res = cli.fails(4, "run", "r.yaml", "--report", "nodir/report.json")
+    assert "nodir/report.json" in res.stderr

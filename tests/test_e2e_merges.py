@@ -120,7 +120,7 @@ def test_dare_drops_and_rescales_deterministically(make_models, cli, tmp_path):
     cli.write("r.yaml", recipe(ms, DARE_STEPS, DARE_OUTS, "settings: {seed: 3}\n"))
     cli.ok("run", "r.yaml")
     first = snapshot(tmp_path / "out")
-    cli.ok("run", "r.yaml", "--force")
+    cli.ok("run", "r.yaml", "--force", "--no-cache")
     assert snapshot(tmp_path / "out") == first, "same seed, different bytes"
 
     dared = tmp_path / "out" / "dared"

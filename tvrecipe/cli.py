@@ -140,6 +140,10 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     from tvrecipe.exec import lockfile
     from tvrecipe.store.lock import lock_path
     compiled = _compile(recipe)
+    if report_path and not Path(report_path).resolve().parent.is_dir():
+        from tvrecipe.errors import OutputError
+        raise OutputError(f"--report {report_path}: folder {Path(report_path).parent} does not "
+                          "exist; create it or choose another path")
     memo = lockfile.hash_memo(compiled)
     state = lockfile.run_state(compiled, memo)
     has_lock = lock_path(compiled.loaded.path).is_file()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tvrecipe import __version__
+from tvrecipe.errors import InputError
 from tvrecipe.plan.graph import Compiled
 from tvrecipe.plan.keys import step_keys
 from tvrecipe.plan.tensors import needed_models
@@ -33,8 +34,11 @@ def _model_files(compiled: Compiled, name: str) -> list[Path]:
     members = compiled.model_types[name].members
     if members:
         return [path / f"{m}.safetensors" for m in members]
-    with open_checkpoint(path) as ck:
-        return list(ck.files)
+    try:
+        with open_checkpoint(path) as ck:
+            return list(ck.files)
+    except InputError as exc:
+        raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
 
 
 def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any]:

@@ -266,8 +266,11 @@ class _Compiler:
         cyclic: set[str] = set()
         for cycle in nx.simple_cycles(graph):
             cyclic.update(cycle)
+            first = min(cycle, key=lambda n: (self.src.locate(("steps", n))[0] or 0, n))
+            # Start at the step written first, so the message does not depend on hash order.
+            at = cycle.index(first)
+            cycle = cycle[at:] + cycle[:at]
             chain = " -> ".join([*cycle, cycle[0]])
-            first = min(cycle, key=lambda n: self.src.locate(("steps", n))[0] or 0)
             self.problem(("steps", first), f"cycle: {chain}",
                          "a step cannot depend on itself, directly or through others")
         acyclic = graph.subgraph([n for n in graph if n not in cyclic])

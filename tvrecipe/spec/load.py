@@ -90,6 +90,8 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             message = f"{err['msg']}, got {err['input']!r}"
             expected = re.findall(r"'([^']*)'", err["msg"])
             hint = did_you_mean(err["input"], expected) if isinstance(err["input"], str) else None
+        elif kind == "value_error":  # our validators' messages already show the input
+            message = err["msg"].removeprefix("Value error, ")
         else:
             message = err["msg"]
             if "input" in err and not isinstance(err["input"], (dict, list)):

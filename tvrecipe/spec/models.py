@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 REF_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$"
@@ -53,7 +61,20 @@ class ModelSpec(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"path": value} if isinstance(value, str) else value
+        return _model_from_string(value)
+
+
+def _model_from_string(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+# In a recipe a model is a path, or a mapping with a path and options; the schema says both.
+ModelEntry = Annotated[
+    ModelSpec,
+    BeforeValidator(_model_from_string, json_schema_input_type=Union[str, ModelSpec]),  # noqa: UP007
+]
+
+_SIZE_RE = r"^\s*(\d+(\.\d*)?|\.\d+)\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 
 
 class _Step(_Frozen):
@@ -83,7 +104,7 @@ class _Step(_Frozen):
 class ExtractStep(_Step):
     """Task vectors: fine-tuned weights minus base weights."""
 
-    op: Literal["extract"]
+    op: Literal["extract"] = Field(description="The operation: `extract`.")
     base: Ref = Field(description="The pre-trained checkpoint.")
     finetuned: Ref | list[Ref] | dict[Name, Ref] = Field(
         description="One checkpoint (gives a `vector`), a list (a `vectors` set named after the "
@@ -94,7 +115,7 @@ class ExtractStep(_Step):
 class ScaleStep(_Step):
     """Multiply task vector(s) by a factor."""
 
-    op: Literal["scale"]
+    op: Literal["scale"] = Field(description="The operation: `scale`.")
     input: Ref = Field(description="A vector, vectors or decomposition.")
     factor: float = Field(description="The factor c in c·τ.")
     ref_fields: ClassVar[tuple[str, ...]] = ("input",)
@@ -103,7 +124,7 @@ class ScaleStep(_Step):
 class NegateStep(_Step):
     """Negate task vector(s): forgetting a task."""
 
-    op: Literal["negate"]
+    op: Literal["negate"] = Field(description="The operation: `negate`.")
     input: Ref = Field(description="A vector, vectors or decomposition.")
     ref_fields: ClassVar[tuple[str, ...]] = ("input",)
 
@@ -111,7 +132,7 @@ class NegateStep(_Step):
 class SumStep(_Step):
     """Weighted sum of task vectors (task arithmetic)."""
 
-    op: Literal["sum"]
+    op: Literal["sum"] = Field(description="The operation: `sum`.")
     inputs: RefList
     weights: float | list[float] | dict[str, float] | None = Field(
         None, description="One weight per entry of `inputs` (a weight given for a `vectors` "
@@ -123,7 +144,7 @@ class SumStep(_Step):
 class MeanStep(_Step):
     """Unweighted mean of task vectors."""
 
-    op: Literal["mean"]
+    op: Literal["mean"] = Field(description="The operation: `mean`.")
     inputs: RefList
     ref_fields: ClassVar[tuple[str, ...]] = ("inputs",)
 
@@ -131,7 +152,7 @@ class MeanStep(_Step):
 class TiesStep(_Step):
     """TIES merging: trim, elect sign, disjoint merge (Yadav et al., 2023)."""
 
-    op: Literal["ties"]
+    op: Literal["ties"] = Field(description="The operation: `ties`.")
     inputs: RefList
     density: Density = Field(0.2, description="Fraction of entries kept per tensor, by magnitude.")
     weights: float | list[float] | dict[str, float] | None = Field(
@@ -145,7 +166,7 @@ class TiesStep(_Step):
 class DareStep(_Step):
     """DARE: randomly drop entries and rescale the rest (Yu et al., 2024)."""
 
-    op: Literal["dare"]
+    op: Literal["dare"] = Field(description="The operation: `dare`.")
     input: Ref = Field(description="A vector or vectors.")
     density: Density = Field(description="Probability of keeping each entry.")
     rescale: bool = Field(True, description="Divide kept entries by `density`.")
@@ -155,7 +176,7 @@ class DareStep(_Step):
 class PruneStep(_Step):
     """Keep the top `density` fraction of entries of each tensor by magnitude."""
 
-    op: Literal["prune"]
+    op: Literal["prune"] = Field(description="The operation: `prune`.")
     input: Ref = Field(description="A vector or vectors.")
     density: Density = Field(description="Fraction of entries kept per tensor.")
     by: Literal["magnitude"] = Field("magnitude", description="Selection rule.")
@@ -165,7 +186,7 @@ class PruneStep(_Step):
 class ClusterBasisStep(_Step):
     """Cluster task vectors by cosine similarity and keep one basis vector per cluster (Zeng et al.)."""
 
-    op: Literal["cluster_basis"]
+    op: Literal["cluster_basis"] = Field(description="The operation: `cluster_basis`.")
     inputs: RefList
     k: int | Literal["auto"] = Field(
         "auto", description="Number of basis vectors, or `auto` (largest Laplacian eigengap).")
@@ -187,7 +208,7 @@ class ClusterBasisStep(_Step):
 class AssignStep(_Step):
     """Pick the basis vector most similar (cosine over the whole model) to a new task vector."""
 
-    op: Literal["assign"]
+    op: Literal["assign"] = Field(description="The operation: `assign`.")
     input: Ref = Field(description="The new task vector.")
     basis: Ref = Field(description="A `vectors` set, such as a `cluster_basis` result.")
     ref_fields: ClassVar[tuple[str, ...]] = ("input", "basis")
@@ -205,7 +226,7 @@ DEFAULT_EXCLUDE = ("*embed_tokens*", "*embeddings*", "*wte*", "*wpe*", "*lm_head
 class DecomposeStep(_Step):
     """Split task vectors into shared and unique parts (Damirchi et al., 2025)."""
 
-    op: Literal["decompose"]
+    op: Literal["decompose"] = Field(description="The operation: `decompose`.")
     inputs: RefList
     reference: RefList | None = Field(
         None, description="Extra task vectors that shape the shared subspace but get no parts "
@@ -227,7 +248,7 @@ class DecomposeStep(_Step):
 class ApplyStep(_Step):
     """Add a scaled task vector to a checkpoint."""
 
-    op: Literal["apply"]
+    op: Literal["apply"] = Field(description="The operation: `apply`.")
     base: Ref = Field(description="The checkpoint to edit.")
     delta: Ref = Field(description="The task vector to add.")
     scale: float = Field(1.0, description="λ in θ₀ + λ·τ.")
@@ -253,12 +274,20 @@ class OutputSpec(_Frozen):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = Field(
         None, description="Dtype of floating tensors on disk. Default: the base checkpoint's "
                           "dtype for checkpoints, the compute dtype for task vectors.")
-    shard_size: int | str = Field(
-        "5GB", description="Largest shard, e.g. `2GB`, `500MB`, or bytes.")
+    shard_size: Union[int, str] = Field(  # noqa: UP007
+        "5GB", description="Largest shard, e.g. `2GB`, `500MB`, `1.5GiB`, or bytes.")
     copy_files_from: Name | None = Field(
         None, description="A model whose non-weight files (config, tokenizer) are copied. "
                           "Default for checkpoints: the base of the checkpoint.")
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        if (isinstance(v, int) and v <= 0) or (isinstance(v, str) and not re.match(_SIZE_RE, v)):
+            raise ValueError(f"shard_size must be a positive size such as 2GB, 500MB, 1.5GiB "
+                             f"or a number of bytes, got {v!r}")
+        return v
 
 
 class Recipe(_Frozen):
@@ -270,6 +299,6 @@ class Recipe(_Frozen):
     name: str | None = Field(None, description="Free text.")
     description: str | None = Field(None, description="Free text.")
     settings: Settings = Field(default_factory=Settings, description="Run-wide settings.")
-    models: dict[Name, ModelSpec] = Field(description="Named inputs.")
+    models: dict[Name, ModelEntry] = Field(description="Named inputs.")
     steps: dict[Name, Step] = Field(default_factory=dict, description="Named operations, in any order.")
     outputs: dict[Name, OutputSpec] = Field(description="What is written.")
