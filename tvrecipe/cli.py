@@ -79,9 +79,9 @@ def _cache_root(recipe_dir: Path, option: str | None) -> Path:
     return Path(chosen) if chosen else recipe_dir / ".tvrecipe" / "cache"
 
 
-def _compile(recipe: str):
+def _compile(recipe: str, targets: tuple[str, ...] = ()):
     from tvrecipe.plan.graph import load_and_compile
-    return load_and_compile(recipe)
+    return load_and_compile(recipe, targets)
 
 
 @main.command()
@@ -189,16 +189,28 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("step")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw figures as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw it as a PNG (needs matplotlib: pip install 'tvrecipe[plot]').")
 @click.option("--device", help="Override settings.device.")
 @handle_errors
-def inspect(recipe: str, step: str, as_json: bool, device: str | None) -> None:
-    """Show a vectors value's cosine matrix, or a decompose step's ranks per tensor."""
+def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
+            device: str | None) -> None:
+    """Show cosine similarities of a vectors value, the clusters of a cluster_basis step, or
+    the ranks and shared dimensions of a decompose step, per tensor."""
     from tvrecipe.exec.runner import Runner, RunOptions
     from tvrecipe.report import render_inspection
-    compiled = _compile(recipe)
+    compiled = _compile(recipe, (step,))
     result = Runner(compiled, RunOptions(device=device, progress=sys.stderr.isatty())).inspect(step)
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json
                else render_inspection(step, result))
+    if plot_path:
+        from tvrecipe.report import plot_inspection
+        try:
+            plot_inspection(step, result, plot_path)
+        except ImportError:
+            from tvrecipe.errors import OutputError
+            raise OutputError("--plot needs matplotlib: pip install 'tvrecipe[plot]'") from None
+        click.echo(f"wrote {plot_path}")
 
 
 @main.command()

@@ -305,6 +305,7 @@ class Runner:
         names = [e.name for e in entries]
         report = clustering.to_dict()
         report["tasks"] = names
+        report["similarity"] = similarity.tolist()
         report["basis"] = {f"b{j}": [names[i] for i in members]
                            for j, members in enumerate(clustering.members)}
         self.reports.setdefault(step.name, {}).update(report)
@@ -333,6 +334,17 @@ class Runner:
             raise RecipeError(f"no step or model named {node!r}; known: "
                               + ", ".join([*self.compiled.models, *self.compiled.steps]))
         kind = self.compiled.type_of(node).kind
+        step = self.compiled.steps.get(node)
+        if step is not None and step.op == "cluster_basis":
+            self.plan = build_tensor_plan(self.compiled)
+            try:
+                self._cluster_pass(step)
+            finally:
+                self.plan.close()
+            rep = self.reports[node]
+            return {"kind": "clusters", "members": rep["tasks"], "cosine": rep["similarity"],
+                    "labels": rep["labels"], "basis": rep["basis"],
+                    "eigenvalues": rep["eigenvalues"]}
         if kind not in (VECTORS, "decomposition"):
             raise RecipeError(f"{node!r} is a {kind}: inspect shows a vectors set (cosine "
                               "similarities) or a decompose step (ranks and shared dimensions)")
@@ -363,7 +375,8 @@ class Runner:
         known.update({n: tuple(m["members"]) for n, (m, _) in self.cached.items()
                       if m.get("members") is not None
                       and self.compiled.steps[n].op == "cluster_basis"})
-        self.compiled = compile_recipe(self.compiled.loaded, known_members=known)
+        self.compiled = compile_recipe(self.compiled.loaded, known_members=known,
+                                       targets=self.compiled.targets)
 
     def _lookup_cache(self) -> None:
         cache, keys = self.options.cache, self.options.keys

@@ -86,6 +86,7 @@ class Compiled:
     steps: dict[str, CompiledStep]          # only needed steps, in topological order
     outputs: dict[str, tuple[OutputSpec, Resolved]]
     unused: list[str] = field(default_factory=list)
+    targets: tuple[str, ...] = ()  # extra nodes kept without an output (for inspect)
 
     def type_of(self, node: str) -> ValueType:
         """The value type of a model or step."""
@@ -107,8 +108,9 @@ def _model_type(loaded: LoadedRecipe, spec: ModelSpec) -> ValueType:
 
 class _Compiler:
     def __init__(self, loaded: LoadedRecipe, known_members: dict[str, tuple[str, ...]],
-                 broken: frozenset[str] = frozenset()):
+                 broken: frozenset[str] = frozenset(), targets: tuple[str, ...] = ()):
         self.loaded = loaded
+        self.targets = targets
         self.broken = broken
         self.known = known_members
         self.recipe = loaded.recipe
@@ -326,29 +328,32 @@ class _Compiler:
             self.problems.sort(key=lambda p: (p.line or 0, p.column or 0))
             raise RecipeError(self.problems)
         needed: set[str] = set()
-        for _, res in outputs.values():
-            needed |= {res.node, *nx.ancestors(graph, res.node)}
+        for node in [res.node for _, res in outputs.values()] + [
+                t for t in self.targets if t in graph and t not in cyclic]:
+            needed |= {node, *nx.ancestors(graph, node)}
         ordered = {n: s for n, s in steps.items() if n in needed}
         unused = [n for n in recipe.steps if n not in needed]
         model_types = {n: t for n, t in self.types.items() if n in recipe.models}
         return Compiled(self.loaded, graph, dict(recipe.models), model_types, ordered,
-                        outputs, unused)
+                        outputs, unused, self.targets)
 
 
 def compile_recipe(loaded: LoadedRecipe,
-                   known_members: dict[str, tuple[str, ...]] | None = None) -> Compiled:
+                   known_members: dict[str, tuple[str, ...]] | None = None,
+                   targets: tuple[str, ...] = ()) -> Compiled:
     """Check every reference and kind and order the steps outputs need.
 
     Args:
         loaded: The validated recipe.
         known_members: Member names learnt at run time (``cluster_basis`` with ``k: auto``),
             by step name; references to them are checked once they are known.
+        targets: Steps to keep even when no output needs them (``tvrecipe inspect``).
 
     Raises:
         RecipeError: with every problem found (unknown references, kind mismatches, cycles,
             names used twice, bad weights), each located in the recipe file.
     """
-    return _Compiler(loaded, known_members or {}).run()
+    return _Compiler(loaded, known_members or {}, targets=targets).run()
 
 
 def is_extract_of(step: CompiledStep) -> bool:
@@ -356,7 +361,7 @@ def is_extract_of(step: CompiledStep) -> bool:
     return isinstance(step.spec, ExtractStep)
 
 
-def load_and_compile(path: str | Path) -> Compiled:
+def load_and_compile(path: str | Path, targets: tuple[str, ...] = ()) -> Compiled:
     """Load, validate and compile a recipe file, reporting every problem of every phase at once.
 
     When the schema check finds problems, the valid rest of the recipe is still compiled so
@@ -379,4 +384,4 @@ def load_and_compile(path: str | Path) -> Compiled:
             exc = RecipeError(sorted([*exc.problems, *problems],
                                      key=lambda p: (p.line or 0, p.column or 0)))
         raise exc from None
-    return compile_recipe(loaded)
+    return compile_recipe(loaded, targets=targets)
