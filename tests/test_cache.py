@@ -147,3 +147,17 @@ def test_killed_run_leaves_no_output_and_next_run_is_identical(tmp_path):
     want = load_file(str(tmp_path / "ref" / "model.safetensors"))
     got_t = load_file(str(got))
     assert all(torch.equal(got_t[k], want[k]) for k in want)
+
+
+def test_plan_marks_cached_and_computed_steps(tmp_path):
+    recipe = _make(tmp_path)
+    res = _cli("plan", str(recipe))
+    assert "[compute] merged" in res.output and "a run computes 3 of 3 steps" in res.output
+    _cli("run", str(recipe), "-q")
+    recipe.write_text(RECIPE.replace("SCALE", "0.25"))
+    res = _cli("plan", str(recipe))
+    assert res.exit_code == 0, res.output
+    assert "[skipped] tv" in res.output
+    assert "[cached]  merged" in res.output
+    assert "[compute] model" in res.output
+    assert "a run computes 1 of 3 steps" in res.output

@@ -109,12 +109,20 @@ def validate(recipes: tuple[str, ...]) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text",
               show_default=True, help="Text summary, or the step graph for a diagram tool.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="The cache to check.")
 @handle_errors
-def plan(recipe: str, fmt: str) -> None:
+def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
     """Show what a run would do: steps in order, tensors, peak memory and output size."""
-    from tvrecipe.plan.summary import render_plan
+    from tvrecipe.exec import lockfile
+    from tvrecipe.plan.summary import render_plan, run_status
+    from tvrecipe.store.cache import TensorCache
     compiled = _compile(recipe)
-    click.echo(render_plan(compiled, fmt))
+    status = None
+    if fmt == "text":
+        keys = lockfile.run_state(compiled)["steps"]
+        tc = TensorCache(_cache_root(compiled.loaded.root, cache_dir))
+        status = run_status(compiled, {n for n, k in keys.items() if tc.manifest(k).is_file()})
+    click.echo(render_plan(compiled, fmt, status))
 
 
 @main.command()

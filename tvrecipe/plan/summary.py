@@ -45,7 +45,23 @@ def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
     return out
 
 
-def _text(compiled: Compiled) -> str:
+def run_status(compiled: Compiled, cached: set[str]) -> dict[str, str]:
+    """Each needed step's fate in a run: ``compute``, ``cached``, or ``skipped`` (only feeds
+    cached steps)."""
+    reached: set[str] = set()
+    stack = [res.node for _, res in compiled.outputs.values()]
+    while stack:
+        node = stack.pop()
+        if node in reached or node not in compiled.steps:
+            continue
+        reached.add(node)
+        if node not in cached:
+            stack.extend(r.node for refs in compiled.steps[node].refs.values() for r in refs)
+    return {n: ("cached" if n in cached and n in reached else
+                "compute" if n in reached else "skipped") for n in compiled.steps}
+
+
+def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
     loaded = compiled.loaded
     lines = [f"recipe {loaded.path} ({loaded.recipe.name or 'unnamed'})", "", "steps:"]
     for i, (name, step) in enumerate(compiled.steps.items(), 1):
@@ -54,7 +70,8 @@ def _text(compiled: Compiled) -> str:
         what = f"{kind}[{', '.join(members)}]" if members else kind
         reduce = "  (whole-model pass)" if step.op == "cluster_basis" else ""
         ins = ", ".join(r.text for refs in step.refs.values() for r in refs)
-        lines.append(f"  {i:>2}. {name:<14} {step.op:<13} {ins} -> {what}{reduce}")
+        mark = f"{'[' + status[name] + ']':<10}" if status else ""
+        lines.append(f"  {i:>2}. {mark}{name:<14} {step.op:<13} {ins} -> {what}{reduce}")
     if compiled.unused:
         lines.append(f"  not needed by any output: {', '.join(compiled.unused)}")
     plan = build_tensor_plan(compiled)
@@ -63,13 +80,35 @@ def _text(compiled: Compiled) -> str:
         floating = len(plan.floating)
         lines += ["", (f"tensors: {len(plan.tensors)} ({floating} floating) from model "
                       f"{plan.reference!r}; inputs: {', '.join(plan.models)}"),
-                  f"estimated peak working memory: {human(est['peak_bytes'])}", "", "outputs:"]
+                  f"estimated peak working memory: {human(est['peak_bytes'])}"]
+        if status is not None:
+            lines.append(_io_estimate(compiled, plan, status, est))
+        lines += ["", "outputs:"]
         for name, (spec, res) in compiled.outputs.items():
             lines.append(f"  {name}: {res.text} ({res.type.kind}) -> {spec.path}  "
                          f"~{human(est['output:' + name])}")
     finally:
         plan.close()
     return "\n".join(lines)
+
+
+def _io_estimate(compiled: Compiled, plan: TensorPlan, status: dict[str, str],
+                 est: dict[str, float]) -> str:
+    """What a run will read (inputs of computed steps, cached results) and write."""
+    live = [n for n, st in status.items() if st == "compute"]
+    models = {r.node for n in live for refs in compiled.steps[n].refs.values() for r in refs}
+    models |= {res.node for _, res in compiled.outputs.values()}
+    read = sum(info.nbytes for m in models if m in plan.models
+               for ck in plan.models[m].parts.values() for info in ck.tensors.values())
+    floating = sum(math.prod(t.shape) for t in plan.tensors.values() if t.is_floating)
+    cbytes = _BYTES[compiled.loaded.recipe.settings.compute_dtype]
+    reused = sum(floating * cbytes * max(1, len(compiled.steps[n].type.members or ()))
+                 for n, st in status.items() if st == "cached")
+    written = sum(v for k, v in est.items() if k.startswith("output:"))
+    computed = sum(1 for st in status.values() if st == "compute")
+    return (f"a run computes {computed} of {len(status)} steps; reads ~{human(read)} of inputs "
+            f"and ~{human(reused)} of cached results; writes ~{human(written)} of outputs "
+            "(plus cache entries for computed sum/ties/dare/prune/decompose/cluster steps)")
 
 
 def _edges(compiled: Compiled):
@@ -84,10 +123,11 @@ def _edges(compiled: Compiled):
     del nodes
 
 
-def render_plan(compiled: Compiled, fmt: str = "text") -> str:
-    """The plan as ``text``, ``mermaid`` or ``dot``."""
+def render_plan(compiled: Compiled, fmt: str = "text",
+                status: dict[str, str] | None = None) -> str:
+    """The plan as ``text``, ``mermaid`` or ``dot``; ``status`` marks steps cached/compute."""
     if fmt == "text":
-        return _text(compiled)
+        return _text(compiled, status)
     edges = sorted(set(_edges(compiled)))
     label = {n: f"{n} ({s.op})" for n, s in compiled.steps.items()}
     ident = {}
