@@ -422,6 +422,14 @@ def main() -> None:
                 shutil.rmtree(out)
         tables[mode] = results
 
+    # The floor again, after the merges: other processes share the machine, so keep the
+    # fastest of all floor passes (printed, so a noisy first measurement shows).
+    again = best_of(2, lambda: measure_floor("torch", models, work))
+    if again.rc == 0:
+        print(f"\nfloor torch pass again: {again.wall:.2f} s wall (first: {floor.wall:.2f} s)")
+        if again.wall < floor.wall:
+            floor = again
+
     mk: dict[str, Measured] = {}
     if mergekit_available():
         for op in ("sum", "ties", "dare"):

@@ -313,7 +313,8 @@ def test_read_header_returns_infos(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"s": torch.tensor(2.0, dtype=torch.float64)}, path)
     infos, meta = read_header(path)
-    assert infos == {"s": TensorInfo("s", "F64", (), path, 0, 8)} and meta == {}
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert infos == {"s": TensorInfo("s", "F64", (), path, 0, 8, 8 + header_len)} and meta == {}
 
 
 def test_dtype_maps_round_trip():

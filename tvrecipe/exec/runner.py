@@ -21,7 +21,7 @@ from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan
 from tvrecipe.store.cache import PendingEntry, TensorCache
-from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
+from tvrecipe.store.checkpoint import TensorInfo, dtype_size, st_dtype, torch_dtype
 from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
 
@@ -87,12 +87,14 @@ class _Output:
         if self.kind == CHECKPOINT:
             specs = [TensorSpec(t, out_dtype or info.dtype if info.is_floating else info.dtype,
                                 info.shape) for t, info in plan.tensors.items()]
+            self.sizes = {sp.name: dtype_size(sp.dtype) for sp in specs}
             self.writers[""] = CheckpointWriter(self.folder.staging, specs,
                                                 shard_size=parse_size(spec.shard_size),
                                                 metadata={**meta, "format": "pt"})
         else:
             dt = out_dtype or st_dtype(compute)
             specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]
+            self.sizes = dict.fromkeys(plan.floating, dtype_size(dt))
             members = [""] if self.kind == VECTOR else list(res.type.members or ())
             for m in members:
                 if m:
@@ -117,7 +119,7 @@ class _Output:
             if t.device.type != "cpu":
                 t = t.cpu()
             self.writers[m].write(tensor, t)
-            written += t.numel() * t.element_size()
+            written += t.numel() * self.sizes[tensor]  # bytes on disk, after the cast
         return written
 
     def finish(self, compiled: Compiled, report: dict | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -106,6 +107,7 @@ class TensorInfo:
         file: The ``.safetensors`` file that holds it.
         offset: Start of its data within the file's byte buffer (for read order).
         nbytes: Size of its data in bytes.
+        start: Absolute position of its data in the file (8 + header length + offset).
     """
 
     name: str
@@ -114,6 +116,7 @@ class TensorInfo:
     file: Path
     offset: int
     nbytes: int
+    start: int = 0
 
     @property
     def is_floating(self) -> bool:
@@ -170,7 +173,8 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     ):
         raise _corrupt(file, "__metadata__ is not a mapping of strings to strings")
     data_size = size - 8 - n
-    tensors = [_tensor_info(file, name, entry) for name, entry in header.items()]
+    tensors = [dataclasses.replace(info, start=8 + n + info.offset)
+               for info in (_tensor_info(file, name, entry) for name, entry in header.items())]
     tensors.sort(key=lambda t: (t.offset, t.nbytes, t.name))
     end = 0
     for t in tensors:
@@ -255,26 +259,49 @@ class Checkpoint:
                 f"did you mean {close[0]!r}?" if close else "check the tensor names of your inputs"
             )
             raise InputError(f"{self.path}: no tensor named {name!r}; {hint}")
+        import torch
+
+        shape = info.shape
+        start, nbytes = info.start, info.nbytes
+        if rows is not None:
+            per_row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+            shape = (rows[1] - rows[0], *info.shape[1:])
+            start, nbytes = info.start + rows[0] * per_row, (rows[1] - rows[0]) * per_row
+        out = torch.empty(shape, dtype=torch_dtype(info.dtype))
+        if nbytes == 0:
+            return out
+        # Plain reads into a fresh tensor rather than safetensors' memory map: a mapping keeps
+        # every page it touched resident for as long as the file is open, so streaming a model
+        # would grow the process by the size of its inputs. The header was validated at open.
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         with self._lock:
             try:
                 handle = self._handles.get(info.file)
                 if handle is None:
-                    from safetensors import safe_open  # imports torch: only when reading
-
-                    handle = safe_open(str(info.file), framework="pt", device="cpu")
-                    self._handles[info.file] = handle
-                if rows is None:
-                    return handle.get_tensor(name)
-                return handle.get_slice(name)[rows[0] : rows[1]]
-            except (OSError, RuntimeError, ValueError) as exc:
+                    # Reads arrive in shard order: keep one file open, not every shard.
+                    for other in self._handles.values():
+                        other.close()
+                    self._handles.clear()
+                    handle = self._handles[info.file] = open(info.file, "rb", buffering=0)  # noqa: SIM115
+                handle.seek(start)
+                done = 0
+                while done < nbytes:
+                    got = handle.readinto(view[done:])
+                    if not got:
+                        raise OSError(f"file ended {nbytes - done} bytes early")
+                    done += got
+            except OSError as exc:
                 raise InputError(
                     f"{info.file}: cannot read tensor {name!r}: {exc}; "
                     "was the file changed or removed while tvrecipe ran?"
                 ) from exc
+        return out  # safetensors data is little-endian, as is every host torch runs on
 
     def close(self) -> None:
         """Releases the open file handles (a later ``get`` opens them again)."""
         with self._lock:
+            for handle in self._handles.values():
+                handle.close()
             self._handles.clear()
 
     def __enter__(self) -> Self:
