@@ -335,5 +335,17 @@ def hash_(path: str) -> None:
         click.echo(checkpoint_digest(ck.files))
 
 
+def entry() -> None:
+    """The console script: ``main``, with Ctrl-C ignored once the command has finished.
+
+    A command's own interrupt handling ends when it returns; an interrupt during interpreter
+    shutdown would otherwise print a traceback after the work is already done and saved.
+    """
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

@@ -136,7 +136,7 @@ def test_unwritable_parent(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", denied)
     msg = (
         f"cannot write {tmp_path}: {os.strerror(errno.EACCES)}; check the permissions of "
-        f"{tmp_path.parent} or write the output elsewhere"
+        f"{tmp_path} or write the output elsewhere"
     )
     with pytest.raises(OutputError, match=exact(msg)):
         OutputFolder(tmp_path / "out")

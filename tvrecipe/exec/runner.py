@@ -84,6 +84,15 @@ class _Output:
         meta = {**metadata, "tvrecipe.output": name, "tvrecipe.from": spec.from_,
                 "tvrecipe.kind": self.kind}
         self.writers: dict[str, Any] = {}
+        try:
+            self._open_writers(plan, compute, out_dtype, meta)
+        except BaseException:
+            self.folder.abort()
+            raise
+
+    def _open_writers(self, plan: TensorPlan, compute: torch.dtype, out_dtype: str | None,
+                      meta: dict[str, str]) -> None:
+        spec, res = self.spec, self.res
         if self.kind == CHECKPOINT:
             specs = [TensorSpec(t, out_dtype or info.dtype if info.is_floating else info.dtype,
                                 info.shape) for t, info in plan.tensors.items()]

@@ -207,6 +207,7 @@ class _Compiler:
                     self.problem(("steps", name, "k"),
                                  f"k = {step.k} but only {len(ents)} task vectors are given",
                                  f"use k between 1 and {len(ents)}, or k: auto")
+                    return ValueType(VECTORS, None)
                 return ValueType(VECTORS, tuple(f"b{i}" for i in range(step.k)))
             return ValueType(VECTORS, self.known.get(name))
         if op == "decompose":

@@ -168,7 +168,7 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
         if op is None:
             problems.append(smap.problem(where, "step has no 'op'",
                                          "one of: " + ", ".join(STEP_CLASSES)))
-        elif op not in STEP_CLASSES:
+        elif not isinstance(op, str) or op not in STEP_CLASSES:
             problems.append(smap.problem(
                 (*where, "op"), f"unknown op {op!r}",
                 did_you_mean(op, STEP_CLASSES) or "known ops: " + ", ".join(STEP_CLASSES)))

@@ -25,14 +25,14 @@ Ref = Annotated[
                       "`parts.unique.toxic`."),
 ]
 RefList = Annotated[
-    Ref | list[Ref],
+    Ref | Annotated[list[Ref], Field(min_length=1)],
     Field(description="One reference (a `vectors` value stands for all its members) or a list."),
 ]
 Density = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Settings(_Frozen):
@@ -106,7 +106,8 @@ class ExtractStep(_Step):
 
     op: Literal["extract"] = Field(description="The operation: `extract`.")
     base: Ref = Field(description="The pre-trained checkpoint.")
-    finetuned: Ref | list[Ref] | dict[Name, Ref] = Field(
+    finetuned: (Ref | Annotated[list[Ref], Field(min_length=1)]
+                | Annotated[dict[Name, Ref], Field(min_length=1)]) = Field(
         description="One checkpoint (gives a `vector`), a list (a `vectors` set named after the "
                     "models) or a mapping `{member: model}` (a set with those member names).")
     ref_fields: ClassVar[tuple[str, ...]] = ("base", "finetuned")
@@ -200,8 +201,8 @@ class ClusterBasisStep(_Step):
     @field_validator("k")
     @classmethod
     def _k_positive(cls, v: Any) -> Any:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("k must be at least 1 or 'auto'")
+        if isinstance(v, int) and not 1 <= v <= MAX_K:
+            raise ValueError(f"k must be 'auto' or between 1 and {MAX_K}, got {v}")
         return v
 
 
@@ -219,6 +220,8 @@ class EnergyRank(_Frozen):
 
     energy: float = Field(gt=0.0, le=1.0, description="Fraction of ‖W‖²_F to keep, e.g. 0.9.")
 
+
+MAX_K = 4096  # basis vectors; far beyond any real task library
 
 DEFAULT_EXCLUDE = ("*embed_tokens*", "*embeddings*", "*wte*", "*wpe*", "*lm_head*", "*embed_out*")
 
@@ -279,7 +282,8 @@ class OutputSpec(_Frozen):
     copy_files_from: Name | None = Field(
         None, description="A model whose non-weight files (config, tokenizer) are copied. "
                           "Default for checkpoints: the base of the checkpoint.")
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
     @field_validator("shard_size")
     @classmethod
@@ -293,7 +297,8 @@ class OutputSpec(_Frozen):
 class Recipe(_Frozen):
     """A tvrecipe recipe: inputs, steps, outputs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, title="tvrecipe recipe")
+    model_config = ConfigDict(extra="forbid", frozen=True, title="tvrecipe recipe",
+                              allow_inf_nan=False)
 
     tvrecipe: Literal[1] = Field(description="Format version of the recipe language.")
     name: str | None = Field(None, description="Free text.")

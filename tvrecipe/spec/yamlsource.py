@@ -53,7 +53,14 @@ class SourceMap:
                        key_path=format_key_path(path) or None, hint=hint)
 
 
-def _walk(node: yaml.Node, path: KeyPath, smap: SourceMap, problems: list[Problem]) -> None:
+def _walk(node: yaml.Node, path: KeyPath, smap: SourceMap, problems: list[Problem],
+          walked: set[int] | None = None) -> None:
+    walked = set() if walked is None else walked
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        # An alias reuses a node: walk each once, or a recursive or nested alias never ends.
+        if id(node) in walked:
+            return
+        walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -67,12 +74,23 @@ def _walk(node: yaml.Node, path: KeyPath, smap: SourceMap, problems: list[Proble
                     key_path=format_key_path(sub), hint="remove or rename one of them"))
             seen[key] = line
             smap.positions[sub] = (line, key_node.start_mark.column + 1)
-            _walk(value_node, sub, smap, problems)
+            _walk(value_node, sub, smap, problems, walked)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = (*path, i)
             smap.positions[sub] = (item.start_mark.line + 1, item.start_mark.column + 1)
-            _walk(item, sub, smap, problems)
+            _walk(item, sub, smap, problems, walked)
+
+
+def _codepoint(character: int | str) -> int:
+    return character if isinstance(character, int) else ord(character)
+
+
+def _line_col(text: str | bytes, position: int) -> tuple[int, int]:
+    """1-based line and column of a character (or byte) offset."""
+    nl = "\n" if isinstance(text, str) else b"\n"
+    before = text[:position]
+    return before.count(nl) + 1, position - (before.rfind(nl) + 1) + 1
 
 
 def load_yaml(path: Path, display_name: str | None = None) -> tuple[Any, SourceMap, list[Problem]]:
@@ -85,11 +103,18 @@ def load_yaml(path: Path, display_name: str | None = None) -> tuple[Any, SourceM
     """
     name = display_name or str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise RecipeError(Problem(f"recipe file not found: {path}")) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(Problem(f"cannot read recipe: {exc}", file=name)) from None
+    except OSError as exc:
+        raise RecipeError(Problem(f"cannot read recipe: {exc.strerror}", file=name)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, col = _line_col(raw, exc.start)
+        raise RecipeError(Problem(
+            f"byte 0x{raw[exc.start]:02x} is not UTF-8", file=name, line=line, column=col,
+            hint="save the recipe as UTF-8")) from None
     smap = SourceMap(name)
     problems: list[Problem] = []
     try:
@@ -103,8 +128,17 @@ def load_yaml(path: Path, display_name: str | None = None) -> tuple[Any, SourceM
             f"YAML syntax error: {what}{ctx}", file=name,
             line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
             hint="check indentation, colons and quotes around this spot")) from None
+    except yaml.reader.ReaderError as exc:
+        line, col = _line_col(text, exc.position)
+        raise RecipeError(Problem(
+            f"character U+{_codepoint(exc.character):04X} is not allowed in YAML", file=name,
+            line=line,
+            column=col, hint="remove it or quote it in a string")) from None
     except yaml.YAMLError as exc:
         raise RecipeError(Problem(f"YAML error: {exc}", file=name)) from None
+    except RecursionError:
+        raise RecipeError(Problem("a YAML alias refers to itself", file=name,
+                                  hint="remove the recursive '*alias'")) from None
     if node is not None:
         smap.positions[()] = (node.start_mark.line + 1, node.start_mark.column + 1)
         _walk(node, (), smap, problems)

@@ -23,18 +23,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".dylib", ".dll", ".sh", ".exe")
 
 
-def output_oserror(exc: OSError, path: Path) -> OutputError:
+def output_oserror(exc: OSError, path: Path, folder: Path | None = None) -> OutputError:
     """An OutputError for an OSError raised while writing ``path``, saying what to do.
 
     Args:
         exc: The error raised by the operating system.
         path: The file or folder being written.
+        folder: The folder whose permissions to check (default: ``path``'s parent).
     """
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space on that disk or write the output elsewhere"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = f"check the permissions of {path.parent} or write the output elsewhere"
+        fix = f"check the permissions of {folder or path.parent} or write the output elsewhere"
     else:
         fix = "check the output path"
     return OutputError(f"cannot write {path}: {reason}; {fix}")
@@ -111,7 +112,8 @@ class OutputFolder:
             # mkdtemp makes a private 0700 folder; the output should get the usual permissions.
             os.chmod(self.staging, 0o777 & ~_current_umask())
         except OSError as exc:
-            raise output_oserror(exc, parent) from exc
+            # The hint names the folder that refused the staging folder.
+            raise output_oserror(exc, parent, folder=parent) from exc
 
     def commit(self) -> Path:
         """Flushes the staging folder to disk and renames it to ``target``.
@@ -136,7 +138,7 @@ class OutputFolder:
                 os.rename(self.target, aside / self.target.name)
             try:
                 os.rename(self.staging, self.target)
-            except OSError as exc:
+            except BaseException as exc:  # an interrupt here too must not lose the old output
                 if aside is not None:
                     self._restore(aside, exc)
                 raise
@@ -148,14 +150,15 @@ class OutputFolder:
             shutil.rmtree(aside, ignore_errors=True)
         return self.target
 
-    def _restore(self, aside: Path, exc: OSError) -> None:
+    def _restore(self, aside: Path, exc: BaseException) -> None:
         # Put the previous output back before reporting, so a failure never loses it.
         try:
             os.rename(aside / self.target.name, self.target)
             aside.rmdir()
         except OSError:
             raise OutputError(
-                f"cannot write {self.target}: {exc.strerror}; the previous output was kept "
+                f"cannot write {self.target}: {getattr(exc, 'strerror', None) or exc!r}; the "
+                f"previous output was kept "
                 f"at {aside / self.target.name}: move it back by hand"
             ) from exc
 

@@ -1,0 +1,487 @@
+"""Faults: runs killed at random points, a full disk, a folder that cannot be written, and broken
+or dangerous inputs. Whatever happens, the target holds a complete output or none, a failed run
+writes nothing, and the message says what is wrong and what to do.
+
+Covered in tests/test_cli_errors.py and not repeated here: a ``.bin``-only folder (pickled
+weights) and NaN in a fine-tune with and without ``--allow-nonfinite``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import tvrecipe.store.output as output_module
+import tvrecipe.store.writer as writer_module
+from tests.conftest import base_weights, finetune, listing, save_model, snapshot
+from tvrecipe.store.cache import TensorCache
+
+SIMPLE = """\
+tvrecipe: 1
+models:
+  base: ./ckpt/base
+  ft: {ft}
+steps:
+  tv: {{op: extract, base: base, finetuned: ft}}
+  model: {{op: apply, base: base, delta: tv}}
+outputs:
+  model: {{from: model, path: {out}}}
+"""
+
+
+def simple(ft: str = "./ckpt/ft", out: str = "./out/model") -> str:
+    return SIMPLE.format(ft=ft, out=out)
+
+
+def checkpoints(root: Path) -> dict[str, torch.Tensor]:
+    """A base and one fine-tune under ``root/ckpt``; returns the base weights."""
+    base = base_weights(0)
+    save_model(root / "ckpt" / "base", base)
+    save_model(root / "ckpt" / "ft", finetune(base, 1))
+    return base
+
+
+def nothing_written(root: Path, out: str = "out/model", recipe: str = "r.yaml") -> None:
+    """No output, no staging folder, no lock."""
+    target = root / out
+    assert not os.path.lexists(target)
+    if target.parent.exists():
+        left = [p.name for p in target.parent.iterdir() if p.name.startswith(".")]
+        assert not left, f"a staging folder was left behind: {left}"
+    assert not (root / f"{recipe}.lock").exists()
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output folder, read with safetensors (fails on a partial file)."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                out[k] = h.get_tensor(k)
+    return out
+
+
+# ---- 1. killed runs -------------------------------------------------------------------------
+
+BIG_RECIPE = """\
+tvrecipe: 1
+models:
+  base: ./base
+  a: ./a
+  b: ./b
+  c: ./c
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b, c]}
+  merged: {op: sum, inputs: [tv.a, tv.b, tv.c], weights: [0.5, 0.3, -0.2]}
+  model: {op: apply, base: base, delta: merged}
+outputs:
+  model: {from: model, path: ./out/model, shard_size: 8MB}
+"""
+
+
+def big_models(root: Path, rows: int = 3000, cols: int = 256, n: int = 6) -> Path:
+    """4 models of ``n`` float32 tensors ``rows`` x ``cols`` (about 3 MB each); the recipe."""
+    g = torch.Generator().manual_seed(7)
+    base = {f"layers.{i}.weight": torch.randn(rows, cols, generator=g) for i in range(n)}
+    for name in ("base", "a", "b", "c"):
+        w = base if name == "base" else {
+            k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        (root / name).mkdir(parents=True)
+        save_file(w, str(root / name / "model.safetensors"))
+    recipe = root / "r.yaml"
+    recipe.write_text(BIG_RECIPE)
+    return recipe
+
+
+def start_run(recipe: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TVRECIPE_CACHE", None)
+    return subprocess.Popen([sys.executable, "-m", "tvrecipe.cli", "run", recipe.name, "--force",
+                             "-q"], cwd=recipe.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def staging(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir() if p.name.startswith(".")} if out.is_dir() else set()
+
+
+def stamp(path: Path) -> tuple[int, int] | None:
+    """Identity of a file's current version (the lock is replaced, not rewritten)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def wait_until(proc: subprocess.Popen, done) -> float:
+    """Poll ``done()`` until it holds or the process ends; returns the time it did."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if done() or proc.poll() is not None:
+            return time.monotonic()
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("the run did not get there in 120 s")
+
+
+def test_killed_runs_leave_the_old_or_the_new_output(tmp_path):
+    recipe = big_models(tmp_path)
+    out, target = tmp_path / "out", tmp_path / "out" / "model"
+    lock = tmp_path / "r.yaml.lock"
+    cache = TensorCache(tmp_path / ".tvrecipe" / "cache")
+
+    # A first complete run gives the reference bytes, and how long a run spends between
+    # creating its staging folder and writing the lock (the span worth interrupting).
+    proc = start_run(recipe)
+    started = wait_until(proc, lambda: staging(out))
+    window = wait_until(proc, lock.exists) - started
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    reference = snapshot(target)
+    ref_tensors = read_all(target)
+    assert len(reference) >= 2 and len(ref_tensors) == 6
+
+    rng = random.Random(20240611)
+    interrupted = 0
+    for sig in (signal.SIGINT, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        # Drop the cached sum, so each run writes a cache entry that a kill can cut short.
+        for entry in cache.entries():
+            cache.remove(entry.key)
+        before, locked = staging(out), stamp(lock)
+        proc = start_run(recipe)
+        wait_until(proc, lambda before=before: staging(out) - before)
+        share = (0.05, 0.6) if sig == signal.SIGKILL else (0.0, 0.9)
+        time.sleep(rng.uniform(*share) * window)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        code, name = proc.returncode, signal.Signals(sig).name
+        if stamp(lock) == locked:  # the signal came before the run finished its work
+            interrupted += 1
+            if sig == signal.SIGKILL:
+                assert code == -signal.SIGKILL, f"{name}: exit {code}\n{err}"
+            else:
+                assert code == 130, f"{name}: exit {code}\n{err}"
+                assert err.splitlines() == [
+                    "tvrecipe: interrupted:",
+                    "  interrupted; temporary outputs were removed, the cache is intact"], err
+                # Cleaned up: no staging or set-aside folder of this run is left.
+                assert staging(out) == before, f"{name}: left {staging(out) - before}"
+        # Else the run had written everything (see test_signal_after_the_work_is_done).
+        # Either way the target holds the previous complete output or the new one (the same
+        # bytes): never a partial one.
+        assert snapshot(target) == reference, f"{name} (exit {code}) left a different output"
+        got = read_all(target)
+        assert got.keys() == ref_tensors.keys()
+        assert all(torch.equal(got[k], ref_tensors[k]) for k in got)
+    assert interrupted >= 3, "the kills came too late to interrupt anything"
+
+    proc = start_run(recipe)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert snapshot(target) == reference
+
+    # Leftovers of killed runs: gc removes them once they are old enough to belong to no run.
+    tmp_files = list(cache.root.rglob("*.tmp"))
+    assert tmp_files, "no SIGKILL cut a cache entry short: nothing for gc to do"
+    old = time.time() - 2 * 3600
+    for p in tmp_files:
+        os.utime(p, (old, old))
+    gc = subprocess.run([sys.executable, "-m", "tvrecipe.cli", "cache", "gc", "--recipe",
+                         recipe.name], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                        check=False)
+    assert gc.returncode == 0, gc.stderr
+    assert gc.stdout.strip() == f"removed {len(tmp_files)} files"
+    assert not list(cache.root.rglob("*.tmp"))
+    assert cache.entries(), "gc without --older-than keeps complete entries"
+
+
+def test_signal_after_the_work_is_done(tmp_path):
+    recipe = big_models(tmp_path, rows=500, n=2)
+    lock = tmp_path / "r.yaml.lock"
+    proc = start_run(recipe)
+    wait_until(proc, lock.exists)
+    time.sleep(0.05)  # past the command's return, into interpreter shutdown
+    if proc.poll() is not None:
+        proc.communicate()
+        pytest.skip("the process ended before the signal could be sent")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_interrupt_between_the_two_renames_keeps_the_previous_output(cli, tmp_path,
+                                                                     monkeypatch):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    cli.ok("run", "r.yaml")
+    target = tmp_path / "out" / "model"
+    previous = snapshot(target)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".model.tmp-"):  # the new output moving into place
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(output_module.os, "rename", rename)
+    res = cli.fails(130, "run", "r.yaml", "--force")
+    assert "interrupted" in res.stderr
+    assert snapshot(target) == previous
+
+
+# ---- 2. a full disk -------------------------------------------------------------------------
+
+FULL_RECIPE = """\
+tvrecipe: 1
+models:
+  base: ./ckpt/base
+  a: ./ckpt/a
+  b: ./ckpt/b
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b]}
+  merged: {op: sum, inputs: tv, weights: {a: 0.5, b: 0.5}}
+  model: {op: apply, base: base, delta: merged}
+outputs:
+  model: {from: model, path: ./out/model, shard_size: 600}
+  vectors: {from: tv, path: ./out/vectors}
+"""
+
+
+class FullDisk:
+    """A file whose ``write`` fails with ENOSPC after ``budget`` successful calls (all files
+    together), or whose ``flush`` fails when ``budget`` is None; ``full = False`` frees space."""
+
+    calls = 0
+    budget: int | None = 0
+    full = True
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        FullDisk.calls += 1
+        if self.full and self.budget is not None and FullDisk.calls > self.budget:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.write(data)
+
+    def flush(self):
+        if self.full and self.budget is None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+
+
+@pytest.mark.parametrize("budget", [
+    pytest.param(0, id="first-header"),
+    pytest.param(1, id="second-header"),
+    pytest.param(4, id="early"), pytest.param(12, id="middle"), pytest.param(30, id="late"),
+    pytest.param(None, id="flush"),
+])
+def test_full_disk_while_writing(cli, tmp_path, monkeypatch, budget):
+    base = base_weights(0)
+    for i, name in enumerate(("base", "a", "b")):
+        save_model(tmp_path / "ckpt" / name, base if name == "base" else finetune(base, i))
+    cli.write("r.yaml", FULL_RECIPE)
+    monkeypatch.setattr(FullDisk, "calls", 0)
+    monkeypatch.setattr(FullDisk, "budget", budget)
+    monkeypatch.setattr(FullDisk, "full", True)
+    monkeypatch.setattr(writer_module, "open",
+                        lambda *a, **k: FullDisk(open(*a, **k)),  # noqa: SIM115
+                        raising=False)
+    res = cli.fails(4, "run", "r.yaml")
+    assert FullDisk.calls > 0 or budget is None
+    lines = res.err_lines
+    assert lines[0] == "tvrecipe: output error:"
+    assert len(lines) == 2
+    assert lines[1].startswith(f"cannot write {tmp_path}/")
+    assert lines[1].endswith(": No space left on device; free space on that disk or write the "
+                             "output elsewhere")
+    nothing_written(tmp_path)
+    nothing_written(tmp_path, "out/vectors")
+    cache = TensorCache(tmp_path / ".tvrecipe" / "cache")
+    assert cache.entries() == []
+    assert cache.leftovers() == []
+    # Space freed: the same command now succeeds.
+    FullDisk.full = False
+    cli.ok("run", "r.yaml")
+    assert (tmp_path / "out" / "model" / "model.safetensors.index.json").is_file()
+
+
+# ---- 3. permission denied -------------------------------------------------------------------
+
+
+def test_output_folder_not_writable(cli, tmp_path):
+    checkpoints(tmp_path)
+    locked = tmp_path / "out"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: chmod 0o500 does not stop writes")
+        cli.write("r.yaml", simple())
+        res = cli.fails(4, "run", "r.yaml")
+        assert res.err_lines[0] == "tvrecipe: output error:"
+        assert res.err_lines[1].startswith(f"cannot write {locked}: Permission denied; ")
+        assert listing(locked) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def _deny_mkdtemp(monkeypatch):
+    """What a folder without write permission does to the staging folder (works as root)."""
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        raise PermissionError(errno.EACCES, "Permission denied",
+                              os.path.join(dir, f"{prefix}abcd1234"))
+
+    monkeypatch.setattr(output_module.tempfile, "mkdtemp", mkdtemp)
+
+
+def test_permission_denied_names_the_path(cli, tmp_path, monkeypatch):
+    checkpoints(tmp_path)
+    (tmp_path / "out").mkdir()
+    cli.write("r.yaml", simple())
+    _deny_mkdtemp(monkeypatch)
+    res = cli.fails(4, "run", "r.yaml")
+    assert res.err_lines[0] == "tvrecipe: output error:"
+    assert res.err_lines[1].startswith(f"cannot write {tmp_path / 'out'}: Permission denied; "
+                                       "check the permissions of ")
+    assert res.err_lines[1].endswith(" or write the output elsewhere")
+    assert listing(tmp_path / "out") == []
+    assert not (tmp_path / "r.yaml.lock").exists()
+
+
+def test_permission_denied_hint_names_the_unwritable_folder(cli, tmp_path, monkeypatch):
+    checkpoints(tmp_path)
+    (tmp_path / "out").mkdir()
+    cli.write("r.yaml", simple())
+    _deny_mkdtemp(monkeypatch)
+    res = cli.fails(4, "run", "r.yaml")
+    assert f"check the permissions of {tmp_path / 'out'} or write" in res.err_lines[1]
+
+
+# ---- 4. broken or dangerous inputs ----------------------------------------------------------
+
+
+def input_error(cli, tmp_path, command: str = "run") -> list[str]:
+    """Run ``command`` on r.yaml expecting exit 3 and nothing written; returns stderr lines."""
+    before = listing(tmp_path / "ckpt")
+    res = cli.fails(3, command, "r.yaml")
+    nothing_written(tmp_path)
+    assert listing(tmp_path / "ckpt") == before
+    assert res.err_lines[0] == "tvrecipe: input error:"
+    return res.err_lines[1:]
+
+
+def test_corrupt_safetensors_header(cli, tmp_path):
+    base = checkpoints(tmp_path)
+    save_model(tmp_path / "ckpt" / "bad", finetune(base, 2))
+    f = tmp_path / "ckpt" / "bad" / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    f.write_bytes(data[:8] + b"{garbage" + b" " * (n - 8) + data[8 + n:])
+    cli.write("r.yaml", simple(ft="./ckpt/bad"))
+    for command in ("run", "plan"):
+        assert input_error(cli, tmp_path, command) == [
+            (f"model 'ft' (./ckpt/bad): {f}: corrupt safetensors file: header is not valid JSON "
+            "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+            "re-download or re-export it")]
+
+
+def test_index_names_a_missing_shard(cli, tmp_path):
+    base = checkpoints(tmp_path)
+    ft = finetune(base, 2)
+    folder = tmp_path / "ckpt" / "sharded"
+    folder.mkdir()
+    names = list(ft)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({k: ft[k] for k in names[:4]}, str(folder / first))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: first if i < 4 else second for i, k in enumerate(names)}}))
+    cli.write("r.yaml", simple(ft="./ckpt/sharded"))
+    assert input_error(cli, tmp_path) == [
+        (f"model 'ft' (./ckpt/sharded): {index}: names shard '{second}', but {folder / second} "
+        "does not exist; download the missing shard or regenerate the index")]
+
+
+@pytest.mark.parametrize("model, dtype, other", [
+    ("ft", "F32", "I64"),   # the base's integer buffer is floating in the fine-tune
+    ("ft", "I32", "F32"),   # a floating tensor of the base is integer in the fine-tune
+])
+def test_dtype_kind_mismatch(cli, tmp_path, model, dtype, other):
+    base = checkpoints(tmp_path)
+    ft = finetune(base, 2)
+    name = "model.position_ids" if other == "I64" else "model.layers.0.mlp.up_proj.bias"
+    ft[name] = (ft[name].float() if dtype == "F32" else torch.zeros(12, dtype=torch.int32))
+    save_model(tmp_path / "ckpt" / "mixed", ft)
+    cli.write("r.yaml", simple(ft="./ckpt/mixed"))
+    assert input_error(cli, tmp_path) == [
+        "the inputs' tensors do not line up:",
+        f"tensor '{name}' is {dtype} in model '{model}' but {other} in 'base'",
+        ("(task arithmetic needs the same architecture in every input: check that every model "
+        "is a fine-tune of the same base)")]
+
+
+@pytest.mark.parametrize("link_to, out, relation", [
+    ("ckpt/base", "./link/merged", "is inside"),
+    ("ckpt/ft", "./link", "is"),
+    ("ckpt", "./link/base", "is"),
+])
+def test_output_inside_an_input_through_a_symlink(cli, tmp_path, link_to, out, relation):
+    checkpoints(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / link_to, target_is_directory=True)
+    before = snapshot(tmp_path / "ckpt")
+    cli.write("r.yaml", simple(out=out))
+    inp = {"ckpt/base": "base", "ckpt/ft": "ft", "ckpt": "base"}[link_to]
+    for flags in ((), ("--force",)):
+        res = cli.fails(4, "run", "r.yaml", *flags)
+        assert res.err_lines == [
+            "tvrecipe: output error:",
+            (f"output {tmp_path / out.removeprefix('./')} {relation} the input "
+            f"{tmp_path / 'ckpt' / inp}; writing it could destroy the input: choose an output "
+            "path outside every input")]
+    assert snapshot(tmp_path / "ckpt") == before
+    assert (tmp_path / "link").is_symlink()
+    assert not (tmp_path / "r.yaml.lock").exists()
+
+
+def test_inf_in_the_base_is_refused_unless_allowed(cli, tmp_path):
+    base = base_weights(0)
+    ft = finetune(base, 1)
+    base["model.layers.0.mlp.up_proj.bias"][3] = float("-inf")
+    save_model(tmp_path / "ckpt" / "base", base)
+    save_model(tmp_path / "ckpt" / "ft", ft)
+    cli.write("r.yaml", simple())
+    assert input_error(cli, tmp_path) == [
+        ("model 'base': tensor 'model.layers.0.mlp.up_proj.bias' contains NaN or Inf; fix the "
+        "checkpoint, or pass --allow-nonfinite to merge it anyway")]
+    cli.ok("run", "r.yaml", "--allow-nonfinite")
+    with safe_open(str(tmp_path / "out" / "model" / "model.safetensors"), framework="pt") as h:
+        bias = h.get_tensor("model.layers.0.mlp.up_proj.bias")
+    # apply(base, ft - base) at an infinite base entry: inf + (x - inf) = NaN, as IEEE says.
+    assert int((~torch.isfinite(bias)).sum()) == 1
