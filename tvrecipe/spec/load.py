@@ -97,10 +97,21 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             if "input" in err and not isinstance(err["input"], (dict, list)):
                 message += f", got {err['input']!r}"
         # A union's branch names (e.g. 'int', 'list[str]') are not keys the user wrote.
-        clean = tuple(p for p in path if not (isinstance(p, str) and ("[" in p or p in {
-            "int", "str", "float", "bool", "literal['auto']", "EnergyRank", "function-after"})))
+        clean = tuple(p for p in path if not (isinstance(p, str) and (
+            "[" in p or p.startswith(("constrained-", "function-")) or p in {
+                "int", "str", "float", "bool", "literal['auto']", "EnergyRank"})))
         problems.append(smap.problem(clean, message, hint))
-    return problems
+    # A union reports one error per branch: where a branch said something specific, the
+    # others' "Input should be a valid <type>" only add noise.
+    specific = {p.key_path for p in problems if not p.message.startswith("Input should be a valid")}
+    kept, seen = [], set()
+    for p in problems:
+        if p.message.startswith("Input should be a valid") and p.key_path in specific:
+            continue
+        if (p.key_path, p.message) not in seen:
+            seen.add((p.key_path, p.message))
+            kept.append(p)
+    return kept
 
 
 def _validate(model: type[BaseModel], value: Any, prefix: KeyPath, smap: SourceMap,
