@@ -26,41 +26,8 @@ from safetensors.torch import save_file
 import tvrecipe.store.output as output_module
 import tvrecipe.store.writer as writer_module
 from tests.conftest import base_weights, finetune, listing, save_model, snapshot
+from tests.test_cli_errors import checkpoints, nothing_written, simple
 from tvrecipe.store.cache import TensorCache
-
-SIMPLE = """\
-tvrecipe: 1
-models:
-  base: ./ckpt/base
-  ft: {ft}
-steps:
-  tv: {{op: extract, base: base, finetuned: ft}}
-  model: {{op: apply, base: base, delta: tv}}
-outputs:
-  model: {{from: model, path: {out}}}
-"""
-
-
-def simple(ft: str = "./ckpt/ft", out: str = "./out/model") -> str:
-    return SIMPLE.format(ft=ft, out=out)
-
-
-def checkpoints(root: Path) -> dict[str, torch.Tensor]:
-    """A base and one fine-tune under ``root/ckpt``; returns the base weights."""
-    base = base_weights(0)
-    save_model(root / "ckpt" / "base", base)
-    save_model(root / "ckpt" / "ft", finetune(base, 1))
-    return base
-
-
-def nothing_written(root: Path, out: str = "out/model", recipe: str = "r.yaml") -> None:
-    """No output, no staging folder, no lock."""
-    target = root / out
-    assert not os.path.lexists(target)
-    if target.parent.exists():
-        left = [p.name for p in target.parent.iterdir() if p.name.startswith(".")]
-        assert not left, f"a staging folder was left behind: {left}"
-    assert not (root / f"{recipe}.lock").exists()
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
