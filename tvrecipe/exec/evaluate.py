@@ -9,11 +9,7 @@ import torch
 
 from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
-from tvrecipe.plan.graph import CHECKPOINT, DECOMPOSITION, VECTORS, CompiledStep, Entry, Resolved
-
-# Ops whose result for a row range depends only on the same rows of their inputs: a large tensor
-# is processed in row chunks through them, which bounds peak memory by a few chunks.
-ROWWISE_OPS = frozenset({"extract", "scale", "negate", "sum", "mean", "apply"})
+from tvrecipe.plan.graph import CompiledStep, Entry, Resolved
 
 Value = Any  # Tensor | None | dict[str, Tensor | None] | dict[str, dict[str, Tensor | None]]
 
@@ -35,14 +31,19 @@ def entry_value(values: dict[str, Value], entry: Entry) -> torch.Tensor | None:
     return v
 
 
+def is_decomposition(value: Value) -> bool:
+    """True for a decomposition's per-tensor value: ``{"shared": {...}, "unique": {...}}``."""
+    return (isinstance(value, dict) and set(value) == {"shared", "unique"}
+            and all(isinstance(v, dict) for v in value.values()))
+
+
 def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Value:
     """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         return fn(value, "")
-    if isinstance(value, dict) and set(value) == {"shared", "unique"} and all(
-            isinstance(v, dict) for v in value.values()):
+    if is_decomposition(value):
         return {p: {m: None if t is None else fn(t, f"{p}.{m}") for m, t in d.items()}
                 for p, d in value.items()}
     return {m: None if t is None else fn(t, m) for m, t in value.items()}
@@ -174,20 +175,3 @@ class StepEvaluator:
         self.reports.setdefault(step.name, {}).setdefault("tensors", {})[tensor] = result.info
         return {"shared": dict(zip(members, result.shared[:n])),
                 "unique": dict(zip(members, result.unique[:n]))}
-
-
-def is_checkpoint_like(kind: str) -> bool:
-    """Checkpoints carry non-floating tensors; task vectors do not."""
-    return kind == CHECKPOINT
-
-
-__all__ = [
-    "DECOMPOSITION",
-    "ROWWISE_OPS",
-    "VECTORS",
-    "StepEvaluator",
-    "entry_value",
-    "is_checkpoint_like",
-    "map_vectors",
-    "select",
-]

@@ -15,18 +15,16 @@ from typing import Any
 import torch
 
 from tvrecipe import __version__, ops
-from tvrecipe.errors import ExecutionError, InputError, OutputError
-from tvrecipe.exec.evaluate import ROWWISE_OPS, StepEvaluator, select
+from tvrecipe.errors import ExecutionError, InputError
+from tvrecipe.exec.evaluate import StepEvaluator, select
 from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
-from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan
+from tvrecipe.plan.tensors import CHUNK_ELEMENTS, ROWWISE_OPS, TensorPlan, build_tensor_plan
 from tvrecipe.store.cache import PendingEntry, TensorCache
-from tvrecipe.store.checkpoint import TensorInfo, dtype_size, st_dtype, torch_dtype
+from tvrecipe.store.checkpoint import TensorInfo, dtype_size, st_dtype
 from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
 
-# Row chunks of about 4 Mi elements (16 MiB in float32) bound the memory of row-wise recipes.
-CHUNK_ELEMENTS = 1 << 22
 VECTOR_SHARD = 1 << 62
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -521,13 +519,3 @@ def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResu
     """Run a compiled recipe (see :class:`Runner`)."""
     return Runner(compiled, options).run()
 
-
-__all__ = [
-    "OutputError",
-    "RunOptions",
-    "RunResult",
-    "Runner",
-    "resolve_device",
-    "run_recipe",
-    "torch_dtype",
-]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tvrecipe.exec.evaluate import is_decomposition
 from tvrecipe.plan.graph import DECOMPOSITION, VECTOR, VECTORS
 
 # Ops worth caching: their results cost more to recompute than to read back. extract and
@@ -29,7 +30,7 @@ def to_slots(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         return {"": value}
-    if set(value) == {"shared", "unique"} and all(isinstance(v, dict) for v in value.values()):
+    if is_decomposition(value):
         return {f"{p}.{m}": t for p, d in value.items() for m, t in d.items() if t is not None}
     return {m: t for m, t in value.items() if t is not None}
 

@@ -11,7 +11,7 @@ import networkx as nx
 
 from tvrecipe.errors import Problem, RecipeError
 from tvrecipe.spec.load import LoadedRecipe, did_you_mean, load_recipe
-from tvrecipe.spec.models import ExtractStep, ModelSpec, OutputSpec
+from tvrecipe.spec.models import ModelSpec, OutputSpec
 
 CHECKPOINT, VECTOR, VECTORS, DECOMPOSITION = "checkpoint", "vector", "vectors", "decomposition"
 VECTORS_INDEX = "vectors.json"
@@ -355,11 +355,6 @@ def compile_recipe(loaded: LoadedRecipe,
             names used twice, bad weights), each located in the recipe file.
     """
     return _Compiler(loaded, known_members or {}, targets=targets).run()
-
-
-def is_extract_of(step: CompiledStep) -> bool:
-    """True for an ``extract`` step (used by the tensor planner to pair base and fine-tunes)."""
-    return isinstance(step.spec, ExtractStep)
 
 
 def load_and_compile(path: str | Path, targets: tuple[str, ...] = ()) -> Compiled:

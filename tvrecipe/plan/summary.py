@@ -5,13 +5,10 @@ from __future__ import annotations
 import math
 
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled
-from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan
+from tvrecipe.plan.tensors import CHUNK_ELEMENTS, ROWWISE_OPS, TensorPlan, build_tensor_plan
+from tvrecipe.store.checkpoint import dtype_size
 
-ROWWISE = frozenset({"extract", "scale", "negate", "sum", "mean", "apply"})
-CHUNK_ELEMENTS = 1 << 22
 _BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 def human(n: float) -> str:
@@ -27,7 +24,7 @@ def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
     """Estimated peak working memory and the size of each output, from headers only."""
     cbytes = _BYTES[compiled.loaded.recipe.settings.compute_dtype]
     largest = max((math.prod(t.shape) for t in plan.tensors.values()), default=0)
-    rowwise = all(s.op in ROWWISE for s in compiled.steps.values())
+    rowwise = all(s.op in ROWWISE_OPS for s in compiled.steps.values())
     unit = min(largest, CHUNK_ELEMENTS) if rowwise else largest
     inputs = sum(len(m.parts) for m in plan.models.values())
     live = 2 * inputs + sum(max(1, len(s.type.members or ())) for s in compiled.steps.values())
@@ -39,7 +36,7 @@ def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
             if res.type.kind != CHECKPOINT and not t.is_floating:
                 continue
             size = (_BYTES[spec.dtype] if spec.dtype and t.is_floating else
-                    _ST_BYTES.get(t.dtype, 4) if res.type.kind == CHECKPOINT else cbytes)
+                    dtype_size(t.dtype) if res.type.kind == CHECKPOINT else cbytes)
             total += math.prod(t.shape) * size
         out[f"output:{name}"] = total * max(members, 1)
     return out
@@ -112,15 +109,12 @@ def _io_estimate(compiled: Compiled, plan: TensorPlan, status: dict[str, str],
 
 
 def _edges(compiled: Compiled):
-    nodes = set(compiled.steps) | {r.node for s in compiled.steps.values()
-                                   for refs in s.refs.values() for r in refs}
     for name, step in compiled.steps.items():
         for refs in step.refs.values():
             for r in refs:
                 yield r.node, name
     for name, (_spec, res) in compiled.outputs.items():
         yield res.node, f"out:{name}"
-    del nodes
 
 
 def render_plan(compiled: Compiled, fmt: str = "text",

@@ -11,6 +11,11 @@ from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.hashing import checkpoint_digest
 
 MAX_LISTED = 12
+# Ops whose result for a row range depends only on the same rows of their inputs: a large tensor
+# is processed in row blocks through them, which bounds peak memory by a few blocks.
+ROWWISE_OPS = frozenset({"extract", "scale", "negate", "sum", "mean", "apply"})
+# Row blocks of about 4 Mi elements (16 MiB in float32).
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass

@@ -184,6 +184,9 @@ class PruneStep(_Step):
     ref_fields: ClassVar[tuple[str, ...]] = ("input",)
 
 
+MAX_K = 4096  # basis vectors; far beyond any real task library
+
+
 class ClusterBasisStep(_Step):
     """Cluster task vectors by cosine similarity and keep one basis vector per cluster (Zeng et al.)."""
 
@@ -220,8 +223,6 @@ class EnergyRank(_Frozen):
 
     energy: float = Field(gt=0.0, le=1.0, description="Fraction of ‖W‖²_F to keep, e.g. 0.9.")
 
-
-MAX_K = 4096  # basis vectors; far beyond any real task library
 
 DEFAULT_EXCLUDE = ("*embed_tokens*", "*embeddings*", "*wte*", "*wpe*", "*lm_head*", "*embed_out*")
 
