@@ -148,6 +148,7 @@ def test_killed_run_leaves_no_output_and_next_run_is_identical(tmp_path):
         else:
             assert p.returncode != 0
     assert _cli("run", str(recipe), "-q").exit_code == 0
+    assert not list(tmp_path.glob(".out.tmp*"))  # the SIGKILLed run's staging folder was swept
     got = (tmp_path / "out" / "model.safetensors")
     want = load_file(str(tmp_path / "ref" / "model.safetensors"))
     got_t = load_file(str(got))

@@ -12,6 +12,7 @@ import click
 
 from tvrecipe import __version__
 from tvrecipe.errors import Interrupted, TvrecipeError
+from tvrecipe.store.output import OutputFolder
 
 EXIT_BUG = 70
 
@@ -56,6 +57,8 @@ def handle_errors(fn):
                        err=True)
             sys.exit(EXIT_BUG)
         finally:
+            # No-op unless an interrupt landed inside the cleanup code itself.
+            OutputFolder.abort_all()
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper

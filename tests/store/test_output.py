@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -130,10 +129,10 @@ def test_overlap_through_symlink_refused(tmp_path):
 
 
 def test_unwritable_parent(tmp_path, monkeypatch):
-    def denied(**kwargs):
+    def denied(parent, name):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(output, "_make_staging", denied)
     msg = (
         f"cannot write {tmp_path}: {os.strerror(errno.EACCES)}; check the permissions of "
         f"{tmp_path} or write the output elsewhere"
@@ -227,3 +226,33 @@ def test_copy_aux_files_source_not_folder(tmp_path):
     )
     with pytest.raises(InputError, match=exact(msg)):
         copy_aux_files(path, tmp_path)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # reaped: no process has this id (until the system reuses it)
+
+
+def test_new_run_sweeps_staging_of_dead_runs_only(tmp_path):
+    # A SIGKILLed run cannot clean up; the next run for the same output removes its folder.
+    dead = tmp_path / f"{output._staging_prefix('out', _dead_pid())}abcd"
+    live = tmp_path / f"{output._staging_prefix('out', os.getppid())}abcd"
+    other = tmp_path / f"{output._staging_prefix('other', _dead_pid())}abcd"
+    for p in (dead, live, other):
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    folder = OutputFolder(tmp_path / "out")
+    assert not dead.exists()
+    assert live.exists() and other.exists()  # a live run's folder, another output's folder
+    folder.abort()
+
+
+def test_abort_all_removes_uncommitted_staging(tmp_path):
+    a, b = OutputFolder(tmp_path / "a"), OutputFolder(tmp_path / "b")
+    b.commit()
+    OutputFolder.abort_all()
+    assert not a.staging.exists() and (tmp_path / "b").is_dir()
+    assert leftovers(tmp_path) == []

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,10 +69,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# Staging folders of this process not yet committed or removed (see OutputFolder.abort_all).
+_LIVE_STAGING: set[Path] = set()
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _staging_prefix(name: str, pid: int | None = None) -> str:
+    # The host and process are in the name so a later run can tell a dead run's leftovers
+    # (after SIGKILL or a power cut) from a live run's folder.
+    return f".{name}.tmp-{_HOST}-{os.getpid() if pid is None else pid}-"
+
+
+def _make_staging(parent: Path, name: str) -> Path:
+    """Creates a fresh staging folder for output ``name`` in ``parent``.
+
+    The path is registered before the folder exists, so no interrupt can leave an
+    unregistered folder behind.
+    """
+    for _ in range(100):
+        path = parent / (_staging_prefix(name) + secrets.token_hex(4))
+        _LIVE_STAGING.add(path)
+        try:
+            path.mkdir()  # default mode: the usual permissions of a new folder
+        except FileExistsError:
+            _LIVE_STAGING.discard(path)
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free staging folder name", str(parent))
+
+
+def _remove_staging(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        _LIVE_STAGING.discard(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _sweep_dead_staging(parent: Path, name: str) -> None:
+    """Removes staging folders for ``name`` left by runs on this host that no longer exist."""
+    prefix = f".{name}.tmp-{_HOST}-"
+    try:
+        entries = [p for p in parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for path in entries:
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class OutputFolder:
@@ -108,9 +163,8 @@ class OutputFolder:
         parent = self.target.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
-            # mkdtemp makes a private 0700 folder; the output should get the usual permissions.
-            os.chmod(self.staging, 0o777 & ~_current_umask())
+            _sweep_dead_staging(parent, self.target.name)
+            self.staging = _make_staging(parent, self.target.name)
         except OSError as exc:
             # The hint names the folder that refused the staging folder.
             raise output_oserror(exc, parent, folder=parent) from exc
@@ -145,6 +199,7 @@ class OutputFolder:
         except OSError as exc:
             raise output_oserror(exc, self.target) from exc
         self.committed = True
+        _LIVE_STAGING.discard(self.staging)
         _fsync_dir(parent)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
@@ -165,7 +220,17 @@ class OutputFolder:
     def abort(self) -> None:
         """Removes the staging folder; safe to call more than once, and a no-op after commit."""
         if not self.committed:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            _remove_staging(self.staging)
+
+    @staticmethod
+    def abort_all() -> None:
+        """Removes every staging folder this process created and has not committed.
+
+        The command line calls it whatever way a command ends, so an interrupt that lands
+        between two statements of the cleanup code still leaves no staging folder behind.
+        """
+        for path in sorted(_LIVE_STAGING):
+            _remove_staging(path)
 
     def __enter__(self) -> Self:
         return self
