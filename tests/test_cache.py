@@ -167,3 +167,50 @@ def test_plan_marks_cached_and_computed_steps(tmp_path):
     assert "[cached]  merged" in res.output
     assert "[compute] model" in res.output
     assert "a run computes 1 of 3 steps" in res.output
+
+
+def test_corruption_in_a_row_block_is_caught_before_the_output_lands(tmp_path, monkeypatch):
+    # Row-wise recipes stream big tensors in row blocks; the checksum of a cached tensor is
+    # complete only at its last block, but the run must still be restarted without the entry
+    # and give the uncached bytes.
+    import tvrecipe.exec.runner as runner_module
+    monkeypatch.setattr(runner_module, "CHUNK_ELEMENTS", 64)  # 2 rows of 32 per block
+    recipe = _make(tmp_path)
+    recipe.write_text(recipe.read_text().replace("{op: ties, inputs: tv, density: 0.5}",
+                                                 "{op: sum, inputs: tv, weights: 0.5}"))
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    (entry,) = (tmp_path / ".tvrecipe" / "cache").glob("*/*.safetensors")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside some tensor, away from its last row block
+    entry.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["run", str(recipe), "--force"])
+    assert res.exit_code == 0, res.output
+    key = entry.name.removesuffix(".safetensors")
+    warning = [ln for ln in res.output.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and warning[0].startswith(
+        f"tvrecipe: warning: cache entry {key} is corrupt (tensor 'w")
+    assert warning[0].endswith("' does not match its checksum); recomputing it")
+    assert "from cache" not in res.output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    assert len(_entries(tmp_path)) == 1  # written again, sound this time
+    res = _cli("run", str(recipe), "--force")
+    assert "from cache: merged" in res.output and "warning" not in res.output
+
+
+def test_entry_check_blocks_must_come_in_order():
+    import hashlib
+
+    import pytest
+
+    from tvrecipe.store.cache import CacheCorrupt, EntryCheck
+    t = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    check = EntryCheck("sum-1", {"": {"w": hashlib.sha256(t.numpy().tobytes()).hexdigest()}})
+    check("", "w", (0, 4), 6, t[:4])
+    check("", "w", (4, 6), 6, t[4:])  # complete and matching
+    check("", "w", None, 6, t)
+    with pytest.raises(CacheCorrupt, match=r"^cache entry sum-1 is corrupt \(tensor 'w' was "
+                                           r"read out of order\); recomputing it$"):
+        check("", "w", (4, 6), 6, t[4:])
+    with pytest.raises(CacheCorrupt, match="tensor 'w' does not match its checksum"):
+        check("", "w", None, 6, t + 1)

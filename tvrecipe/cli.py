@@ -179,7 +179,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     result = run_recipe(compiled, RunOptions(force=force, device=device, progress=progress,
                                              allow_nonfinite=allow_nonfinite, cache=cache,
                                              keys=state["steps"]))
-    lockfile.write_run_lock(compiled, state, result.outputs, memo)
+    lockfile.write_run_lock(compiled, state, result.outputs, memo, result.digests)
     for warning in cache.warnings if cache else ():
         click.echo(f"tvrecipe: warning: {warning}", err=True)
     if report_path:
@@ -226,18 +226,53 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--recompute", is_flag=True,
+              help="Also run the recipe again, without the cache, into a temporary folder and "
+                   "compare its bytes with the lock.")
+@click.option("--device", help="Device for --recompute: auto, cpu, cuda, cuda:N.")
 @handle_errors
-def verify(recipe: str) -> None:
-    """Check that inputs, recipe and outputs still match the lock file, byte for byte."""
+def verify(recipe: str, recompute: bool, device: str | None) -> None:
+    """Check that inputs, recipe and outputs still match the lock file, byte for byte.
+
+    Outputs are hashed again in full; inputs are hashed again when their size, mtime or inode
+    changed since they were last hashed.
+    """
     from tvrecipe.errors import VerifyError
     from tvrecipe.exec import lockfile
+    from tvrecipe.store.hashing import HashMemo
     compiled = _compile(recipe)
     memo = lockfile.hash_memo(compiled)
     problems = lockfile.state_differences(compiled, lockfile.run_state(compiled, memo))
-    problems += lockfile.output_differences(compiled, memo)
+    problems += lockfile.output_differences(compiled, HashMemo(None))
     if problems:
         raise VerifyError("does not match the lock:\n" + "\n".join(problems))
-    click.echo(f"{recipe}: ok, inputs, recipe and {len(compiled.outputs)} outputs match the lock")
+    n = len(compiled.outputs)
+    if not recompute:
+        click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock")
+        return
+    import shutil
+    import tempfile
+
+    from tvrecipe.exec.runner import RunOptions, run_recipe
+    work = compiled.loaded.root / ".tvrecipe"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="verify-", dir=work))
+    except OSError as exc:
+        from tvrecipe.store.output import output_oserror
+        raise output_oserror(exc, work) from exc
+    try:
+        folders = {name: tmp / name for name in compiled.outputs}
+        run_recipe(compiled, RunOptions(device=device, progress=sys.stderr.isatty(),
+                                        targets=folders))
+        problems = lockfile.output_differences(compiled, HashMemo(None), folders)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if problems:
+        raise VerifyError("recomputing the outputs gave other bytes than the lock:\n"
+                          + "\n".join(problems))
+    click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock, and recomputing "
+               "them without the cache gave the same bytes")
 
 
 @main.group()

@@ -208,3 +208,44 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(text)
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_file_digest_equals_hash_of_the_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    ts = sample()
+    w = SafetensorsStreamWriter(path, specs_of(ts), {"k": "v"})
+    for name, value in ts.items():
+        assert w.sha256 is None  # not before the file is complete
+        w.write(name, value)
+    w.close()
+    assert w.sha256 == _sha(path.read_bytes())
+    assert w.tensor_sha256 == {}
+
+
+def test_tensor_digests_cover_row_blocks(tmp_path):
+    path = tmp_path / "x.safetensors"
+    big = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    ts = {"big": big, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    with SafetensorsStreamWriter(path, specs_of(ts), digest="tensors") as w:
+        w.write("big", big[:4])  # written in two row blocks
+        w.write("big", big[4:])
+        w.write("scalar", ts["scalar"])
+        w.write("empty", ts["empty"])
+    assert w.sha256 is None
+    assert w.tensor_sha256 == {n: _sha(t.numpy().tobytes()) for n, t in ts.items()}
+    with pytest.raises(ValueError, match="digest must be 'file' or 'tensors', not 'crc'"):
+        SafetensorsStreamWriter(tmp_path / "y.safetensors", [], digest="crc")
+
+
+def test_checkpoint_writer_digests_every_file(tmp_path):
+    ts = {f"t{i}": torch.full((4,), float(i)) for i in range(5)}
+    with CheckpointWriter(tmp_path / "out", specs_of(ts), shard_size=32) as w:
+        for name, value in ts.items():
+            w.write(name, value)
+    files = w.close()
+    assert len(files) == 4 and w.sha256 == {f: _sha(f.read_bytes()) for f in files}

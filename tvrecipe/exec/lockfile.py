@@ -57,9 +57,22 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
 
 
 def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str, Path],
-                   memo: HashMemo | None = None) -> Path:
-    """Write ``<recipe>.lock`` after a successful run."""
+                   memo: HashMemo | None = None,
+                   digests: dict[str, dict[str, str]] | None = None) -> Path:
+    """Write ``<recipe>.lock`` after a successful run.
+
+    Args:
+        digests: Per output, SHA-256 of files by path in its folder, hashed as they were
+            written: recorded in the memo so those files are not read again to hash them.
+    """
     memo = memo or hash_memo(compiled)
+    known = []
+    for name, files in (digests or {}).items():
+        for rel, digest in files.items():
+            path = (outputs[name] / rel).resolve()
+            known.append((str(path), path.stat(), digest))
+    if known:
+        memo.put_many(known)
     data = {**state,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
                                "files": hash_tree(path, memo)}
@@ -94,20 +107,29 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def output_differences(compiled: Compiled, memo: HashMemo | None = None) -> list[str]:
-    """How the outputs on disk differ from the lock (empty when they match byte for byte)."""
+def output_differences(compiled: Compiled, memo: HashMemo | None = None,
+                       folders: dict[str, Path] | None = None) -> list[str]:
+    """How the outputs on disk differ from the lock (empty when they match byte for byte).
+
+    Args:
+        memo: Hash memo to use; ``None`` uses the one beside the recipe. Pass
+            ``HashMemo(None)`` to read every byte again.
+        folders: Output name -> folder to check instead of the recipe's path (a recomputed
+            copy); differences are then reported under ``recomputed <path>``.
+    """
     memo = memo or hash_memo(compiled)
     lock = read_lock(lock_path(compiled.loaded.path))
     lines = []
     locked = lock.get("outputs", {})
     for name, (spec, _res) in compiled.outputs.items():
-        target = compiled.loaded.resolve(spec.path)
+        target = (folders or {}).get(name) or compiled.loaded.resolve(spec.path)
+        label = f"recomputed {spec.path}" if folders else spec.path
         if name not in locked:
             lines.append(f"output {name!r} is not in the lock")
             continue
         got = hash_tree(target, memo) if target.is_dir() else {}
         if not got:
-            lines.append(f"output {name!r}: {spec.path} is missing")
+            lines.append(f"output {name!r}: {label} is missing")
             continue
-        lines += diff_hashes(locked[name]["files"], got, spec.path)
+        lines += diff_hashes(locked[name]["files"], got, label)
     return lines

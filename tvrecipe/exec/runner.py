@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -20,7 +21,7 @@ from tvrecipe.exec.evaluate import StepEvaluator, select
 from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
 from tvrecipe.plan.tensors import CHUNK_ELEMENTS, ROWWISE_OPS, TensorPlan, build_tensor_plan
-from tvrecipe.store.cache import PendingEntry, TensorCache
+from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry, TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size, st_dtype
 from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
@@ -51,6 +52,8 @@ class RunOptions:
     allow_nonfinite: bool = False
     cache: TensorCache | None = None
     keys: dict[str, str] | None = None  # step keys (plan.keys.step_keys); needed by the cache
+    # Output name -> folder to write it to instead of its recipe path (verify --recompute).
+    targets: dict[str, Path] | None = None
 
 
 @dataclass
@@ -65,23 +68,27 @@ class RunResult:
     bytes_written: int = 0
     passes: list[str] = field(default_factory=list)
     cache_hits: list[str] = field(default_factory=list)
+    # output -> file path in its folder -> SHA-256, for the files hashed while written
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class _Output:
     """One output being written: its staging folder and writers."""
 
     def __init__(self, name: str, compiled: Compiled, plan: TensorPlan, force: bool,
-                 compute: torch.dtype, metadata: dict[str, str]):
+                 compute: torch.dtype, metadata: dict[str, str], target: Path | None = None):
         spec, res = compiled.outputs[name]
         self.name, self.spec, self.res = name, spec, res
         self.kind = res.type.kind
-        self.target = compiled.loaded.resolve(spec.path)
+        self.target = target or compiled.loaded.resolve(spec.path)
         protected = [m.path for m in plan.models.values()] + [compiled.loaded.path]
         self.folder = OutputFolder(self.target, force=force, protected=protected)
         out_dtype = st_dtype(DTYPES[spec.dtype]) if spec.dtype else None
         meta = {**metadata, "tvrecipe.output": name, "tvrecipe.from": spec.from_,
                 "tvrecipe.kind": self.kind}
         self.writers: dict[str, Any] = {}
+        # SHA-256 of the weight files and index by path in the folder, hashed as written.
+        self.digests: dict[str, str] = {}
         try:
             self._open_writers(plan, compute, out_dtype, meta)
         except BaseException:
@@ -132,6 +139,9 @@ class _Output:
     def finish(self, compiled: Compiled, report: dict | None) -> None:
         for w in self.writers.values():
             w.close()
+            files = w.sha256 if isinstance(w, CheckpointWriter) else {w.path: w.sha256}
+            self.digests.update({str(f.relative_to(self.folder.staging)): d
+                                 for f, d in files.items()})
         if self.kind == VECTORS:
             index = {"format": "tvrecipe.vectors", "version": 1,
                      "members": list(self.writers),
@@ -139,8 +149,9 @@ class _Output:
                      "from": self.spec.from_, "tool": f"tvrecipe {__version__}"}
             if report:
                 index["report"] = report
-            (self.folder.staging / "vectors.json").write_text(
-                json.dumps(index, indent=2, sort_keys=True) + "\n")
+            text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+            (self.folder.staging / "vectors.json").write_bytes(text)
+            self.digests["vectors.json"] = hashlib.sha256(text).hexdigest()
         source = self.spec.copy_files_from
         if source is None and self.kind == CHECKPOINT:
             source = _base_model_of(compiled, self.res.node)
@@ -179,7 +190,8 @@ class Runner:
         self.reports: dict[str, dict] = {}
         self.bytes_read = 0
         self.plan: TensorPlan | None = None
-        self.cached: dict[str, tuple[dict, dict]] = {}  # step -> (manifest, slot checkpoints)
+        # step -> (manifest, slot checkpoints, the check of what is read from them)
+        self.cached: dict[str, tuple[dict, dict, EntryCheck]] = {}
         self.cache_hits: list[str] = []
 
     # ---- reading ---------------------------------------------------------------------------
@@ -205,11 +217,16 @@ class Runner:
         out: dict[str, Any] = {}
         for name in nodes:
             if name in self.cached:
-                manifest, slots = self.cached[name]
+                manifest, slots, check = self.cached[name]
                 got = {}
                 for slot, ck in slots.items():
-                    t = ck.get(tensor, span) if tensor in ck.tensors else None
-                    got[slot] = None if t is None else self._load(t, f"cache of {name!r}", tensor)
+                    info = ck.tensors.get(tensor)
+                    if info is None:
+                        got[slot] = None
+                        continue
+                    t = ck.get(tensor, span)
+                    check(slot, tensor, span, info.shape[0] if info.shape else 1, t)
+                    got[slot] = self._load(t, f"cache of {name!r}", tensor)
                 out[name] = from_slots(got, manifest["kind"])
                 continue
             handle = self.plan.models[name]
@@ -384,7 +401,7 @@ class Runner:
         """Compile again once ``k: auto`` clusterings have named their basis vectors."""
         known = {n: tuple(f"b{j}" for j in range(c.k)) for n, c in self.reduced.items()
                  if self.compiled.steps[n].op == "cluster_basis"}
-        known.update({n: tuple(m["members"]) for n, (m, _) in self.cached.items()
+        known.update({n: tuple(m["members"]) for n, (m, *_) in self.cached.items()
                       if m.get("members") is not None
                       and self.compiled.steps[n].op == "cluster_basis"})
         self.compiled = compile_recipe(self.compiled.loaded, known_members=known,
@@ -466,7 +483,8 @@ class Runner:
                         "tvrecipe.recipe_sha256": loaded.text_sha256}
             for name in self.compiled.outputs:
                 outputs[name] = _Output(name, self.compiled, self.plan, self.options.force,
-                                        self.compute, metadata)
+                                        self.compute, metadata,
+                                        (self.options.targets or {}).get(name))
             steps = self._to_compute([o.res.node for o in outputs.values()])
             pending = self._start_cache_entries(steps, metadata)
             want = sorted({o.res.node for o in outputs.values()} | set(pending))
@@ -495,9 +513,12 @@ class Runner:
             raise
         finally:
             self.plan.close()
+            for _m, slots, _c in self.cached.values():
+                for ck in slots.values():
+                    ck.close()
         return RunResult(result_paths, self.reports, str(self.device),
                          time.perf_counter() - start, self.bytes_read, written, passes,
-                         self.cache_hits)
+                         self.cache_hits, {n: o.digests for n, o in outputs.items()})
 
 
 class _NullBar:
@@ -516,6 +537,14 @@ def _progress(total: int, label: str, enabled: bool):
 
 
 def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResult:
-    """Run a compiled recipe (see :class:`Runner`)."""
-    return Runner(compiled, options).run()
+    """Run a compiled recipe (see :class:`Runner`).
+
+    A cache entry found corrupt while it is read is removed and the run starts again without
+    it (the interrupted attempt committed nothing); the warning lands in ``cache.warnings``.
+    """
+    while True:
+        try:
+            return Runner(compiled, options).run()
+        except CacheCorrupt as exc:
+            options.cache.discard(exc.key, str(exc))
 

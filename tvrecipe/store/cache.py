@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -14,12 +15,58 @@ from pathlib import Path
 
 from tvrecipe.errors import InputError
 from tvrecipe.store.checkpoint import Checkpoint, open_checkpoint
-from tvrecipe.store.hashing import sha256_file
 from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec
 
 SUFFIX = ".safetensors"
 MANIFEST = ".json"
+FORMAT = 2  # manifests of another format are misses (written by another tvrecipe version)
+
+
+class CacheCorrupt(Exception):
+    """A cached tensor did not match its checksum while it was read (caught by the runner)."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"cache entry {key} is corrupt ({reason}); recomputing it")
+        self.key = key
+
+
+class EntryCheck:
+    """Checks the tensors of a cache entry against their SHA-256 as they are read.
+
+    Verifying on read, rather than hashing every file before use, costs no extra pass over
+    the entry and runs on the reading thread, beside the compute. A tensor read in row blocks
+    is checked when its last block arrives; blocks must come in order. A mismatch raises
+    :class:`CacheCorrupt` before any output is committed, so nothing built from a bad entry
+    is kept.
+
+    Args:
+        key: The entry's key.
+        digests: Slot -> tensor name -> hex SHA-256 of its data bytes (from the manifest).
+    """
+
+    def __init__(self, key: str, digests: Mapping[str, Mapping[str, str]]):
+        self.key, self.digests = key, digests
+        self._partial: dict[tuple[str, str], tuple[hashlib._Hash, int]] = {}
+
+    def __call__(self, slot: str, name: str, rows: tuple[int, int] | None, total_rows: int,
+                 data) -> None:
+        """Feed the raw tensor (or rows ``rows`` of it) just read; raise on a mismatch."""
+        start, stop = (0, total_rows) if rows is None else rows
+        if start == 0:
+            digest = hashlib.sha256()
+        else:
+            digest, expected = self._partial.pop((slot, name), (None, -1))
+            if expected != start:
+                raise CacheCorrupt(self.key, f"tensor {name!r} was read out of order")
+        import torch
+        if data.numel():
+            digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        if stop < total_rows:
+            self._partial[(slot, name)] = (digest, stop)
+        elif digest.hexdigest() != self.digests.get(slot, {}).get(name):
+            where = f"slot {slot!r} " if slot else ""
+            raise CacheCorrupt(self.key, f"{where}tensor {name!r} does not match its checksum")
 
 
 @dataclass(frozen=True)
@@ -53,7 +100,8 @@ class PendingEntry:
                 fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
                 os.close(fd)
                 self.tmp[slot] = Path(tmp)
-                self.writers[slot] = SafetensorsStreamWriter(Path(tmp), specs, metadata)
+                self.writers[slot] = SafetensorsStreamWriter(Path(tmp), specs, metadata,
+                                                             digest="tensors")
         except OSError as exc:
             self.abort()
             raise output_oserror(exc, folder) from exc
@@ -63,16 +111,20 @@ class PendingEntry:
         self.writers[slot].write(name, tensor)
 
     def commit(self, info: Mapping[str, object]) -> None:
-        """Close, checksum and move every slot file into place, then write the manifest."""
+        """Close and move every slot file into place, then write the manifest.
+
+        The manifest holds each tensor's SHA-256, hashed as it was written.
+        """
         digests = {}
         try:
             for slot, writer in self.writers.items():
                 writer.close()
-                digests[slot] = sha256_file(self.tmp[slot])
+                digests[slot] = writer.tensor_sha256
                 os.replace(self.tmp[slot], self.cache.path(self.key, slot))
             manifest = self.cache.manifest(self.key)
             tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**info, "sha256": digests}, sort_keys=True))
+            tmp.write_text(json.dumps({**info, "format": FORMAT, "tensors": digests},
+                                      sort_keys=True))
             os.replace(tmp, manifest)
         except OSError as exc:
             self.abort()
@@ -107,29 +159,40 @@ class TensorCache:
         name = key if not slot else f"{key}~{slot}"
         return self.manifest(key).with_name(f"{name}{SUFFIX}")
 
-    def lookup(self, key: str) -> tuple[dict, dict[str, Checkpoint]] | None:
-        """The stored result of ``key`` (manifest, one checkpoint per slot), verified, or None.
+    def lookup(self, key: str) -> tuple[dict, dict[str, Checkpoint], EntryCheck] | None:
+        """The stored result of ``key``: (manifest, one checkpoint per slot, the check to run
+        on every tensor read from them), or None.
 
-        A corrupt or truncated entry is removed, recorded in :attr:`warnings`, and reported
-        as a miss, so the step is recomputed.
+        Headers and sizes are checked here; a corrupt or truncated entry is removed, recorded
+        in :attr:`warnings`, and reported as a miss, so the step is recomputed. Tensor bytes
+        are checked as they are read (see :class:`EntryCheck`).
         """
         manifest = self.manifest(key)
         if not manifest.is_file():
             return None
+        slots: dict[str, Checkpoint] = {}
         try:
             info = json.loads(manifest.read_text())
-            slots = {}
-            for slot, digest in info["sha256"].items():
+            if info.get("format") != FORMAT:
+                self.remove(key)  # another version's entry: recompute and replace it quietly
+                return None
+            for slot, digests in info["tensors"].items():
                 path = self.path(key, slot)
-                if sha256_file(path) != digest:
-                    raise InputError(f"{path.name}: checksum mismatch")
-                slots[slot] = open_checkpoint(path)
+                slots[slot] = ck = open_checkpoint(path)
+                if set(ck.tensors) != set(digests):
+                    raise InputError(f"{path.name}: its tensors differ from the manifest's")
             os.utime(manifest)  # records use, for `cache gc --older-than`
-            return info, slots
-        except (OSError, ValueError, KeyError, InputError) as exc:
-            self.warnings.append(f"cache entry {key} is corrupt ({exc}); recomputing it")
-            self.remove(key)
+            return info, slots, EntryCheck(key, info["tensors"])
+        except (OSError, ValueError, KeyError, AttributeError, InputError) as exc:
+            for ck in slots.values():
+                ck.close()
+            self.discard(key, f"cache entry {key} is corrupt ({exc}); recomputing it")
             return None
+
+    def discard(self, key: str, warning: str) -> None:
+        """Remove a bad entry and record why in :attr:`warnings`."""
+        self.warnings.append(warning)
+        self.remove(key)
 
     def remove(self, key: str) -> None:
         """Delete an entry (manifest first, so it is never half trusted)."""

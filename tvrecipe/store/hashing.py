@@ -69,9 +69,14 @@ class HashMemo:
 
     def put(self, key: str, st: os.stat_result, digest: str) -> None:
         """Records a digest and saves the memo file."""
+        self.put_many([(key, st, digest)])
+
+    def put_many(self, items: Sequence[tuple[str, os.stat_result, str]]) -> None:
+        """Records several (key, identity, digest) triples and saves the memo file once."""
         if self._entries is None:
             self._entries = self._load_file()
-        self._entries[key] = {"id": _identity(st), "sha256": digest}
+        for key, st, digest in items:
+            self._entries[key] = {"id": _identity(st), "sha256": digest}
         self._save()
 
     def _save(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -120,25 +121,41 @@ class SafetensorsStreamWriter:
         path: The file to create.
         specs: The tensors, in the order they will be written.
         metadata: Header metadata (``__metadata__``), such as provenance.
+        digest: ``"file"``: the SHA-256 of the whole file is in :attr:`sha256` after
+            ``close()``; ``"tensors"``: the SHA-256 of each tensor's data bytes is in
+            :attr:`tensor_sha256`. Hashing what is written spares reading the file again.
 
     Raises:
         OutputError: The file cannot be created.
     """
 
     def __init__(
-        self, path: Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None
+        self, path: Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None,
+        *, digest: str = "file",
     ):
+        if digest not in ("file", "tensors"):
+            raise ValueError(f"digest must be 'file' or 'tensors', not {digest!r}")
         self.path = Path(path)
         self.specs = list(specs)
         header = encode_header(self.specs, metadata)
         self._size = len(header) + sum(s.nbytes for s in self.specs)
         self._next = 0
         self._rows = 0  # rows of the current tensor written so far
+        self._file_sha = hashlib.sha256(header) if digest == "file" else None
+        self._tensor_sha: hashlib._Hash | None = None
+        self.tensor_sha256: dict[str, str] = {}
         try:
             self._file = open(self.path, "wb", buffering=1 << 20)  # noqa: SIM115 (closed in close)
             self._file.write(header)
         except OSError as exc:
             raise output_oserror(exc, self.path) from exc
+
+    @property
+    def sha256(self) -> str | None:
+        """The whole file's hex SHA-256 once it is closed (``digest="file"`` only)."""
+        if self._file_sha is None or not self._file.closed or self._next < len(self.specs):
+            return None
+        return self._file_sha.hexdigest()
 
     def write(self, name: str, tensor: torch.Tensor) -> bool:
         """Writes the next tensor, or the next block of its rows, cast to its spec's dtype.
@@ -173,14 +190,24 @@ class SafetensorsStreamWriter:
             data = data.view(_INT_OF_SIZE[data.element_size()]).numpy().byteswap()
         else:
             data = data.view(torch.uint8).numpy()  # a view: no copy of a large tensor
+        raw = memoryview(data).cast("B")
         try:
-            self._file.write(memoryview(data).cast("B"))
+            self._file.write(raw)
         except OSError as exc:
             raise output_oserror(exc, self.path) from exc
+        if self._file_sha is not None:
+            self._file_sha.update(raw)
+        else:
+            if self._rows == 0:
+                self._tensor_sha = hashlib.sha256()
+            self._tensor_sha.update(raw)
         if not whole:
             self._rows += shape[0]
             if self._rows < spec.shape[0]:
                 return False
+        if self._tensor_sha is not None:
+            self.tensor_sha256[spec.name] = self._tensor_sha.hexdigest()
+            self._tensor_sha = None
         self._next += 1
         self._rows = 0
         return True
@@ -258,6 +285,7 @@ class CheckpointWriter:
             self.folder / name for name in (names if n > 1 else [f"{prefix}.safetensors"])
         ]
         self.index_path = self.folder / f"{prefix}.safetensors.index.json"
+        self.sha256: dict[Path, str] = {}  # file -> SHA-256, filled as files are closed
         self._shard = -1
         self._writer: SafetensorsStreamWriter | None = None
         self._left = 0
@@ -276,7 +304,7 @@ class CheckpointWriter:
         """Writes the next tensor (in ``specs`` order), whole or in row blocks, into its shard."""
         while self._left == 0:
             if self._writer is not None:
-                self._writer.close()
+                self._close_shard()
             if self._shard + 1 >= len(self.shards):
                 raise ValueError(f"{self.folder}: tensor {name!r} written after the last one")
             self._open_next()
@@ -291,7 +319,7 @@ class CheckpointWriter:
         """
         while True:
             if self._writer is not None:
-                self._writer.close()
+                self._close_shard()
             if self._shard + 1 >= len(self.shards):
                 break
             self._open_next()  # only empty shards remain; close() reports missing tensors
@@ -300,14 +328,20 @@ class CheckpointWriter:
         weight_map = {s.name: f.name for f, shard in zip(self.files, self.shards) for s in shard}
         total = sum(s.nbytes for shard in self.shards for s in shard)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
         try:
-            with open(self.index_path, "w", encoding="utf-8") as f:
-                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            with open(self.index_path, "wb") as f:
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
             raise output_oserror(exc, self.index_path) from exc
+        self.sha256[self.index_path] = hashlib.sha256(text).hexdigest()
         return [*self.files, self.index_path]
+
+    def _close_shard(self) -> None:
+        self._writer.close()
+        self.sha256[self._writer.path] = self._writer.sha256
 
     def __enter__(self) -> Self:
         return self
