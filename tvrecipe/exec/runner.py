@@ -200,9 +200,9 @@ class Runner:
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
         else:
-            # safetensors hands out views of a private file mapping: always copy, so in-place
-            # kernels never change what a later read of the file sees.
-            t = t.to(self.compute, copy=True)
+            # Checkpoint.get reads into a fresh tensor that nothing else holds, so in-place
+            # kernels may use it as is when it already has the compute dtype.
+            t = t.to(self.compute)
         # One reduction, no mask: the sum of finite weights stays finite (fp32 reaches 3e38),
         # so only a suspicious sum pays for the exact check.
         if (not self.options.allow_nonfinite and not bool(torch.isfinite(t.sum()))
@@ -448,6 +448,34 @@ class Runner:
                     {**metadata, "tvrecipe.step": step.name, "tvrecipe.key": keys[step.name]})
         return entries
 
+    def _merge_pass(self, steps: list[CompiledStep], want: list[str],
+                    outputs: dict[str, _Output], pending: dict[str, PendingEntry]) -> int:
+        """Stream every tensor through ``steps`` into the outputs and new cache entries.
+
+        Writing (the cast to the stored dtype, hashing, the file write) runs on a thread of its
+        own, one tensor behind the compute, so reading, computing and writing overlap.
+        Returns the bytes written to outputs.
+        """
+        def write(tensor: str, info: TensorInfo, values: dict[str, Any]) -> int:
+            n = sum(o.write(tensor, info, select(values[o.res.node], o.res.selector))
+                    for o in outputs.values())
+            if info.is_floating:
+                for name, entry in pending.items():
+                    for slot, t in to_slots(values[name]).items():
+                        entry.write(slot, tensor, t.cpu())
+            return n
+
+        written = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool:
+            job = None
+            for tensor, info, values in self._stream(steps, want, "merge"):
+                if job is not None:
+                    written += job.result()  # at most one tensor waits: bounded memory
+                job = pool.submit(write, tensor, info, values)
+            if job is not None:
+                written += job.result()
+        return written
+
     def _manifest(self, name: str) -> dict[str, Any]:
         vt = self.compiled.steps[name].type
         return {"kind": vt.kind, "members": list(vt.members) if vt.members else None,
@@ -488,14 +516,7 @@ class Runner:
             steps = self._to_compute([o.res.node for o in outputs.values()])
             pending = self._start_cache_entries(steps, metadata)
             want = sorted({o.res.node for o in outputs.values()} | set(pending))
-            written = 0
-            for tensor, info, values in self._stream(steps, want, "merge"):
-                for o in outputs.values():
-                    written += o.write(tensor, info, select(values[o.res.node], o.res.selector))
-                if info.is_floating:
-                    for name, entry in pending.items():
-                        for slot, t in to_slots(values[name]).items():
-                            entry.write(slot, tensor, t.cpu())
+            written = self._merge_pass(steps, want, outputs, pending)
             passes.append("merge")
             for o in outputs.values():
                 o.finish(self.compiled, self.reports.get(o.res.node))
