@@ -140,6 +140,25 @@ def test_trim_large_with_massive_ties():
         assert torch.equal(trim(x, density=d), torch.where(m, x, 0.0))
 
 
+def test_trim_bf16_derived_ties_match_stable_sort():
+    # Differences of bf16 weights take few distinct values: the threshold is tied by
+    # thousands of entries, found from the band's positions rather than a full pass.
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(1 << 20, generator=g).to(torch.bfloat16)
+    ft = (base.float() + 0.01 * torch.randn(1 << 20, generator=g)).to(torch.bfloat16)
+    x = ft.float() - base.float()
+    order = torch.sort(-x.abs(), stable=True).indices  # (-|x|, flat index) order
+    for d in (0.05, 0.2, 0.6):
+        k = round(d * x.numel())
+        thr, n_gt, n_ge, pos = sparsify._kth_largest_abs(x, k, ties=True)
+        assert n_ge - n_gt > 100  # really tied
+        assert torch.equal(pos, torch.nonzero(x.abs() == thr).squeeze(1))
+        want = torch.zeros(x.numel(), dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(trim_mask(x, density=d), want), d
+        assert torch.equal(trim(x, density=d), torch.where(want, x, 0.0)), d
+
+
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32).filter(lambda v: v != 0)
 tied = st.sampled_from([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0])
 

@@ -95,35 +95,50 @@ def _below(t: float, dtype: torch.dtype) -> float:
     return torch.nextafter(tt, torch.zeros((), dtype=dtype)).item()
 
 
-def _kth_direct(a: torch.Tensor, k: int) -> tuple[float, int, int]:
+def _kth_direct(a: torch.Tensor, k: int) -> tuple[float, int, int, None]:
     n = a.numel()
     thr_t = torch.kthvalue(a, n - k + 1).values
     n_gt = int(torch.count_nonzero(a > thr_t))
     n_ge = int(torch.count_nonzero(a >= thr_t))
-    return thr_t.item(), n_gt, n_ge
+    return thr_t.item(), n_gt, n_ge, None
 
 
-def _compress(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``values[mask]`` for a sparse mask, faster on CPU than boolean indexing."""
+def _compress(values: torch.Tensor, mask: torch.Tensor, start: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``values[mask]`` for a sparse mask, faster on CPU than boolean indexing.
+
+    With ``start``, also the flat positions of the selected entries (``start`` + their
+    index in the chunk), in increasing order; else None.
+    """
     n = mask.numel()
     if mask.device.type != "cpu" or n % 8 != 0:
-        return values[mask]
+        where = torch.nonzero(mask).squeeze(1)
+        return values[where], (None if start is None else where + start)
     # Scan the mask 8 bytes at a time (as int64 words): only the words that hold a set
     # byte are expanded, which for a ~1% band is a small fraction of the chunk.
     words = torch.nonzero(mask.view(torch.int64)).squeeze(1)
     vals = torch.index_select(values.view(-1, 8), 0, words).view(-1)
     hits = torch.index_select(mask.view(-1, 8), 0, words).view(-1)
-    return vals[torch.nonzero(hits).squeeze(1)]
+    sel = torch.nonzero(hits).squeeze(1)
+    if start is None:
+        return vals[sel], None
+    return vals[sel], words[sel // 8] * 8 + sel % 8 + start
 
 
-def _kth_largest_abs(v: torch.Tensor, k: int) -> tuple[float, int, int]:
-    """(t, #|v| > t, #|v| >= t) for t the k-th largest |v| of the flat tensor v, exactly.
+def _kth_largest_abs(v: torch.Tensor, k: int, *, ties: bool = False
+                     ) -> tuple[float, int, int, torch.Tensor | None]:
+    """(t, #|v| > t, #|v| >= t, P) for t the k-th largest |v| of the flat tensor v, exactly.
 
     kthvalue is exact but slow on CPU (a single-threaded quickselect, ~25 ns an entry), so
     large inputs first narrow the search: a random sample places a band [lo, hi] of
     magnitudes around the target rank, one streaming pass counts the entries above the
     band and extracts the band (~1% of the entries), and the search recurses on the band.
     If the band misses the target (a 4-sigma event) the exact kthvalue is used.
+
+    With ``ties``, P is the increasing flat positions of the entries with |v| == t when
+    t > 0 and the band found it (they all lie in the band, whose positions the scan keeps
+    at little cost); else None, and the caller finds them with a full pass. Data derived
+    from bf16 weights ties at the threshold in most tensors, so this path matters.
     """
     n = v.numel()
     if n <= _DIRECT_MAX:
@@ -153,7 +168,7 @@ def _kth_largest_abs(v: torch.Tensor, k: int) -> tuple[float, int, int]:
     above = torch.empty(c, dtype=torch.bool, device=v.device)
     band = torch.empty(c, dtype=torch.bool, device=v.device)
     n_above_t = torch.zeros((), dtype=torch.int64, device=v.device)
-    parts = []
+    parts, positions = [], []
     for s in range(0, n, c):
         L = min(c, n - s)
         vc, hp, bp, ab, bd = v[s : s + L], hi_part[:L], band_part[:L], above[:L], band[:L]
@@ -163,7 +178,9 @@ def _kth_largest_abs(v: torch.Tensor, k: int) -> tuple[float, int, int]:
         ab.copy_(hp)
         n_above_t += torch.count_nonzero(ab)
         bd.copy_(bp)
-        parts.append(_compress(bp, bd))
+        vals, pos = _compress(bp, bd, s if ties else None)
+        parts.append(vals)
+        positions.append(pos)
     n_above = int(n_above_t)
     band_vals = torch.cat(parts).abs_()
     nb = band_vals.numel()
@@ -173,12 +190,16 @@ def _kth_largest_abs(v: torch.Tensor, k: int) -> tuple[float, int, int]:
         return _kth_direct(v.abs(), k)
     if rank > nb:
         # Fewer than k nonzero entries: the k-th largest magnitude is 0.
-        return 0.0, n_above + nb, n
+        return 0.0, n_above + nb, n, None
     if lo == hi:
         # The whole band is one tied value (heavily quantised data): it is the threshold.
-        return lo, n_above, n_above + nb
-    thr, b_gt, b_ge = _kth_largest_abs(band_vals, rank)
-    return thr, n_above + b_gt, n_above + b_ge
+        thr, b_gt, b_ge = lo, 0, nb
+    else:
+        thr, b_gt, b_ge, _ = _kth_largest_abs(band_vals, rank)
+    tie_pos = None
+    if ties and thr > 0.0:
+        tie_pos = torch.cat(positions)[band_vals == thr]
+    return thr, n_above + b_gt, n_above + b_ge, tie_pos
 
 
 def _select(xf: torch.Tensor, k: int, *, zero_ties: bool) -> _Selection:
@@ -190,13 +211,14 @@ def _select(xf: torch.Tensor, k: int, *, zero_ties: bool) -> _Selection:
     n = xf.numel()
     if k >= n:
         return _Selection(thr=0.0, n_gt=0, n_ge=n, drop=None)
-    thr, n_gt, n_ge = _kth_largest_abs(xf, k)
+    thr, n_gt, n_ge, tie_pos = _kth_largest_abs(xf, k, ties=True)
     drop = None
     if n_ge > k and (thr > 0.0 or zero_ties):
-        # Rare for real data: several entries equal the threshold. Keep the first
-        # (k - n_gt) of them in flat order; only this path pays an extra pass.
-        eq = torch.nonzero(xf.abs() == thr).squeeze(1)
-        drop = eq[k - n_gt :]
+        # Several entries equal the threshold (usual for data derived from bf16): keep
+        # the first (k - n_gt) of them in flat order.
+        if tie_pos is None:
+            tie_pos = torch.nonzero(xf.abs() == thr).squeeze(1)
+        drop = tie_pos[k - n_gt :]
     return _Selection(thr=thr, n_gt=n_gt, n_ge=n_ge, drop=drop)
 
 
@@ -208,14 +230,19 @@ def _shrink_lambda(sel: _Selection, dtype: torch.dtype) -> float | None:
 
 
 def _apply_selection(
-    xc: torch.Tensor, lam: float | None, drop: torch.Tensor | None, start: int
+    xc: torch.Tensor, lam: float | None, drop: torch.Tensor | None, start: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Trimmed copy of the flat chunk ``xc`` that starts at flat index ``start``."""
+    """Trimmed copy of the flat chunk ``xc`` that starts at flat index ``start``
+    (into ``out`` when given)."""
     if lam is None:
-        return xc.clone()
+        return xc.clone() if out is None else out.copy_(xc)
     # hardshrink is a single float->float pass; where()/mul with a bool mask is several
     # times slower on CPU.
-    out = F.hardshrink(xc, lam)
+    if out is None:
+        out = F.hardshrink(xc, lam)
+    else:
+        torch.ops.aten.hardshrink.out(xc, lam, out=out)
     if drop is not None:
         end = start + xc.numel()
         i0 = int(torch.searchsorted(drop, start))
@@ -455,10 +482,7 @@ def _ties_merge(
             else:
                 tj = trimmed[row, :L]
                 row += 1
-                if drop is None:
-                    torch.ops.aten.hardshrink.out(xc, lam, out=tj)
-                else:
-                    tj.copy_(_apply_selection(xc, lam, drop, s))
+                _apply_selection(xc, lam, drop, s, out=tj)
             chunks.append(tj)
             if j == 0:
                 torch.mul(tj, w, out=tot)
