@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvrecipe.ops import sparsify
+from tvrecipe.ops import parallel, sparsify
 from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties, trim, trim_mask
 
 T = torch.tensor
@@ -22,7 +22,7 @@ def tiny_blocks():
     """Shrink the kernels' size constants so small inputs take the sampled, chunked paths."""
     with mock.patch.multiple(
         sparsify, _DIRECT_MAX=16, _SAMPLE_SIZE=64, _SAMPLE_MIN=8, _SCAN_CHUNK=64, _CPU_CHUNK=40
-    ):
+    ), mock.patch.object(parallel, "PARALLEL_MIN", 16):  # threads, on small inputs too
         yield
 
 
@@ -414,3 +414,16 @@ def test_bad_parameters_messages():
         trim(T([1, 2]), density=0.5)
     with pytest.raises(TypeError, match=r"trim: density must be a number"):
         trim(x, density="0.5")
+
+
+def test_parallel_map_keeps_order_and_nested_calls_run_inline():
+    # Results come back in item order, and a call from inside a worker does not wait on
+    # the (possibly full) pool: with 2 workers busy on outer items this would deadlock.
+    with mock.patch.object(parallel, "PARALLEL_MIN", 1), \
+            mock.patch.object(parallel, "cores", lambda: 2):
+        def outer(i):
+            inner = parallel.parallel_map(lambda j: i * 10 + j, range(3), numel=1,
+                                          device=torch.device("cpu"))
+            return list(inner)
+        got = list(parallel.parallel_map(outer, range(4), numel=1, device=torch.device("cpu")))
+    assert got == [[0, 1, 2], [10, 11, 12], [20, 21, 22], [30, 31, 32]]

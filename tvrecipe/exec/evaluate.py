@@ -44,9 +44,15 @@ def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -
     if isinstance(value, torch.Tensor):
         return fn(value, "")
     if is_decomposition(value):
-        return {p: {m: None if t is None else fn(t, f"{p}.{m}") for m, t in d.items()}
-                for p, d in value.items()}
-    return {m: None if t is None else fn(t, m) for m, t in value.items()}
+        return {p: map_vectors(d, lambda t, m, p=p: fn(t, f"{p}.{m}")) for p, d in value.items()}
+    # Members are independent (and each deterministic): large ones run on parallel threads.
+    names = [m for m, t in value.items() if t is not None]
+    if not names:
+        return dict(value)
+    first = value[names[0]]
+    done = dict(zip(names, ops.parallel_map(lambda m: fn(value[m], m), names,
+                                            numel=first.numel(), device=first.device)))
+    return {m: done.get(m) for m in value}
 
 
 class StepEvaluator:

@@ -6,6 +6,7 @@ Each kernel takes the YAML field names of its op as keyword arguments.
 from tvrecipe.ops.arithmetic import apply, extract, mean, negate, scale, sum
 from tvrecipe.ops.basis import assign, cluster, cosine_from_gram, gram_update, merge_cluster
 from tvrecipe.ops.decompose import decompose
+from tvrecipe.ops.parallel import parallel_map
 from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties
 
 OPS = {
@@ -22,6 +23,6 @@ OPS = {
     "decompose": decompose,
 }
 
-__all__ = ["OPS", "apply", "assign", "cluster", "cosine_from_gram", "dare", "decompose", "derive_seed",
-           "extract", "gram_update", "mean", "merge_cluster", "negate", "prune", "scale", "sum",
-           "ties"]
+__all__ = ["OPS", "apply", "assign", "cluster", "cosine_from_gram", "dare", "decompose",
+           "derive_seed", "extract", "gram_update", "mean", "merge_cluster", "negate",
+           "parallel_map", "prune", "scale", "sum", "ties"]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tvrecipe.ops import parallel
+
 __all__ = ["dare", "derive_seed", "prune", "ties", "trim", "trim_mask"]
 
 _MAJORITIES = ("total", "count")
@@ -429,14 +431,21 @@ def ties(
     # Exact thresholds first (one streaming pass per input), then a single chunked merge
     # pass in which every input's chunk is trimmed on the fly.
     k = _num_kept(d, n)
-    plans: list[tuple[float | None, torch.Tensor | None]] = []
-    for xf, _ in members:
+    def plan(xf: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
         if k >= n:
-            plans.append((None, None))
-        else:
-            sel = _select(xf, k, zero_ties=False)
-            plans.append((_shrink_lambda(sel, dtype), sel.drop))
-    return _ties_merge(members, plans, majority == "count", normalize).view(shape)
+            return None, None
+        sel = _select(xf, k, zero_ties=False)
+        return _shrink_lambda(sel, dtype), sel.drop
+
+    # Each input's threshold, then each range of the (entrywise) merge, on its own thread.
+    plans = list(parallel.parallel_map(plan, [xf for xf, _ in members], numel=n, device=device))
+    out = torch.empty(n, dtype=dtype, device=device)
+    parts = parallel.cores()
+    bounds = [n * i // parts for i in range(parts + 1)]
+    list(parallel.parallel_map(
+        lambda i: _ties_merge(members, plans, majority == "count", normalize, out, bounds[i],
+                              bounds[i + 1]), range(parts), numel=n, device=device))
+    return out.view(shape)
 
 
 def _ties_merge(
@@ -444,12 +453,15 @@ def _ties_merge(
     plans: list[tuple[float | None, torch.Tensor | None]],
     count_votes: bool,
     normalize: bool,
-) -> torch.Tensor:
-    """Elect and disjoint-merge flat inputs, trimming each chunk by its (λ, drop) plan."""
+    out: torch.Tensor,
+    lo: int,
+    hi: int,
+) -> None:
+    """Elect and disjoint-merge flat inputs over entries [lo, hi) into ``out``, trimming
+    each chunk by its (λ, drop) plan."""
     xf0 = members[0][0]
-    n, dtype, device = xf0.numel(), xf0.dtype, xf0.device
-    c = min(_chunk_size(device), n)
-    out = torch.empty(n, dtype=dtype, device=device)
+    dtype, device = xf0.dtype, xf0.device
+    c = max(1, min(_chunk_size(device), hi - lo))
 
     def buf() -> torch.Tensor:
         return torch.empty(c, dtype=dtype, device=device)
@@ -467,8 +479,8 @@ def _ties_merge(
     # rounds below one of them), so clamping to it only changes den == 0, where num == 0.
     min_abs_w = min(abs(w) for _, w in members)
 
-    for s in range(0, n, c):
-        e = min(s + c, n)
+    for s in range(lo, hi, c):
+        e = min(s + c, hi)
         L = e - s
         tot, gam, nu, tm = total[:L], gamma[:L], num[:L], tmp[:L]
         vo = votes[:L] if votes is not None else None
@@ -526,7 +538,6 @@ def _ties_merge(
         torch.mul(nu, gam, out=oc)
         if den is not None:
             oc.div_(den[:L].clamp_(min=min_abs_w))
-    return out
 
 
 # --------------------------------------------------------------------------------------
