@@ -131,7 +131,13 @@ def test_killed_run_leaves_no_output_and_next_run_is_identical(tmp_path):
     assert _cli("run", str(reference), "-q", "--no-cache").exit_code == 0
     for sig in (signal.SIGINT, signal.SIGKILL):
         p = _run_proc(recipe)
-        time.sleep(1.5)
+        # Signal once the run is writing (its staging folder exists), not while the
+        # interpreter still starts: a slow import would make the test about Python instead.
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.tmp*")) and p.poll() is None:
+            assert time.monotonic() < deadline, "the run never started writing"
+            time.sleep(0.01)
+        time.sleep(0.2)
         p.send_signal(sig)
         p.communicate(timeout=60)
         if sig == signal.SIGINT and p.returncode not in (0,):

@@ -427,3 +427,22 @@ def test_parallel_map_keeps_order_and_nested_calls_run_inline():
             return list(inner)
         got = list(parallel.parallel_map(outer, range(4), numel=1, device=torch.device("cpu")))
     assert got == [[0, 1, 2], [10, 11, 12], [20, 21, 22], [30, 31, 32]]
+
+
+def test_dare_mask_is_exactly_rand_below_density_and_zeros_are_positive():
+    # The float mask sign(relu(p - r)) must agree with r < p on every draw, including draws
+    # right at p (float32 neighbours of p are forced into the draw here).
+    n = 200_000
+    x = -torch.rand(n, generator=torch.Generator().manual_seed(4)) - 0.5  # all negative
+    for p in (0.3, 0.1 + 0.2, 1 / 3, 0.9):
+        gen = torch.Generator().manual_seed(77)
+        r = torch.rand(n, generator=gen)
+        keep = r < p
+        out = dare(x, density=p, seed=77)
+        assert torch.equal(out != 0, keep)
+        assert torch.equal(out[keep], x[keep] / p)
+        assert not torch.signbit(out[~keep]).any()  # +0.0, not -0.0
+    p32 = torch.tensor(0.3, dtype=torch.float32)
+    r = torch.stack([torch.nextafter(p32, torch.tensor(0.0)), p32,
+                     torch.nextafter(p32, torch.tensor(1.0))])
+    assert torch.equal(torch.rsub(r, 0.3).relu_().sign_(), (r < 0.3).float())
