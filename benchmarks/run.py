@@ -438,7 +438,9 @@ def main() -> None:
             cfg_path = work / f"mergekit-{op}.yml"
             cfg_path.write_text(mergekit_config(op, ckpt, a.n))
             out = BENCH / "out" / f"{a.size}-n{a.n}" / f"mergekit-{op}"
-            m = measure([shutil.which("mergekit-yaml"), str(cfg_path), str(out)])
+            # The synthetic checkpoints ship no tokenizer: do not make mergekit look for one.
+            m = measure([shutil.which("mergekit-yaml"), str(cfg_path), str(out),
+                         "--no-copy-tokenizer"])
             mk[f"mergekit {op}"] = m
             print(f"mergekit {op}: {'FAILED ' + m.stderr[-500:] if m.rc else f'{m.wall:.2f} s'}")
             if not a.keep and out.exists():
@@ -523,6 +525,13 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
     d = results.get("decompose")
     if d is not None and not d.rc:
         print(f"- decompose (8 vectors, rank 16): {d.wall:.2f} s wall ({ratio('decompose')} sum)")
+    for op, peer in (("sum", "mergekit sum"), ("ties", "mergekit ties"), ("dare", "mergekit dare")):
+        mine, theirs = results.get(op), results.get(peer)
+        if mine is None or theirs is None or mine.rc or theirs.rc:
+            continue
+        print(f"- {op} / {peer}: wall {mine.wall / theirs.wall:.3f}×, peak RSS "
+              f"{mine.peak_rss_mb / theirs.peak_rss_mb:.2f}×, peak anon "
+              f"{mine.peak_anon_mb / theirs.peak_anon_mb:.2f}×")
 
 
 if __name__ == "__main__":
