@@ -602,7 +602,8 @@ def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int) ->
     # The mask as exact 0.0/1.0 floats, without a bool tensor (a masked fill with a random
     # bool mask costs ~6x more on CPU): in float32, p - r > 0 exactly when r < p (the
     # difference of two distinct floats is never 0), so sign(relu(p - r)) is [r < p].
-    keep = torch.rsub(draw, p).relu_().sign_()
+    # In place: -r + p is the same float as p - r.
+    keep = draw.neg_().add_(p).relu_().sign_()
     keep = keep.to(x.device, x.dtype, non_blocking=False)
     out = x / p if rescale else x.clone()
     # x * 0 is -0.0 for negative x: adding +0.0 makes every zero +0.0.
