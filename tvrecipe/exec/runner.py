@@ -20,6 +20,7 @@ from tvrecipe import __version__, ops
 from tvrecipe.errors import ExecutionError, InputError
 from tvrecipe.exec.evaluate import StepEvaluator, select
 from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
+from tvrecipe.ops.parallel import cores
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
 from tvrecipe.plan.tensors import CHUNK_ELEMENTS, ROWWISE_OPS, TensorPlan, build_tensor_plan
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry, TensorCache
@@ -606,9 +607,5 @@ def compute_threads() -> int | None:
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, cores() - 1)
 

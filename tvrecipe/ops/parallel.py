@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["cores", "parallel_map"]
+__all__ = ["cores", "parallel_map", "splits"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,14 +38,24 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def _worth_it(numel: int, device: torch.device) -> bool:
+    # Nested calls stay on their thread: a worker waiting on the pool could deadlock it.
+    return (numel >= PARALLEL_MIN and device.type == "cpu" and cores() > 1
+            and not getattr(_local, "worker", False))
+
+
+def splits(numel: int, device: torch.device) -> int:
+    """Into how many ranges to cut entrywise work on ``numel`` entries: one per core when
+    :func:`parallel_map` would run them in parallel, else 1."""
+    return cores() if _worth_it(numel, device) else 1
+
+
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, numel: int,
                  device: torch.device) -> Iterable[R]:
     """``map(fn, items)``, on one thread per core for CPU tensors of at least
     ``PARALLEL_MIN`` entries (``numel``); results come back in the order of ``items``."""
     global _POOL
-    if (numel < PARALLEL_MIN or len(items) < 2 or device.type != "cpu" or cores() < 2
-            or getattr(_local, "worker", False)):
-        # Nested calls stay on their thread: a worker waiting on the pool could deadlock it.
+    if len(items) < 2 or not _worth_it(numel, device):
         return map(fn, items)
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="tvrecipe-math",

@@ -441,7 +441,7 @@ def ties(
     # Each input's threshold, then each range of the (entrywise) merge, on its own thread.
     plans = list(parallel.parallel_map(plan, [xf for xf, _ in members], numel=n, device=device))
     out = torch.empty(n, dtype=dtype, device=device)
-    parts = parallel.cores()
+    parts = parallel.splits(n, device)
     bounds = [n * i // parts for i in range(parts + 1)]
     list(parallel.parallel_map(
         lambda i: _ties_merge(members, plans, majority == "count", normalize, out, bounds[i],

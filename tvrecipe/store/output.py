@@ -74,10 +74,14 @@ _LIVE_STAGING: set[Path] = set()
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def _host_prefix(name: str) -> str:
+    return f".{name}.tmp-{_HOST}-"
+
+
 def _staging_prefix(name: str, pid: int | None = None) -> str:
     # The host and process are in the name so a later run can tell a dead run's leftovers
     # (after SIGKILL or a power cut) from a live run's folder.
-    return f".{name}.tmp-{_HOST}-{os.getpid() if pid is None else pid}-"
+    return f"{_host_prefix(name)}{os.getpid() if pid is None else pid}-"
 
 
 def _make_staging(parent: Path, name: str) -> Path:
@@ -116,7 +120,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _sweep_dead_staging(parent: Path, name: str) -> None:
     """Removes staging folders for ``name`` left by runs on this host that no longer exist."""
-    prefix = f".{name}.tmp-{_HOST}-"
+    prefix = _host_prefix(name)
     try:
         entries = [p for p in parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
