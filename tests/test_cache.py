@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
@@ -205,13 +206,13 @@ def test_corruption_in_a_row_block_is_caught_before_the_output_lands(tmp_path, m
 
 
 def test_entry_check_blocks_must_come_in_order():
-    import hashlib
+    import zlib
 
     import pytest
 
     from tvrecipe.store.cache import CacheCorrupt, EntryCheck
     t = torch.arange(12, dtype=torch.float32).reshape(6, 2)
-    check = EntryCheck("sum-1", {"": {"w": hashlib.sha256(t.numpy().tobytes()).hexdigest()}})
+    check = EntryCheck("sum-1", {"": {"w": f"{zlib.crc32(t.numpy().tobytes()):08x}"}})
     check("", "w", (0, 4), 6, t[:4])
     check("", "w", (4, 6), 6, t[4:])  # complete and matching
     check("", "w", None, 6, t)
@@ -220,3 +221,44 @@ def test_entry_check_blocks_must_come_in_order():
         check("", "w", (4, 6), 6, t[4:])
     with pytest.raises(CacheCorrupt, match="tensor 'w' does not match its checksum"):
         check("", "w", None, 6, t + 1)
+
+
+def test_entry_of_a_run_that_allowed_nan_is_not_trusted_by_one_that_does_not(tmp_path):
+    # Cached tensors are not checked for NaN/Inf on read: their inputs were, when they were
+    # computed. So an entry computed with --allow-nonfinite must not serve a run without it,
+    # which would otherwise write NaN without the error a cold run gives.
+    recipe = _make(tmp_path)
+    tensors = load_file(str(tmp_path / "a" / "model.safetensors"))
+    tensors["w2"][3, 4] = float("nan")
+    save_file(tensors, str(tmp_path / "a" / "model.safetensors"))
+    res = _cli("run", str(recipe), "-q")
+    assert res.exit_code == 3
+    assert "model 'a': tensor 'w2' contains NaN or Inf" in res.output
+    assert _cli("run", str(recipe), "-q", "--allow-nonfinite").exit_code == 0
+    assert len(_entries(tmp_path)) == 1
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    recipe.write_text(RECIPE.replace("SCALE", "0.5"))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 3, res.output
+    assert "model 'a': tensor 'w2' contains NaN or Inf" in res.output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before  # left as it was
+    res = _cli("run", str(recipe), "--force", "--allow-nonfinite")
+    assert res.exit_code == 0 and "from cache: merged" in res.output
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files via /proc")
+def test_cache_files_skip_fsync_and_outputs_are_synced(tmp_path, monkeypatch):
+    # A cache entry cut short by a crash fails its checksums and is recomputed, so it is not
+    # synced; outputs are (releases must survive a crash once the run said it wrote them).
+    from tvrecipe.store import writer
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(writer.os, "fsync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                    real(fd))[1])
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    assert len(_entries(tmp_path)) == 1
+    files = {Path(p).name for p in synced if p.endswith(".safetensors")}
+    assert files == {"model.safetensors"}  # the output's file, still in its staging folder
+    assert not any(".tvrecipe" in p for p in synced)

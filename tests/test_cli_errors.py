@@ -332,3 +332,19 @@ def test_report_in_a_missing_folder_is_an_output_error(cli, tmp_path):
     cli.write("r.yaml", simple())
     res = cli.fails(4, "run", "r.yaml", "--report", "nodir/report.json")
     assert "nodir/report.json" in res.stderr
+
+
+def test_engine_imports_pause_the_collector_then_freeze_what_they_loaded():
+    import gc
+
+    from tvrecipe.cli import _importing
+    assert gc.isenabled()
+    before = gc.get_freeze_count()
+    try:
+        with _importing():
+            assert not gc.isenabled()
+            kept = [[] for _ in range(1000)]  # objects made while importing
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= before + len(kept)
+    finally:
+        gc.unfreeze()

@@ -352,3 +352,92 @@ def test_two_runs_give_byte_identical_files(make_models, cli, tmp_path):
     # A third run served from the cache the first one filled writes the same bytes too.
     cli.ok("run", "r.yaml", "--force")
     assert snapshot(tmp_path / "out") == first
+
+
+# ---- results written into inputs that nothing reads later ---------------------------------
+
+SCRATCH_STEPS = ("  tv: {op: extract, base: base,\n"
+                 "       finetuned: {math: math, code: code, toxic: toxic, again: math}}\n"
+                 "  merged: {op: sum, inputs: tv,\n"
+                 "           weights: {math: 0.5, code: 0.25, toxic: -0.3, again: 0.5}}\n"
+                 "  twice: {op: sum, inputs: [tv.math, tv.math], weights: [1, 1]}\n"
+                 "  model: {op: apply, base: base, delta: merged, scale: 0.75}\n"
+                 "  other: {op: apply, base: base, delta: merged}\n")
+
+
+@pytest.mark.parametrize("outs", [
+    "  model: {from: model, path: ./out/model, dtype: float32}\n",
+    ("  model: {from: model, path: ./out/model, dtype: float32}\n"
+     "  other: {from: other, path: ./out/other, dtype: float32}\n"
+     "  merged: {from: merged, path: ./out/merged, dtype: float32}\n"
+     "  twice: {from: twice, path: ./out/twice, dtype: float32}\n"
+     "  tv: {from: tv, path: ./out/tv, dtype: float32}\n"),
+], ids=["only-final", "intermediates-too"])
+def test_results_written_in_place_match_fresh_buffers(make_models, cli, tmp_path, monkeypatch,
+                                                      outs):
+    # A step writes its result into an input when nothing reads that input later (model reads
+    # and values used once, by one step, that are no output or cache entry). Values that are
+    # outputs, read twice (math is listed twice) or read by two steps must stay intact.
+    from tvrecipe.exec.evaluate import StepEvaluator
+    ms = make_models(TASKS)
+    cli.write("r.yaml", recipe(ms, SCRATCH_STEPS, outs))
+    real = StepEvaluator._scratch
+    reused = []
+
+    def spy(self, values, node, t, others):
+        got = real(self, values, node, t, others)
+        if got is not None:
+            reused.append(node)
+        return got
+
+    monkeypatch.setattr(StepEvaluator, "_scratch", spy)
+    cli.ok("run", "r.yaml", "--no-cache")
+    in_place = snapshot(tmp_path / "out")
+    monkeypatch.setattr(StepEvaluator, "_scratch", lambda *a: None)
+    cli.ok("run", "r.yaml", "--no-cache", "--force")
+    assert snapshot(tmp_path / "out") == in_place
+    weights = {"math": 1.0, "code": 0.25, "toxic": -0.3}  # math listed twice: 0.5 + 0.5
+    got = read_tensors(tmp_path / "out" / "model")
+    for k, want in hand_sum(ms, weights, scale=0.75).items():
+        close(got[k], want, k)
+    if "merged" in outs:
+        base = ms.f32("base")
+        merged = read_tensors(tmp_path / "out" / "merged")
+        twice = read_tensors(tmp_path / "out" / "twice")
+        other = read_tensors(tmp_path / "out" / "other")
+        for k, want in hand_sum(ms, weights).items():
+            close(merged[k], want - base[k], k)
+            close(other[k], want, k)
+            close(twice[k], 2 * (ms.f32("math")[k] - base[k]), k)
+        assert set(reused) == {"code", "toxic"}  # math is read twice; the rest are outputs
+    else:
+        # Only tv -> merged -> model runs: each value is read once, by the next step.
+        assert set(reused) == {"code", "toxic", "tv", "merged"}
+
+
+def test_a_value_that_aliases_another_is_not_written_in_place(make_models, cli, tmp_path,
+                                                             monkeypatch):
+    # assign's value IS one basis vector (no copy). It is read once (by apply), but the basis
+    # is also written out: applying in place into it would change the basis output.
+    from tvrecipe.exec.evaluate import StepEvaluator
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code]}\n"
+             "  basis: {op: cluster_basis, inputs: tv, k: 1}\n"
+             "  novel: {op: extract, base: base, finetuned: toxic}\n"
+             "  near: {op: assign, input: novel, basis: basis}\n"
+             "  model: {op: apply, base: base, delta: near, scale: 0.5}\n")
+    outs = ("  model: {from: model, path: ./out/model, dtype: float32}\n"
+            "  basis: {from: basis, path: ./out/basis, dtype: float32}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml", "--no-cache")
+    in_place = snapshot(tmp_path / "out")
+    monkeypatch.setattr(StepEvaluator, "_scratch", lambda *a: None)
+    cli.ok("run", "r.yaml", "--no-cache", "--force")
+    assert snapshot(tmp_path / "out") == in_place
+    base = ms.f32("base")
+    b0 = read_tensors(tmp_path / "out" / "basis" / "b0.safetensors")
+    got = read_tensors(tmp_path / "out" / "model")
+    assert set(b0) == set(FLOATING)
+    for k in FLOATING:
+        assert b0[k].abs().max() > 0, k
+        close(got[k], base[k] + 0.5 * b0[k], k)

@@ -123,8 +123,8 @@ def test_verify_recompute_compares_fresh_bytes_and_cleans_up(tmp_path, monkeypat
     from tvrecipe import ops
     real_apply = ops.apply
 
-    def drifting_apply(base, delta, *, scale=1.0):
-        out = real_apply(base, delta, scale=scale)
+    def drifting_apply(base, delta, *, scale=1.0, out=None):
+        out = real_apply(base, delta, scale=scale, out=out)
         return torch.nextafter(out, torch.full_like(out, float("inf")))
 
     monkeypatch.setattr(ops, "apply", drifting_apply)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -224,7 +225,7 @@ def test_file_digest_equals_hash_of_the_file(tmp_path):
         w.write(name, value)
     w.close()
     assert w.sha256 == _sha(path.read_bytes())
-    assert w.tensor_sha256 == {}
+    assert w.tensor_crc32 == {}
 
 
 def test_tensor_digests_cover_row_blocks(tmp_path):
@@ -237,7 +238,8 @@ def test_tensor_digests_cover_row_blocks(tmp_path):
         w.write("scalar", ts["scalar"])
         w.write("empty", ts["empty"])
     assert w.sha256 is None
-    assert w.tensor_sha256 == {n: _sha(t.numpy().tobytes()) for n, t in ts.items()}
+    assert w.tensor_crc32 == {n: f"{zlib.crc32(t.numpy().tobytes()):08x}" for n, t in ts.items()}
+    assert w.tensor_crc32["empty"] == "00000000"
     with pytest.raises(ValueError, match="digest must be 'file' or 'tensors', not 'crc'"):
         SafetensorsStreamWriter(tmp_path / "y.safetensors", [], digest="crc")
 
@@ -249,3 +251,40 @@ def test_checkpoint_writer_digests_every_file(tmp_path):
             w.write(name, value)
     files = w.close()
     assert len(files) == 4 and w.sha256 == {f: _sha(f.read_bytes()) for f in files}
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_files_are_written_back_as_they_grow(tmp_path, monkeypatch, durable):
+    from tvrecipe.store import writer
+    calls, synced = [], []
+    monkeypatch.setattr(writer, "_WRITEBACK_EVERY", 100)
+    monkeypatch.setattr(writer, "_sync_file_range",
+                        lambda fd, off, n, flags: calls.append((off, n, flags)) or 0)
+    real = writer.os.fsync
+    monkeypatch.setattr(writer.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    ts = {f"t{i}": torch.arange(30, dtype=torch.float32) + i for i in range(5)}  # 120 B each
+    path = tmp_path / "x.safetensors"
+    with SafetensorsStreamWriter(path, specs_of(ts), durable=durable) as w:
+        for name, value in ts.items():
+            w.write(name, value)
+    back = load_file(str(path))
+    assert all(torch.equal(back[k], v) for k, v in ts.items())
+    if not durable:
+        assert calls == [] and synced == []
+        return
+    assert len(synced) == 1
+    # Every tensor passed the threshold: each call asks for what was written since the last.
+    assert [flags for *_r, flags in calls] == [writer._SYNC_FILE_RANGE_WRITE] * 5
+    ends = [off + n for off, n, _f in calls]
+    assert [off for off, _n, _f in calls] == [0, *ends[:-1]]
+    assert ends[-1] == path.stat().st_size
+
+
+def test_sync_file_range_is_found_on_linux():
+    import sys
+
+    from tvrecipe.store import writer
+    if sys.platform.startswith("linux"):
+        assert callable(writer._sync_file_range)
+    else:
+        assert writer._sync_file_range is None

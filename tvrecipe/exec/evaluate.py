@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,6 +55,15 @@ def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -
     return {m: done.get(m) for m in value}
 
 
+def _tensors_in(value: Value) -> Iterator[torch.Tensor]:
+    """Every tensor in a value (or in a dict of values), however nested."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+
+
 class StepEvaluator:
     """Computes one step's value for the current tensor from its inputs' values.
 
@@ -81,6 +90,28 @@ class StepEvaluator:
             raise ExecutionError(f"step {step.name!r} ({step.op}), tensor {tensor!r}: {exc}") \
                 from exc
 
+    def _scratch(self, values: dict[str, Value], node: str, t: torch.Tensor,
+                 others: list) -> torch.Tensor | None:
+        """``t`` when a step may write its result into it, else None.
+
+        That is when nothing reads it after this step: its node is read once, by this step
+        alone, and is no output or cache entry (``exclusive``), and no other live value shares
+        its memory. ``others`` are the step's other inputs, which must match it in shape and
+        dtype. Writing in place runs the same kernel into memory already mapped, rather than
+        into a fresh tensor-sized allocation (on the 2-core benchmark machine a fresh
+        allocation costs more than the arithmetic).
+        """
+        if node not in self.exclusive or not isinstance(t, torch.Tensor):
+            return None
+        if not t.is_floating_point() or any(
+                not isinstance(o, torch.Tensor) or o.shape != t.shape or o.dtype != t.dtype
+                for o in others):
+            return None
+        storage = t.untyped_storage().data_ptr()
+        sharing = sum(1 for v in _tensors_in(values)
+                      if v.device == t.device and v.untyped_storage().data_ptr() == storage)
+        return t if sharing == 1 else None
+
     @staticmethod
     def _one(step: CompiledStep, values: dict[str, Value], fld: str) -> Value:
         res: Resolved = step.refs[fld][0]
@@ -98,10 +129,8 @@ class StepEvaluator:
         deltas = []
         for ref in step.refs["finetuned"]:
             ft = select(values[ref.node], ref.selector)
-            # A model read for this step alone is a fresh tensor no one else sees: subtract in
-            # place and save a tensor-sized allocation.
-            own = ref.node in self.exclusive and ft.data_ptr() != base.data_ptr()
-            deltas.append(ft.sub_(base) if own else ops.extract(base, ft))
+            out = None if ref.selector else self._scratch(values, ref.node, ft, [base])
+            deltas.append(ops.extract(base, ft, out=out))
         if isinstance(fin, str):
             return deltas[0]
         return dict(zip(step.type.members, deltas))
@@ -111,7 +140,10 @@ class StepEvaluator:
         delta = self._one(step, values, "delta")
         if delta is None or not base.is_floating_point():
             return base
-        return ops.apply(base, delta, scale=step.spec.scale)
+        out = self._scratch(values, step.refs["delta"][0].node, delta, [base])
+        if out is None:
+            out = self._scratch(values, step.refs["base"][0].node, base, [delta])
+        return ops.apply(base, delta, scale=step.spec.scale, out=out)
 
     def _scale(self, step, values, tensor):
         return map_vectors(self._one(step, values, "input"),
@@ -135,7 +167,8 @@ class StepEvaluator:
         xs = self._tensors(step, values, "inputs")
         if xs[0] is None:
             return None
-        return ops.sum(xs, weights=step.weights)
+        first = step.entries["inputs"][0].ref.node
+        return ops.sum(xs, weights=step.weights, out=self._scratch(values, first, xs[0], xs[1:]))
 
     def _mean(self, step, values, tensor):
         xs = self._tensors(step, values, "inputs")

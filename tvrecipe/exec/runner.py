@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +31,10 @@ from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, Ten
 VECTOR_SHARD = 1 << 62
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
+
+
+# Row blocks in flight on each side of the compute (reads ahead, writes behind).
+READ_AHEAD = 3
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -197,8 +201,10 @@ class Runner:
         self.cache_hits: list[str] = []
 
     # ---- reading ---------------------------------------------------------------------------
-    def _load(self, t: torch.Tensor, where: str, tensor: str) -> torch.Tensor:
-        """Move a floating tensor read from disk to the device, in the compute dtype."""
+    def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True
+              ) -> torch.Tensor:
+        """Move a floating tensor read from disk to the device, in the compute dtype, checking
+        that it is finite (unless ``check`` is off or the run allows non-finite inputs)."""
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
         else:
@@ -207,7 +213,7 @@ class Runner:
             t = t.to(self.compute)
         # One reduction, no mask: the sum of finite weights stays finite (fp32 reaches 3e38),
         # so only a suspicious sum pays for the exact check.
-        if (not self.options.allow_nonfinite and not bool(torch.isfinite(t.sum()))
+        if (check and not self.options.allow_nonfinite and not bool(torch.isfinite(t.sum()))
                 and not bool(torch.isfinite(t).all())):
             raise InputError(f"{where}: tensor {tensor!r} contains NaN or Inf; fix the "
                              "checkpoint, or pass --allow-nonfinite to merge it anyway")
@@ -246,7 +252,9 @@ class Runner:
                     continue
                 t = ck.get(tensor, span)
                 check(slot, tensor, span, info.shape[0] if info.shape else 1, t)
-                got[slot] = self._load(t, f"cache of {name!r}", tensor)
+                # Its inputs were checked when it was computed (lookup skips entries of runs
+                # that allowed non-finite inputs unless this run does too).
+                got[slot] = self._load(t, f"cache of {name!r}", tensor, check=False)
             return from_slots(got, manifest["kind"]), 0
         handle = self.plan.models[name]
         got = {}
@@ -304,18 +312,23 @@ class Runner:
         models = [m for m in self.plan.models if m in uses]
         models += [n for n in self.cached if n in uses]
         evaluator = StepEvaluator(self.seed, self.reduced, self.reports)
-        evaluator.exclusive = {m for m in models if uses[m] == 1}
+        # Values read once, by one step, and neither output nor cached: that step may write
+        # into them (see StepEvaluator._scratch).
+        evaluator.exclusive = {n for n in [*models, *(s.name for s in steps)] if uses[n] == 1}
         items = list(self._work(steps))
         bar = _progress(len(items), label, self.options.progress)
+        heavy = not all(s.op in ROWWISE_OPS for s in steps)
+        # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
+        # ahead and never waits on a slow write; whole tensors are read one ahead.
+        ahead = 1 if heavy else READ_AHEAD
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
-            heavy = not all(s.op in ROWWISE_OPS for s in steps)
-            future = (pool.submit(self._read, models, items[0][0], items[0][2], heavy)
-                      if items else None)
+            futures = deque(pool.submit(self._read, models, t, rows, heavy)
+                            for t, _info, rows in items[:ahead])
             for i, (tensor, info, rows) in enumerate(items):
-                values = future.result()
-                if i + 1 < len(items):
-                    nxt = items[i + 1]
-                    future = pool.submit(self._read, models, nxt[0], nxt[2], heavy)
+                values = futures.popleft().result()
+                if i + ahead < len(items):
+                    nxt = items[i + ahead]
+                    futures.append(pool.submit(self._read, models, nxt[0], nxt[2], heavy))
                 remaining = Counter(uses)
                 for s in steps:
                     values[s.name] = evaluator(s, values, tensor)
@@ -442,7 +455,8 @@ class Runner:
             if step is None or name in seen:
                 continue
             seen.add(name)
-            hit = cache.lookup(keys[name]) if step.op in CACHE_OPS and name in keys else None
+            hit = (cache.lookup(keys[name], self.options.allow_nonfinite)
+                   if step.op in CACHE_OPS and name in keys else None)
             if hit is None:
                 stack.extend(r.node for refs in step.refs.values() for r in refs)
                 continue
@@ -487,20 +501,22 @@ class Runner:
             return n
 
         written = 0
+        behind = 1 if not all(s.op in ROWWISE_OPS for s in steps) else READ_AHEAD
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool:
-            job = None
+            jobs: deque = deque()
             for tensor, info, values in self._stream(steps, want, "merge"):
-                if job is not None:
-                    written += job.result()  # at most one tensor waits: bounded memory
-                job = pool.submit(write, tensor, info, values)
-            if job is not None:
-                written += job.result()
+                if len(jobs) >= behind:
+                    written += jobs.popleft().result()  # a few values wait: bounded memory
+                jobs.append(pool.submit(write, tensor, info, values))
+            while jobs:
+                written += jobs.popleft().result()
         return written
 
     def _manifest(self, name: str) -> dict[str, Any]:
         vt = self.compiled.steps[name].type
         return {"kind": vt.kind, "members": list(vt.members) if vt.members else None,
-                "step": name, "report": self.reports.get(name)}
+                "step": name, "report": self.reports.get(name),
+                "allow_nonfinite": self.options.allow_nonfinite}
 
     # ---- main ------------------------------------------------------------------------------
     def run(self) -> RunResult:

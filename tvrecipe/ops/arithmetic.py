@@ -9,17 +9,19 @@ import torch
 __all__ = ["apply", "extract", "mean", "negate", "scale", "sum"]
 
 
-def extract(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+def extract(base: torch.Tensor, finetuned: torch.Tensor, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """Task vector of one tensor: ``finetuned - base``.
 
     Args:
         base: Pre-trained weights, in the compute dtype.
         finetuned: Fine-tuned weights of the same shape and dtype.
+        out: Where to write it (may be ``finetuned``); a new tensor when None.
 
     Returns:
-        A new tensor ``finetuned - base``.
+        ``finetuned - base``.
     """
-    return torch.sub(finetuned, base)
+    return torch.sub(finetuned, base, out=out)
 
 
 def scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
@@ -32,21 +34,24 @@ def negate(x: torch.Tensor) -> torch.Tensor:
     return torch.neg(x)
 
 
-def sum(inputs: Sequence[torch.Tensor], *, weights: Sequence[float]) -> torch.Tensor:
+def sum(inputs: Sequence[torch.Tensor], *, weights: Sequence[float],
+        out: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum ``Σ w_i τ_i``, accumulated in place in one buffer.
 
     Args:
         inputs: Task vectors of one tensor, all of one shape and dtype.
         weights: One weight per input.
+        out: The buffer to accumulate in: a new tensor when None, else a tensor of the
+            inputs' shape and dtype that is no input but the first (the result replaces it).
 
     Returns:
-        A new tensor with the weighted sum.
+        The weighted sum (``out`` when given).
     """
     if len(inputs) != len(weights):
         raise ValueError(f"sum got {len(inputs)} inputs but {len(weights)} weights")
     if not inputs:
         raise ValueError("sum needs at least one input")
-    out = torch.mul(inputs[0], weights[0])
+    out = torch.mul(inputs[0], weights[0], out=out)
     for x, w in zip(inputs[1:], weights[1:]):
         out.add_(x, alpha=w)
     return out
@@ -58,6 +63,7 @@ def mean(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum(inputs, weights=[1.0] * n).div_(n)
 
 
-def apply(base: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
-    """Edited weights ``θ₀ + scale · τ``."""
-    return torch.add(base, delta, alpha=scale)
+def apply(base: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Edited weights ``θ₀ + scale · τ`` (into ``out``, which may be ``base`` or ``delta``)."""
+    return torch.add(base, delta, alpha=scale, out=out)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec
 
 SUFFIX = ".safetensors"
 MANIFEST = ".json"
-FORMAT = 2  # manifests of another format are misses (written by another tvrecipe version)
+FORMAT = 3  # manifests of another format are misses (written by another tvrecipe version)
 
 
 class CacheCorrupt(Exception):
@@ -32,7 +32,7 @@ class CacheCorrupt(Exception):
 
 
 class EntryCheck:
-    """Checks the tensors of a cache entry against their SHA-256 as they are read.
+    """Checks the tensors of a cache entry against their CRC-32 as they are read.
 
     Verifying on read, rather than hashing every file before use, costs no extra pass over
     the entry and runs on the reading thread, beside the compute. A tensor read in row blocks
@@ -42,29 +42,28 @@ class EntryCheck:
 
     Args:
         key: The entry's key.
-        digests: Slot -> tensor name -> hex SHA-256 of its data bytes (from the manifest).
+        digests: Slot -> tensor name -> hex CRC-32 of its data bytes (from the manifest).
     """
 
     def __init__(self, key: str, digests: Mapping[str, Mapping[str, str]]):
         self.key, self.digests = key, digests
-        self._partial: dict[tuple[str, str], tuple[hashlib._Hash, int]] = {}
+        self._partial: dict[tuple[str, str], tuple[int, int]] = {}
 
     def __call__(self, slot: str, name: str, rows: tuple[int, int] | None, total_rows: int,
                  data) -> None:
         """Feed the raw tensor (or rows ``rows`` of it) just read; raise on a mismatch."""
         start, stop = (0, total_rows) if rows is None else rows
-        if start == 0:
-            digest = hashlib.sha256()
-        else:
-            digest, expected = self._partial.pop((slot, name), (None, -1))
+        crc = 0
+        if start != 0:
+            crc, expected = self._partial.pop((slot, name), (0, -1))
             if expected != start:
                 raise CacheCorrupt(self.key, f"tensor {name!r} was read out of order")
         import torch
         if data.numel():
-            digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            crc = zlib.crc32(memoryview(data.reshape(-1).view(torch.uint8).numpy()), crc)
         if stop < total_rows:
-            self._partial[(slot, name)] = (digest, stop)
-        elif digest.hexdigest() != self.digests.get(slot, {}).get(name):
+            self._partial[(slot, name)] = (crc, stop)
+        elif f"{crc:08x}" != self.digests.get(slot, {}).get(name):
             where = f"slot {slot!r} " if slot else ""
             raise CacheCorrupt(self.key, f"{where}tensor {name!r} does not match its checksum")
 
@@ -100,8 +99,9 @@ class PendingEntry:
                 fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
                 os.close(fd)
                 self.tmp[slot] = Path(tmp)
+                # No fsync: an entry cut short by a crash fails its checksums and is recomputed.
                 self.writers[slot] = SafetensorsStreamWriter(Path(tmp), specs, metadata,
-                                                             digest="tensors")
+                                                             digest="tensors", durable=False)
         except OSError as exc:
             self.abort()
             raise output_oserror(exc, folder) from exc
@@ -113,13 +113,13 @@ class PendingEntry:
     def commit(self, info: Mapping[str, object]) -> None:
         """Close and move every slot file into place, then write the manifest.
 
-        The manifest holds each tensor's SHA-256, hashed as it was written.
+        The manifest holds each tensor's CRC-32, taken as it was written.
         """
         digests = {}
         try:
             for slot, writer in self.writers.items():
                 writer.close()
-                digests[slot] = writer.tensor_sha256
+                digests[slot] = writer.tensor_crc32
                 os.replace(self.tmp[slot], self.cache.path(self.key, slot))
             manifest = self.cache.manifest(self.key)
             tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
@@ -159,9 +159,14 @@ class TensorCache:
         name = key if not slot else f"{key}~{slot}"
         return self.manifest(key).with_name(f"{name}{SUFFIX}")
 
-    def lookup(self, key: str) -> tuple[dict, dict[str, Checkpoint], EntryCheck] | None:
+    def lookup(self, key: str, allow_nonfinite: bool = False
+               ) -> tuple[dict, dict[str, Checkpoint], EntryCheck] | None:
         """The stored result of ``key``: (manifest, one checkpoint per slot, the check to run
         on every tensor read from them), or None.
+
+        An entry computed by a run that allowed NaN or Inf in its inputs is a miss for a run
+        that does not (which then checks those inputs itself); entries are not checked for
+        non-finite values on read.
 
         Headers and sizes are checked here; a corrupt or truncated entry is removed, recorded
         in :attr:`warnings`, and reported as a miss, so the step is recomputed. Tensor bytes
@@ -175,6 +180,8 @@ class TensorCache:
             info = json.loads(manifest.read_text())
             if info.get("format") != FORMAT:
                 self.remove(key)  # another version's entry: recompute and replace it quietly
+                return None
+            if info.get("allow_nonfinite", True) and not allow_nonfinite:
                 return None
             for slot, digests in info["tensors"].items():
                 path = self.path(key, slot)

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -30,6 +31,28 @@ __all__ = [
     "parse_size",
     "plan_shards",
 ]
+
+# A durable file asks for writeback every this many bytes (Linux): fsync at close then waits
+# for the last stretch only. A 440 MB output synced in 0.02-0.05 s this way, against 0.15 s
+# for one fsync of all of it (2-core benchmark machine).
+_WRITEBACK_EVERY = 64 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
 
 # Used only to byte-swap on big-endian hosts: safetensors data is always little-endian.
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -122,8 +145,13 @@ class SafetensorsStreamWriter:
         specs: The tensors, in the order they will be written.
         metadata: Header metadata (``__metadata__``), such as provenance.
         digest: ``"file"``: the SHA-256 of the whole file is in :attr:`sha256` after
-            ``close()``; ``"tensors"``: the SHA-256 of each tensor's data bytes is in
-            :attr:`tensor_sha256`. Hashing what is written spares reading the file again.
+            ``close()``; ``"tensors"``: the CRC-32 of each tensor's data bytes is in
+            :attr:`tensor_crc32` (a checksum against corruption, at 2.5x SHA-256's speed,
+            for files only tvrecipe reads back). Hashing what is written spares reading the
+            file again.
+        durable: Sync the file to disk on ``close()``, having asked the kernel to write it
+            back as it grew (so the final sync waits for the last stretch only). Files whose
+            corruption is detected anyway (cache entries, checked on read) skip both.
 
     Raises:
         OutputError: The file cannot be created.
@@ -131,7 +159,7 @@ class SafetensorsStreamWriter:
 
     def __init__(
         self, path: Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None,
-        *, digest: str = "file",
+        *, digest: str = "file", durable: bool = True,
     ):
         if digest not in ("file", "tensors"):
             raise ValueError(f"digest must be 'file' or 'tensors', not {digest!r}")
@@ -142,8 +170,10 @@ class SafetensorsStreamWriter:
         self._next = 0
         self._rows = 0  # rows of the current tensor written so far
         self._file_sha = hashlib.sha256(header) if digest == "file" else None
-        self._tensor_sha: hashlib._Hash | None = None
-        self.tensor_sha256: dict[str, str] = {}
+        self._tensor_crc: int | None = None
+        self.tensor_crc32: dict[str, str] = {}
+        self._durable = durable
+        self._pending = self._synced = 0  # bytes written since the last writeback request / up to it
         try:
             self._file = open(self.path, "wb", buffering=1 << 20)  # noqa: SIM115 (closed in close)
             self._file.write(header)
@@ -193,21 +223,22 @@ class SafetensorsStreamWriter:
         raw = memoryview(data).cast("B")
         try:
             self._file.write(raw)
+            self._pending += len(raw)
+            if self._durable and self._pending >= _WRITEBACK_EVERY:
+                self._write_back()
         except OSError as exc:
             raise output_oserror(exc, self.path) from exc
         if self._file_sha is not None:
             self._file_sha.update(raw)
         else:
-            if self._rows == 0:
-                self._tensor_sha = hashlib.sha256()
-            self._tensor_sha.update(raw)
+            self._tensor_crc = zlib.crc32(raw, self._tensor_crc if self._rows else 0)
         if not whole:
             self._rows += shape[0]
             if self._rows < spec.shape[0]:
                 return False
-        if self._tensor_sha is not None:
-            self.tensor_sha256[spec.name] = self._tensor_sha.hexdigest()
-            self._tensor_sha = None
+        if self._file_sha is None:
+            self.tensor_crc32[spec.name] = f"{self._tensor_crc or 0:08x}"
+            self._tensor_crc = None
         self._next += 1
         self._rows = 0
         return True
@@ -227,13 +258,25 @@ class SafetensorsStreamWriter:
             raise ValueError(f"{self.path}: tensors never written: {', '.join(missing[:5])}")
         try:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self._durable:
+                os.fsync(self._file.fileno())
             self._file.close()
         except OSError as exc:
             self._discard()
             raise output_oserror(exc, self.path) from exc
         if self.path.stat().st_size != self._size:  # a bug, not a user error
             raise AssertionError(f"{self.path}: wrote {self.path.stat().st_size} bytes")
+
+    def _write_back(self) -> None:
+        """Ask the kernel to start writing what was written so far to disk, without waiting."""
+        self._pending = 0
+        if _sync_file_range is None:
+            return
+        self._file.flush()
+        end = self._file.tell()
+        if _sync_file_range(self._file.fileno(), self._synced, end - self._synced,
+                            _SYNC_FILE_RANGE_WRITE) == 0:
+            self._synced = end
 
     def _discard(self) -> None:
         # Closing flushes the buffer, which fails again on a full disk; the fd is freed anyway.
