@@ -1,6 +1,6 @@
 """Incremental reruns: cold run, rerun after changing only the final apply scale, unchanged rerun.
 
-    python benchmarks/rerun.py [--ckpt bench-out/ckpt/large-n8] [--op sum|ties]
+    python benchmarks/rerun.py [--ckpt bench-out/ckpt/large-n8] [--op ties sum]
 
 Uses checkpoints made by benchmarks/run.py (or synth.py). Times three `tvrecipe run`s as child
 processes in a fresh folder with a fresh cache and hash memo, checks that the cached rerun's
@@ -58,17 +58,23 @@ def timed(*args: str) -> tuple[float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", type=Path, default=ROOT / "bench-out" / "ckpt" / "large-n8")
-    ap.add_argument("--op", choices=["sum", "ties"], default="sum")
+    ap.add_argument("--op", choices=["sum", "ties"], nargs="+", default=["ties", "sum"],
+                    help="the merge between extract and apply (default: both, in turn)")
     args = ap.parse_args()
     args.ckpt = args.ckpt.resolve()
     if not (args.ckpt / "base").is_dir():
         sys.exit(f"no checkpoints in {args.ckpt}: run `python benchmarks/run.py --size large` "
                  "first (it generates them)")
+    for op in args.op:
+        measure(args.ckpt, op)
+
+
+def measure(ckpt: Path, op: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="tvrecipe-rerun-", dir=ROOT / "bench-out"))
     try:
-        recipe = write_recipe(work, args.ckpt, args.op, 1.0)
+        recipe = write_recipe(work, ckpt, op, 1.0)
         cold, _ = timed("run", str(recipe), "-q")
-        write_recipe(work, args.ckpt, args.op, 0.5)
+        write_recipe(work, ckpt, op, 0.5)
         changed, out = timed("run", str(recipe), "--force")
         hits = [ln for ln in out.splitlines() if ln.startswith("from cache")]
         unchanged, out2 = timed("run", str(recipe))
@@ -79,8 +85,8 @@ def main() -> None:
         verify, _ = timed("verify", str(recipe))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"checkpoints: {args.ckpt} (base + {sum(p.is_dir() for p in args.ckpt.iterdir()) - 1} fine-tunes), "
-          f"merge: {args.op}")
+    print(f"\ncheckpoints: {ckpt} (base + {sum(p.is_dir() for p in ckpt.iterdir()) - 1} "
+          f"fine-tunes), merge: {op}")
     print("| run | wall s | ratio to cold |")
     print("|---|---:|---:|")
     print(f"| cold (hashes inputs, fills cache) | {cold:.2f} | 1.00 |")

@@ -238,6 +238,7 @@ def test_entry_of_a_run_that_allowed_nan_is_not_trusted_by_one_that_does_not(tmp
     assert len(_entries(tmp_path)) == 1
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
     recipe.write_text(RECIPE.replace("SCALE", "0.5"))
+    assert "[compute] merged" in _cli("plan", str(recipe)).output  # as a plain run sees it
     res = _cli("run", str(recipe), "--force")
     assert res.exit_code == 3, res.output
     assert "model 'a': tensor 'w2' contains NaN or Inf" in res.output

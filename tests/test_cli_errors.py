@@ -334,17 +334,33 @@ def test_report_in_a_missing_folder_is_an_output_error(cli, tmp_path):
     assert "nodir/report.json" in res.stderr
 
 
-def test_engine_imports_pause_the_collector_then_freeze_what_they_loaded():
+def test_engine_imports_pause_the_collector_then_freeze_what_they_loaded(monkeypatch):
     import gc
+    import sys
 
     from tvrecipe.cli import _importing
     assert gc.isenabled()
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    garbage = Cycle()
+    ref = __import__("weakref").ref(garbage)
+    del garbage
     before = gc.get_freeze_count()
+    monkeypatch.delitem(sys.modules, "json.scanner")  # something to import
     try:
-        with _importing():
+        with _importing("json.scanner"):
             assert not gc.isenabled()
             kept = [[] for _ in range(1000)]  # objects made while importing
+            __import__("json.scanner")
         assert gc.isenabled()
         assert gc.get_freeze_count() >= before + len(kept)
+        assert ref() is None  # garbage from before was collected, not frozen
+        frozen = gc.get_freeze_count()
+        with _importing("json.scanner"):  # imported already: nothing paused or frozen
+            assert gc.isenabled()
+        assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()

@@ -441,3 +441,14 @@ def test_a_value_that_aliases_another_is_not_written_in_place(make_models, cli, 
     for k in FLOATING:
         assert b0[k].abs().max() > 0, k
         close(got[k], base[k] + 0.5 * b0[k], k)
+
+
+def test_rows_per_block():
+    from tvrecipe.plan.tensors import rows_per_block
+    assert rows_per_block((32000, 1024), 1 << 20) == 1024
+    assert rows_per_block((3, 1 << 21), 1 << 20) == 1  # a row larger than a block: one row
+    assert rows_per_block((1 << 20,), 1 << 20) is None  # fits in one block
+    assert rows_per_block((1, 1 << 22), 1 << 20) is None  # one row: whole
+    assert rows_per_block((100, 10), 7) == 1
+    assert rows_per_block((100, 3), 7) == 2
+    assert rows_per_block((), 7) is None

@@ -473,3 +473,52 @@ def test_inf_in_the_base_is_refused_unless_allowed(cli, tmp_path):
         bias = h.get_tensor("model.layers.0.mlp.up_proj.bias")
     # apply(base, ft - base) at an infinite base entry: inf + (x - inf) = NaN, as IEEE says.
     assert int((~torch.isfinite(bias)).sum()) == 1
+
+
+def test_a_failed_write_stops_the_reads_ahead(cli, tmp_path, monkeypatch):
+    # Inputs are read a few row blocks ahead on a thread. When a write fails, reads not yet
+    # started must not run after the run has closed its inputs (they would reopen the files
+    # and leak the handles); no read runs once the command has returned.
+    import threading
+
+    from tvrecipe.exec import runner
+    from tvrecipe.plan.tensors import TensorPlan
+    from tvrecipe.store.checkpoint import Checkpoint
+    base = base_weights(0)
+    for i, name in enumerate(("base", "a", "b")):
+        save_model(tmp_path / "ckpt" / name, base if name == "base" else finetune(base, i))
+    cli.write("r.yaml", "tvrecipe: 1\nmodels:\n  base: ./ckpt/base\n  a: ./ckpt/a\n"
+                        "  b: ./ckpt/b\nsteps:\n  tv: {op: extract, base: base, finetuned: [a, b]}\n"
+                        "  s: {op: sum, inputs: tv}\n  m: {op: apply, base: base, delta: s}\n"
+                        "outputs:\n  m: {from: m, path: ./out}\n")
+    monkeypatch.setattr(runner, "CHUNK_ELEMENTS", 8)  # many row blocks
+    closed = threading.Event()
+    reads, late = [], []
+    real_get, real_close, real_write = Checkpoint.get, TensorPlan.close, runner._Output.write
+
+    def get(self, name, rows=None):
+        time.sleep(0.01)  # slow reads: some are queued when the write fails
+        reads.append(name)
+        if closed.is_set():
+            late.append((name, rows))
+        return real_get(self, name, rows)
+
+    def close(self):
+        closed.set()
+        return real_close(self)
+
+    def write(self, tensor, info, value):
+        if len(reads) > 12:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+        return real_write(self, tensor, info, value)
+
+    monkeypatch.setattr(Checkpoint, "get", get)
+    monkeypatch.setattr(TensorPlan, "close", close)  # the run closing its inputs
+    monkeypatch.setattr(runner._Output, "write", write)
+    cli.fails(4, "run", "r.yaml")
+    assert closed.is_set()
+    n = len(reads)
+    time.sleep(0.2)
+    assert len(reads) == n, "reads went on after the command returned"
+    assert late == []
+    nothing_written(tmp_path)

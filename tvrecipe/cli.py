@@ -86,14 +86,20 @@ def _cache_root(recipe_dir: Path, option: str | None) -> Path:
 
 
 @contextlib.contextmanager
-def _importing():
-    """Import the engine (torch, networkx, pydantic) with the cyclic collector paused.
+def _importing(module: str):
+    """Import the engine module ``module`` (torch, networkx, pydantic) with the cyclic
+    collector paused, unless it is imported already.
 
     Importing torch allocates some 10^5 objects that live as long as the process; collector
     passes over them took 0.15-0.3 s of torch's 1.2 s import on the 2-core benchmark machine,
-    a tenth of a cached rerun. They are then frozen out of later collections, and collection
-    resumes for the run itself.
+    a tenth of a cached rerun. Garbage is collected first (cheap before the import), and what
+    the import left is then frozen out of later collections (``gc.freeze``): it is never
+    garbage, and no garbage is frozen with it. Collection resumes for the run itself.
     """
+    if module in sys.modules:
+        yield
+        return
+    gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -105,7 +111,7 @@ def _importing():
 
 
 def _compile(recipe: str, targets: tuple[str, ...] = ()):
-    with _importing():
+    with _importing("tvrecipe.plan.graph"):
         from tvrecipe.plan.graph import load_and_compile
     return load_and_compile(recipe, targets)
 
@@ -139,7 +145,7 @@ def validate(recipes: tuple[str, ...]) -> None:
 @handle_errors
 def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
     """Show what a run would do: steps in order, tensors, peak memory and output size."""
-    with _importing():
+    with _importing("tvrecipe.exec.lockfile"):
         from tvrecipe.exec import lockfile
     from tvrecipe.plan.summary import render_plan, run_status
     from tvrecipe.store.cache import TensorCache
@@ -148,7 +154,7 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
     if fmt == "text":
         keys = lockfile.run_state(compiled)["steps"]
         tc = TensorCache(_cache_root(compiled.loaded.root, cache_dir))
-        status = run_status(compiled, {n for n, k in keys.items() if tc.manifest(k).is_file()})
+        status = run_status(compiled, {n for n, k in keys.items() if tc.usable(k)})
     click.echo(render_plan(compiled, fmt, status))
 
 
@@ -172,7 +178,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         quiet: bool) -> None:
     """Run a recipe and write its outputs (atomically: all or nothing per output)."""
     from tvrecipe.errors import VerifyError
-    with _importing():
+    with _importing("tvrecipe.exec.lockfile"):
         from tvrecipe.exec import lockfile
     from tvrecipe.store.lock import lock_path
     compiled = _compile(recipe)
@@ -196,7 +202,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
         return
-    with _importing():
+    with _importing("tvrecipe.exec.runner"):
         from tvrecipe.exec.runner import RunOptions, run_recipe  # torch: not for no-ops
     from tvrecipe.report import render_reports
     from tvrecipe.store.cache import TensorCache
@@ -234,7 +240,7 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
             device: str | None) -> None:
     """Show cosine similarities of a vectors value, the clusters of a cluster_basis step, or
     the ranks and shared dimensions of a decompose step, per tensor."""
-    with _importing():
+    with _importing("tvrecipe.exec.runner"):
         from tvrecipe.exec.runner import Runner, RunOptions
     from tvrecipe.report import render_inspection
     compiled = _compile(recipe, (step,))
@@ -265,7 +271,7 @@ def verify(recipe: str, recompute: bool, device: str | None) -> None:
     changed since they were last hashed.
     """
     from tvrecipe.errors import VerifyError
-    with _importing():
+    with _importing("tvrecipe.exec.lockfile"):
         from tvrecipe.exec import lockfile
     from tvrecipe.store.hashing import HashMemo
     compiled = _compile(recipe)
@@ -281,7 +287,7 @@ def verify(recipe: str, recompute: bool, device: str | None) -> None:
     import shutil
     import tempfile
 
-    with _importing():
+    with _importing("tvrecipe.exec.runner"):
         from tvrecipe.exec.runner import RunOptions, run_recipe
     work = compiled.loaded.root / ".tvrecipe"
     try:

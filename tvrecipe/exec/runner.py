@@ -10,6 +10,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,14 @@ from tvrecipe.exec.evaluate import StepEvaluator, select
 from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
 from tvrecipe.ops.parallel import cores
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
-from tvrecipe.plan.tensors import CHUNK_ELEMENTS, ROWWISE_OPS, TensorPlan, build_tensor_plan
+from tvrecipe.plan.tensors import (
+    CHUNK_ELEMENTS,
+    READ_AHEAD,
+    ROWWISE_OPS,
+    TensorPlan,
+    build_tensor_plan,
+    rows_per_block,
+)
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry, TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size, st_dtype
 from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror
@@ -31,10 +39,6 @@ from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, Ten
 VECTOR_SHARD = 1 << 62
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
-
-
-# Row blocks in flight on each side of the compute (reads ahead, writes behind).
-READ_AHEAD = 3
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -289,10 +293,8 @@ class Runner:
     def _work(self, steps: list[CompiledStep]) -> Iterator[tuple[str, TensorInfo, slice | None]]:
         rowwise = all(s.op in ROWWISE_OPS for s in steps)
         for tensor, info in self.plan.tensors.items():
-            numel = math.prod(info.shape)
-            if rowwise and len(info.shape) >= 1 and numel > CHUNK_ELEMENTS and info.shape[0] > 1:
-                per_row = numel // info.shape[0]
-                step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+            step = rows_per_block(info.shape, CHUNK_ELEMENTS) if rowwise else None
+            if step is not None:
                 for start in range(0, info.shape[0], step):
                     yield tensor, info, slice(start, min(start + step, info.shape[0]))
             else:
@@ -321,24 +323,31 @@ class Runner:
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
         # ahead and never waits on a slow write; whole tensors are read one ahead.
         ahead = 1 if heavy else READ_AHEAD
+        futures: deque = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
-            futures = deque(pool.submit(self._read, models, t, rows, heavy)
-                            for t, _info, rows in items[:ahead])
-            for i, (tensor, info, rows) in enumerate(items):
-                values = futures.popleft().result()
-                if i + ahead < len(items):
-                    nxt = items[i + ahead]
-                    futures.append(pool.submit(self._read, models, nxt[0], nxt[2], heavy))
-                remaining = Counter(uses)
-                for s in steps:
-                    values[s.name] = evaluator(s, values, tensor)
-                    for refs in s.refs.values():
-                        for r in refs:
-                            remaining[r.node] -= 1
-                            if remaining[r.node] <= 0:
-                                values.pop(r.node, None)
-                yield tensor, info, {w: values[w] for w in want}
-                bar.update(1)
+            try:
+                futures.extend(pool.submit(self._read, models, t, rows, heavy)
+                               for t, _info, rows in items[:ahead])
+                for i, (tensor, info, rows) in enumerate(items):
+                    values = futures.popleft().result()
+                    if i + ahead < len(items):
+                        nxt = items[i + ahead]
+                        futures.append(pool.submit(self._read, models, nxt[0], nxt[2], heavy))
+                    remaining = Counter(uses)
+                    for s in steps:
+                        values[s.name] = evaluator(s, values, tensor)
+                        for refs in s.refs.values():
+                            for r in refs:
+                                remaining[r.node] -= 1
+                                if remaining[r.node] <= 0:
+                                    values.pop(r.node, None)
+                    yield tensor, info, {w: values[w] for w in want}
+                    bar.update(1)
+            finally:
+                # Stopped early (an error, or the consumer closed us): reads not yet started
+                # never run; leaving the pool waits for the one running.
+                for f in futures:
+                    f.cancel()
         bar.close()
 
     # ---- whole-model passes ----------------------------------------------------------------
@@ -353,10 +362,11 @@ class Runner:
         from tvrecipe.exec.evaluate import entry_value
         gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
         want = sorted({e.ref.node for e in entries})
-        for _tensor, info, values in self._stream(self._upstream(step.name), want,
-                                                  f"similarity ({step.name})"):
-            if info.is_floating:
-                ops.gram_update(gram, [entry_value(values, e) for e in entries])
+        with closing(self._stream(self._upstream(step.name), want,
+                                  f"similarity ({step.name})")) as stream:
+            for _tensor, info, values in stream:
+                if info.is_floating:
+                    ops.gram_update(gram, [entry_value(values, e) for e in entries])
         return gram
 
     def _cluster_pass(self, step: CompiledStep) -> None:
@@ -416,14 +426,16 @@ class Runner:
             steps = [*self._upstream(node)] + ([self.compiled.steps[node]]
                                                 if node in self.compiled.steps else [])
             if kind == "decomposition":
-                for _ in self._stream(steps, [node], f"inspect {node}"):
-                    pass
+                with closing(self._stream(steps, [node], f"inspect {node}")) as stream:
+                    for _ in stream:
+                        pass
                 return {"kind": kind, "tensors": self.reports.get(node, {}).get("tensors", {})}
             members = list(self.compiled.type_of(node).members or ())
             gram = torch.zeros(len(members), len(members), dtype=torch.float64)
-            for _t, info, values in self._stream(steps, [node], f"inspect {node}"):
-                if info.is_floating:
-                    ops.gram_update(gram, [values[node][m] for m in members])
+            with closing(self._stream(steps, [node], f"inspect {node}")) as stream:
+                for _t, info, values in stream:
+                    if info.is_floating:
+                        ops.gram_update(gram, [values[node][m] for m in members])
             cos = ops.cosine_from_gram(gram)
             return {"kind": kind, "members": members, "cosine": cos.tolist(),
                     "norms": gram.diagonal().sqrt().tolist()}
@@ -502,14 +514,19 @@ class Runner:
 
         written = 0
         behind = 1 if not all(s.op in ROWWISE_OPS for s in steps) else READ_AHEAD
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool:
-            jobs: deque = deque()
-            for tensor, info, values in self._stream(steps, want, "merge"):
-                if len(jobs) >= behind:
-                    written += jobs.popleft().result()  # a few values wait: bounded memory
-                jobs.append(pool.submit(write, tensor, info, values))
-            while jobs:
-                written += jobs.popleft().result()
+        jobs: deque = deque()
+        with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool,
+              closing(self._stream(steps, want, "merge")) as stream):
+            try:
+                for tensor, info, values in stream:
+                    if len(jobs) >= behind:
+                        written += jobs.popleft().result()  # a few values wait: bounded memory
+                    jobs.append(pool.submit(write, tensor, info, values))
+                while jobs:
+                    written += jobs.popleft().result()
+            finally:
+                for job in jobs:  # after a failure, writes not yet started never run
+                    job.cancel()
         return written
 
     def _manifest(self, name: str) -> dict[str, Any]:

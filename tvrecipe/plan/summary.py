@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled
-from tvrecipe.plan.tensors import CHUNK_ELEMENTS, ROWWISE_OPS, TensorPlan, build_tensor_plan
+from tvrecipe.plan.tensors import (
+    READ_AHEAD,
+    ROWWISE_OPS,
+    TensorPlan,
+    build_tensor_plan,
+    rows_per_block,
+)
 from tvrecipe.store.checkpoint import dtype_size
 
 _BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
@@ -23,11 +29,18 @@ def human(n: float) -> str:
 def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
     """Estimated peak working memory and the size of each output, from headers only."""
     cbytes = _BYTES[compiled.loaded.recipe.settings.compute_dtype]
-    largest = max((math.prod(t.shape) for t in plan.tensors.values()), default=0)
     rowwise = all(s.op in ROWWISE_OPS for s in compiled.steps.values())
-    unit = min(largest, CHUNK_ELEMENTS) if rowwise else largest
+    unit = 0  # elements of the largest block held of one value
+    for t in plan.tensors.values():
+        rows = rows_per_block(t.shape) if rowwise else None
+        numel = math.prod(t.shape)
+        unit = max(unit, numel if rows is None else rows * (numel // t.shape[0]))
     inputs = sum(len(m.parts) for m in plan.models.values())
-    live = 2 * inputs + sum(max(1, len(s.type.members or ())) for s in compiled.steps.values())
+    values = sum(max(1, len(s.type.members or ())) for s in compiled.steps.values())
+    ahead = READ_AHEAD if rowwise else 1
+    # Blocks read ahead plus the current one, every step's value, and values waiting to be
+    # written (outputs and cache entries, at most every value).
+    live = (ahead + 1) * inputs + (ahead + 1) * values
     out: dict[str, float] = {"peak_bytes": live * unit * cbytes}
     for name, (spec, res) in compiled.outputs.items():
         total = 0

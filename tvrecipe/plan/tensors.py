@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,18 @@ ROWWISE_OPS = frozenset({"extract", "scale", "negate", "sum", "mean", "apply"})
 # fine-tunes (220M parameters, 2-core benchmark machine) ran 1.9-2.2 s with these blocks and
 # 2.4-2.6 s with 4 Mi-element ones; 256 Ki-element blocks cost more in per-block overhead.
 CHUNK_ELEMENTS = 1 << 20
+# Row blocks in flight on each side of the compute of a row-wise stream: read ahead, written
+# behind (whole-tensor streams keep one on each side).
+READ_AHEAD = 3
+
+
+def rows_per_block(shape: tuple[int, ...], chunk: int = CHUNK_ELEMENTS) -> int | None:
+    """Rows per block when a row-wise stream splits a tensor of this shape into blocks of
+    about ``chunk`` elements (at least one row), or None when it takes the tensor whole."""
+    numel = math.prod(shape)
+    if len(shape) < 1 or numel <= chunk or shape[0] <= 1:
+        return None
+    return max(1, chunk // max(numel // shape[0], 1))
 
 
 @dataclass

@@ -159,6 +159,16 @@ class TensorCache:
         name = key if not slot else f"{key}~{slot}"
         return self.manifest(key).with_name(f"{name}{SUFFIX}")
 
+    def usable(self, key: str, allow_nonfinite: bool = False) -> bool:
+        """Whether :meth:`lookup` would find ``key`` (from its manifest alone: tensors are
+        checked when read)."""
+        try:
+            info = json.loads(self.manifest(key).read_text())
+        except (OSError, ValueError):
+            return False
+        return (isinstance(info, dict) and info.get("format") == FORMAT
+                and (allow_nonfinite or not info.get("allow_nonfinite", True)))
+
     def lookup(self, key: str, allow_nonfinite: bool = False
                ) -> tuple[dict, dict[str, Checkpoint], EntryCheck] | None:
         """The stored result of ``key``: (manifest, one checkpoint per slot, the check to run
