@@ -37,10 +37,11 @@ def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
         unit = max(unit, numel if rows is None else rows * (numel // t.shape[0]))
     inputs = sum(len(m.parts) for m in plan.models.values())
     values = sum(max(1, len(s.type.members or ())) for s in compiled.steps.values())
+    written = sum(max(1, len(res.type.members or ())) for _spec, res in compiled.outputs.values())
     ahead = READ_AHEAD if rowwise else 1
-    # Blocks read ahead plus the current one, every step's value, and values waiting to be
-    # written (outputs and cache entries, at most every value).
-    live = (ahead + 1) * inputs + (ahead + 1) * values
+    # Blocks read ahead plus the current one, every step's value, and output values waiting
+    # to be written behind the compute.
+    live = (ahead + 1) * inputs + values + ahead * written
     out: dict[str, float] = {"peak_bytes": live * unit * cbytes}
     for name, (spec, res) in compiled.outputs.items():
         total = 0
