@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -78,8 +79,10 @@ class StepEvaluator:
         self.reduced = reduced
         self.reports = reports
         self.exclusive: set[str] = set()
+        self._storages: Counter | None = None
 
     def __call__(self, step: CompiledStep, values: dict[str, Value], tensor: str) -> Value:
+        self._storages = None  # storage use counts of ``values``, taken when first needed
         try:
             return getattr(self, "_" + step.op)(step, values, tensor)
         except (ValueError, RuntimeError) as exc:
@@ -98,8 +101,8 @@ class StepEvaluator:
         alone, and is no output or cache entry (``exclusive``), and no other live value shares
         its memory. ``others`` are the step's other inputs, which must match it in shape and
         dtype. Writing in place runs the same kernel into memory already mapped, rather than
-        into a fresh tensor-sized allocation (on the 2-core benchmark machine a fresh
-        allocation costs more than the arithmetic).
+        into a fresh tensor-sized allocation (which can cost more than the arithmetic).
+        The values' storages are counted once per step: writing in place changes no storage.
         """
         if node not in self.exclusive or not isinstance(t, torch.Tensor):
             return None
@@ -107,10 +110,10 @@ class StepEvaluator:
                 not isinstance(o, torch.Tensor) or o.shape != t.shape or o.dtype != t.dtype
                 for o in others):
             return None
-        storage = t.untyped_storage().data_ptr()
-        sharing = sum(1 for v in _tensors_in(values)
-                      if v.device == t.device and v.untyped_storage().data_ptr() == storage)
-        return t if sharing == 1 else None
+        if self._storages is None:
+            self._storages = Counter((v.device, v.untyped_storage().data_ptr())
+                                     for v in _tensors_in(values))
+        return t if self._storages[(t.device, t.untyped_storage().data_ptr())] == 1 else None
 
     @staticmethod
     def _one(step: CompiledStep, values: dict[str, Value], fld: str) -> Value:
