@@ -132,7 +132,7 @@ class StepEvaluator:
         deltas = []
         for ref in step.refs["finetuned"]:
             ft = select(values[ref.node], ref.selector)
-            out = None if ref.selector else self._scratch(values, ref.node, ft, [base])
+            out = self._scratch(values, ref.node, ft, [base])
             deltas.append(ops.extract(base, ft, out=out))
         if isinstance(fin, str):
             return deltas[0]

@@ -291,7 +291,7 @@ class Runner:
         return [s for n, s in self.compiled.steps.items() if n in needed and n not in self.cached]
 
     def _work(self, steps: list[CompiledStep]) -> Iterator[tuple[str, TensorInfo, slice | None]]:
-        rowwise = all(s.op in ROWWISE_OPS for s in steps)
+        rowwise = _rowwise(steps)
         for tensor, info in self.plan.tensors.items():
             step = rows_per_block(info.shape, CHUNK_ELEMENTS) if rowwise else None
             if step is not None:
@@ -319,7 +319,7 @@ class Runner:
         evaluator.exclusive = {n for n in [*models, *(s.name for s in steps)] if uses[n] == 1}
         items = list(self._work(steps))
         bar = _progress(len(items), label, self.options.progress)
-        heavy = not all(s.op in ROWWISE_OPS for s in steps)
+        heavy = not _rowwise(steps)
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
         # ahead and never waits on a slow write; whole tensors are read one ahead.
         ahead = 1 if heavy else READ_AHEAD
@@ -513,7 +513,7 @@ class Runner:
             return n
 
         written = 0
-        behind = 1 if not all(s.op in ROWWISE_OPS for s in steps) else READ_AHEAD
+        behind = READ_AHEAD if _rowwise(steps) else 1
         jobs: deque = deque()
         with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool,
               closing(self._stream(steps, want, "merge")) as stream):
@@ -594,6 +594,11 @@ class Runner:
         return RunResult(result_paths, self.reports, str(self.device),
                          time.perf_counter() - start, self.bytes_read, written, passes,
                          self.cache_hits, {n: o.digests for n, o in outputs.items()})
+
+
+def _rowwise(steps: list[CompiledStep]) -> bool:
+    """True when every step is row-wise: the stream goes in row blocks of bounded size."""
+    return all(s.op in ROWWISE_OPS for s in steps)
 
 
 class _NullBar:
