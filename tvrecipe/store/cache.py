@@ -139,6 +139,12 @@ class PendingEntry:
             tmp.unlink(missing_ok=True)
 
 
+def _serves(manifest: Mapping, allow_nonfinite: bool) -> bool:
+    """Whether an entry may serve a run: one computed while NaN/Inf inputs were allowed
+    serves only runs that allow them too."""
+    return allow_nonfinite or not manifest.get("allow_nonfinite", True)
+
+
 class TensorCache:
     """Step results stored by key under ``root/<2 hex>/``.
 
@@ -167,7 +173,7 @@ class TensorCache:
         except (OSError, ValueError):
             return False
         return (isinstance(info, dict) and info.get("format") == FORMAT
-                and (allow_nonfinite or not info.get("allow_nonfinite", True)))
+                and _serves(info, allow_nonfinite))
 
     def lookup(self, key: str, allow_nonfinite: bool = False
                ) -> tuple[dict, dict[str, Checkpoint], EntryCheck] | None:
@@ -191,7 +197,7 @@ class TensorCache:
             if info.get("format") != FORMAT:
                 self.remove(key)  # another version's entry: recompute and replace it quietly
                 return None
-            if info.get("allow_nonfinite", True) and not allow_nonfinite:
+            if not _serves(info, allow_nonfinite):
                 return None
             for slot, digests in info["tensors"].items():
                 path = self.path(key, slot)
