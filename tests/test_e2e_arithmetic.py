@@ -356,6 +356,16 @@ def test_two_runs_give_byte_identical_files(make_models, cli, tmp_path):
 
 # ---- results written into inputs that nothing reads later ---------------------------------
 
+def same_bytes_without_in_place(cli, tmp_path, monkeypatch) -> None:
+    """Run r.yaml as it is, then with in-place results off: the outputs must be identical."""
+    from tvrecipe.exec.evaluate import StepEvaluator
+    cli.ok("run", "r.yaml", "--no-cache")
+    in_place = snapshot(tmp_path / "out")
+    monkeypatch.setattr(StepEvaluator, "_scratch", lambda *a: None)
+    cli.ok("run", "r.yaml", "--no-cache", "--force")
+    assert snapshot(tmp_path / "out") == in_place
+
+
 SCRATCH_STEPS = ("  tv: {op: extract, base: base,\n"
                  "       finetuned: {math: math, code: code, toxic: toxic, again: math}}\n"
                  "  merged: {op: sum, inputs: tv,\n"
@@ -391,11 +401,7 @@ def test_results_written_in_place_match_fresh_buffers(make_models, cli, tmp_path
         return got
 
     monkeypatch.setattr(StepEvaluator, "_scratch", spy)
-    cli.ok("run", "r.yaml", "--no-cache")
-    in_place = snapshot(tmp_path / "out")
-    monkeypatch.setattr(StepEvaluator, "_scratch", lambda *a: None)
-    cli.ok("run", "r.yaml", "--no-cache", "--force")
-    assert snapshot(tmp_path / "out") == in_place
+    same_bytes_without_in_place(cli, tmp_path, monkeypatch)
     weights = {"math": 1.0, "code": 0.25, "toxic": -0.3}  # math listed twice: 0.5 + 0.5
     got = read_tensors(tmp_path / "out" / "model")
     for k, want in hand_sum(ms, weights, scale=0.75).items():
@@ -419,7 +425,6 @@ def test_a_value_that_aliases_another_is_not_written_in_place(make_models, cli, 
                                                              monkeypatch):
     # assign's value IS one basis vector (no copy). It is read once (by apply), but the basis
     # is also written out: applying in place into it would change the basis output.
-    from tvrecipe.exec.evaluate import StepEvaluator
     ms = make_models(TASKS)
     steps = ("  tv: {op: extract, base: base, finetuned: [math, code]}\n"
              "  basis: {op: cluster_basis, inputs: tv, k: 1}\n"
@@ -429,11 +434,7 @@ def test_a_value_that_aliases_another_is_not_written_in_place(make_models, cli, 
     outs = ("  model: {from: model, path: ./out/model, dtype: float32}\n"
             "  basis: {from: basis, path: ./out/basis, dtype: float32}\n")
     cli.write("r.yaml", recipe(ms, steps, outs))
-    cli.ok("run", "r.yaml", "--no-cache")
-    in_place = snapshot(tmp_path / "out")
-    monkeypatch.setattr(StepEvaluator, "_scratch", lambda *a: None)
-    cli.ok("run", "r.yaml", "--no-cache", "--force")
-    assert snapshot(tmp_path / "out") == in_place
+    same_bytes_without_in_place(cli, tmp_path, monkeypatch)
     base = ms.f32("base")
     b0 = read_tensors(tmp_path / "out" / "basis" / "b0.safetensors")
     got = read_tensors(tmp_path / "out" / "model")

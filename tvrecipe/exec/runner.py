@@ -25,10 +25,10 @@ from tvrecipe.ops.parallel import cores
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
 from tvrecipe.plan.tensors import (
     CHUNK_ELEMENTS,
-    READ_AHEAD,
     ROWWISE_OPS,
     TensorPlan,
     build_tensor_plan,
+    in_flight,
     rows_per_block,
 )
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry, TensorCache
@@ -322,7 +322,7 @@ class Runner:
         heavy = not _rowwise(steps)
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
         # ahead and never waits on a slow write; whole tensors are read one ahead.
-        ahead = 1 if heavy else READ_AHEAD
+        ahead = in_flight(not heavy)
         futures: deque = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
             try:
@@ -513,7 +513,7 @@ class Runner:
             return n
 
         written = 0
-        behind = READ_AHEAD if _rowwise(steps) else 1
+        behind = in_flight(_rowwise(steps))
         jobs: deque = deque()
         with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool,
               closing(self._stream(steps, want, "merge")) as stream):

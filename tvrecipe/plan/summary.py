@@ -6,10 +6,10 @@ import math
 
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled
 from tvrecipe.plan.tensors import (
-    READ_AHEAD,
     ROWWISE_OPS,
     TensorPlan,
     build_tensor_plan,
+    in_flight,
     rows_per_block,
 )
 from tvrecipe.store.checkpoint import dtype_size
@@ -38,7 +38,7 @@ def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
     inputs = sum(len(m.parts) for m in plan.models.values())
     values = sum(max(1, len(s.type.members or ())) for s in compiled.steps.values())
     written = sum(max(1, len(res.type.members or ())) for _spec, res in compiled.outputs.values())
-    ahead = READ_AHEAD if rowwise else 1
+    ahead = in_flight(rowwise)
     # Blocks read ahead plus the current one, every step's value, and output values waiting
     # to be written behind the compute.
     live = (ahead + 1) * inputs + values + ahead * written

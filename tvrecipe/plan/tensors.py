@@ -25,6 +25,11 @@ CHUNK_ELEMENTS = 1 << 20
 READ_AHEAD = 3
 
 
+def in_flight(rowwise: bool) -> int:
+    """Blocks a stream reads ahead of its compute, and writes behind it."""
+    return READ_AHEAD if rowwise else 1
+
+
 def rows_per_block(shape: tuple[int, ...], chunk: int = CHUNK_ELEMENTS) -> int | None:
     """Rows per block when a row-wise stream splits a tensor of this shape into blocks of
     about ``chunk`` elements (at least one row), or None when it takes the tensor whole."""
