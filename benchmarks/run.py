@@ -34,6 +34,7 @@ SIZES = {
     "small": {"hidden": 256, "layers": 4, "vocab": 8000},
     "medium": {"hidden": 512, "layers": 8, "vocab": 32000},
     "large": {"hidden": 1024, "layers": 12, "vocab": 32000},
+    "xl": {"hidden": 1536, "layers": 16, "vocab": 32000},
 }
 SHARD = "256MB"  # input shard size: real checkpoints are sharded, so read through the index
 OPS = ["sum", "ties", "dare", "cluster_basis", "decompose"]

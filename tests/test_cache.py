@@ -80,6 +80,31 @@ def test_corrupt_entry_is_detected_warned_and_recomputed(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
 
 
+def test_entry_of_an_older_format_is_recomputed_quietly(tmp_path):
+    # Format 3 manifests held CRC-32s: read with today's checksum they would all "mismatch".
+    # They are misses instead: removed and written again, with no corruption warning.
+    import json
+    import zlib
+
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    (manifest,) = _entries(tmp_path)
+    info = json.loads(manifest.read_text())
+    assert info["format"] == 4
+    data = load_file(str(manifest.with_suffix(".safetensors")))
+    info["format"] = 3
+    info["tensors"] = {"": {n: f"{zlib.crc32(t.numpy().tobytes()):08x}"
+                            for n, t in data.items()}}
+    manifest.write_text(json.dumps(info))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0, res.output
+    assert "corrupt" not in res.output and "from cache" not in res.output
+    assert json.loads(manifest.read_text())["format"] == 4  # replaced
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    assert "from cache: merged" in _cli("run", str(recipe), "--force").output
+
+
 def test_truncated_entry_is_recomputed(tmp_path):
     recipe = _make(tmp_path)
     _cli("run", str(recipe), "-q")
@@ -206,13 +231,12 @@ def test_corruption_in_a_row_block_is_caught_before_the_output_lands(tmp_path, m
 
 
 def test_entry_check_blocks_must_come_in_order():
-    import zlib
-
     import pytest
+    import xxhash
 
     from tvrecipe.store.cache import CacheCorrupt, EntryCheck
     t = torch.arange(12, dtype=torch.float32).reshape(6, 2)
-    check = EntryCheck("sum-1", {"": {"w": f"{zlib.crc32(t.numpy().tobytes()):08x}"}})
+    check = EntryCheck("sum-1", {"": {"w": xxhash.xxh3_64_hexdigest(t.numpy().tobytes())}})
     check("", "w", (0, 4), 6, t[:4])
     check("", "w", (4, 6), 6, t[4:])  # complete and matching
     check("", "w", None, 6, t)

@@ -481,7 +481,7 @@ def test_a_failed_write_stops_the_reads_ahead(cli, tmp_path, monkeypatch):
     # and leak the handles); no read runs once the command has returned.
     import threading
 
-    from tvrecipe.exec import runner
+    from tvrecipe.exec import results, runner
     from tvrecipe.plan.tensors import TensorPlan
     from tvrecipe.store.checkpoint import Checkpoint
     base = base_weights(0)
@@ -494,7 +494,7 @@ def test_a_failed_write_stops_the_reads_ahead(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "CHUNK_ELEMENTS", 8)  # many row blocks
     closed = threading.Event()
     reads, late = [], []
-    real_get, real_close, real_write = Checkpoint.get, TensorPlan.close, runner._Output.write
+    real_get, real_close, real_write = Checkpoint.get, TensorPlan.close, results.Output.write
 
     def get(self, name, rows=None):
         time.sleep(0.01)  # slow reads: some are queued when the write fails
@@ -514,7 +514,7 @@ def test_a_failed_write_stops_the_reads_ahead(cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Checkpoint, "get", get)
     monkeypatch.setattr(TensorPlan, "close", close)  # the run closing its inputs
-    monkeypatch.setattr(runner._Output, "write", write)
+    monkeypatch.setattr(results.Output, "write", write)
     cli.fails(4, "run", "r.yaml")
     assert closed.is_set()
     n = len(reads)

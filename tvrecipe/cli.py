@@ -202,15 +202,20 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
         return
-    with _importing("tvrecipe.exec.runner"):
-        from tvrecipe.exec.runner import RunOptions, run_recipe  # torch: not for no-ops
+    from tvrecipe.exec.light import run_light
+    from tvrecipe.exec.results import RunOptions
     from tvrecipe.report import render_reports
     from tvrecipe.store.cache import TensorCache
     progress = not quiet and sys.stderr.isatty()
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
-    result = run_recipe(compiled, RunOptions(force=force, device=device, progress=progress,
-                                             allow_nonfinite=allow_nonfinite, cache=cache,
-                                             keys=state["steps"]))
+    options = RunOptions(force=force, device=device, progress=progress,
+                         allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"])
+    # A rerun that only applies cached deltas runs in numpy, without importing torch.
+    result = run_light(compiled, options)
+    if result is None:
+        with _importing("tvrecipe.exec.runner"):
+            from tvrecipe.exec.runner import run_recipe  # torch: not for no-ops
+        result = run_recipe(compiled, options)
     lockfile.write_run_lock(compiled, state, result.outputs, memo, result.digests)
     for warning in cache.warnings if cache else ():
         click.echo(f"tvrecipe: warning: {warning}", err=True)

@@ -10,6 +10,7 @@ import torch
 
 from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
+from tvrecipe.exec.slots import is_decomposition
 from tvrecipe.plan.graph import CompiledStep, Entry, Resolved
 
 Value = Any  # Tensor | None | dict[str, Tensor | None] | dict[str, dict[str, Tensor | None]]
@@ -30,12 +31,6 @@ def entry_value(values: dict[str, Value], entry: Entry) -> torch.Tensor | None:
     if entry.member is not None:
         return v[entry.member]
     return v
-
-
-def is_decomposition(value: Value) -> bool:
-    """True for a decomposition's per-tensor value: ``{"shared": {...}, "unique": {...}}``."""
-    return (isinstance(value, dict) and set(value) == {"shared", "unique"}
-            and all(isinstance(v, dict) for v in value.values()))
 
 
 def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Value:

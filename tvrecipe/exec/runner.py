@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -11,18 +9,26 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tvrecipe import __version__, ops
-from tvrecipe.errors import ExecutionError, InputError
+from tvrecipe import ops
+from tvrecipe.errors import ExecutionError
 from tvrecipe.exec.evaluate import StepEvaluator, select
+from tvrecipe.exec.results import (
+    ST_DTYPES,
+    Output,
+    RunOptions,
+    RunResult,
+    nonfinite_input,
+    output_metadata,
+    progress_bar,
+)
 from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
 from tvrecipe.ops.parallel import cores
-from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, compile_recipe
+from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, compile_recipe
 from tvrecipe.plan.tensors import (
     CHUNK_ELEMENTS,
     ROWWISE_OPS,
@@ -31,14 +37,14 @@ from tvrecipe.plan.tensors import (
     in_flight,
     rows_per_block,
 )
-from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry, TensorCache
-from tvrecipe.store.checkpoint import TensorInfo, dtype_size, st_dtype
-from tvrecipe.store.output import OutputFolder, copy_aux_files, output_oserror
-from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
+from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry
+from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
+from tvrecipe.store.output import output_oserror
+from tvrecipe.store.writer import TensorSpec
 
-VECTOR_SHARD = 1 << 62
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+__all__ = ["RunOptions", "RunResult", "Runner", "resolve_device", "run_recipe"]
+
+DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -50,135 +56,6 @@ def resolve_device(setting: str) -> torch.device:
         raise ExecutionError(f"device {setting!r} asked for, but torch sees no CUDA device; "
                              "use --device cpu or device: auto")
     return dev
-
-
-@dataclass
-class RunOptions:
-    """How to run: everything that is not in the recipe itself."""
-
-    force: bool = False
-    device: str | None = None
-    progress: bool = False
-    allow_nonfinite: bool = False
-    cache: TensorCache | None = None
-    keys: dict[str, str] | None = None  # step keys (plan.keys.step_keys); needed by the cache
-    # Output name -> folder to write it to instead of its recipe path (verify --recompute).
-    targets: dict[str, Path] | None = None
-
-
-@dataclass
-class RunResult:
-    """What a run did."""
-
-    outputs: dict[str, Path]
-    reports: dict[str, dict]
-    device: str
-    seconds: float
-    bytes_read: int = 0
-    bytes_written: int = 0
-    passes: list[str] = field(default_factory=list)
-    cache_hits: list[str] = field(default_factory=list)
-    # output -> file path in its folder -> SHA-256, for the files hashed while written
-    digests: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-class _Output:
-    """One output being written: its staging folder and writers."""
-
-    def __init__(self, name: str, compiled: Compiled, plan: TensorPlan, force: bool,
-                 compute: torch.dtype, metadata: dict[str, str], target: Path | None = None):
-        spec, res = compiled.outputs[name]
-        self.name, self.spec, self.res = name, spec, res
-        self.kind = res.type.kind
-        self.target = target or compiled.loaded.resolve(spec.path)
-        protected = [m.path for m in plan.models.values()] + [compiled.loaded.path]
-        self.folder = OutputFolder(self.target, force=force, protected=protected)
-        out_dtype = st_dtype(DTYPES[spec.dtype]) if spec.dtype else None
-        meta = {**metadata, "tvrecipe.output": name, "tvrecipe.from": spec.from_,
-                "tvrecipe.kind": self.kind}
-        self.writers: dict[str, Any] = {}
-        # SHA-256 of the weight files and index by path in the folder, hashed as written.
-        self.digests: dict[str, str] = {}
-        try:
-            self._open_writers(plan, compute, out_dtype, meta)
-        except BaseException:
-            self.folder.abort()
-            raise
-
-    def _open_writers(self, plan: TensorPlan, compute: torch.dtype, out_dtype: str | None,
-                      meta: dict[str, str]) -> None:
-        spec, res = self.spec, self.res
-        if self.kind == CHECKPOINT:
-            specs = [TensorSpec(t, out_dtype or info.dtype if info.is_floating else info.dtype,
-                                info.shape) for t, info in plan.tensors.items()]
-            self.sizes = {sp.name: dtype_size(sp.dtype) for sp in specs}
-            self.writers[""] = CheckpointWriter(self.folder.staging, specs,
-                                                shard_size=parse_size(spec.shard_size),
-                                                metadata={**meta, "format": "pt"})
-        else:
-            dt = out_dtype or st_dtype(compute)
-            specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]
-            self.sizes = dict.fromkeys(plan.floating, dtype_size(dt))
-            members = [""] if self.kind == VECTOR else list(res.type.members or ())
-            for m in members:
-                if m:
-                    self.writers[m] = SafetensorsStreamWriter(
-                        self.folder.staging / f"{m}.safetensors", specs,
-                        {**meta, "tvrecipe.member": m})
-                else:
-                    self.writers[m] = CheckpointWriter(self.folder.staging, specs,
-                                                       shard_size=parse_size(spec.shard_size),
-                                                       metadata=meta)
-
-    def write(self, tensor: str, info: TensorInfo, value: Any) -> int:
-        written = 0
-        if self.kind == CHECKPOINT or self.kind == VECTOR:
-            items = {"": value}
-        else:
-            items = value
-        for m, t in items.items():
-            if t is None or (self.kind != CHECKPOINT and not info.is_floating):
-                continue
-            t = t.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            self.writers[m].write(tensor, t)
-            written += t.numel() * self.sizes[tensor]  # bytes on disk, after the cast
-        return written
-
-    def finish(self, compiled: Compiled, report: dict | None) -> None:
-        for w in self.writers.values():
-            w.close()
-            files = w.sha256 if isinstance(w, CheckpointWriter) else {w.path: w.sha256}
-            self.digests.update({str(f.relative_to(self.folder.staging)): d
-                                 for f, d in files.items()})
-        if self.kind == VECTORS:
-            index = {"format": "tvrecipe.vectors", "version": 1,
-                     "members": list(self.writers),
-                     "files": {m: f"{m}.safetensors" for m in self.writers},
-                     "from": self.spec.from_, "tool": f"tvrecipe {__version__}"}
-            if report:
-                index["report"] = report
-            text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
-            (self.folder.staging / "vectors.json").write_bytes(text)
-            self.digests["vectors.json"] = hashlib.sha256(text).hexdigest()
-        source = self.spec.copy_files_from
-        if source is None and self.kind == CHECKPOINT:
-            source = _base_model_of(compiled, self.res.node)
-        if source is not None:
-            src = compiled.loaded.resolve(compiled.models[source].path)
-            if src.is_dir():
-                copy_aux_files(src, self.folder.staging)
-
-
-def _base_model_of(compiled: Compiled, node: str) -> str | None:
-    """The checkpoint model an output checkpoint derives from (follows apply.base)."""
-    while node in compiled.steps:
-        step = compiled.steps[node]
-        if step.op != "apply":
-            return None
-        node = step.refs["base"][0].node
-    return node if node in compiled.models else None
 
 
 class Runner:
@@ -219,8 +96,7 @@ class Runner:
         # so only a suspicious sum pays for the exact check.
         if (check and not self.options.allow_nonfinite and not bool(torch.isfinite(t.sum()))
                 and not bool(torch.isfinite(t).all())):
-            raise InputError(f"{where}: tensor {tensor!r} contains NaN or Inf; fix the "
-                             "checkpoint, or pass --allow-nonfinite to merge it anyway")
+            raise nonfinite_input(where, tensor)
         return t
 
     def _read(self, nodes: list[str], tensor: str, rows: slice | None,
@@ -318,7 +194,7 @@ class Runner:
         # into them (see StepEvaluator._scratch).
         evaluator.exclusive = {n for n in [*models, *(s.name for s in steps)] if uses[n] == 1}
         items = list(self._work(steps))
-        bar = _progress(len(items), label, self.options.progress)
+        bar = progress_bar(len(items), label, self.options.progress)
         heavy = not _rowwise(steps)
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
         # ahead and never waits on a slow write; whole tensors are read one ahead.
@@ -496,7 +372,7 @@ class Runner:
         return entries
 
     def _merge_pass(self, steps: list[CompiledStep], want: list[str],
-                    outputs: dict[str, _Output], pending: dict[str, PendingEntry]) -> int:
+                    outputs: dict[str, Output], pending: dict[str, PendingEntry]) -> int:
         """Stream every tensor through ``steps`` into the outputs and new cache entries.
 
         Writing (the cast to the stored dtype, hashing, the file write) runs on a thread of its
@@ -544,7 +420,7 @@ class Runner:
         """
         start = time.perf_counter()
         self.plan = build_tensor_plan(self.compiled)
-        outputs: dict[str, _Output] = {}
+        outputs: dict[str, Output] = {}
         passes = []
         pending: dict[str, PendingEntry] = {}
         try:
@@ -560,13 +436,11 @@ class Runner:
                     self._cluster_pass(self.compiled.steps[name])
                     passes.append(f"similarity:{name}")
                     self._recompile()
-            loaded = self.compiled.loaded
-            metadata = {"tvrecipe.version": __version__, "tvrecipe.recipe": loaded.path.name,
-                        "tvrecipe.recipe_sha256": loaded.text_sha256}
+            metadata = output_metadata(self.compiled)
             for name in self.compiled.outputs:
-                outputs[name] = _Output(name, self.compiled, self.plan, self.options.force,
-                                        self.compute, metadata,
-                                        (self.options.targets or {}).get(name))
+                outputs[name] = Output(name, self.compiled, self.plan, self.options.force,
+                                       st_dtype(self.compute), metadata,
+                                       (self.options.targets or {}).get(name))
             steps = self._to_compute([o.res.node for o in outputs.values()])
             pending = self._start_cache_entries(steps, metadata)
             want = sorted({o.res.node for o in outputs.values()} | set(pending))
@@ -599,21 +473,6 @@ class Runner:
 def _rowwise(steps: list[CompiledStep]) -> bool:
     """True when every step is row-wise: the stream goes in row blocks of bounded size."""
     return all(s.op in ROWWISE_OPS for s in steps)
-
-
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, label: str, enabled: bool):
-    if not enabled:
-        return _NullBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=label, unit="tensor", leave=False, dynamic_ncols=True)
 
 
 def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResult:

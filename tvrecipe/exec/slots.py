@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvrecipe.exec.evaluate import is_decomposition
 from tvrecipe.plan.graph import DECOMPOSITION, VECTOR, VECTORS
 
 # Ops worth caching: their results cost more to recompute than to read back. extract and
 # apply are reads plus one subtraction or addition; scale and negate are one multiply.
 CACHE_OPS = frozenset({"sum", "mean", "ties", "dare", "prune", "cluster_basis", "assign",
                        "decompose"})
+
+
+def is_decomposition(value: Any) -> bool:
+    """True for a decomposition's per-tensor value: ``{"shared": {...}, "unique": {...}}``."""
+    return (isinstance(value, dict) and set(value) == {"shared", "unique"}
+            and all(isinstance(v, dict) for v in value.values()))
 
 
 def slot_names(kind: str, members: tuple[str, ...] | None) -> list[str]:

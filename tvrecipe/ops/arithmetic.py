@@ -65,5 +65,14 @@ def mean(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def apply(base: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0,
           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Edited weights ``θ₀ + scale · τ`` (into ``out``, which may be ``base`` or ``delta``)."""
-    return torch.add(base, delta, alpha=scale, out=out)
+    """Edited weights ``θ₀ + scale · τ`` (into ``out``, which may be ``base`` or ``delta``).
+
+    Two roundings, ``θ₀ + (scale · τ)``, not a fused multiply-add (which ``torch.add(...,
+    alpha=)`` is on CPU and GPU): each is one IEEE operation in the tensors' dtype, so every
+    device, and the numpy executor of reruns (:mod:`tvrecipe.exec.light`), gives the same bits.
+    """
+    if out is delta:
+        return delta.mul_(scale).add_(base)
+    if out is base:
+        return base.add_(torch.mul(delta, scale))
+    return torch.mul(delta, scale, out=out).add_(base)

@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,11 @@ from pathlib import Path
 from tvrecipe.errors import InputError
 from tvrecipe.store.checkpoint import Checkpoint, open_checkpoint
 from tvrecipe.store.output import output_oserror
-from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec
+from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec, tensor_digest, tensor_hasher
 
 SUFFIX = ".safetensors"
 MANIFEST = ".json"
-FORMAT = 3  # manifests of another format are misses (written by another tvrecipe version)
+FORMAT = 4  # manifests of another format are misses (written by another tvrecipe version)
 
 
 class CacheCorrupt(Exception):
@@ -32,7 +31,7 @@ class CacheCorrupt(Exception):
 
 
 class EntryCheck:
-    """Checks the tensors of a cache entry against their CRC-32 as they are read.
+    """Checks the tensors of a cache entry against their checksums as they are read.
 
     Verifying on read, rather than hashing every file before use, costs no extra pass over
     the entry and runs on the reading thread, beside the compute. A tensor read in row blocks
@@ -42,28 +41,33 @@ class EntryCheck:
 
     Args:
         key: The entry's key.
-        digests: Slot -> tensor name -> hex CRC-32 of its data bytes (from the manifest).
+        digests: Slot -> tensor name -> hex digest of its data bytes (from the manifest;
+            see :func:`tvrecipe.store.writer.tensor_hasher`).
     """
 
     def __init__(self, key: str, digests: Mapping[str, Mapping[str, str]]):
         self.key, self.digests = key, digests
-        self._partial: dict[tuple[str, str], tuple[int, int]] = {}
+        self._partial: dict[tuple[str, str], tuple[object, int]] = {}
 
     def __call__(self, slot: str, name: str, rows: tuple[int, int] | None, total_rows: int,
                  data) -> None:
         """Feed the raw tensor (or rows ``rows`` of it) just read; raise on a mismatch."""
         start, stop = (0, total_rows) if rows is None else rows
-        crc = 0
-        if start != 0:
-            crc, expected = self._partial.pop((slot, name), (0, -1))
+        if start == 0:
+            hasher = tensor_hasher()
+        else:
+            hasher, expected = self._partial.pop((slot, name), (None, -1))
             if expected != start:
                 raise CacheCorrupt(self.key, f"tensor {name!r} was read out of order")
-        import torch
-        if data.numel():
-            crc = zlib.crc32(memoryview(data.reshape(-1).view(torch.uint8).numpy()), crc)
+        if hasattr(data, "numel"):  # a torch tensor; the numpy executor reads arrays
+            import torch
+            if data.numel():
+                hasher.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        elif data.size:
+            hasher.update(memoryview(data.reshape(-1).view("u1")))
         if stop < total_rows:
-            self._partial[(slot, name)] = (crc, stop)
-        elif f"{crc:08x}" != self.digests.get(slot, {}).get(name):
+            self._partial[(slot, name)] = (hasher, stop)
+        elif tensor_digest(hasher) != self.digests.get(slot, {}).get(name):
             where = f"slot {slot!r} " if slot else ""
             raise CacheCorrupt(self.key, f"{where}tensor {name!r} does not match its checksum")
 
@@ -113,13 +117,13 @@ class PendingEntry:
     def commit(self, info: Mapping[str, object]) -> None:
         """Close and move every slot file into place, then write the manifest.
 
-        The manifest holds each tensor's CRC-32, taken as it was written.
+        The manifest holds each tensor's checksum, taken as it was written.
         """
         digests = {}
         try:
             for slot, writer in self.writers.items():
                 writer.close()
-                digests[slot] = writer.tensor_crc32
+                digests[slot] = writer.tensor_digests
                 os.replace(self.tmp[slot], self.cache.path(self.key, slot))
             manifest = self.cache.manifest(self.key)
             tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")

@@ -96,6 +96,15 @@ def dtype_size(st_dtype: str) -> int:
     return _SIZES[st_dtype]
 
 
+def _span(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
+    """Shape, file position and size of a tensor, or of rows ``start:stop`` of it."""
+    if rows is None:
+        return info.shape, info.start, info.nbytes
+    per_row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+    return ((rows[1] - rows[0], *info.shape[1:]), info.start + rows[0] * per_row,
+            (rows[1] - rows[0]) * per_row)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lies in a checkpoint, from its file's header (no data read).
@@ -252,6 +261,28 @@ class Checkpoint:
         Raises:
             InputError: The checkpoint has no tensor ``name``, or its file cannot be read.
         """
+        import torch
+
+        info = self._info(name)
+        shape, start, nbytes = _span(info, rows)
+        out = torch.empty(shape, dtype=torch_dtype(info.dtype))
+        if nbytes:
+            self._read_into(info, start, nbytes, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out  # safetensors data is little-endian, as is every host torch runs on
+
+    def get_bits(self, name: str, rows: tuple[int, int] | None = None):
+        """Like :meth:`get`, without torch: a numpy array of unsigned integers of the dtype's
+        width holding the stored bits (a BF16 tensor comes as ``uint16``), little-endian."""
+        import numpy as np
+
+        info = self._info(name)
+        shape, start, nbytes = _span(info, rows)
+        out = np.empty(shape, dtype=f"<u{dtype_size(info.dtype)}")
+        if nbytes:
+            self._read_into(info, start, nbytes, memoryview(out.reshape(-1).view(np.uint8)))
+        return out
+
+    def _info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
         if info is None:
             close = difflib.get_close_matches(name, list(self.tensors), n=1)
@@ -259,21 +290,12 @@ class Checkpoint:
                 f"did you mean {close[0]!r}?" if close else "check the tensor names of your inputs"
             )
             raise InputError(f"{self.path}: no tensor named {name!r}; {hint}")
-        import torch
+        return info
 
-        shape = info.shape
-        start, nbytes = info.start, info.nbytes
-        if rows is not None:
-            per_row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-            shape = (rows[1] - rows[0], *info.shape[1:])
-            start, nbytes = info.start + rows[0] * per_row, (rows[1] - rows[0]) * per_row
-        out = torch.empty(shape, dtype=torch_dtype(info.dtype))
-        if nbytes == 0:
-            return out
-        # Plain reads into a fresh tensor rather than safetensors' memory map: a mapping keeps
+    def _read_into(self, info: TensorInfo, start: int, nbytes: int, view: memoryview) -> None:
+        # Plain reads into a fresh buffer rather than safetensors' memory map: a mapping keeps
         # every page it touched resident for as long as the file is open, so streaming a model
         # would grow the process by the size of its inputs. The header was validated at open.
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         with self._lock:
             try:
                 handle = self._handles.get(info.file)
@@ -292,10 +314,9 @@ class Checkpoint:
                     done += got
             except OSError as exc:
                 raise InputError(
-                    f"{info.file}: cannot read tensor {name!r}: {exc}; "
+                    f"{info.file}: cannot read tensor {info.name!r}: {exc}; "
                     "was the file changed or removed while tvrecipe ran?"
                 ) from exc
-        return out  # safetensors data is little-endian, as is every host torch runs on
 
     def close(self) -> None:
         """Releases the open file handles (a later ``get`` opens them again)."""

@@ -1,0 +1,315 @@
+"""Reruns that only apply cached deltas, computed with numpy: the run never imports torch.
+
+Changing the scale of a final ``apply`` leaves one thing to compute: θ₀ + s·τ, from the base
+model and the cached τ. Importing torch takes 0.9-1.2 s of such a rerun's ~2 s on the 2-core
+benchmark machine, more than the arithmetic. When every step a run must compute is such an
+``apply`` (base: a checkpoint model; delta: a cached result; float32 compute; CPU or ``auto``
+device), this module does it with numpy instead, and writes the same bytes:
+
+- ``apply`` is two IEEE float32 operations in both executors, ``θ₀ + (s·τ)``
+  (:func:`tvrecipe.ops.apply`);
+- bfloat16 and float16 inputs widen to float32 exactly;
+- float32 → bfloat16 rounds to nearest even with torch's formula (``u + 0x7FFF + lsb``),
+  float32 → float16 with numpy's IEEE cast (round to nearest even, as torch's);
+- a result holding NaN (possible only from an infinite cached delta times a zero scale) is
+  handed to the torch executor instead, whose NaN bit pattern it does not copy.
+
+Any other run, or this one after a cache entry fails its checksum, returns None: the caller
+runs the torch executor (which recomputes the entry).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from tvrecipe.exec.results import (
+    Output,
+    RunOptions,
+    RunResult,
+    nonfinite_input,
+    output_metadata,
+    progress_bar,
+)
+from tvrecipe.exec.slots import CACHE_OPS
+from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
+from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan, in_flight, rows_per_block
+from tvrecipe.store.cache import CacheCorrupt, EntryCheck
+from tvrecipe.store.checkpoint import Checkpoint, TensorInfo
+
+__all__ = ["run_light", "to_bfloat16_bits"]
+
+FLOATS = frozenset({"F32", "F16", "BF16"})
+
+
+class _Unsupported(Exception):
+    """This run needs the torch executor after all (found while running; nothing committed)."""
+
+
+@dataclass
+class _Apply:
+    """One ``apply`` step to compute: its base model and its cached delta."""
+
+    step: CompiledStep
+    base: str
+    delta: str
+    scale: np.float32
+
+
+def to_bfloat16_bits(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """The bfloat16 bits (``uint16``) nearest to float32 ``x`` (ties to even), as torch
+    rounds; ``x`` must hold no NaN and is left as it is. ``scratch``: a ``uint32`` buffer of
+    at least ``x.size`` elements to work in (saves an allocation per call)."""
+    u = x.reshape(-1).view(np.uint32)
+    t = np.empty_like(u) if scratch is None else scratch[:u.size]
+    np.right_shift(u, 16, out=t)
+    np.bitwise_and(t, 1, out=t)
+    np.add(t, 0x7FFF, out=t)
+    np.add(u, t, out=t)
+    np.right_shift(t, 16, out=t)
+    return t.astype(np.uint16).reshape(x.shape)
+
+
+def _widen(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of stored floating bits (exact)."""
+    if dtype == "BF16":
+        return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
+    if dtype == "F16":
+        return bits.view(np.float16).astype(np.float32)
+    return bits.view(np.float32)
+
+
+def _narrow(x: np.ndarray, dtype: str, scratch: np.ndarray | None = None) -> np.ndarray:
+    """The bits of float32 ``x`` in the stored dtype ``dtype`` (``x`` is left as it is)."""
+    if dtype == "BF16":
+        return to_bfloat16_bits(x, scratch)
+    if dtype == "F16":
+        with np.errstate(over="ignore"):  # beyond float16's range is ±inf, as in torch
+            return x.astype(np.float16).view(np.uint16)
+    return x.view(np.uint32)
+
+
+def _finite(x: np.ndarray) -> bool:
+    # The largest and smallest value are finite exactly when all are: two vectorised
+    # reductions (NaN propagates through both), cheaper than a sum or an isfinite mask.
+    return x.size == 0 or bool(np.isfinite(x.max()) and np.isfinite(x.min()))
+
+
+class _LightRun:
+    def __init__(self, compiled: Compiled, options: RunOptions, applies: list[_Apply]):
+        self.compiled, self.options, self.applies = compiled, options, applies
+        # delta step -> (manifest, its checkpoint per slot, the check of what is read)
+        self.cached: dict[str, tuple[dict, dict[str, Checkpoint], EntryCheck]] = {}
+        self.plan: TensorPlan | None = None
+        self.bytes_read = 0
+
+    def lookup(self) -> bool:
+        """Find every delta in the cache; False when one is missing or unusable here."""
+        cache, keys = self.options.cache, self.options.keys
+        for a in self.applies:
+            if a.delta in self.cached:
+                continue
+            hit = cache.lookup(keys[a.delta], False)
+            if hit is None:
+                return False
+            self.cached[a.delta] = hit
+            if set(hit[1]) != {""}:
+                return False
+        return True
+
+    def supported(self) -> bool:
+        """Whether every tensor has a dtype this executor handles."""
+        for handle in self.plan.models.values():
+            if handle.kind != CHECKPOINT:
+                return False
+        for t, info in self.plan.tensors.items():
+            if not info.is_floating:
+                continue
+            if info.dtype not in FLOATS or any(
+                    ck.tensors.get(t) is not None and ck.tensors[t].dtype != "F32"
+                    for _m, slots, _c in self.cached.values() for ck in slots.values()):
+                return False
+        return True
+
+    def read(self, tensor: str, info: TensorInfo, span: tuple[int, int] | None) -> dict:
+        """Base values (float32, checked finite) and cached deltas of one block."""
+        got: dict[str, np.ndarray | None] = {}
+        for a in self.applies:
+            if a.base not in got:
+                ck = self.plan.models[a.base].parts[""]
+                bits = ck.get_bits(tensor, span)
+                self.bytes_read += bits.nbytes
+                if info.is_floating:
+                    bits = _widen(bits, ck.tensors[tensor].dtype)
+                    if not _finite(bits):
+                        raise nonfinite_input(f"model {a.base!r}", tensor)
+                got[a.base] = bits
+            if a.delta not in got:
+                _manifest, slots, check = self.cached[a.delta]
+                ck = slots[""]
+                entry = ck.tensors.get(tensor)
+                if entry is None or not info.is_floating:
+                    got[a.delta] = None
+                    continue
+                bits = ck.get_bits(tensor, span)
+                check("", tensor, span, entry.shape[0] if entry.shape else 1, bits)
+                got[a.delta] = bits.view(np.float32)
+        return got
+
+    def compute(self, info: TensorInfo, got: dict) -> dict[str, np.ndarray]:
+        """Each apply step's float32 result (the base's bits for a non-floating tensor)."""
+        uses: dict[str, int] = {}
+        for a in self.applies:
+            uses[a.delta] = uses.get(a.delta, 0) + 1
+        out = {}
+        for a in self.applies:
+            base, delta = got[a.base], got[a.delta]
+            if delta is None or not info.is_floating:
+                out[a.step.name] = base
+                continue
+            uses[a.delta] -= 1
+            res = np.multiply(delta, a.scale, out=delta if uses[a.delta] == 0 else None)
+            res += base
+            if res.size and np.isnan(res.max()):  # NaN propagates through max
+                raise _Unsupported("NaN in a result")
+            out[a.step.name] = res
+        return out
+
+    def run(self) -> RunResult | None:
+        start = time.perf_counter()
+        outputs: dict[str, Output] = {}
+        try:
+            if not self.lookup():
+                return None
+            self.plan = build_tensor_plan(self.compiled)
+            if not self.supported():
+                return None
+            metadata = output_metadata(self.compiled)
+            for name in self.compiled.outputs:
+                outputs[name] = Output(name, self.compiled, self.plan, self.options.force, "F32",
+                                       metadata)
+            written = self._stream(outputs)
+            reports = {a.delta: m["report"] for a in self.applies
+                       for m in [self.cached[a.delta][0]] if m.get("report")}
+            for o in outputs.values():
+                o.finish(self.compiled, reports.get(o.res.node))
+            paths = {name: o.folder.commit() for name, o in outputs.items()}
+        except (CacheCorrupt, _Unsupported) as exc:
+            for o in outputs.values():
+                o.folder.abort()
+            if isinstance(exc, CacheCorrupt):
+                self.options.cache.discard(exc.key, str(exc))
+            return None
+        except BaseException:
+            for o in outputs.values():
+                o.folder.abort()
+            raise
+        finally:
+            if self.plan is not None:
+                self.plan.close()
+            for _m, slots, _c in self.cached.values():
+                for ck in slots.values():
+                    ck.close()
+        hits = list(dict.fromkeys(a.delta for a in self.applies))
+        return RunResult(paths, reports, "cpu", time.perf_counter() - start, self.bytes_read,
+                         written, ["merge"], hits, {n: o.digests for n, o in outputs.items()})
+
+    def _stream(self, outputs: dict[str, Output]) -> int:
+        """Read ahead on one thread, compute here, write behind on another (numpy, file IO
+        and hashing release the GIL); returns the bytes written."""
+        items = []
+        for tensor, info in self.plan.tensors.items():
+            step = rows_per_block(info.shape)
+            if step is None:
+                items.append((tensor, info, None))
+            else:
+                items += [(tensor, info, (r, min(r + step, info.shape[0])))
+                          for r in range(0, info.shape[0], step)]
+
+        def stored(tensor: str, info: TensorInfo, results: dict[str, np.ndarray]) -> dict:
+            # Rounded here, not on the writing thread, which hashes and writes: the three
+            # threads then carry about equal work.
+            if not info.is_floating:
+                return {name: results[o.res.node] for name, o in outputs.items()}
+            return {name: _narrow(results[o.res.node], o.dtypes[tensor], scratch)
+                    for name, o in outputs.items()}
+
+        def write(tensor: str, info: TensorInfo, values: dict[str, np.ndarray]) -> int:
+            return sum(o.write(tensor, info, values[name]) for name, o in outputs.items())
+
+        scratch = np.empty(max((math.prod(info.shape) if s is None else
+                                (s[1] - s[0]) * math.prod(info.shape[1:]))
+                               for _t, info, s in items) if items else 0, np.uint32)
+        ahead = in_flight(True)
+        bar = progress_bar(len(items), "merge", self.options.progress)
+        reads: deque = deque()
+        writes: deque = deque()
+        written = 0
+        with (ThreadPoolExecutor(1, thread_name_prefix="tvrecipe-read") as reader,
+              ThreadPoolExecutor(1, thread_name_prefix="tvrecipe-write") as writer):
+            try:
+                reads.extend(reader.submit(self.read, *it) for it in items[:ahead])
+                for i, (tensor, info, _span) in enumerate(items):
+                    got = reads.popleft().result()
+                    if i + ahead < len(items):
+                        reads.append(reader.submit(self.read, *items[i + ahead]))
+                    values = stored(tensor, info, self.compute(info, got))
+                    if len(writes) >= ahead:
+                        written += writes.popleft().result()
+                    writes.append(writer.submit(write, tensor, info, values))
+                    bar.update(1)
+                while writes:
+                    written += writes.popleft().result()
+            finally:
+                for f in [*reads, *writes]:
+                    f.cancel()
+                bar.close()
+        return written
+
+
+def _applies(compiled: Compiled, options: RunOptions) -> list[_Apply] | None:
+    """The apply steps to compute, when this executor can run the recipe; else None."""
+    settings = compiled.loaded.recipe.settings
+    if (options.cache is None or options.keys is None or options.targets
+            or options.allow_nonfinite or settings.compute_dtype != "float32"
+            or (options.device or settings.device) not in ("auto", "cpu")):
+        return None
+    applies = []
+    for _spec, res in compiled.outputs.values():
+        step = compiled.steps.get(res.node)
+        if (res.type.kind != CHECKPOINT or res.selector or step is None or step.op != "apply"
+                or _spec.dtype not in (None, "float32", "float16", "bfloat16")):
+            return None
+        (base,), (delta,) = step.refs["base"], step.refs["delta"]
+        scale = np.float32(step.spec.scale)
+        if (base.node not in compiled.models or base.selector
+                or compiled.type_of(base.node).kind != CHECKPOINT
+                or delta.node not in compiled.steps or delta.selector
+                or compiled.steps[delta.node].op not in CACHE_OPS
+                or delta.type.kind != VECTOR or delta.node not in options.keys
+                or scale == 0 or not math.isfinite(scale)):
+            return None
+        applies.append(_Apply(step, base.node, delta.node, scale))
+    return list({a.step.name: a for a in applies}.values()) or None
+
+
+def run_light(compiled: Compiled, options: RunOptions) -> RunResult | None:
+    """Run the recipe with numpy when all it computes is ``apply`` over cached deltas.
+
+    Returns:
+        What the run did, or None when this executor does not run this recipe (the caller
+        runs :func:`tvrecipe.exec.runner.run_recipe`); outputs are then untouched, though a
+        corrupt cache entry met on the way has been removed and reported in the cache's
+        warnings.
+
+    Raises:
+        TvrecipeError: as the torch executor would, for a user-facing failure (a NaN in the
+            base model, a file that cannot be written, ...); no output is left half-written.
+    """
+    applies = _applies(compiled, options)
+    return None if applies is None else _LightRun(compiled, options, applies).run()

@@ -1,0 +1,193 @@
+"""What a run is given and gives back, and the outputs it writes: shared by both executors.
+
+Nothing here imports torch: the numpy executor (:mod:`tvrecipe.exec.light`) runs without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvrecipe import __version__
+from tvrecipe.errors import InputError
+from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled
+from tvrecipe.plan.tensors import TensorPlan
+from tvrecipe.store.cache import TensorCache
+from tvrecipe.store.checkpoint import TensorInfo, dtype_size
+from tvrecipe.store.output import OutputFolder, copy_aux_files
+from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
+
+# Recipe dtype names -> safetensors dtype strings.
+ST_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass
+class RunOptions:
+    """How to run: everything that is not in the recipe itself."""
+
+    force: bool = False
+    device: str | None = None
+    progress: bool = False
+    allow_nonfinite: bool = False
+    cache: TensorCache | None = None
+    keys: dict[str, str] | None = None  # step keys (plan.keys.step_keys); needed by the cache
+    # Output name -> folder to write it to instead of its recipe path (verify --recompute).
+    targets: dict[str, Path] | None = None
+
+
+@dataclass
+class RunResult:
+    """What a run did."""
+
+    outputs: dict[str, Path]
+    reports: dict[str, dict]
+    device: str
+    seconds: float
+    bytes_read: int = 0
+    bytes_written: int = 0
+    passes: list[str] = field(default_factory=list)
+    cache_hits: list[str] = field(default_factory=list)
+    # output -> file path in its folder -> SHA-256, for the files hashed while written
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class Output:
+    """One output being written: its staging folder and writers.
+
+    Args:
+        compute: The safetensors dtype of the compute dtype (what vectors are stored in when
+            the output names no dtype).
+    """
+
+    def __init__(self, name: str, compiled: Compiled, plan: TensorPlan, force: bool,
+                 compute: str, metadata: dict[str, str], target: Path | None = None):
+        spec, res = compiled.outputs[name]
+        self.name, self.spec, self.res = name, spec, res
+        self.kind = res.type.kind
+        self.target = target or compiled.loaded.resolve(spec.path)
+        protected = [m.path for m in plan.models.values()] + [compiled.loaded.path]
+        self.folder = OutputFolder(self.target, force=force, protected=protected)
+        out_dtype = ST_DTYPES[spec.dtype] if spec.dtype else None
+        meta = {**metadata, "tvrecipe.output": name, "tvrecipe.from": spec.from_,
+                "tvrecipe.kind": self.kind}
+        self.writers: dict[str, Any] = {}
+        # SHA-256 of the weight files and index by path in the folder, hashed as written.
+        self.digests: dict[str, str] = {}
+        try:
+            self._open_writers(plan, compute, out_dtype, meta)
+        except BaseException:
+            self.folder.abort()
+            raise
+
+    def _open_writers(self, plan: TensorPlan, compute: str, out_dtype: str | None,
+                      meta: dict[str, str]) -> None:
+        spec, res = self.spec, self.res
+        if self.kind == CHECKPOINT:
+            specs = [TensorSpec(t, out_dtype or info.dtype if info.is_floating else info.dtype,
+                                info.shape) for t, info in plan.tensors.items()]
+            self.dtypes = {sp.name: sp.dtype for sp in specs}  # stored dtype of each tensor
+            self.sizes = {sp.name: dtype_size(sp.dtype) for sp in specs}
+            self.writers[""] = CheckpointWriter(self.folder.staging, specs,
+                                                shard_size=parse_size(spec.shard_size),
+                                                metadata={**meta, "format": "pt"})
+        else:
+            dt = out_dtype or compute
+            specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]
+            self.dtypes = dict.fromkeys(plan.floating, dt)
+            self.sizes = dict.fromkeys(plan.floating, dtype_size(dt))
+            members = [""] if self.kind == VECTOR else list(res.type.members or ())
+            for m in members:
+                if m:
+                    self.writers[m] = SafetensorsStreamWriter(
+                        self.folder.staging / f"{m}.safetensors", specs,
+                        {**meta, "tvrecipe.member": m})
+                else:
+                    self.writers[m] = CheckpointWriter(self.folder.staging, specs,
+                                                       shard_size=parse_size(spec.shard_size),
+                                                       metadata=meta)
+
+    def write(self, tensor: str, info: TensorInfo, value: Any) -> int:
+        written = 0
+        if self.kind == CHECKPOINT or self.kind == VECTOR:
+            items = {"": value}
+        else:
+            items = value
+        for m, t in items.items():
+            if t is None or (self.kind != CHECKPOINT and not info.is_floating):
+                continue
+            if hasattr(t, "detach"):  # a torch tensor (the numpy executor gives arrays)
+                t = t.detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                numel = t.numel()
+            else:
+                numel = t.size
+            self.writers[m].write(tensor, t)
+            written += numel * self.sizes[tensor]  # bytes on disk, after the cast
+        return written
+
+    def finish(self, compiled: Compiled, report: dict | None) -> None:
+        for w in self.writers.values():
+            w.close()
+            files = w.sha256 if isinstance(w, CheckpointWriter) else {w.path: w.sha256}
+            self.digests.update({str(f.relative_to(self.folder.staging)): d
+                                 for f, d in files.items()})
+        if self.kind == VECTORS:
+            index = {"format": "tvrecipe.vectors", "version": 1,
+                     "members": list(self.writers),
+                     "files": {m: f"{m}.safetensors" for m in self.writers},
+                     "from": self.spec.from_, "tool": f"tvrecipe {__version__}"}
+            if report:
+                index["report"] = report
+            text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+            (self.folder.staging / "vectors.json").write_bytes(text)
+            self.digests["vectors.json"] = hashlib.sha256(text).hexdigest()
+        source = self.spec.copy_files_from
+        if source is None and self.kind == CHECKPOINT:
+            source = base_model_of(compiled, self.res.node)
+        if source is not None:
+            src = compiled.loaded.resolve(compiled.models[source].path)
+            if src.is_dir():
+                copy_aux_files(src, self.folder.staging)
+
+
+def base_model_of(compiled: Compiled, node: str) -> str | None:
+    """The checkpoint model an output checkpoint derives from (follows apply.base)."""
+    while node in compiled.steps:
+        step = compiled.steps[node]
+        if step.op != "apply":
+            return None
+        node = step.refs["base"][0].node
+    return node if node in compiled.models else None
+
+
+def output_metadata(compiled: Compiled) -> dict[str, str]:
+    """Provenance every output file's header carries."""
+    loaded = compiled.loaded
+    return {"tvrecipe.version": __version__, "tvrecipe.recipe": loaded.path.name,
+            "tvrecipe.recipe_sha256": loaded.text_sha256}
+
+
+def nonfinite_input(where: str, tensor: str) -> InputError:
+    """The error for a NaN or Inf in an input tensor."""
+    return InputError(f"{where}: tensor {tensor!r} contains NaN or Inf; fix the checkpoint, or "
+                      "pass --allow-nonfinite to merge it anyway")
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, label: str, enabled: bool):
+    """A tqdm bar over ``total`` tensors (or row blocks), or one that shows nothing."""
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=label, unit="tensor", leave=False, dynamic_ncols=True)
