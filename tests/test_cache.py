@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,20 +151,22 @@ def test_two_concurrent_runs_agree(tmp_path):
     assert len(_entries(tmp_path)) == 1
 
 
-def test_killed_run_leaves_no_output_and_next_run_is_identical(tmp_path):
-    recipe = _make(tmp_path, rows=20000)  # big enough to be killed mid-way
-    reference = tmp_path / "ref.yaml"
-    reference.write_text(RECIPE.replace("SCALE", "1.0").replace("./out", "./ref"))
+def _kill_runs_then_finish(tmp_path: Path, recipe: Path, reference: Path, delay: float
+                           ) -> None:
+    """SIGINT, then SIGKILL, a run of ``recipe`` ``delay`` s after it starts writing; then run
+    it to the end: no partial output at any point, and the final one equals ``reference``'s
+    (run uncached)."""
     assert _cli("run", str(reference), "-q", "--no-cache").exit_code == 0
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
     for sig in (signal.SIGINT, signal.SIGKILL):
-        p = _run_proc(recipe)
+        p = _run_proc(recipe, "--force")
         # Signal once the run is writing (its staging folder exists), not while the
         # interpreter still starts: a slow import would make the test about Python instead.
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".out.tmp*")) and p.poll() is None:
             assert time.monotonic() < deadline, "the run never started writing"
             time.sleep(0.01)
-        time.sleep(0.2)
+        time.sleep(delay)
         p.send_signal(sig)
         p.communicate(timeout=60)
         if sig == signal.SIGINT and p.returncode not in (0,):
@@ -174,17 +177,32 @@ def test_killed_run_leaves_no_output_and_next_run_is_identical(tmp_path):
         # the lock is written, or at exit): never a partial output either way.
         if (tmp_path / "out").exists():
             done = load_file(str(tmp_path / "out" / "model.safetensors"))
-            ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
             assert done.keys() == ref.keys() and all(torch.equal(done[k], ref[k]) for k in ref)
-            (tmp_path / "out").rename(tmp_path / f"done-{sig}")
+            (tmp_path / "out").rename(tmp_path / f"done-{sig}-{time.monotonic_ns()}")
         else:
             assert p.returncode != 0
     assert _cli("run", str(recipe), "-q").exit_code == 0
     assert not list(tmp_path.glob(".out.tmp*"))  # the SIGKILLed run's staging folder was swept
-    got = (tmp_path / "out" / "model.safetensors")
-    want = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    got_t = load_file(str(got))
-    assert all(torch.equal(got_t[k], want[k]) for k in want)
+    got_t = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(got_t[k], ref[k]) for k in ref)
+
+
+def test_killed_run_leaves_no_output_and_next_run_is_identical(tmp_path):
+    recipe = _make(tmp_path, rows=20000)  # big enough to be killed mid-way
+    reference = tmp_path / "ref.yaml"
+    reference.write_text(RECIPE.replace("SCALE", "1.0").replace("./out", "./ref"))
+    _kill_runs_then_finish(tmp_path, recipe, reference, delay=0.2)
+
+
+def test_killed_rerun_in_numpy_leaves_no_output_either(tmp_path):
+    # After a change of the apply scale the rerun runs in numpy (exec/light.py): same rules.
+    recipe = _make(tmp_path, rows=20000)
+    assert _cli("run", str(recipe), "-q").exit_code == 0  # fills the cache
+    shutil.rmtree(tmp_path / "out")
+    recipe.write_text(RECIPE.replace("SCALE", "0.5"))
+    reference = tmp_path / "ref.yaml"
+    reference.write_text(RECIPE.replace("SCALE", "0.5").replace("./out", "./ref"))
+    _kill_runs_then_finish(tmp_path, recipe, reference, delay=0.0)  # it writes for ~50 ms
 
 
 def test_plan_marks_cached_and_computed_steps(tmp_path):
