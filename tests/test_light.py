@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import snapshot
+from tests.conftest import read_tensors, snapshot
 from tvrecipe import ops
 from tvrecipe.exec import light
 from tvrecipe.plan.tensors import rows_per_block
@@ -124,9 +124,10 @@ def spy(monkeypatch):
     (torch.bfloat16, None, None), (torch.float16, None, None), (torch.float32, None, "1KB"),
     (torch.bfloat16, "float16", "600B"), (torch.float32, "bfloat16", None),
     (torch.float16, "float32", None)])
+@pytest.mark.filterwarnings("error")  # a numpy overflow warning would fail the run
 def test_rerun_in_numpy_writes_the_bytes_of_the_torch_executor(
         cli, make_models, spy, monkeypatch, stored, out_dtype, shard):
-    ms = make_models(("math", "code"), dtype=stored, scale=0.05)
+    ms = make_models(("math", "code"), dtype=stored, scale=2.0)
     ms.weights["other"] = ms.weights["base"]
     import shutil
     shutil.copytree(ms.path("base"), ms.path("other"))
@@ -137,19 +138,24 @@ def test_rerun_in_numpy_writes_the_bytes_of_the_torch_executor(
     assert spy == []  # cold: nothing cached yet, torch computes and fills the cache
     if shard:
         assert (cli.root / "out" / "model.safetensors.index.json").is_file()
-    for scale in (0.35, -1.7):
+    # 3e38: the scaled delta overflows to ±inf in places (no warning, torch's bits)
+    for scale in (0.35, -1.7, 3e38):
         recipe = _recipe(cli, scale, dtype=out_dtype, shard=shard)
         res = cli.ok("run", recipe, "--force")
         assert "from cache: merged" in res.stdout and "on cpu" in res.stdout
+        assert res.stderr == ""
         assert len(spy) == 1
         spy.clear()
         light_out = snapshot(cli.root / "out")
+        if scale > 1e30:
+            assert torch.isinf(read_tensors(cli.root / "out")["lm_head.weight"]).any()
         cli.ok("run", recipe, "--force", "--no-cache", "-q")
         assert spy == []
         assert snapshot(cli.root / "out") == light_out  # weights, index, config, every byte
         cli.ok("verify", recipe)
 
 
+@pytest.mark.filterwarnings("error")
 def test_not_used_where_it_does_not_apply(cli, make_models, spy):
     make_models(("math", "code"), dtype=torch.bfloat16)
     import shutil
@@ -160,6 +166,7 @@ def test_not_used_where_it_does_not_apply(cli, make_models, spy):
     cli.ok("run", recipe, "--force", "--allow-nonfinite", "-q")  # entry was made without it
     assert spy == []
     cli.ok("run", _recipe(cli, 0.0), "--force", "-q")  # 0 × an infinite delta would be NaN
+    cli.ok("run", _recipe(cli, 1e39), "--force", "-q")  # no float32 scale: inf (no warning)
     assert spy == []
     cli.ok("run", _recipe(cli, 0.25), "--force", "-q")
     assert len(spy) == 1

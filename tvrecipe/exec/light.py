@@ -173,8 +173,10 @@ class _LightRun:
                 out[a.step.name] = base
                 continue
             uses[a.delta] -= 1
-            res = np.multiply(delta, a.scale, out=delta if uses[a.delta] == 0 else None)
-            res += base
+            # Overflow to ±inf is the result, as in torch: no warning on stderr.
+            with np.errstate(over="ignore"):
+                res = np.multiply(delta, a.scale, out=delta if uses[a.delta] == 0 else None)
+                res += base
             if res.size and np.isnan(res.max()):  # NaN propagates through max
                 raise _Unsupported("NaN in a result")
             out[a.step.name] = res
@@ -286,7 +288,8 @@ def _applies(compiled: Compiled, options: RunOptions) -> list[_Apply] | None:
                 or _spec.dtype not in (None, "float32", "float16", "bfloat16")):
             return None
         (base,), (delta,) = step.refs["base"], step.refs["delta"]
-        scale = np.float32(step.spec.scale)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+            scale = np.float32(step.spec.scale)
         if (base.node not in compiled.models or base.selector
                 or compiled.type_of(base.node).kind != CHECKPOINT
                 or delta.node not in compiled.steps or delta.selector
