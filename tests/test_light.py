@@ -275,3 +275,78 @@ def test_a_rerun_that_only_applies_never_imports_torch(cli, make_models):
 
     assert torch_imported() == "False"
     assert torch_imported("--no-cache") == "True"  # the torch executor, for comparison
+
+
+@pytest.mark.parametrize("other_dtype, int_dtype, runs_in_numpy", [
+    (torch.float16, torch.int64, True),    # another float dtype it reads: fine
+    (torch.float64, torch.int64, False),   # a float dtype it does not read
+    (torch.float32, torch.int32, False),   # an integer tensor torch would cast: not copied
+])
+def test_a_base_stored_unlike_the_reference_model(cli, make_models, spy, other_dtype, int_dtype,
+                                                  runs_in_numpy):
+    # The output takes the first model's dtypes; the apply's base here is another model.
+    from tests.conftest import INT_BUFFER, save_model
+    ms = make_models(("math", "code"))
+    other = {k: v.clone() for k, v in ms.weights["base"].items()}
+    other[INT_BUFFER] = other[INT_BUFFER].to(int_dtype)
+    save_model(ms.path("other"), other, other_dtype)
+    cli.ok("run", _recipe(cli, 1.0), "-q")
+    recipe = _recipe(cli, 0.5, base="other")
+    cli.ok("run", recipe, "--force", "-q")
+    assert len(spy) == int(runs_in_numpy)
+    got = snapshot(cli.root / "out")
+    cli.ok("run", recipe, "--force", "--no-cache", "-q")
+    assert snapshot(cli.root / "out") == got
+
+
+TWO = """\
+tvrecipe: 1
+models: {base: ./ckpt/base, a: ./ckpt/math, b: ./ckpt/code, x: ./ckpt/x, y: ./ckpt/y}
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b]}
+  d1: {op: sum, inputs: tv, weights: 0.5}
+  d2: {op: ties, inputs: tv, density: 0.5}
+  my: {op: apply, base: BASE_Y, delta: d1, scale: SCALE}
+  mx: {op: apply, base: BASE_X, delta: d2, scale: SCALE}
+outputs: {oy: {from: my, path: ./out/oy}, ox: {from: mx, path: ./out/ox}}
+"""
+
+
+def test_two_applies_read_and_report_in_the_torch_executors_order(cli, make_models, spy,
+                                                                     monkeypatch):
+    from tests.conftest import save_model
+    ms = make_models(("math", "code"))
+    for name in ("x", "y"):
+        save_model(ms.path(name), ms.weights["base"])
+    recipe = cli.write("r.yaml", TWO.replace("BASE_Y", "y").replace("BASE_X", "x")
+                       .replace("SCALE", "1.0"))
+    cli.ok("run", recipe, "-q")
+    recipe = cli.write("r.yaml", TWO.replace("BASE_Y", "y").replace("BASE_X", "x")
+                       .replace("SCALE", "0.5"))
+
+    def lines(res):
+        return [ln for ln in res.stdout.splitlines() if not ln.startswith("done in")]
+
+    numpy_run = cli.ok("run", recipe, "--force")
+    assert len(spy) == 1
+    got = snapshot(cli.root / "out")
+    real = light.run_light
+    monkeypatch.setattr(light, "run_light", lambda *a: None)  # the torch executor, cached
+    torch_run = cli.ok("run", recipe, "--force")
+    assert len(spy) == 1
+    assert "from cache: d2, d1" in torch_run.stdout  # the last output's delta first
+    assert lines(numpy_run) == lines(torch_run)
+    assert snapshot(cli.root / "out") == got
+    # Both bases hold a NaN in one tensor: both executors name the model met first (x, the
+    # first in the recipe's models), whichever output uses it.
+    bad = {k: v.clone() for k, v in ms.weights["base"].items()}
+    bad["lm_head.weight"][0, 0] = float("nan")
+    save_model(ms.path("x"), bad)
+    save_model(ms.path("y"), bad)
+    monkeypatch.setattr(light, "run_light", real)
+    started = spy.started
+    numpy_err = cli.fails(3, "run", recipe, "--force")
+    assert spy.started == started + 1  # the cached deltas still serve: numpy met the NaN
+    torch_err = cli.fails(3, "run", recipe, "--force", "--no-cache")
+    assert numpy_err.stderr == torch_err.stderr
+    assert "model 'x': tensor 'lm_head.weight' contains NaN or Inf" in numpy_err.stderr

@@ -109,56 +109,79 @@ class _LightRun:
         self.bytes_read = 0
 
     def lookup(self) -> bool:
-        """Find every delta in the cache; False when one is missing or unusable here."""
+        """Find every delta in the cache; False when one is missing or unusable here.
+
+        Walks from the outputs as the torch executor's lookup does (last output first), so
+        hits, and the reports they carry, come in the same order.
+        """
         cache, keys = self.options.cache, self.options.keys
-        for a in self.applies:
-            if a.delta in self.cached:
+        deltas = {a.delta for a in self.applies}
+        stack = [res.node for _spec, res in self.compiled.outputs.values()]
+        seen: set[str] = set()
+        while stack:
+            name = stack.pop()
+            step = self.compiled.steps.get(name)
+            if step is None or name in seen:
                 continue
-            hit = cache.lookup(keys[a.delta], False)
+            seen.add(name)
+            if name not in deltas:
+                stack.extend(r.node for refs in step.refs.values() for r in refs)
+                continue
+            hit = cache.lookup(keys[name], False)
             if hit is None:
                 return False
-            self.cached[a.delta] = hit
+            self.cached[name] = hit
             if set(hit[1]) != {""}:
                 return False
         return True
 
     def supported(self) -> bool:
-        """Whether every tensor has a dtype this executor handles."""
-        for handle in self.plan.models.values():
-            if handle.kind != CHECKPOINT:
-                return False
+        """Whether every tensor has dtypes this executor handles as torch would: floating
+        ones in float32/float16/bfloat16 in every base (the output takes the reference
+        model's dtype), others in the reference's own dtype (copied, not cast)."""
+        bases = [self.plan.models[b] for b in self.bases]
+        if any(handle.kind != CHECKPOINT for handle in bases):
+            return False
         for t, info in self.plan.tensors.items():
+            stored = [handle.parts[""].tensors[t].dtype for handle in bases]
             if not info.is_floating:
-                continue
-            if info.dtype not in FLOATS or any(
+                if any(dt != info.dtype for dt in stored):
+                    return False
+            elif any(dt not in FLOATS for dt in stored) or any(
                     ck.tensors.get(t) is not None and ck.tensors[t].dtype != "F32"
                     for _m, slots, _c in self.cached.values() for ck in slots.values()):
                 return False
         return True
 
+    @property
+    def bases(self) -> list[str]:
+        """The base models, in the torch executor's reading order (the plan's)."""
+        wanted = {a.base for a in self.applies}
+        return [m for m in self.plan.models if m in wanted]
+
     def read(self, tensor: str, info: TensorInfo, span: tuple[int, int] | None) -> dict:
-        """Base values (float32, checked finite) and cached deltas of one block."""
+        """Base values (float32, checked finite) and cached deltas of one block, read in the
+        torch executor's order (models, then cache entries), so the first problem met, and
+        reported, is the same."""
         got: dict[str, np.ndarray | None] = {}
-        for a in self.applies:
-            if a.base not in got:
-                ck = self.plan.models[a.base].parts[""]
-                bits = ck.get_bits(tensor, span)
-                self.bytes_read += bits.nbytes
-                if info.is_floating:
-                    bits = _widen(bits, ck.tensors[tensor].dtype)
-                    if not _finite(bits):
-                        raise nonfinite_input(f"model {a.base!r}", tensor)
-                got[a.base] = bits
-            if a.delta not in got:
-                _manifest, slots, check = self.cached[a.delta]
-                ck = slots[""]
-                entry = ck.tensors.get(tensor)
-                if entry is None or not info.is_floating:
-                    got[a.delta] = None
-                    continue
-                bits = ck.get_bits(tensor, span)
-                check("", tensor, span, entry.shape[0] if entry.shape else 1, bits)
-                got[a.delta] = bits.view(np.float32)
+        for base in self.bases:
+            ck = self.plan.models[base].parts[""]
+            bits = ck.get_bits(tensor, span)
+            self.bytes_read += bits.nbytes
+            if info.is_floating:
+                bits = _widen(bits, ck.tensors[tensor].dtype)
+                if not _finite(bits):
+                    raise nonfinite_input(f"model {base!r}", tensor)
+            got[base] = bits
+        for delta, (_manifest, slots, check) in self.cached.items():
+            ck = slots[""]
+            entry = ck.tensors.get(tensor)
+            if entry is None or not info.is_floating:
+                got[delta] = None
+                continue
+            bits = ck.get_bits(tensor, span)
+            check("", tensor, span, entry.shape[0] if entry.shape else 1, bits)
+            got[delta] = bits.view(np.float32)
         return got
 
     def compute(self, info: TensorInfo, got: dict) -> dict[str, np.ndarray]:
@@ -196,8 +219,8 @@ class _LightRun:
                 outputs[name] = Output(name, self.compiled, self.plan, self.options.force, "F32",
                                        metadata)
             written = self._stream(outputs)
-            reports = {a.delta: m["report"] for a in self.applies
-                       for m in [self.cached[a.delta][0]] if m.get("report")}
+            reports = {d: m["report"] for d, (m, _s, _c) in self.cached.items()
+                       if m.get("report")}
             for o in outputs.values():
                 o.finish(self.compiled, reports.get(o.res.node))
             paths = {name: o.folder.commit() for name, o in outputs.items()}
@@ -217,9 +240,9 @@ class _LightRun:
             for _m, slots, _c in self.cached.values():
                 for ck in slots.values():
                     ck.close()
-        hits = list(dict.fromkeys(a.delta for a in self.applies))
         return RunResult(paths, reports, "cpu", time.perf_counter() - start, self.bytes_read,
-                         written, ["merge"], hits, {n: o.digests for n, o in outputs.items()})
+                         written, ["merge"], list(self.cached),
+                         {n: o.digests for n, o in outputs.items()})
 
     def _stream(self, outputs: dict[str, Output]) -> int:
         """Read ahead on one thread, compute here, write behind on another (numpy, file IO
