@@ -32,6 +32,7 @@ from tvrecipe.exec.results import (
     Output,
     RunOptions,
     RunResult,
+    cache_hits,
     nonfinite_input,
     output_metadata,
     progress_bar,
@@ -109,31 +110,14 @@ class _LightRun:
         self.bytes_read = 0
 
     def lookup(self) -> bool:
-        """Find every delta in the cache; False when one is missing or unusable here.
-
-        Walks from the outputs as the torch executor's lookup does (last output first), so
-        hits, and the reports they carry, come in the same order.
-        """
+        """Find every delta in the cache (in the torch executor's order, so hits and their
+        reports come out alike); False when one is missing or not a single vector."""
         cache, keys = self.options.cache, self.options.keys
         deltas = {a.delta for a in self.applies}
-        stack = [res.node for _spec, res in self.compiled.outputs.values()]
-        seen: set[str] = set()
-        while stack:
-            name = stack.pop()
-            step = self.compiled.steps.get(name)
-            if step is None or name in seen:
-                continue
-            seen.add(name)
-            if name not in deltas:
-                stack.extend(r.node for refs in step.refs.values() for r in refs)
-                continue
-            hit = cache.lookup(keys[name], False)
-            if hit is None:
-                return False
-            self.cached[name] = hit
-            if set(hit[1]) != {""}:
-                return False
-        return True
+        self.cached = cache_hits(self.compiled, lambda name, _step: (
+            cache.lookup(keys[name], False) if name in deltas else None))
+        return set(self.cached) == deltas and all(set(s) == {""} for _m, s, _c in
+                                                  self.cached.values())
 
     def supported(self) -> bool:
         """Whether every tensor has dtypes this executor handles as torch would: floating

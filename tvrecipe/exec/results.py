@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tvrecipe import __version__
 from tvrecipe.errors import InputError
-from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled
+from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan
 from tvrecipe.store.cache import TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size
@@ -162,6 +163,33 @@ def base_model_of(compiled: Compiled, node: str) -> str | None:
             return None
         node = step.refs["base"][0].node
     return node if node in compiled.models else None
+
+
+def cache_hits(compiled: Compiled, lookup: Callable[[str, CompiledStep], Any]) -> dict[str, Any]:
+    """Walk up from the outputs (the last output first) and stop at the first hit on each
+    path: entries that only feed a hit are neither read nor verified.
+
+    Args:
+        lookup: ``(step name, step) -> hit or None``.
+
+    Returns:
+        Step name -> hit, in the order found (both executors read and report in this order).
+    """
+    stack = [res.node for _spec, res in compiled.outputs.values()]
+    seen: set[str] = set()
+    hits: dict[str, Any] = {}
+    while stack:
+        name = stack.pop()
+        step = compiled.steps.get(name)
+        if step is None or name in seen:
+            continue
+        seen.add(name)
+        hit = lookup(name, step)
+        if hit is None:
+            stack.extend(r.node for refs in step.refs.values() for r in refs)
+        else:
+            hits[name] = hit
+    return hits
 
 
 def output_metadata(compiled: Compiled) -> dict[str, str]:

@@ -22,6 +22,7 @@ from tvrecipe.exec.results import (
     Output,
     RunOptions,
     RunResult,
+    cache_hits,
     nonfinite_input,
     output_metadata,
     progress_bar,
@@ -333,21 +334,10 @@ class Runner:
         cache, keys = self.options.cache, self.options.keys
         if cache is None or keys is None:
             return
-        # Walk up from the outputs and stop at the first hit on each path: entries that only
-        # feed a hit are neither read nor verified.
-        stack = [res.node for _spec, res in self.compiled.outputs.values()]
-        seen: set[str] = set()
-        while stack:
-            name = stack.pop()
-            step = self.compiled.steps.get(name)
-            if step is None or name in seen:
-                continue
-            seen.add(name)
-            hit = (cache.lookup(keys[name], self.options.allow_nonfinite)
-                   if step.op in CACHE_OPS and name in keys else None)
-            if hit is None:
-                stack.extend(r.node for refs in step.refs.values() for r in refs)
-                continue
+        allow = self.options.allow_nonfinite
+        found = cache_hits(self.compiled, lambda name, step: (
+            cache.lookup(keys[name], allow) if step.op in CACHE_OPS and name in keys else None))
+        for name, hit in found.items():
             self.cached[name] = hit
             self.cache_hits.append(name)
             if hit[0].get("report"):
