@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tvrecipe.spec.models import STEP_CLASSES
+from tvrecipe.spec.registry import ops
+
+STEP_CLASSES = ops()
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = REPO / "schemas" / "recipe.schema.json"

@@ -402,6 +402,26 @@ def schema() -> None:
     click.echo(recipe_schema_json(), nl=False)
 
 
+@main.command("ops")
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True, help="The whole reference as Markdown (docs/ops.md).")
+@handle_errors
+def ops_(name: str | None, markdown: bool) -> None:
+    """List the ops a recipe can use, or show one op's fields and behaviour."""
+    from tvrecipe.errors import RecipeError
+    from tvrecipe.spec.load import did_you_mean
+    from tvrecipe.spec.reference import entry, listing, reference
+    from tvrecipe.spec.registry import ops
+    if name is None:
+        click.echo(reference() if markdown else listing(), nl=not markdown)
+        return
+    known = ops()
+    if name not in known:
+        raise RecipeError(f"unknown op {name!r}; "
+                          + (did_you_mean(name, known) or "known ops: " + ", ".join(known)))
+    click.echo(entry(known[name]), nl=False)
+
+
 @main.command("hash")
 @click.argument("path", type=click.Path())
 @handle_errors

@@ -12,6 +12,7 @@ from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
 from tvrecipe.exec.slots import is_decomposition
 from tvrecipe.plan.graph import CompiledStep, Entry, Resolved
+from tvrecipe.spec.registry import kernel
 
 Value = Any  # Tensor | None | dict[str, Tensor | None] | dict[str, dict[str, Tensor | None]]
 
@@ -60,12 +61,100 @@ def _tensors_in(value: Value) -> Iterator[torch.Tensor]:
             yield from _tensors_in(v)
 
 
+class TensorContext:
+    """What an op's ``evaluate`` sees: its inputs' values for one tensor, and helpers.
+
+    Attributes:
+        step: The compiled step.
+        tensor: The tensor's name.
+        values: Values of the models and steps computed so far, by node name.
+    """
+
+    __slots__ = ("_evaluator", "step", "tensor", "values")
+
+    def __init__(self, evaluator: StepEvaluator, step: CompiledStep, values: dict[str, Value],
+                 tensor: str):
+        self._evaluator = evaluator
+        self.step = step
+        self.tensor = tensor
+        self.values = values
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def refs(self, fld: str) -> list[Resolved]:
+        """The resolved references of a field."""
+        return self.step.refs.get(fld, [])
+
+    def node(self, fld: str) -> str:
+        """The node a single-reference field names."""
+        return self.step.refs[fld][0].node
+
+    def value(self, ref: Resolved) -> Value:
+        """The value one reference names."""
+        return select(self.values[ref.node], ref.selector)
+
+    def one(self, fld: str) -> Value:
+        """The value of a single-reference field."""
+        return self.value(self.step.refs[fld][0])
+
+    def entries(self, fld: str) -> list[Entry]:
+        """The expanded entries of a field (one per task vector)."""
+        return self.step.entries.get(fld, [])
+
+    def tensors(self, fld: str) -> list:
+        """One tensor per expanded entry of a field (None where a set has no such tensor)."""
+        return [entry_value(self.values, e) for e in self.step.entries.get(fld, [])]
+
+    @property
+    def weights(self) -> list[float] | None:
+        """The step's weights, one per entry of its ``weighted`` field."""
+        return self.step.weights
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Member names of the step's result (a set or a decomposition)."""
+        return self.step.type.members or ()
+
+    @staticmethod
+    def floating(value: Value) -> bool:
+        """True for a floating-point tensor (integer buffers are never merged)."""
+        return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def kernel(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the op's kernel."""
+        return kernel(type(self.step.spec))(*args, **kwargs)
+
+    def map(self, value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Value:
+        """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part."""
+        return map_vectors(value, fn)
+
+    def seed(self, member: str = "") -> int:
+        """The seed of a random op's generator for one member and this tensor: derived from
+        (recipe seed, step name, member, tensor name), so never from order or device."""
+        return ops.derive_seed(self._evaluator.seed, self.step.name, member, self.tensor)
+
+    def scratch(self, node: str, t: Value, others: list) -> torch.Tensor | None:
+        """``t`` when the op may write its result into it (nothing reads it later), else None.
+        ``others`` are the op's other inputs, which must match it in shape and dtype."""
+        return self._evaluator._scratch(self.values, node, t, others)
+
+    @property
+    def result(self) -> Any:
+        """The step's whole-model result (ops with ``whole_model``)."""
+        return self._evaluator.reduced[self.step.name]
+
+    @property
+    def report(self) -> dict:
+        """The step's run report, to add facts to."""
+        return self._evaluator.reports.setdefault(self.step.name, {})
+
+
 class StepEvaluator:
     """Computes one step's value for the current tensor from its inputs' values.
 
     Args:
         seed: The recipe's root seed.
-        reduced: Whole-model results by step name (cluster_basis clusterings).
+        reduced: Whole-model results by step name (ops with ``whole_model``).
         reports: Per-step report dicts that steps append facts to.
     """
 
@@ -79,7 +168,7 @@ class StepEvaluator:
     def __call__(self, step: CompiledStep, values: dict[str, Value], tensor: str) -> Value:
         self._storages = None  # storage use counts of ``values``, taken when first needed
         try:
-            return getattr(self, "_" + step.op)(step, values, tensor)
+            return step.spec.evaluate(TensorContext(self, step, values, tensor))
         except (ValueError, RuntimeError) as exc:
             if isinstance(exc, torch.cuda.OutOfMemoryError if torch.cuda.is_available()
                           else ()):
@@ -109,106 +198,3 @@ class StepEvaluator:
             self._storages = Counter((v.device, v.untyped_storage().data_ptr())
                                      for v in _tensors_in(values))
         return t if self._storages[(t.device, t.untyped_storage().data_ptr())] == 1 else None
-
-    @staticmethod
-    def _one(step: CompiledStep, values: dict[str, Value], fld: str) -> Value:
-        res: Resolved = step.refs[fld][0]
-        return select(values[res.node], res.selector)
-
-    @staticmethod
-    def _tensors(step: CompiledStep, values: dict[str, Value], fld: str) -> list:
-        return [entry_value(values, e) for e in step.entries.get(fld, [])]
-
-    def _extract(self, step, values, tensor):
-        base = self._one(step, values, "base")
-        fin = step.spec.finetuned
-        if not isinstance(base, torch.Tensor) or not base.is_floating_point():
-            return None if isinstance(fin, str) else {m: None for m in step.type.members}
-        deltas = []
-        for ref in step.refs["finetuned"]:
-            ft = select(values[ref.node], ref.selector)
-            out = self._scratch(values, ref.node, ft, [base])
-            deltas.append(ops.extract(base, ft, out=out))
-        if isinstance(fin, str):
-            return deltas[0]
-        return dict(zip(step.type.members, deltas))
-
-    def _apply(self, step, values, tensor):
-        base = self._one(step, values, "base")
-        delta = self._one(step, values, "delta")
-        if delta is None or not base.is_floating_point():
-            return base
-        out = self._scratch(values, step.refs["delta"][0].node, delta, [base])
-        if out is None:
-            out = self._scratch(values, step.refs["base"][0].node, base, [delta])
-        return ops.apply(base, delta, scale=step.spec.scale, out=out)
-
-    def _scale(self, step, values, tensor):
-        return map_vectors(self._one(step, values, "input"),
-                           lambda t, _m: ops.scale(t, factor=step.spec.factor))
-
-    def _negate(self, step, values, tensor):
-        return map_vectors(self._one(step, values, "input"), lambda t, _m: ops.negate(t))
-
-    def _dare(self, step, values, tensor):
-        s = step.spec
-        return map_vectors(self._one(step, values, "input"), lambda t, m: ops.dare(
-            t, density=s.density, rescale=s.rescale,
-            seed=ops.derive_seed(self.seed, step.name, m, tensor)))
-
-    def _prune(self, step, values, tensor):
-        s = step.spec
-        return map_vectors(self._one(step, values, "input"),
-                           lambda t, _m: ops.prune(t, density=s.density, by=s.by))
-
-    def _sum(self, step, values, tensor):
-        xs = self._tensors(step, values, "inputs")
-        if xs[0] is None:
-            return None
-        first = step.entries["inputs"][0].ref.node
-        return ops.sum(xs, weights=step.weights, out=self._scratch(values, first, xs[0], xs[1:]))
-
-    def _mean(self, step, values, tensor):
-        xs = self._tensors(step, values, "inputs")
-        return None if xs[0] is None else ops.mean(xs)
-
-    def _ties(self, step, values, tensor):
-        s = step.spec
-        xs = self._tensors(step, values, "inputs")
-        if xs[0] is None:
-            return None
-        return ops.ties(xs, density=s.density, weights=step.weights, majority=s.majority,
-                        normalize=s.normalize)
-
-    def _cluster_basis(self, step, values, tensor):
-        s = step.spec
-        clustering = self.reduced[step.name]
-        xs = self._tensors(step, values, "inputs")
-        names = [f"b{j}" for j in range(clustering.k)]
-        if xs[0] is None:
-            return {n: None for n in names}
-        options = {}
-        if s.merge == "ties":
-            options = {"density": s.density, "majority": s.majority, "normalize": s.normalize}
-        return {n: ops.merge_cluster([xs[i] for i in members], merge=s.merge, **options)
-                for n, members in zip(names, clustering.members)}
-
-    def _assign(self, step, values, tensor):
-        return self._tensors(step, values, "basis")[self.reduced[step.name]]
-
-    def _decompose(self, step, values, tensor):
-        import fnmatch
-        s = step.spec
-        targets = self._tensors(step, values, "inputs")
-        refs = self._tensors(step, values, "reference")
-        members = step.type.members
-        if targets[0] is None:
-            return {"shared": dict.fromkeys(members), "unique": dict.fromkeys(members)}
-        excluded = any(fnmatch.fnmatchcase(tensor, p) for p in s.exclude)
-        rank = s.rank if isinstance(s.rank, int) else {"energy": s.rank.energy}
-        result = ops.decompose([*targets, *refs], method=s.method, threshold=s.threshold,
-                               rank=rank, vectors_1d=s.vectors_1d, excluded=excluded)
-        n = len(targets)
-        self.reports.setdefault(step.name, {}).setdefault("tensors", {})[tensor] = result.info
-        return {"shared": dict(zip(members, result.shared[:n])),
-                "unique": dict(zip(members, result.unique[:n]))}

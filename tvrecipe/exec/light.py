@@ -37,7 +37,6 @@ from tvrecipe.exec.results import (
     output_metadata,
     progress_bar,
 )
-from tvrecipe.exec.slots import CACHE_OPS
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan, in_flight, rows_per_block
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck
@@ -291,7 +290,8 @@ def _applies(compiled: Compiled, options: RunOptions) -> list[_Apply] | None:
     applies = []
     for _spec, res in compiled.outputs.values():
         step = compiled.steps.get(res.node)
-        if (res.type.kind != CHECKPOINT or res.selector or step is None or step.op != "apply"
+        if (res.type.kind != CHECKPOINT or res.selector or step is None
+                or not step.spec.numpy_rerun
                 or _spec.dtype not in (None, "float32", "float16", "bfloat16")):
             return None
         (base,), (delta,) = step.refs["base"], step.refs["delta"]
@@ -300,7 +300,7 @@ def _applies(compiled: Compiled, options: RunOptions) -> list[_Apply] | None:
         if (base.node not in compiled.models or base.selector
                 or compiled.type_of(base.node).kind != CHECKPOINT
                 or delta.node not in compiled.steps or delta.selector
-                or compiled.steps[delta.node].op not in CACHE_OPS
+                or not compiled.steps[delta.node].spec.cached
                 or delta.type.kind != VECTOR or delta.node not in options.keys
                 or scale == 0 or not math.isfinite(scale)):
             return None

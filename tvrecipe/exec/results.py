@@ -156,12 +156,13 @@ class Output:
 
 
 def base_model_of(compiled: Compiled, node: str) -> str | None:
-    """The checkpoint model an output checkpoint derives from (follows apply.base)."""
+    """The checkpoint model an output checkpoint derives from (follows each op's ``base_field``,
+    such as ``apply``'s ``base``)."""
     while node in compiled.steps:
         step = compiled.steps[node]
-        if step.op != "apply":
+        if step.spec.base_field is None:
             return None
-        node = step.refs["base"][0].node
+        node = step.refs[step.spec.base_field][0].node
     return node if node in compiled.models else None
 
 

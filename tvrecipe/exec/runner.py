@@ -16,7 +16,7 @@ import torch
 
 from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
-from tvrecipe.exec.evaluate import StepEvaluator, select
+from tvrecipe.exec.evaluate import StepEvaluator, entry_value, select
 from tvrecipe.exec.results import (
     ST_DTYPES,
     Output,
@@ -27,23 +27,24 @@ from tvrecipe.exec.results import (
     output_metadata,
     progress_bar,
 )
-from tvrecipe.exec.slots import CACHE_OPS, from_slots, slot_names, to_slots
+from tvrecipe.exec.slots import from_slots, slot_names, to_slots
 from tvrecipe.ops.parallel import cores
-from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, compile_recipe
+from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, Entry, compile_recipe
 from tvrecipe.plan.tensors import (
     CHUNK_ELEMENTS,
-    ROWWISE_OPS,
     TensorPlan,
     build_tensor_plan,
     in_flight,
     rows_per_block,
+    rowwise,
 )
+from tvrecipe.spec.registry import kernel
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry
 from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
 from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import TensorSpec
 
-__all__ = ["RunOptions", "RunResult", "Runner", "resolve_device", "run_recipe"]
+__all__ = ["PassContext", "RunOptions", "RunResult", "Runner", "resolve_device", "run_recipe"]
 
 DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 
@@ -81,6 +82,9 @@ class Runner:
         # step -> (manifest, slot checkpoints, the check of what is read from them)
         self.cached: dict[str, tuple[dict, dict, EntryCheck]] = {}
         self.cache_hits: list[str] = []
+        # Steps whose member names are known only once they ran (or were found cached).
+        self._open_members = {n for n, s in compiled.steps.items()
+                              if s.type.kind == VECTORS and s.type.members is None}
 
     # ---- reading ---------------------------------------------------------------------------
     def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True
@@ -168,9 +172,9 @@ class Runner:
         return [s for n, s in self.compiled.steps.items() if n in needed and n not in self.cached]
 
     def _work(self, steps: list[CompiledStep]) -> Iterator[tuple[str, TensorInfo, slice | None]]:
-        rowwise = _rowwise(steps)
+        by_rows = rowwise(steps)
         for tensor, info in self.plan.tensors.items():
-            step = rows_per_block(info.shape, CHUNK_ELEMENTS) if rowwise else None
+            step = rows_per_block(info.shape, CHUNK_ELEMENTS) if by_rows else None
             if step is not None:
                 for start in range(0, info.shape[0], step):
                     yield tensor, info, slice(start, min(start + step, info.shape[0]))
@@ -196,7 +200,7 @@ class Runner:
         evaluator.exclusive = {n for n in [*models, *(s.name for s in steps)] if uses[n] == 1}
         items = list(self._work(steps))
         bar = progress_bar(len(items), label, self.options.progress)
-        heavy = not _rowwise(steps)
+        heavy = not rowwise(steps)
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
         # ahead and never waits on a slow write; whole tensors are read one ahead.
         ahead = in_flight(not heavy)
@@ -234,40 +238,9 @@ class Runner:
             return []
         return self._to_compute([r.node for refs in step.refs.values() for r in refs])
 
-    def _gram(self, step: CompiledStep, entries: list) -> torch.Tensor:
-        """One streaming pass accumulating the Gram matrix of ``entries`` over the whole model."""
-        from tvrecipe.exec.evaluate import entry_value
-        gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
-        want = sorted({e.ref.node for e in entries})
-        with closing(self._stream(self._upstream(step.name), want,
-                                  f"similarity ({step.name})")) as stream:
-            for _tensor, info, values in stream:
-                if info.is_floating:
-                    ops.gram_update(gram, [entry_value(values, e) for e in entries])
-        return gram
-
-    def _cluster_pass(self, step: CompiledStep) -> None:
-        entries = step.entries["inputs"]
-        s = step.spec
-        similarity = ops.cosine_from_gram(self._gram(step, entries))
-        clustering = ops.cluster(similarity, k=s.k, k_max=s.k_max, seed=self.seed)
-        self.reduced[step.name] = clustering
-        names = [e.name for e in entries]
-        report = clustering.to_dict()
-        report["tasks"] = names
-        report["similarity"] = similarity.tolist()
-        report["basis"] = {f"b{j}": [names[i] for i in members]
-                           for j, members in enumerate(clustering.members)}
-        self.reports.setdefault(step.name, {}).update(report)
-
-    def _assign_pass(self, step: CompiledStep) -> None:
-        basis = step.entries["basis"]
-        similarity = ops.cosine_from_gram(self._gram(step, [*step.entries["input"], *basis]))
-        row = similarity[0, 1:].tolist()
-        chosen = ops.assign(row)
-        self.reduced[step.name] = chosen
-        self.reports[step.name] = {"assigned": basis[chosen].name,
-                                   "cosine": {e.name: c for e, c in zip(basis, row)}}
+    def _whole_model_pass(self, step: CompiledStep) -> None:
+        """Run a ``whole_model`` op's pass and keep its result for the per-tensor work."""
+        self.reduced[step.name] = step.spec.whole_model_pass(PassContext(self, step))
 
     # ---- inspection ------------------------------------------------------------------------
     def inspect(self, node: str) -> dict[str, Any]:
@@ -285,16 +258,15 @@ class Runner:
                               + ", ".join([*self.compiled.models, *self.compiled.steps]))
         kind = self.compiled.type_of(node).kind
         step = self.compiled.steps.get(node)
-        if step is not None and step.op == "cluster_basis":
+        if step is not None and step.spec.whole_model and kind in (VECTORS, "decomposition"):
             self.plan = build_tensor_plan(self.compiled)
             try:
-                self._cluster_pass(step)
+                self._whole_model_pass(step)
             finally:
                 self.plan.close()
-            rep = self.reports[node]
-            return {"kind": "clusters", "members": rep["tasks"], "cosine": rep["similarity"],
-                    "labels": rep["labels"], "basis": rep["basis"],
-                    "eigenvalues": rep["eigenvalues"]}
+            shown = step.spec.inspection(self.reports.get(node, {}))
+            if shown is not None:
+                return shown
         if kind not in (VECTORS, "decomposition"):
             raise RecipeError(f"{node!r} is a {kind}: inspect shows a vectors set (cosine "
                               "similarities) or a decompose step (ranks and shared dimensions)")
@@ -321,12 +293,15 @@ class Runner:
 
     # ---- cache -----------------------------------------------------------------------------
     def _recompile(self) -> None:
-        """Compile again once ``k: auto`` clusterings have named their basis vectors."""
-        known = {n: tuple(f"b{j}" for j in range(c.k)) for n, c in self.reduced.items()
-                 if self.compiled.steps[n].op == "cluster_basis"}
+        """Compile again once whole-model passes (or cache entries) have named the members
+        of sets the compiler could not know (``cluster_basis`` with ``k: auto``)."""
+        known = {}
+        for n, result in self.reduced.items():
+            members = self.compiled.steps[n].spec.members_from(result)
+            if members is not None:
+                known[n] = members
         known.update({n: tuple(m["members"]) for n, (m, *_) in self.cached.items()
-                      if m.get("members") is not None
-                      and self.compiled.steps[n].op == "cluster_basis"})
+                      if m.get("members") is not None and n in self._open_members})
         self.compiled = compile_recipe(self.compiled.loaded, known_members=known,
                                        targets=self.compiled.targets)
 
@@ -336,13 +311,13 @@ class Runner:
             return
         allow = self.options.allow_nonfinite
         found = cache_hits(self.compiled, lambda name, step: (
-            cache.lookup(keys[name], allow) if step.op in CACHE_OPS and name in keys else None))
+            cache.lookup(keys[name], allow) if step.spec.cached and name in keys else None))
         for name, hit in found.items():
             self.cached[name] = hit
             self.cache_hits.append(name)
             if hit[0].get("report"):
                 self.reports[name] = hit[0]["report"]
-        if any(self.compiled.steps[n].op == "cluster_basis" for n in self.cached):
+        if any(n in self._open_members for n in self.cached):
             self._recompile()
 
     def _start_cache_entries(self, steps: list[CompiledStep],
@@ -354,7 +329,7 @@ class Runner:
                  for t in self.plan.floating]
         entries = {}
         for step in steps:
-            if step.op in CACHE_OPS and step.name in keys:
+            if step.spec.cached and step.name in keys:
                 slots = slot_names(step.type.kind, step.type.members)
                 entries[step.name] = cache.pending(
                     keys[step.name], dict.fromkeys(slots, specs),
@@ -379,7 +354,7 @@ class Runner:
             return n
 
         written = 0
-        behind = in_flight(_rowwise(steps))
+        behind = in_flight(rowwise(steps))
         jobs: deque = deque()
         with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool,
               closing(self._stream(steps, want, "merge")) as stream):
@@ -419,13 +394,11 @@ class Runner:
                 targets = [res.node for _spec, res in self.compiled.outputs.values()]
                 if name not in {s.name for s in self._to_compute(targets)}:
                     continue  # cached, or only feeds cached steps
-                if step.op == "assign" and name not in self.reduced:
-                    self._assign_pass(step)
+                if step.spec.whole_model and name not in self.reduced:
+                    self._whole_model_pass(self.compiled.steps[name])
                     passes.append(f"similarity:{name}")
-                if step.op == "cluster_basis" and name not in self.reduced:
-                    self._cluster_pass(self.compiled.steps[name])
-                    passes.append(f"similarity:{name}")
-                    self._recompile()
+                    if name in self._open_members:
+                        self._recompile()
             metadata = output_metadata(self.compiled)
             for name in self.compiled.outputs:
                 outputs[name] = Output(name, self.compiled, self.plan, self.options.force,
@@ -460,9 +433,45 @@ class Runner:
                          self.cache_hits, {n: o.digests for n, o in outputs.items()})
 
 
-def _rowwise(steps: list[CompiledStep]) -> bool:
-    """True when every step is row-wise: the stream goes in row blocks of bounded size."""
-    return all(s.op in ROWWISE_OPS for s in steps)
+class PassContext:
+    """What an op's ``whole_model_pass`` sees: streaming helpers over the whole model.
+
+    Attributes:
+        step: The compiled step.
+        root_seed: The recipe's seed.
+        report: The step's run report, to add facts to.
+    """
+
+    def __init__(self, runner: Runner, step: CompiledStep):
+        self._runner = runner
+        self.step = step
+        self.root_seed = runner.seed
+        self.report = runner.reports.setdefault(step.name, {})
+
+    def entries(self, fld: str) -> list[Entry]:
+        """The expanded entries of a field (one per task vector)."""
+        return self.step.entries.get(fld, [])
+
+    def kernel(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the op's kernel."""
+        return kernel(type(self.step.spec))(*args, **kwargs)
+
+    def accumulate(self, entries: list[Entry], fn: Any, label: str = "similarity") -> None:
+        """One streaming pass over every floating tensor: ``fn(tensors)`` with the tensors of
+        ``entries`` for that tensor name (computing whatever upstream steps they need)."""
+        runner = self._runner
+        want = sorted({e.ref.node for e in entries})
+        with closing(runner._stream(runner._upstream(self.step.name), want,
+                                    f"{label} ({self.step.name})")) as stream:
+            for _tensor, info, values in stream:
+                if info.is_floating:
+                    fn([entry_value(values, e) for e in entries])
+
+    def gram(self, entries: list[Entry]) -> torch.Tensor:
+        """The Gram matrix (float64) of ``entries`` over the whole model, in one pass."""
+        gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
+        self.accumulate(entries, lambda xs: ops.gram_update(gram, xs))
+        return gram
 
 
 def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResult:

@@ -6,11 +6,6 @@ from typing import Any
 
 from tvrecipe.plan.graph import DECOMPOSITION, VECTOR, VECTORS
 
-# Ops worth caching: their results cost more to recompute than to read back. extract and
-# apply are reads plus one subtraction or addition; scale and negate are one multiply.
-CACHE_OPS = frozenset({"sum", "mean", "ties", "dare", "prune", "cluster_basis", "assign",
-                       "decompose"})
-
 
 def is_decomposition(value: Any) -> bool:
     """True for a decomposition's per-tensor value: ``{"shared": {...}, "unique": {...}}``."""

@@ -10,35 +10,15 @@ from typing import Any
 import networkx as nx
 
 from tvrecipe.errors import Problem, RecipeError
+from tvrecipe.spec.kinds import CHECKPOINT, DECOMPOSITION, VECTOR, VECTORS, ValueType
 from tvrecipe.spec.load import LoadedRecipe, did_you_mean, load_recipe
-from tvrecipe.spec.models import ModelSpec, OutputSpec
+from tvrecipe.spec.models import ModelSpec, OutputSpec, StepSpec
+from tvrecipe.spec.registry import ops
 
-CHECKPOINT, VECTOR, VECTORS, DECOMPOSITION = "checkpoint", "vector", "vectors", "decomposition"
+__all__ = ["CHECKPOINT", "DECOMPOSITION", "VECTOR", "VECTORS", "Compiled", "CompiledStep",
+           "Entry", "Resolved", "TypeContext", "ValueType", "compile_recipe", "load_and_compile"]
+
 VECTORS_INDEX = "vectors.json"
-
-# What each op accepts in each reference field.
-_ACCEPTS: dict[str, dict[str, set[str]]] = {
-    "extract": {"base": {CHECKPOINT}, "finetuned": {CHECKPOINT}},
-    "apply": {"base": {CHECKPOINT}, "delta": {VECTOR}},
-    "scale": {"input": {VECTOR, VECTORS, DECOMPOSITION}},
-    "negate": {"input": {VECTOR, VECTORS, DECOMPOSITION}},
-    "dare": {"input": {VECTOR, VECTORS}},
-    "prune": {"input": {VECTOR, VECTORS}},
-    "sum": {"inputs": {VECTOR, VECTORS, DECOMPOSITION}},
-    "mean": {"inputs": {VECTOR, VECTORS, DECOMPOSITION}},
-    "ties": {"inputs": {VECTOR, VECTORS}},
-    "cluster_basis": {"inputs": {VECTOR, VECTORS}},
-    "assign": {"input": {VECTOR}, "basis": {VECTORS}},
-    "decompose": {"inputs": {VECTOR, VECTORS}, "reference": {VECTOR, VECTORS}},
-}
-
-
-@dataclass(frozen=True)
-class ValueType:
-    """The kind of a value, and its member names when it is a set (None: known only at run time)."""
-
-    kind: str
-    members: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,11 +48,36 @@ class CompiledStep:
 
     name: str
     op: str
-    spec: Any
+    spec: StepSpec
     refs: dict[str, list[Resolved]]
     entries: dict[str, list[Entry]]
     type: ValueType
     weights: list[float] | None = None
+
+
+@dataclass
+class TypeContext:
+    """What an op's ``output_type`` sees at compile time.
+
+    Attributes:
+        name: The step's name.
+        refs: Its resolved references by field.
+        known: Member names learnt at run time for this step (``k: auto``), or None.
+    """
+
+    name: str
+    refs: dict[str, list[Resolved]]
+    _entries: dict[str, list[Entry] | None]
+    _problem: Any
+    known: tuple[str, ...] | None = None
+
+    def entries(self, fld: str) -> list[Entry] | None:
+        """The expanded entries of a field; None when a set's members are not known yet."""
+        return self._entries.get(fld)
+
+    def problem(self, fld: str, message: str, hint: str | None = None) -> None:
+        """Report a problem located at one of the step's fields."""
+        self._problem(("steps", self.name, fld), message, hint)
 
 
 @dataclass
@@ -91,6 +96,11 @@ class Compiled:
     def type_of(self, node: str) -> ValueType:
         """The value type of a model or step."""
         return self.model_types[node] if node in self.model_types else self.steps[node].type
+
+
+def _first_op(test: Any) -> type[StepSpec] | None:
+    """The first registered op that passes ``test`` (for hints that name a fitting op)."""
+    return next((c for c in ops().values() if test(c)), None)
 
 
 def _model_type(loaded: LoadedRecipe, spec: ModelSpec) -> ValueType:
@@ -149,17 +159,28 @@ class _Compiler:
                 return None
         return Resolved(text, head, tuple(rest), vt)
 
-    def check_kind(self, step: str, op: str, fld: str, res: Resolved, where: tuple) -> bool:
-        allowed = _ACCEPTS[op][fld]
+    def check_kind(self, step: str, spec: StepSpec, fld: str, res: Resolved, where: tuple
+                   ) -> bool:
+        allowed = spec.accepts[fld]
+        op = spec.op
         if res.type.kind in allowed:
             return True
         hint = None
         if res.type.kind == VECTORS and VECTOR in allowed:
-            hint = f"combine the set first, e.g. {{op: sum, inputs: {res.text}}}, or pick a member"
+            combine = _first_op(lambda c: c.returns == VECTOR
+                                and any(VECTORS in k for k in c.accepts.values()))
+            if combine is not None:
+                takes = next(f for f, k in combine.accepts.items() if VECTORS in k)
+                hint = (f"combine the set first, e.g. {{op: {combine.op_name()}, {takes}: "
+                        f"{res.text}}}, or pick a member")
         elif res.type.kind == DECOMPOSITION:
             hint = f"use {res.text}.shared or {res.text}.unique"
         elif res.type.kind == CHECKPOINT:
-            hint = "extract a task vector first: {op: extract, base: ..., finetuned: ...}"
+            make = _first_op(lambda c: c.returns != CHECKPOINT and c.accepts
+                             and all(k == {CHECKPOINT} for k in c.accepts.values()))
+            if make is not None:
+                fields = ", ".join(f"{f}: ..." for f in make.accepts)
+                hint = f"{make.op_name()} a task vector first: {{op: {make.op_name()}, {fields}}}"
         self.problem(where, f"step {step!r} ({op}) wants {' or '.join(sorted(allowed))} in "
                             f"'{fld}', but {res.text!r} is a {res.type.kind}", hint)
         return False
@@ -180,48 +201,6 @@ class _Compiler:
                     entries += [Entry(r, m, part, f"{part}.{m}", i) for m in r.type.members]
         return entries
 
-    def output_type(self, name: str, step: Any, refs: dict[str, list[Resolved]],
-                    entries: dict[str, list[Entry] | None]) -> ValueType | None:
-        op = step.op
-        if op == "extract":
-            fin = step.finetuned
-            if isinstance(fin, str):
-                return ValueType(VECTOR)
-            names = list(fin) if isinstance(fin, dict) else [r.split(".")[-1] for r in fin]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                self.problem(("steps", name, "finetuned"),
-                             f"member name(s) {', '.join(dupes)} used twice",
-                             "give explicit names with a mapping: finetuned: {a: m1, b: m2}")
-            return ValueType(VECTORS, tuple(names))
-        if op == "apply":
-            return ValueType(CHECKPOINT)
-        if op in ("scale", "negate", "dare", "prune"):
-            return refs["input"][0].type
-        if op in ("sum", "mean", "ties", "assign"):
-            return ValueType(VECTOR)
-        if op == "cluster_basis":
-            ents = entries["inputs"]
-            if isinstance(step.k, int):
-                if ents is not None and step.k > len(ents):
-                    self.problem(("steps", name, "k"),
-                                 f"k = {step.k} but only {len(ents)} task vectors are given",
-                                 f"use k between 1 and {len(ents)}, or k: auto")
-                    return ValueType(VECTORS, None)
-                return ValueType(VECTORS, tuple(f"b{i}" for i in range(step.k)))
-            return ValueType(VECTORS, self.known.get(name))
-        if op == "decompose":
-            ents = entries["inputs"]
-            ref_ents = entries.get("reference") or []
-            if ents is not None and len(ents) + len(ref_ents) < 2:
-                self.problem(("steps", name, "inputs"),
-                             f"decompose needs at least 2 task vectors, got {len(ents)}",
-                             "a shared part only exists between tasks: add inputs or a "
-                             "'reference' set")
-            members = None if ents is None else tuple(e.name for e in ents)
-            return ValueType(DECOMPOSITION, members)
-        raise AssertionError(op)  # pragma: no cover
-
     def weights(self, name: str, step: Any, entries: list[Entry]) -> list[float] | None:
         w = getattr(step, "weights", None)
         where = ("steps", name, "weights")
@@ -230,11 +209,12 @@ class _Compiler:
         if isinstance(w, (int, float)):
             return [float(w)] * len(entries)
         if isinstance(w, list):
-            n_refs = len(step.inputs) if isinstance(step.inputs, list) else 1
+            listed = getattr(step, step.weighted)
+            n_refs = len(listed) if isinstance(listed, list) else 1
             if len(w) != n_refs:
                 self.problem(where, f"{len(w)} weights for {n_refs} inputs",
-                             "give one weight per entry of 'inputs' (a weight for a set applies "
-                             "to each member), a mapping, or one number")
+                             f"give one weight per entry of '{step.weighted}' (a weight for a set "
+                             "applies to each member), a mapping, or one number")
                 return None
             return [float(w[e.field_index]) for e in entries]
         names = [e.name for e in entries]
@@ -287,7 +267,7 @@ class _Compiler:
             for path, text in step.references():
                 where = ("steps", name, *path)
                 res = self.resolve(text, where)
-                if res is None or not self.check_kind(name, step.op, path[0], res, where):
+                if res is None or not self.check_kind(name, step, path[0], res, where):
                     ok = False
                     continue
                 refs.setdefault(path[0], []).append(res)
@@ -295,11 +275,12 @@ class _Compiler:
                 self.types[name] = None
                 continue
             entries = {f: self.expand(rs) for f, rs in refs.items()}
-            vt = self.output_type(name, step, refs, entries)
+            vt = step.output_type(TypeContext(name, refs, entries, self.problem,
+                                              self.known.get(name)))
             self.types[name] = vt
             weights = None
-            if step.op in ("sum", "ties") and entries.get("inputs") is not None:
-                weights = self.weights(name, step, entries["inputs"])
+            if step.weighted and entries.get(step.weighted) is not None:
+                weights = self.weights(name, step, entries[step.weighted])
             steps[name] = CompiledStep(name, step.op, step, refs,
                                        {k: v for k, v in entries.items() if v is not None},
                                        vt, weights)

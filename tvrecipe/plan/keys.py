@@ -8,20 +8,15 @@ from typing import Any
 
 from tvrecipe.plan.graph import Compiled
 
-# Bump an op's version when its kernel's output for the same inputs changes.
-# dare 2: every zero of the result is +0.0 (a kept -0.0 input was -0.0 in version 1).
-# apply 2: θ₀ + (s·τ) rounded twice; version 1 fused the multiply-add (differs in the last bit).
-OP_VERSIONS: dict[str, int] = {"dare": 2, "apply": 2}
-
 
 def canonical(obj: Any) -> str:
     """Canonical JSON: sorted keys, no spaces, no NaN."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def node_key(op: str, payload: Any) -> str:
-    """``{op}-{sha256(canonical JSON)[:16]}``."""
-    body = canonical({"op": op, "version": OP_VERSIONS.get(op, 1), **payload})
+def node_key(op: str, version: int, payload: Any) -> str:
+    """``{op}-{sha256(canonical JSON)[:16]}`` over the op, its version and ``payload``."""
+    body = canonical({"op": op, "version": version, **payload})
     return f"{op}-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 
 
@@ -39,8 +34,8 @@ def step_keys(compiled: Compiled, model_digests: dict[str, str]) -> dict[str, st
                   for fld, refs in step.refs.items()}
         payload = {"params": step.spec.params(), "inputs": inputs,
                    "weights": step.weights, "compute_dtype": settings.compute_dtype}
-        if step.op in ("dare", "cluster_basis"):
+        if step.spec.seeded:
             payload["seed"] = settings.seed
-            payload["step"] = name  # DARE masks derive from the step name (methods.md)
-        keys[name] = node_key(step.op, payload)
+            payload["step"] = name  # random masks derive from the step name (methods.md)
+        keys[name] = node_key(step.op, step.spec.version, payload)
     return keys

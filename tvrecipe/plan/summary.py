@@ -6,11 +6,11 @@ import math
 
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled
 from tvrecipe.plan.tensors import (
-    ROWWISE_OPS,
     TensorPlan,
     build_tensor_plan,
     in_flight,
     rows_per_block,
+    rowwise,
 )
 from tvrecipe.store.checkpoint import dtype_size
 
@@ -29,16 +29,16 @@ def human(n: float) -> str:
 def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
     """Estimated peak working memory and the size of each output, from headers only."""
     cbytes = _BYTES[compiled.loaded.recipe.settings.compute_dtype]
-    rowwise = all(s.op in ROWWISE_OPS for s in compiled.steps.values())
+    by_rows = rowwise(compiled.steps.values())
     unit = 0  # elements of the largest block held of one value
     for t in plan.tensors.values():
-        rows = rows_per_block(t.shape) if rowwise else None
+        rows = rows_per_block(t.shape) if by_rows else None
         numel = math.prod(t.shape)
         unit = max(unit, numel if rows is None else rows * (numel // t.shape[0]))
     inputs = sum(len(m.parts) for m in plan.models.values())
     values = sum(max(1, len(s.type.members or ())) for s in compiled.steps.values())
     written = sum(max(1, len(res.type.members or ())) for _spec, res in compiled.outputs.values())
-    ahead = in_flight(rowwise)
+    ahead = in_flight(by_rows)
     # Blocks read ahead plus the current one, every step's value, and output values waiting
     # to be written behind the compute.
     live = (ahead + 1) * inputs + values + ahead * written
@@ -79,7 +79,7 @@ def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
         kind = step.type.kind
         members = step.type.members
         what = f"{kind}[{', '.join(members)}]" if members else kind
-        reduce = "  (whole-model pass)" if step.op == "cluster_basis" else ""
+        reduce = "  (whole-model pass)" if step.spec.whole_model else ""
         ins = ", ".join(r.text for refs in step.refs.values() for r in refs)
         mark = f"{'[' + status[name] + ']':<10}" if status else ""
         lines.append(f"  {i:>2}. {mark}{name:<14} {step.op:<13} {ins} -> {what}{reduce}")
@@ -116,10 +116,12 @@ def _io_estimate(compiled: Compiled, plan: TensorPlan, status: dict[str, str],
     reused = sum(floating * cbytes * max(1, len(compiled.steps[n].type.members or ()))
                  for n, st in status.items() if st == "cached")
     written = sum(v for k, v in est.items() if k.startswith("output:"))
-    computed = sum(1 for st in status.values() if st == "compute")
-    return (f"a run computes {computed} of {len(status)} steps; reads ~{human(read)} of inputs "
-            f"and ~{human(reused)} of cached results; writes ~{human(written)} of outputs "
-            "(plus cache entries for computed sum/ties/dare/prune/decompose/cluster steps)")
+    computed = [n for n, st in status.items() if st == "compute"]
+    entries = [n for n in computed if compiled.steps[n].spec.cached]
+    extra = f" (plus cache entries of {', '.join(entries)})" if entries else ""
+    return (f"a run computes {len(computed)} of {len(status)} steps; reads ~{human(read)} of "
+            f"inputs and ~{human(reused)} of cached results; writes ~{human(written)} of "
+            f"outputs{extra}")
 
 
 def _edges(compiled: Compiled):

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tvrecipe.errors import InputError
-from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled
+from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep
+from tvrecipe.spec.models import ROWWISE
 from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.hashing import checkpoint_digest
 
 MAX_LISTED = 12
-# Ops whose result for a row range depends only on the same rows of their inputs: a large tensor
-# is processed in row blocks through them, which bounds peak memory by a few blocks.
-ROWWISE_OPS = frozenset({"extract", "scale", "negate", "sum", "mean", "apply"})
 # Row blocks of about 1 Mi elements (4 MiB in float32): the blocks of one tensor across a few
 # inputs stay in the last-level cache between the steps that use them. Task arithmetic of 8
 # fine-tunes (220M parameters, 2-core benchmark machine) ran 1.9-2.2 s with these blocks and
@@ -23,6 +22,12 @@ CHUNK_ELEMENTS = 1 << 20
 # Row blocks in flight on each side of the compute of a row-wise stream: read ahead, written
 # behind (whole-tensor streams keep one on each side).
 READ_AHEAD = 3
+
+
+def rowwise(steps: Iterable[CompiledStep]) -> bool:
+    """True when every step is row-wise (its result for a row range depends only on the same
+    rows of its inputs): the stream then goes in row blocks of bounded size."""
+    return all(s.spec.execution == ROWWISE for s in steps)
 
 
 def in_flight(rowwise: bool) -> int:

@@ -12,14 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tvrecipe.errors import Problem, RecipeError
-from tvrecipe.spec.models import (
-    NAME_PATTERN,
-    STEP_CLASSES,
-    ModelSpec,
-    OutputSpec,
-    Recipe,
-    Settings,
-)
+from tvrecipe.spec.models import NAME_PATTERN, ModelSpec, OutputSpec, Recipe, Settings
+from tvrecipe.spec.registry import ops, recipe_model
 from tvrecipe.spec.yamlsource import KeyPath, SourceMap, load_yaml
 
 SUPPORTED_VERSIONS = (1,)
@@ -176,15 +170,16 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
                                          "e.g. {op: sum, inputs: [a, b]}"))
             continue
         op = spec.get("op")
+        known = ops()
         if op is None:
             problems.append(smap.problem(where, "step has no 'op'",
-                                         "one of: " + ", ".join(STEP_CLASSES)))
-        elif not isinstance(op, str) or op not in STEP_CLASSES:
+                                         "one of: " + ", ".join(known)))
+        elif not isinstance(op, str) or op not in known:
             problems.append(smap.problem(
                 (*where, "op"), f"unknown op {op!r}",
-                did_you_mean(op, STEP_CLASSES) or "known ops: " + ", ".join(STEP_CLASSES)))
+                did_you_mean(op, known) or "known ops: " + ", ".join(known)))
         else:
-            ok = _validate(STEP_CLASSES[op], spec, where, smap, problems)
+            ok = _validate(known[op], spec, where, smap, problems)
             if ok is not None:
                 valid["steps"][name] = ok
                 continue
@@ -203,7 +198,7 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
             frozenset(valid["broken"]))
         return None
     try:
-        return Recipe.model_validate(data)
+        return recipe_model().model_validate(data)
     except ValidationError as exc:  # pragma: no cover - the sections above catch everything
         problems.extend(_convert(exc, (), Recipe, smap))
         return None

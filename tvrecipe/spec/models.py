@@ -1,9 +1,9 @@
-"""The recipe language as Pydantic models: one frozen class per op, joined in one discriminated union."""
+"""The recipe language as Pydantic models: settings, models, outputs, and the base of every op."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -13,6 +13,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from tvrecipe.spec.kinds import ValueType
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 REF_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$"
@@ -31,11 +33,11 @@ RefList = Annotated[
 Density = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
-class _Frozen(BaseModel):
+class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class Settings(_Frozen):
+class Settings(Frozen):
     """Run-wide settings."""
 
     device: str = Field(
@@ -46,7 +48,7 @@ class Settings(_Frozen):
     seed: int = Field(0, ge=0, description="Root seed; every random op derives its own from it.")
 
 
-class ModelSpec(_Frozen):
+class ModelSpec(Frozen):
     """A named input: a checkpoint, or task vectors saved by an earlier run."""
 
     path: str = Field(description="A folder (Hugging Face layout, sharded or not) or one "
@@ -77,11 +79,80 @@ ModelEntry = Annotated[
 _SIZE_RE = r"^\s*(\d+(\.\d*)?|\.\d+)\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 
 
-class _Step(_Frozen):
+# A ``weights`` field: one scalar, one per entry of the weighted list, or a mapping by member.
+WeightsValue = float | list[float] | dict[str, float] | None
+
+# How an op's per-tensor work is streamed: ``rowwise`` ops compute a row range of a tensor from
+# the same rows of their inputs (large tensors go through in row blocks of bounded size);
+# ``tensor`` ops need whole tensors.
+ROWWISE, TENSORWISE = "rowwise", "tensor"
+# ``returns`` of an op that gives the kind of its one input (scale: vector -> vector, ...).
+SAME_AS_INPUT = "same as input"
+
+
+class StepSpec(Frozen):
+    """The base of every op: its YAML fields, and what the engine needs to know to run it.
+
+    An op is one subclass, registered with :func:`tvrecipe.spec.registry.register`: the
+    pydantic fields are the YAML fields (``op`` a literal of the op's name), the class
+    attributes below declare how the engine handles it, and the methods compute its result.
+    The engine (compile, plan, evaluate, cache, lock, report) reads only these.
+
+    Class attributes:
+        accepts: Reference field -> the kinds of value it takes.
+        returns: The kind of the result, or ``SAME_AS_INPUT``; :meth:`output_type` follows it
+            unless the op overrides that.
+        cached: Whether results are kept in the content-addressed cache (worth it when
+            recomputing costs more than reading back).
+        execution: ``ROWWISE`` or ``TENSORWISE`` (see above).
+        whole_model: The op needs a whole-model pass (:meth:`whole_model_pass`) before its
+            per-tensor work (``cluster_basis``'s similarity matrix).
+        version: Part of every cache key; bump when the kernel's output for the same inputs
+            changes.
+        seeded: The op is random (or seeds a clustering): its key includes the recipe's seed
+            and the step's name, from which its generators derive.
+        weighted: The list field whose entries the ``weights`` field weighs, or None.
+        base_field: For an op that makes a checkpoint, the reference field naming the
+            checkpoint it derives from (non-weight files are copied from there).
+        numpy_rerun: The op computes ``base + scale·delta`` with the fields of those names,
+            rounded twice, so that a rerun over a cached delta may run in numpy (exec.light).
+        kernel: ``module:function`` of the main kernel, for the reference docs.
+        example: One YAML line using the op, for the reference docs and error hints.
+    """
+
+    accepts: ClassVar[dict[str, frozenset[str]]] = {}
+    returns: ClassVar[str] = SAME_AS_INPUT
+    cached: ClassVar[bool] = False
+    execution: ClassVar[str] = TENSORWISE
+    whole_model: ClassVar[bool] = False
+    version: ClassVar[int] = 1
+    seeded: ClassVar[bool] = False
+    weighted: ClassVar[str | None] = None
+    base_field: ClassVar[str | None] = None
+    numpy_rerun: ClassVar[bool] = False
+    kernel: ClassVar[str] = ""
+    example: ClassVar[str] = ""
+
+    @classmethod
+    def op_name(cls) -> str:
+        """The op's name: the value of its ``op`` literal."""
+        (name,) = get_args(cls.model_fields["op"].annotation)
+        return name
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the op's docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @property
+    def ref_fields(self) -> tuple[str, ...]:
+        """The fields that hold references, in declaration order."""
+        return tuple(self.accepts)
+
     def references(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Every reference this step makes, with the field path it sits at."""
         refs: list[tuple[tuple[str | int, ...], str]] = []
-        for field_name in self.ref_fields:
+        for field_name in self.accepts:
             value = getattr(self, field_name)
             if value is None:
                 continue
@@ -93,184 +164,55 @@ class _Step(_Frozen):
                 refs.extend(((field_name, k), v) for k, v in value.items())
         return refs
 
-    ref_fields: ClassVar[tuple[str, ...]] = ()
-
     def params(self) -> dict[str, Any]:
         """The op's parameters (every field that is not a reference), for cache keys and kernels."""
-        skip = {"op", *self.ref_fields}
+        skip = {"op", *self.accepts}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
+    # ---- behaviour: the engine calls these ------------------------------------------------
+    def output_type(self, ctx: Any) -> ValueType:
+        """The type of the result (compile time), from the inputs' types in ``ctx``.
 
-class ExtractStep(_Step):
-    """Task vectors: fine-tuned weights minus base weights."""
+        Args:
+            ctx: A :class:`tvrecipe.plan.graph.TypeContext`: the step's resolved references
+                and expanded entries, and ``problem()`` to report a located error.
+        """
+        if self.returns == SAME_AS_INPUT:
+            field = next(iter(self.accepts))
+            return ctx.refs[field][0].type
+        return ValueType(self.returns)
 
-    op: Literal["extract"] = Field(description="The operation: `extract`.")
-    base: Ref = Field(description="The pre-trained checkpoint.")
-    finetuned: (Ref | Annotated[list[Ref], Field(min_length=1)]
-                | Annotated[dict[Name, Ref], Field(min_length=1)]) = Field(
-        description="One checkpoint (gives a `vector`), a list (a `vectors` set named after the "
-                    "models) or a mapping `{member: model}` (a set with those member names).")
-    ref_fields: ClassVar[tuple[str, ...]] = ("base", "finetuned")
+    def evaluate(self, ctx: Any) -> Any:
+        """The result for one tensor (or one row block of it, for ``ROWWISE`` ops).
 
+        Args:
+            ctx: A :class:`tvrecipe.exec.evaluate.TensorContext`: the inputs' values for this
+                tensor and helpers (seeds, in-place buffers, the whole-model result).
+        """
+        raise NotImplementedError(f"op {self.op_name()!r} has no evaluate()")
 
-class ScaleStep(_Step):
-    """Multiply task vector(s) by a factor."""
+    def whole_model_pass(self, ctx: Any) -> Any:
+        """The whole-model result (``whole_model`` ops): computed once, before the per-tensor
+        work, with the streaming helpers of ``ctx`` (a :class:`tvrecipe.exec.runner.PassContext`).
+        Facts for the run report go into ``ctx.report``."""
+        raise NotImplementedError(f"op {self.op_name()!r} has no whole-model pass")
 
-    op: Literal["scale"] = Field(description="The operation: `scale`.")
-    input: Ref = Field(description="A vector, vectors or decomposition.")
-    factor: float = Field(description="The factor c in c·τ.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("input",)
+    def members_from(self, result: Any) -> tuple[str, ...] | None:
+        """Member names learnt from the whole-model result, when the compiler could not know
+        them (``cluster_basis`` with ``k: auto``); None otherwise."""
+        return None
 
+    def render_report(self, name: str, report: dict) -> str | None:
+        """A short text of the step's run report for the terminal, or None."""
+        return None
 
-class NegateStep(_Step):
-    """Negate task vector(s): forgetting a task."""
-
-    op: Literal["negate"] = Field(description="The operation: `negate`.")
-    input: Ref = Field(description="A vector, vectors or decomposition.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("input",)
-
-
-class SumStep(_Step):
-    """Weighted sum of task vectors (task arithmetic)."""
-
-    op: Literal["sum"] = Field(description="The operation: `sum`.")
-    inputs: RefList
-    weights: float | list[float] | dict[str, float] | None = Field(
-        None, description="One weight per entry of `inputs` (a weight given for a `vectors` "
-                          "reference applies to each member), a mapping from member name to "
-                          "weight, or one scalar for all. Default 1.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("inputs",)
-
-
-class MeanStep(_Step):
-    """Unweighted mean of task vectors."""
-
-    op: Literal["mean"] = Field(description="The operation: `mean`.")
-    inputs: RefList
-    ref_fields: ClassVar[tuple[str, ...]] = ("inputs",)
+    def inspection(self, report: dict) -> dict | None:
+        """What ``tvrecipe inspect`` shows of this step from its whole-model report, or None
+        to show its value (a cosine matrix of a set, a decomposition's ranks)."""
+        return None
 
 
-class TiesStep(_Step):
-    """TIES merging: trim, elect sign, disjoint merge (Yadav et al., 2023)."""
-
-    op: Literal["ties"] = Field(description="The operation: `ties`.")
-    inputs: RefList
-    density: Density = Field(0.2, description="Fraction of entries kept per tensor, by magnitude.")
-    weights: float | list[float] | dict[str, float] | None = Field(
-        None, description="Per-input weights, as for `sum`. Default 1.")
-    majority: Literal["total", "count"] = Field(
-        "total", description="Sign election: by total weighted mass or by count of inputs.")
-    normalize: bool = Field(True, description="Divide by the sum of the agreeing weights.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("inputs",)
-
-
-class DareStep(_Step):
-    """DARE: randomly drop entries and rescale the rest (Yu et al., 2024)."""
-
-    op: Literal["dare"] = Field(description="The operation: `dare`.")
-    input: Ref = Field(description="A vector or vectors.")
-    density: Density = Field(description="Probability of keeping each entry.")
-    rescale: bool = Field(True, description="Divide kept entries by `density`.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("input",)
-
-
-class PruneStep(_Step):
-    """Keep the top `density` fraction of entries of each tensor by magnitude."""
-
-    op: Literal["prune"] = Field(description="The operation: `prune`.")
-    input: Ref = Field(description="A vector or vectors.")
-    density: Density = Field(description="Fraction of entries kept per tensor.")
-    by: Literal["magnitude"] = Field("magnitude", description="Selection rule.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("input",)
-
-
-MAX_K = 4096  # basis vectors; far beyond any real task library
-
-
-class ClusterBasisStep(_Step):
-    """Cluster task vectors by cosine similarity and keep one basis vector per cluster (Zeng et al.)."""
-
-    op: Literal["cluster_basis"] = Field(description="The operation: `cluster_basis`.")
-    inputs: RefList
-    k: int | Literal["auto"] = Field(
-        "auto", description="Number of basis vectors, or `auto` (largest Laplacian eigengap).")
-    k_max: int | None = Field(None, ge=1, description="Upper bound for `k: auto`.")
-    merge: Literal["mean", "sum", "ties"] = Field("mean", description="Merge inside a cluster.")
-    density: Density = Field(0.2, description="With `merge: ties`: fraction kept.")
-    majority: Literal["total", "count"] = Field("total", description="With `merge: ties`.")
-    normalize: bool = Field(True, description="With `merge: ties`.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("inputs",)
-
-    @field_validator("k")
-    @classmethod
-    def _k_positive(cls, v: Any) -> Any:
-        if isinstance(v, int) and not 1 <= v <= MAX_K:
-            raise ValueError(f"k must be 'auto' or between 1 and {MAX_K}, got {v}")
-        return v
-
-
-class AssignStep(_Step):
-    """Pick the basis vector most similar (cosine over the whole model) to a new task vector."""
-
-    op: Literal["assign"] = Field(description="The operation: `assign`.")
-    input: Ref = Field(description="The new task vector.")
-    basis: Ref = Field(description="A `vectors` set, such as a `cluster_basis` result.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("input", "basis")
-
-
-class EnergyRank(_Frozen):
-    """Rank chosen as the smallest r that keeps a fraction of the squared Frobenius norm."""
-
-    energy: float = Field(gt=0.0, le=1.0, description="Fraction of ‖W‖²_F to keep, e.g. 0.9.")
-
-
-DEFAULT_EXCLUDE = ("*embed_tokens*", "*embeddings*", "*wte*", "*wpe*", "*lm_head*", "*embed_out*")
-
-
-class DecomposeStep(_Step):
-    """Split task vectors into shared and unique parts (Damirchi et al., 2025)."""
-
-    op: Literal["decompose"] = Field(description="The operation: `decompose`.")
-    inputs: RefList
-    reference: RefList | None = Field(
-        None, description="Extra task vectors that shape the shared subspace but get no parts "
-                          "of their own (detox: decompose the toxic vector against references).")
-    method: Literal["sandwich", "chain", "mean_projector"] = Field(
-        "sandwich", description="Rule for the shared subspace.")
-    threshold: float = Field(0.85, gt=0.0, le=1.0, description="Keep shared directions above it.")
-    rank: int | EnergyRank = Field(
-        default_factory=lambda: EnergyRank(energy=0.9),
-        description="Per-task subspace rank: an int, or `{energy: e}`.")
-    vectors_1d: Literal["unique", "mean"] = Field(
-        "unique", description="1-D and excluded tensors: all unique, or the task mean is shared.")
-    exclude: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_EXCLUDE),
-        description="Glob patterns of tensor names handled like 1-D tensors (embeddings by default).")
-    ref_fields: ClassVar[tuple[str, ...]] = ("inputs", "reference")
-
-
-class ApplyStep(_Step):
-    """Add a scaled task vector to a checkpoint."""
-
-    op: Literal["apply"] = Field(description="The operation: `apply`.")
-    base: Ref = Field(description="The checkpoint to edit.")
-    delta: Ref = Field(description="The task vector to add.")
-    scale: float = Field(1.0, description="λ in θ₀ + λ·τ.")
-    ref_fields: ClassVar[tuple[str, ...]] = ("base", "delta")
-
-
-STEP_CLASSES: dict[str, type[_Step]] = {
-    "extract": ExtractStep, "scale": ScaleStep, "negate": NegateStep, "sum": SumStep,
-    "mean": MeanStep, "ties": TiesStep, "dare": DareStep, "prune": PruneStep,
-    "cluster_basis": ClusterBasisStep, "assign": AssignStep, "decompose": DecomposeStep,
-    "apply": ApplyStep,
-}
-
-# One union over the registry, so a new op is added in one place.
-Step = Annotated[Union[tuple(STEP_CLASSES.values())], Field(discriminator="op")]  # noqa: UP007
-
-
-class OutputSpec(_Frozen):
+class OutputSpec(Frozen):
     """One thing to write."""
 
     from_: Ref = Field(alias="from", description="The model or step whose value is written.")
@@ -295,7 +237,7 @@ class OutputSpec(_Frozen):
         return v
 
 
-class Recipe(_Frozen):
+class Recipe(Frozen):
     """A tvrecipe recipe: inputs, steps, outputs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="tvrecipe recipe",
@@ -306,5 +248,6 @@ class Recipe(_Frozen):
     description: str | None = Field(None, description="Free text.")
     settings: Settings = Field(default_factory=Settings, description="Run-wide settings.")
     models: dict[Name, ModelEntry] = Field(description="Named inputs.")
-    steps: dict[Name, Step] = Field(default_factory=dict, description="Named operations, in any order.")
+    # The op union is filled in from the registry (tvrecipe.spec.registry.recipe_model).
+    steps: dict[Name, Any] = Field(default_factory=dict, description="Named operations, in any order.")
     outputs: dict[Name, OutputSpec] = Field(description="What is written.")

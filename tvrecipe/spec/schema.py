@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from tvrecipe.spec.models import Recipe
+from tvrecipe.spec.registry import recipe_model
 
 SCHEMA_ID = "https://tvrecipe.dev/schemas/recipe.schema.json"
 
 
 def recipe_schema() -> dict:
     """The JSON schema of a recipe file."""
-    schema = Recipe.model_json_schema(by_alias=True)
+    schema = recipe_model().model_json_schema(by_alias=True)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
 
 

@@ -1,0 +1,12 @@
+"""The built-in ops, one module each; importing this package registers them.
+
+The order is the order of ``tvrecipe ops``, the schema's op union and docs/ops.md.
+"""
+
+import importlib
+
+BUILTIN = ("extract", "scale", "negate", "sum", "mean", "ties", "dare", "prune",
+           "cluster_basis", "assign", "decompose", "apply")
+
+for _name in BUILTIN:
+    importlib.import_module(f"tvrecipe.steps.{_name}")

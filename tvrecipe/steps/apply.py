@@ -1,0 +1,40 @@
+"""The ``apply`` op: add a scaled task vector to a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from tvrecipe.spec.kinds import CHECKPOINT, VECTOR
+from tvrecipe.spec.models import ROWWISE, Ref, StepSpec
+from tvrecipe.spec.registry import register
+
+
+@register
+class ApplyStep(StepSpec):
+    """Add a scaled task vector to a checkpoint."""
+
+    op: Literal["apply"] = Field(description="The operation: `apply`.")
+    base: Ref = Field(description="The checkpoint to edit.")
+    delta: Ref = Field(description="The task vector to add.")
+    scale: float = Field(1.0, description="λ in θ₀ + λ·τ.")
+
+    accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "delta": frozenset({VECTOR})}
+    returns: ClassVar = CHECKPOINT
+    execution: ClassVar = ROWWISE
+    # 2: θ₀ + (s·τ) rounded twice, as numpy and CUDA give it; version 1 fused the multiply-add.
+    version: ClassVar = 2
+    base_field: ClassVar = "base"
+    numpy_rerun: ClassVar = True
+    kernel: ClassVar = "tvrecipe.ops:apply"
+    example: ClassVar = "model: {op: apply, base: base, delta: merged, scale: 0.8}"
+
+    def evaluate(self, ctx: Any) -> Any:
+        base, delta = ctx.one("base"), ctx.one("delta")
+        if delta is None or not base.is_floating_point():
+            return base  # integer buffers are copied from the base
+        out = ctx.scratch(ctx.node("delta"), delta, [base])
+        if out is None:
+            out = ctx.scratch(ctx.node("base"), base, [delta])
+        return ctx.kernel(base, delta, scale=self.scale, out=out)

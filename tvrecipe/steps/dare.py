@@ -1,0 +1,33 @@
+"""The ``dare`` op: drop entries at random and rescale the rest (Yu et al., 2024)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from tvrecipe.spec.kinds import TASK_VECTORS
+from tvrecipe.spec.models import Density, Ref, StepSpec
+from tvrecipe.spec.registry import register
+
+
+@register
+class DareStep(StepSpec):
+    """DARE: randomly drop entries and rescale the rest (Yu et al., 2024)."""
+
+    op: Literal["dare"] = Field(description="The operation: `dare`.")
+    input: Ref = Field(description="A vector or vectors.")
+    density: Density = Field(description="Probability of keeping each entry.")
+    rescale: bool = Field(True, description="Divide kept entries by `density`.")
+
+    accepts: ClassVar = {"input": TASK_VECTORS}
+    cached: ClassVar = True
+    # 2: every zero of the result is +0.0 (a kept -0.0 input was -0.0 in version 1).
+    version: ClassVar = 2
+    seeded: ClassVar = True
+    kernel: ClassVar = "tvrecipe.ops:dare"
+    example: ClassVar = "dropped: {op: dare, input: tv, density: 0.3}"
+
+    def evaluate(self, ctx: Any) -> Any:
+        return ctx.map(ctx.one("input"), lambda t, m: ctx.kernel(
+            t, density=self.density, rescale=self.rescale, seed=ctx.seed(m)))

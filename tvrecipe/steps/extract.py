@@ -1,0 +1,52 @@
+"""The ``extract`` op: task vectors, fine-tuned weights minus base weights."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from tvrecipe.spec.kinds import CHECKPOINT, VECTOR, VECTORS, ValueType
+from tvrecipe.spec.models import ROWWISE, Name, Ref, StepSpec
+from tvrecipe.spec.registry import register
+
+
+@register
+class ExtractStep(StepSpec):
+    """Task vectors: fine-tuned weights minus base weights."""
+
+    op: Literal["extract"] = Field(description="The operation: `extract`.")
+    base: Ref = Field(description="The pre-trained checkpoint.")
+    finetuned: (Ref | Annotated[list[Ref], Field(min_length=1)]
+                | Annotated[dict[Name, Ref], Field(min_length=1)]) = Field(
+        description="One checkpoint (gives a `vector`), a list (a `vectors` set named after the "
+                    "models) or a mapping `{member: model}` (a set with those member names).")
+
+    accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "finetuned": frozenset({CHECKPOINT})}
+    returns: ClassVar = "vector (one model) or vectors (a list or mapping)"
+    execution: ClassVar = ROWWISE
+    kernel: ClassVar = "tvrecipe.ops:extract"
+    example: ClassVar = "tv: {op: extract, base: base, finetuned: [math, code]}"
+
+    def output_type(self, ctx: Any) -> ValueType:
+        fin = self.finetuned
+        if isinstance(fin, str):
+            return ValueType(VECTOR)
+        names = list(fin) if isinstance(fin, dict) else [r.split(".")[-1] for r in fin]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            ctx.problem("finetuned", f"member name(s) {', '.join(dupes)} used twice",
+                        "give explicit names with a mapping: finetuned: {a: m1, b: m2}")
+        return ValueType(VECTORS, tuple(names))
+
+    def evaluate(self, ctx: Any) -> Any:
+        base = ctx.one("base")
+        if not ctx.floating(base):  # integer buffers have no task vector
+            return None if isinstance(self.finetuned, str) else dict.fromkeys(ctx.members)
+        deltas = []
+        for ref in ctx.refs("finetuned"):
+            ft = ctx.value(ref)
+            deltas.append(ctx.kernel(base, ft, out=ctx.scratch(ref.node, ft, [base])))
+        if isinstance(self.finetuned, str):
+            return deltas[0]
+        return dict(zip(ctx.members, deltas))

@@ -1,0 +1,38 @@
+"""The ``sum`` op: a weighted sum of task vectors (task arithmetic)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from tvrecipe.spec.kinds import DECOMPOSITION, VECTOR, VECTORS
+from tvrecipe.spec.models import ROWWISE, RefList, StepSpec
+from tvrecipe.spec.registry import register
+
+
+@register
+class SumStep(StepSpec):
+    """Weighted sum of task vectors (task arithmetic)."""
+
+    op: Literal["sum"] = Field(description="The operation: `sum`.")
+    inputs: RefList
+    weights: float | list[float] | dict[str, float] | None = Field(
+        None, description="One weight per entry of `inputs` (a weight given for a `vectors` "
+                          "reference applies to each member), a mapping from member name to "
+                          "weight, or one scalar for all. Default 1.")
+
+    accepts: ClassVar = {"inputs": frozenset({VECTOR, VECTORS, DECOMPOSITION})}
+    returns: ClassVar = VECTOR
+    cached: ClassVar = True
+    execution: ClassVar = ROWWISE
+    weighted: ClassVar = "inputs"
+    kernel: ClassVar = "tvrecipe.ops:sum"
+    example: ClassVar = "merged: {op: sum, inputs: [tv.math, tv.code], weights: [0.5, 0.5]}"
+
+    def evaluate(self, ctx: Any) -> Any:
+        xs = ctx.tensors("inputs")
+        if xs[0] is None:
+            return None
+        first = ctx.entries("inputs")[0].ref.node
+        return ctx.kernel(xs, weights=ctx.weights, out=ctx.scratch(first, xs[0], xs[1:]))
