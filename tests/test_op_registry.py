@@ -181,9 +181,9 @@ outputs:
 """)
     res = cli.fails(2, "validate", "r.yaml")
     assert res.err_lines[1:] == [
-        "r.yaml:6:17: steps.a.input: step 'a' (clip) wants vector or vectors in 'input', but "
-        "'base' is a checkpoint (extract a task vector first: {op: extract, base: ..., "
-        "finetuned: ...})",
+        ("r.yaml:6:17: steps.a.input: step 'a' (clip) wants vector or vectors in 'input', but "
+         "'base' is a checkpoint (extract a task vector first: {op: extract, base: ..., "
+         "finetuned: ...})"),
         "r.yaml:7:3: steps.b.limit: missing required field 'limit' (Largest magnitude kept.)",
         "r.yaml:7:30: steps.b.limt: unknown field 'limt' (did you mean 'limit'?)",
         "r.yaml:8:7: steps.c.op: unknown op 'clp' (did you mean 'clip'?)",

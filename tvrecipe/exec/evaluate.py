@@ -12,6 +12,7 @@ from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
 from tvrecipe.exec.slots import is_decomposition
 from tvrecipe.plan.graph import CompiledStep, Entry, Resolved
+from tvrecipe.spec.pertensor import value_at
 from tvrecipe.spec.registry import kernel
 
 Value = Any  # Tensor | None | dict[str, Tensor | None] | dict[str, dict[str, Tensor | None]]
@@ -106,8 +107,29 @@ class TensorContext:
 
     @property
     def weights(self) -> list[float] | None:
-        """The step's weights, one per entry of its ``weighted`` field."""
-        return self.step.weights
+        """The step's weights for this tensor, one per entry of its ``weighted`` field."""
+        weights = self.step.weights
+        if weights is None or all(isinstance(w, float) for w in weights):
+            return weights
+        try:
+            return [value_at(w, self.tensor, self._evaluator.layers) for w in weights]
+        except LookupError as exc:
+            raise ValueError(f"weights: {exc}; end the rules with a default {{value: ...}}") \
+                from None
+
+    def param(self, name: str) -> float:
+        """A per-tensor parameter's value for this tensor (a number, a layer gradient or rules,
+        see :mod:`tvrecipe.spec.pertensor`)."""
+        value = getattr(self.step.spec, name)
+        if isinstance(value, (int, float)):
+            return float(value)
+        default = type(self.step.spec).model_fields[name].default
+        try:
+            return value_at(value, self.tensor, self._evaluator.layers,
+                            default=default if isinstance(default, (int, float)) else None)
+        except LookupError as exc:
+            raise ValueError(f"{name}: {exc}; end the rules with a default {{value: ...}}") \
+                from None
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -164,6 +186,8 @@ class StepEvaluator:
         self.reports = reports
         self.exclusive: set[str] = set()
         self._storages: Counter | None = None
+        # Layers per stack of the model, for per-tensor values (layer gradients).
+        self.layers: dict[str, int] = {}
 
     def __call__(self, step: CompiledStep, values: dict[str, Value], tensor: str) -> Value:
         self._storages = None  # storage use counts of ``values``, taken when first needed

@@ -295,6 +295,8 @@ def _applies(compiled: Compiled, options: RunOptions) -> list[_Apply] | None:
                 or _spec.dtype not in (None, "float32", "float16", "bfloat16")):
             return None
         (base,), (delta,) = step.refs["base"], step.refs["delta"]
+        if not isinstance(step.spec.scale, (int, float)):
+            return None  # a scale that varies by tensor: the torch executor resolves it
         with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
             scale = np.float32(step.spec.scale)
         if (base.node not in compiled.models or base.selector

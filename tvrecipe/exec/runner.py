@@ -38,6 +38,7 @@ from tvrecipe.plan.tensors import (
     rows_per_block,
     rowwise,
 )
+from tvrecipe.spec.pertensor import layer_counts
 from tvrecipe.spec.registry import kernel
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry
 from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
@@ -195,6 +196,7 @@ class Runner:
         models = [m for m in self.plan.models if m in uses]
         models += [n for n in self.cached if n in uses]
         evaluator = StepEvaluator(self.seed, self.reduced, self.reports)
+        evaluator.layers = layer_counts(self.plan.tensors)
         # Values read once, by one step, and neither output nor cached: that step may write
         # into them (see StepEvaluator._scratch).
         evaluator.exclusive = {n for n in [*models, *(s.name for s in steps)] if uses[n] == 1}

@@ -52,7 +52,7 @@ class CompiledStep:
     refs: dict[str, list[Resolved]]
     entries: dict[str, list[Entry]]
     type: ValueType
-    weights: list[float] | None = None
+    weights: list[Any] | None = None  # one per entry: a number, a gradient or rules
 
 
 @dataclass
@@ -96,6 +96,11 @@ class Compiled:
     def type_of(self, node: str) -> ValueType:
         """The value type of a model or step."""
         return self.model_types[node] if node in self.model_types else self.steps[node].type
+
+
+def _number(value: Any) -> Any:
+    """A weight as a float when it is one number (gradients and rules stay as they are)."""
+    return float(value) if isinstance(value, (int, float)) else value
 
 
 def _first_op(test: Any) -> type[StepSpec] | None:
@@ -201,8 +206,10 @@ class _Compiler:
                     entries += [Entry(r, m, part, f"{part}.{m}", i) for m in r.type.members]
         return entries
 
-    def weights(self, name: str, step: Any, entries: list[Entry]) -> list[float] | None:
-        w = getattr(step, "weights", None)
+    def weights(self, name: str, step: Any, entries: list[Entry]) -> list[Any] | None:
+        # The plain (JSON) form: per-tensor values stay gradients or rule lists, resolved for
+        # each tensor when the step runs.
+        w = step.model_dump(mode="json")["weights"]
         where = ("steps", name, "weights")
         if w is None:
             return [1.0] * len(entries)
@@ -216,7 +223,7 @@ class _Compiler:
                              f"give one weight per entry of '{step.weighted}' (a weight for a set "
                              "applies to each member), a mapping, or one number")
                 return None
-            return [float(w[e.field_index]) for e in entries]
+            return [_number(w[e.field_index]) for e in entries]
         names = [e.name for e in entries]
         unknown = [k for k in w if k not in names]
         for k in unknown:
@@ -226,7 +233,7 @@ class _Compiler:
         if missing:
             self.problem(where, "no weight for " + ", ".join(missing),
                          "a weight mapping names every input")
-        return None if unknown or missing else [float(w[n]) for n in names]
+        return None if unknown or missing else [_number(w[n]) for n in names]
 
     def run(self) -> Compiled:
         recipe = self.recipe

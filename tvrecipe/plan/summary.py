@@ -12,6 +12,7 @@ from tvrecipe.plan.tensors import (
     rows_per_block,
     rowwise,
 )
+from tvrecipe.spec import pertensor
 from tvrecipe.store.checkpoint import dtype_size
 
 _BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
@@ -94,6 +95,7 @@ def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
                   f"estimated peak working memory: {human(est['peak_bytes'])}"]
         if status is not None:
             lines.append(_io_estimate(compiled, plan, status, est))
+        lines += _per_tensor_values(compiled, plan)
         lines += ["", "outputs:"]
         for name, (spec, res) in compiled.outputs.items():
             lines.append(f"  {name}: {res.text} ({res.type.kind}) -> {spec.path}  "
@@ -101,6 +103,41 @@ def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
     finally:
         plan.close()
     return "\n".join(lines)
+
+
+def _per_tensor_values(compiled: Compiled, plan: TensorPlan) -> list[str]:
+    """Parameters that vary by tensor, resolved for a few representative tensors, and rules
+    whose pattern matches no tensor of the model (likely a typo)."""
+    names = list(plan.tensors)
+    layers = pertensor.layer_counts(names)
+    shown = pertensor.representative_tensors(names)
+    width = max((len(t) for t in shown), default=0)
+    lines: list[str] = []
+    for step_name, step in compiled.steps.items():
+        for field in step.spec.per_tensor:
+            if field == step.spec.weighted or field == "weights":
+                entries = step.entries.get(step.spec.weighted or "", [])
+                labelled = [(f"{field}[{e.name}]", w)
+                            for e, w in zip(entries, step.weights or [])]
+            else:
+                labelled = [(field, step.spec.model_dump(mode="json")[field])]
+            for label, value in labelled:
+                if value is None or pertensor.is_scalar(value):
+                    continue
+                lines.append(f"  {step_name}.{label} = {pertensor.describe(value)}")
+                for t in shown:
+                    try:
+                        got = f"{pertensor.value_at(value, t, layers):.6g}"
+                    except LookupError:
+                        got = "no rule matches"
+                    lines.append(f"      {t:<{width}}  {got}")
+                for i in pertensor.unmatched_rules(value, names):
+                    line, col = compiled.loaded.source.locate(("steps", step_name, field))
+                    where = f"{compiled.loaded.path.name}:{line}:{col}: " if line else ""
+                    lines.append(f"  warning: {where}steps.{step_name}.{label}: rule [{i}] "
+                                 "matches no tensor of the model")
+    return ["", "per-tensor values (resolved for representative tensors):", *lines] if lines \
+        else []
 
 
 def _io_estimate(compiled: Compiled, plan: TensorPlan, status: dict[str, str],

@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from tvrecipe.spec import pertensor
 from tvrecipe.spec.kinds import ValueType
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
@@ -31,6 +32,12 @@ RefList = Annotated[
     Field(description="One reference (a `vectors` value stands for all its members) or a list."),
 ]
 Density = Annotated[float, Field(gt=0.0, le=1.0)]
+# Per-tensor numeric parameters (a number, a layer gradient or match rules).
+PerTensor = pertensor.PerTensor
+PerTensorDensity = pertensor.per_tensor(gt=0.0, le=1.0)
+# A ``weights`` field: one number for all, one value per entry of the weighted list, or a
+# mapping by member; each value a number, a layer gradient or match rules.
+Weights = float | list[PerTensor] | dict[str, PerTensor] | None
 
 
 class Frozen(BaseModel):
@@ -79,8 +86,6 @@ ModelEntry = Annotated[
 _SIZE_RE = r"^\s*(\d+(\.\d*)?|\.\d+)\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 
 
-# A ``weights`` field: one scalar, one per entry of the weighted list, or a mapping by member.
-WeightsValue = float | list[float] | dict[str, float] | None
 
 # How an op's per-tensor work is streamed: ``rowwise`` ops compute a row range of a tensor from
 # the same rows of their inputs (large tensors go through in row blocks of bounded size);
@@ -116,6 +121,8 @@ class StepSpec(Frozen):
             checkpoint it derives from (non-weight files are copied from there).
         numpy_rerun: The op computes ``base + scale·delta`` with the fields of those names,
             rounded twice, so that a rerun over a cached delta may run in numpy (exec.light).
+        per_tensor: Parameters that may vary by tensor (a layer gradient or match rules, see
+            :mod:`tvrecipe.spec.pertensor`); ``evaluate`` reads them with ``ctx.param``.
         kernel: ``module:function`` of the main kernel, for the reference docs.
         example: One YAML line using the op, for the reference docs and error hints.
     """
@@ -130,6 +137,7 @@ class StepSpec(Frozen):
     weighted: ClassVar[str | None] = None
     base_field: ClassVar[str | None] = None
     numpy_rerun: ClassVar[bool] = False
+    per_tensor: ClassVar[tuple[str, ...]] = ()
     kernel: ClassVar[str] = ""
     example: ClassVar[str] = ""
 

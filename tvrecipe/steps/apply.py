@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import CHECKPOINT, VECTOR
-from tvrecipe.spec.models import ROWWISE, Ref, StepSpec
+from tvrecipe.spec.models import ROWWISE, PerTensor, Ref, StepSpec
+from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
 
@@ -18,7 +19,7 @@ class ApplyStep(StepSpec):
     op: Literal["apply"] = Field(description="The operation: `apply`.")
     base: Ref = Field(description="The checkpoint to edit.")
     delta: Ref = Field(description="The task vector to add.")
-    scale: float = Field(1.0, description="λ in θ₀ + λ·τ.")
+    scale: PerTensor = Field(1.0, description="λ in θ₀ + λ·τ. " + PER_TENSOR_HELP)
 
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "delta": frozenset({VECTOR})}
     returns: ClassVar = CHECKPOINT
@@ -27,6 +28,7 @@ class ApplyStep(StepSpec):
     version: ClassVar = 2
     base_field: ClassVar = "base"
     numpy_rerun: ClassVar = True
+    per_tensor: ClassVar = ("scale",)
     kernel: ClassVar = "tvrecipe.ops:apply"
     example: ClassVar = "model: {op: apply, base: base, delta: merged, scale: 0.8}"
 
@@ -37,4 +39,4 @@ class ApplyStep(StepSpec):
         out = ctx.scratch(ctx.node("delta"), delta, [base])
         if out is None:
             out = ctx.scratch(ctx.node("base"), base, [delta])
-        return ctx.kernel(base, delta, scale=self.scale, out=out)
+        return ctx.kernel(base, delta, scale=ctx.param("scale"), out=out)

@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import TASK_VECTORS
-from tvrecipe.spec.models import Density, Ref, StepSpec
+from tvrecipe.spec.models import PerTensorDensity, Ref, StepSpec
+from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
 
@@ -17,7 +18,8 @@ class DareStep(StepSpec):
 
     op: Literal["dare"] = Field(description="The operation: `dare`.")
     input: Ref = Field(description="A vector or vectors.")
-    density: Density = Field(description="Probability of keeping each entry.")
+    density: PerTensorDensity = Field(
+        description="Probability of keeping each entry. " + PER_TENSOR_HELP)
     rescale: bool = Field(True, description="Divide kept entries by `density`.")
 
     accepts: ClassVar = {"input": TASK_VECTORS}
@@ -25,9 +27,10 @@ class DareStep(StepSpec):
     # 2: every zero of the result is +0.0 (a kept -0.0 input was -0.0 in version 1).
     version: ClassVar = 2
     seeded: ClassVar = True
+    per_tensor: ClassVar = ("density",)
     kernel: ClassVar = "tvrecipe.ops:dare"
     example: ClassVar = "dropped: {op: dare, input: tv, density: 0.3}"
 
     def evaluate(self, ctx: Any) -> Any:
         return ctx.map(ctx.one("input"), lambda t, m: ctx.kernel(
-            t, density=self.density, rescale=self.rescale, seed=ctx.seed(m)))
+            t, density=ctx.param("density"), rescale=self.rescale, seed=ctx.seed(m)))

@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import TASK_VECTORS
-from tvrecipe.spec.models import Density, Ref, StepSpec
+from tvrecipe.spec.models import PerTensorDensity, Ref, StepSpec
+from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
 
@@ -17,14 +18,16 @@ class PruneStep(StepSpec):
 
     op: Literal["prune"] = Field(description="The operation: `prune`.")
     input: Ref = Field(description="A vector or vectors.")
-    density: Density = Field(description="Fraction of entries kept per tensor.")
+    density: PerTensorDensity = Field(
+        description="Fraction of entries kept per tensor. " + PER_TENSOR_HELP)
     by: Literal["magnitude"] = Field("magnitude", description="Selection rule.")
 
     accepts: ClassVar = {"input": TASK_VECTORS}
     cached: ClassVar = True
+    per_tensor: ClassVar = ("density",)
     kernel: ClassVar = "tvrecipe.ops:prune"
     example: ClassVar = "sparse: {op: prune, input: tv, density: 0.1}"
 
     def evaluate(self, ctx: Any) -> Any:
         return ctx.map(ctx.one("input"),
-                       lambda t, _m: ctx.kernel(t, density=self.density, by=self.by))
+                       lambda t, _m: ctx.kernel(t, density=ctx.param("density"), by=self.by))

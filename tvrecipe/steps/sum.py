@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import DECOMPOSITION, VECTOR, VECTORS
-from tvrecipe.spec.models import ROWWISE, RefList, StepSpec
+from tvrecipe.spec.models import ROWWISE, RefList, StepSpec, Weights
+from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
 
@@ -17,16 +18,18 @@ class SumStep(StepSpec):
 
     op: Literal["sum"] = Field(description="The operation: `sum`.")
     inputs: RefList
-    weights: float | list[float] | dict[str, float] | None = Field(
+    weights: Weights = Field(
         None, description="One weight per entry of `inputs` (a weight given for a `vectors` "
                           "reference applies to each member), a mapping from member name to "
-                          "weight, or one scalar for all. Default 1.")
+                          "weight, or one scalar for all. Default 1. Each weight: "
+                          + PER_TENSOR_HELP)
 
     accepts: ClassVar = {"inputs": frozenset({VECTOR, VECTORS, DECOMPOSITION})}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     execution: ClassVar = ROWWISE
     weighted: ClassVar = "inputs"
+    per_tensor: ClassVar = ("weights",)
     kernel: ClassVar = "tvrecipe.ops:sum"
     example: ClassVar = "merged: {op: sum, inputs: [tv.math, tv.code], weights: [0.5, 0.5]}"
 

@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import TASK_VECTORS, VECTOR
-from tvrecipe.spec.models import Density, RefList, StepSpec
+from tvrecipe.spec.models import PerTensorDensity, RefList, StepSpec, Weights
+from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
 
@@ -17,9 +18,11 @@ class TiesStep(StepSpec):
 
     op: Literal["ties"] = Field(description="The operation: `ties`.")
     inputs: RefList
-    density: Density = Field(0.2, description="Fraction of entries kept per tensor, by magnitude.")
-    weights: float | list[float] | dict[str, float] | None = Field(
-        None, description="Per-input weights, as for `sum`. Default 1.")
+    density: PerTensorDensity = Field(
+        0.2, description="Fraction of entries kept per tensor, by magnitude. " + PER_TENSOR_HELP)
+    weights: Weights = Field(
+        None, description="Per-input weights, as for `sum`. Default 1. Each weight: "
+                          + PER_TENSOR_HELP)
     majority: Literal["total", "count"] = Field(
         "total", description="Sign election: by total weighted mass or by count of inputs.")
     normalize: bool = Field(True, description="Divide by the sum of the agreeing weights.")
@@ -28,6 +31,7 @@ class TiesStep(StepSpec):
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     weighted: ClassVar = "inputs"
+    per_tensor: ClassVar = ("density", "weights")
     kernel: ClassVar = "tvrecipe.ops:ties"
     example: ClassVar = "merged: {op: ties, inputs: tv, density: 0.2}"
 
@@ -35,5 +39,5 @@ class TiesStep(StepSpec):
         xs = ctx.tensors("inputs")
         if xs[0] is None:
             return None
-        return ctx.kernel(xs, density=self.density, weights=ctx.weights,
+        return ctx.kernel(xs, density=ctx.param("density"), weights=ctx.weights,
                           majority=self.majority, normalize=self.normalize)
