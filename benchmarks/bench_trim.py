@@ -24,7 +24,7 @@ def _best_ms(fn, repeat: int) -> float:
 def trim_kthvalue(x: torch.Tensor, density: float) -> torch.Tensor:
     """Baseline: full kthvalue on |x| (ties at the threshold not resolved)."""
     a = x.abs().reshape(-1)
-    k = max(1, round(density * a.numel()))
+    k = max(1, int(density * a.numel()))
     thr = torch.kthvalue(a, a.numel() - k + 1).values
     return torch.where(x.abs() >= thr, x, 0.0)
 
@@ -32,7 +32,7 @@ def trim_kthvalue(x: torch.Tensor, density: float) -> torch.Tensor:
 def trim_topk(x: torch.Tensor, density: float) -> torch.Tensor:
     """Baseline: topk indices on |x|, scattered back."""
     xf = x.reshape(-1)
-    k = max(1, round(density * xf.numel()))
+    k = max(1, int(density * xf.numel()))
     idx = torch.topk(xf.abs(), k, sorted=False).indices
     out = torch.zeros_like(xf)
     out[idx] = xf[idx]

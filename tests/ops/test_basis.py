@@ -418,6 +418,16 @@ def test_merge_sum_and_ties_forwarding(monkeypatch):
     assert calls == [([x, y], {"density": 0.2, "majority": "count"})]
 
 
+def test_merge_ties_trims_floor_count():
+    # density 0.7 of 5 entries keeps k = int(3.5) = 3 per member (rounding would keep 4):
+    # x keeps [4, _, 2, _, -3], y keeps [_, 2, _, 3, -4]; all kept signs agree, so the
+    # disjoint mean is [4, 2, 2, 3, -3.5].
+    x = torch.tensor([4.0, -1.0, 2.0, 0.5, -3.0])
+    y = torch.tensor([-1.0, 2.0, 0.5, 3.0, -4.0])
+    out = merge_cluster([x, y], merge="ties", density=0.7)
+    assert out.tolist() == [4.0, 2.0, 2.0, 3.0, -3.5]
+
+
 def test_merge_errors():
     x = torch.ones(2)
     with pytest.raises(

@@ -66,7 +66,13 @@ def _check_float_tensor(x: object, op: str) -> torch.Tensor:
 
 
 def _num_kept(density: float, numel: int) -> int:
-    return min(numel, max(1, round(density * numel)))
+    """k = max(1, floor(density * numel)): mergekit's (and peft's) trim count.
+
+    ``int`` of the float product, exactly as mergekit computes it (so 0.29 * 100 =
+    28.999999999999996 keeps 28), so that a tvrecipe trim keeps the same number of entries
+    as a mergekit ``ties`` merge of the same density.
+    """
+    return min(numel, max(1, int(density * numel)))
 
 
 def _chunk_size(device: torch.device) -> int:
@@ -258,8 +264,8 @@ def _apply_selection(
 def trim(x: torch.Tensor, *, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries of largest magnitude, zero the rest.
 
-    Exactly k = max(1, round(density * numel)) entries are kept (Python ``round``: halves
-    go to the even integer). Tie rule: with t the k-th largest |x|, every entry with
+    Exactly k = max(1, int(density * numel)) entries are kept (the float product rounded
+    down, as mergekit and peft count). Tie rule: with t the k-th largest |x|, every entry with
     |x| > t is kept, and among the entries with |x| == t those with the lowest flat
     (row-major) index are kept until exactly k are kept. When t == 0 all entries are
     returned unchanged (the dropped ones would be zeros anyway). Inputs must be finite.
@@ -291,7 +297,7 @@ def trim_mask(x: torch.Tensor, *, density: float) -> torch.Tensor:
 
     Same selection and tie rule as :func:`trim`, except that a tie at a zero threshold is
     broken too (by lowest flat index), so the mask always has exactly
-    k = max(1, round(density * numel)) True entries.
+    k = max(1, int(density * numel)) True entries.
 
     Args:
         x: A floating-point tensor (not modified).

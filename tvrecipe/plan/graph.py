@@ -193,7 +193,7 @@ class _Compiler:
     def expand(self, refs: list[Resolved]) -> list[Entry] | None:
         entries = []
         for i, r in enumerate(refs):
-            if r.type.kind == VECTOR:
+            if r.type.kind in (VECTOR, CHECKPOINT):
                 entries.append(Entry(r, None, None, r.text.split(".")[-1], i))
             elif r.type.kind == VECTORS:
                 if r.type.members is None:

@@ -149,8 +149,9 @@ class StepSpec(Frozen):
 
     @classmethod
     def summary(cls) -> str:
-        """The first line of the op's docstring."""
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        """The first paragraph of the op's docstring, on one line."""
+        first = (cls.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(line.strip() for line in first.splitlines())
 
     @property
     def ref_fields(self) -> tuple[str, ...]:

@@ -6,7 +6,8 @@ The order is the order of ``tvrecipe ops``, the schema's op union and docs/ops.m
 import importlib
 
 BUILTIN = ("extract", "scale", "negate", "sum", "mean", "ties", "dare", "prune",
-           "cluster_basis", "assign", "decompose", "apply")
+           "cluster_basis", "assign", "decompose", "apply",
+           "linear", "slerp", "breadcrumbs", "della", "model_stock", "consensus")
 
 for _name in BUILTIN:
     importlib.import_module(f"tvrecipe.steps.{_name}")

@@ -32,6 +32,8 @@ class ClusterBasisStep(StepSpec):
     cached: ClassVar = True
     whole_model: ClassVar = True
     seeded: ClassVar = True  # the k-means inside the spectral clustering
+    # 2: `merge: ties` trims to k = max(1, floor(density·n)) entries (1 rounded).
+    version: ClassVar = 2
     kernel: ClassVar = "tvrecipe.ops:merge_cluster"
     example: ClassVar = "basis: {op: cluster_basis, inputs: tv, k: auto}"
 

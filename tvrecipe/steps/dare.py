@@ -20,7 +20,10 @@ class DareStep(StepSpec):
     input: Ref = Field(description="A vector or vectors.")
     density: PerTensorDensity = Field(
         description="Probability of keeping each entry. " + PER_TENSOR_HELP)
-    rescale: bool = Field(True, description="Divide kept entries by `density`.")
+    rescale: bool | Literal["l1"] = Field(
+        True, description="`true`: divide kept entries by `density` (unbiased); `l1`: scale "
+                          "them back to the tensor's L1 norm (mergekit 0.1's `rescale`); "
+                          "`false`: keep them as they are.")
 
     accepts: ClassVar = {"input": TASK_VECTORS}
     cached: ClassVar = True
@@ -32,5 +35,13 @@ class DareStep(StepSpec):
     example: ClassVar = "dropped: {op: dare, input: tv, density: 0.3}"
 
     def evaluate(self, ctx: Any) -> Any:
-        return ctx.map(ctx.one("input"), lambda t, m: ctx.kernel(
-            t, density=ctx.param("density"), rescale=self.rescale, seed=ctx.seed(m)))
+        l1 = self.rescale == "l1"
+
+        def one(t: Any, member: str) -> Any:
+            kept = ctx.kernel(t, density=ctx.param("density"), rescale=self.rescale is True,
+                              seed=ctx.seed(member))
+            return l1_rescale(t, kept) if l1 else kept
+
+        if l1:
+            from tvrecipe.ops.merges import l1_rescale
+        return ctx.map(ctx.one("input"), one)

@@ -21,13 +21,23 @@ class PruneStep(StepSpec):
     density: PerTensorDensity = Field(
         description="Fraction of entries kept per tensor. " + PER_TENSOR_HELP)
     by: Literal["magnitude"] = Field("magnitude", description="Selection rule.")
+    rescale: bool = Field(False, description="Scale the kept entries back to the tensor's L1 "
+                                             "norm (mergekit's `rescale`).")
 
     accepts: ClassVar = {"input": TASK_VECTORS}
     cached: ClassVar = True
+    # 2: keeps k = max(1, floor(density·n)) entries, as mergekit and peft (1 rounded); and
+    # the `rescale` field.
+    version: ClassVar = 2
     per_tensor: ClassVar = ("density",)
     kernel: ClassVar = "tvrecipe.ops:prune"
     example: ClassVar = "sparse: {op: prune, input: tv, density: 0.1}"
 
     def evaluate(self, ctx: Any) -> Any:
-        return ctx.map(ctx.one("input"),
-                       lambda t, _m: ctx.kernel(t, density=ctx.param("density"), by=self.by))
+        def one(t: Any, _member: str) -> Any:
+            kept = ctx.kernel(t, density=ctx.param("density"), by=self.by)
+            return l1_rescale(t, kept) if self.rescale else kept
+
+        if self.rescale:
+            from tvrecipe.ops.merges import l1_rescale
+        return ctx.map(ctx.one("input"), one)

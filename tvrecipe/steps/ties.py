@@ -30,6 +30,8 @@ class TiesStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
+    # 2: the trim keeps k = max(1, floor(density·n)) entries, as mergekit and peft (1 rounded).
+    version: ClassVar = 2
     weighted: ClassVar = "inputs"
     per_tensor: ClassVar = ("density", "weights")
     kernel: ClassVar = "tvrecipe.ops:ties"

@@ -1,0 +1,136 @@
+"""End to end from the CLI: linear, slerp, breadcrumbs, della and model_stock on tiny real
+checkpoints, against their kernels' math (the kernels are checked in tests/ops/test_merges.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import FLOATING, INT_BUFFER, read_tensors
+from tvrecipe.ops import derive_seed
+from tvrecipe.ops.merges import breadcrumbs, della, model_stock, slerp
+
+TASKS = ("math", "code", "chat")
+
+
+def close(got, want, what):
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+
+
+def recipe(ms, steps: str, outputs: str) -> str:
+    return "tvrecipe: 1\n" + ms.models_yaml() + "steps:\n" + steps + "outputs:\n" + outputs
+
+
+def test_linear_is_the_normalized_weighted_average(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    cli.write("r.yaml", recipe(ms, "  soup: {op: linear, inputs: [math, code], weights: [3, 1]}\n",
+                               "  soup: {from: soup, path: ./out/soup, dtype: float32}\n"))
+    cli.ok("run", "r.yaml")
+    got = read_tensors(tmp_path / "out" / "soup")
+    for k in FLOATING:
+        close(got[k], 0.75 * ms.f32("math")[k] + 0.25 * ms.f32("code")[k], k)
+    assert torch.equal(got[INT_BUFFER], ms.weights["math"][INT_BUFFER])
+
+
+def test_slerp_ends_and_middle(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = "".join(f"  s{i}: {{op: slerp, a: math, b: code, t: {t}}}\n"
+                    for i, t in enumerate((0, 0.3, 1)))
+    outs = "".join(f"  s{i}: {{from: s{i}, path: ./out/s{i}, dtype: float32}}\n"
+                   for i in range(3))
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    a, b = ms.f32("math"), ms.f32("code")
+    for k in FLOATING:
+        assert torch.equal(read_tensors(tmp_path / "out" / "s0")[k], a[k]), k
+        close(read_tensors(tmp_path / "out" / "s2")[k], b[k], k)
+        mid = read_tensors(tmp_path / "out" / "s1")[k]
+        close(mid, slerp(a[k], b[k], t=0.3), k)
+        # Spherical, not linear, where the tensors are not colinear: between the two ends.
+        assert mid.shape == a[k].shape
+
+
+def test_breadcrumbs_della_and_model_stock_match_their_kernels(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, chat]}\n"
+             "  crumbs: {op: breadcrumbs, input: tv, density: 0.5, gamma: 0.1}\n"
+             "  pruned: {op: della, input: tv, density: 0.5, epsilon: 0.2}\n"
+             "  stock: {op: model_stock, inputs: tv}\n")
+    outs = ("  crumbs: {from: crumbs, path: ./out/crumbs}\n"
+            "  pruned: {from: pruned, path: ./out/pruned}\n"
+            "  stock: {from: stock, path: ./out/stock}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    deltas = {t: ms.delta(t) for t in TASKS}
+    stock = read_tensors(tmp_path / "out" / "stock")
+    for k in FLOATING:
+        close(stock[k], model_stock([deltas[t][k] for t in TASKS]), k)
+    for t in TASKS:
+        crumbs = read_tensors(tmp_path / "out" / "crumbs" / f"{t}.safetensors")
+        pruned = read_tensors(tmp_path / "out" / "pruned" / f"{t}.safetensors")
+        for k in FLOATING:
+            assert torch.equal(crumbs[k], breadcrumbs(deltas[t][k], density=0.5, gamma=0.1))
+            want = della(deltas[t][k], density=0.5, epsilon=0.2,
+                         seed=derive_seed(0, "pruned", t, k))
+            assert torch.equal(pruned[k], want), (t, k)
+    # A rerun gives the same bytes (della's masks derive from the seed, step, member, tensor).
+    first = (tmp_path / "out" / "pruned" / "math.safetensors").read_bytes()
+    cli.ok("run", "r.yaml", "--force", "--no-cache")
+    assert (tmp_path / "out" / "pruned" / "math.safetensors").read_bytes() == first
+
+
+def test_model_stock_and_slerp_refuse_what_they_cannot_do(make_models, cli):
+    ms = make_models(TASKS)
+    cli.write("r.yaml", recipe(ms, (
+        "  tv: {op: extract, base: base, finetuned: math}\n"
+        "  stock: {op: model_stock, inputs: tv}\n"
+        "  mixed: {op: slerp, a: math, b: tv, t: 0.5}\n"),
+        "  stock: {from: stock, path: ./out/stock}\n  mixed: {from: mixed, path: ./out/m}\n"))
+    res = cli.fails(2, "validate", "r.yaml")
+    assert res.err_lines[1:] == [
+        ("r.yaml:9:28: steps.stock.inputs: model_stock needs at least 2 task vectors, got 1 "
+         "(the ratio comes from the angle between pairs of fine-tunes)"),
+        ("r.yaml:10:31: steps.mixed.b: slerp interpolates two values of one kind, but 'a' is a "
+         "checkpoint and 'b' a vector (give two checkpoints or two vectors)")]
+
+
+def test_consensus_elects_signs_and_normalizes_like_the_definition(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, chat]}\n"
+             "  elected: {op: consensus, inputs: tv, weights: {math: 1, code: 0.5, chat: 2}}\n"
+             "  plain: {op: consensus, inputs: tv, majority: none, normalize: false}\n")
+    outs = ("  elected: {from: elected, path: ./out/elected}\n"
+            "  plain: {from: plain, path: ./out/plain}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    w = {"math": 1.0, "code": 0.5, "chat": 2.0}
+    elected = read_tensors(tmp_path / "out" / "elected")
+    plain = read_tensors(tmp_path / "out" / "plain")
+    for k in FLOATING:
+        c = torch.stack([w[t] * ms.delta(t)[k].double() for t in TASKS])
+        sign = torch.where(c.sum(0) >= 0, 1.0, -1.0).double()
+        agree = c.sign() == sign
+        ws = torch.tensor([w[t] for t in TASKS], dtype=torch.float64).view(-1, *[1] * sign.dim())
+        den = (ws * agree).sum(0)
+        want = (c * agree).sum(0) / torch.where(den == 0, 1.0, den)
+        close(elected[k], want.float(), k)
+        close(plain[k], sum(ms.delta(t)[k] for t in TASKS), k)
+
+
+def test_dare_l1_and_prune_rescale_keep_the_l1_norm(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, chat]}\n"
+             "  dropped: {op: dare, input: tv.math, density: 0.5, rescale: l1}\n"
+             "  pruned: {op: prune, input: tv.math, density: 0.3, rescale: true}\n")
+    outs = ("  dropped: {from: dropped, path: ./out/dropped}\n"
+            "  pruned: {from: pruned, path: ./out/pruned}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    for name in ("dropped", "pruned"):
+        got = read_tensors(tmp_path / "out" / name)
+        for k in FLOATING:
+            x = ms.delta("math")[k]
+            assert (got[k] == 0).sum() > 0, (name, k)  # entries were dropped
+            torch.testing.assert_close(got[k].abs().sum(), x.abs().sum(), rtol=1e-5, atol=1e-8)
+            kept = got[k] != 0
+            ratio = got[k][kept] / x[kept]  # one factor for every kept entry
+            torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-5, atol=0)
