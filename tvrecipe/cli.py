@@ -402,6 +402,39 @@ def schema() -> None:
     click.echo(recipe_schema_json(), nl=False)
 
 
+@main.command("import")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "recipe", required=True, type=click.Path(dir_okay=False),
+              help="The recipe to write.")
+@click.option("--output-path", help="Folder of the merged model (default: ./merged beside the "
+                                    "recipe).")
+@click.option("--force", is_flag=True, help="Replace the recipe if it exists.")
+@handle_errors
+def import_(config: str, recipe: str, output_path: str | None, force: bool) -> None:
+    """Write a recipe that computes what a mergekit CONFIG does (linear, slerp, task_arithmetic,
+    ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
+    model_stock). Fields it cannot express are errors, never dropped."""
+    from tvrecipe.errors import OutputError, RecipeError
+    from tvrecipe.importers.mergekit import import_mergekit
+    target = Path(recipe)
+    if target.exists() and not force:
+        raise OutputError(f"{recipe} exists; pass --force to replace it")
+    text = import_mergekit(config, target, output_path)
+    staging = target.with_name(f".{target.name}.importing")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging.write_text(text)
+    try:
+        compiled = _compile(str(staging))
+    except RecipeError as exc:  # the importer wrote what tvrecipe cannot read: a bug
+        raise RuntimeError(f"the imported recipe does not validate:\n{exc}") from None
+    finally:
+        if staging.exists() and "compiled" not in locals():
+            staging.unlink()
+    os.replace(staging, target)
+    click.echo(f"wrote {recipe}: {len(compiled.steps)} steps from {config}; run it with "
+               f"`tvrecipe run {recipe}`")
+
+
 @main.command("ops")
 @click.argument("name", required=False)
 @click.option("--markdown", is_flag=True, help="The whole reference as Markdown (docs/ops.md).")

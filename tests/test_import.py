@@ -1,0 +1,203 @@
+"""`tvrecipe import`: mergekit configs become recipes that validate and run; what a recipe cannot
+express is refused with located errors, never dropped (mergekit itself is not needed here: the
+parity with its outputs is tests/test_mergekit_parity.py)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import FLOATING, read_tensors
+
+
+def write(cli, name: str, text: str) -> None:
+    cli.write(name, textwrap.dedent(text))
+
+
+def imported(cli, config: str, *extra: str) -> dict:
+    write(cli, "mk.yml", config)
+    res = cli.ok("import", "mk.yml", "-o", "r.yaml", *extra)
+    assert res.stdout.startswith("wrote r.yaml: ")
+    return yaml.safe_load((cli.root / "r.yaml").read_text())
+
+
+def test_ties_with_gradients_and_filters_becomes_readable_steps(make_models, cli, tmp_path):
+    make_models(("math", "code"))
+    recipe = imported(cli, """
+        merge_method: ties
+        base_model: ./ckpt/base
+        models:
+          - model: ./ckpt/base
+          - model: ./ckpt/math
+            parameters: {weight: [{filter: self_attn, value: 0.8}], density: 0.5}
+          - model: ./ckpt/code
+            parameters: {weight: {filter: mlp, value: [0.1, 0.9]}, density: [0.3]}
+        parameters: {weight: 0.3, lambda: 1.2, int8_mask: true}
+        dtype: float32
+        out_dtype: bfloat16
+    """)
+    assert recipe["models"] == {"base": "./ckpt/base", "math": "./ckpt/math",
+                                "code": "./ckpt/code"}
+    assert recipe["steps"] == {
+        "tv": {"op": "extract", "base": "base", "finetuned": ["math", "code"]},
+        # Densities differ: one trim per model; a one-number gradient is a number.
+        "sparse_math": {"op": "prune", "input": "tv.math", "density": 0.5},
+        "sparse_code": {"op": "prune", "input": "tv.code", "density": 0.3},
+        # Per-model rules without a default fall through to the shared weight, as in mergekit;
+        # a bare rule is a list of one; `filter` is written `match`.
+        "merged": {"op": "consensus", "inputs": ["sparse_math", "sparse_code"],
+                   "weights": [[{"match": "self_attn", "value": 0.8}, {"value": 0.3}],
+                               [{"match": "mlp", "value": [0.1, 0.9]}, {"value": 0.3}]],
+                   "majority": "total", "normalize": True},
+        "model": {"op": "apply", "base": "base", "delta": "merged", "scale": 1.2}}
+    assert recipe["outputs"] == {"model": {"from": "model", "path": "./merged",
+                                           "dtype": "bfloat16", "copy_files_from": "base"}}
+    assert recipe["settings"] == {"compute_dtype": "float32"}
+    cli.ok("run", "r.yaml")
+    assert set(read_tensors(tmp_path / "merged")) >= set(FLOATING)
+
+
+def test_task_arithmetic_is_extract_sum_apply_and_matches_the_math(make_models, cli, tmp_path):
+    ms = make_models(("math", "code"))
+    recipe = imported(cli, """
+        merge_method: task_arithmetic
+        base_model: ./ckpt/base
+        models:
+          - {model: ./ckpt/math, parameters: {weight: 0.5}}
+          - {model: ./ckpt/code, parameters: {weight: -0.25}}
+        parameters: {lambda: 0.8}
+    """, "--output-path", "out/ta")
+    assert [s["op"] for s in recipe["steps"].values()] == ["extract", "sum", "apply"]
+    assert recipe["outputs"]["model"]["path"] == "./out/ta"
+    cli.ok("run", "r.yaml")
+    got = read_tensors(tmp_path / "out" / "ta")
+    base = ms.f32("base")
+    for k in FLOATING:
+        want = base[k] + 0.8 * (0.5 * ms.delta("math")[k] - 0.25 * ms.delta("code")[k])
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7)
+
+
+EXPECTED_OPS = {
+    "dare_ties": ["extract", "dare", "consensus", "apply"],
+    "dare_linear": ["extract", "dare", "sum", "apply"],
+    "breadcrumbs": ["extract", "breadcrumbs", "sum", "apply"],
+    "breadcrumbs_ties": ["extract", "breadcrumbs", "consensus", "apply"],
+    "della": ["extract", "della", "consensus", "apply"],
+    "della_linear": ["extract", "della", "sum", "apply"],
+    "ties": ["extract", "prune", "consensus", "apply"],
+    "task_arithmetic": ["extract", "sum", "apply"],
+    "model_stock": ["extract", "model_stock", "apply"],
+    "linear": ["linear"],
+    "slerp": ["slerp"],
+}
+
+
+@pytest.mark.parametrize("method", list(EXPECTED_OPS))
+def test_each_method_imports_to_a_recipe_that_validates(make_models, cli, method):
+    make_models(("a", "b"))
+    if method == "slerp":
+        models, params = "[{model: ./ckpt/base}, {model: ./ckpt/a}]", "{t: [0, 1]}"
+    else:
+        models = ("[{model: ./ckpt/a, parameters: {weight: 1}}, "
+                  "{model: ./ckpt/b, parameters: {weight: 1}}]")
+        params = "{density: 0.5}" if method in GTA_SPARSE else "{}"
+        if method == "model_stock":
+            models = "[{model: ./ckpt/a}, {model: ./ckpt/b}]"
+    cli.write("mk.yml", f"merge_method: {method}\nbase_model: ./ckpt/base\n"
+                        f"models: {models}\nparameters: {params}\n")
+    cli.ok("import", "mk.yml", "-o", "r.yaml")
+    cli.ok("validate", "r.yaml")
+    steps = yaml.safe_load((cli.root / "r.yaml").read_text())["steps"]
+    assert [s["op"] for s in steps.values()] == EXPECTED_OPS[method]
+
+
+GTA_SPARSE = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+              "della_linear", "ties")
+
+
+def test_what_a_recipe_cannot_express_is_refused_and_located(cli):
+    write(cli, "mk.yml", """\
+        merge_method: tie
+        slices:
+          - sources: [{model: a, layer_range: [0, 4]}]
+        tokenizer_source: union
+        foo: 1
+    """)
+    res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml")
+    assert res.err_lines == [
+        "tvrecipe: recipe error:",
+        "mk.yml:1:1: merge_method: merge_method 'tie' is not imported (did you mean 'ties'?)",
+        ("mk.yml:2:1: slices: 'slices' is not imported: layer slices (passthrough, "
+         "frankenmerges) are not expressible in a recipe"),
+        ("mk.yml:4:1: tokenizer_source: tokenizer_source 'union' is not imported: only 'base' "
+         "(the base model's files)"),
+        "mk.yml:5:1: foo: unknown mergekit field 'foo'"]
+    assert not (cli.root / "r.yaml").exists()
+
+
+def test_parameters_are_checked_against_the_method(make_models, cli):
+    make_models(("math", "code"))
+    write(cli, "mk.yml", """\
+        merge_method: ties
+        base_model: ./ckpt/base
+        models:
+          - model: ./ckpt/math
+            parameters: {density: 0.5, wieght: 1}
+          - model: ./ckpt/code+./lora
+            parameters: {weight: 1}
+    """)
+    res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml")
+    assert res.err_lines[1:] == [
+        ("mk.yml:5:32: models[0].parameters.wieght: ties has no parameter 'wieght' (did you "
+         "mean 'weight'?)"),
+        ("mk.yml:6:5: models[1].model: './ckpt/code+./lora' names a model plus a LoRA "
+         "adapter, which is not imported (merge the adapter into its model first)")]
+    write(cli, "mk.yml", """\
+        merge_method: ties
+        base_model: ./ckpt/base
+        models:
+          - {model: ./ckpt/math, parameters: {density: 0.5}}
+          - {model: ./ckpt/code, parameters: {weight: [{filter: "*.mlp", value: 1}]}}
+    """)
+    res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml")
+    assert res.err_lines[1:] == [
+        ("mk.yml:4:5: models[0]: model './ckpt/math' has no 'weight' and the config sets none "
+         "for all models (ties needs a weight for every model)"),
+        ("mk.yml:5:49: models[1].parameters.weight[0].filter: filter '*.mlp' has a glob "
+         "character: mergekit matches it as a substring, a tvrecipe rule as a glob (use a "
+         "filter without '*', '?' and '[')")]
+
+
+@pytest.mark.parametrize("config, message", [
+    (("merge_method: slerp\nbase_model: ./ckpt/base\nmodels: [{model: ./ckpt/math}, "
+     "{model: ./ckpt/code}]\nparameters: {t: 0.5}\n"),
+     "mk.yml:3:1: models: slerp needs a base_model and exactly one other model, got 2 others"),
+    ("merge_method: ties\nmodels: [{model: ./ckpt/math, parameters: {weight: 1}}]\n",
+     ("mk.yml:1:1: merge_method: ties needs a base_model (task vectors are each model minus "
+      "the base)")),
+    ("merge_method: linear\nmodels: [{model: ./ckpt/math, parameters: {weight: abc}}]\n",
+     ("mk.yml:2:44: models[0].parameters.weight: a parameter must be a number, a list of "
+      "numbers (a gradient) or a list of {filter, value} rules, got 'abc'")),
+])
+def test_bad_method_inputs(make_models, cli, config, message):
+    make_models(("math", "code"))
+    cli.write("mk.yml", config)
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml").err_lines[1:] == [message]
+
+
+def test_an_existing_recipe_is_kept_unless_forced(make_models, cli):
+    make_models(("math",))
+    cli.write("r.yaml", "mine\n")
+    write(cli, "mk.yml", """\
+        merge_method: linear
+        models: [{model: ./ckpt/math, parameters: {weight: 1}}]
+    """)
+    res = cli.fails(4, "import", "mk.yml", "-o", "r.yaml")
+    assert res.err_lines[1:] == ["r.yaml exists; pass --force to replace it"]
+    assert (cli.root / "r.yaml").read_text() == "mine\n"
+    cli.ok("import", "mk.yml", "-o", "r.yaml", "--force")
+    assert "op: linear" in (cli.root / "r.yaml").read_text()
+    assert [p.name for p in cli.root.iterdir() if p.name.startswith(".r.yaml")] == []

@@ -1,0 +1,265 @@
+"""Parity with mergekit: `tvrecipe import` of a mergekit config, then `tvrecipe run`, gives the
+model mergekit itself writes (deterministic methods: within 1e-5 of the largest weight; DARE
+and DELLA: the same keep rate and scale, not the same bytes). Runs mergekit in-process; skipped
+when it is not installed (`pip install -e '.[bench]'`)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import read_tensors
+
+mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (bench extra)")
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+HIDDEN, INTER, VOCAB, LAYERS = 16, 24, 40, 4
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+          "intermediate_size": INTER, "num_attention_heads": 2, "num_key_value_heads": 2,
+          "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+          "tie_word_embeddings": False, "max_position_embeddings": 64,
+          "torch_dtype": "float32"}
+
+
+def llama_shapes() -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (HIDDEN,),
+                       p + "post_attention_layernorm.weight": (HIDDEN,),
+                       **{p + f"self_attn.{x}_proj.weight": (HIDDEN, HIDDEN) for x in "qkvo"},
+                       p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+                       p + "mlp.up_proj.weight": (INTER, HIDDEN),
+                       p + "mlp.down_proj.weight": (HIDDEN, INTER)})
+    shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A base and three fine-tunes of a 4-layer Llama, float32, with config.json."""
+    root = tmp_path_factory.mktemp("mk")
+    g = torch.Generator().manual_seed(11)
+    base = {n: (torch.ones(s) + 0.05 * torch.randn(s, generator=g)) if len(s) == 1
+            else 0.1 * torch.randn(s, generator=g) for n, s in llama_shapes().items()}
+    shared = {n: 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    for name, tensors in [("base", base)] + [
+            (f"ft{i}", {n: t + shared[n] + 0.02 * torch.randn(t.shape, generator=g)
+                        for n, t in base.items()}) for i in range(3)]:
+        folder = root / name
+        folder.mkdir()
+        save_file({n: t.contiguous() for n, t in tensors.items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(CONFIG))
+    return root
+
+
+def run_both(root: Path, tmp_path: Path, config: str, monkeypatch, cli
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+    """mergekit's output, tvrecipe's output and the imported recipe's text for one config."""
+    monkeypatch.chdir(root)
+    text = textwrap.dedent(config)
+    (tmp_path / "mk.yml").write_text(text)
+    mk_out = tmp_path / "mk-out"
+    run_merge(MergeConfiguration.model_validate(__import__("yaml").safe_load(text)),
+              str(mk_out), MergeOptions(copy_tokenizer=False, write_model_card=False,
+                                        quiet=True, lazy_unpickle=False))
+    res = cli("import", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "r.yaml"),
+              "--output-path", str(tmp_path / "tv-out"))
+    assert res.exit_code == 0, res.stderr
+    recipe = (tmp_path / "r.yaml").read_text()
+    res = cli("run", str(tmp_path / "r.yaml"), "-q")
+    assert res.exit_code == 0, res.stderr + recipe
+    return read_tensors(mk_out), read_tensors(tmp_path / "tv-out"), recipe
+
+
+def assert_parity(mk: dict, tv: dict, tol: float = 1e-5) -> None:
+    assert set(mk) == set(tv)
+    largest = max(float(t.abs().max()) for t in mk.values())
+    worst = max(float((mk[n].float() - tv[n].float()).abs().max()) for n in mk)
+    assert worst <= tol * largest, f"max |mergekit - tvrecipe| = {worst:.3g}"
+
+
+DETERMINISTIC = {
+    "linear": """
+        merge_method: linear
+        models:
+          - {model: ./ft0, parameters: {weight: 0.6}}
+          - {model: ./ft1, parameters: {weight: [0.1, 0.9]}}
+          - {model: ./ft2, parameters: {weight: [{filter: mlp, value: 0.5}, {value: 0.2}]}}
+        dtype: float32
+    """,
+    "linear-unnormalized": """
+        merge_method: linear
+        models:
+          - {model: ./base, parameters: {weight: 0.5}}
+          - {model: ./ft0, parameters: {weight: 0.3}}
+        parameters: {normalize: false}
+        dtype: float32
+    """,
+    "slerp": """
+        merge_method: slerp
+        base_model: ./base
+        models: [{model: ./base}, {model: ./ft0}]
+        parameters:
+          t:
+            - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}
+            - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}
+            - {value: 0.5}
+        dtype: float32
+    """,
+    "task_arithmetic": """
+        merge_method: task_arithmetic
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 0.5}}
+          - {model: ./ft1, parameters: {weight: [0.2, 0.8]}}
+          - {model: ./ft2, parameters: {weight: -0.3}}
+        parameters: {lambda: 0.9}
+        dtype: float32
+    """,
+    "task_arithmetic-normalized": """
+        merge_method: task_arithmetic
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 0.5}}
+          - {model: ./ft1, parameters: {weight: 0.25}}
+        parameters: {normalize: true}
+        dtype: float32
+    """,
+    "ties": """
+        merge_method: ties
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0, density: 0.5}}
+          - {model: ./ft1, parameters: {weight: 0.5, density: [0.2, 0.9]}}
+          - {model: ./ft2, parameters: {weight: 0.7, density: 0.29}}
+        parameters: {int8_mask: true}
+        dtype: float32
+    """,
+    "ties-shared-density": """
+        merge_method: ties
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0}}
+          - {model: ./ft1, parameters: {weight: 1.0}}
+        parameters:
+          density: [{filter: self_attn, value: 0.3}, {value: 0.7}]
+          normalize: false
+          lambda: 1.5
+        dtype: float32
+    """,
+    "breadcrumbs": """
+        merge_method: breadcrumbs
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0}}
+          - {model: ./ft1, parameters: {weight: 0.5}}
+        parameters: {density: 0.8, gamma: 0.05}
+        dtype: float32
+    """,
+    "breadcrumbs_ties": """
+        merge_method: breadcrumbs_ties
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0, density: 0.7, gamma: 0.02}}
+          - {model: ./ft1, parameters: {weight: 0.5, density: 0.9, gamma: 0.1}}
+          - {model: ./ft2, parameters: {weight: 0.8, density: 0.6, gamma: 0.0}}
+        parameters: {normalize: true}
+        dtype: float32
+    """,
+    "model_stock": """
+        merge_method: model_stock
+        base_model: ./base
+        models: [{model: ./ft0}, {model: ./ft1}, {model: ./ft2}]
+        dtype: float32
+    """,
+    "model_stock-filter_wise": """
+        merge_method: model_stock
+        base_model: ./base
+        models: [{model: ./ft0}, {model: ./ft1}, {model: ./ft2}]
+        parameters: {filter_wise: true}
+        dtype: float32
+    """,
+}
+
+
+@pytest.mark.parametrize("name", list(DETERMINISTIC))
+def test_imported_recipe_gives_mergekits_model(name, models, tmp_path, monkeypatch, cli):
+    mk, tv, _recipe = run_both(models, tmp_path, DETERMINISTIC[name], monkeypatch, cli)
+    assert_parity(mk, tv)
+
+
+RANDOM = {
+    "dare_ties": ("""
+        merge_method: dare_ties
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0, density: 0.3}}
+          - {model: ./ft1, parameters: {weight: 1.0, density: 0.3}}
+        dtype: float32
+    """, 0.3),
+    "dare_linear": ("""
+        merge_method: dare_linear
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0, density: 0.4}}
+        dtype: float32
+    """, 0.4),
+    "della": ("""
+        merge_method: della
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0, density: 0.4, epsilon: 0.2}}
+        dtype: float32
+    """, 0.4),
+    "della_linear": ("""
+        merge_method: della_linear
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}}
+        parameters: {rescale: false}
+        dtype: float32
+    """, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(RANDOM))
+def test_random_methods_keep_what_mergekit_keeps(name, models, tmp_path, monkeypatch, cli):
+    """Masks are random in both (mergekit draws from torch's global generator): compare the
+    keep rate of each matrix and the L1 norm of the kept delta (what `rescale` preserves)."""
+    config, density = RANDOM[name]
+    mk, tv, _recipe = run_both(models, tmp_path, config, monkeypatch, cli)
+    base = read_tensors(models / "base")
+    for n, t in base.items():
+        if t.dim() != 2:
+            continue
+        d_mk, d_tv = mk[n] - t, tv[n] - t
+        rate_mk = float((d_mk != 0).float().mean())
+        rate_tv = float((d_tv != 0).float().mean())
+        # One fine-tune (or agreeing pairs): about `density` of the entries survive.
+        assert abs(rate_mk - rate_tv) < 0.12, (n, rate_mk, rate_tv)
+        if name != "dare_ties":
+            assert abs(rate_tv - density) < 0.12, (n, rate_tv)
+        ratio = float(d_tv.abs().sum() / d_mk.abs().sum())
+        assert 0.75 < ratio < 1.33, (n, ratio)
+
+
+def test_the_recipe_reads_naturally_and_says_where_values_came_from(models, tmp_path,
+                                                                     monkeypatch, cli):
+    _mk, _tv, recipe = run_both(models, tmp_path, DETERMINISTIC["ties"], monkeypatch, cli)
+    lines = recipe.splitlines()
+    assert lines[0].startswith("# Imported by `tvrecipe import` from the mergekit config ")
+    steps = [line.split(":")[0].strip() for line in lines
+             if line.startswith("  ") and not line.strip().startswith("#")
+             and "{op:" in line]
+    assert steps == ["tv", "sparse_ft0", "sparse_ft1", "sparse_ft2", "merged", "model"]
+    assert "# density from models[].parameters" in recipe
+    assert "{op: consensus, inputs: [sparse_ft0, sparse_ft1, sparse_ft2]" in recipe

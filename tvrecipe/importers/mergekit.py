@@ -1,0 +1,451 @@
+"""Convert a mergekit config into a tvrecipe recipe (``tvrecipe import``): one step per stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvrecipe.errors import Problem, RecipeError
+from tvrecipe.spec.load import did_you_mean
+from tvrecipe.spec.pertensor import GLOB_CHARS
+from tvrecipe.spec.yamlsource import SourceMap, load_yaml
+
+
+@dataclass(frozen=True)
+class _Method:
+    """A mergekit method of the generalized task arithmetic family (sparsify, then combine)."""
+
+    sparsify: str | None      # tvrecipe op of the sparsifier, or None
+    consensus: bool           # sign election (mergekit's ConsensusMethod.sum)
+    normalize: bool           # mergekit's default for `normalize`
+    rescale: bool             # mergekit's default for `rescale`
+    extra: tuple[tuple[str, float], ...] = ()   # per-model parameters beyond weight, density
+
+
+# mergekit 0.1.5's registry (merge_methods/registry.py), in tvrecipe's terms.
+GTA = {
+    "task_arithmetic": _Method(None, False, False, False),
+    "ties": _Method("prune", True, True, False),
+    "dare_ties": _Method("dare", True, False, True),
+    "dare_linear": _Method("dare", False, False, True),
+    "breadcrumbs": _Method("breadcrumbs", False, False, False, (("gamma", 0.01),)),
+    "breadcrumbs_ties": _Method("breadcrumbs", True, False, False, (("gamma", 0.01),)),
+    "della": _Method("della", True, True, True, (("epsilon", 0.15),)),
+    "della_linear": _Method("della", False, False, True, (("epsilon", 0.15),)),
+}
+METHODS = (*GTA, "linear", "slerp", "model_stock")
+# Parameters mergekit reads per method (shared ones and per-model ones alike).
+_PARAMS = {
+    **{m: {"weight", "density", "normalize", "rescale", "lambda", "int8_mask",
+           *(k for k, _ in g.extra)} for m, g in GTA.items()},
+    "linear": {"weight", "normalize"},
+    "slerp": {"t"},
+    "model_stock": {"filter_wise"},
+}
+_UNSUPPORTED = {
+    "slices": "layer slices (passthrough, frankenmerges) are not expressible in a recipe",
+    "modules": "per-module configs are not expressible in a recipe",
+    "tokenizer": "tokenizer surgery is not supported; merge models that share a vocabulary",
+    "chat_template": "chat templates are not written; copy one into the output by hand",
+}
+_NAME_RE = re.compile(r"[^A-Za-z0-9_\-]+")
+# Strings written without quotes: names, references and paths YAML reads back as the same text.
+_PLAIN = re.compile(r"^[A-Za-z_./][A-Za-z0-9_./\-]*$")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+@dataclass
+class _Model:
+    name: str
+    path: str
+    where: tuple
+    parameters: dict[str, Any] = field(default_factory=dict)
+    listed: bool = False   # the base model, listed among `models` too
+
+
+class _Importer:
+    def __init__(self, data: Any, smap: SourceMap, source: Path, recipe: Path,
+                 output_path: str | None):
+        self.data = data
+        self.smap = smap
+        self.source = source
+        self.recipe = recipe
+        self.output_path = output_path
+        self.problems: list[Problem] = []
+        self.names: set[str] = set()
+
+    def problem(self, where: tuple, message: str, hint: str | None = None) -> None:
+        self.problems.append(self.smap.problem(where, message, hint))
+        self.problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+
+    # ---- values --------------------------------------------------------------------------
+    def value(self, raw: Any, where: tuple) -> Any:
+        """A mergekit parameter setting as a tvrecipe per-tensor value (None if invalid)."""
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, (int, float)):
+            return raw
+        if isinstance(raw, dict):
+            raw = [raw]  # mergekit accepts one bare rule
+        if isinstance(raw, list) and raw and all(isinstance(v, (int, float))
+                                                  and not isinstance(v, bool) for v in raw):
+            return raw[0] if len(raw) == 1 else list(raw)
+        if isinstance(raw, list) and raw and all(isinstance(v, dict) for v in raw):
+            rules = []
+            for i, rule in enumerate(raw):
+                unknown = sorted(set(rule) - {"filter", "value"})
+                if unknown or "value" not in rule:
+                    self.problem((*where, i), f"a conditional parameter has keys "
+                                              f"{sorted(rule)}", "write {filter: ..., value: ...}")
+                    return None
+                pattern = rule.get("filter")
+                value = self.value(rule["value"], (*where, i, "value"))
+                if value is None or isinstance(value, list) and value and \
+                        isinstance(value[0], dict):
+                    return None
+                if pattern in (None, "", "*"):
+                    rules.append({"value": value})
+                    break  # mergekit never reaches the rules after a catch-all
+                if set(str(pattern)) & GLOB_CHARS:
+                    self.problem((*where, i, "filter"),
+                                 f"filter {pattern!r} has a glob character: mergekit matches it "
+                                 "as a substring, a tvrecipe rule as a glob",
+                                 "use a filter without '*', '?' and '['")
+                    return None
+                rules.append({"match": str(pattern), "value": value})
+            return rules
+        self.problem(where, f"a parameter must be a number, a list of numbers (a gradient) or "
+                            f"a list of {{filter, value}} rules, got {raw!r}")
+        return None
+
+    @staticmethod
+    def merged(own: Any, shared: Any) -> Any:
+        """A per-model value that falls through to the shared one where its rules miss."""
+        if isinstance(own, list) and own and isinstance(own[0], dict) and \
+                "match" in own[-1] and shared is not None:
+            return own + (shared if isinstance(shared, list) and shared
+                          and isinstance(shared[0], dict) else [{"value": shared}])
+        return own
+
+    # ---- models --------------------------------------------------------------------------
+    def model_path(self, raw: Any, where: tuple) -> str | None:
+        if isinstance(raw, dict):
+            if raw.get("lora"):
+                self.problem((*where, "lora"), "LoRA adapters in mergekit configs are not "
+                                               "imported", "merge the adapter into its model "
+                                                           "first, or list the merged model")
+                return None
+            raw = raw.get("model", {}).get("path") if isinstance(raw.get("model"), dict) \
+                else raw.get("model") or raw.get("path")
+        if not isinstance(raw, str) or not raw:
+            self.problem(where, f"a model must be a path, got {raw!r}")
+            return None
+        if "+" in raw and not Path(raw).exists():
+            self.problem(where, f"{raw!r} names a model plus a LoRA adapter, which is not "
+                                "imported", "merge the adapter into its model first")
+            return None
+        path = Path(raw).expanduser()
+        if not path.is_absolute() and not (Path.cwd() / path).exists() and \
+                raw.count("/") == 1 and not raw.startswith("."):
+            return raw  # a hub id: kept as written, the recipe needs a local copy
+        absolute = path if path.is_absolute() else Path.cwd() / path
+        rel = os.path.relpath(absolute, self.recipe.resolve().parent)
+        return rel if rel.startswith("..") or os.path.isabs(rel) else "./" + rel
+
+    def name_for(self, path: str, wanted: str | None = None) -> str:
+        stem = wanted or Path(path.rstrip("/")).name or "model"
+        name = _NAME_RE.sub("_", stem).strip("_-") or "model"
+        if not re.match(r"[A-Za-z_]", name):
+            name = "m_" + name
+        base, i = name, 2
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    # ---- conversion ----------------------------------------------------------------------
+    def run(self) -> str:
+        data = self.data
+        if not isinstance(data, dict):
+            self.problem((), "a mergekit config is a YAML mapping")
+            raise RecipeError(self.problems)
+        for key, why in _UNSUPPORTED.items():
+            if data.get(key):
+                self.problem((key,), f"'{key}' is not imported: {why}")
+        known = {"models", "merge_method", "base_model", "dtype", "out_dtype", "parameters",
+                 "tokenizer_source", "name", *_UNSUPPORTED}
+        for key in data:
+            if key not in known:
+                self.problem((key,), f"unknown mergekit field {key!r}",
+                             did_you_mean(key, known))
+        method = data.get("merge_method")
+        if method not in METHODS:
+            self.problem(("merge_method",), f"merge_method {method!r} is not imported",
+                         did_you_mean(str(method), METHODS)
+                         or "supported: " + ", ".join(METHODS))
+        tok = data.get("tokenizer_source")
+        if tok not in (None, "base"):
+            self.problem(("tokenizer_source",), f"tokenizer_source {tok!r} is not imported: "
+                                                "only 'base' (the base model's files)")
+        if self.problems:
+            raise RecipeError(self.problems)
+        base = None
+        if data.get("base_model") is not None:
+            path = self.model_path(data["base_model"], ("base_model",))
+            if path is not None:
+                base = _Model(self.name_for(path, "base"), path, ("base_model",))
+        models: list[_Model] = []
+        for i, entry in enumerate(data.get("models") or []):
+            where = ("models", i)
+            if not isinstance(entry, dict) or "model" not in entry:
+                self.problem(where, "a models entry is {model: PATH, parameters: {...}}")
+                continue
+            path = self.model_path(entry["model"], (*where, "model"))
+            if path is None:
+                continue
+            params = entry.get("parameters") or {}
+            if base is not None and path == base.path:
+                # mergekit lists the base among the models at times: an input of linear and
+                # slerp, never a task vector of its own.
+                base.parameters, base.listed, base.where = params, True, where
+                continue
+            models.append(_Model(self.name_for(path), path, where, params))
+        if not models and not self.problems:
+            self.problem(("models",), "no models to merge")
+        shared = data.get("parameters") or {}
+        allowed = _PARAMS.get(method, set())
+        for where, params in [(("parameters",), shared)] + [
+                ((*m.where, "parameters"), m.parameters) for m in models]:
+            for key in params:
+                if key not in allowed:
+                    self.problem((*where, key), f"{method} has no parameter {key!r}",
+                                 did_you_mean(key, allowed) or
+                                 "its parameters: " + ", ".join(sorted(allowed)))
+        if self.problems:
+            raise RecipeError(self.problems)
+        writer = _Writer(self, method, base, models, shared)
+        text = writer.write()
+        if self.problems:
+            raise RecipeError(self.problems)
+        return text
+
+
+def _fmt(value: Any) -> str:
+    """A value as YAML flow text."""
+    if value is None:  # only after a problem was reported: the text is not written
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        plain = _PLAIN.match(value) and value.lower() not in _YAML_WORDS
+        return value if plain else json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+
+
+class _Writer:
+    def __init__(self, imp: _Importer, method: str, base: _Model | None, models: list[_Model],
+                 shared: dict[str, Any]):
+        self.imp = imp
+        self.method = method
+        self.base = base
+        self.models = models
+        self.shared = shared
+        self.steps: list[tuple[str, str, str]] = []   # (name, flow mapping, comment)
+
+    def shared_value(self, key: str, default: Any) -> tuple[Any, str]:
+        if key in self.shared:
+            return self.imp.value(self.shared[key], ("parameters", key)), f"parameters.{key}"
+        return default, f"mergekit's default for {self.method}"
+
+    def per_model(self, key: str, default: Any, required: bool = False
+                  ) -> tuple[dict[str, Any], str]:
+        """Each model's value of a per-model parameter, and where it came from."""
+        shared = None
+        if key in self.shared:
+            shared = self.imp.value(self.shared[key], ("parameters", key))
+        values, sources = {}, set()
+        for m in self.models:
+            if key in m.parameters:
+                own = self.imp.value(m.parameters[key], (*m.where, "parameters", key))
+                values[m.name] = self.merged(own, shared)
+                sources.add("models[].parameters")
+            elif shared is not None:
+                values[m.name] = shared
+                sources.add("parameters")
+            elif required:
+                self.imp.problem(m.where, f"model {m.path!r} has no '{key}' and the config "
+                                          f"sets none for all models",
+                                 f"{self.method} needs a {key} for every model")
+            else:
+                values[m.name] = default
+                sources.add("default")
+        return values, key + " from " + ", ".join(sorted(sources))
+
+    merged = staticmethod(_Importer.merged)
+
+    def add(self, name: str, fields: dict[str, Any], comment: str) -> str:
+        self.steps.append((name, _fmt(fields), comment))
+        return name
+
+    def write(self) -> str:
+        method = self.method
+        names = [m.name for m in self.models]
+        out_node = "model"
+        if method == "linear":
+            inputs = ([self.base] if self.base and self.base.listed else []) + self.models
+            self.models = inputs
+            weights, src = self.per_model("weight", None, required=True)
+            normalize, nsrc = self.shared_value("normalize", True)
+            self.add("model", {"op": "linear", "inputs": [m.name for m in inputs],
+                               "weights": [weights.get(m.name) for m in inputs],
+                               "normalize": normalize}, f"{src}; normalize: {nsrc}")
+        elif method == "slerp":
+            if self.base is None or len(self.models) != 1:
+                self.imp.problem(("models",), "slerp needs a base_model and exactly one other "
+                                              f"model, got {len(self.models)} others")
+                return ""
+            t, src = self.shared_value("t", None)
+            own = self.models[0].parameters.get("t")
+            if own is not None:
+                t = self.imp.value(own, (*self.models[0].where, "parameters", "t"))
+                src = "models[].parameters.t"
+            if t is None:
+                self.imp.problem(("parameters",), "slerp needs a 't' parameter")
+                return ""
+            self.add("model", {"op": "slerp", "a": self.base.name, "b": names[0], "t": t},
+                     f"t from {src}; t = 0 is base_model")
+        else:
+            if self.base is None:
+                self.imp.problem(("merge_method",), f"{method} needs a base_model (task vectors "
+                                                    "are each model minus the base)")
+                return ""
+            self.add("tv", {"op": "extract", "base": self.base.name, "finetuned": names},
+                     "task vectors: each model minus base_model")
+            if method == "model_stock":
+                if len(names) < 2:
+                    self.imp.problem(("models",), "model_stock needs at least 2 models besides "
+                                                  "the base")
+                fw, src = self.shared_value("filter_wise", False)
+                self.add("stock", {"op": "model_stock", "inputs": "tv", "filter_wise": fw},
+                         f"t·mean of the task vectors; filter_wise: {src}")
+                self.add("model", {"op": "apply", "base": self.base.name, "delta": "stock"},
+                         "θ₀ + t·mean(τ) = t·mean(θ) + (1 − t)·θ₀")
+            else:
+                self.gta(GTA[method], names)
+        return self.text(out_node)
+
+    def gta(self, m: _Method, names: list[str]) -> None:
+        weights, wsrc = self.per_model("weight", None, required=True)
+        density, dsrc = self.per_model("density", 1.0)
+        normalize, nsrc = self.shared_value("normalize", m.normalize)
+        rescale, rsrc = self.shared_value("rescale", m.rescale)
+        lam, lsrc = self.shared_value("lambda", 1.0)
+        extra = {k: self.per_model(k, d) for k, d in m.extra}
+        inputs: Any = "tv"
+        sparse = m.sparsify is not None and any(v != 1 and v != 1.0 for v in density.values())
+        if sparse:
+            def fields(member: str) -> dict[str, Any]:
+                f: dict[str, Any] = {"density": density[member]}
+                f.update({k: vals[member] for k, (vals, _s) in extra.items()})
+                if m.sparsify == "dare":
+                    f["rescale"] = "l1" if rescale else False
+                elif rescale:
+                    f["rescale"] = True
+                elif m.sparsify == "della":
+                    f["rescale"] = False
+                return f
+
+            per = {n: fields(n) for n in names}
+            comment = "; ".join([dsrc, *(s for _v, s in extra.values()),
+                                 f"rescale: {rsrc} (mergekit's rescale keeps the L1 norm)"])
+            if all(per[n] == per[names[0]] for n in names):
+                inputs = self.add("sparse", {"op": m.sparsify, "input": "tv", **per[names[0]]},
+                                  comment)
+            else:
+                inputs = [self.add(f"sparse_{n}", {"op": m.sparsify, "input": f"tv.{n}",
+                                                   **per[n]}, comment) for n in names]
+        # A list weighs a list of inputs; a set (tv, sparse) is weighed by member name.
+        w_list: Any = ([weights.get(n) for n in names] if isinstance(inputs, list)
+                       else {n: weights.get(n) for n in names})
+        if m.consensus or normalize:
+            fields = {"op": "consensus", "inputs": inputs, "weights": w_list,
+                      "majority": "total" if m.consensus else "none", "normalize": normalize}
+            how = "sign election (TIES) and " if m.consensus else ""
+            self.add("merged", fields, f"{how}weights: {wsrc}; normalize: {nsrc}")
+        else:
+            self.add("merged", {"op": "sum", "inputs": inputs, "weights": w_list},
+                     f"Σ weight·τ; weights: {wsrc}")
+        self.add("model", {"op": "apply", "base": self.base.name, "delta": "merged",
+                           "scale": lam}, f"θ₀ + λ·merged; λ: {lsrc}")
+
+    def text(self, out_node: str) -> str:
+        imp, data = self.imp, self.imp.data
+        rel_source = os.path.relpath(imp.source.resolve(), imp.recipe.resolve().parent)
+        lines = [f"# Imported by `tvrecipe import` from the mergekit config {rel_source}",
+                 f"# (merge_method: {self.method}). Values say in comments where they came from.",
+                 "tvrecipe: 1", f"name: {_fmt(imp.source.stem)}",
+                 f"description: {_fmt('mergekit ' + self.method + ' merge')}"]
+        dtype = data.get("dtype")
+        compute = "float64" if dtype == "float64" else "float32"
+        note = (f"  # mergekit dtype: {dtype}; tvrecipe computes in float32 or float64"
+                if dtype not in (None, "float32", "float64") else "")
+        lines += ["settings:", f"  compute_dtype: {compute}{note}", "models:"]
+        models = ([self.base] if self.base else []) + [
+            m for m in self.models if m is not self.base]
+        for m in models:
+            note = "  # base_model" if m is self.base else ""
+            if not m.path.startswith((".", "/")) and m.path.count("/") == 1:
+                note += "  # a hub id: download it and write its local folder here"
+            lines.append(f"  {m.name}: {_fmt(m.path)}{note}")
+        lines.append("steps:")
+        width = max(len(n) for n, _f, _c in self.steps)
+        for name, flow, comment in self.steps:
+            lines.append(f"  {name + ':':<{width + 1}} {flow}")
+            lines.append(f"  {'':<{width + 1}} # {comment}")
+        out_dtype = data.get("out_dtype") or dtype
+        out = {"from": out_node, "path": self.output_path()}
+        if out_dtype in ("float32", "float16", "bfloat16", "float64"):
+            out["dtype"] = out_dtype
+        if self.base is not None:
+            out["copy_files_from"] = self.base.name
+        elif self.models:
+            out["copy_files_from"] = self.models[0].name
+        note = "  # dtype: out_dtype, else dtype; files (config, tokenizer) from base_model"
+        lines += ["outputs:", f"  model: {_fmt(out)}{note}"]
+        return "\n".join(lines) + "\n"
+
+    def output_path(self) -> str:
+        if self.imp.output_path is None:
+            return "./merged"
+        target = Path(self.imp.output_path).expanduser()
+        if not target.is_absolute():
+            target = Path.cwd() / target
+        rel = os.path.relpath(target, self.imp.recipe.resolve().parent)
+        return rel if rel.startswith("..") or os.path.isabs(rel) else "./" + rel
+
+
+def import_mergekit(config: str | Path, recipe: str | Path,
+                    output_path: str | None = None) -> str:
+    """The text of a recipe that computes what the mergekit ``config`` does.
+
+    Args:
+        config: A mergekit YAML config.
+        recipe: Where the recipe will be written (paths in it are relative to its folder).
+        output_path: The merged model's folder (default ``./merged`` beside the recipe).
+
+    Raises:
+        RecipeError: with every field that cannot be imported, located in the config.
+    """
+    config = Path(config)
+    data, smap, problems = load_yaml(config)
+    if problems:
+        raise RecipeError(problems)
+    return _Importer(data, smap, config, Path(recipe), output_path).run()
