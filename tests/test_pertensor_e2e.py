@@ -93,9 +93,7 @@ def test_plan_shows_resolved_values_and_unmatched_rules(cli, tmp_path):
         "      model.layers.2.mlp.up_proj.weight       1",
         "      lm_head.weight                          0"]
     assert section[10] == "  merged.weights[b] = 'typo': 1; else: 0.25"
-    assert section[19] == ("  warning: r.yaml:5:43: steps.merged.weights[b]: rule [0] matches no "
-                           "tensor of the model")
-    assert section[20:29] == [
+    assert section[19:28] == [
         "  model.scale = '*.self_attn.*': 2; 'mlp': [1, 0]; else: 0.5",
         "      model.embed_tokens.weight               0.5",
         "      model.layers.0.self_attn.q_proj.weight  2",
@@ -105,6 +103,8 @@ def test_plan_shows_resolved_values_and_unmatched_rules(cli, tmp_path):
         "      model.layers.2.self_attn.q_proj.weight  2",
         "      model.layers.2.mlp.up_proj.weight       0",
         "      lm_head.weight                          0.5"]
+    assert section[28:] == [("  warning: r.yaml:5:43: steps.merged.weights[b]: rule [0] matches "
+                             "no tensor of the model"), ""]
 
 
 def test_changing_one_rule_reruns_only_the_steps_that_use_it(cli, tmp_path):
@@ -135,3 +135,37 @@ def test_rules_without_a_default_that_miss_a_tensor_fail_with_the_step_and_tenso
         "'lm_head.weight' and the rules have no default; end the rules with a default "
         "{value: ...}")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_validate_warns_of_rules_that_match_no_tensor(cli, tmp_path):
+    make(tmp_path)
+    cli.write("r.yaml", RECIPE.format(b_weight='[{match: "typo", value: 1}, {value: 0.25}]'))
+    res = cli.ok("validate", "r.yaml")
+    assert res.stdout == "r.yaml: ok (3 steps, 1 outputs)\n"
+    assert res.stderr == ("warning: r.yaml:5:43: steps.merged.weights[b]: rule [0] matches no "
+                          "tensor of the model\n")
+    # Without the checkpoints there are no tensor names to check against: no warning.
+    import shutil
+    shutil.rmtree(tmp_path / "ckpt")
+    assert cli.ok("validate", "r.yaml").stderr == ""
+
+
+def test_a_list_where_one_value_belongs_says_which_fields_vary_by_tensor(cli, tmp_path):
+    make(tmp_path)
+    cli.write("r.yaml", """\
+tvrecipe: 1
+models: {base: ./ckpt/base, a: ./ckpt/a, b: ./ckpt/b}
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b]}
+  basis: {op: cluster_basis, inputs: tv, k: [1, 2]}
+  merged: {op: ties, inputs: tv, density: 0.5, majority: [total]}
+outputs:
+  m: {from: merged, path: ./out/m}
+""")
+    res = cli.fails(2, "validate", "r.yaml")
+    assert res.err_lines[1:] == [
+        ("r.yaml:5:42: steps.basis.k: 'k' takes one value, not a list (this op takes no "
+         "values that vary by tensor)"),
+        ("r.yaml:6:48: steps.merged.majority: 'majority' takes one value, not a list (a value "
+         "that varies by tensor (a layer gradient or rules) is accepted by 'density', "
+         "'weights')")]

@@ -116,11 +116,31 @@ def _compile(recipe: str, targets: tuple[str, ...] = ()):
     return load_and_compile(recipe, targets)
 
 
+def _rule_warnings(compiled) -> list[str]:
+    """Per-tensor rules that match no tensor, when the recipe has rules and its models'
+    headers can be read (validate works without the checkpoints, and then says nothing)."""
+    from tvrecipe.errors import InputError
+    from tvrecipe.plan.summary import per_tensor_params, rule_warnings
+    from tvrecipe.plan.tensors import build_tensor_plan
+    if not any(isinstance(v, list) and v and isinstance(v[0], dict)
+               for *_rest, v in per_tensor_params(compiled)):
+        return []
+    try:
+        plan = build_tensor_plan(compiled)
+    except InputError:
+        return []
+    try:
+        return rule_warnings(compiled, list(plan.tensors))
+    finally:
+        plan.close()
+
+
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @handle_errors
 def validate(recipes: tuple[str, ...]) -> None:
-    """Check recipes: schema, references, kinds, cycles. Reads no tensor data."""
+    """Check recipes: schema, references, kinds, cycles; reads no tensor data (only the
+    models' headers, to warn of per-tensor rules that match no tensor)."""
     from tvrecipe.errors import RecipeError
     failed: list[RecipeError] = []
     for recipe in recipes:
@@ -133,6 +153,8 @@ def validate(recipes: tuple[str, ...]) -> None:
         note = f"; unused steps: {', '.join(compiled.unused)}" if compiled.unused else ""
         click.echo(f"{recipe}: ok ({len(compiled.steps)} steps, "
                    f"{len(compiled.outputs)} outputs{note})")
+        for warning in _rule_warnings(compiled):
+            click.echo(warning, err=True)
     if failed:
         sys.exit(failed[0].exit_code)
 

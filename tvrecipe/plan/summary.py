@@ -105,14 +105,8 @@ def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _per_tensor_values(compiled: Compiled, plan: TensorPlan) -> list[str]:
-    """Parameters that vary by tensor, resolved for a few representative tensors, and rules
-    whose pattern matches no tensor of the model (likely a typo)."""
-    names = list(plan.tensors)
-    layers = pertensor.layer_counts(names)
-    shown = pertensor.representative_tensors(names)
-    width = max((len(t) for t in shown), default=0)
-    lines: list[str] = []
+def per_tensor_params(compiled: Compiled):
+    """``(step, field, label, value)`` of every parameter whose value varies by tensor."""
     for step_name, step in compiled.steps.items():
         for field in step.spec.per_tensor:
             if field == step.spec.weighted or field == "weights":
@@ -122,20 +116,39 @@ def _per_tensor_values(compiled: Compiled, plan: TensorPlan) -> list[str]:
             else:
                 labelled = [(field, step.spec.model_dump(mode="json")[field])]
             for label, value in labelled:
-                if value is None or pertensor.is_scalar(value):
-                    continue
-                lines.append(f"  {step_name}.{label} = {pertensor.describe(value)}")
-                for t in shown:
-                    try:
-                        got = f"{pertensor.value_at(value, t, layers):.6g}"
-                    except LookupError:
-                        got = "no rule matches"
-                    lines.append(f"      {t:<{width}}  {got}")
-                for i in pertensor.unmatched_rules(value, names):
-                    line, col = compiled.loaded.source.locate(("steps", step_name, field))
-                    where = f"{compiled.loaded.path.name}:{line}:{col}: " if line else ""
-                    lines.append(f"  warning: {where}steps.{step_name}.{label}: rule [{i}] "
-                                 "matches no tensor of the model")
+                if value is not None and not pertensor.is_scalar(value):
+                    yield step_name, field, label, value
+
+
+def rule_warnings(compiled: Compiled, tensor_names: list[str]) -> list[str]:
+    """Rules whose pattern matches no tensor of the model (likely a typo), located."""
+    out = []
+    for step_name, field, label, value in per_tensor_params(compiled):
+        for i in pertensor.unmatched_rules(value, tensor_names):
+            line, col = compiled.loaded.source.locate(("steps", step_name, field))
+            where = f"{compiled.loaded.path.name}:{line}:{col}: " if line else ""
+            out.append(f"warning: {where}steps.{step_name}.{label}: rule [{i}] matches no "
+                       "tensor of the model")
+    return out
+
+
+def _per_tensor_values(compiled: Compiled, plan: TensorPlan) -> list[str]:
+    """Parameters that vary by tensor, resolved for a few representative tensors, and rules
+    whose pattern matches no tensor of the model."""
+    names = list(plan.tensors)
+    layers = pertensor.layer_counts(names)
+    shown = pertensor.representative_tensors(names)
+    width = max((len(t) for t in shown), default=0)
+    lines: list[str] = []
+    for step_name, _field, label, value in per_tensor_params(compiled):
+        lines.append(f"  {step_name}.{label} = {pertensor.describe(value)}")
+        for t in shown:
+            try:
+                got = f"{pertensor.value_at(value, t, layers):.6g}"
+            except LookupError:
+                got = "no rule matches"
+            lines.append(f"      {t:<{width}}  {got}")
+    lines += [f"  {w}" for w in rule_warnings(compiled, names)]
     return ["", "per-tensor values (resolved for representative tensors):", *lines] if lines \
         else []
 

@@ -56,6 +56,15 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+_BRANCHES = {"int", "str", "float", "bool", "literal['auto']", "EnergyRank"}
+
+
+def _branch_only(loc: tuple) -> bool:
+    """True when ``loc`` names only a union's branches (``int``, ``list[str]``, ...), no key."""
+    return all(isinstance(p, str) and ("[" in p or p.startswith(("constrained-", "function-"))
+                                       or p in _BRANCHES) for p in loc)
+
+
 def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
              smap: SourceMap) -> list[Problem]:
     problems = []
@@ -80,6 +89,15 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
                 info = next((f for f in model.model_fields.values() if f.alias == field), None)
             if info is not None and info.description:
                 hint = info.description
+        elif (isinstance(err.get("input"), list) and hasattr(model, "accepts")
+              and loc and loc[0] in model.model_fields and _branch_only(loc[1:])
+              and loc[0] not in model.per_tensor and loc[0] not in model.accepts):
+            field = loc[0]
+            message = f"'{field}' takes one value, not a list"
+            varying = [f for f in model.per_tensor if f != field]
+            hint = ("a value that varies by tensor (a layer gradient or rules) is accepted by "
+                    + ", ".join(f"'{f}'" for f in varying) if varying else
+                    "this op takes no values that vary by tensor")
         elif kind == "literal_error":
             message = f"{err['msg']}, got {err['input']!r}"
             expected = re.findall(r"'([^']*)'", err["msg"])
@@ -91,9 +109,7 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             if "input" in err and not isinstance(err["input"], (dict, list)):
                 message += f", got {err['input']!r}"
         # A union's branch names (e.g. 'int', 'list[str]') are not keys the user wrote.
-        clean = tuple(p for p in path if not (isinstance(p, str) and (
-            "[" in p or p.startswith(("constrained-", "function-")) or p in {
-                "int", "str", "float", "bool", "literal['auto']", "EnergyRank"})))
+        clean = tuple(p for p in path if not _branch_only((p,)))
         problems.append(smap.problem(clean, message, hint))
     # A union reports one error per branch: where a branch said something specific, the
     # others' "Input should be a valid <type>" only add noise.
