@@ -70,7 +70,7 @@ def run_both(root: Path, tmp_path: Path, config: str, monkeypatch, cli
     mk_out = tmp_path / "mk-out"
     run_merge(MergeConfiguration.model_validate(__import__("yaml").safe_load(text)),
               str(mk_out), MergeOptions(copy_tokenizer=False, write_model_card=False,
-                                        quiet=True, lazy_unpickle=False))
+                                        quiet=True, lazy_unpickle=False, random_seed=0))
     res = cli("import", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "r.yaml"),
               "--output-path", str(tmp_path / "tv-out"))
     assert res.exit_code == 0, res.stderr
@@ -233,23 +233,23 @@ RANDOM = {
 
 @pytest.mark.parametrize("name", list(RANDOM))
 def test_random_methods_keep_what_mergekit_keeps(name, models, tmp_path, monkeypatch, cli):
-    """Masks are random in both (mergekit draws from torch's global generator): compare the
-    keep rate of each matrix and the L1 norm of the kept delta (what `rescale` preserves)."""
+    """Masks are random in both (mergekit draws from torch's global generator, seeded here so
+    the test is repeatable): over every matrix of the model (10k entries), compare the keep
+    rate and the L1 norm of the kept delta (what `rescale` preserves)."""
     config, density = RANDOM[name]
     mk, tv, _recipe = run_both(models, tmp_path, config, monkeypatch, cli)
     base = read_tensors(models / "base")
-    for n, t in base.items():
-        if t.dim() != 2:
-            continue
-        d_mk, d_tv = mk[n] - t, tv[n] - t
-        rate_mk = float((d_mk != 0).float().mean())
-        rate_tv = float((d_tv != 0).float().mean())
-        # One fine-tune (or agreeing pairs): about `density` of the entries survive.
-        assert abs(rate_mk - rate_tv) < 0.12, (n, rate_mk, rate_tv)
-        if name != "dare_ties":
-            assert abs(rate_tv - density) < 0.12, (n, rate_tv)
-        ratio = float(d_tv.abs().sum() / d_mk.abs().sum())
-        assert 0.75 < ratio < 1.33, (n, ratio)
+    mats = [n for n, t in base.items() if t.dim() == 2]
+    kept = {k: sum(int(((out[n] - base[n]) != 0).sum()) for n in mats)
+            for k, out in (("mk", mk), ("tv", tv))}
+    l1 = {k: sum(float((out[n] - base[n]).abs().sum()) for n in mats)
+          for k, out in (("mk", mk), ("tv", tv))}
+    total = sum(base[n].numel() for n in mats)
+    # Two independent keep rates over 10k entries differ by about 0.007 (one sigma).
+    assert abs(kept["tv"] - kept["mk"]) / total < 0.02, kept
+    if name != "dare_ties":  # one fine-tune: a fraction `density` survives
+        assert abs(kept["tv"] / total - density) < 0.02, kept
+    assert 0.95 < l1["tv"] / l1["mk"] < 1.05, l1
 
 
 def test_the_recipe_reads_naturally_and_says_where_values_came_from(models, tmp_path,

@@ -53,7 +53,7 @@ def _facts(cls: type[StepSpec]) -> list[str]:
         facts.append("whole-model pass first")
     facts.append("cached" if cls.cached else "not cached (cheaper to recompute than to read)")
     if cls.seeded:
-        facts.append("random: keyed by the recipe seed and step name")
+        facts.append("seeded: its key includes the recipe seed and the step name")
     facts.append(f"version {cls.version}")
     return facts
 

@@ -31,7 +31,7 @@ class ClusterBasisStep(StepSpec):
     returns: ClassVar = "vectors b0 … b(k-1)"
     cached: ClassVar = True
     whole_model: ClassVar = True
-    seeded: ClassVar = True  # the k-means inside the spectral clustering
+    seeded: ClassVar = True  # the spectral clustering's eigensolver starts from the seed
     # 2: `merge: ties` trims to k = max(1, floor(density·n)) entries (1 rounded).
     version: ClassVar = 2
     kernel: ClassVar = "tvrecipe.ops:merge_cluster"

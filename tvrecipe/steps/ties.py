@@ -25,7 +25,8 @@ class TiesStep(StepSpec):
                           + PER_TENSOR_HELP)
     majority: Literal["total", "count"] = Field(
         "total", description="Sign election: by total weighted mass or by count of inputs.")
-    normalize: bool = Field(True, description="Divide by the sum of the agreeing weights.")
+    normalize: bool = Field(True, description="Divide by the sum of the agreeing inputs' "
+                                              "|weights|.")
 
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
