@@ -37,11 +37,26 @@ SIZES = {
     "xl": {"hidden": 1536, "layers": 16, "vocab": 32000},
 }
 SHARD = "256MB"  # input shard size: real checkpoints are sharded, so read through the index
-OPS = ["sum", "ties", "dare", "cluster_basis", "decompose"]
+OPS = ["sum", "ties", "dare", "cluster_basis", "decompose",
+       "linear", "slerp", "breadcrumbs", "della", "model_stock"]
 LABELS = {"sum": "task arithmetic (sum + apply)", "ties": "TIES d=0.2 + apply",
           "dare": "DARE d=0.3 + sum + apply", "cluster_basis": "cluster_basis k=auto → vectors",
-          "decompose": "decompose rank 16 → unique vectors"}
-APPLY_SCALE = 0.3
+          "decompose": "decompose rank 16 → unique vectors",
+          "linear": "linear (weights 1…n, normalized)", "slerp": "slerp base→ft0 t=[0, 0.5, 1]",
+          "breadcrumbs": "breadcrumbs d=0.9 γ=0.01 + consensus + apply",
+          "della": "DELLA d=0.4 ε=0.1 + consensus + apply",
+          "model_stock": "model_stock + apply"}
+APPLY_SCALE = 0.3  # the first three rows; the mergekit-equivalent rows below apply with scale 1
+# The rows compared with mergekit: op -> the mergekit method it is compared with.
+MERGEKIT = {"sum": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "linear",
+            "slerp": "slerp", "breadcrumbs": "breadcrumbs", "della": "della",
+            "model_stock": "model_stock"}
+NEW_OPS = ["linear", "slerp", "breadcrumbs", "della", "model_stock"]
+
+
+def linear_weights(n: int) -> list[float]:
+    """The `linear` row's weights, one per fine-tune (1, 2, ..., n; normalized by both tools)."""
+    return [float(i + 1) for i in range(n)]
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -80,12 +95,18 @@ def folder_mb(model: Path) -> float:
 def recipe_text(op: str, ckpt: Path, n: int, out: Path) -> str:
     """The recipe for one benchmarked merge (absolute paths)."""
     fts = [f"ft{i}" for i in range(n)]
-    lines = ["tvrecipe: 1", f"name: bench-{op}", "settings: {device: cpu}", "models:",
-             f"  base: {ckpt / 'base'}"]
+    if op == "slerp":
+        fts = fts[:1]  # base and ft0 only
+    lines = ["tvrecipe: 1", f"name: bench-{op}", "settings: {device: cpu}", "models:"]
+    if op != "linear":  # linear averages the fine-tunes alone
+        lines.append(f"  base: {ckpt / 'base'}")
     lines += [f"  {m}: {ckpt / m}" for m in fts]
-    lines += ["steps:", f"  tv: {{op: extract, base: base, finetuned: [{', '.join(fts)}]}}"]
+    lines.append("steps:")
+    if op not in ("linear", "slerp"):
+        lines.append(f"  tv: {{op: extract, base: base, finetuned: [{', '.join(fts)}]}}")
     model_out = f"  model: {{from: model, path: {out}, dtype: bfloat16, shard_size: 2GB}}"
     apply = f"  model: {{op: apply, base: base, delta: merged, scale: {APPLY_SCALE}}}"
+    apply1 = "  model: {op: apply, base: base, delta: merged, scale: 1.0}"
     if op == "sum":
         lines += ["  merged: {op: sum, inputs: tv}", apply, "outputs:", model_out]
     elif op == "ties":
@@ -99,6 +120,22 @@ def recipe_text(op: str, ckpt: Path, n: int, out: Path) -> str:
     elif op == "decompose":
         lines += ["  parts: {op: decompose, inputs: tv, rank: 16}", "outputs:",
                   f"  unique: {{from: parts.unique, path: {out}, dtype: bfloat16}}"]
+    elif op == "linear":
+        w = ", ".join(f"{x:g}" for x in linear_weights(n))
+        lines += [f"  model: {{op: linear, inputs: [{', '.join(fts)}], weights: [{w}]}}",
+                  "outputs:", model_out]
+    elif op == "slerp":
+        lines += ["  model: {op: slerp, a: base, b: ft0, t: [0, 0.5, 1]}", "outputs:", model_out]
+    elif op == "breadcrumbs":
+        lines += ["  crumbs: {op: breadcrumbs, input: tv, density: 0.9, gamma: 0.01}",
+                  ("  merged: {op: consensus, inputs: crumbs, weights: 1.0, majority: none, "
+                   "normalize: false}"), apply1, "outputs:", model_out]
+    elif op == "della":
+        lines += ["  pruned: {op: della, input: tv, density: 0.4, epsilon: 0.1}",
+                  ("  merged: {op: consensus, inputs: pruned, weights: 1.0, majority: total, "
+                   "normalize: true}"), apply1, "outputs:", model_out]
+    elif op == "model_stock":
+        lines += ["  merged: {op: model_stock, inputs: tv}", apply1, "outputs:", model_out]
     else:
         raise ValueError(op)
     return "\n".join(lines) + "\n"
@@ -317,12 +354,31 @@ def mergekit_available() -> bool:
 
 
 def mergekit_config(op: str, ckpt: Path, n: int) -> str:
-    method = {"sum": "task_arithmetic", "ties": "ties", "dare": "dare_linear"}[op]
+    """The mergekit-yaml config matching ``op``'s recipe (see ``MERGEKIT``)."""
+    method = MERGEKIT[op]
+    base = f"base_model: {ckpt / 'base'}"
+    if op == "linear":
+        lines = [f"merge_method: {method}", "dtype: bfloat16", "parameters: {normalize: true}",
+                 "models:"]
+        lines += [f"  - model: {ckpt / f'ft{i}'}\n    parameters: {{weight: {w:g}}}"
+                  for i, w in enumerate(linear_weights(n))]
+        return "\n".join(lines) + "\n"
+    if op == "slerp":
+        lines = [f"merge_method: {method}", base, "dtype: bfloat16",
+                 "parameters: {t: [0, 0.5, 1]}", "models:",
+                 f"  - model: {ckpt / 'base'}", f"  - model: {ckpt / 'ft0'}"]
+        return "\n".join(lines) + "\n"
+    if op == "model_stock":
+        lines = [f"merge_method: {method}", base, "dtype: bfloat16", "models:"]
+        lines += [f"  - model: {ckpt / f'ft{i}'}" for i in range(n)]
+        return "\n".join(lines) + "\n"
     params = {"sum": "weight: 1.0", "ties": "weight: 1.0, density: 0.2",
-              "dare": "weight: 1.0, density: 0.3"}[op]
-    lines = [f"merge_method: {method}", f"base_model: {ckpt / 'base'}", "dtype: bfloat16",
-             "parameters: {normalize: false}" if op != "ties" else "parameters: {normalize: true}",
-             "models:"]
+              "dare": "weight: 1.0, density: 0.3",
+              "breadcrumbs": "weight: 1.0, density: 0.9, gamma: 0.01",
+              "della": "weight: 1.0, density: 0.4, epsilon: 0.1"}[op]
+    normalize = "true" if op in ("ties", "della") else "false"
+    lines = [f"merge_method: {method}", base, "dtype: bfloat16",
+             f"parameters: {{normalize: {normalize}}}", "models:"]
     lines += [f"  - model: {ckpt / f'ft{i}'}\n    parameters: {{{params}}}" for i in range(n)]
     return "\n".join(lines) + "\n"
 
@@ -436,7 +492,7 @@ def main() -> None:
 
     mk: dict[str, Measured] = {}
     if mergekit_available():
-        for op in ("sum", "ties", "dare"):
+        for op in MERGEKIT:
             if a.only and op not in a.only:
                 continue
             cfg_path = work / f"mergekit-{op}.yml"
@@ -536,6 +592,18 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
         print(f"- {op} / {peer}: wall {mine.wall / theirs.wall:.3f}×, peak RSS "
               f"{mine.peak_rss_mb / theirs.peak_rss_mb:.2f}×, peak anon "
               f"{mine.peak_anon_mb / theirs.peak_anon_mb:.2f}×")
+    # The new ops against mergekit's method of the same name (target: each ≤ 0.5×).
+    for op in NEW_OPS:
+        mine, theirs = results.get(op), results.get(f"mergekit {op}")
+        if mine is None or theirs is None:
+            continue
+        if mine.rc or theirs.rc:
+            print(f"- {op} / mergekit {MERGEKIT[op]}: n/a ("
+                  f"{'tvrecipe' if mine.rc else 'mergekit'} failed)")
+            continue
+        print(f"- {op} / mergekit {MERGEKIT[op]}: wall {mine.wall / theirs.wall:.3f}×, peak RSS "
+              f"{mine.peak_rss_mb / theirs.peak_rss_mb:.2f}×, peak anon "
+              f"{mine.peak_anon_mb / theirs.peak_anon_mb:.2f}× (target ≤ 0.5×)")
 
 
 if __name__ == "__main__":

@@ -271,3 +271,39 @@ def test_committed_ops_reference_is_up_to_date(cli):
     committed = (Path(__file__).resolve().parents[1] / "docs" / "ops.md").read_text()
     assert committed == cli.ok("ops", "--markdown").stdout, (
         "docs/ops.md is stale: run `tvrecipe ops --markdown > docs/ops.md`")
+
+
+def test_a_kernel_is_resolved_safely_from_several_threads_at_once(tmp_path, monkeypatch):
+    # Members are evaluated on parallel threads, and the first of them may find the kernel's
+    # module half-imported by another: each must wait for the import, not fail on it.
+    import sys
+    import threading
+
+    (tmp_path / "slow_kernels.py").write_text(
+        "import time\ntime.sleep(0.3)\n\ndef double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_kernels", raising=False)
+
+    class SlowStep(StepSpec):
+        """A toy op whose kernel module is slow to import."""
+
+        op: Literal["slow"]
+        input: Ref
+        accepts: ClassVar = {"input": TASK_VECTORS}
+        kernel: ClassVar = "slow_kernels:double"
+
+    from tvrecipe.spec.registry import kernel
+    got, errors = [], []
+
+    def resolve():
+        try:
+            got.append(kernel(SlowStep)(21))
+        except Exception as exc:  # noqa: BLE001 - the failure under test
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=resolve) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and got == [42] * 8

@@ -7,9 +7,19 @@ Each kernel takes the YAML field names of its op as keyword arguments; the op's 
 from tvrecipe.ops.arithmetic import apply, extract, mean, negate, scale, sum
 from tvrecipe.ops.basis import assign, cluster, cosine_from_gram, gram_update, merge_cluster
 from tvrecipe.ops.decompose import decompose
+from tvrecipe.ops.merges import (
+    breadcrumbs,
+    consensus_merge,
+    della,
+    l1_rescale,
+    linear,
+    model_stock,
+    slerp,
+)
 from tvrecipe.ops.parallel import parallel_map
 from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties
 
-__all__ = ["apply", "assign", "cluster", "cosine_from_gram", "dare", "decompose",
-           "derive_seed", "extract", "gram_update", "mean", "merge_cluster", "negate",
-           "parallel_map", "prune", "scale", "sum", "ties"]
+__all__ = ["apply", "assign", "breadcrumbs", "cluster", "consensus_merge", "cosine_from_gram",
+           "dare", "decompose", "della", "derive_seed", "extract", "gram_update", "l1_rescale",
+           "linear", "mean", "merge_cluster", "model_stock", "negate", "parallel_map", "prune",
+           "scale", "slerp", "sum", "ties"]

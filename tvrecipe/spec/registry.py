@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Annotated, Any, Union
 
 from pydantic import Field, create_model
@@ -74,7 +73,9 @@ def kernel(cls: type[StepSpec]) -> Any:
     """The function an op's ``kernel`` names (``module:function``).
 
     Looked up on every call, not kept: a module attribute replaced later (a test's spy) is
-    the one called.
+    the one called. ``import_module`` (not ``sys.modules``) because members are evaluated on
+    several threads: one that finds the module while another is still importing it must wait
+    for the import to finish, not read a half-initialised module.
     """
     module, _, attr = cls.kernel.partition(":")
-    return getattr(sys.modules.get(module) or importlib.import_module(module), attr)
+    return getattr(importlib.import_module(module), attr)

@@ -31,7 +31,7 @@ class BreadcrumbsStep(StepSpec):
     accepts: ClassVar = {"input": TASK_VECTORS}
     cached: ClassVar = True
     per_tensor: ClassVar = ("density", "gamma")
-    kernel: ClassVar = "tvrecipe.ops.merges:breadcrumbs"
+    kernel: ClassVar = "tvrecipe.ops:breadcrumbs"
     example: ClassVar = "crumbs: {op: breadcrumbs, input: tv, density: 0.9, gamma: 0.01}"
 
     def evaluate(self, ctx: Any) -> Any:

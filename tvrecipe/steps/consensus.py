@@ -34,7 +34,7 @@ class ConsensusStep(StepSpec):
     cached: ClassVar = True
     weighted: ClassVar = "inputs"
     per_tensor: ClassVar = ("weights",)
-    kernel: ClassVar = "tvrecipe.ops.merges:consensus_merge"
+    kernel: ClassVar = "tvrecipe.ops:consensus_merge"
     example: ClassVar = "merged: {op: consensus, inputs: sparse, weights: [0.6, 0.4]}"
 
     def evaluate(self, ctx: Any) -> Any:

@@ -43,5 +43,5 @@ class DareStep(StepSpec):
             return l1_rescale(t, kept) if l1 else kept
 
         if l1:
-            from tvrecipe.ops.merges import l1_rescale
+            from tvrecipe.ops import l1_rescale
         return ctx.map(ctx.one("input"), one)

@@ -34,7 +34,7 @@ class DellaStep(StepSpec):
     cached: ClassVar = True
     seeded: ClassVar = True
     per_tensor: ClassVar = ("density", "epsilon")
-    kernel: ClassVar = "tvrecipe.ops.merges:della"
+    kernel: ClassVar = "tvrecipe.ops:della"
     example: ClassVar = "pruned: {op: della, input: tv, density: 0.4, epsilon: 0.1}"
 
     def evaluate(self, ctx: Any) -> Any:

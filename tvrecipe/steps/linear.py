@@ -30,7 +30,7 @@ class LinearStep(StepSpec):
     execution: ClassVar = ROWWISE
     weighted: ClassVar = "inputs"
     per_tensor: ClassVar = ("weights",)
-    kernel: ClassVar = "tvrecipe.ops.merges:linear"
+    kernel: ClassVar = "tvrecipe.ops:linear"
     example: ClassVar = "soup: {op: linear, inputs: [a, b], weights: [0.7, 0.3]}"
 
     def evaluate(self, ctx: Any) -> Any:

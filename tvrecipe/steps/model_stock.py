@@ -24,7 +24,7 @@ class ModelStockStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
-    kernel: ClassVar = "tvrecipe.ops.merges:model_stock"
+    kernel: ClassVar = "tvrecipe.ops:model_stock"
     example: ClassVar = "stock: {op: model_stock, inputs: tv}"
 
     def output_type(self, ctx: Any) -> Any:

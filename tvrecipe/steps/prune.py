@@ -39,5 +39,5 @@ class PruneStep(StepSpec):
             return l1_rescale(t, kept) if self.rescale else kept
 
         if self.rescale:
-            from tvrecipe.ops.merges import l1_rescale
+            from tvrecipe.ops import l1_rescale
         return ctx.map(ctx.one("input"), one)

@@ -27,7 +27,7 @@ class SlerpStep(StepSpec):
                          "b": frozenset({CHECKPOINT, VECTOR})}
     base_field: ClassVar = "a"
     per_tensor: ClassVar = ("t",)
-    kernel: ClassVar = "tvrecipe.ops.merges:slerp"
+    kernel: ClassVar = "tvrecipe.ops:slerp"
     example: ClassVar = "smooth: {op: slerp, a: code_model, b: math_model, t: [0, 0.5, 1]}"
 
     def output_type(self, ctx: Any) -> ValueType:
