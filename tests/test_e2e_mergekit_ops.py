@@ -134,3 +134,37 @@ def test_dare_l1_and_prune_rescale_keep_the_l1_norm(make_models, cli, tmp_path):
             kept = got[k] != 0
             ratio = got[k][kept] / x[kept]  # one factor for every kept entry
             torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-5, atol=0)
+
+
+def test_model_stock_streams_in_row_blocks_with_whole_tensor_ratios(make_models, cli, tmp_path,
+                                                                    monkeypatch):
+    # t comes from a whole-model pass over row blocks (each tensor's Gram matrix); t·mean(τ)
+    # then streams by rows. Small blocks must give the whole-tensor kernel's result.
+    from tvrecipe.store.checkpoint import Checkpoint
+    ms = make_models(TASKS)
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code, chat]}\n"
+             "  stock: {op: model_stock, inputs: tv}\n"
+             "  rows: {op: model_stock, inputs: tv, filter_wise: true}\n")
+    outs = ("  stock: {from: stock, path: ./out/stock}\n"
+            "  rows: {from: rows, path: ./out/rows}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    monkeypatch.setattr("tvrecipe.exec.runner.CHUNK_ELEMENTS", 7)
+    blocks = []
+    real_get = Checkpoint.get
+
+    def spy(self, name, rows=None):
+        if rows is not None:
+            blocks.append(name)
+        return real_get(self, name, rows)
+
+    monkeypatch.setattr(Checkpoint, "get", spy)
+    res = cli.ok("run", "r.yaml", "--report", "rep.json")
+    assert set(blocks) >= {k for k in FLOATING if len(ms.f32("base")[k].shape) == 2}
+    assert "stock (model_stock): t from " in res.stdout
+    stock = read_tensors(tmp_path / "out" / "stock")
+    rows = read_tensors(tmp_path / "out" / "rows")
+    for k in FLOATING:
+        deltas = [ms.delta(t)[k] for t in TASKS]
+        torch.testing.assert_close(stock[k], model_stock(deltas), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rows[k], model_stock(deltas, filter_wise=True),
+                                   rtol=1e-5, atol=1e-7)

@@ -459,20 +459,21 @@ class PassContext:
         return kernel(type(self.step.spec))(*args, **kwargs)
 
     def accumulate(self, entries: list[Entry], fn: Any, label: str = "similarity") -> None:
-        """One streaming pass over every floating tensor: ``fn(tensors)`` with the tensors of
-        ``entries`` for that tensor name (computing whatever upstream steps they need)."""
+        """One streaming pass over every floating tensor: ``fn(name, tensors)`` with the
+        tensors of ``entries`` for each tensor name, or each row block of it when the upstream
+        steps are row-wise (computing whatever upstream steps they need)."""
         runner = self._runner
         want = sorted({e.ref.node for e in entries})
         with closing(runner._stream(runner._upstream(self.step.name), want,
                                     f"{label} ({self.step.name})")) as stream:
-            for _tensor, info, values in stream:
+            for tensor, info, values in stream:
                 if info.is_floating:
-                    fn([entry_value(values, e) for e in entries])
+                    fn(tensor, [entry_value(values, e) for e in entries])
 
     def gram(self, entries: list[Entry]) -> torch.Tensor:
         """The Gram matrix (float64) of ``entries`` over the whole model, in one pass."""
         gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
-        self.accumulate(entries, lambda xs: ops.gram_update(gram, xs))
+        self.accumulate(entries, lambda _name, xs: ops.gram_update(gram, xs))
         return gram
 
 

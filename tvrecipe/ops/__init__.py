@@ -14,6 +14,9 @@ from tvrecipe.ops.merges import (
     l1_rescale,
     linear,
     model_stock,
+    model_stock_merge,
+    model_stock_t,
+    model_stock_t_from_gram,
     slerp,
 )
 from tvrecipe.ops.parallel import parallel_map
@@ -21,5 +24,6 @@ from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties
 
 __all__ = ["apply", "assign", "breadcrumbs", "cluster", "consensus_merge", "cosine_from_gram",
            "dare", "decompose", "della", "derive_seed", "extract", "gram_update", "l1_rescale",
-           "linear", "mean", "merge_cluster", "model_stock", "negate", "parallel_map", "prune",
+           "linear", "mean", "merge_cluster", "model_stock", "model_stock_merge",
+           "model_stock_t", "model_stock_t_from_gram", "negate", "parallel_map", "prune",
            "scale", "slerp", "sum", "ties"]

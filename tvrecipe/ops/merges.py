@@ -23,7 +23,9 @@ __all__ = [
     "l1_rescale",
     "linear",
     "model_stock",
+    "model_stock_merge",
     "model_stock_t",
+    "model_stock_t_from_gram",
     "slerp",
 ]
 
@@ -348,14 +350,23 @@ def _check_della_args(density: object, epsilon: object) -> tuple[float, float]:
     return d, eps
 
 
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _della_probs(x: torch.Tensor, d: float, eps: float) -> torch.Tensor:
     cd = _compute_dtype(x.dtype)
     rows = x.reshape(1, -1) if x.dim() < 2 else x
     m = rows.shape[1]
     if m <= 1:
         return torch.full(x.shape, d, dtype=cd, device=x.device)
-    # Stable sort: equal magnitudes are ranked by index (mergekit's sort is unstable).
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    # Stable sort: equal magnitudes are ranked by index (mergekit's sort is unstable). The
+    # bits of a non-negative float, read as a signed integer of its width, order as the float
+    # does; sorting them is a quarter faster than sorting the floats (2816 × 1024: 0.10 s
+    # against 0.135 s on one core), and DELLA's time is its sort.
+    mags = rows.abs()
+    bits = _INT_OF_WIDTH.get(mags.element_size())
+    keys = mags.view(bits) if bits is not None else mags
+    order = torch.sort(keys, dim=1, stable=True).indices
     view = [1] * rows.dim()
     view[1] = m
     positions = torch.arange(m, device=x.device).view(view).expand(order.shape)
@@ -480,6 +491,45 @@ def model_stock_t(deltas: Sequence[torch.Tensor], *, filter_wise: bool = False
     return t.unsqueeze(-1) if t.dim() > 0 else t
 
 
+def model_stock_t_from_gram(gram: torch.Tensor) -> float:
+    """Model Stock's ratio t from the k × k Gram matrix G_ij = ⟨Δ_i, Δ_j⟩ of one tensor's deltas.
+
+    The same rule as :func:`model_stock_t` (cosines clipped to [-1, 1] with norm products
+    floored at 1e-6, their mean over pairs, t = 0 where |1 + (k - 1) cos| < 1e-6), from a Gram
+    matrix accumulated over row blocks (``tvrecipe.ops.gram_update``), so that the deltas never
+    need to be held whole.
+
+    Raises:
+        ValueError: If ``gram`` is not a square matrix of at least 2 × 2.
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
+        raise ValueError(f"model_stock: needs the Gram matrix of at least 2 deltas, got shape "
+                         f"{list(gram.shape)}")
+    g = gram.double()
+    k = g.shape[0]
+    norms = g.diagonal().clamp(min=0).sqrt()
+    cos = [float((g[i, j] / (norms[i] * norms[j]).clamp(min=STOCK_NORM_EPS)).clamp(-1, 1))
+           for i in range(k) for j in range(i + 1, k)]
+    c = sum(cos) / len(cos)
+    den = 1 + (k - 1) * c
+    return 0.0 if abs(den) < STOCK_SINGULAR_EPS else k * c / den
+
+
+def model_stock_merge(deltas: Sequence[torch.Tensor], *, t: float | torch.Tensor
+                      ) -> torch.Tensor:
+    """t · mean_i Δ_i, the Model Stock delta for a known ratio t (a number, or per row).
+
+    Computed in float32 (float64 for float64 inputs), returned in the deltas' dtype.
+    """
+    xs = _check_inputs(deltas, "model_stock")
+    cd = _compute_dtype(xs[0].dtype)
+    mean = xs[0].to(cd, copy=True)
+    for x in xs[1:]:
+        mean.add_(x.to(cd))
+    mean.div_(len(xs))
+    return (t * mean).to(xs[0].dtype)
+
+
 def model_stock(deltas: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
     """Model Stock merge of the fine-tunes' deltas: t · mean_i Δ_i, so θ = θ₀ + result.
 
@@ -497,14 +547,7 @@ def model_stock(deltas: Sequence[torch.Tensor], *, filter_wise: bool = False) ->
         ValueError: On fewer than 2 deltas or deltas of different shape/dtype/device.
         TypeError: On a non-floating-point delta or a non-bool filter_wise.
     """
-    t = model_stock_t(deltas, filter_wise=filter_wise)
-    xs = list(deltas)
-    cd = _compute_dtype(xs[0].dtype)
-    mean = xs[0].to(cd, copy=True)
-    for x in xs[1:]:
-        mean.add_(x.to(cd))
-    mean.div_(len(xs))
-    return (t * mean).to(xs[0].dtype)
+    return model_stock_merge(deltas, t=model_stock_t(deltas, filter_wise=filter_wise))
 
 
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import TASK_VECTORS, VECTOR
-from tvrecipe.spec.models import RefList, StepSpec, Weights
+from tvrecipe.spec.models import ROWWISE, RefList, StepSpec, Weights
 from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
@@ -32,6 +32,7 @@ class ConsensusStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
+    execution: ClassVar = ROWWISE  # entry by entry across the inputs
     weighted: ClassVar = "inputs"
     per_tensor: ClassVar = ("weights",)
     kernel: ClassVar = "tvrecipe.ops:consensus_merge"

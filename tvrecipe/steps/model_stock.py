@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import TASK_VECTORS, VECTOR
-from tvrecipe.spec.models import RefList, StepSpec
+from tvrecipe.spec.models import ROWWISE, RefList, StepSpec
 from tvrecipe.spec.registry import register
 
 
@@ -24,7 +24,12 @@ class ModelStockStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
-    kernel: ClassVar = "tvrecipe.ops:model_stock"
+    # The ratio t of each tensor comes from a whole-model pass that accumulates each tensor's
+    # Gram matrix over row blocks; t · mean(τ) then streams by rows: the deltas are never
+    # held whole (mergekit's peak memory holds every model's largest tensor at once).
+    whole_model: ClassVar = True
+    execution: ClassVar = ROWWISE
+    kernel: ClassVar = "tvrecipe.ops:model_stock_merge"
     example: ClassVar = "stock: {op: model_stock, inputs: tv}"
 
     def output_type(self, ctx: Any) -> Any:
@@ -34,6 +39,35 @@ class ModelStockStep(StepSpec):
                         "the ratio comes from the angle between pairs of fine-tunes")
         return super().output_type(ctx)
 
+    def whole_model_pass(self, ctx: Any) -> dict[str, float]:
+        import torch
+
+        from tvrecipe.ops import gram_update, model_stock_t_from_gram
+        k = len(ctx.entries("inputs"))
+        grams: dict[str, torch.Tensor] = {}
+
+        def add(tensor: str, xs: list) -> None:
+            if tensor not in grams:
+                grams[tensor] = torch.zeros(k, k, dtype=torch.float64)
+            gram_update(grams[tensor], xs)
+
+        ctx.accumulate(ctx.entries("inputs"), add, label="model_stock ratios")
+        ratios = {t: model_stock_t_from_gram(g) for t, g in grams.items()}
+        ctx.report["t"] = ratios
+        return ratios
+
     def evaluate(self, ctx: Any) -> Any:
         xs = ctx.tensors("inputs")
-        return None if xs[0] is None else ctx.kernel(xs, filter_wise=self.filter_wise)
+        if xs[0] is None:
+            return None
+        if self.filter_wise and xs[0].dim() >= 2:  # one ratio per row: rows are whole here
+            from tvrecipe.ops import model_stock_t
+            return ctx.kernel(xs, t=model_stock_t(xs, filter_wise=True))
+        return ctx.kernel(xs, t=ctx.result[ctx.tensor])
+
+    def render_report(self, name: str, report: dict) -> str | None:
+        ratios = list(report.get("t", {}).values())
+        if not ratios:
+            return None
+        return (f"{name} (model_stock): t from {min(ratios):.3f} to {max(ratios):.3f} over "
+                f"{len(ratios)} tensors (mean {sum(ratios) / len(ratios):.3f})")
