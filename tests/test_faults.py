@@ -130,7 +130,10 @@ def test_killed_runs_leave_the_old_or_the_new_output(tmp_path):
         before, locked = staging(out), stamp(lock)
         proc = start_run(recipe)
         wait_until(proc, lambda before=before: staging(out) - before)
-        share = (0.05, 0.6) if sig == signal.SIGKILL else (0.0, 0.9)
+        # The window was measured on the first, cold run; later runs are warm and can be twice
+        # as fast, so the signals land in the first half of it (later ones missed the run
+        # now and then on a loaded machine, failing the count below).
+        share = (0.03, 0.35) if sig == signal.SIGKILL else (0.0, 0.45)
         time.sleep(rng.uniform(*share) * window)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)

@@ -103,9 +103,9 @@ def _number(value: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) else value
 
 
-def _first_op(test: Any) -> type[StepSpec] | None:
-    """The first registered op that passes ``test`` (for hints that name a fitting op)."""
-    return next((c for c in ops().values() if test(c)), None)
+def _op_for(mistake: str) -> type[StepSpec] | None:
+    """The op a hint suggests for a mistake (its ``suggested_for``), if one is registered."""
+    return next((c for c in ops().values() if c.suggested_for == mistake), None)
 
 
 def _model_type(loaded: LoadedRecipe, spec: ModelSpec) -> ValueType:
@@ -172,8 +172,7 @@ class _Compiler:
             return True
         hint = None
         if res.type.kind == VECTORS and VECTOR in allowed:
-            combine = _first_op(lambda c: c.returns == VECTOR
-                                and any(VECTORS in k for k in c.accepts.values()))
+            combine = _op_for("combine")
             if combine is not None:
                 takes = next(f for f, k in combine.accepts.items() if VECTORS in k)
                 hint = (f"combine the set first, e.g. {{op: {combine.op_name()}, {takes}: "
@@ -181,8 +180,7 @@ class _Compiler:
         elif res.type.kind == DECOMPOSITION:
             hint = f"use {res.text}.shared or {res.text}.unique"
         elif res.type.kind == CHECKPOINT:
-            make = _first_op(lambda c: c.returns != CHECKPOINT and c.accepts
-                             and all(k == {CHECKPOINT} for k in c.accepts.values()))
+            make = _op_for("task_vector")
             if make is not None:
                 fields = ", ".join(f"{f}: ..." for f in make.accepts)
                 hint = f"{make.op_name()} a task vector first: {{op: {make.op_name()}, {fields}}}"

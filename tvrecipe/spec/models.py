@@ -124,6 +124,9 @@ class StepSpec(Frozen):
         per_tensor: Parameters that may vary by tensor (a layer gradient or match rules, see
             :mod:`tvrecipe.spec.pertensor`); ``evaluate`` reads them with ``ctx.param``.
         kernel: ``module:function`` of the main kernel, for the reference docs.
+        suggested_for: The mistake the compiler's hints suggest this op for: ``"combine"``
+            (a set given where one vector belongs: ``sum``), ``"task_vector"`` (a
+            checkpoint given where a task vector belongs: ``extract``), or None.
         example: One YAML line using the op, for the reference docs and error hints.
     """
 
@@ -140,6 +143,7 @@ class StepSpec(Frozen):
     per_tensor: ClassVar[tuple[str, ...]] = ()
     kernel: ClassVar[str] = ""
     example: ClassVar[str] = ""
+    suggested_for: ClassVar[str | None] = None
 
     @classmethod
     def op_name(cls) -> str:

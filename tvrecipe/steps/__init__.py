@@ -1,13 +1,14 @@
-"""The built-in ops, one module each; importing this package registers them.
+"""The built-in ops, one module each: importing this package imports every module in it, and
+each module registers its op. Adding an op is adding a module here (and its tests).
 
-The order is the order of ``tvrecipe ops``, the schema's op union and docs/ops.md.
+Ops are registered in the order of their module names, which is the order of `tvrecipe ops`,
+of the schema's op union and of docs/ops.md.
 """
 
 import importlib
+import pkgutil
 
-BUILTIN = ("extract", "scale", "negate", "sum", "mean", "ties", "dare", "prune",
-           "cluster_basis", "assign", "decompose", "apply",
-           "linear", "slerp", "breadcrumbs", "della", "model_stock", "consensus")
+BUILTIN = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
 
 for _name in BUILTIN:
-    importlib.import_module(f"tvrecipe.steps.{_name}")
+    importlib.import_module(f"{__name__}.{_name}")

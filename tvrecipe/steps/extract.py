@@ -25,6 +25,7 @@ class ExtractStep(StepSpec):
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "finetuned": frozenset({CHECKPOINT})}
     returns: ClassVar = "vector (one model) or vectors (a list or mapping)"
     execution: ClassVar = ROWWISE
+    suggested_for: ClassVar = "task_vector"
     kernel: ClassVar = "tvrecipe.ops:extract"
     example: ClassVar = "tv: {op: extract, base: base, finetuned: [math, code]}"
 

@@ -30,6 +30,7 @@ class SumStep(StepSpec):
     execution: ClassVar = ROWWISE
     weighted: ClassVar = "inputs"
     per_tensor: ClassVar = ("weights",)
+    suggested_for: ClassVar = "combine"
     kernel: ClassVar = "tvrecipe.ops:sum"
     example: ClassVar = "merged: {op: sum, inputs: [tv.math, tv.code], weights: [0.5, 0.5]}"
 
