@@ -4,11 +4,21 @@ checked against the kernels applied by hand and against the math itself."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from tests.conftest import FLOATING, MATRICES, SHAPES, gen, read_tensors, snapshot
+from tests.conftest import (
+    FLOATING,
+    INT_BUFFER,
+    INT_SHAPE,
+    MATRICES,
+    SHAPES,
+    gen,
+    read_tensors,
+    snapshot,
+)
 from tvrecipe import ops
 
 TASKS = ("math", "code", "toxic")
@@ -363,3 +373,35 @@ def test_decompose_against_a_reference_gives_parts_for_the_target_only(make_mode
     k = "model.layers.0.self_attn.q_proj.weight"
     a = shared_dir[k] / shared_dir[k].norm()
     torch.testing.assert_close(sh[k], torch.outer(a, a @ tau[k]), rtol=1e-4, atol=1e-6)
+
+
+def test_large_whole_tensors_are_read_in_turn_not_ahead(make_models, cli, tmp_path, monkeypatch):
+    # A whole-tensor stream (TIES) reads the next tensor ahead of the compute, unless its
+    # copies from every input pass PREFETCH_BYTES: that one is read when its turn comes (on
+    # the computing thread), so two of them are never held at once. Same bytes either way.
+    import threading
+
+    from tvrecipe.exec.runner import Runner
+    ms = make_models(("math", "code"))
+    steps = ("  tv: {op: extract, base: base, finetuned: [math, code]}\n"
+             "  merged: {op: ties, inputs: tv, density: 0.5}\n")
+    cli.write("r.yaml", recipe(ms, steps, "  merged: {from: merged, path: ./out/m}\n"))
+    cli.ok("run", "r.yaml", "--no-cache")
+    ahead = snapshot(tmp_path / "out")
+    threads: dict[str, str] = {}
+    real_read = Runner._read
+
+    def spy(self, nodes, tensor, rows, parallel=False):
+        threads[tensor] = threading.current_thread().name
+        return real_read(self, nodes, tensor, rows, parallel)
+
+    monkeypatch.setattr(Runner, "_read", spy)
+    # Copies from the 3 inputs in float32: 12 bytes per entry; the budget lets only tensors
+    # of at most 8 entries be read ahead.
+    monkeypatch.setattr("tvrecipe.exec.runner.PREFETCH_BYTES", 100)
+    cli.ok("run", "r.yaml", "--no-cache", "--force")
+    assert snapshot(tmp_path / "out") == ahead
+    shapes = {**SHAPES, INT_BUFFER: INT_SHAPE}
+    in_turn = {k for k, name in threads.items() if not name.startswith("tvrecipe-read")}
+    assert in_turn == {k for k in threads if math.prod(shapes[k]) * 12 > 100}
+    assert set(threads) - in_turn, "no tensor was small enough to be read ahead"

@@ -159,13 +159,38 @@ steps:
   tv: {op: extract, base: base, finetuned: [a, b]}
   basis: {op: cluster_basis, inputs: tv, k: [1, 2]}
   merged: {op: ties, inputs: tv, density: 0.5, majority: [total]}
+  stock: {op: model_stock, inputs: tv, filter_wise: [true]}
 outputs:
   m: {from: merged, path: ./out/m}
 """)
     res = cli.fails(2, "validate", "r.yaml")
     assert res.err_lines[1:] == [
-        ("r.yaml:5:42: steps.basis.k: 'k' takes one value, not a list (this op takes no "
-         "values that vary by tensor)"),
+        ("r.yaml:5:42: steps.basis.k: 'k' takes one value, not a list (a value that varies by "
+         "tensor (a layer gradient or rules) is accepted by 'density')"),
         ("r.yaml:6:48: steps.merged.majority: 'majority' takes one value, not a list (a value "
          "that varies by tensor (a layer gradient or rules) is accepted by 'density', "
-         "'weights')")]
+         "'weights')"),
+        ("r.yaml:7:40: steps.stock.filter_wise: 'filter_wise' takes one value, not a list (this "
+         "op takes no values that vary by tensor)")]
+
+
+def test_a_rule_gives_each_tensor_the_result_of_its_own_value(cli, tmp_path):
+    # decompose's threshold by rule: each tensor's parts are byte for byte those of a run with
+    # that tensor's value for everything.
+    make(tmp_path)
+
+    def run(threshold: str, out: str) -> dict[str, torch.Tensor]:
+        cli.write("d.yaml", (
+            "tvrecipe: 1\nmodels: {base: ./ckpt/base, a: ./ckpt/a, b: ./ckpt/b}\nsteps:\n"
+            "  tv: {op: extract, base: base, finetuned: [a, b]}\n"
+            f"  parts: {{op: decompose, inputs: tv, rank: 2, threshold: {threshold}}}\n"
+            f"outputs:\n  shared: {{from: parts.shared, path: ./out/{out}}}\n"))
+        cli.ok("run", "d.yaml", "--no-cache")
+        return read_tensors(tmp_path / "out" / out / "a.safetensors")
+
+    low, high = run("0.05", "low"), run("0.999", "high")
+    mixed = run('[{match: "*.self_attn.*", value: 0.05}, {value: 0.999}]', "mixed")
+    attn = [n for n in mixed if "self_attn" in n]
+    assert attn and any(not torch.equal(low[n], high[n]) for n in attn)
+    for n, t in mixed.items():
+        assert torch.equal(t, low[n] if "self_attn" in n else high[n]), n

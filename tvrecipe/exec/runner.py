@@ -32,6 +32,7 @@ from tvrecipe.ops.parallel import cores
 from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, Entry, compile_recipe
 from tvrecipe.plan.tensors import (
     CHUNK_ELEMENTS,
+    PREFETCH_BYTES,
     TensorPlan,
     build_tensor_plan,
     in_flight,
@@ -204,18 +205,32 @@ class Runner:
         bar = progress_bar(len(items), label, self.options.progress)
         heavy = not rowwise(steps)
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
-        # ahead and never waits on a slow write; whole tensors are read one ahead.
+        # ahead and never waits on a slow write; whole tensors are read one ahead, except one
+        # whose copies from every input pass PREFETCH_BYTES (an embedding): reading it ahead
+        # would hold two of them at once, and it is read when its turn comes instead (the
+        # compute of a whole-tensor stream dwarfs a read from the page cache).
         ahead = in_flight(not heavy)
+        inputs = (sum(len(self.plan.models[m].parts) for m in models if m in self.plan.models)
+                  + sum(len(self.cached[n][1]) for n in models if n in self.cached))
+        width = torch.empty((), dtype=self.compute).element_size()
+
+        def read_ahead(j: int):
+            t, info, rows = items[j]
+            if heavy and math.prod(info.shape) * width * inputs > PREFETCH_BYTES:
+                return None
+            return pool.submit(self._read, models, t, rows, heavy)
+
         futures: deque = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
             try:
-                futures.extend(pool.submit(self._read, models, t, rows, heavy)
-                               for t, _info, rows in items[:ahead])
+                futures.extend(read_ahead(j) for j in range(min(ahead, len(items))))
                 for i, (tensor, info, rows) in enumerate(items):
-                    values = futures.popleft().result()
+                    future = futures.popleft()
+                    values = None  # the last tensor's values are the consumer's now
+                    values = (future.result() if future is not None
+                              else self._read(models, tensor, rows, heavy))
                     if i + ahead < len(items):
-                        nxt = items[i + ahead]
-                        futures.append(pool.submit(self._read, models, nxt[0], nxt[2], heavy))
+                        futures.append(read_ahead(i + ahead))
                     remaining = Counter(uses)
                     for s in steps:
                         values[s.name] = evaluator(s, values, tensor)
@@ -230,7 +245,8 @@ class Runner:
                 # Stopped early (an error, or the consumer closed us): reads not yet started
                 # never run; leaving the pool waits for the one running.
                 for f in futures:
-                    f.cancel()
+                    if f is not None:
+                        f.cancel()
         bar.close()
 
     # ---- whole-model passes ----------------------------------------------------------------

@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from tvrecipe.spec.kinds import TASK_VECTORS, VECTORS, ValueType
-from tvrecipe.spec.models import Density, RefList, StepSpec
+from tvrecipe.spec.models import PerTensorDensity, RefList, StepSpec
+from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
 MAX_K = 4096  # basis vectors; far beyond any real task library
@@ -23,7 +24,8 @@ class ClusterBasisStep(StepSpec):
         "auto", description="Number of basis vectors, or `auto` (largest Laplacian eigengap).")
     k_max: int | None = Field(None, ge=1, description="Upper bound for `k: auto`.")
     merge: Literal["mean", "sum", "ties"] = Field("mean", description="Merge inside a cluster.")
-    density: Density = Field(0.2, description="With `merge: ties`: fraction kept.")
+    density: PerTensorDensity = Field(
+        0.2, description="With `merge: ties`: fraction kept. " + PER_TENSOR_HELP)
     majority: Literal["total", "count"] = Field("total", description="With `merge: ties`.")
     normalize: bool = Field(True, description="With `merge: ties`.")
 
@@ -34,6 +36,7 @@ class ClusterBasisStep(StepSpec):
     seeded: ClassVar = True  # the spectral clustering's eigensolver starts from the seed
     # 2: `merge: ties` trims to k = max(1, floor(density·n)) entries (1 rounded).
     version: ClassVar = 2
+    per_tensor: ClassVar = ("density",)
     kernel: ClassVar = "tvrecipe.ops:merge_cluster"
     example: ClassVar = "basis: {op: cluster_basis, inputs: tv, k: auto}"
 
@@ -77,7 +80,7 @@ class ClusterBasisStep(StepSpec):
             return dict.fromkeys(names)
         options = {}
         if self.merge == "ties":
-            options = {"density": self.density, "majority": self.majority,
+            options = {"density": ctx.param("density"), "majority": self.majority,
                        "normalize": self.normalize}
         return {n: ctx.kernel([xs[i] for i in members], merge=self.merge, **options)
                 for n, members in zip(names, clustering.members)}

@@ -7,8 +7,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from tvrecipe.spec import pertensor
 from tvrecipe.spec.kinds import DECOMPOSITION, TASK_VECTORS, ValueType
 from tvrecipe.spec.models import Frozen, RefList, StepSpec
+from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
 
@@ -32,7 +34,8 @@ class DecomposeStep(StepSpec):
                           "of their own (detox: decompose the toxic vector against references).")
     method: Literal["sandwich", "chain", "mean_projector"] = Field(
         "sandwich", description="Rule for the shared subspace.")
-    threshold: float = Field(0.85, gt=0.0, le=1.0, description="Keep shared directions above it.")
+    threshold: pertensor.per_tensor(gt=0.0, le=1.0) = Field(
+        0.85, description="Keep shared directions above it. " + PER_TENSOR_HELP)
     rank: int | EnergyRank = Field(
         default_factory=lambda: EnergyRank(energy=0.9),
         description="Per-task subspace rank: an int, or `{energy: e}`.")
@@ -45,6 +48,7 @@ class DecomposeStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS, "reference": TASK_VECTORS}
     returns: ClassVar = DECOMPOSITION
     cached: ClassVar = True
+    per_tensor: ClassVar = ("threshold",)
     kernel: ClassVar = "tvrecipe.ops:decompose"
     example: ClassVar = "parts: {op: decompose, inputs: tv, threshold: 0.85}"
 
@@ -66,7 +70,8 @@ class DecomposeStep(StepSpec):
             return {"shared": dict.fromkeys(members), "unique": dict.fromkeys(members)}
         excluded = any(fnmatch.fnmatchcase(ctx.tensor, p) for p in self.exclude)
         rank = self.rank if isinstance(self.rank, int) else {"energy": self.rank.energy}
-        result = ctx.kernel([*targets, *refs], method=self.method, threshold=self.threshold,
+        result = ctx.kernel([*targets, *refs], method=self.method,
+                            threshold=ctx.param("threshold"),
                             rank=rank, vectors_1d=self.vectors_1d, excluded=excluded)
         ctx.report.setdefault("tensors", {})[ctx.tensor] = result.info
         n = len(targets)
