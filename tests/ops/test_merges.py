@@ -639,3 +639,34 @@ def test_mergekit_generalized_task_arithmetic_as_steps(mk, method, weights, norm
     merged = consensus_merge(sparse, weights=weights, majority=majority, normalize=normalize)
     out = base + merged * 1.5  # tvrecipe's apply: θ₀ + (λ·τ), two roundings, as mergekit
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("majority", ["total", "count", None])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_consensus_in_small_blocks_gives_the_same_bytes(monkeypatch, majority, normalize):
+    # consensus_merge goes through the flattened inputs in blocks (bounded scratch): it is
+    # entry by entry, so any block size gives the bytes of one whole block.
+    import tvrecipe.ops.merges as merges
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(33, 7, generator=g) for _ in range(4)]
+    xs[1][3] = 0.0  # zeros never agree
+    ws = [1.0, 0.5, -0.7, 2.0]
+    whole = merges.consensus_merge(xs, weights=ws, majority=majority, normalize=normalize)
+    monkeypatch.setattr(merges, "_CONSENSUS_BLOCK", 10)
+    blocked = merges.consensus_merge(xs, weights=ws, majority=majority, normalize=normalize)
+    assert torch.equal(whole, blocked)
+    assert blocked.shape == (33, 7)
+
+
+@pytest.mark.parametrize("shape", [(40, 9), (6, 5, 4), (50,)])
+def test_della_ranks_rows_in_blocks_with_the_same_bytes(monkeypatch, shape):
+    # Rows are ranked independently, a few at a time for large tensors: any block of rows
+    # gives the probabilities, and so the bytes, of one whole block.
+    import tvrecipe.ops.merges as merges
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    x.view(-1)[3] = x.view(-1)[5]  # a tie, broken by index
+    whole = merges.della(x, density=0.5, epsilon=0.2, seed=9)
+    p_whole = merges.della_probabilities(x, density=0.5, epsilon=0.2)
+    monkeypatch.setattr(merges, "_DELLA_BLOCK", 7)
+    assert torch.equal(merges.della_probabilities(x, density=0.5, epsilon=0.2), p_whole)
+    assert torch.equal(merges.della(x, density=0.5, epsilon=0.2, seed=9), whole)

@@ -146,9 +146,24 @@ class TensorContext:
         """Call the op's kernel."""
         return kernel(type(self.step.spec))(*args, **kwargs)
 
-    def map(self, value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Value:
-        """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part."""
-        return map_vectors(value, fn)
+    def map(self, value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor],
+            reuse: str | None = None) -> Value:
+        """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part.
+
+        With ``reuse`` (the node ``value`` comes from), each result is copied into its input
+        tensor where nothing reads that input later, and the fresh result is dropped at once:
+        a set's results then never coexist with its inputs (a whole-tensor sparsifier over 8
+        members held 8 extra embedding-sized tensors). Same bytes either way.
+        """
+        if reuse is None:
+            return map_vectors(value, fn)
+
+        def into_input(t: torch.Tensor, member: str) -> torch.Tensor:
+            result = fn(t, member)
+            buffer = self.scratch(reuse, t, [result])
+            return result if buffer is None else buffer.copy_(result)
+
+        return map_vectors(value, into_input)
 
     def seed(self, member: str = "") -> int:
         """The seed of a random op's generator for one member and this tensor: derived from

@@ -35,5 +35,7 @@ class BreadcrumbsStep(StepSpec):
     example: ClassVar = "crumbs: {op: breadcrumbs, input: tv, density: 0.9, gamma: 0.01}"
 
     def evaluate(self, ctx: Any) -> Any:
+        # Results go into the input tensors where nothing reads them later (ctx.map's reuse).
         return ctx.map(ctx.one("input"), lambda t, _m: ctx.kernel(
-            t, density=ctx.param("density"), gamma=ctx.param("gamma"), rescale=self.rescale))
+            t, density=ctx.param("density"), gamma=ctx.param("gamma"), rescale=self.rescale),
+            reuse=ctx.node("input"))

@@ -38,6 +38,7 @@ class DellaStep(StepSpec):
     example: ClassVar = "pruned: {op: della, input: tv, density: 0.4, epsilon: 0.1}"
 
     def evaluate(self, ctx: Any) -> Any:
+        # Results go into the input tensors where nothing reads them later (ctx.map's reuse).
         return ctx.map(ctx.one("input"), lambda t, m: ctx.kernel(
             t, density=ctx.param("density"), epsilon=ctx.param("epsilon"),
-            rescale=self.rescale, seed=ctx.seed(m)))
+            rescale=self.rescale, seed=ctx.seed(m)), reuse=ctx.node("input"))
