@@ -151,3 +151,37 @@ def test_lock_records_the_bytes_on_disk(tmp_path):
     files = lock["outputs"]["model"]["files"]
     assert files == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                      for p in (tmp_path / "out").iterdir()}
+
+
+def test_a_changed_recipe_replaces_the_output_its_lock_wrote_without_force(tmp_path):
+    # The lock says this recipe wrote ./out and it is unchanged since: a rerun after a changed
+    # coefficient replaces it without --force. A hand-edited output, or a folder the lock does
+    # not list, still needs --force, and such a refused run writes nothing.
+    from safetensors.torch import load_file
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    first = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
+    recipe.write_text(RECIPE.replace("weights: 0.5", "weights: 0.25"))
+    res = _cli("run", str(recipe), "-q")
+    assert res.exit_code == 0, res.output
+    second = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))["w"]
+    torch.testing.assert_close(second - base, 0.5 * (first - base), rtol=1e-5, atol=1e-7)
+    assert _cli("verify", str(recipe)).exit_code == 0
+
+    (tmp_path / "out" / "notes.txt").write_text("mine\n")  # a file the lock does not list
+    lock_before = (tmp_path / "r.yaml.lock").read_bytes()
+    recipe.write_text(RECIPE.replace("weights: 0.5", "weights: 0.75"))
+    res = _cli("run", str(recipe), "-q")
+    assert res.exit_code == 4
+    assert f"output {tmp_path / 'out'} exists; pass --force to replace it" in res.output
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine\n"
+    assert (tmp_path / "r.yaml.lock").read_bytes() == lock_before
+    assert _cli("run", str(recipe), "-q", "--force").exit_code == 0
+    assert not (tmp_path / "out" / "notes.txt").exists()
+
+    # Another recipe's lock owns nothing here.
+    other = tmp_path / "other.yaml"
+    other.write_text(RECIPE.replace("weights: 0.5", "weights: 0.1"))
+    res = _cli("run", str(other), "-q")
+    assert res.exit_code == 4 and "pass --force" in res.output

@@ -231,7 +231,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     progress = not quiet and sys.stderr.isatty()
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     options = RunOptions(force=force, device=device, progress=progress,
-                         allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"])
+                         allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
+                         replaceable=lockfile.owned_outputs(compiled, memo) if has_lock
+                         else frozenset())
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
     result = run_light(compiled, options)
     if result is None:

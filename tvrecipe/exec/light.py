@@ -199,7 +199,9 @@ class _LightRun:
                 return None
             metadata = output_metadata(self.compiled)
             for name in self.compiled.outputs:
-                outputs[name] = Output(name, self.compiled, self.plan, self.options.force, "F32",
+                outputs[name] = Output(name, self.compiled, self.plan,
+                                       self.options.force or name in self.options.replaceable,
+                                       "F32",
                                        metadata)
             written = self._stream(outputs)
             reports = {d: m["report"] for d, (m, _s, _c) in self.cached.items()

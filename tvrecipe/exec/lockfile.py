@@ -107,6 +107,30 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     return lines
 
 
+def owned_outputs(compiled: Compiled, memo: HashMemo | None = None) -> frozenset[str]:
+    """Outputs whose folder this recipe's lock says it wrote, unchanged since (every file's
+    hash as locked, no file more or less): a rerun may replace them without ``--force``.
+
+    A folder the lock does not list, one at another path in the lock, or one edited by hand
+    is not owned: replacing it still needs ``--force``.
+    """
+    path = lock_path(compiled.loaded.path)
+    if not path.is_file():
+        return frozenset()
+    memo = memo or hash_memo(compiled)
+    locked = read_lock(path).get("outputs", {})
+    owned = set()
+    for name, (spec, _res) in compiled.outputs.items():
+        entry = locked.get(name)
+        target = compiled.loaded.resolve(spec.path)
+        if (entry is None or not target.is_dir()
+                or compiled.loaded.resolve(entry.get("path", "")) != target):
+            continue
+        if entry.get("files") and hash_tree(target, memo) == entry["files"]:
+            owned.add(name)
+    return frozenset(owned)
+
+
 def output_differences(compiled: Compiled, memo: HashMemo | None = None,
                        folders: dict[str, Path] | None = None) -> list[str]:
     """How the outputs on disk differ from the lock (empty when they match byte for byte).

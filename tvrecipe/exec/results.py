@@ -37,6 +37,9 @@ class RunOptions:
     keys: dict[str, str] | None = None  # step keys (plan.keys.step_keys); needed by the cache
     # Output name -> folder to write it to instead of its recipe path (verify --recompute).
     targets: dict[str, Path] | None = None
+    # Outputs whose existing folder may be replaced without ``force``: the lock says this
+    # recipe wrote them and they are unchanged since (lockfile.owned_outputs).
+    replaceable: frozenset[str] = frozenset()
 
 
 @dataclass

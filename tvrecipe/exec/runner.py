@@ -419,7 +419,8 @@ class Runner:
                         self._recompile()
             metadata = output_metadata(self.compiled)
             for name in self.compiled.outputs:
-                outputs[name] = Output(name, self.compiled, self.plan, self.options.force,
+                outputs[name] = Output(name, self.compiled, self.plan,
+                                       self.options.force or name in self.options.replaceable,
                                        st_dtype(self.compute), metadata,
                                        (self.options.targets or {}).get(name))
             steps = self._to_compute([o.res.node for o in outputs.values()])
