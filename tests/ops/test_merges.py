@@ -646,7 +646,7 @@ def test_mergekit_generalized_task_arithmetic_as_steps(mk, method, weights, norm
 def test_consensus_in_small_blocks_gives_the_same_bytes(monkeypatch, majority, normalize):
     # consensus_merge goes through the flattened inputs in blocks (bounded scratch): it is
     # entry by entry, so any block size gives the bytes of one whole block.
-    import tvrecipe.ops.merges as merges
+    from tvrecipe.ops import merges
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(33, 7, generator=g) for _ in range(4)]
     xs[1][3] = 0.0  # zeros never agree
@@ -662,7 +662,7 @@ def test_consensus_in_small_blocks_gives_the_same_bytes(monkeypatch, majority, n
 def test_della_ranks_rows_in_blocks_with_the_same_bytes(monkeypatch, shape):
     # Rows are ranked independently, a few at a time for large tensors: any block of rows
     # gives the probabilities, and so the bytes, of one whole block.
-    import tvrecipe.ops.merges as merges
+    from tvrecipe.ops import merges
     x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
     x.view(-1)[3] = x.view(-1)[5]  # a tie, broken by index
     whole = merges.della(x, density=0.5, epsilon=0.2, seed=9)

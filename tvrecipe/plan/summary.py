@@ -140,13 +140,17 @@ def _per_tensor_values(compiled: Compiled, plan: TensorPlan) -> list[str]:
     shown = pertensor.representative_tensors(names)
     width = max((len(t) for t in shown), default=0)
     lines: list[str] = []
-    for step_name, _field, label, value in per_tensor_params(compiled):
+    for step_name, field, label, value in per_tensor_params(compiled):
         lines.append(f"  {step_name}.{label} = {pertensor.describe(value)}")
+        # As the run resolves it: where no rule matches, the field's default (weights have
+        # none: the run stops there).
+        default = type(compiled.steps[step_name].spec).model_fields[field].default
+        default = default if isinstance(default, (int, float)) and field != "weights" else None
         for t in shown:
             try:
-                got = f"{pertensor.value_at(value, t, layers):.6g}"
+                got = f"{pertensor.value_at(value, t, layers, default=default):.6g}"
             except LookupError:
-                got = "no rule matches"
+                got = "no rule matches: the run stops here"
             lines.append(f"      {t:<{width}}  {got}")
     lines += [f"  {w}" for w in rule_warnings(compiled, names)]
     return ["", "per-tensor values (resolved for representative tensors):", *lines] if lines \

@@ -456,7 +456,9 @@ def representative_tensors(tensor_names: Iterable[str]) -> list[str]:
     picked: list[str] = []
 
     def first(candidates: Iterable[str], keys: tuple[str, ...]) -> str | None:
-        return next((n for n in candidates if any(k in n for k in keys)), None)
+        # A weight of the block, not its norm (`post_attention_layernorm` names attention).
+        found = [n for n in candidates if any(k in n for k in keys)]
+        return next((n for n in found if "norm" not in n), found[0] if found else None)
 
     def add(name: str | None) -> None:
         if name is not None and name not in picked:
