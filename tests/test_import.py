@@ -201,3 +201,12 @@ def test_an_existing_recipe_is_kept_unless_forced(make_models, cli):
     cli.ok("import", "mk.yml", "-o", "r.yaml", "--force")
     assert "op: linear" in (cli.root / "r.yaml").read_text()
     assert [p.name for p in cli.root.iterdir() if p.name.startswith(".r.yaml")] == []
+
+
+def test_problems_of_the_method_and_of_the_models_come_together(cli):
+    cli.write("mk.yml", "merge_method: tiez\nmodels:\n  - model: ./ckpt/a+./lora\n")
+    res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml")
+    assert res.err_lines[1:] == [
+        "mk.yml:1:1: merge_method: merge_method 'tiez' is not imported (did you mean 'ties'?)",
+        ("mk.yml:3:5: models[0].model: './ckpt/a+./lora' names a model plus a LoRA adapter, "
+         "which is not imported (merge the adapter into its model first)")]

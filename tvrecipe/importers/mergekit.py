@@ -191,8 +191,6 @@ class _Importer:
         if tok not in (None, "base"):
             self.problem(("tokenizer_source",), f"tokenizer_source {tok!r} is not imported: "
                                                 "only 'base' (the base model's files)")
-        if self.problems:
-            raise RecipeError(self.problems)
         base = None
         if data.get("base_model") is not None:
             path = self.model_path(data["base_model"], ("base_model",))
@@ -217,7 +215,9 @@ class _Importer:
         if not models and not self.problems:
             self.problem(("models",), "no models to merge")
         shared = data.get("parameters") or {}
-        allowed = _PARAMS.get(method, set())
+        if method not in METHODS:  # parameters are checked against a method's
+            raise RecipeError(self.problems)
+        allowed = _PARAMS[method]
         for where, params in [(("parameters",), shared)] + [
                 ((*m.where, "parameters"), m.parameters) for m in models]:
             for key in params:
