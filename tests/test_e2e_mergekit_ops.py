@@ -168,3 +168,24 @@ def test_model_stock_streams_in_row_blocks_with_whole_tensor_ratios(make_models,
         torch.testing.assert_close(stock[k], model_stock(deltas), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(rows[k], model_stock(deltas, filter_wise=True),
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_slerp_streams_in_row_blocks_with_whole_tensor_angles(make_models, cli, tmp_path,
+                                                              monkeypatch):
+    # The angle of each tensor comes from a whole-model pass over row blocks (‖a‖², ‖b‖²,
+    # ⟨a, b⟩); c_a·a + c_b·b then streams by rows. Small blocks give the whole-tensor kernel.
+    ms = make_models(TASKS)
+    steps = ("  s: {op: slerp, a: math, b: code, t: [0.2, 0.7]}\n"
+             "  same: {op: slerp, a: math, b: math, t: 0.4}\n")  # colinear: lerp, exactly a
+    outs = ("  s: {from: s, path: ./out/s, dtype: float32}\n"
+            "  same: {from: same, path: ./out/same, dtype: float32}\n")
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    monkeypatch.setattr("tvrecipe.exec.runner.CHUNK_ELEMENTS", 7)
+    cli.ok("run", "r.yaml")
+    got, same = read_tensors(tmp_path / "out" / "s"), read_tensors(tmp_path / "out" / "same")
+    a, b = ms.f32("math"), ms.f32("code")
+    for k in FLOATING:
+        t = 0.7 if ".layers." in k else 0.2  # one layer: t = 1 on it, the first value outside
+        close(got[k], slerp(a[k], b[k], t=t), k)
+        close(same[k], a[k], k)
+    assert torch.equal(got[INT_BUFFER], ms.weights["math"][INT_BUFFER])

@@ -670,3 +670,17 @@ def test_della_ranks_rows_in_blocks_with_the_same_bytes(monkeypatch, shape):
     monkeypatch.setattr(merges, "_DELLA_BLOCK", 7)
     assert torch.equal(merges.della_probabilities(x, density=0.5, epsilon=0.2), p_whole)
     assert torch.equal(merges.della(x, density=0.5, epsilon=0.2, seed=9), whole)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_from_a_gram_matrix_matches_the_whole_tensor_kernel(t):
+    from tvrecipe.ops import gram_update, slerp_coefficients, slerp_combine
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(30, 7, generator=g), torch.randn(30, 7, generator=g)
+    for x, y in ((a, b), (a, 2.5 * a), (a, -a), (torch.zeros(30, 7), b)):
+        gram = torch.zeros(2, 2, dtype=torch.float64)
+        for rows in range(0, 30, 4):  # accumulated over row blocks
+            gram_update(gram, [x[rows:rows + 4], y[rows:rows + 4]])
+        ca, cb = slerp_coefficients(gram, t=t)
+        torch.testing.assert_close(slerp_combine(x, y, ca=ca, cb=cb), slerp(x, y, t=t),
+                                   rtol=1e-6, atol=1e-7)

@@ -18,6 +18,8 @@ from tvrecipe.ops.merges import (
     model_stock_t,
     model_stock_t_from_gram,
     slerp,
+    slerp_coefficients,
+    slerp_combine,
 )
 from tvrecipe.ops.parallel import parallel_map
 from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties
@@ -26,4 +28,5 @@ __all__ = ["apply", "assign", "breadcrumbs", "cluster", "consensus_merge", "cosi
            "dare", "decompose", "della", "derive_seed", "extract", "gram_update", "l1_rescale",
            "linear", "mean", "merge_cluster", "model_stock", "model_stock_merge",
            "model_stock_t", "model_stock_t_from_gram", "negate", "parallel_map", "prune",
-           "scale", "slerp", "sum", "ties"]
+           "scale", "slerp", "slerp_coefficients", "slerp_combine", "sum",
+           "ties"]

@@ -27,6 +27,8 @@ __all__ = [
     "model_stock_t",
     "model_stock_t_from_gram",
     "slerp",
+    "slerp_coefficients",
+    "slerp_combine",
 ]
 
 # mergekit 0.1.5's constants, kept identical so that results agree with it.
@@ -197,6 +199,38 @@ def slerp(
         e = min(s + _SLERP_CHUNK, n)
         out[s:e] = ca * af[s:e].to(cd) + cb * bf[s:e].to(cd)
     return out.view(a.shape)
+
+
+def slerp_coefficients(gram: torch.Tensor, *, t: float, eps: float = SLERP_EPS,
+                       dot_threshold: float = SLERP_DOT_THRESHOLD) -> tuple[float, float]:
+    """The coefficients (c_a, c_b) of :func:`slerp` from the 2 × 2 Gram matrix of a and b.
+
+    With ‖a‖² = G₀₀, ‖b‖² = G₁₁ and ⟨a, b⟩ = G₀₁ accumulated over row blocks
+    (``tvrecipe.ops.gram_update``), the same rule as :func:`slerp` (norms at or below ``eps``
+    count as 1; |cos Ω| above ``dot_threshold`` falls back to lerp), so that
+    ``c_a·a + c_b·b`` (:func:`slerp_combine`) can stream by rows. The cosine comes from a
+    float64 Gram matrix rather than float32 chunks: the two agree to about 1e-7.
+    """
+    if gram.shape != (2, 2):
+        raise ValueError(f"slerp: needs the 2 x 2 Gram matrix of a and b, got shape "
+                         f"{list(gram.shape)}")
+    t = _check_real(t, "t", "slerp")
+    g = gram.double()
+    na, nb = (math.sqrt(max(float(g[i, i]), 0.0)) for i in (0, 1))
+    na, nb = (n if n > eps else 1.0 for n in (na, nb))
+    dot = min(1.0, max(-1.0, float(g[0, 1]) / na / nb))
+    if abs(dot) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def slerp_combine(a: torch.Tensor, b: torch.Tensor, *, ca: float, cb: float) -> torch.Tensor:
+    """c_a·a + c_b·b in float32 (float64 for float64 inputs), returned in a's dtype."""
+    _check_inputs([a, b], "slerp")
+    cd = _compute_dtype(a.dtype)
+    tca, tcb = (torch.tensor(c, dtype=cd, device=a.device) for c in (ca, cb))
+    return (tca * a.to(cd) + tcb * b.to(cd)).to(a.dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import CHECKPOINT, VECTOR, ValueType
-from tvrecipe.spec.models import PerTensor, Ref, StepSpec
+from tvrecipe.spec.models import ROWWISE, PerTensor, Ref, StepSpec
 from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
@@ -27,7 +27,12 @@ class SlerpStep(StepSpec):
                          "b": frozenset({CHECKPOINT, VECTOR})}
     base_field: ClassVar = "a"
     per_tensor: ClassVar = ("t",)
-    kernel: ClassVar = "tvrecipe.ops:slerp"
+    # The angle of each tensor comes from a whole-model pass that accumulates ‖a‖², ‖b‖² and
+    # ⟨a, b⟩ over row blocks; c_a·a + c_b·b then streams by rows, so neither model is held
+    # a whole tensor at a time.
+    whole_model: ClassVar = True
+    execution: ClassVar = ROWWISE
+    kernel: ClassVar = "tvrecipe.ops:slerp_combine"
     example: ClassVar = "smooth: {op: slerp, a: code_model, b: math_model, t: [0, 0.5, 1]}"
 
     def output_type(self, ctx: Any) -> ValueType:
@@ -37,8 +42,24 @@ class SlerpStep(StepSpec):
                              f"{a.kind} and 'b' a {b.kind}", "give two checkpoints or two vectors")
         return ValueType(a.kind)
 
+    def whole_model_pass(self, ctx: Any) -> dict[str, Any]:
+        import torch
+
+        from tvrecipe.ops import gram_update
+        grams: dict[str, torch.Tensor] = {}
+
+        def add(tensor: str, xs: list) -> None:
+            if tensor not in grams:
+                grams[tensor] = torch.zeros(2, 2, dtype=torch.float64)
+            gram_update(grams[tensor], xs)
+
+        ctx.accumulate([*ctx.entries("a"), *ctx.entries("b")], add, label="slerp angles")
+        return grams
+
     def evaluate(self, ctx: Any) -> Any:
+        from tvrecipe.ops import slerp_coefficients
         a, b = ctx.one("a"), ctx.one("b")
         if a is None or b is None or not ctx.floating(a):
             return a  # integer buffers: a's
-        return ctx.kernel(a, b, t=ctx.param("t"))
+        ca, cb = slerp_coefficients(ctx.result[ctx.tensor], t=ctx.param("t"))
+        return ctx.kernel(a, b, ca=ca, cb=cb)
