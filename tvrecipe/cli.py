@@ -122,8 +122,8 @@ def _rule_warnings(compiled) -> list[str]:
     from tvrecipe.errors import InputError
     from tvrecipe.plan.summary import per_tensor_params, rule_warnings
     from tvrecipe.plan.tensors import build_tensor_plan
-    if not any(isinstance(v, list) and v and isinstance(v[0], dict)
-               for *_rest, v in per_tensor_params(compiled)):
+    from tvrecipe.spec.pertensor import is_rules
+    if not any(is_rules(v) for *_rest, v in per_tensor_params(compiled)):
         return []
     try:
         plan = build_tensor_plan(compiled)

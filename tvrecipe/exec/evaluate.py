@@ -111,11 +111,7 @@ class TensorContext:
         weights = self.step.weights
         if weights is None or all(isinstance(w, float) for w in weights):
             return weights
-        try:
-            return [value_at(w, self.tensor, self._evaluator.layers) for w in weights]
-        except LookupError as exc:
-            raise ValueError(f"weights: {exc}; end the rules with a default {{value: ...}}") \
-                from None
+        return [self._at("weights", w, None) for w in weights]
 
     def param(self, name: str) -> float:
         """A per-tensor parameter's value for this tensor (a number, a layer gradient or rules,
@@ -123,12 +119,13 @@ class TensorContext:
         value = getattr(self.step.spec, name)
         if isinstance(value, (int, float)):
             return float(value)
-        default = type(self.step.spec).model_fields[name].default
+        return self._at(name, value, type(self.step.spec).per_tensor_default(name))
+
+    def _at(self, label: str, value: Any, default: float | None) -> float:
         try:
-            return value_at(value, self.tensor, self._evaluator.layers,
-                            default=default if isinstance(default, (int, float)) else None)
+            return value_at(value, self.tensor, self._evaluator.layers, default=default)
         except LookupError as exc:
-            raise ValueError(f"{name}: {exc}; end the rules with a default {{value: ...}}") \
+            raise ValueError(f"{label}: {exc}; end the rules with a default {{value: ...}}") \
                 from None
 
     @property

@@ -39,7 +39,6 @@ from tvrecipe.plan.tensors import (
     rows_per_block,
     rowwise,
 )
-from tvrecipe.spec.pertensor import layer_counts
 from tvrecipe.spec.registry import kernel
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry
 from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
@@ -197,7 +196,7 @@ class Runner:
         models = [m for m in self.plan.models if m in uses]
         models += [n for n in self.cached if n in uses]
         evaluator = StepEvaluator(self.seed, self.reduced, self.reports)
-        evaluator.layers = layer_counts(self.plan.tensors)
+        evaluator.layers = self.plan.layers
         # Values read once, by one step, and neither output nor cached: that step may write
         # into them (see StepEvaluator._scratch).
         evaluator.exclusive = {n for n in [*models, *(s.name for s in steps)] if uses[n] == 1}
@@ -212,7 +211,7 @@ class Runner:
         ahead = in_flight(not heavy)
         inputs = (sum(len(self.plan.models[m].parts) for m in models if m in self.plan.models)
                   + sum(len(self.cached[n][1]) for n in models if n in self.cached))
-        width = torch.empty((), dtype=self.compute).element_size()
+        width = self.compute.itemsize
 
         def read_ahead(j: int):
             t, info, rows = items[j]
@@ -492,6 +491,19 @@ class PassContext:
         gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
         self.accumulate(entries, lambda _name, xs: ops.gram_update(gram, xs))
         return gram
+
+    def grams(self, entries: list[Entry], label: str) -> dict[str, torch.Tensor]:
+        """The Gram matrix (float64) of ``entries`` for each floating tensor, in one pass over
+        row blocks where the upstream steps are row-wise."""
+        grams: dict[str, torch.Tensor] = {}
+
+        def add(tensor: str, xs: list) -> None:
+            if tensor not in grams:
+                grams[tensor] = torch.zeros(len(entries), len(entries), dtype=torch.float64)
+            ops.gram_update(grams[tensor], xs)
+
+        self.accumulate(entries, add, label)
+        return grams
 
 
 def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResult:

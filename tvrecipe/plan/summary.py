@@ -109,7 +109,7 @@ def per_tensor_params(compiled: Compiled):
     """``(step, field, label, value)`` of every parameter whose value varies by tensor."""
     for step_name, step in compiled.steps.items():
         for field in step.spec.per_tensor:
-            if field == step.spec.weighted or field == "weights":
+            if field == "weights":  # one value per entry of the weighted field
                 entries = step.entries.get(step.spec.weighted or "", [])
                 labelled = [(f"{field}[{e.name}]", w)
                             for e, w in zip(entries, step.weights or [])]
@@ -136,7 +136,7 @@ def _per_tensor_values(compiled: Compiled, plan: TensorPlan) -> list[str]:
     """Parameters that vary by tensor, resolved for a few representative tensors, and rules
     whose pattern matches no tensor of the model."""
     names = list(plan.tensors)
-    layers = pertensor.layer_counts(names)
+    layers = plan.layers
     shown = pertensor.representative_tensors(names)
     width = max((len(t) for t in shown), default=0)
     lines: list[str] = []
@@ -144,8 +144,7 @@ def _per_tensor_values(compiled: Compiled, plan: TensorPlan) -> list[str]:
         lines.append(f"  {step_name}.{label} = {pertensor.describe(value)}")
         # As the run resolves it: where no rule matches, the field's default (weights have
         # none: the run stops there).
-        default = type(compiled.steps[step_name].spec).model_fields[field].default
-        default = default if isinstance(default, (int, float)) and field != "weights" else None
+        default = type(compiled.steps[step_name].spec).per_tensor_default(field)
         for t in shown:
             try:
                 got = f"{pertensor.value_at(value, t, layers, default=default):.6g}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from tvrecipe.errors import InputError
 from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep
 from tvrecipe.spec.models import ROWWISE
+from tvrecipe.spec.pertensor import layer_counts
 from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.hashing import checkpoint_digest
 
@@ -90,6 +92,11 @@ class TensorPlan:
     def floating(self) -> list[str]:
         """Names of the floating tensors (the ones task vectors have)."""
         return [n for n, t in self.tensors.items() if t.is_floating]
+
+    @functools.cached_property
+    def layers(self) -> dict[str, int]:
+        """Layers per layer stack of the reference model, for per-tensor layer gradients."""
+        return layer_counts(self.tensors)
 
 
 def needed_models(compiled: Compiled) -> list[str]:

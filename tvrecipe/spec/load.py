@@ -178,6 +178,7 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
                                      problems).items():
         ok = _validate(ModelSpec, spec, ("models", name), smap, problems)
         valid["models" if ok else "broken"][name] = ok
+    known = ops()
     for name, spec in _check_mapping(data.get("steps"), ("steps",), "steps", smap,
                                      problems).items():
         where = ("steps", name)
@@ -186,7 +187,6 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
                                          "e.g. {op: sum, inputs: [a, b]}"))
             continue
         op = spec.get("op")
-        known = ops()
         if op is None:
             problems.append(smap.problem(where, "step has no 'op'",
                                          "one of: " + ", ".join(known)))

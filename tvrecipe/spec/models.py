@@ -152,15 +152,18 @@ class StepSpec(Frozen):
         return name
 
     @classmethod
+    def per_tensor_default(cls, field: str) -> float | None:
+        """The value a per-tensor field takes where none of its rules matches a tensor: the
+        field's numeric default, or None (weights and required fields have none)."""
+        default = cls.model_fields[field].default
+        return float(default) if isinstance(default, (int, float)) and \
+            not isinstance(default, bool) else None
+
+    @classmethod
     def summary(cls) -> str:
         """The first paragraph of the op's docstring, on one line."""
         first = (cls.__doc__ or "").strip().split("\n\n")[0]
         return " ".join(line.strip() for line in first.splitlines())
-
-    @property
-    def ref_fields(self) -> tuple[str, ...]:
-        """The fields that hold references, in declaration order."""
-        return tuple(self.accepts)
 
     def references(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Every reference this step makes, with the field path it sits at."""

@@ -327,7 +327,8 @@ def _rule_parts(rule: Any) -> tuple[str | None, Any]:
     raise TypeError(f"not a rule: {rule!r}")
 
 
-def _is_rule_list(value: Any) -> bool:
+def is_rules(value: Any) -> bool:
+    """Whether a per-tensor value is a rule list (validated or in its plain JSON form)."""
     return isinstance(value, (list, tuple)) and bool(value) and _is_rule(value[0])
 
 
@@ -360,7 +361,7 @@ def value_at(value: Any, tensor: str, n_layers: int | Mapping[str, int],
         LookupError: No rule matches the tensor and ``default`` is None (mergekit: "Missing
             required parameter").
     """
-    if not _is_rule_list(value):
+    if not is_rules(value):
         # A plain number needs no position: a tensor outside the counted layers still works.
         if _is_number(value):
             return float(value)
@@ -396,7 +397,7 @@ def _yaml(value: Any) -> str:
 
 def describe(value: Any) -> str:
     """A short text for ``plan``: ``0.5``, ``[0, 0.5, 1] by layer``, or the rules in order."""
-    if not _is_rule_list(value):
+    if not is_rules(value):
         return f"{_yaml(value)} by layer" if isinstance(value, (list, tuple)) else _yaml(value)
     parts = []
     for rule in value:
@@ -411,7 +412,7 @@ def unmatched_rules(value: Any, tensor_names: Iterable[str]) -> list[int]:
 
     The default rule is never reported; a number or a gradient has no rules.
     """
-    if not _is_rule_list(value):
+    if not is_rules(value):
         return []
     names = list(tensor_names)
     out = []
@@ -424,7 +425,7 @@ def unmatched_rules(value: Any, tensor_names: Iterable[str]) -> list[int]:
 
 def unmatched_tensors(value: Any, tensor_names: Iterable[str]) -> list[str]:
     """The tensors no rule covers (they take the op's default), in the given order."""
-    if not _is_rule_list(value):
+    if not is_rules(value):
         return []
     patterns = [_rule_parts(rule)[0] for rule in value]
     if None in patterns:

@@ -40,18 +40,8 @@ class ModelStockStep(StepSpec):
         return super().output_type(ctx)
 
     def whole_model_pass(self, ctx: Any) -> dict[str, float]:
-        import torch
-
-        from tvrecipe.ops import gram_update, model_stock_t_from_gram
-        k = len(ctx.entries("inputs"))
-        grams: dict[str, torch.Tensor] = {}
-
-        def add(tensor: str, xs: list) -> None:
-            if tensor not in grams:
-                grams[tensor] = torch.zeros(k, k, dtype=torch.float64)
-            gram_update(grams[tensor], xs)
-
-        ctx.accumulate(ctx.entries("inputs"), add, label="model_stock ratios")
+        from tvrecipe.ops import model_stock_t_from_gram
+        grams = ctx.grams(ctx.entries("inputs"), "model_stock ratios")
         ratios = {t: model_stock_t_from_gram(g) for t, g in grams.items()}
         ctx.report["t"] = ratios
         return ratios

@@ -43,18 +43,7 @@ class SlerpStep(StepSpec):
         return ValueType(a.kind)
 
     def whole_model_pass(self, ctx: Any) -> dict[str, Any]:
-        import torch
-
-        from tvrecipe.ops import gram_update
-        grams: dict[str, torch.Tensor] = {}
-
-        def add(tensor: str, xs: list) -> None:
-            if tensor not in grams:
-                grams[tensor] = torch.zeros(2, 2, dtype=torch.float64)
-            gram_update(grams[tensor], xs)
-
-        ctx.accumulate([*ctx.entries("a"), *ctx.entries("b")], add, label="slerp angles")
-        return grams
+        return ctx.grams([*ctx.entries("a"), *ctx.entries("b")], "slerp angles")
 
     def evaluate(self, ctx: Any) -> Any:
         from tvrecipe.ops import slerp_coefficients
