@@ -450,10 +450,11 @@ def import_(config: str, recipe: str, output_path: str | None, force: bool) -> N
     try:
         compiled = _compile(str(staging))
     except RecipeError as exc:  # the importer wrote what tvrecipe cannot read: a bug
+        staging.unlink()
         raise RuntimeError(f"the imported recipe does not validate:\n{exc}") from None
-    finally:
-        if staging.exists() and "compiled" not in locals():
-            staging.unlink()
+    except BaseException:
+        staging.unlink()
+        raise
     os.replace(staging, target)
     click.echo(f"wrote {recipe}: {len(compiled.steps)} steps from {config}; run it with "
                f"`tvrecipe run {recipe}`")

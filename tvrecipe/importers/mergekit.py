@@ -11,7 +11,7 @@ from typing import Any
 
 from tvrecipe.errors import Problem, RecipeError
 from tvrecipe.spec.load import did_you_mean
-from tvrecipe.spec.pertensor import GLOB_CHARS
+from tvrecipe.spec.pertensor import GLOB_CHARS, is_rules
 from tvrecipe.spec.yamlsource import SourceMap, load_yaml
 
 
@@ -104,8 +104,7 @@ class _Importer:
                     return None
                 pattern = rule.get("filter")
                 value = self.value(rule["value"], (*where, i, "value"))
-                if value is None or isinstance(value, list) and value and \
-                        isinstance(value[0], dict):
+                if value is None or is_rules(value):
                     return None
                 if pattern in (None, "", "*"):
                     rules.append({"value": value})
@@ -121,15 +120,6 @@ class _Importer:
         self.problem(where, f"a parameter must be a number, a list of numbers (a gradient) or "
                             f"a list of {{filter, value}} rules, got {raw!r}")
         return None
-
-    @staticmethod
-    def merged(own: Any, shared: Any) -> Any:
-        """A per-model value that falls through to the shared one where its rules miss."""
-        if isinstance(own, list) and own and isinstance(own[0], dict) and \
-                "match" in own[-1] and shared is not None:
-            return own + (shared if isinstance(shared, list) and shared
-                          and isinstance(shared[0], dict) else [{"value": shared}])
-        return own
 
     # ---- models --------------------------------------------------------------------------
     def model_path(self, raw: Any, where: tuple) -> str | None:
@@ -152,9 +142,7 @@ class _Importer:
         if not path.is_absolute() and not (Path.cwd() / path).exists() and \
                 raw.count("/") == 1 and not raw.startswith("."):
             return raw  # a hub id: kept as written, the recipe needs a local copy
-        absolute = path if path.is_absolute() else Path.cwd() / path
-        rel = os.path.relpath(absolute, self.recipe.resolve().parent)
-        return rel if rel.startswith("..") or os.path.isabs(rel) else "./" + rel
+        return _beside(self.recipe, path)
 
     def name_for(self, path: str, wanted: str | None = None) -> str:
         stem = wanted or Path(path.rstrip("/")).name or "model"
@@ -234,6 +222,22 @@ class _Importer:
         return text
 
 
+def _beside(recipe: Path, path: Path) -> str:
+    """``path`` (relative to the working folder, as mergekit reads it) as the recipe writes it:
+    relative to the recipe's folder."""
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    rel = os.path.relpath(absolute, recipe.resolve().parent)
+    return rel if rel.startswith("..") or os.path.isabs(rel) else "./" + rel
+
+
+def _falls_through(own: Any, shared: Any) -> Any:
+    """A per-model value whose rules, where none matches, give the shared value (mergekit
+    resolves a missed per-model rule from the config's ``parameters``)."""
+    if is_rules(own) and "match" in own[-1] and shared is not None:
+        return own + (shared if is_rules(shared) else [{"value": shared}])
+    return own
+
+
 def _fmt(value: Any) -> str:
     """A value as YAML flow text."""
     if value is None:  # only after a problem was reported: the text is not written
@@ -268,14 +272,12 @@ class _Writer:
     def per_model(self, key: str, default: Any, required: bool = False
                   ) -> tuple[dict[str, Any], str]:
         """Each model's value of a per-model parameter, and where it came from."""
-        shared = None
-        if key in self.shared:
-            shared = self.imp.value(self.shared[key], ("parameters", key))
+        shared, _source = self.shared_value(key, None)
         values, sources = {}, set()
         for m in self.models:
             if key in m.parameters:
                 own = self.imp.value(m.parameters[key], (*m.where, "parameters", key))
-                values[m.name] = self.merged(own, shared)
+                values[m.name] = _falls_through(own, shared)
                 sources.add("models[].parameters")
             elif shared is not None:
                 values[m.name] = shared
@@ -289,8 +291,6 @@ class _Writer:
                 sources.add("default")
         return values, key + " from " + ", ".join(sorted(sources))
 
-    merged = staticmethod(_Importer.merged)
-
     def add(self, name: str, fields: dict[str, Any], comment: str) -> str:
         self.steps.append((name, _fmt(fields), comment))
         return name
@@ -298,7 +298,6 @@ class _Writer:
     def write(self) -> str:
         method = self.method
         names = [m.name for m in self.models]
-        out_node = "model"
         if method == "linear":
             inputs = ([self.base] if self.base and self.base.listed else []) + self.models
             self.models = inputs
@@ -340,7 +339,7 @@ class _Writer:
                          "θ₀ + t·mean(τ) = t·mean(θ) + (1 − t)·θ₀")
             else:
                 self.gta(GTA[method], names)
-        return self.text(out_node)
+        return self.text()
 
     def gta(self, m: _Method, names: list[str]) -> None:
         weights, wsrc = self.per_model("weight", None, required=True)
@@ -352,7 +351,7 @@ class _Writer:
         inputs: Any = "tv"
         sparse = m.sparsify is not None and any(v != 1 and v != 1.0 for v in density.values())
         if sparse:
-            def fields(member: str) -> dict[str, Any]:
+            def sparsifier(member: str) -> dict[str, Any]:
                 f: dict[str, Any] = {"density": density[member]}
                 f.update({k: vals[member] for k, (vals, _s) in extra.items()})
                 if m.sparsify == "dare":
@@ -363,7 +362,7 @@ class _Writer:
                     f["rescale"] = False
                 return f
 
-            per = {n: fields(n) for n in names}
+            per = {n: sparsifier(n) for n in names}
             comment = "; ".join([dsrc, *(s for _v, s in extra.values()),
                                  f"rescale: {rsrc} (mergekit's rescale keeps the L1 norm)"])
             if all(per[n] == per[names[0]] for n in names):
@@ -386,7 +385,7 @@ class _Writer:
         self.add("model", {"op": "apply", "base": self.base.name, "delta": "merged",
                            "scale": lam}, f"θ₀ + λ·merged; λ: {lsrc}")
 
-    def text(self, out_node: str) -> str:
+    def text(self) -> str:
         imp, data = self.imp, self.imp.data
         rel_source = os.path.relpath(imp.source.resolve(), imp.recipe.resolve().parent)
         lines = [f"# Imported by `tvrecipe import` from the mergekit config {rel_source}",
@@ -411,7 +410,7 @@ class _Writer:
             lines.append(f"  {name + ':':<{width + 1}} {flow}")
             lines.append(f"  {'':<{width + 1}} # {comment}")
         out_dtype = data.get("out_dtype") or dtype
-        out = {"from": out_node, "path": self.output_path()}
+        out = {"from": "model", "path": self.output_path()}
         if out_dtype in ("float32", "float16", "bfloat16", "float64"):
             out["dtype"] = out_dtype
         if self.base is not None:
@@ -425,11 +424,7 @@ class _Writer:
     def output_path(self) -> str:
         if self.imp.output_path is None:
             return "./merged"
-        target = Path(self.imp.output_path).expanduser()
-        if not target.is_absolute():
-            target = Path.cwd() / target
-        rel = os.path.relpath(target, self.imp.recipe.resolve().parent)
-        return rel if rel.startswith("..") or os.path.isabs(rel) else "./" + rel
+        return _beside(self.imp.recipe, Path(self.imp.output_path).expanduser())
 
 
 def import_mergekit(config: str | Path, recipe: str | Path,
