@@ -35,13 +35,11 @@ class DareStep(StepSpec):
     example: ClassVar = "dropped: {op: dare, input: tv, density: 0.3}"
 
     def evaluate(self, ctx: Any) -> Any:
-        l1 = self.rescale == "l1"
+        from tvrecipe.ops import l1_rescale
 
         def one(t: Any, member: str) -> Any:
             kept = ctx.kernel(t, density=ctx.param("density"), rescale=self.rescale is True,
                               seed=ctx.seed(member))
-            return l1_rescale(t, kept) if l1 else kept
+            return l1_rescale(t, kept) if self.rescale == "l1" else kept
 
-        if l1:
-            from tvrecipe.ops import l1_rescale
         return ctx.map(ctx.one("input"), one)

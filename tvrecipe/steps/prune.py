@@ -34,10 +34,10 @@ class PruneStep(StepSpec):
     example: ClassVar = "sparse: {op: prune, input: tv, density: 0.1}"
 
     def evaluate(self, ctx: Any) -> Any:
+        from tvrecipe.ops import l1_rescale
+
         def one(t: Any, _member: str) -> Any:
             kept = ctx.kernel(t, density=ctx.param("density"), by=self.by)
             return l1_rescale(t, kept) if self.rescale else kept
 
-        if self.rescale:
-            from tvrecipe.ops import l1_rescale
         return ctx.map(ctx.one("input"), one)
