@@ -192,7 +192,8 @@ def test_sharded_output_layout_config_and_metadata(make_models, cli, tmp_path):
     sharded, single = tmp_path / "out" / "sharded", tmp_path / "out" / "single"
 
     assert sorted(p.name for p in single.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer_config.json"]
+        "README.md", "config.json", "model.safetensors", "tokenizer_config.json",
+        "tvrecipe.lock", "tvrecipe.yaml"]
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     n = len(shards)

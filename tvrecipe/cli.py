@@ -232,6 +232,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
+                         state=state,
                          replaceable=lockfile.owned_outputs(compiled, memo) if has_lock
                          else frozenset())
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
@@ -287,19 +288,30 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", metavar="RECIPE|FOLDER", type=click.Path())
 @click.option("--recompute", is_flag=True,
               help="Also run the recipe again, without the cache, into a temporary folder and "
                    "compare its bytes with the lock.")
 @click.option("--device", help="Device for --recompute: auto, cpu, cuda, cuda:N.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=PATH",
+              help="FOLDER --recompute only: read input NAME from PATH instead of the path in "
+                   "the folder's tvrecipe.yaml (its pinned sha256 still applies). Repeatable.")
 @handle_errors
-def verify(recipe: str, recompute: bool, device: str | None) -> None:
+def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, ...]) -> None:
     """Check that inputs, recipe and outputs still match the lock file, byte for byte.
 
-    Outputs are hashed again in full; inputs are hashed again when their size, mtime or inode
-    changed since they were last hashed.
+    Given a recipe, its outputs are hashed again in full; inputs are hashed again when their
+    size, mtime or inode changed since they were last hashed. Given a checkpoint output
+    folder, its files are checked against the tvrecipe.lock it carries, and --recompute
+    rebuilds it from its own tvrecipe.yaml.
     """
-    from tvrecipe.errors import VerifyError
+    from tvrecipe.errors import RecipeError, VerifyError
+    if Path(recipe).is_dir():
+        _verify_folder(Path(recipe), recompute, device, _input_paths(inputs))
+        return
+    if inputs and Path(recipe).is_file():
+        raise RecipeError(f"--input is for a released output folder; {recipe} is a recipe: "
+                          "edit its model paths instead")
     with _importing("tvrecipe.exec.lockfile"):
         from tvrecipe.exec import lockfile
     from tvrecipe.store.hashing import HashMemo
@@ -337,6 +349,108 @@ def verify(recipe: str, recompute: bool, device: str | None) -> None:
                           + "\n".join(problems))
     click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock, and recomputing "
                "them without the cache gave the same bytes")
+
+
+def _input_paths(options: tuple[str, ...]) -> dict[str, str]:
+    from tvrecipe.errors import RecipeError
+    out = {}
+    for item in options:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RecipeError(f"--input {item!r}: expected NAME=PATH, e.g. --input base=./models/base")
+        out[name] = str(Path(path).resolve())
+    return out
+
+
+def _verify_folder(folder: Path, recompute: bool, device: str | None,
+                   moved: dict[str, str]) -> None:
+    """``verify FOLDER``: a released output folder against the lock entry it carries."""
+    import shutil
+    import tempfile
+
+    from tvrecipe.errors import RecipeError, VerifyError
+    from tvrecipe.exec import release
+    data = release.read_release(folder)
+    problems = release.folder_differences(folder, data["files"], str(folder))
+    if problems:
+        raise VerifyError(f"{folder} does not match its {release.LOCK_FILE}:\n"
+                          + "\n".join(problems))
+    built = data.get("built_from", {}).get("file", "?")
+    n = len(data["files"])
+    if not recompute:
+        if moved:
+            raise RecipeError("--input only applies with --recompute")
+        click.echo(f"{folder}: ok, {n} files match its {release.LOCK_FILE} (built from {built})")
+        return
+    recipe = folder / release.RECIPE_FILE
+    if not recipe.is_file():
+        raise VerifyError(f"{folder} has no {release.RECIPE_FILE} to rebuild it from")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".tvrecipe-verify-", dir=folder.resolve().parent))
+    except OSError:  # a read-only parent (a downloaded snapshot): the system's temp folder
+        tmp = Path(tempfile.mkdtemp(prefix="tvrecipe-verify-"))
+    try:
+        _recompute_folder(folder, recipe, tmp, data, device, moved)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    skipped = (f" ({release.CARD_FILE} and {release.RECIPE_FILE} aside: they name the "
+               "original input paths)") if moved else ""
+    click.echo(f"{folder}: ok, {n} files match its {release.LOCK_FILE}, and rebuilding them from "
+               f"{release.RECIPE_FILE} gave the same bytes{skipped}")
+
+
+def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device: str | None,
+                      moved: dict[str, str]) -> None:
+    import yaml
+
+    from tvrecipe.errors import InputError, RecipeError, VerifyError
+    from tvrecipe.store.hashing import HashMemo
+    with _importing("tvrecipe.exec.lockfile"):
+        from tvrecipe.exec import lockfile, release
+    if moved:  # the same recipe with some inputs elsewhere (absolute paths)
+        doc = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        for name, path in moved.items():
+            if name not in doc.get("models", {}):
+                raise RecipeError(f"--input {name}=...: {recipe} has no model {name!r}; it has "
+                                  f"{', '.join(doc.get('models', {}))}")
+            doc["models"][name]["path"] = path
+        recipe = tmp / release.RECIPE_FILE
+        recipe.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    try:
+        compiled = _compile(str(recipe))
+        # Hashes are kept in memory: nothing is written into the folder being checked.
+        state = lockfile.run_state(compiled, HashMemo(None))
+    except InputError as exc:
+        raise InputError(f"{exc}\nrebuilding {folder} needs its inputs: pass --input NAME=PATH "
+                         "for each one that is not where tvrecipe.yaml says (its pinned sha256 "
+                         "makes sure it is the same model)") from None
+    locked_inputs, locked_steps = data.get("inputs", {}), data.get("steps", {})
+    problems = [f"input {m!r} ({compiled.models[m].path}) has sha256 {e['sha256'][:12]}…; the "
+                f"folder was built from {str(locked_inputs.get(m, {}).get('sha256'))[:12]}…"
+                for m, e in state["inputs"].items()
+                if locked_inputs.get(m, {}).get("sha256") != e["sha256"]]
+    if not problems:  # same inputs, yet other steps: another tvrecipe version computes otherwise
+        problems = [f"step {s!r}: key {k}, locked {locked_steps.get(s)}"
+                    for s, k in state["steps"].items() if locked_steps.get(s) != k]
+    if problems:
+        raise VerifyError(f"{folder / release.RECIPE_FILE} no longer computes what "
+                          f"{release.LOCK_FILE} records:\n" + "\n".join(problems))
+    with _importing("tvrecipe.exec.runner"):
+        from tvrecipe.exec.runner import RunOptions, run_recipe
+    (name,) = compiled.outputs
+    run_recipe(compiled, RunOptions(
+        device=device, progress=sys.stderr.isatty(), targets={name: tmp / name},
+        state=state, source=release.Source(**data["built_from"])))
+    locked = dict(data["files"])
+    got = tmp / name
+    if moved:  # the card and recipe name the input paths: only the rest is compared
+        for f in (release.CARD_FILE, release.RECIPE_FILE):
+            locked.pop(f, None)
+            (got / f).unlink(missing_ok=True)
+    problems = release.folder_differences(got, locked, f"recomputed {folder}")
+    if problems:
+        raise VerifyError(f"rebuilding {folder} from its {release.RECIPE_FILE} gave other bytes "
+                          f"than its {release.LOCK_FILE}:\n" + "\n".join(problems))
 
 
 @main.group()

@@ -197,11 +197,9 @@ class _LightRun:
             self.plan = build_tensor_plan(self.compiled)
             if not self.supported():
                 return None
-            metadata = output_metadata(self.compiled)
+            metadata = output_metadata(self.compiled, self.options)
             for name in self.compiled.outputs:
-                outputs[name] = Output(name, self.compiled, self.plan,
-                                       self.options.force or name in self.options.replaceable,
-                                       "F32",
+                outputs[name] = Output(name, self.compiled, self.plan, self.options, "F32",
                                        metadata)
             written = self._stream(outputs)
             reports = {d: m["report"] for d, (m, _s, _c) in self.cached.items()

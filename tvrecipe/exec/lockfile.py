@@ -24,6 +24,12 @@ def _version(package: str) -> str:
         return "unknown"
 
 
+def tool_versions() -> dict[str, str]:
+    """The versions a lock records (read from package metadata: torch is not imported)."""
+    return {"tvrecipe": __version__, "torch": _version("torch"),
+            "python": platform.python_version()}
+
+
 def hash_memo(compiled: Compiled) -> HashMemo:
     """The hash memo beside the recipe (``.tvrecipe/hashes.json``), so inputs hash once."""
     return HashMemo(compiled.loaded.root / ".tvrecipe" / "hashes.json")
@@ -77,8 +83,7 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
                                "files": hash_tree(path, memo)}
                         for name, path in sorted(outputs.items())},
-            "tool": {"tvrecipe": __version__, "torch": _version("torch"),
-                     "python": platform.python_version()}}
+            "tool": tool_versions()}
     path = lock_path(compiled.loaded.path)
     write_lock(path, data)
     return path

@@ -14,6 +14,7 @@ from typing import Any
 
 from tvrecipe import __version__
 from tvrecipe.errors import InputError
+from tvrecipe.exec.release import Source, write_release
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan
 from tvrecipe.store.cache import TensorCache
@@ -40,6 +41,12 @@ class RunOptions:
     # Outputs whose existing folder may be replaced without ``force``: the lock says this
     # recipe wrote them and they are unchanged since (lockfile.owned_outputs).
     replaceable: frozenset[str] = frozenset()
+    # lockfile.run_state of this run (input hashes, step keys), for the lock entry a checkpoint
+    # output carries; computed when a checkpoint output needs it and it is None.
+    state: dict[str, Any] | None = None
+    # The recipe the outputs' headers and lock entries name; None: the recipe being run. A
+    # rebuild from an output folder's own tvrecipe.yaml passes the original's.
+    source: Source | None = None
 
 
 @dataclass
@@ -66,10 +73,13 @@ class Output:
             the output names no dtype).
     """
 
-    def __init__(self, name: str, compiled: Compiled, plan: TensorPlan, force: bool,
-                 compute: str, metadata: dict[str, str], target: Path | None = None):
+    def __init__(self, name: str, compiled: Compiled, plan: TensorPlan, options: RunOptions,
+                 compute: str, metadata: dict[str, str]):
         spec, res = compiled.outputs[name]
         self.name, self.spec, self.res = name, spec, res
+        self.options = options
+        force = options.force or name in options.replaceable
+        target = (options.targets or {}).get(name)
         self.kind = res.type.kind
         self.target = target or compiled.loaded.resolve(spec.path)
         protected = [m.path for m in plan.models.values()] + [compiled.loaded.path]
@@ -156,6 +166,15 @@ class Output:
             src = compiled.loaded.resolve(compiled.models[source].path)
             if src.is_dir():
                 copy_aux_files(src, self.folder.staging)
+        if self.kind == CHECKPOINT and self.spec.model_card is not False:
+            self._release(compiled)
+
+    def _release(self, compiled: Compiled) -> None:
+        from tvrecipe.exec import lockfile
+        state = self.options.state or lockfile.run_state(compiled)
+        self.digests = write_release(compiled, self.name, self.folder.staging, self.digests,
+                                     state, source_of(compiled, self.options),
+                                     lockfile.tool_versions())
 
 
 def base_model_of(compiled: Compiled, node: str) -> str | None:
@@ -196,11 +215,16 @@ def cache_hits(compiled: Compiled, lookup: Callable[[str, CompiledStep], Any]) -
     return hits
 
 
-def output_metadata(compiled: Compiled) -> dict[str, str]:
+def source_of(compiled: Compiled, options: RunOptions) -> Source:
+    """The recipe a run's outputs name: the one run, unless the options name another."""
+    return options.source or Source(compiled.loaded.path.name, compiled.loaded.text_sha256)
+
+
+def output_metadata(compiled: Compiled, options: RunOptions) -> dict[str, str]:
     """Provenance every output file's header carries."""
-    loaded = compiled.loaded
-    return {"tvrecipe.version": __version__, "tvrecipe.recipe": loaded.path.name,
-            "tvrecipe.recipe_sha256": loaded.text_sha256}
+    source = source_of(compiled, options)
+    return {"tvrecipe.version": __version__, "tvrecipe.recipe": source.file,
+            "tvrecipe.recipe_sha256": source.sha256}
 
 
 def nonfinite_input(where: str, tensor: str) -> InputError:

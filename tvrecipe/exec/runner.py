@@ -416,12 +416,10 @@ class Runner:
                     passes.append(f"similarity:{name}")
                     if name in self._open_members:
                         self._recompile()
-            metadata = output_metadata(self.compiled)
+            metadata = output_metadata(self.compiled, self.options)
             for name in self.compiled.outputs:
-                outputs[name] = Output(name, self.compiled, self.plan,
-                                       self.options.force or name in self.options.replaceable,
-                                       st_dtype(self.compute), metadata,
-                                       (self.options.targets or {}).get(name))
+                outputs[name] = Output(name, self.compiled, self.plan, self.options,
+                                       st_dtype(self.compute), metadata)
             steps = self._to_compute([o.res.node for o in outputs.values()])
             pending = self._start_cache_entries(steps, metadata)
             want = sorted({o.res.node for o in outputs.values()} | set(pending))

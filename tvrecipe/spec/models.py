@@ -228,6 +228,21 @@ class StepSpec(Frozen):
         return None
 
 
+class ModelCardSpec(Frozen):
+    """What a checkpoint output's model card says beyond what the recipe tells."""
+
+    base_model: Union[str, list[str], None] = Field(  # noqa: UP007
+        None, description="Hub id(s) of the base model for the card's front matter. Default: "
+                          "the base checkpoint's `_name_or_path` in its config.json, when that "
+                          "is a Hub id.")
+    license: str | None = Field(None, description="License id for the front matter, e.g. "
+                                                  "`apache-2.0`.")
+    library_name: str | None = Field(
+        None, description="Default: `transformers` when the folder has a config.json.")
+    tags: list[str] = Field(default_factory=list,
+                            description="Tags added to `merge`, `tvrecipe`, `task-vectors`.")
+
+
 class OutputSpec(Frozen):
     """One thing to write."""
 
@@ -241,6 +256,11 @@ class OutputSpec(Frozen):
     copy_files_from: Name | None = Field(
         None, description="A model whose non-weight files (config, tokenizer) are copied. "
                           "Default for checkpoints: the base of the checkpoint.")
+    model_card: Union[bool, ModelCardSpec] = Field(  # noqa: UP007
+        True, description="Checkpoint outputs only: write `README.md` (a model card), "
+                          "`tvrecipe.yaml` (this output's recipe, inputs pinned by hash) and "
+                          "`tvrecipe.lock` (its lock entry) into the folder; `false` writes "
+                          "none of them; a mapping sets the card's front matter.")
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
                               allow_inf_nan=False)
 

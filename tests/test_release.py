@@ -1,0 +1,240 @@
+"""Releases that explain themselves: model card, pinned recipe and lock entry in checkpoint
+outputs, and ``tvrecipe verify FOLDER`` on a folder with no recipe beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.conftest import snapshot
+from tvrecipe.store.hashing import checkpoint_digest
+
+STEPS = """\
+steps:
+  tv: {op: extract, base: base, finetuned: [math, code, toxic]}
+  merged: {op: sum, inputs: [tv.math, tv.code], weights: [0.5, 0.5]}
+  model: {op: apply, base: base, delta: merged, scale: 0.8}
+  math_only: {op: apply, base: base, delta: tv.math}
+"""
+
+
+def project(make_models, cli, outputs: str, name: str = "r.yaml"):
+    ms = make_models(("math", "code", "toxic"))
+    text = ("tvrecipe: 1\nname: release test\ndescription: Two skills in one model.\n"
+            + ms.models_yaml() + STEPS + "outputs:\n" + outputs)
+    return ms, cli.write(name, text)
+
+
+OUTPUTS = ("  model: {from: model, path: ./out/model}\n"
+           "  math: {from: math_only, path: ./out/math, dtype: bfloat16}\n"
+           "  copy: {from: base, path: ./out/copy}\n"
+           "  vectors: {from: tv, path: ./out/vectors}\n")
+INPUTS = ["--input", "base=ckpt/base", "--input", "math=ckpt/math", "--input", "code=ckpt/code",
+          "--input", "toxic=ckpt/toxic"]
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_checkpoint_outputs_carry_card_pinned_recipe_and_lock_entry(make_models, cli, tmp_path):
+    ms, _ = project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    out = tmp_path / "out"
+    digests = {m: checkpoint_digest([ms.path(m) / "model.safetensors"]) for m in ms.weights}
+
+    # The pinned recipe holds only what its output needs, paths from the folder, hashes pinned.
+    pinned = yaml.safe_load((out / "math" / "tvrecipe.yaml").read_text())
+    assert pinned["models"] == {m: {"path": f"../../ckpt/{m}", "sha256": digests[m]}
+                                for m in ("base", "math", "code", "toxic")}
+    assert list(pinned["steps"]) == ["tv", "math_only"]  # not merged, not model
+    assert pinned["steps"]["tv"] == {"op": "extract", "base": "base",
+                                     "finetuned": ["math", "code", "toxic"]}
+    assert pinned["outputs"] == {"math": {"from": "math_only", "path": ".", "dtype": "bfloat16"}}
+    assert pinned["name"] == "release test"
+    full = yaml.safe_load((out / "model" / "tvrecipe.yaml").read_text())
+    assert list(full["models"]) == ["base", "math", "code", "toxic"]
+    assert list(full["steps"]) == ["tv", "merged", "model"]
+    copy = yaml.safe_load((out / "copy" / "tvrecipe.yaml").read_text())
+    assert copy["models"] == {"base": {"path": "../../ckpt/base", "sha256": digests["base"]}}
+    assert "steps" not in copy
+    assert "No steps: the output is an input model, written again." in (
+        out / "copy" / "README.md").read_text()
+
+    # The lock entry: every other file by hash, and the same inputs and keys as the run's lock.
+    main_lock = yaml.safe_load((tmp_path / "r.yaml.lock").read_text())
+    for name in ("model", "math", "copy"):
+        folder = out / name
+        entry = yaml.safe_load((folder / "tvrecipe.lock").read_text())
+        assert entry["files"] == {p.name: sha(p) for p in folder.iterdir()
+                                  if p.name != "tvrecipe.lock"}
+        assert entry["recipe"] == {"file": "tvrecipe.yaml", "sha256": sha(folder / "tvrecipe.yaml")}
+        assert entry["built_from"] == {"file": "r.yaml", "sha256": sha(tmp_path / "r.yaml")}
+        assert entry["output"] == name
+        for m, e in entry["inputs"].items():
+            assert e["sha256"] == main_lock["inputs"][m]["sha256"] == digests[m]
+        for s, key in entry["steps"].items():
+            assert key == main_lock["steps"][s]
+        # The run's lock covers the three files too.
+        assert set(main_lock["outputs"][name]["files"]) == {p.name for p in folder.iterdir()}
+
+    # The card: Hub front matter, the steps in words, every input with its hash, the recipe.
+    card = (out / "model" / "README.md").read_text()
+    assert front_matter(card) == {"library_name": "transformers",
+                                  "tags": ["merge", "tvrecipe", "task-vectors"]}
+    assert "# release test\n\nTwo skills in one model.\n" in card
+    assert ("- `merged` = `sum` (inputs: [tv.math, tv.code], weights: [0.5, 0.5]): Weighted sum "
+            "of task vectors (task arithmetic).") in card
+    for m in ("base", "math", "code", "toxic"):
+        assert f"| `{m}` | `../../ckpt/{m}` | `{digests[m]}` |" in card
+    assert "```yaml\n" + (out / "model" / "tvrecipe.yaml").read_text() in card
+    assert "tvrecipe verify . --recompute" in card
+
+    # Task vectors carry their own index, no card.
+    assert sorted(p.name for p in (out / "vectors").iterdir()) == [
+        "code.safetensors", "math.safetensors", "toxic.safetensors", "vectors.json"]
+
+
+def test_release_files_do_not_depend_on_where_the_project_lives(make_models, cli, tmp_path):
+    project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    moved = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("out", ".tvrecipe", "elsewhere",
+                                                                    "*.lock"))
+    cli.ok("run", str(moved / "r.yaml"), "-q")
+    for name in ("model", "math"):
+        assert snapshot(moved / "out" / name) == snapshot(tmp_path / "out" / name)
+
+
+def test_verify_folder_checks_every_file_against_the_lock_it_carries(make_models, cli, tmp_path):
+    project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    folder = tmp_path / "out" / "model"
+    res = cli.ok("verify", "out/model")
+    assert res.stdout == "out/model: ok, 5 files match its tvrecipe.lock (built from r.yaml)\n"
+
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    (folder / "notes.txt").write_text("hand-made\n")
+    (folder / "tokenizer_config.json").unlink()
+    res = cli.fails(6, "verify", "out/model")
+    assert res.err_lines[:2] == ["tvrecipe: verify error:",
+                                 "out/model does not match its tvrecipe.lock:"]
+    assert res.err_lines[2].startswith("out/model/model.safetensors: content differs from the "
+                                       "lock (sha256 ")
+    assert res.err_lines[3:] == ["out/model/notes.txt: not in the lock",
+                                 "out/model/tokenizer_config.json: missing"]
+
+
+def test_verify_recompute_rebuilds_the_folder_from_its_own_recipe(make_models, cli, tmp_path):
+    project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    folder = tmp_path / "out" / "math"
+    before = snapshot(tmp_path / "out")
+    res = cli.ok("verify", "out/math", "--recompute")
+    assert res.stdout == ("out/math: ok, 5 files match its tvrecipe.lock, and rebuilding them "
+                          "from tvrecipe.yaml gave the same bytes\n")
+    assert snapshot(tmp_path / "out") == before  # nothing written into or beside the folder
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tvrecipe-")) == []
+
+    # Other weights whose hash is put in the lock pass a plain verify; a rebuild catches them.
+    weights = folder / "model.safetensors"
+    other = tmp_path / "out" / "model" / "model.safetensors"
+    entry = yaml.safe_load((folder / "tvrecipe.lock").read_text())
+    weights.write_bytes(other.read_bytes())
+    entry["files"]["model.safetensors"] = sha(weights)
+    (folder / "tvrecipe.lock").write_text(yaml.safe_dump(entry))
+    cli.ok("verify", "out/math")
+    res = cli.fails(6, "verify", "out/math", "--recompute")
+    assert res.err_lines[1] == ("rebuilding out/math from its tvrecipe.yaml gave other bytes than "
+                                "its tvrecipe.lock:")
+    assert res.err_lines[2].startswith("recomputed out/math/model.safetensors: content differs")
+    assert len(res.err_lines) == 3
+
+
+def test_a_moved_folder_rebuilds_with_inputs_given_where_they_are(make_models, cli, tmp_path):
+    project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    shutil.copytree(tmp_path / "out" / "math", tmp_path / "download" / "a" / "b" / "math")
+    res = cli.fails(3, "verify", "download/a/b/math", "--recompute")
+    assert res.err_lines[0] == "tvrecipe: input error:"
+    assert res.err_lines[-1] == ("rebuilding download/a/b/math needs its inputs: pass --input "
+                                 "NAME=PATH for each one that is not where tvrecipe.yaml says "
+                                 "(its pinned sha256 makes sure it is the same model)")
+
+    res = cli.ok("verify", "download/a/b/math", "--recompute", *INPUTS)
+    assert res.stdout.endswith("gave the same bytes (README.md and tvrecipe.yaml aside: they "
+                               "name the original input paths)\n")
+    res = cli.fails(6, "verify", "download/a/b/math", "--recompute", *INPUTS[2:], "--input",
+                    "base=ckpt/code")
+    assert res.err_lines[1:] == [
+        "download/a/b/math/tvrecipe.yaml no longer computes what tvrecipe.lock records:",
+        f"input 'base' ({tmp_path / 'ckpt' / 'code'}) has sha256 "
+        f"{checkpoint_digest([tmp_path / 'ckpt' / 'code' / 'model.safetensors'])[:12]}…; the "
+        f"folder was built from {checkpoint_digest([tmp_path / 'ckpt/base/model.safetensors'])[:12]}…"]
+    res = cli.fails(2, "verify", "download/a/b/math", "--recompute", "--input", "bse=ckpt/base")
+    assert res.err_lines[1] == ("--input bse=...: download/a/b/math/tvrecipe.yaml has no model "
+                                "'bse'; it has base, math, code, toxic")
+    res = cli.fails(2, "verify", "download/a/b/math", "--recompute", "--input", "base")
+    assert res.err_lines[1] == ("--input 'base': expected NAME=PATH, e.g. --input "
+                                "base=./models/base")
+
+
+def test_model_card_false_writes_none_of_the_three(make_models, cli, tmp_path):
+    project(make_models, cli, "  model: {from: model, path: ./out/model, model_card: false}\n")
+    cli.ok("run", "r.yaml", "-q")
+    folder = tmp_path / "out" / "model"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer_config.json"]
+    cli.ok("verify", "r.yaml")
+    res = cli.fails(6, "verify", "out/model")
+    assert res.err_lines[1] == ("out/model is a folder without tvrecipe.lock: `tvrecipe verify` "
+                                "takes a recipe file, or a checkpoint output folder written with "
+                                "its model card (an output without `model_card: false`)")
+
+
+def test_card_front_matter_from_the_recipe_or_the_base_config(make_models, cli, tmp_path):
+    ms, _ = project(make_models, cli, (
+        "  model: {from: model, path: ./out/model, model_card: {base_model: org/base-1b, "
+        "license: apache-2.0, tags: [math, merge]}}\n"
+        "  math: {from: math_only, path: ./out/math}\n"))
+    config = json.loads((ms.path("base") / "config.json").read_text())
+    (ms.path("base") / "config.json").write_text(
+        json.dumps({**config, "_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    cli.ok("run", "r.yaml", "-q")
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert front_matter(card) == {"base_model": "org/base-1b", "license": "apache-2.0",
+                                  "library_name": "transformers",
+                                  "tags": ["merge", "tvrecipe", "task-vectors", "math"]}
+    card = (tmp_path / "out" / "math" / "README.md").read_text()
+    assert front_matter(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_model_card_field_is_validated_with_its_location(make_models, cli):
+    project(make_models, cli, "  model: {from: model, path: ./out/model, model_card: {lisence: x}}\n")
+    res = cli.fails(2, "validate", "r.yaml")
+    assert any("outputs.model.model_card" in line and "lisence" in line for line in res.err_lines)
+
+
+@pytest.mark.parametrize("change", ["scale: 0.8", "weights: [0.5, 0.5]"])
+def test_a_rerun_after_a_change_writes_a_card_that_verifies(make_models, cli, tmp_path, change):
+    _ms, path = project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    new = {"scale: 0.8": "scale: 0.6", "weights: [0.5, 0.5]": "weights: [0.25, 0.5]"}[change]
+    path.write_text(path.read_text().replace(change, new))
+    cli.ok("run", "r.yaml", "-q")  # replaces the folders its lock says it wrote
+    pinned = (tmp_path / "out" / "model" / "tvrecipe.yaml").read_text()
+    assert new in pinned
+    cli.ok("verify", "out/model", "--recompute")
+    cli.ok("verify", "r.yaml")

@@ -1,0 +1,292 @@
+"""Releases that explain themselves: what a checkpoint output carries besides its weights.
+
+A checkpoint output folder gets three files unless its output says ``model_card: false``:
+
+- ``tvrecipe.yaml``: the recipe reduced to this output (only the steps and models it needs),
+  every input pinned by its content hash, paths relative to the folder itself;
+- ``README.md``: a model card (Hugging Face front matter, the steps in words, the recipe, the
+  inputs with their hashes, the tvrecipe version and the commands that check and rebuild it);
+- ``tvrecipe.lock``: this output's lock entry (recipe and input hashes, step keys, the SHA-256
+  of every other file in the folder), which ``tvrecipe verify FOLDER`` checks the folder against.
+
+Every byte of the three depends only on the recipe, the inputs' hashes and the tool versions,
+never on where or when the run happened, so rebuilding the folder from its own
+``tvrecipe.yaml`` gives the same bytes. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from tvrecipe import __version__
+from tvrecipe.errors import VerifyError
+from tvrecipe.plan.graph import Compiled
+from tvrecipe.store.lock import LOCK_VERSION
+
+RECIPE_FILE = "tvrecipe.yaml"
+LOCK_FILE = "tvrecipe.lock"
+CARD_FILE = "README.md"
+RELEASE_FILES = (RECIPE_FILE, CARD_FILE, LOCK_FILE)
+DEFAULT_TAGS = ["merge", "tvrecipe", "task-vectors"]
+# A Hugging Face Hub repository id (``owner/name``), as config.json's ``_name_or_path`` holds
+# it for a model loaded from the Hub.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The recipe a run was given (file name and hash), which output headers record.
+
+    A rebuild from a folder's own ``tvrecipe.yaml`` passes the original's, so that its bytes
+    are the original run's.
+    """
+
+    file: str
+    sha256: str
+
+
+def needed_by(compiled: Compiled, output: str) -> tuple[list[str], list[str]]:
+    """The models and steps one output depends on, each in recipe order."""
+    spec, res = compiled.outputs[output]
+    stack, seen = [res.node], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        step = compiled.steps.get(node)
+        if step is not None:
+            stack.extend(r.node for refs in step.refs.values() for r in refs)
+    if spec.copy_files_from:
+        seen.add(spec.copy_files_from)
+    models = [m for m in compiled.models if m in seen]
+    steps = [s for s in compiled.steps if s in seen]
+    return models, steps
+
+
+def _relative(compiled: Compiled, path: str, folder: Path) -> str:
+    """A recipe's model path as seen from ``folder`` (absolute paths stay absolute)."""
+    if Path(path).expanduser().is_absolute():
+        return path
+    rel = os.path.relpath(compiled.loaded.resolve(path), folder)
+    return PurePosixPath(Path(rel)).as_posix()
+
+
+def _raw_recipe(compiled: Compiled) -> dict[str, Any]:
+    text = compiled.loaded.path.read_bytes()
+    if hashlib.sha256(text).hexdigest() != compiled.loaded.text_sha256:
+        raise VerifyError(f"{compiled.loaded.path} changed while it ran; run it again")
+    return yaml.safe_load(text)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings as literal blocks; everything else as PyYAML writes it."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def pinned_recipe(compiled: Compiled, output: str, digests: dict[str, str]) -> str:
+    """The recipe that rebuilds one output from inside its folder: only what that output
+    needs, model paths relative to the folder, each input pinned by ``sha256``, and the output
+    written to ``.``.
+
+    Args:
+        digests: Content hash of each input model (``lockfile.run_state``'s ``inputs``).
+    """
+    raw = _raw_recipe(compiled)
+    spec, _res = compiled.outputs[output]
+    folder = compiled.loaded.resolve(spec.path)
+    models, steps = needed_by(compiled, output)
+    doc: dict[str, Any] = {"tvrecipe": raw["tvrecipe"]}
+    for key in ("name", "description", "settings"):
+        if raw.get(key) is not None:
+            doc[key] = raw[key]
+    doc["models"] = {}
+    for name in models:
+        entry = raw["models"][name]
+        entry = dict(entry) if isinstance(entry, dict) else {"path": entry}
+        entry["path"] = _relative(compiled, entry["path"], folder)
+        if name in digests:
+            entry["sha256"] = digests[name]
+        doc["models"][name] = entry
+    if steps:
+        doc["steps"] = {name: raw["steps"][name] for name in steps}
+    doc["outputs"] = {output: {**raw["outputs"][output], "path": "."}}
+    head = ("# Rebuilds the model in this folder: `tvrecipe verify . --recompute` (from this\n"
+            "# folder). Model paths are relative to this folder; each input is pinned by its\n"
+            f"# content hash. Written by tvrecipe {__version__}.\n")
+    return head + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                            default_flow_style=None, width=100)
+
+
+def _card_options(spec: Any) -> dict[str, Any]:
+    card = spec.model_card
+    return card.model_dump(exclude_none=True) if hasattr(card, "model_dump") else {}
+
+
+def _base_model_id(compiled: Compiled, output: str) -> str | None:
+    """The Hub id of the base checkpoint, where its config.json says it came from the Hub."""
+    import json
+
+    from tvrecipe.exec.results import base_model_of
+
+    base = base_model_of(compiled, compiled.outputs[output][1].node)
+    if base is None:
+        return None
+    config = compiled.loaded.resolve(compiled.models[base].path) / "config.json"
+    try:
+        name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists():
+        return name
+    return None
+
+
+def _step_line(name: str, raw_step: dict[str, Any], compiled: Compiled) -> str:
+    step = compiled.steps[name]
+    params = ", ".join(f"{k}: {_flow(v)}" for k, v in raw_step.items() if k != "op")
+    summary = type(step.spec).summary().rstrip(".")
+    return f"- `{name}` = `{step.spec.op}` ({params}): {summary}."
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text[:-4].strip() if text.endswith(("\n...", " ...")) else text
+
+
+def model_card(compiled: Compiled, output: str, recipe_text: str,
+               inputs: dict[str, dict[str, str]], files: list[str]) -> str:
+    """The ``README.md`` of one checkpoint output."""
+    spec, _res = compiled.outputs[output]
+    options = _card_options(spec)
+    raw = yaml.safe_load(recipe_text)
+    front: dict[str, Any] = {}
+    base = options.get("base_model") or _base_model_id(compiled, output)
+    if base:
+        front["base_model"] = base
+    if options.get("license"):
+        front["license"] = options["license"]
+    library = options.get("library_name") or ("transformers" if "config.json" in files else None)
+    if library:
+        front["library_name"] = library
+    front["tags"] = DEFAULT_TAGS + [t for t in options.get("tags", []) if t not in DEFAULT_TAGS]
+    title = raw.get("name") or output
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---",
+             "", f"# {title}", ""]
+    if raw.get("description"):
+        lines += [raw["description"].strip(), ""]
+    lines += [(f"This model was built by tvrecipe {__version__} from a merge recipe: the file "
+               f"`{RECIPE_FILE}` in this folder rebuilds it byte for byte from the inputs "
+               "below."), "",
+              "## How it was made", ""]
+    steps = raw.get("steps") or {}
+    if steps:
+        lines += [_step_line(n, s, compiled) for n, s in steps.items()]
+    else:
+        lines.append("No steps: the output is an input model, written again.")
+    lines += ["", f"Output `{output}` writes `{raw['outputs'][output]['from']}`.", "",
+              "## Inputs", "", "| model | path (from this folder) | sha256 |", "|---|---|---|"]
+    for name, entry in inputs.items():
+        lines.append(f"| `{name}` | `{entry['path']}` | `{entry['sha256']}` |")
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", "",
+              "## Check and rebuild", "",
+              "```bash",
+              f"pip install tvrecipe=={__version__}",
+              "tvrecipe verify .              # every file against tvrecipe.lock",
+              "tvrecipe verify . --recompute  # rebuild from the inputs, compare byte for byte",
+              "```", "",
+              ("`--recompute` reads the inputs at the paths in `tvrecipe.yaml`; where one is "
+               "elsewhere, add `--input NAME=PATH` (its pinned sha256 makes sure it is the same "
+               "model)."), ""]
+    return "\n".join(lines)
+
+
+def write_release(compiled: Compiled, output: str, staging: Path, digests: dict[str, str],
+                  state: dict[str, Any], source: Source, tool: dict[str, str]) -> dict[str, str]:
+    """Write ``tvrecipe.yaml``, ``README.md`` and ``tvrecipe.lock`` into a staging folder.
+
+    Args:
+        digests: SHA-256 of the files already hashed as they were written (weights).
+        state: ``lockfile.run_state`` of the run (input hashes and step keys).
+
+    Returns:
+        SHA-256 of the three files and of every file in the folder, by relative path.
+    """
+    from tvrecipe.store.hashing import sha256_file
+
+    folder = compiled.loaded.resolve(compiled.outputs[output][0].path)
+    models, steps = needed_by(compiled, output)
+    inputs = {m: {"path": _relative(compiled, compiled.models[m].path, folder),
+                  "sha256": state["inputs"][m]["sha256"]}
+              for m in models if m in state["inputs"]}
+    recipe_text = pinned_recipe(compiled, output,
+                                {m: e["sha256"] for m, e in inputs.items()})
+    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    card = model_card(compiled, output, recipe_text, inputs, files + [RECIPE_FILE])
+    out: dict[str, str] = {}
+    for name, text in ((RECIPE_FILE, recipe_text), (CARD_FILE, card)):
+        data = text.encode("utf-8")
+        (staging / name).write_bytes(data)
+        out[name] = hashlib.sha256(data).hexdigest()
+    hashes = {}
+    for p in sorted(staging.rglob("*")):
+        rel = str(p.relative_to(staging))
+        if p.is_file() and rel != LOCK_FILE:
+            hashes[rel] = out.get(rel) or digests.get(rel) or sha256_file(p)
+    entry = {"lock_version": LOCK_VERSION, "output": output,
+             "recipe": {"file": RECIPE_FILE,
+                        "sha256": hashlib.sha256(recipe_text.encode("utf-8")).hexdigest()},
+             "built_from": {"file": source.file, "sha256": source.sha256},
+             "inputs": inputs, "steps": {s: state["steps"][s] for s in steps},
+             "files": hashes, "tool": tool}
+    data = yaml.safe_dump(entry, sort_keys=True, default_flow_style=False,
+                          allow_unicode=True).encode("utf-8")
+    (staging / LOCK_FILE).write_bytes(data)
+    out[LOCK_FILE] = hashlib.sha256(data).hexdigest()
+    return {**hashes, LOCK_FILE: out[LOCK_FILE]}
+
+
+def read_release(folder: Path) -> dict[str, Any]:
+    """The lock entry an output folder carries.
+
+    Raises:
+        VerifyError: the folder has none, or it is unreadable.
+    """
+    path = folder / LOCK_FILE
+    if not path.is_file():
+        raise VerifyError(
+            f"{folder} is a folder without {LOCK_FILE}: `tvrecipe verify` takes a recipe file, "
+            "or a checkpoint output folder written with its model card (an output without "
+            "`model_card: false`)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise VerifyError(f"{path}: unreadable ({exc})") from None
+    if (not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION
+            or not isinstance(data.get("files"), dict)):
+        raise VerifyError(f"{path}: not a version-{LOCK_VERSION} tvrecipe output lock")
+    return data
+
+
+def folder_differences(folder: Path, locked: dict[str, str], label: str) -> list[str]:
+    """How the files of a folder (its own lock file aside) differ from ``locked``."""
+    from tvrecipe.store.hashing import HashMemo
+    from tvrecipe.store.lock import diff_hashes, hash_tree
+
+    got = hash_tree(folder, HashMemo(None)) if folder.is_dir() else {}
+    got.pop(LOCK_FILE, None)
+    return diff_hashes(locked, got, label)
