@@ -118,18 +118,23 @@ def test_truncated_entry_is_recomputed(tmp_path):
 def test_cache_commands(tmp_path):
     recipe = _make(tmp_path)
     _cli("run", str(recipe), "-q")
-    res = _cli("cache", "ls", "--recipe", str(recipe))
+    res = _cli("cache", "ls", str(recipe))
     assert res.output.startswith("ties-")
+    assert _cli("cache", "ls", "--recipe", str(recipe)).output == res.output  # the old flag
     leftover = tmp_path / ".tvrecipe" / "cache" / "ab" / ".ties-x.123.tmp"
     leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(b"partial")
     old = time.time() - 7200
     os.utime(leftover, (old, old))
-    assert "1 leftover" in _cli("cache", "du", "--recipe", str(recipe)).output
-    assert _cli("cache", "gc", "--recipe", str(recipe)).output.strip() == "removed 1 files"
+    assert "1 entry, " in _cli("cache", "du", str(recipe)).output
+    assert "; 1 leftover file of interrupted runs" in _cli("cache", "du", str(recipe)).output
+    assert _cli("cache", "gc", str(recipe)).output.strip() == "removed 1 file"
     assert not leftover.exists() and len(_entries(tmp_path)) == 1
-    _cli("cache", "clear", "--recipe", str(recipe))
+    _cli("cache", "clear", str(recipe))
     assert _entries(tmp_path) == []
+    cache = tmp_path / ".tvrecipe" / "cache"
+    assert _cli("cache", "ls", str(recipe)).output == f"cache is empty: {cache}\n"
+    assert _cli("cache", "gc", str(recipe)).output == "removed 0 files\n"
 
 
 def _run_proc(recipe: Path, *extra: str) -> subprocess.Popen:

@@ -135,7 +135,7 @@ def test_other_invalid_recipes(cli, tmp_path):
     res = cli.fails(2, "validate", "not_a_mapping.yaml")
     assert res.err_lines[1:] == [
         ("not_a_mapping.yaml:1:1: a recipe must be a YAML mapping, got a list "
-        "(start from one of the recipes in recipes/)")]
+        "(start from a bundled recipe: `tvrecipe new --list`, then `tvrecipe new NAME > my.yaml`)")]
 
 
 def test_missing_recipe_file(cli):

@@ -174,7 +174,10 @@ def test_a_changed_recipe_replaces_the_output_its_lock_wrote_without_force(tmp_p
     recipe.write_text(RECIPE.replace("weights: 0.5", "weights: 0.75"))
     res = _cli("run", str(recipe), "-q")
     assert res.exit_code == 4
-    assert f"output {tmp_path / 'out'} exists; pass --force to replace it" in res.output
+    assert res.output == ("tvrecipe: output error:\n"
+                          "  output ./out was changed since this recipe wrote it:\n"
+                          "  ./out/notes.txt: not in the lock\n"
+                          "  pass --force to write it again\n")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine\n"
     assert (tmp_path / "r.yaml.lock").read_bytes() == lock_before
     assert _cli("run", str(recipe), "-q", "--force").exit_code == 0

@@ -180,9 +180,9 @@ def test_a_moved_folder_rebuilds_with_inputs_given_where_they_are(make_models, c
                     "base=ckpt/code")
     assert res.err_lines[1:] == [
         "download/a/b/math/tvrecipe.yaml no longer computes what tvrecipe.lock records:",
-        f"input 'base' ({tmp_path / 'ckpt' / 'code'}) has sha256 "
+        (f"input 'base' ({tmp_path / 'ckpt' / 'code'}) has sha256 "
         f"{checkpoint_digest([tmp_path / 'ckpt' / 'code' / 'model.safetensors'])[:12]}…; the "
-        f"folder was built from {checkpoint_digest([tmp_path / 'ckpt/base/model.safetensors'])[:12]}…"]
+        f"folder was built from {checkpoint_digest([tmp_path / 'ckpt/base/model.safetensors'])[:12]}…")]
     res = cli.fails(2, "verify", "download/a/b/math", "--recompute", "--input", "bse=ckpt/base")
     assert res.err_lines[1] == ("--input bse=...: download/a/b/math/tvrecipe.yaml has no model "
                                 "'bse'; it has base, math, code, toxic")

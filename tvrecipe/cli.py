@@ -67,7 +67,57 @@ def handle_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageError(click.UsageError):
+    """A command-line mistake (missing argument, unknown option, bad value), shown with the
+    same ``tvrecipe: <family>:`` header as every other error (exit 2)."""
+
+    def __init__(self, original: click.UsageError):
+        super().__init__(original.format_message(), original.ctx)
+
+    def show(self, file=None) -> None:
+        click.echo("tvrecipe: usage error:", err=True)
+        for line in self.format_message().splitlines():
+            click.echo(f"  {line}", err=True)
+        if self.ctx is not None:
+            click.echo(f"  {self.ctx.get_usage()}", err=True)
+            click.echo(f"  see `{self.ctx.command_path} --help`", err=True)
+
+
+class _Group(click.Group):
+    """The root command: usage errors of any subcommand get tvrecipe's error header."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise exc if isinstance(exc, _UsageError) else _UsageError(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise exc if isinstance(exc, _UsageError) else _UsageError(exc) from None
+
+
+def _set_verbose(ctx: click.Context, _param, value: int) -> None:
+    """``-v`` after a subcommand counts as ``-v`` before it."""
+    if value:
+        root = ctx.find_root()
+        root.params["verbose"] = root.params.get("verbose", 0) + value
+
+
+def _check_device(_ctx, _param, value: str | None) -> str | None:
+    import re
+    if value is not None and not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", value):
+        raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _device_option(help_text: str):
+    return click.option("--device", callback=_check_device, help=help_text)
+
+
+@click.group("tvrecipe", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tvrecipe")
 @click.option("-v", "--verbose", count=True, help="Show tracebacks and more detail.")
 @click.pass_context
@@ -171,19 +221,27 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
         from tvrecipe.exec import lockfile
     from tvrecipe.plan.summary import render_plan, run_status
     from tvrecipe.store.cache import TensorCache
+    from tvrecipe.store.lock import lock_path
     compiled = _compile(recipe)
     status = None
     if fmt == "text":
-        keys = lockfile.run_state(compiled)["steps"]
+        memo = lockfile.hash_memo(compiled)
+        state = lockfile.run_state(compiled, memo)
+        if (lock_path(compiled.loaded.path).is_file()
+                and not lockfile.state_differences(compiled, state)
+                and not lockfile.output_differences(compiled, memo)):
+            click.echo(f"{recipe}: up to date: inputs, recipe and outputs match the lock, so "
+                       "`tvrecipe run` does nothing (--force recomputes them)")
+            return
         tc = TensorCache(_cache_root(compiled.loaded.root, cache_dir))
-        status = run_status(compiled, {n for n, k in keys.items() if tc.usable(k)})
+        status = run_status(compiled, {n for n, k in state["steps"].items() if tc.usable(k)})
     click.echo(render_plan(compiled, fmt, status))
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Replace outputs that already exist.")
-@click.option("--device", help="Override settings.device: auto, cpu, cuda, cuda:N.")
+@_device_option("Override settings.device: auto, cpu, cuda, cuda:N.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that contain NaN or Inf.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write every step's report (clusters, ranks) to this JSON file.")
@@ -219,11 +277,18 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         if changes:
             raise VerifyError("--locked, but the run would differ from the lock:\n"
                               + "\n".join(changes))
-    if changes == [] and not force and not lockfile.output_differences(compiled, memo):
+    damaged = lockfile.output_differences(compiled, memo) if has_lock else []
+    if locked and damaged and not force:
+        raise VerifyError("--locked, but the outputs differ from the lock (--force writes them "
+                          "again):\n" + "\n".join(damaged))
+    if changes == [] and not force and not damaged:
         if not quiet:
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
         return
+    replaceable = lockfile.owned_outputs(compiled, memo) if has_lock else frozenset()
+    if not force:
+        _refuse_edited_outputs(compiled, replaceable)
     from tvrecipe.exec.light import run_light
     from tvrecipe.exec.results import RunOptions
     from tvrecipe.report import render_reports
@@ -232,9 +297,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
-                         state=state,
-                         replaceable=lockfile.owned_outputs(compiled, memo) if has_lock
-                         else frozenset())
+                         state=state, replaceable=replaceable)
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
     result = run_light(compiled, options)
     if result is None:
@@ -258,32 +321,53 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
 
 
+def _refuse_edited_outputs(compiled, replaceable: frozenset[str]) -> None:
+    """An output folder the lock says this recipe wrote, changed since: say what changed
+    (instead of only "exists") before anything runs."""
+    from tvrecipe.errors import OutputError
+    from tvrecipe.exec import lockfile
+    from tvrecipe.store.lock import lock_path, read_lock
+    if not lock_path(compiled.loaded.path).is_file():
+        return
+    locked = read_lock(lock_path(compiled.loaded.path)).get("outputs", {})
+    for name, (spec, _res) in compiled.outputs.items():
+        target = compiled.loaded.resolve(spec.path)
+        if name in replaceable or not target.exists() or name not in locked:
+            continue
+        if compiled.loaded.resolve(locked[name].get("path", "")) != target:
+            continue
+        lines = lockfile.output_differences(compiled, only=(name,))
+        raise OutputError(f"output {spec.path} was changed since this recipe wrote it:\n"
+                          + "\n".join(lines) + "\npass --force to write it again")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("step")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw figures as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also draw it as a PNG (needs matplotlib: pip install 'tvrecipe[plot]').")
-@click.option("--device", help="Override settings.device.")
+@_device_option("Override settings.device: auto, cpu, cuda, cuda:N.")
 @handle_errors
 def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
             device: str | None) -> None:
     """Show cosine similarities of a vectors value, the clusters of a cluster_basis step, or
     the ranks and shared dimensions of a decompose step, per tensor."""
+    import importlib.util
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        from tvrecipe.errors import MissingPackage
+        raise MissingPackage("--plot needs matplotlib, which is not installed: "
+                             "pip install 'tvrecipe[plot]'")
     with _importing("tvrecipe.exec.runner"):
         from tvrecipe.exec.runner import Runner, RunOptions
     from tvrecipe.report import render_inspection
-    compiled = _compile(recipe, (step,))
+    compiled = _compile(recipe, (step.split(".")[0],))
     result = Runner(compiled, RunOptions(device=device, progress=sys.stderr.isatty())).inspect(step)
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json
                else render_inspection(step, result))
     if plot_path:
         from tvrecipe.report import plot_inspection
-        try:
-            plot_inspection(step, result, plot_path)
-        except ImportError:
-            from tvrecipe.errors import OutputError
-            raise OutputError("--plot needs matplotlib: pip install 'tvrecipe[plot]'") from None
+        plot_inspection(step, result, plot_path)
         click.echo(f"wrote {plot_path}")
 
 
@@ -292,7 +376,7 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
 @click.option("--recompute", is_flag=True,
               help="Also run the recipe again, without the cache, into a temporary folder and "
                    "compare its bytes with the lock.")
-@click.option("--device", help="Device for --recompute: auto, cpu, cuda, cuda:N.")
+@_device_option("Device for --recompute: auto, cpu, cuda, cuda:N.")
 @click.option("--input", "inputs", multiple=True, metavar="NAME=PATH",
               help="FOLDER --recompute only: read input NAME from PATH instead of the path in "
                    "the folder's tvrecipe.yaml (its pinned sha256 still applies). Repeatable.")
@@ -465,16 +549,27 @@ def _cache_for(recipe: str | None, cache_dir: str | None):
 
 
 _cache_opts = [
-    click.option("--recipe", type=click.Path(dir_okay=False),
-                 help="Use the cache beside this recipe (default: beside the current folder)."),
-    click.option("--cache-dir", type=click.Path(file_okay=False), help="The cache folder."),
+    click.argument("recipe", required=False, type=click.Path(dir_okay=False)),
+    # The flag form of RECIPE, kept for scripts written before RECIPE was an argument.
+    click.option("--recipe", "recipe_opt", type=click.Path(dir_okay=False), hidden=True),
+    click.option("--cache-dir", type=click.Path(file_okay=False),
+                 help="The cache folder (default: $TVRECIPE_CACHE, else .tvrecipe/cache beside "
+                      "RECIPE, or beside the current folder without one)."),
 ]
 
 
 def _with_cache_opts(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, recipe: str | None, recipe_opt: str | None, **kwargs):
+        return fn(*args, recipe=recipe or recipe_opt, **kwargs)
+
     for opt in reversed(_cache_opts):
-        fn = opt(fn)
-    return fn
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 @cache.command("ls")
@@ -486,7 +581,10 @@ def cache_ls(recipe: str | None, cache_dir: str | None) -> None:
 
     from tvrecipe.plan.summary import human
     tc = _cache_for(recipe, cache_dir)
-    for e in tc.entries():
+    entries = tc.entries()
+    if not entries:
+        click.echo(f"cache is empty: {tc.root}")
+    for e in entries:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
         click.echo(f"{e.key:<34} {human(e.size):>10}  last used {when}")
 
@@ -500,8 +598,9 @@ def cache_du(recipe: str | None, cache_dir: str | None) -> None:
     tc = _cache_for(recipe, cache_dir)
     entries = tc.entries()
     leftovers = tc.leftovers()
-    click.echo(f"{tc.root}: {len(entries)} entries, {human(sum(e.size for e in entries))}; "
-               f"{len(leftovers)} leftover files of interrupted runs")
+    click.echo(f"{tc.root}: {_plural(len(entries), 'entry').replace('entrys', 'entries')}, "
+               f"{human(sum(e.size for e in entries))}; "
+               f"{_plural(len(leftovers), 'leftover file')} of interrupted runs")
 
 
 @cache.command("gc")
@@ -519,7 +618,7 @@ def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) 
                                      param_hint="--older-than")
         seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
     removed = _cache_for(recipe, cache_dir).gc(seconds)
-    click.echo(f"removed {len(removed)} files")
+    click.echo(f"removed {_plural(len(removed), 'file')}")
 
 
 @cache.command("clear")
@@ -574,6 +673,41 @@ def import_(config: str, recipe: str, output_path: str | None, force: bool) -> N
                f"`tvrecipe run {recipe}`")
 
 
+def _bundled_recipes() -> dict[str, str]:
+    """Name -> text of the canonical recipes shipped with the package."""
+    from importlib.resources import files
+    folder = files("tvrecipe") / "recipes"
+    return {p.name[:-5]: p.read_text(encoding="utf-8")
+            for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")}
+
+
+@main.command("new")
+@click.argument("name", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the bundled recipes.")
+@handle_errors
+def new(name: str | None, list_: bool) -> None:
+    """Print a bundled recipe to start from: `tvrecipe new ties > my.yaml`, then edit its
+    model paths."""
+    from tvrecipe.errors import RecipeError
+    from tvrecipe.spec.load import did_you_mean
+    bundled = _bundled_recipes()
+    if list_ or name is None:
+        width = max(map(len, bundled))
+        for key, text in bundled.items():
+            about = next((line[1:].strip() for line in text.splitlines()
+                          if line.startswith("#") and "$schema" not in line), "")
+            click.echo(f"{key:<{width}}  {about}")
+        if name is None and not list_:
+            click.echo("\nprint one with `tvrecipe new NAME > my.yaml`")
+        return
+    if name not in bundled:
+        raise RecipeError(f"no bundled recipe {name!r}; "
+                          + (did_you_mean(name, bundled) or "`tvrecipe new --list` lists them"))
+    # The schema comment points into this repository's tree, which a user's folder lacks.
+    click.echo("".join(line for line in bundled[name].splitlines(keepends=True)
+                       if "yaml-language-server: $schema=" not in line), nl=False)
+
+
 @main.command("ops")
 @click.argument("name", required=False)
 @click.option("--markdown", is_flag=True, help="The whole reference as Markdown (docs/ops.md).")
@@ -603,6 +737,20 @@ def hash_(path: str) -> None:
     from tvrecipe.store.hashing import checkpoint_digest
     with open_checkpoint(path) as ck:
         click.echo(checkpoint_digest(ck.files))
+
+
+def _verbose_everywhere(group: click.Group) -> None:
+    """Give every subcommand ``-v`` too, so ``tvrecipe run r.yaml -v`` works like
+    ``tvrecipe -v run r.yaml``."""
+    for cmd in group.commands.values():
+        cmd.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                                       callback=_set_verbose,
+                                       help="Show tracebacks and more detail."))
+        if isinstance(cmd, click.Group):
+            _verbose_everywhere(cmd)
+
+
+_verbose_everywhere(main)
 
 
 def entry() -> None:

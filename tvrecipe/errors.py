@@ -95,6 +95,14 @@ class VerifyError(TvrecipeError):
     family = "verify error"
 
 
+class MissingPackage(TvrecipeError):
+    """An optional feature needs a package that is not installed (the message says which
+    ``pip install`` adds it)."""
+
+    exit_code = 7
+    family = "missing package"
+
+
 class Interrupted(TvrecipeError):
     """The run was interrupted (SIGINT / SIGTERM); temporary outputs were removed."""
 

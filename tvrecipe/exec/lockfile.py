@@ -137,7 +137,8 @@ def owned_outputs(compiled: Compiled, memo: HashMemo | None = None) -> frozenset
 
 
 def output_differences(compiled: Compiled, memo: HashMemo | None = None,
-                       folders: dict[str, Path] | None = None) -> list[str]:
+                       folders: dict[str, Path] | None = None,
+                       only: tuple[str, ...] | None = None) -> list[str]:
     """How the outputs on disk differ from the lock (empty when they match byte for byte).
 
     Args:
@@ -145,12 +146,15 @@ def output_differences(compiled: Compiled, memo: HashMemo | None = None,
             ``HashMemo(None)`` to read every byte again.
         folders: Output name -> folder to check instead of the recipe's path (a recomputed
             copy); differences are then reported under ``recomputed <path>``.
+        only: Check only these outputs.
     """
     memo = memo or hash_memo(compiled)
     lock = read_lock(lock_path(compiled.loaded.path))
     lines = []
     locked = lock.get("outputs", {})
     for name, (spec, _res) in compiled.outputs.items():
+        if only is not None and name not in only:
+            continue
         target = (folders or {}).get(name) or compiled.loaded.resolve(spec.path)
         label = f"recomputed {spec.path}" if folders else spec.path
         if name not in locked:

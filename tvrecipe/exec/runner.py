@@ -29,7 +29,15 @@ from tvrecipe.exec.results import (
 )
 from tvrecipe.exec.slots import from_slots, slot_names, to_slots
 from tvrecipe.ops.parallel import cores
-from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, Entry, compile_recipe
+from tvrecipe.plan.graph import (
+    CHECKPOINT,
+    VECTORS,
+    Compiled,
+    CompiledStep,
+    Entry,
+    compile_recipe,
+    member_type,
+)
 from tvrecipe.plan.tensors import (
     CHUNK_ELEMENTS,
     PREFETCH_BYTES,
@@ -270,12 +278,20 @@ class Runner:
             RecipeError: ``node`` names no model or step, or a value of another kind.
         """
         from tvrecipe.errors import RecipeError
+        text = node
+        node, *selector = text.split(".")
         if node not in self.compiled.steps and node not in self.compiled.models:
             raise RecipeError(f"no step or model named {node!r}; known: "
                               + ", ".join([*self.compiled.models, *self.compiled.steps]))
-        kind = self.compiled.type_of(node).kind
+        vt = self.compiled.type_of(node)
+        for part in selector:  # a dotted reference: tv.math, parts.unique, parts.unique.a
+            vt = member_type(vt, part)
+            if isinstance(vt, str):
+                raise RecipeError(f"{text!r}: {vt}")
+        kind = vt.kind
         step = self.compiled.steps.get(node)
-        if step is not None and step.spec.whole_model and kind in (VECTORS, "decomposition"):
+        if (step is not None and not selector and step.spec.whole_model
+                and kind in (VECTORS, "decomposition")):
             self.plan = build_tensor_plan(self.compiled)
             try:
                 self._whole_model_pass(step)
@@ -285,8 +301,9 @@ class Runner:
             if shown is not None:
                 return shown
         if kind not in (VECTORS, "decomposition"):
-            raise RecipeError(f"{node!r} is a {kind}: inspect shows a vectors set (cosine "
-                              "similarities) or a decompose step (ranks and shared dimensions)")
+            raise RecipeError(f"{text!r} is a {kind}: inspect shows a vectors set (cosine "
+                              "similarities), a cluster_basis step (clusters) or a decompose "
+                              "step (ranks and shared dimensions)")
         self.plan = build_tensor_plan(self.compiled)
         try:
             steps = [*self._upstream(node)] + ([self.compiled.steps[node]]
@@ -296,12 +313,13 @@ class Runner:
                     for _ in stream:
                         pass
                 return {"kind": kind, "tensors": self.reports.get(node, {}).get("tensors", {})}
-            members = list(self.compiled.type_of(node).members or ())
+            members = list(vt.members or ())
             gram = torch.zeros(len(members), len(members), dtype=torch.float64)
-            with closing(self._stream(steps, [node], f"inspect {node}")) as stream:
+            with closing(self._stream(steps, [node], f"inspect {text}")) as stream:
                 for _t, info, values in stream:
                     if info.is_floating:
-                        ops.gram_update(gram, [values[node][m] for m in members])
+                        value = select(values[node], selector)
+                        ops.gram_update(gram, [value[m] for m in members])
             cos = ops.cosine_from_gram(gram)
             return {"kind": kind, "members": members, "cosine": cos.tolist(),
                     "norms": gram.diagonal().sqrt().tolist()}

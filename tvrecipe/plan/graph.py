@@ -98,6 +98,21 @@ class Compiled:
         return self.model_types[node] if node in self.model_types else self.steps[node].type
 
 
+def member_type(vt: ValueType, part: str) -> ValueType | str:
+    """The type of ``.part`` of a value of type ``vt``, or what is wrong, as
+    ``"<what> (<hint>)"`` to follow the value's name."""
+    if vt.kind == DECOMPOSITION and part in ("shared", "unique"):
+        return ValueType(VECTORS, vt.members)
+    if vt.kind == VECTORS:
+        if vt.members is not None and part not in vt.members:
+            hint = did_you_mean(part, vt.members) or "members: " + ", ".join(vt.members)
+            return f"has no member {part!r} ({hint})"
+        return ValueType(VECTOR)
+    hint = ("a decomposition has .shared and .unique" if vt.kind == DECOMPOSITION
+            else f"a {vt.kind} has no members")
+    return f"is a {vt.kind} and has no member {part!r} ({hint})"
+
+
 def _number(value: Any) -> Any:
     """A weight as a float when it is one number (gradients and rules stay as they are)."""
     return float(value) if isinstance(value, (int, float)) else value
@@ -147,21 +162,13 @@ class _Compiler:
         if vt is None:  # depends on a broken or cyclic step: already reported
             return None
         for i, part in enumerate(rest):
-            here = ".".join([head, *rest[:i]])
-            if vt.kind == DECOMPOSITION and part in ("shared", "unique"):
-                vt = ValueType(VECTORS, vt.members)
-            elif vt.kind == VECTORS:
-                if vt.members is not None and part not in vt.members:
-                    self.problem(where, f"{here!r} has no member {part!r}",
-                                 did_you_mean(part, vt.members) or
-                                 "members: " + ", ".join(vt.members))
-                    return None
-                vt = ValueType(VECTOR)
-            else:
-                hint = ("a decomposition has .shared and .unique" if vt.kind == DECOMPOSITION
-                        else f"a {vt.kind} has no members")
-                self.problem(where, f"{here!r} is a {vt.kind} and has no member {part!r}", hint)
+            found = member_type(vt, part)
+            if isinstance(found, str):
+                message, _, hint = found.partition(" (")
+                self.problem(where, f"{'.'.join([head, *rest[:i]])!r} {message}",
+                             hint[:-1] or None)
                 return None
+            vt = found
         return Resolved(text, head, tuple(rest), vt)
 
     def check_kind(self, step: str, spec: StepSpec, fld: str, res: Resolved, where: tuple

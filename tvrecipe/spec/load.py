@@ -154,7 +154,7 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         problems.append(smap.problem((), f"a recipe must be a YAML mapping, got {got}",
-                                     "start from one of the recipes in recipes/"))
+                                     "start from a bundled recipe: `tvrecipe new --list`, then `tvrecipe new NAME > my.yaml`"))
         return None
     top = _field_names(Recipe)
     for key in data:

@@ -1,0 +1,170 @@
+"""The first fifteen minutes of a new user (issue #18): command-line values checked where they
+are given, `-v` where users put it, usage errors with tvrecipe's header, the lock read by
+`plan` and `run`, bundled recipes, `inspect` on dotted references, the cache commands."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import read_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("steps:\n"
+         "  tv: {op: extract, base: base, finetuned: [math, code, toxic]}\n"
+         "  merged: {op: sum, inputs: tv, weights: 0.5}\n"
+         "  parts: {op: decompose, inputs: tv}\n"
+         "  model: {op: apply, base: base, delta: merged}\n"
+         "outputs:\n"
+         "  model: {from: model, path: ./out/merged}\n"
+         "  vectors: {from: tv, path: ./out/vectors}\n")
+
+
+@pytest.fixture
+def recipe(make_models, cli):
+    ms = make_models(("math", "code", "toxic"))
+    cli.write("r.yaml", "tvrecipe: 1\n" + ms.models_yaml() + STEPS)
+    return ms
+
+
+USAGE_TAIL = {"run": "Usage: tvrecipe run [OPTIONS] RECIPE",
+              "inspect": "Usage: tvrecipe inspect [OPTIONS] RECIPE STEP",
+              "verify": "Usage: tvrecipe verify [OPTIONS] RECIPE|FOLDER"}
+
+
+@pytest.mark.parametrize("command", ["run", "inspect", "verify"])
+@pytest.mark.parametrize("device", ["gpu", "meta", "cuda:x"])
+def test_a_bad_device_on_the_command_line_is_a_usage_error(recipe, cli, command, device):
+    args = ["r.yaml", "tv"] if command == "inspect" else ["r.yaml"]
+    res = cli.fails(2, command, *args, "--device", device)
+    assert res.err_lines == [
+        "tvrecipe: usage error:",
+        f"Invalid value for '--device': {device!r}: use auto, cpu, cuda or cuda:N",
+        USAGE_TAIL[command],
+        f"see `tvrecipe {command} --help`"]
+
+
+def test_usage_errors_have_the_header_and_exit_2(cli):
+    res = cli.fails(2, "run")
+    assert res.err_lines == ["tvrecipe: usage error:", "Missing argument 'RECIPE'.",
+                             "Usage: tvrecipe run [OPTIONS] RECIPE", "see `tvrecipe run --help`"]
+    res = cli.fails(2, "cache", "gc", "--older-than", "2w")
+    assert res.err_lines[:2] == ["tvrecipe: usage error:", ("Invalid value for --older-than: use "
+                                 "a number and a unit: 30d, 12h, 90m, 45s")]
+    res = cli.fails(2, "runn", "r.yaml")
+    assert res.err_lines[:2] == ["tvrecipe: usage error:",
+                                 "No such command 'runn'. Did you mean 'run'?"]
+
+
+def test_verbose_works_after_the_subcommand_too(recipe, cli):
+    quiet = cli("run", "missing.yaml")
+    assert quiet.exit_code == 2 and quiet.exception is None  # a message, no traceback
+    for args in (("-v", "run", "missing.yaml"), ("run", "missing.yaml", "-v")):
+        res = cli(*args)
+        assert type(res.exception).__name__ == "RecipeError", args  # re-raised: a traceback
+    cli.ok("run", "r.yaml", "-v", "-q")
+
+
+def test_a_deleted_output_file_is_named_by_run_and_locked(recipe, cli, tmp_path):
+    cli.ok("run", "r.yaml", "-q")
+    (tmp_path / "out" / "vectors" / "code.safetensors").unlink()
+    res = cli.fails(4, "run", "r.yaml")
+    assert res.err_lines == ["tvrecipe: output error:",
+                             "output ./out/vectors was changed since this recipe wrote it:",
+                             "./out/vectors/code.safetensors: missing",
+                             "pass --force to write it again"]
+    res = cli.fails(6, "run", "r.yaml", "--locked")
+    assert res.err_lines == ["tvrecipe: verify error:",
+                             ("--locked, but the outputs differ from the lock (--force writes "
+                             "them again):"),
+                             "./out/vectors/code.safetensors: missing"]
+    cli.ok("run", "r.yaml", "--locked", "--force", "-q")
+    cli.ok("verify", "r.yaml")
+
+
+def test_plan_reads_the_lock(recipe, cli, tmp_path):
+    before = cli.ok("plan", "r.yaml").stdout
+    assert "a run computes 3 of 3 steps" in before  # parts feeds no output
+    cli.ok("run", "r.yaml", "-q")
+    res = cli.ok("plan", "r.yaml")
+    assert res.stdout == ("r.yaml: up to date: inputs, recipe and outputs match the lock, so "
+                          "`tvrecipe run` does nothing (--force recomputes them)\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(path.read_text().replace("weights: 0.5", "weights: 0.25"))
+    assert "up to date" not in cli.ok("plan", "r.yaml").stdout
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(recipe, cli, monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    res = cli.fails(7, "inspect", "r.yaml", "tv", "--plot", "tv.png")
+    assert res.err_lines == ["tvrecipe: missing package:",
+                             ("--plot needs matplotlib, which is not installed: pip install "
+                             "'tvrecipe[plot]'")]
+    assert res.stdout == "" and not (tmp_path / "tv.png").exists()
+
+
+def test_plot_draws_a_png(recipe, cli, tmp_path):
+    pytest.importorskip("matplotlib")  # in the dev extra: CI runs this
+    res = cli.ok("inspect", "r.yaml", "tv", "--plot", "tv.png")
+    assert res.stdout.endswith("wrote tv.png\n")
+    assert (tmp_path / "tv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bundled_recipes_list_and_print(cli, tmp_path):
+    names = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    listed = cli.ok("new", "--list").stdout.splitlines()
+    assert [line.split()[0] for line in listed] == names
+    assert listed[names.index("ties")].split(None, 1)[1].startswith("TIES merging (Yadav et al.")
+    text = cli.ok("new", "ties").stdout
+    source = (REPO / "recipes" / "ties.yaml").read_text()
+    assert text == "".join(line for line in source.splitlines(keepends=True)
+                           if "$schema" not in line)
+    (tmp_path / "my.yaml").write_text(text)
+    cli.ok("validate", "my.yaml")
+    res = cli.fails(2, "new", "tie")
+    assert res.err_lines == ["tvrecipe: recipe error:", ("no bundled recipe 'tie'; did you mean "
+                             "'ties'?")]
+
+
+def test_the_not_a_mapping_hint_points_at_bundled_recipes(cli):
+    cli.write("bad.yaml", "- a\n- b\n")
+    res = cli.fails(2, "validate", "bad.yaml")
+    assert res.err_lines[1] == ("bad.yaml:1:1: a recipe must be a YAML mapping, got a list "
+                                "(start from a bundled recipe: `tvrecipe new --list`, then "
+                                "`tvrecipe new NAME > my.yaml`)")
+
+
+def test_inspect_takes_dotted_references(recipe, cli, tmp_path):
+    res = cli.fails(2, "inspect", "r.yaml", "tv.math")
+    assert res.err_lines[1] == ("'tv.math' is a vector: inspect shows a vectors set (cosine "
+                                "similarities), a cluster_basis step (clusters) or a decompose "
+                                "step (ranks and shared dimensions)")
+    res = cli.fails(2, "inspect", "r.yaml", "tv.mat")
+    assert res.err_lines[1] == "'tv.mat': has no member 'mat' (did you mean 'math'?)"
+    # parts.unique is a set: its cosine matrix is that of the unique parts a run writes.
+    cli.write("u.yaml", (tmp_path / "r.yaml").read_text().replace(
+        "  vectors: {from: tv, path: ./out/vectors}\n",
+        "  unique: {from: parts.unique, path: ./out/unique}\n"))
+    cli.ok("run", "u.yaml", "-q")
+    got = __import__("json").loads(cli.ok("inspect", "u.yaml", "parts.unique", "--json").stdout)
+    assert got["members"] == ["math", "code", "toxic"]
+    flat = {m: torch.cat([t.double().flatten() for t in read_tensors(
+        tmp_path / "out" / "unique" / f"{m}.safetensors").values()]) for m in got["members"]}
+    for i, a in enumerate(got["members"]):
+        for j, b in enumerate(got["members"]):
+            want = torch.nn.functional.cosine_similarity(flat[a], flat[b], dim=0).item()
+            assert got["cosine"][i][j] == pytest.approx(want, abs=1e-6)
+
+
+def test_cache_commands_take_the_recipe_as_an_argument(recipe, cli, tmp_path):
+    cache = tmp_path / ".tvrecipe" / "cache"
+    assert cli.ok("cache", "ls", "r.yaml").stdout == f"cache is empty: {cache}\n"
+    cli.ok("run", "r.yaml", "-q")
+    listed = cli.ok("cache", "ls", "r.yaml").stdout.splitlines()
+    assert [line.split()[0].split("-")[0] for line in listed] == ["sum"]  # merged
+    assert cli.ok("cache", "du", "r.yaml").stdout.startswith(f"{cache}: ")
