@@ -52,7 +52,7 @@ def test_usage_errors_have_the_header_and_exit_2(cli):
     assert res.err_lines == ["tvrecipe: usage error:", "Missing argument 'RECIPE'.",
                              "Usage: tvrecipe run [OPTIONS] RECIPE", "see `tvrecipe run --help`"]
     res = cli.fails(2, "cache", "gc", "--older-than", "2w")
-    assert res.err_lines[:2] == ["tvrecipe: usage error:", ("Invalid value for --older-than: use "
+    assert res.err_lines[:2] == ["tvrecipe: usage error:", ("Invalid value for '--older-than': use "
                                  "a number and a unit: 30d, 12h, 90m, 45s")]
     res = cli.fails(2, "runn", "r.yaml")
     assert res.err_lines[:2] == ["tvrecipe: usage error:",
@@ -168,3 +168,41 @@ def test_cache_commands_take_the_recipe_as_an_argument(recipe, cli, tmp_path):
     listed = cli.ok("cache", "ls", "r.yaml").stdout.splitlines()
     assert [line.split()[0].split("-")[0] for line in listed] == ["sum"]  # merged
     assert cli.ok("cache", "du", "r.yaml").stdout.startswith(f"{cache}: ")
+
+
+def test_a_cycle_hides_no_other_problem_behind_unknown_references(recipe, cli):
+    cli.write("cyc.yaml", """\
+        tvrecipe: 1
+        models: {base: ./ckpt/base, math: ./ckpt/math}
+        steps:
+          a: {op: scale, input: b, factor: 2}
+          b: {op: scale, input: a, factor: 2}
+          c: {op: sum, inputs: [a, nope]}
+        outputs:
+          o: {from: c, path: ./out/x}
+        """)
+    res = cli.fails(2, "validate", "cyc.yaml")
+    assert res.err_lines == [
+        "tvrecipe: recipe error:",
+        ("cyc.yaml:4:3: steps.a: cycle: a -> b -> a (a step cannot depend on itself, directly "
+        "or through others)"),
+        ("cyc.yaml:6:28: steps.c.inputs[1]: unknown reference 'nope' (known names: a, b, base, "
+        "math)")]
+
+
+def test_counts_in_messages_are_in_words(recipe, cli):
+    cli.write("w.yaml", """\
+        tvrecipe: 1
+        models: {base: ./ckpt/base, math: ./ckpt/math}
+        steps:
+          tv: {op: extract, base: base, finetuned: [math]}
+          merged: {op: sum, inputs: [tv], weights: [1, 2, 3]}
+          cb: {op: cluster_basis, inputs: tv, k: 3}
+        outputs:
+          o: {from: merged, path: ./out/x}
+          b: {from: cb, path: ./out/b}
+        """)
+    res = cli.fails(2, "validate", "w.yaml")
+    assert any("3 weights for 1 input (give" in line for line in res.err_lines)
+    assert any("k = 3 but only 1 task vector is given (use k between 1 and 1, or k: auto)"
+               in line for line in res.err_lines)

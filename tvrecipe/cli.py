@@ -615,7 +615,7 @@ def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) 
         m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", older_than.strip())
         if not m:
             raise click.BadParameter("use a number and a unit: 30d, 12h, 90m, 45s",
-                                     param_hint="--older-than")
+                                     param_hint="'--older-than'")
         seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
     removed = _cache_for(recipe, cache_dir).gc(seconds)
     click.echo(f"removed {_plural(len(removed), 'file')}")

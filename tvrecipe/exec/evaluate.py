@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -71,14 +72,15 @@ class TensorContext:
         values: Values of the models and steps computed so far, by node name.
     """
 
-    __slots__ = ("_evaluator", "step", "tensor", "values")
+    __slots__ = ("_evaluator", "rows", "step", "tensor", "values")
 
     def __init__(self, evaluator: StepEvaluator, step: CompiledStep, values: dict[str, Value],
-                 tensor: str):
+                 tensor: str, rows: slice | None = None):
         self._evaluator = evaluator
         self.step = step
         self.tensor = tensor
         self.values = values
+        self.rows = rows  # the row block being computed, or None for the whole tensor
 
     # ---- inputs ----------------------------------------------------------------------------
     def refs(self, fld: str) -> list[Resolved]:
@@ -167,6 +169,21 @@ class TensorContext:
         (recipe seed, step name, member, tensor name), so never from order or device."""
         return ops.derive_seed(self._evaluator.seed, self.step.name, member, self.tensor)
 
+    def uniform(self, member: str, shape: torch.Size) -> torch.Tensor:
+        """Uniform [0, 1) float32 draws (CPU) for this block of the tensor: the rows of
+        ``torch.rand(whole shape, generator=Generator().manual_seed(self.seed(member)))``
+        that the block covers, so a random op gives the same bytes whether the tensor comes
+        whole or in row blocks of any size.
+
+        The CPU generator draws one number per element in order, so a block continues the
+        generator where the previous block of the same tensor left it; a block that starts
+        elsewhere (not the next one) replays the stream up to its first element.
+        """
+        return self._evaluator.uniform((self.step.name, member, self.tensor),
+                                       self.seed(member), shape,
+                                       (self.rows.start if self.rows else 0)
+                                       * math.prod(shape[1:]))
+
     def scratch(self, node: str, t: Value, others: list) -> torch.Tensor | None:
         """``t`` when the op may write its result into it (nothing reads it later), else None.
         ``others`` are the op's other inputs, which must match it in shape and dtype."""
@@ -200,11 +217,29 @@ class StepEvaluator:
         self._storages: Counter | None = None
         # Layers per stack of the model, for per-tensor values (layer gradients).
         self.layers: dict[str, int] = {}
+        # (step, member, tensor) -> (generator, index of the next draw): random streams that
+        # continue from one row block of a tensor to the next.
+        self._streams: dict[tuple[str, str, str], tuple[torch.Generator, int]] = {}
 
-    def __call__(self, step: CompiledStep, values: dict[str, Value], tensor: str) -> Value:
+    def uniform(self, key: tuple[str, str, str], seed: int, shape: torch.Size,
+                offset: int) -> torch.Tensor:
+        """Draws ``offset`` to ``offset + numel`` of the stream seeded with ``seed``."""
+        gen, at = self._streams.pop(key, (None, 0))
+        if gen is None or at != offset:
+            gen, at = torch.Generator(device="cpu").manual_seed(seed), 0
+            while at < offset:  # replay up to the block (never in a stream's usual order)
+                n = min(offset - at, 1 << 22)
+                torch.rand(n, generator=gen, dtype=torch.float32)
+                at += n
+        draw = torch.rand(shape, generator=gen, dtype=torch.float32)
+        self._streams[key] = (gen, offset + draw.numel())
+        return draw
+
+    def __call__(self, step: CompiledStep, values: dict[str, Value], tensor: str,
+                 rows: slice | None = None) -> Value:
         self._storages = None  # storage use counts of ``values``, taken when first needed
         try:
-            return step.spec.evaluate(TensorContext(self, step, values, tensor))
+            return step.spec.evaluate(TensorContext(self, step, values, tensor, rows))
         except (ValueError, RuntimeError) as exc:
             if isinstance(exc, torch.cuda.OutOfMemoryError if torch.cuda.is_available()
                           else ()):

@@ -240,7 +240,7 @@ class Runner:
                         futures.append(read_ahead(i + ahead))
                     remaining = Counter(uses)
                     for s in steps:
-                        values[s.name] = evaluator(s, values, tensor)
+                        values[s.name] = evaluator(s, values, tensor, rows)
                         for refs in s.refs.values():
                             for r in refs:
                                 remaining[r.node] -= 1

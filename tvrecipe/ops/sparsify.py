@@ -573,7 +573,8 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") & _MASK63
 
 
-def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int) -> torch.Tensor:
+def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int | None = None,
+         draw: torch.Tensor | None = None) -> torch.Tensor:
     """DARE (Yu et al., 2024): drop each entry with probability 1 - density.
 
     The keep mask is ``torch.rand(x.shape) < density`` drawn in float32 on the CPU from
@@ -587,6 +588,9 @@ def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int) ->
         density: Keep probability p, in (0, 1].
         rescale: Divide kept entries by p.
         seed: Generator seed in [0, 2**64), e.g. from :func:`derive_seed`.
+        draw: Instead of ``seed``: the float32 uniform draws themselves, of x's shape (a
+            row block's share of the whole tensor's draws, see ``TensorContext.uniform``);
+            overwritten (the mask is computed in place).
 
     Returns:
         A new tensor of x's shape, dtype and device.
@@ -597,14 +601,19 @@ def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int) ->
     """
     x = _check_float_tensor(x, "dare")
     p = _check_density(density, "dare")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"dare: seed must be an int in [0, 2**64), got {seed!r}")
-    if not (0 <= seed < 1 << 64):
-        raise ValueError(f"dare: seed must be an int in [0, 2**64), got {seed!r}")
+    if draw is None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"dare: seed must be an int in [0, 2**64), got {seed!r}")
+        if not (0 <= seed < 1 << 64):
+            raise ValueError(f"dare: seed must be an int in [0, 2**64), got {seed!r}")
+    elif draw.shape != x.shape or draw.dtype != torch.float32:
+        raise ValueError(f"dare: draw must be float32 of x's shape {tuple(x.shape)}, got "
+                         f"{draw.dtype} {tuple(draw.shape)}")
     if p == 1.0:
         return x.clone()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    draw = torch.rand(x.shape, generator=gen, dtype=torch.float32)
+    if draw is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        draw = torch.rand(x.shape, generator=gen, dtype=torch.float32)
     # The mask as exact 0.0/1.0 floats, without a bool tensor (a masked fill with a random
     # bool mask costs ~6x more on CPU): in float32, p - r > 0 exactly when r < p (the
     # difference of two distinct floats is never 0), so sign(relu(p - r)) is [r < p].

@@ -224,7 +224,8 @@ class _Compiler:
             listed = getattr(step, step.weighted)
             n_refs = len(listed) if isinstance(listed, list) else 1
             if len(w) != n_refs:
-                self.problem(where, f"{len(w)} weights for {n_refs} inputs",
+                self.problem(where, f"{len(w)} weights for {n_refs} "
+                                    f"input{'s' if n_refs != 1 else ''}",
                              f"give one weight per entry of '{step.weighted}' (a weight for a set "
                              "applies to each member), a mapping, or one number")
                 return None
@@ -268,6 +269,8 @@ class _Compiler:
             chain = " -> ".join([*cycle, cycle[0]])
             self.problem(("steps", first), f"cycle: {chain}",
                          "a step cannot depend on itself, directly or through others")
+        for name in cyclic:  # known names whose problem is reported: no "unknown reference"
+            self.types[name] = None
         acyclic = graph.subgraph([n for n in graph if n not in cyclic])
         steps: dict[str, CompiledStep] = {}
         for name in nx.lexicographical_topological_sort(acyclic):
@@ -296,8 +299,6 @@ class _Compiler:
             steps[name] = CompiledStep(name, step.op, step, refs,
                                        {k: v for k, v in entries.items() if v is not None},
                                        vt, weights)
-        for name in cyclic:
-            self.types[name] = None
         outputs: dict[str, tuple[OutputSpec, Resolved]] = {}
         paths: dict[str, str] = {}
         for name, out in recipe.outputs.items():

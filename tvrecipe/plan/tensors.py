@@ -10,7 +10,6 @@ from pathlib import Path
 
 from tvrecipe.errors import InputError
 from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep
-from tvrecipe.spec.models import ROWWISE
 from tvrecipe.spec.pertensor import layer_counts
 from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.hashing import checkpoint_digest
@@ -33,7 +32,7 @@ PREFETCH_BYTES = 256 << 20
 def rowwise(steps: Iterable[CompiledStep]) -> bool:
     """True when every step is row-wise (its result for a row range depends only on the same
     rows of its inputs): the stream then goes in row blocks of bounded size."""
-    return all(s.spec.execution == ROWWISE for s in steps)
+    return all(s.spec.by_rows() for s in steps)
 
 
 def in_flight(rowwise: bool) -> int:

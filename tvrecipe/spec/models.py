@@ -186,6 +186,11 @@ class StepSpec(Frozen):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
     # ---- behaviour: the engine calls these ------------------------------------------------
+    def by_rows(self) -> bool:
+        """Whether this step, with its fields as given, may run on row blocks: ``execution``
+        unless a field makes it need the whole tensor (DARE's L1 rescale)."""
+        return self.execution == ROWWISE
+
     def output_type(self, ctx: Any) -> ValueType:
         """The type of the result (compile time), from the inputs' types in ``ctx``.
 

@@ -51,7 +51,9 @@ class ClusterBasisStep(StepSpec):
         if isinstance(self.k, int):
             ents = ctx.entries("inputs")
             if ents is not None and self.k > len(ents):
-                ctx.problem("k", f"k = {self.k} but only {len(ents)} task vectors are given",
+                given = ("only 1 task vector is given" if len(ents) == 1
+                         else f"only {len(ents)} task vectors are given")
+                ctx.problem("k", f"k = {self.k} but {given}",
                             f"use k between 1 and {len(ents)}, or k: auto")
                 return ValueType(VECTORS, None)
             return ValueType(VECTORS, tuple(f"b{i}" for i in range(self.k)))

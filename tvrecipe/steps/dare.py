@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from tvrecipe.spec.kinds import TASK_VECTORS
-from tvrecipe.spec.models import PerTensorDensity, Ref, StepSpec
+from tvrecipe.spec.models import ROWWISE, PerTensorDensity, Ref, StepSpec
 from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
@@ -27,6 +27,9 @@ class DareStep(StepSpec):
 
     accepts: ClassVar = {"input": TASK_VECTORS}
     cached: ClassVar = True
+    # Row blocks draw their share of the tensor's keyed stream (ctx.uniform): same bytes as
+    # whole tensors. `rescale: l1` needs the whole tensor's norms (by_rows).
+    execution: ClassVar = ROWWISE
     # 2: every zero of the result is +0.0 (a kept -0.0 input was -0.0 in version 1).
     version: ClassVar = 2
     seeded: ClassVar = True
@@ -34,12 +37,15 @@ class DareStep(StepSpec):
     kernel: ClassVar = "tvrecipe.ops:dare"
     example: ClassVar = "dropped: {op: dare, input: tv, density: 0.3}"
 
+    def by_rows(self) -> bool:
+        return self.rescale != "l1"
+
     def evaluate(self, ctx: Any) -> Any:
         from tvrecipe.ops import l1_rescale
 
         def one(t: Any, member: str) -> Any:
             kept = ctx.kernel(t, density=ctx.param("density"), rescale=self.rescale is True,
-                              seed=ctx.seed(member))
+                              draw=ctx.uniform(member, t.shape))
             return l1_rescale(t, kept) if self.rescale == "l1" else kept
 
-        return ctx.map(ctx.one("input"), one)
+        return ctx.map(ctx.one("input"), one, reuse=ctx.node("input"))
