@@ -574,8 +574,8 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
         return f"{m.wall / sum_wall:.2f}×"
 
     print(f"\nratios (cache {mode}):")
-    print(f"- task arithmetic / floor: "
-          f"{(sum_wall / floor.wall) if sum_wall else float('nan'):.2f}×")
+    print("- task arithmetic / floor: "
+          + (f"{sum_wall / floor.wall:.2f}×" if sum_wall else "n/a (run without sum)"))
     print(f"- TIES / sum: {ratio('ties')}")
     print(f"- DARE / sum: {ratio('dare')}")
     print(f"- similarity pass (cluster_basis) / sum: {ratio('cluster_basis')}")
