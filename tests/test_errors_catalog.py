@@ -66,6 +66,8 @@ ALLOWLIST = {
                              "`unknown op 'zzzzzz'; known ops: ...`",
     "exec/lockfile.py:model | (|): ": "prefixes an input error with the model it is about "
                                       "(`model 'ft' (./ckpt/ft): ...`)",
+    "store/lora.py:: unreadable (|)": "an adapter_config.json that is not JSON: the rest of "
+        "the line is the file name and the parser's message",
     "exec/release.py:: unreadable (|)": "a released folder's tvrecipe.lock that cannot be "
                                         "read; catalogued under verify errors",
     "exec/runner.py:: ": "prefixes a reference's own problem with the reference given to "

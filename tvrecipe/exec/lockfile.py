@@ -37,6 +37,12 @@ def hash_memo(compiled: Compiled) -> HashMemo:
 
 def _model_files(compiled: Compiled, name: str) -> list[Path]:
     path = compiled.loaded.resolve(compiled.models[name].path)
+    if compiled.models[name].kind == "lora":  # the factors, and the config's scales
+        from tvrecipe.store.lora import adapter_files
+        try:
+            return adapter_files(path)
+        except InputError as exc:
+            raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
     members = compiled.model_types[name].members
     if members:
         return [path / f"{m}.safetensors" for m in members]

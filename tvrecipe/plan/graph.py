@@ -123,9 +123,20 @@ def _op_for(mistake: str) -> type[StepSpec] | None:
     return next((c for c in ops().values() if c.suggested_for == mistake), None)
 
 
+def lora_base(models: dict[str, ModelSpec], name: str) -> str | None:
+    """The checkpoint model a ``kind: lora`` model's deltas are over: its ``base``, else the
+    model named ``base`` when there is one."""
+    spec = models[name]
+    if spec.base is not None:
+        return spec.base
+    return "base" if "base" in models and name != "base" else None
+
+
 def _model_type(loaded: LoadedRecipe, spec: ModelSpec) -> ValueType:
     if spec.kind == "checkpoint":
         return ValueType(CHECKPOINT)
+    if spec.kind == "lora":
+        return ValueType(VECTOR)
     index = loaded.resolve(spec.path) / VECTORS_INDEX
     if index.is_file():
         try:
@@ -247,6 +258,17 @@ class _Compiler:
         for name, spec in recipe.models.items():
             self.types[name] = _model_type(self.loaded, spec)
             graph.add_node(name, kind="model")
+        for name, spec in recipe.models.items():
+            if spec.kind != "lora":
+                continue
+            base = lora_base(recipe.models, name)
+            if base is None:
+                self.problem(("models", name), "a `kind: lora` model needs the checkpoint it was "
+                             "trained on", "add `base: MODEL` naming that checkpoint model")
+            elif base not in recipe.models or recipe.models[base].kind != "checkpoint":
+                self.problem(("models", name, "base") if spec.base else ("models", name),
+                             f"base {base!r} of this adapter is not a checkpoint model of the "
+                             "recipe", "name the checkpoint the adapter was trained on")
         for name in self.broken:  # invalid entries: known names, problems already reported
             self.types[name] = None
         for name in recipe.steps:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from tvrecipe.plan.graph import Compiled
+from tvrecipe.plan.graph import Compiled, lora_base
 
 
 def canonical(obj: Any) -> str:
@@ -29,6 +29,10 @@ def step_keys(compiled: Compiled, model_digests: dict[str, str]) -> dict[str, st
     """
     settings = compiled.loaded.recipe.settings
     keys = {name: f"model-{digest[:16]}" for name, digest in model_digests.items()}
+    for name in model_digests:  # an adapter's value depends on its base too
+        if compiled.models[name].kind == "lora":
+            base = lora_base(compiled.models, name)
+            keys[name] = node_key("lora", 1, {"adapter": keys[name], "base": keys[base]})
     for name, step in compiled.steps.items():
         inputs = {fld: [[keys[r.node], list(r.selector)] for r in refs]
                   for fld, refs in step.refs.items()}

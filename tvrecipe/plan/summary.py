@@ -93,6 +93,15 @@ def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
         lines += ["", (f"tensors: {len(plan.tensors)} ({floating} floating) from model "
                       f"{plan.reference!r}; inputs: {', '.join(plan.models)}"),
                   f"estimated peak working memory: {human(est['peak_bytes'])}"]
+        for name, handle in plan.models.items():
+            adapter = handle.parts.get("")
+            covered = getattr(adapter, "covered", None)
+            if covered is not None:  # a LoRA adapter: deltas only where it has factors
+                factors = sum(i.nbytes for i in adapter.adapter.tensors.values())
+                full = sum(4 * math.prod(adapter.tensors[t].shape) for t in covered)
+                lines.append(f"adapter {name!r}: covers {len(covered)} of {floating} floating "
+                             f"tensors ({human(full)} as float32 deltas, from "
+                             f"{human(factors)} of factors); the others are 0")
         if status is not None:
             lines.append(_io_estimate(compiled, plan, status, est))
         lines += _per_tensor_values(compiled, plan)

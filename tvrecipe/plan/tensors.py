@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tvrecipe.errors import InputError
-from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep
+from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, lora_base
 from tvrecipe.spec.pertensor import layer_counts
 from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.hashing import checkpoint_digest
+from tvrecipe.store.lora import LoraAdapter
 
 MAX_LISTED = 12
 # Row blocks of about 1 Mi elements (4 MiB in float32): the blocks of one tensor across a few
@@ -106,6 +107,9 @@ def needed_models(compiled: Compiled) -> list[str]:
     for step in compiled.steps.values():
         for refs in step.refs.values():
             needed.update(r.node for r in refs)
+    # An adapter's deltas take its base's names and shapes (and saved modules its values).
+    needed.update(lora_base(compiled.models, m) for m in list(needed)
+                  if m in compiled.models and compiled.models[m].kind == "lora")
     return [m for m in compiled.models if m in needed]
 
 
@@ -117,6 +121,9 @@ def _open(compiled: Compiled, name: str) -> ModelHandle:
     try:
         if vt.kind == VECTORS:
             parts = {m: open_checkpoint(path / f"{m}.safetensors") for m in vt.members or ()}
+        elif spec.kind == "lora":
+            base = compiled.models[lora_base(compiled.models, name)]
+            parts = {"": LoraAdapter(path, open_checkpoint(compiled.loaded.resolve(base.path)))}
         else:
             parts = {"": open_checkpoint(path)}
     except InputError as exc:

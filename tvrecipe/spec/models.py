@@ -63,9 +63,19 @@ class ModelSpec(Frozen):
     sha256: str | None = Field(
         None, pattern=r"^[0-9a-fA-F]{64}$",
         description="Optional pin: the content hash `tvrecipe hash PATH` prints. A mismatch is an error.")
-    kind: Literal["checkpoint", "task_vector"] = Field(
+    kind: Literal["checkpoint", "task_vector", "lora"] = Field(
         "checkpoint", description="`checkpoint`: full weights. `task_vector`: deltas written by a "
-                                  "tvrecipe vector or vectors output.")
+                                  "tvrecipe vector or vectors output. `lora`: a peft LoRA "
+                                  "adapter folder, read as the task vector s·B·A over `base`.")
+    base: Name | None = Field(
+        None, description="`kind: lora` only: the checkpoint model the adapter was trained on "
+                          "(its tensor names and shapes). Default: the model named `base`.")
+
+    @model_validator(mode="after")
+    def _base_for_lora(self) -> ModelSpec:
+        if self.base is not None and self.kind != "lora":
+            raise ValueError("`base` is for `kind: lora` models only")
+        return self
 
     @model_validator(mode="before")
     @classmethod
