@@ -193,3 +193,113 @@ def test_bad_adapters_are_located_errors_and_write_nothing(cli, tmp_path):
     assert res.err_lines[1] == ("nobase.yaml:4:3: models.ad: a `kind: lora` model needs the "
                                 "checkpoint it was trained on (add `base: MODEL` naming that "
                                 "checkpoint model)")
+
+
+# ---- out: a vector written as a peft adapter -----------------------------------------------
+
+
+def finetuned(tmp_path, scale: float = 0.02):
+    """A base (tiny Llama, saved by transformers) and a dense fine-tune of it."""
+    base = llama()
+    base.save_pretrained(tmp_path / "base")
+    stored = load_file(str(tmp_path / "base" / "model.safetensors"))
+    gen = torch.Generator().manual_seed(5)
+    ft = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in stored.items()}
+    (tmp_path / "ft").mkdir()
+    from safetensors.torch import save_file
+    save_file(ft, str(tmp_path / "ft" / "model.safetensors"))
+    return base, stored, ft
+
+
+def truncation(delta: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return ((u[:, :r] * s[:r]) @ vh[:r]).float()
+
+
+OUT = """\
+tvrecipe: 1
+models: {base: ./base, ft: ./ft}
+steps:
+  tv: {op: extract, base: base, finetuned: ft}
+outputs:
+  adapter: {from: tv, path: ./out/adapter, format: peft, RANK}
+"""
+
+
+@pytest.mark.parametrize("rank", [3, 16])
+def test_a_vector_written_as_an_adapter_merges_to_its_truncation(cli, tmp_path, rank):
+    _base, stored, ft = finetuned(tmp_path)
+    cli.write("out.yaml", OUT.replace("RANK", f"rank: {rank}, base_model: org/tiny"))
+    res = cli.ok("run", "out.yaml")
+    assert "peft adapter: 16 modules" in res.stdout  # 2 x 7 linear, embeddings, head
+    merged = peft.PeftModel.from_pretrained(llama(), tmp_path / "out" / "adapter")
+    assert merged.peft_config["default"].base_model_name_or_path == "org/tiny"
+    merged = merged.merge_and_unload().state_dict()
+    for k, b in stored.items():
+        delta = ft[k] - b
+        if delta.dim() != 2:  # norms cannot be LoRA targets: left out
+            torch.testing.assert_close(merged[k], b, rtol=0, atol=0)
+            continue
+        want = b + (delta if rank >= min(delta.shape) else truncation(delta, rank))
+        scale = float((want - b).abs().max())
+        assert float((merged[k] - want).abs().max()) <= 1e-5 * scale + 1e-7, k
+    # Read back as an adapter, it is the same vector.
+    cli.write("back.yaml", "tvrecipe: 1\nmodels: {base: ./base, ad: {path: ./out/adapter, "
+                           "kind: lora}}\noutputs:\n  v: {from: ad, path: ./out/back}\n")
+    cli.ok("run", "back.yaml", "-q")
+    back = read_tensors(tmp_path / "out" / "back")
+    for k in back:
+        torch.testing.assert_close(back[k] + stored[k], merged[k], rtol=1e-5, atol=1e-7)
+
+
+def test_an_adapter_forward_pass_agrees_with_the_merged_model(cli, tmp_path):
+    _base, stored, ft = finetuned(tmp_path)
+    cli.write("out.yaml", OUT.replace("RANK", "rank: 4"))
+    cli.ok("run", "out.yaml", "-q", "--report", "rep.json")
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    adapted = peft.PeftModel.from_pretrained(llama(), tmp_path / "out" / "adapter").eval()
+    merged = llama().eval()
+    merged.load_state_dict({k: v + (truncation(ft[k] - v, 4) if v.dim() == 2 else 0)
+                            for k, v in stored.items()}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-4,
+                                   atol=1e-5)
+    import json
+    report = json.loads((tmp_path / "rep.json").read_text())["output:adapter"]
+    for k, entry in report["tensors"].items():
+        delta = (ft[k] - stored[k]).double()
+        s = torch.linalg.svdvals(delta)
+        want = float((s[4:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+        assert entry["rank"] == 4 and entry["relative_error"] == pytest.approx(want, rel=1e-6)
+    assert sorted(report["left_out"]) == sorted(k for k, v in stored.items() if v.dim() != 2)
+
+
+def test_energy_ranks_per_tensor(cli, tmp_path):
+    _base, stored, ft = finetuned(tmp_path)
+    cli.write("out.yaml", OUT.replace("RANK", "rank: {energy: 0.6}"))
+    cli.ok("run", "out.yaml", "-q", "--report", "rep.json")
+    import json
+    report = json.loads((tmp_path / "rep.json").read_text())["output:adapter"]["tensors"]
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    for k, entry in report.items():
+        s2 = torch.linalg.svdvals((ft[k] - stored[k]).double()) ** 2
+        share = torch.cumsum(s2, 0) / s2.sum()
+        r = entry["rank"]
+        assert share[r - 1] >= 0.6 and (r == 1 or share[r - 2] < 0.6), k
+        module = k.removesuffix(".weight")
+        assert config["rank_pattern"].get(module, config["r"]) == r
+        assert config["alpha_pattern"].get(module, config["lora_alpha"]) == r  # scale 1
+
+
+def test_peft_output_mistakes_are_recipe_errors(cli, tmp_path):
+    finetuned(tmp_path)
+    cli.write("a.yaml", OUT.replace(", RANK", ""))
+    res = cli.fails(2, "validate", "a.yaml")
+    assert "`format: peft` needs `rank`: a number such as 16, or `{energy: 0.9}`" in res.stderr
+    cli.write("b.yaml", OUT.replace("RANK", "rank: 4").replace("finetuned: ft", "finetuned: [ft]"))
+    res = cli.fails(2, "validate", "b.yaml")
+    assert ("outputs.adapter.format: `format: peft` writes one vector; 'tv' is a vectors "
+            "(write one member (from: NAME.MEMBER) or combine the set with sum)") in res.stderr
+    cli.write("c.yaml", OUT.replace("format: peft, RANK", "rank: 4"))
+    res = cli.fails(2, "validate", "c.yaml")
+    assert "`rank` and `base_model` are for `format: peft` outputs only" in res.stderr

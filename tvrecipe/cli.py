@@ -308,13 +308,23 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     for warning in cache.warnings if cache else ():
         click.echo(f"tvrecipe: warning: {warning}", err=True)
     if report_path:
-        Path(report_path).write_text(json.dumps(result.reports, indent=2, sort_keys=True) + "\n")
+        reports = {**result.reports,
+                   **{f"output:{n}": r for n, r in result.output_reports.items()}}
+        Path(report_path).write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
     if quiet:
         return
     for text in render_reports(compiled, result.reports):
         click.echo(text)
     for name, path in result.outputs.items():
         click.echo(f"wrote {name}: {path}")
+        adapter = result.output_reports.get(name)
+        if adapter:
+            ranks = [t["rank"] for t in adapter["tensors"].values()]
+            left = (f"; left out {len(adapter['left_out'])} tensors that are not 2-D (norms, "
+                    "biases)") if adapter["left_out"] else ""
+            click.echo(f"  peft adapter: {adapter['modules']} modules, rank "
+                       f"{min(ranks, default=0)}-{max(ranks, default=0)}, relative error "
+                       f"{adapter['relative_error']:.4f} (Frobenius, all tensors){left}")
     if result.cache_hits:
         click.echo(f"from cache: {', '.join(result.cache_hits)}")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}: read "

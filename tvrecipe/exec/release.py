@@ -139,14 +139,43 @@ def _card_options(spec: Any) -> dict[str, Any]:
 
 def _base_model_id(compiled: Compiled, output: str) -> str | None:
     """The Hub id of the base checkpoint, where its config.json says it came from the Hub."""
-    import json
-
     from tvrecipe.exec.results import base_model_of
 
-    base = base_model_of(compiled, compiled.outputs[output][1].node)
-    if base is None:
+    return hub_id(compiled, base_model_of(compiled, compiled.outputs[output][1].node))
+
+
+def vector_base_id(compiled: Compiled, node: str) -> str | None:
+    """The Hub id of the checkpoint a vector's deltas are over: the ``base`` of the nearest
+    ``extract`` (or adapter) upstream, where its config.json names a Hub id."""
+    from tvrecipe.plan.graph import lora_base
+
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in compiled.models:
+            if compiled.models[n].kind == "lora":
+                return hub_id(compiled, lora_base(compiled.models, n))
+            continue
+        step = compiled.steps.get(n)
+        if step is None:
+            continue
+        base = step.refs.get("base")
+        if base and base[0].node in compiled.models:
+            return hub_id(compiled, base[0].node)
+        stack.extend(r.node for refs in step.refs.values() for r in refs)
+    return None
+
+
+def hub_id(compiled: Compiled, model: str | None) -> str | None:
+    """A checkpoint model's Hub id, from ``_name_or_path`` in its config.json."""
+    import json
+
+    if model is None or model not in compiled.models:
         return None
-    config = compiled.loaded.resolve(compiled.models[base].path) / "config.json"
+    config = compiled.loaded.resolve(compiled.models[model].path) / "config.json"
     try:
         name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path", "")
     except (OSError, ValueError, AttributeError):

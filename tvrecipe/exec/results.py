@@ -63,6 +63,8 @@ class RunResult:
     cache_hits: list[str] = field(default_factory=list)
     # output -> file path in its folder -> SHA-256, for the files hashed while written
     digests: dict[str, dict[str, str]] = field(default_factory=dict)
+    # output -> what writing it found (a peft adapter's rank and error per tensor)
+    output_reports: dict[str, dict] = field(default_factory=dict)
 
 
 class Output:
@@ -77,7 +79,10 @@ class Output:
                  compute: str, metadata: dict[str, str]):
         spec, res = compiled.outputs[name]
         self.name, self.spec, self.res = name, spec, res
+        self.compiled = compiled
         self.options = options
+        self.report: dict | None = None  # what writing it found (a peft adapter's ranks)
+        self.written_at_close = 0  # bytes of files written whole at the end (an adapter)
         force = options.force or name in options.replaceable
         target = (options.targets or {}).get(name)
         self.kind = res.type.kind
@@ -107,6 +112,17 @@ class Output:
             self.writers[""] = CheckpointWriter(self.folder.staging, specs,
                                                 shard_size=parse_size(spec.shard_size),
                                                 metadata={**meta, "format": "pt"})
+        elif self.kind == VECTOR and spec.format == "peft":
+            from tvrecipe.exec.release import vector_base_id
+            from tvrecipe.store.lora import AdapterWriter
+            rank = spec.rank if isinstance(spec.rank, int) else None
+            energy = None if rank is not None else spec.rank.energy
+            base = spec.base_model or vector_base_id(self.compiled, res.node)
+            self.dtypes = dict.fromkeys(plan.floating, "F32")
+            self.sizes = dict.fromkeys(plan.floating, 0)  # the factors' bytes come at close
+            self.writers[""] = AdapterWriter(
+                self.folder.staging, {t: plan.tensors[t].shape for t in plan.floating},
+                rank, energy, base, meta)
         else:
             dt = out_dtype or compute
             specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]
@@ -146,7 +162,10 @@ class Output:
     def finish(self, compiled: Compiled, report: dict | None) -> None:
         for w in self.writers.values():
             w.close()
-            files = w.sha256 if isinstance(w, CheckpointWriter) else {w.path: w.sha256}
+            files = w.sha256 if isinstance(w.sha256, dict) else {w.path: w.sha256}
+            self.report = getattr(w, "summary", None)
+            if self.report is not None:
+                self.written_at_close += sum(Path(f).stat().st_size for f in files)
             self.digests.update({str(f.relative_to(self.folder.staging)): d
                                  for f, d in files.items()})
         if self.kind == VECTORS:

@@ -445,6 +445,7 @@ class Runner:
             passes.append("merge")
             for o in outputs.values():
                 o.finish(self.compiled, self.reports.get(o.res.node))
+                written += o.written_at_close
             for name, entry in pending.items():
                 entry.commit(self._manifest(name))
             pending = {}
@@ -464,7 +465,8 @@ class Runner:
                     ck.close()
         return RunResult(result_paths, self.reports, str(self.device),
                          time.perf_counter() - start, self.bytes_read, written, passes,
-                         self.cache_hits, {n: o.digests for n, o in outputs.items()})
+                         self.cache_hits, {n: o.digests for n, o in outputs.items()},
+                         {n: o.report for n, o in outputs.items() if o.report})
 
 
 class PassContext:

@@ -330,6 +330,12 @@ class _Compiler:
                 self.problem(where, f"{out.from_!r} is a decomposition; write one part",
                              f"from: {out.from_}.shared or from: {out.from_}.unique")
                 res = None
+            if res is not None and out.format == "peft" and res.type.kind != VECTOR:
+                self.problem(("outputs", name, "format"),
+                             f"`format: peft` writes one vector; {out.from_!r} is a "
+                             f"{res.type.kind}",
+                             "write one member (from: NAME.MEMBER) or combine the set with sum")
+                res = None
             if out.copy_files_from is not None and out.copy_files_from not in recipe.models:
                 self.problem(("outputs", name, "copy_files_from"),
                              f"unknown model {out.copy_files_from!r}",

@@ -258,6 +258,13 @@ class ModelCardSpec(Frozen):
                             description="Tags added to `merge`, `tvrecipe`, `task-vectors`.")
 
 
+class RankEnergy(Frozen):
+    """A rank chosen per tensor: the fewest singular values holding this share of Σσ²."""
+
+    energy: float = Field(gt=0, le=1, description="Share of the squared singular values kept, "
+                                                  "in (0, 1].")
+
+
 class OutputSpec(Frozen):
     """One thing to write."""
 
@@ -271,6 +278,17 @@ class OutputSpec(Frozen):
     copy_files_from: Name | None = Field(
         None, description="A model whose non-weight files (config, tokenizer) are copied. "
                           "Default for checkpoints: the base of the checkpoint.")
+    format: Literal["safetensors", "peft"] = Field(
+        "safetensors", description="`peft`: write a vector as a peft LoRA adapter folder "
+                                   "(truncated SVD of each 2-D delta; needs `rank`).")
+    rank: Union[Annotated[int, Field(ge=1)], RankEnergy, None] = Field(  # noqa: UP007
+        None, description="`format: peft` only: the LoRA rank of every tensor, or "
+                          "`{energy: 0.9}` for the fewest singular values holding that share "
+                          "of each tensor's Σσ².")
+    base_model: str | None = Field(
+        None, description="`format: peft` only: `base_model_name_or_path` in the adapter's "
+                          "config (default: the base checkpoint's `_name_or_path` when it is "
+                          "a Hub id).")
     model_card: Union[bool, ModelCardSpec] = Field(  # noqa: UP007
         True, description="Checkpoint outputs only: write `README.md` (a model card), "
                           "`tvrecipe.yaml` (this output's recipe, inputs pinned by hash) and "
@@ -278,6 +296,15 @@ class OutputSpec(Frozen):
                           "none of them; a mapping sets the card's front matter.")
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
                               allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _peft_fields(self) -> OutputSpec:
+        if self.format == "peft" and self.rank is None:
+            raise ValueError("`format: peft` needs `rank`: a number such as 16, or "
+                             "`{energy: 0.9}`")
+        if self.format != "peft" and (self.rank is not None or self.base_model is not None):
+            raise ValueError("`rank` and `base_model` are for `format: peft` outputs only")
+        return self
 
     @field_validator("shard_size")
     @classmethod

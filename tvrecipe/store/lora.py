@@ -189,3 +189,115 @@ class LoraAdapter:
     def close(self) -> None:
         self.adapter.close()
         self.base.close()
+
+
+# Tensor names of input embeddings: peft adapts them as embeddings (factors the other way
+# round), so the adapter must say which they are.
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+
+
+class AdapterWriter:
+    """Writes a vector as a peft LoRA adapter folder, one tensor at a time.
+
+    Each 2-D delta becomes the factors of its truncated SVD (B = U·√Σ, A = √Σ·Vᵀ, with
+    ``lora_alpha`` equal to the rank so that peft's scale is 1); input embeddings become
+    embedding factors. Other tensors (1-D norms and biases) cannot be LoRA targets and are
+    left out: the report counts them. Row blocks of a tensor are gathered until it is whole.
+
+    Args:
+        folder: The (staging) folder to write ``adapter_config.json`` and
+            ``adapter_model.safetensors`` into.
+        shapes: Shape of every floating tensor, in write order.
+        rank: A rank for every tensor, or None with ``energy``.
+        energy: Keep, per tensor, the fewest singular values holding this share of Σσ².
+        base_model: ``base_model_name_or_path`` for the config.
+        metadata: safetensors header metadata (provenance).
+    """
+
+    def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], rank: int | None,
+                 energy: float | None, base_model: str | None, metadata: dict[str, str]):
+        self.folder = Path(folder)
+        self.shapes = shapes
+        self.rank, self.energy = rank, energy
+        self.base_model = base_model
+        self.metadata = metadata
+        self.factors: dict[str, object] = {}
+        self.ranks: dict[str, int] = {}
+        self.report: dict[str, dict] = {}
+        self.skipped: list[str] = []
+        self._pending: dict[str, list] = {}
+        self.sha256: dict[Path, str] = {}
+        self._sq_err = 0.0
+        self._sq_norm = 0.0
+
+    def write(self, name: str, t) -> None:
+        import torch
+
+        shape = self.shapes[name]
+        if len(shape) != 2 or min(shape) == 0:
+            if name not in self.skipped:
+                self.skipped.append(name)
+            return
+        parts = self._pending.setdefault(name, [])
+        parts.append(t.reshape(-1, shape[1]))
+        if sum(p.shape[0] for p in parts) < shape[0]:
+            return
+        whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del self._pending[name]
+        self._factor(name, whole)
+
+    def _factor(self, name: str, delta) -> None:
+        import torch
+
+        from tvrecipe.ops import derive_seed
+        from tvrecipe.ops.lowrank import lora_factors
+
+        module = name.removesuffix(".weight")
+        embedding = bool(_EMBEDDING.search(name))
+        work = delta.float().T if embedding else delta.float()
+        b, a, err = lora_factors(work, self.rank, self.energy, seed=derive_seed("peft", name))
+        r = a.shape[0]
+        norm = float(torch.linalg.norm(delta.double()))
+        self._sq_norm += norm ** 2
+        self._sq_err += (err * norm) ** 2
+        self.report[name] = {"rank": r, "relative_error": err}
+        if r == 0:  # an exact-zero delta: nothing to adapt
+            return
+        key = f"base_model.model.{module}"
+        if embedding:
+            self.factors[f"{key}.lora_embedding_A"] = a.contiguous()
+            self.factors[f"{key}.lora_embedding_B"] = b.contiguous()
+        else:
+            self.factors[f"{key}.lora_A.weight"] = a.contiguous()
+            self.factors[f"{key}.lora_B.weight"] = b.contiguous()
+        self.ranks[module] = r
+
+    def close(self) -> None:
+        import hashlib
+
+        from safetensors.torch import save_file
+
+        if self._pending:
+            raise RuntimeError(f"incomplete tensors at close: {sorted(self._pending)}")
+        top = max(self.ranks.values(), default=0)
+        rank = self.rank if self.rank is not None else top
+        rank = max(rank, 1)
+        differs = {m: r for m, r in self.ranks.items() if r != rank}
+        config = {
+            "peft_type": "LORA", "base_model_name_or_path": self.base_model,
+            "r": rank, "lora_alpha": rank, "target_modules": sorted(self.ranks),
+            "rank_pattern": differs, "alpha_pattern": dict(differs),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "init_lora_weights": True, "inference_mode": True, "task_type": None,
+        }
+        text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        (self.folder / CONFIG_FILE).write_bytes(text)
+        self.sha256[self.folder / CONFIG_FILE] = hashlib.sha256(text).hexdigest()
+        weights = self.folder / WEIGHTS_FILE
+        save_file(dict(sorted(self.factors.items())), str(weights),
+                  metadata={**self.metadata, "format": "pt"})
+        self.sha256[weights] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        total = (self._sq_err ** 0.5 / self._sq_norm ** 0.5) if self._sq_norm else 0.0
+        self.summary = {"format": "peft", "tensors": self.report, "relative_error": total,
+                        "left_out": self.skipped, "modules": len(self.ranks)}

@@ -1,0 +1,69 @@
+"""Low-rank factors of a 2-D delta: the truncated SVD that a LoRA adapter stores."""
+
+from __future__ import annotations
+
+import torch
+
+# Above this many singular values wanted, relative to the smaller side, a full SVD is as
+# cheap as the randomised one and exact.
+_FULL_FRACTION = 0.25
+_OVERSAMPLE = 10
+_POWER_ITERATIONS = 6
+
+
+def _range_finder(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """An orthonormal basis (columns) of about the top-``k`` left singular subspace of ``x``:
+    a seeded Gaussian sketch, refined by power iterations with re-orthonormalisation (Halko,
+    Martinsson and Tropp, 2011)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sketch = torch.randn(x.shape[1], k, generator=gen, dtype=x.dtype).to(x.device)
+    q = torch.linalg.qr(x @ sketch).Q
+    for _ in range(_POWER_ITERATIONS):
+        q = torch.linalg.qr(x.T @ q).Q
+        q = torch.linalg.qr(x @ q).Q
+    return q
+
+
+def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of the best rank-r approximation of ``x`` (float32 or float64, 2-D).
+
+    Give ``rank`` (r = min(rank, min(m, n))) or ``energy`` (the smallest r whose singular
+    values hold that share of Σσ², which needs the whole spectrum: a full SVD). A small rank
+    of a large matrix uses a seeded randomised SVD (same bytes on every run), anything else
+    the full one.
+    """
+    m, n = x.shape
+    small = min(m, n)
+    if energy is not None:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        power = s.double() ** 2
+        total = float(power.sum())
+        if total == 0.0:
+            r = 0
+        else:
+            share = torch.cumsum(power, 0) / total
+            r = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype))) + 1
+            r = min(r, small)
+        return u[:, :r], s[:r], vh[:r]
+    r = min(int(rank), small)
+    if r + _OVERSAMPLE >= _FULL_FRACTION * small:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    q = _range_finder(x, r + _OVERSAMPLE, seed)
+    u_small, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+    return (q @ u_small)[:, :r], s[:r], vh[:r]
+
+
+def lora_factors(x: torch.Tensor, rank: int | None = None, energy: float | None = None,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """B (m × r) and A (r × n) with B·A the truncated SVD of ``x`` (B = U·√Σ, A = √Σ·Vᴴ), and
+    the relative Frobenius error ‖x − B·A‖ / ‖x‖ (0 for a zero ``x``)."""
+    work = x.double()
+    u, s, vh = truncated_svd(work, rank, energy, seed)
+    root = s.sqrt()
+    b = u * root
+    a = root[:, None] * vh
+    norm = float(torch.linalg.norm(work))
+    err = float(torch.linalg.norm(work - b @ a)) / norm if norm > 0 else 0.0
+    return b.to(torch.float32), a.to(torch.float32), err
