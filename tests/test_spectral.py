@@ -1,0 +1,144 @@
+"""`tsv_merge` and `iso`: the spectral merges of methods.md, through the CLI, against
+references computed here in float64 with numpy, and their defining properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import MATRICES, SHAPES, read_tensors
+
+TASKS = ("a", "b", "c")
+
+
+def run(cli, ms, tmp_path, step: str, name: str = "r") -> dict[str, np.ndarray]:
+    cli.write(f"{name}.yaml", "tvrecipe: 1\nsettings: {compute_dtype: float64}\n"
+              + ms.models_yaml() + "steps:\n  tv: {op: extract, base: base, finetuned: ["
+              + ", ".join(t for t in ms.weights if t != "base") + "]}\n"
+              f"  merged: {step}\n"
+              f"outputs:\n  v: {{from: merged, path: ./out/{name}, dtype: float64}}\n")
+    cli.ok("run", f"{name}.yaml", "-q")
+    return {k: v.numpy() for k, v in read_tensors(tmp_path / "out" / name).items()}
+
+
+def delta(ms, task: str, key: str) -> np.ndarray:
+    """τ in float64, as the engine computes it with compute_dtype float64."""
+    return (ms.weights[task][key].double() - ms.weights["base"][key].double()).numpy()
+
+
+def deltas(ms, names=TASKS) -> dict[str, list[np.ndarray]]:
+    return {k: [delta(ms, t, k) for t in names] for k in SHAPES}
+
+
+def polar(u: np.ndarray) -> np.ndarray:
+    p, _s, qh = np.linalg.svd(u, full_matrices=False)
+    return p @ qh
+
+
+def tsv_reference(xs: list[np.ndarray], fraction: float) -> np.ndarray:
+    if xs[0].ndim != 2:
+        return sum(xs) / len(xs)
+    k = max(1, int(fraction * min(xs[0].shape) / len(xs)))
+    parts = [np.linalg.svd(x, full_matrices=False) for x in xs]
+    u = np.concatenate([p[0][:, :k] for p in parts], 1)
+    s = np.concatenate([p[1][:k] for p in parts])
+    v = np.concatenate([p[2][:k].T for p in parts], 1)
+    return polar(u) @ np.diag(s) @ polar(v).T
+
+
+def close(got: np.ndarray, want: np.ndarray, key: str) -> None:
+    scale = max(float(np.abs(want).max()), 1e-30)
+    assert float(np.abs(got - want).max()) <= 1e-9 * scale, key
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_tsv_merge_matches_the_formula(make_models, cli, tmp_path, fraction):
+    ms = make_models(TASKS)
+    got = run(cli, ms, tmp_path, f"{{op: tsv_merge, inputs: tv, fraction: {fraction}}}")
+    for key, xs in deltas(ms).items():
+        close(got[key], tsv_reference(xs, fraction), key)
+
+
+def test_tsv_merge_of_one_task_is_its_truncation(make_models, cli, tmp_path):
+    ms = make_models(("a",))
+    got = run(cli, ms, tmp_path, "{op: tsv_merge, inputs: tv, fraction: 0.5}")
+    for key in MATRICES:
+        x = delta(ms, "a", key)
+        u, s, vh = np.linalg.svd(x, full_matrices=False)
+        k = int(0.5 * min(x.shape))
+        close(got[key], (u[:, :k] * s[:k]) @ vh[:k], key)
+
+
+def test_tsv_merge_of_orthogonal_tasks_is_the_sum_of_truncations(make_models, cli, tmp_path):
+    # Two tasks on disjoint row and column blocks: their singular vectors are orthogonal.
+    gen = torch.Generator().manual_seed(3)
+    plan = {}
+    for i, t in enumerate(("a", "b")):
+        plan[t] = {}
+        for key, shape in SHAPES.items():
+            d = torch.zeros(shape)
+            if len(shape) == 2:
+                h0, h1 = shape[0] // 2, shape[1] // 2
+                rows = slice(0, h0) if i == 0 else slice(h0, shape[0])
+                cols = slice(0, h1) if i == 0 else slice(h1, shape[1])
+                d[rows, cols] = 0.01 * torch.randn(d[rows, cols].shape, generator=gen)
+            plan[t][key] = d
+    ms = make_models(("a", "b"), deltas=plan)
+    got = run(cli, ms, tmp_path, "{op: tsv_merge, inputs: tv}")
+    for key in MATRICES:
+        want = 0
+        for t in ("a", "b"):
+            x = delta(ms, t, key)
+            u, s, vh = np.linalg.svd(x, full_matrices=False)
+            k = min(x.shape) // 2
+            want = want + (u[:, :k] * s[:k]) @ vh[:k]
+        close(got[key], want, key)
+
+
+def test_iso_c_flattens_the_spectrum_of_the_sum(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    got = run(cli, ms, tmp_path, "{op: iso, inputs: tv}")
+    for key, xs in deltas(ms).items():
+        total = sum(xs)
+        if total.ndim != 2:
+            close(got[key], total / len(xs), key)
+            continue
+        u, s, vh = np.linalg.svd(total, full_matrices=False)
+        close(got[key], s.mean() * u @ vh, key)
+        sv = np.linalg.svd(got[key], compute_uv=False)
+        assert np.allclose(sv, s.mean(), rtol=1e-9), key  # a flat spectrum
+        # Same column and row spaces as the sum.
+        close(u @ (u.T @ got[key]), got[key], key)
+        close((got[key] @ vh.T) @ vh, got[key], key)
+
+
+def test_iso_cts_keeps_the_common_subspace_and_a_flat_spectrum(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    got = run(cli, ms, tmp_path, "{op: iso, inputs: tv, variant: cts, common: 0.5}")
+    for key in MATRICES:
+        xs = deltas(ms)[key]
+        total = sum(xs)
+        u, s, vh = np.linalg.svd(total, full_matrices=False)
+        r, t = s.size, len(xs)
+        per_task = (r - int(0.5 * r)) // t
+        k = r - per_task * t
+        us, vs, ss = [u[:, :k]], [vh[:k].T], [s[:k]]
+        for x in xs:
+            res = x - u[:, :k] @ (u[:, :k].T @ x)
+            ut, st, vht = np.linalg.svd(res, full_matrices=False)
+            us.append(ut[:, :per_task])
+            vs.append(vht[:per_task].T)
+            ss.append(st[:per_task])
+        sigma = np.concatenate(ss).mean()
+        want = sigma * polar(np.concatenate(us, 1)) @ polar(np.concatenate(vs, 1)).T
+        close(got[key], want, key)
+        assert np.allclose(np.linalg.svd(got[key], compute_uv=False), sigma, rtol=1e-9), key
+
+
+def test_iso_cts_with_the_whole_rank_common_is_iso_c(make_models, cli, tmp_path):
+    ms = make_models(TASKS)
+    cts = run(cli, ms, tmp_path, "{op: iso, inputs: tv, variant: cts, common: 1.0}", "cts")
+    c = run(cli, ms, tmp_path, "{op: iso, inputs: tv}", "c")
+    for key in MATRICES:
+        close(cts[key], c[key], key)

@@ -1,0 +1,41 @@
+"""The ``iso`` op: Iso-C and Iso-CTS, isotropic merging (Marczak et al., 2025)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from tvrecipe.spec.kinds import TASK_VECTORS, VECTOR
+from tvrecipe.spec.models import RefList, StepSpec
+from tvrecipe.spec.registry import register
+
+
+@register
+class IsoStep(StepSpec):
+    """Iso-C / Iso-CTS: the summed task vectors with a flat singular spectrum (Marczak et al., 2025).
+
+    Per 2-D tensor, Δ_TA = Σ_t Δ_t = U·Σ·Vᵀ. `variant: c` gives σ̄·U·Vᵀ (σ̄ the mean singular
+    value). `variant: cts` keeps the top ⌊common·r⌋ directions of Δ_TA and adds each task's
+    top directions outside them, orthogonalises the stacked directions (polar factors) and
+    sets every singular value to their mean. Other tensors are averaged. Scale the result
+    with `apply`.
+    """
+
+    op: Literal["iso"] = Field(description="The operation: `iso`.")
+    inputs: RefList
+    variant: Literal["c", "cts"] = Field("c", description="`c` (Iso-C) or `cts` (Iso-CTS).")
+    common: float = Field(0.8, ge=0, le=1,
+                          description="`cts` only: share of the rank kept for the common "
+                                      "subspace (lowered until the rest divides among tasks).")
+
+    accepts: ClassVar = {"inputs": TASK_VECTORS}
+    returns: ClassVar = VECTOR
+    cached: ClassVar = True
+    kernel: ClassVar = "tvrecipe.ops.spectral:iso"
+    example: ClassVar = "merged: {op: iso, inputs: tv, variant: cts}"
+
+    def evaluate(self, ctx: Any) -> Any:
+        xs = ctx.tensors("inputs")
+        return None if xs[0] is None else ctx.kernel(xs, variant=self.variant,
+                                                     common=self.common)
