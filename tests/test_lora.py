@@ -303,3 +303,97 @@ def test_peft_output_mistakes_are_recipe_errors(cli, tmp_path):
     cli.write("c.yaml", OUT.replace("format: peft, RANK", "rank: 4"))
     res = cli.fails(2, "validate", "c.yaml")
     assert "`rank` and `base_model` are for `format: peft` outputs only" in res.stderr
+
+
+# ---- uncovered tensors: exact zeros, never read or allocated where an op can skip them ----
+
+
+STEPS = {
+    "sum": "{op: sum, inputs: [A1, A2, tv], weights: [0.5, -1.0, 0.25]}",
+    "mean": "{op: mean, inputs: [A1, A2, tv]}",
+    "ties": "{op: ties, inputs: [A1, A2, tv], density: 0.5}",
+    "dare": "{op: dare, input: A1, density: 0.5}",
+    "negate": "{op: negate, input: A2}",
+    "tsv": "{op: tsv_merge, inputs: [A1, A2, tv]}",
+    "iso": "{op: iso, inputs: [A1, A2, tv], variant: cts}",
+    "stock": "{op: model_stock, inputs: [A1, A2, tv]}",
+    "crumbs": "{op: breadcrumbs, input: A1, density: 0.8, gamma: 0.1}",
+}
+
+
+def test_every_op_reads_an_uncovered_tensor_as_an_exact_zero(cli, tmp_path, monkeypatch):
+    """Each op over adapters equals the same op over the adapters written out as full task
+    vectors (zeros included), and no uncovered tensor is ever read from an adapter."""
+    make_adapter(tmp_path, "a1", llama, seed=1, **CASES["plain"])
+    make_adapter(tmp_path, "a2", llama, seed=2, **CASES["saved"])
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    gen = torch.Generator().manual_seed(4)
+    (tmp_path / "ft").mkdir()
+    from safetensors.torch import save_file
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+              str(tmp_path / "ft" / "model.safetensors"))
+    cli.write("dense.yaml", "tvrecipe: 1\nmodels:\n  base: ./base\n"
+              "  a1: {path: ./a1, kind: lora}\n  a2: {path: ./a2, kind: lora}\n"
+              "outputs:\n  a1: {from: a1, path: ./dense/a1}\n  a2: {from: a2, path: ./dense/a2}\n")
+    cli.ok("run", "dense.yaml", "-q")
+
+    from tvrecipe.store.lora import LoraAdapter
+    read = []
+    real_get = LoraAdapter.get
+    monkeypatch.setattr(LoraAdapter, "get", lambda self, name, rows=None: (
+        read.append((self, name)), real_get(self, name, rows))[1])
+
+    def recipe(a1: str, a2: str) -> str:
+        steps = "".join(f"  {n}: {s.replace('A1', 'a1').replace('A2', 'a2')}\n"
+                        for n, s in STEPS.items())
+        outs = "".join(f"  {n}: {{from: {n}, path: ./out-{{tag}}/{n}, dtype: float32}}\n"
+                       for n in STEPS)
+        return ("tvrecipe: 1\nmodels:\n  base: ./base\n  ft: ./ft\n"
+                f"  a1: {a1}\n  a2: {a2}\nsteps:\n"
+                "  tv: {op: extract, base: base, finetuned: ft}\n" + steps
+                + "outputs:\n" + outs)
+
+    cli.write("lora.yaml", recipe("{path: ./a1, kind: lora}", "{path: ./a2, kind: lora}")
+              .replace("{tag}", "lora"))
+    cli.write("full.yaml", recipe("{path: ./dense/a1, kind: task_vector}",
+                                  "{path: ./dense/a2, kind: task_vector}").replace("{tag}", "full"))
+    cli.ok("run", "lora.yaml", "-q", "--no-cache")
+    cli.ok("run", "full.yaml", "-q", "--no-cache")
+    for name in STEPS:
+        got = read_tensors(tmp_path / "out-lora" / name)
+        want = read_tensors(tmp_path / "out-full" / name)
+        assert got.keys() == want.keys(), name
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-9,
+                                       msg=f"{name}: {k}")
+    assert read and all(adapter.covers(name) for adapter, name in read)
+
+
+def test_a_sum_of_adapters_allocates_no_zeros_for_what_they_do_not_cover(cli, tmp_path,
+                                                                         monkeypatch):
+    make_adapter(tmp_path, "a1", llama, seed=1, **CASES["plain"])
+    make_adapter(tmp_path, "a2", llama, seed=2, **CASES["rslora"])
+    cli.write("s.yaml", """\
+        tvrecipe: 1
+        models:
+          base: ./base
+          a1: {path: ./a1, kind: lora}
+          a2: {path: ./a2, kind: lora}
+        steps:
+          merged: {op: sum, inputs: [a1, a2]}
+          model: {op: apply, base: base, delta: merged}
+        outputs:
+          model: {from: model, path: ./out/model}
+        """)
+    from tvrecipe.exec.runner import Runner
+    filled = []
+    real = Runner._zero_fill
+
+    def spy(self, value, info, block):
+        if info.is_floating and value is None:
+            filled.append(info.name)
+        return real(self, value, info, block)
+
+    monkeypatch.setattr(Runner, "_zero_fill", spy)
+    cli.ok("run", "s.yaml", "-q", "--no-cache")
+    assert filled == []  # uncovered tensors: None through sum, the base through apply

@@ -104,8 +104,19 @@ class TensorContext:
         return self.step.entries.get(fld, [])
 
     def tensors(self, fld: str) -> list:
-        """One tensor per expanded entry of a field (None where a set has no such tensor)."""
-        return [entry_value(self.values, e) for e in self.step.entries.get(fld, [])]
+        """One tensor per expanded entry of a field (None where a set has no such tensor).
+
+        An entry that is None beside real floating tensors is an exact zero (a LoRA adapter
+        that does not cover this tensor): it comes as zeros, unless the op takes None as zero
+        itself (``zero_inputs``). All None stays all None.
+        """
+        xs = [entry_value(self.values, e) for e in self.step.entries.get(fld, [])]
+        if type(self.step.spec).zero_inputs or all(x is None for x in xs):
+            return xs
+        present = next(x for x in xs if x is not None)
+        if not (isinstance(present, torch.Tensor) and present.is_floating_point()):
+            return xs
+        return [torch.zeros_like(present) if x is None else x for x in xs]
 
     @property
     def weights(self) -> list[float] | None:

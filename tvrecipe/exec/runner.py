@@ -155,8 +155,9 @@ class Runner:
         nbytes = 0
         for member, ck in handle.parts.items():
             info = ck.tensors.get(tensor)
-            if info is None or (handle.kind != CHECKPOINT and not info.is_floating):
-                got[member] = None
+            if (info is None or (handle.kind != CHECKPOINT and not info.is_floating)
+                    or not getattr(ck, "covers", lambda _t: True)(tensor)):
+                got[member] = None  # no tensor, or an adapter's exact zero (see zero_fill)
                 continue
             t = ck.get(tensor, span)
             nbytes += t.numel() * t.element_size()
@@ -246,7 +247,10 @@ class Runner:
                                 remaining[r.node] -= 1
                                 if remaining[r.node] <= 0:
                                     values.pop(r.node, None)
-                    yield tensor, info, {w: values[w] for w in want}
+                    block = (info.shape if rows is None
+                             else (rows.stop - rows.start, *info.shape[1:]))
+                    yield tensor, info, {w: self._zero_fill(values[w], info, block)
+                                         for w in want}
                     bar.update(1)
             finally:
                 # Stopped early (an error, or the consumer closed us): reads not yet started
@@ -255,6 +259,19 @@ class Runner:
                     if f is not None:
                         f.cancel()
         bar.close()
+
+    def _zero_fill(self, value: Any, info: TensorInfo, block: tuple[int, ...]) -> Any:
+        """A value leaving the stream (for an output, a cache entry or a whole-model pass),
+        with each None of a floating tensor made real zeros. Inside the stream an adapter's
+        uncovered tensor stays None: ``sum`` and ``mean`` skip it, ``apply`` keeps the base,
+        and other ops get zeros only where it meets a real tensor (TensorContext.tensors)."""
+        if not info.is_floating:
+            return value
+        if value is None:
+            return torch.zeros(block, dtype=self.compute, device=self.device)
+        if isinstance(value, dict):
+            return {k: self._zero_fill(v, info, block) for k, v in value.items()}
+        return value
 
     # ---- whole-model passes ----------------------------------------------------------------
     def _upstream(self, node: str) -> list[CompiledStep]:

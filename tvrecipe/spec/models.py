@@ -144,6 +144,8 @@ class StepSpec(Frozen):
     returns: ClassVar[str] = SAME_AS_INPUT
     cached: ClassVar[bool] = False
     execution: ClassVar[str] = TENSORWISE
+    # The op reads a None entry of ctx.tensors as an exact zero (skips it) itself.
+    zero_inputs: ClassVar[bool] = False
     whole_model: ClassVar[bool] = False
     version: ClassVar[int] = 1
     seeded: ClassVar[bool] = False

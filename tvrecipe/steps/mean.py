@@ -25,6 +25,15 @@ class MeanStep(StepSpec):
     kernel: ClassVar = "tvrecipe.ops:mean"
     example: ClassVar = "avg: {op: mean, inputs: tv}"
 
+    zero_inputs: ClassVar = True
+
     def evaluate(self, ctx: Any) -> Any:
         xs = ctx.tensors("inputs")
-        return None if xs[0] is None else ctx.kernel(xs)
+        kept = [x for x in xs if x is not None]  # None: an exact zero, counted in n
+        if not kept:
+            return None
+        if len(kept) == len(xs):
+            return ctx.kernel(kept)
+        from tvrecipe.ops import sum as weighted_sum
+        # Σ over the real ones is Σ over all (adding an exact zero changes nothing), / n.
+        return weighted_sum(kept, weights=[1.0] * len(kept)).div_(len(xs))

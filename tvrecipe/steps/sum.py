@@ -34,9 +34,16 @@ class SumStep(StepSpec):
     kernel: ClassVar = "tvrecipe.ops:sum"
     example: ClassVar = "merged: {op: sum, inputs: [tv.math, tv.code], weights: [0.5, 0.5]}"
 
+    zero_inputs: ClassVar = True
+
     def evaluate(self, ctx: Any) -> Any:
-        xs = ctx.tensors("inputs")
-        if xs[0] is None:
+        xs, weights = ctx.tensors("inputs"), ctx.weights
+        nodes = [e.ref.node for e in ctx.entries("inputs")]
+        if weights is None:
+            weights = [1.0] * len(xs)
+        # A None entry is an exact zero (an adapter's uncovered tensor): it adds nothing.
+        kept = [(x, w, n) for x, w, n in zip(xs, weights, nodes) if x is not None]
+        if not kept:
             return None
-        first = ctx.entries("inputs")[0].ref.node
-        return ctx.kernel(xs, weights=ctx.weights, out=ctx.scratch(first, xs[0], xs[1:]))
+        xs, weights, nodes = (list(c) for c in zip(*kept))
+        return ctx.kernel(xs, weights=weights, out=ctx.scratch(nodes[0], xs[0], xs[1:]))

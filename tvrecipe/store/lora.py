@@ -160,6 +160,11 @@ class LoraAdapter:
             raise InputError(f"{self.path}: {min(both)!r} is both a LoRA target and a saved "
                              "module")
 
+    def covers(self, name: str) -> bool:
+        """Whether the delta of tensor ``name`` may be nonzero (else it is exactly 0, and the
+        runner passes None for it rather than reading or allocating anything)."""
+        return name in self.factors or name in self.saved
+
     @property
     def covered(self) -> list[str]:
         """Base tensors whose delta is not zero by construction."""
