@@ -302,7 +302,8 @@ def test_peft_output_mistakes_are_recipe_errors(cli, tmp_path):
             "(write one member (from: NAME.MEMBER) or combine the set with sum)") in res.stderr
     cli.write("c.yaml", OUT.replace("format: peft, RANK", "rank: 4"))
     res = cli.fails(2, "validate", "c.yaml")
-    assert "`rank` and `base_model` are for `format: peft` outputs only" in res.stderr
+    assert ("`rank`, `full_tensors`, `base` and `base_model` are for `format: peft` outputs "
+            "only") in res.stderr
 
 
 # ---- uncovered tensors: exact zeros, never read or allocated where an op can skip them ----
@@ -340,8 +341,8 @@ def test_every_op_reads_an_uncovered_tensor_as_an_exact_zero(cli, tmp_path, monk
     from tvrecipe.store.lora import LoraAdapter
     read = []
     real_get = LoraAdapter.get
-    monkeypatch.setattr(LoraAdapter, "get", lambda self, name, rows=None: (
-        read.append((self, name)), real_get(self, name, rows))[1])
+    monkeypatch.setattr(LoraAdapter, "get", lambda self, name, rows=None, device=None: (
+        read.append((self, name)), real_get(self, name, rows, device))[1])
 
     def recipe(a1: str, a2: str) -> str:
         steps = "".join(f"  {n}: {s.replace('A1', 'a1').replace('A2', 'a2')}\n"
@@ -397,3 +398,65 @@ def test_a_sum_of_adapters_allocates_no_zeros_for_what_they_do_not_cover(cli, tm
     monkeypatch.setattr(Runner, "_zero_fill", spy)
     cli.ok("run", "s.yaml", "-q", "--no-cache")
     assert filled == []  # uncovered tensors: None through sum, the base through apply
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adapters_form_their_deltas_on_the_gpu(cli, tmp_path):
+    want = make_adapter(tmp_path, "plain", llama, **CASES["plain"])
+    cli.write("g.yaml", "tvrecipe: 1\nmodels:\n  base: ./base\n  ad: {path: ./plain, kind: lora}\n"
+                        "outputs:\n  v: {from: ad, path: ./out/g}\n")
+    cli.ok("run", "g.yaml", "-q", "--device", "cuda")
+    assert_deltas(read_tensors(tmp_path / "out" / "g"), want)
+
+
+def test_validate_checks_adapters_against_the_base_headers(cli, tmp_path):
+    make_adapter(tmp_path, "ok", llama, **CASES["plain"])
+    import shutil
+    shutil.copytree(tmp_path / "ok", tmp_path / "renamed")
+    from safetensors.torch import save_file
+    tensors = load_file(str(tmp_path / "renamed" / "adapter_model.safetensors"))
+    save_file({k.replace("layers.1.self_attn.v_proj", "layers.1.self_attn.vv_proj"): v
+               for k, v in tensors.items()},
+              str(tmp_path / "renamed" / "adapter_model.safetensors"))
+    cli.write("v.yaml", "tvrecipe: 1\nmodels:\n  base: ./base\n  good: {path: ./ok, kind: lora}\n"
+                        "  bad: {path: ./renamed, kind: lora}\n"
+                        "steps:\n  merged: {op: sum, inputs: [good, bad]}\n"
+                        "outputs:\n  v: {from: merged, path: ./out/v}\n")
+    res = cli.fails(3, "validate", "v.yaml")
+    assert res.err_lines[0] == "tvrecipe: input error:"
+    assert res.err_lines[1].startswith("v.yaml:5:3: models.bad: ")
+    assert res.err_lines[1].endswith("adapter module 'model.layers.1.self_attn.vv_proj' has no "
+                                     "tensor 'model.layers.1.self_attn.vv_proj.weight' in the "
+                                     "base; is this adapter for another base model?")
+    assert len(res.err_lines) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_rules_and_full_tensors_saved_whole(cli, tmp_path):
+    _base, stored, ft = finetuned(tmp_path)
+    cli.write("out.yaml", OUT.replace(
+        "RANK", "rank: [{match: '*.mlp.*', value: 2}, {match: lm_head, value: 5}, {value: [3, 6]}],"
+                " full_tensors: save, base: base"))
+    cli.ok("run", "out.yaml", "-q", "--report", "rep.json")
+    import json
+    report = json.loads((tmp_path / "rep.json").read_text())["output:adapter"]
+    ranks = {k: e["rank"] for k, e in report["tensors"].items()}
+    assert ranks["model.layers.0.mlp.up_proj.weight"] == 2
+    assert ranks["lm_head.weight"] == 5
+    assert ranks["model.layers.0.self_attn.q_proj.weight"] == 3  # gradient over 2 layers
+    assert ranks["model.layers.1.self_attn.q_proj.weight"] == 6
+    assert report["left_out"] == []
+    assert sorted(report["saved_whole"]) == sorted(k for k, v in stored.items() if v.dim() == 1)
+    merged = peft.PeftModel.from_pretrained(llama(), tmp_path / "out" / "adapter")
+    merged = merged.merge_and_unload().state_dict()
+    for k, b in stored.items():
+        if b.dim() == 1:  # a norm, saved whole: the fine-tune's own values
+            torch.testing.assert_close(merged[k], ft[k], rtol=0, atol=1e-7)
+        else:
+            want = b + truncation(ft[k] - b, ranks[k])
+            torch.testing.assert_close(merged[k], want, rtol=1e-5, atol=1e-7)
+    cli.write("bad.yaml", OUT.replace("RANK", "rank: 4, full_tensors: save"))
+    res = cli.fails(2, "validate", "bad.yaml")
+    assert ("`full_tensors: save` writes base + delta: name the checkpoint the deltas are over "
+            "with `base: MODEL`") in res.stderr

@@ -191,14 +191,20 @@ def _rule_warnings(compiled) -> list[str]:
 def validate(recipes: tuple[str, ...]) -> None:
     """Check recipes: schema, references, kinds, cycles; reads no tensor data (only the
     models' headers, to warn of per-tensor rules that match no tensor)."""
-    from tvrecipe.errors import RecipeError
-    failed: list[RecipeError] = []
+    from tvrecipe.errors import InputError, RecipeError
+    from tvrecipe.plan.tensors import adapter_problems
+    failed: list[RecipeError | InputError] = []
     for recipe in recipes:
         try:
             compiled = _compile(recipe)
         except RecipeError as exc:
             failed.append(exc)
             _fail(exc)
+            continue
+        adapters = adapter_problems(compiled)
+        if adapters:  # a LoRA adapter that does not fit its base, found from headers
+            failed.append(InputError("\n".join(adapters)))
+            _fail(failed[-1])
             continue
         note = f"; unused steps: {', '.join(compiled.unused)}" if compiled.unused else ""
         click.echo(f"{recipe}: ok ({len(compiled.steps)} steps, "

@@ -114,15 +114,28 @@ class Output:
                                                 metadata={**meta, "format": "pt"})
         elif self.kind == VECTOR and spec.format == "peft":
             from tvrecipe.exec.release import vector_base_id
+            from tvrecipe.spec.models import RankEnergy
+            from tvrecipe.spec.pertensor import value_at
             from tvrecipe.store.lora import AdapterWriter
-            rank = spec.rank if isinstance(spec.rank, int) else None
-            energy = None if rank is not None else spec.rank.energy
+            rank: Any = None
+            energy = spec.rank.energy if isinstance(spec.rank, RankEnergy) else None
+            if isinstance(spec.rank, int):
+                rank = spec.rank
+            elif energy is None:  # a rank per tensor: a gradient or rules
+
+                def rank(tensor: str, value: Any = spec.rank) -> int:
+                    return max(1, round(value_at(value, tensor, plan.layers, default=None)))
             base = spec.base_model or vector_base_id(self.compiled, res.node)
+            full = None
+            if spec.full_tensors == "save":
+                from tvrecipe.store.checkpoint import open_checkpoint
+                full = open_checkpoint(self.compiled.loaded.resolve(
+                    self.compiled.models[spec.base].path))
             self.dtypes = dict.fromkeys(plan.floating, "F32")
             self.sizes = dict.fromkeys(plan.floating, 0)  # the factors' bytes come at close
             self.writers[""] = AdapterWriter(
                 self.folder.staging, {t: plan.tensors[t].shape for t in plan.floating},
-                rank, energy, base, meta)
+                rank, energy, base, meta, full_base=full)
         else:
             dt = out_dtype or compute
             specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]

@@ -50,6 +50,7 @@ from tvrecipe.plan.tensors import (
 from tvrecipe.spec.registry import kernel
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck, PendingEntry
 from tvrecipe.store.checkpoint import TensorInfo, st_dtype, torch_dtype
+from tvrecipe.store.lora import LoraAdapter
 from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import TensorSpec
 
@@ -100,7 +101,9 @@ class Runner:
               ) -> torch.Tensor:
         """Move a floating tensor read from disk to the device, in the compute dtype, checking
         that it is finite (unless ``check`` is off or the run allows non-finite inputs)."""
-        if self.device.type == "cuda":
+        if t.device == self.device:  # made on the device already (an adapter's B·A)
+            t = t.to(self.compute)
+        elif self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
         else:
             # Checkpoint.get reads into a fresh tensor that nothing else holds, so in-place
@@ -159,8 +162,12 @@ class Runner:
                     or not getattr(ck, "covers", lambda _t: True)(tensor)):
                 got[member] = None  # no tensor, or an adapter's exact zero (see zero_fill)
                 continue
-            t = ck.get(tensor, span)
-            nbytes += t.numel() * t.element_size()
+            if isinstance(ck, LoraAdapter):  # ΔW = s·B·A is formed on the run's device
+                t = ck.get(tensor, span, device=self.device)
+                nbytes += ck.factor_bytes(tensor) if span is None or span[0] == 0 else 0
+            else:
+                t = ck.get(tensor, span)
+                nbytes += t.numel() * t.element_size()
             if info.is_floating:
                 where = f"model {name!r}" + (f" member {member!r}" if member else "")
                 t = self._load(t, where, tensor)

@@ -336,6 +336,12 @@ class _Compiler:
                              f"{res.type.kind}",
                              "write one member (from: NAME.MEMBER) or combine the set with sum")
                 res = None
+            if out.base is not None and (out.base not in recipe.models
+                                         or recipe.models[out.base].kind != "checkpoint"):
+                self.problem(("outputs", name, "base"),
+                             f"base {out.base!r} is not a checkpoint model of the recipe",
+                             did_you_mean(out.base, recipe.models)
+                             or "name the checkpoint the deltas are over")
             if out.copy_files_from is not None and out.copy_files_from not in recipe.models:
                 self.problem(("outputs", name, "copy_files_from"),
                              f"unknown model {out.copy_files_from!r}",

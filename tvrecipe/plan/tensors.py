@@ -139,6 +139,25 @@ def _open(compiled: Compiled, name: str) -> ModelHandle:
     return handle
 
 
+def adapter_problems(compiled: Compiled) -> list[str]:
+    """Each `kind: lora` model checked against its base's headers (module names, factor
+    shapes, supported variants), located at its entry in the recipe; adapters or bases whose
+    folders do not exist yet are left to `plan` and `run`."""
+    problems = []
+    for name, spec in compiled.models.items():
+        if spec.kind != "lora":
+            continue
+        base = compiled.models.get(lora_base(compiled.models, name))
+        path = compiled.loaded.resolve(spec.path)
+        if base is None or not path.is_dir() or not compiled.loaded.resolve(base.path).exists():
+            continue
+        try:
+            LoraAdapter(path, open_checkpoint(compiled.loaded.resolve(base.path))).close()
+        except InputError as exc:
+            problems.append(str(compiled.loaded.source.problem(("models", name), str(exc))))
+    return problems
+
+
 def build_tensor_plan(compiled: Compiled) -> TensorPlan:
     """Open the inputs (headers only) and check that their tensors line up.
 

@@ -35,6 +35,7 @@ Density = Annotated[float, Field(gt=0.0, le=1.0)]
 # Per-tensor numeric parameters (a number, a layer gradient or match rules).
 PerTensor = pertensor.PerTensor
 PerTensorDensity = pertensor.per_tensor(gt=0.0, le=1.0)
+PerTensorRank = pertensor.per_tensor(ge=1.0)
 # A ``weights`` field: one number for all, one value per entry of the weighted list, or a
 # mapping by member; each value a number, a layer gradient or match rules.
 Weights = float | list[PerTensor] | dict[str, PerTensor] | None
@@ -283,10 +284,19 @@ class OutputSpec(Frozen):
     format: Literal["safetensors", "peft"] = Field(
         "safetensors", description="`peft`: write a vector as a peft LoRA adapter folder "
                                    "(truncated SVD of each 2-D delta; needs `rank`).")
-    rank: Union[Annotated[int, Field(ge=1)], RankEnergy, None] = Field(  # noqa: UP007
-        None, description="`format: peft` only: the LoRA rank of every tensor, or "
+    rank: Union[Annotated[int, Field(ge=1)], RankEnergy, PerTensorRank, None] = Field(  # noqa: UP007
+        None, description="`format: peft` only: the LoRA rank of every tensor; "
                           "`{energy: 0.9}` for the fewest singular values holding that share "
-                          "of each tensor's Σσ².")
+                          "of each tensor's Σσ²; or a rank per tensor (rounded): "
+                          + pertensor.PER_TENSOR_HELP)
+    full_tensors: Literal["drop", "save"] = Field(
+        "drop", description="`format: peft` only: tensors that cannot be LoRA targets (norms, "
+                            "biases: not 2-D). `drop` leaves them out (the run says how many); "
+                            "`save` writes their modules whole (`modules_to_save`, base + "
+                            "delta; needs `base`).")
+    base: Name | None = Field(
+        None, description="`format: peft` with `full_tensors: save`: the checkpoint model the "
+                          "vector's deltas are over.")
     base_model: str | None = Field(
         None, description="`format: peft` only: `base_model_name_or_path` in the adapter's "
                           "config (default: the base checkpoint's `_name_or_path` when it is "
@@ -304,8 +314,13 @@ class OutputSpec(Frozen):
         if self.format == "peft" and self.rank is None:
             raise ValueError("`format: peft` needs `rank`: a number such as 16, or "
                              "`{energy: 0.9}`")
-        if self.format != "peft" and (self.rank is not None or self.base_model is not None):
-            raise ValueError("`rank` and `base_model` are for `format: peft` outputs only")
+        if self.format != "peft" and (self.rank is not None or self.base_model is not None
+                                      or self.base is not None or self.full_tensors != "drop"):
+            raise ValueError("`rank`, `full_tensors`, `base` and `base_model` are for "
+                             "`format: peft` outputs only")
+        if self.full_tensors == "save" and self.base is None:
+            raise ValueError("`full_tensors: save` writes base + delta: name the checkpoint "
+                             "the deltas are over with `base: MODEL`")
         return self
 
     @field_validator("shard_size")

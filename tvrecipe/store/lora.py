@@ -170,16 +170,18 @@ class LoraAdapter:
         """Base tensors whose delta is not zero by construction."""
         return sorted({*self.factors, *self.saved})
 
-    def get(self, name: str, rows: tuple[int, int] | None = None):
-        """ΔW for one base tensor (or rows ``start:stop`` of it), float32, on the CPU."""
+    def get(self, name: str, rows: tuple[int, int] | None = None, device=None):
+        """ΔW for one base tensor (or rows ``start:stop`` of it), float32, formed on
+        ``device`` (the factors are moved there, the product is computed there; default
+        CPU)."""
         import torch
 
         info = self.tensors[name]
         shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
         factor = self.factors.get(name)
         if factor is not None:
-            a = self.adapter.get(factor.a).float()
-            b = self.adapter.get(factor.b).float()
+            a = self.adapter.get(factor.a).to(device=device, dtype=torch.float32)
+            b = self.adapter.get(factor.b).to(device=device, dtype=torch.float32)
             if factor.transposed:  # ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ: rows of ΔW are columns of A
                 a_rows = a if rows is None else a[:, rows[0]:rows[1]]
                 return (a_rows.t() @ b.t()).mul_(factor.scale).reshape(shape)
@@ -187,9 +189,19 @@ class LoraAdapter:
             return (b_rows @ a).mul_(factor.scale).reshape(shape)
         saved = self.saved.get(name)
         if saved is not None:
-            return (self.adapter.get(saved, rows).float()
-                    - self.base.get(name, rows).float())
-        return torch.zeros(shape, dtype=torch.float32)
+            return (self.adapter.get(saved, rows).to(device=device, dtype=torch.float32)
+                    - self.base.get(name, rows).to(device=device, dtype=torch.float32))
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def factor_bytes(self, name: str) -> int:
+        """Bytes read from disk to form tensor ``name``'s delta."""
+        factor = self.factors.get(name)
+        if factor is not None:
+            return self.adapter.tensors[factor.a].nbytes + self.adapter.tensors[factor.b].nbytes
+        saved = self.saved.get(name)
+        if saved is not None:
+            return self.adapter.tensors[saved].nbytes + self.base.tensors[name].nbytes
+        return 0
 
     def close(self) -> None:
         self.adapter.close()
@@ -219,9 +231,12 @@ class AdapterWriter:
         metadata: safetensors header metadata (provenance).
     """
 
-    def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], rank: int | None,
-                 energy: float | None, base_model: str | None, metadata: dict[str, str]):
+    def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], rank,
+                 energy: float | None, base_model: str | None, metadata: dict[str, str],
+                 full_base: Checkpoint | None = None):
         self.folder = Path(folder)
+        self.full_base = full_base  # with it, tensors that are not 2-D are saved whole
+        self.full: dict[str, object] = {}
         self.shapes = shapes
         self.rank, self.energy = rank, energy
         self.base_model = base_model
@@ -240,8 +255,18 @@ class AdapterWriter:
 
         shape = self.shapes[name]
         if len(shape) != 2 or min(shape) == 0:
-            if name not in self.skipped:
-                self.skipped.append(name)
+            if self.full_base is None or name not in self.full_base.tensors:
+                if name not in self.skipped:
+                    self.skipped.append(name)
+                return
+            parts = self._pending.setdefault(name, [])
+            parts.append(t.reshape(-1))
+            if sum(p.numel() for p in parts) < math.prod(shape):
+                return
+            delta = torch.cat(parts) if len(parts) > 1 else parts[0]
+            del self._pending[name]
+            self.full[name] = (self.full_base.get(name).float().reshape(-1)
+                               + delta.float().cpu()).reshape(shape)
             return
         parts = self._pending.setdefault(name, [])
         parts.append(t.reshape(-1, shape[1]))
@@ -260,7 +285,8 @@ class AdapterWriter:
         module = name.removesuffix(".weight")
         embedding = bool(_EMBEDDING.search(name))
         work = delta.float().T if embedding else delta.float()
-        b, a, err = lora_factors(work, self.rank, self.energy, seed=derive_seed("peft", name))
+        rank = self.rank(name) if callable(self.rank) else self.rank
+        b, a, err = lora_factors(work, rank, self.energy, seed=derive_seed("peft", name))
         r = a.shape[0]
         norm = float(torch.linalg.norm(delta.double()))
         self._sq_norm += norm ** 2
@@ -284,8 +310,22 @@ class AdapterWriter:
 
         if self._pending:
             raise RuntimeError(f"incomplete tensors at close: {sorted(self._pending)}")
+        if self.full_base is not None:
+            self.full_base.close()
+        # A module is saved whole (modules_to_save) when none of its tensors is a LoRA target:
+        # a Linear's bias beside its adapted weight is left out instead.
+        saved: dict[str, list[str]] = {}
+        for name in self.full:
+            saved.setdefault(name.rsplit(".", 1)[0], []).append(name)
+        for module, names in sorted(saved.items()):
+            if module in self.ranks:
+                self.skipped.extend(names)
+                continue
+            for name in names:
+                self.factors[f"base_model.model.{name}"] = self.full[name].contiguous()
+        saved_modules = sorted(m for m in saved if m not in self.ranks)
         top = max(self.ranks.values(), default=0)
-        rank = self.rank if self.rank is not None else top
+        rank = self.rank if isinstance(self.rank, int) else top
         rank = max(rank, 1)
         differs = {m: r for m, r in self.ranks.items() if r != rank}
         config = {
@@ -293,7 +333,8 @@ class AdapterWriter:
             "r": rank, "lora_alpha": rank, "target_modules": sorted(self.ranks),
             "rank_pattern": differs, "alpha_pattern": dict(differs),
             "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-            "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "use_rslora": False, "use_dora": False,
+            "modules_to_save": saved_modules or None,
             "init_lora_weights": True, "inference_mode": True, "task_type": None,
         }
         text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
@@ -305,4 +346,5 @@ class AdapterWriter:
         self.sha256[weights] = hashlib.sha256(weights.read_bytes()).hexdigest()
         total = (self._sq_err ** 0.5 / self._sq_norm ** 0.5) if self._sq_norm else 0.0
         self.summary = {"format": "peft", "tensors": self.report, "relative_error": total,
-                        "left_out": self.skipped, "modules": len(self.ranks)}
+                        "left_out": sorted(self.skipped), "modules": len(self.ranks),
+                        "saved_whole": [n for m in saved_modules for n in saved[m]]}
