@@ -319,6 +319,8 @@ STEPS = {
     "iso": "{op: iso, inputs: [A1, A2, tv], variant: cts}",
     "stock": "{op: model_stock, inputs: [A1, A2, tv]}",
     "crumbs": "{op: breadcrumbs, input: A1, density: 0.8, gamma: 0.1}",
+    # Negate one adapter's unique part (its shared part computed against the others).
+    "negu": "{op: negate, input: parts.unique.a2}",
 }
 
 
@@ -351,7 +353,9 @@ def test_every_op_reads_an_uncovered_tensor_as_an_exact_zero(cli, tmp_path, monk
                        for n in STEPS)
         return ("tvrecipe: 1\nmodels:\n  base: ./base\n  ft: ./ft\n"
                 f"  a1: {a1}\n  a2: {a2}\nsteps:\n"
-                "  tv: {op: extract, base: base, finetuned: ft}\n" + steps
+                "  tv: {op: extract, base: base, finetuned: ft}\n"
+                "  parts: {op: decompose, inputs: [a1, a2, tv], method: mean_projector, "
+                "threshold: 0.5}\n" + steps
                 + "outputs:\n" + outs)
 
     cli.write("lora.yaml", recipe("{path: ./a1, kind: lora}", "{path: ./a2, kind: lora}")
