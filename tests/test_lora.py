@@ -464,3 +464,23 @@ def test_rank_rules_and_full_tensors_saved_whole(cli, tmp_path):
     res = cli.fails(2, "validate", "bad.yaml")
     assert ("`full_tensors: save` writes base + delta: name the checkpoint the deltas are over "
             "with `base: MODEL`") in res.stderr
+
+
+def test_the_randomised_svd_of_a_large_delta_reaches_the_optimal_error():
+    """Above a quarter of the smaller side the SVD is exact; below it (large matrices) the
+    seeded randomised SVD must still find the best rank-r error, and give the same bytes."""
+    from tvrecipe.ops.lowrank import lora_factors
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = 300, 2000, 12
+    u = torch.linalg.qr(torch.randn(m, 40, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, 40, generator=gen, dtype=torch.float64)).Q
+    s = torch.logspace(0, -2, 40, dtype=torch.float64)
+    x = ((u * s) @ v.T + 1e-4 * torch.randn(m, n, generator=gen, dtype=torch.float64)).float()
+    b, a, err = lora_factors(x, r, seed=3)
+    sv = torch.linalg.svdvals(x.double())
+    optimal = float(((sv[r:] ** 2).sum() / (sv ** 2).sum()).sqrt())
+    assert err == pytest.approx(optimal, rel=1e-6)
+    assert err == pytest.approx(float(torch.linalg.norm(x.double() - b.double() @ a.double())
+                                      / torch.linalg.norm(x.double())), rel=1e-5)
+    b2, a2, _ = lora_factors(x, r, seed=3)
+    assert torch.equal(b, b2) and torch.equal(a, a2)

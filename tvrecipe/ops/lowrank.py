@@ -11,16 +11,29 @@ _OVERSAMPLE = 10
 _POWER_ITERATIONS = 6
 
 
+def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of a tall ``y``: Cholesky QR, twice (CholQR2: as
+    accurate as Householder QR for the well-conditioned sketches here, and 15x faster on
+    32000 x 42, where LAPACK's QR took 0.5 s); Householder QR when the Gram matrix is
+    singular (a delta of lower rank than the sketch)."""
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(y.T @ y, upper=True)
+        if int(info):
+            return torch.linalg.qr(y).Q
+        y = torch.linalg.solve_triangular(r, y, upper=True, left=False)
+    return y
+
+
 def _range_finder(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """An orthonormal basis (columns) of about the top-``k`` left singular subspace of ``x``:
     a seeded Gaussian sketch, refined by power iterations with re-orthonormalisation (Halko,
     Martinsson and Tropp, 2011)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sketch = torch.randn(x.shape[1], k, generator=gen, dtype=x.dtype).to(x.device)
-    q = torch.linalg.qr(x @ sketch).Q
+    q = _orthonormalize(x @ sketch)
     for _ in range(_POWER_ITERATIONS):
-        q = torch.linalg.qr(x.T @ q).Q
-        q = torch.linalg.qr(x @ q).Q
+        q = _orthonormalize(x.T @ q)
+        q = _orthonormalize(x @ q)
     return q
 
 
