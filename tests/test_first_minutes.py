@@ -206,3 +206,27 @@ def test_counts_in_messages_are_in_words(recipe, cli):
     assert any("3 weights for 1 input (give" in line for line in res.err_lines)
     assert any("k = 3 but only 1 task vector is given (use k between 1 and 1, or k: auto)"
                in line for line in res.err_lines)
+
+
+def test_a_rerun_from_a_cached_step_keeps_the_reports_of_the_steps_before_it(make_models, cli,
+                                                                            tmp_path):
+    ms = make_models(("math", "code", "toxic"))
+    cli.write("cb.yaml", "tvrecipe: 1\n" + ms.models_yaml() + """\
+steps:
+  tv: {op: extract, base: base, finetuned: [math, code, toxic]}
+  basis: {op: cluster_basis, inputs: tv, k: 2}
+  merged: {op: sum, inputs: basis}
+  model: {op: apply, base: base, delta: merged, scale: 0.5}
+outputs:
+  model: {from: model, path: ./out/model}
+""")
+    import json
+    cli.ok("run", "cb.yaml", "-q", "--report", "first.json")
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert "basis" in first
+    path = tmp_path / "cb.yaml"
+    path.write_text(path.read_text().replace("scale: 0.5", "scale: 0.7"))
+    res = cli.ok("run", "cb.yaml", "--report", "second.json")
+    assert "from cache: merged" in res.stdout  # basis itself was not looked up
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert second["basis"] == first["basis"]

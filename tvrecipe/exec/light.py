@@ -202,8 +202,11 @@ class _LightRun:
                 outputs[name] = Output(name, self.compiled, self.plan, self.options, "F32",
                                        metadata)
             written = self._stream(outputs)
-            reports = {d: m["report"] for d, (m, _s, _c) in self.cached.items()
-                       if m.get("report")}
+            reports = {}
+            for d, (m, _s, _c) in self.cached.items():
+                reports.update(m.get("upstream_reports") or {})  # as the torch executor does
+                if m.get("report"):
+                    reports[d] = m["report"]
             for o in outputs.values():
                 o.finish(self.compiled, reports.get(o.res.node))
             paths = {name: o.folder.commit() for name, o in outputs.items()}

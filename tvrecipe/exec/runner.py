@@ -12,6 +12,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import torch
 
 from tvrecipe import ops
@@ -376,6 +377,10 @@ class Runner:
             self.cache_hits.append(name)
             if hit[0].get("report"):
                 self.reports[name] = hit[0]["report"]
+            # The reports of the steps it was computed from (a cluster_basis's clusters under
+            # a cached sum): that run had them, and so does this one.
+            for upstream, report in (hit[0].get("upstream_reports") or {}).items():
+                self.reports.setdefault(upstream, report)
         if any(n in self._open_members for n in self.cached):
             self._recompile()
 
@@ -431,8 +436,11 @@ class Runner:
 
     def _manifest(self, name: str) -> dict[str, Any]:
         vt = self.compiled.steps[name].type
+        upstream = {n: self.reports[n] for n in nx.ancestors(self.compiled.graph, name)
+                    if self.reports.get(n)}
         return {"kind": vt.kind, "members": list(vt.members) if vt.members else None,
                 "step": name, "report": self.reports.get(name),
+                "upstream_reports": dict(sorted(upstream.items())) or None,
                 "allow_nonfinite": self.options.allow_nonfinite}
 
     # ---- main ------------------------------------------------------------------------------
