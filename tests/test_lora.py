@@ -468,7 +468,8 @@ def test_rank_rules_and_full_tensors_saved_whole(cli, tmp_path):
 
 def test_the_randomised_svd_of_a_large_delta_reaches_the_optimal_error():
     """Above a quarter of the smaller side the SVD is exact; below it (large matrices) the
-    seeded randomised SVD must still find the best rank-r error, and give the same bytes."""
+    seeded randomised SVD (float32) must still find the best rank-r error to 1e-5, and give
+    the same bytes on every run."""
     from tvrecipe.ops.lowrank import lora_factors
     gen = torch.Generator().manual_seed(0)
     m, n, r = 300, 2000, 12
@@ -479,7 +480,7 @@ def test_the_randomised_svd_of_a_large_delta_reaches_the_optimal_error():
     b, a, err = lora_factors(x, r, seed=3)
     sv = torch.linalg.svdvals(x.double())
     optimal = float(((sv[r:] ** 2).sum() / (sv ** 2).sum()).sqrt())
-    assert err == pytest.approx(optimal, rel=1e-6)
+    assert err == pytest.approx(optimal, rel=1e-5)  # float32 sketch, 3 power iterations
     assert err == pytest.approx(float(torch.linalg.norm(x.double() - b.double() @ a.double())
                                       / torch.linalg.norm(x.double())), rel=1e-5)
     b2, a2, _ = lora_factors(x, r, seed=3)
