@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from tvrecipe.spec.kinds import TASK_VECTORS, VECTORS, ValueType
-from tvrecipe.spec.models import PerTensorDensity, RefList, StepSpec
+from tvrecipe.spec.models import ROWWISE, PerTensorDensity, RefList, StepSpec
 from tvrecipe.spec.pertensor import PER_TENSOR_HELP
 from tvrecipe.spec.registry import register
 
@@ -32,6 +32,9 @@ class ClusterBasisStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = "vectors b0 … b(k-1)"
     cached: ClassVar = True
+    # The merge pass goes by row blocks once the clusters are known (a mean or sum is
+    # entrywise); `merge: ties` needs each tensor whole for its thresholds (by_rows).
+    execution: ClassVar = ROWWISE
     whole_model: ClassVar = True
     seeded: ClassVar = True  # the spectral clustering's eigensolver starts from the seed
     # 2: `merge: ties` trims to k = max(1, floor(density·n)) entries (1 rounded).
@@ -70,6 +73,9 @@ class ClusterBasisStep(StepSpec):
             "basis": {f"b{j}": [names[i] for i in members]
                       for j, members in enumerate(clustering.members)}})
         return clustering
+
+    def by_rows(self) -> bool:
+        return self.merge != "ties"
 
     def members_from(self, result: Any) -> tuple[str, ...]:
         return tuple(f"b{j}" for j in range(result.k))
