@@ -485,3 +485,21 @@ def test_the_randomised_svd_of_a_large_delta_reaches_the_optimal_error():
                                       / torch.linalg.norm(x.double())), rel=1e-5)
     b2, a2, _ = lora_factors(x, r, seed=3)
     assert torch.equal(b, b2) and torch.equal(a, a2)
+
+
+def test_an_adapter_release_explains_itself_and_verifies_on_its_own(cli, tmp_path):
+    finetuned(tmp_path)
+    cli.write("out.yaml", OUT.replace("RANK", "rank: 4, base_model: org/tiny"))
+    cli.ok("run", "out.yaml", "-q")
+    folder = tmp_path / "out" / "adapter"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "tvrecipe.lock",
+        "tvrecipe.yaml"]
+    card = (folder / "README.md").read_text()
+    import yaml
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front == {"base_model": "org/tiny", "library_name": "peft",
+                     "tags": ["merge", "tvrecipe", "task-vectors"]}
+    assert "This adapter was built by tvrecipe" in card
+    cli.ok("verify", "out/adapter", "--recompute")
+    peft.PeftModel.from_pretrained(llama(), folder)  # the extra files do not bother peft

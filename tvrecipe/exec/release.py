@@ -1,6 +1,7 @@
-"""Releases that explain themselves: what a checkpoint output carries besides its weights.
+"""Releases that explain themselves: what a checkpoint output (or a peft adapter output)
+carries besides its weights.
 
-A checkpoint output folder gets three files unless its output says ``model_card: false``:
+Such an output folder gets three files unless its output says ``model_card: false``:
 
 - ``tvrecipe.yaml``: the recipe reduced to this output (only the steps and models it needs),
   every input pinned by its content hash, paths relative to the folder itself;
@@ -204,12 +205,16 @@ def model_card(compiled: Compiled, output: str, recipe_text: str,
     options = _card_options(spec)
     raw = yaml.safe_load(recipe_text)
     front: dict[str, Any] = {}
-    base = options.get("base_model") or _base_model_id(compiled, output)
+    adapter = spec.format == "peft"
+    base = options.get("base_model") or (
+        spec.base_model or vector_base_id(compiled, compiled.outputs[output][1].node)
+        if adapter else _base_model_id(compiled, output))
     if base:
         front["base_model"] = base
     if options.get("license"):
         front["license"] = options["license"]
-    library = options.get("library_name") or ("transformers" if "config.json" in files else None)
+    library = options.get("library_name") or (
+        "peft" if adapter else "transformers" if "config.json" in files else None)
     if library:
         front["library_name"] = library
     front["tags"] = DEFAULT_TAGS + [t for t in options.get("tags", []) if t not in DEFAULT_TAGS]
@@ -218,7 +223,8 @@ def model_card(compiled: Compiled, output: str, recipe_text: str,
              "", f"# {title}", ""]
     if raw.get("description"):
         lines += [raw["description"].strip(), ""]
-    lines += [(f"This model was built by tvrecipe {__version__} from a merge recipe: the file "
+    lines += [(f"This {'adapter' if adapter else 'model'} was built by tvrecipe {__version__} "
+               "from a merge recipe: the file "
                f"`{RECIPE_FILE}` in this folder rebuilds it byte for byte from the inputs "
                "below."), "",
               "## How it was made", ""]

@@ -198,7 +198,8 @@ class Output:
             src = compiled.loaded.resolve(compiled.models[source].path)
             if src.is_dir():
                 copy_aux_files(src, self.folder.staging)
-        if self.kind == CHECKPOINT and self.spec.model_card is not False:
+        adapter = self.kind == VECTOR and self.spec.format == "peft"
+        if (self.kind == CHECKPOINT or adapter) and self.spec.model_card is not False:
             self._release(compiled)
 
     def _release(self, compiled: Compiled) -> None:

@@ -302,8 +302,8 @@ class OutputSpec(Frozen):
                           "config (default: the base checkpoint's `_name_or_path` when it is "
                           "a Hub id).")
     model_card: Union[bool, ModelCardSpec] = Field(  # noqa: UP007
-        True, description="Checkpoint outputs only: write `README.md` (a model card), "
-                          "`tvrecipe.yaml` (this output's recipe, inputs pinned by hash) and "
+        True, description="Checkpoint and `format: peft` outputs only: write `README.md` (a "
+                          "model card), `tvrecipe.yaml` (this output's recipe, inputs pinned by hash) and "
                           "`tvrecipe.lock` (its lock entry) into the folder; `false` writes "
                           "none of them; a mapping sets the card's front matter.")
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,

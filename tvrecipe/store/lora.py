@@ -306,7 +306,7 @@ class AdapterWriter:
     def close(self) -> None:
         import hashlib
 
-        from safetensors.torch import save_file
+        import torch
 
         if self._pending:
             raise RuntimeError(f"incomplete tensors at close: {sorted(self._pending)}")
@@ -340,10 +340,18 @@ class AdapterWriter:
         text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
         (self.folder / CONFIG_FILE).write_bytes(text)
         self.sha256[self.folder / CONFIG_FILE] = hashlib.sha256(text).hexdigest()
-        weights = self.folder / WEIGHTS_FILE
-        save_file(dict(sorted(self.factors.items())), str(weights),
-                  metadata={**self.metadata, "format": "pt"})
-        self.sha256[weights] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        # tvrecipe's own writer: its header is the same bytes on every run (safetensors'
+        # save_file orders the metadata of each run differently).
+        from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec
+        factors = dict(sorted(self.factors.items()))
+        writer = SafetensorsStreamWriter(
+            self.folder / WEIGHTS_FILE,
+            [TensorSpec(k, "F32", tuple(v.shape)) for k, v in factors.items()],
+            {**self.metadata, "format": "pt"})
+        for k, v in factors.items():
+            writer.write(k, v.to(torch.float32))
+        writer.close()
+        self.sha256[writer.path] = writer.sha256
         total = (self._sq_err ** 0.5 / self._sq_norm ** 0.5) if self._sq_norm else 0.0
         self.summary = {"format": "peft", "tensors": self.report, "relative_error": total,
                         "left_out": sorted(self.skipped), "modules": len(self.ranks),
