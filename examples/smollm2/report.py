@@ -23,8 +23,8 @@ def results_markdown(rows, cfg, timings, machine, manifest, failed, similarity, 
     total = sum(timings.get(s, {}).get("seconds", 0.0) for s in STAGE_NAMES)
     stages = ", ".join(f"{s} {timings[s]['seconds'] / 60:.1f} min"
                        for s in STAGE_NAMES if s in timings)
-    out = [BEGIN, "", (f"Run of {date} on {machine}. Stage wall times (each from the run that "
-           f"did its work): {stages}; total {total / 60:.1f} min. The cache folder holds "
+    out = [BEGIN, "", (f"Run of {date} on {machine}. Stage wall times (summed over the runs "
+           f"that did its work): {stages}; total {total / 60:.1f} min. The cache folder holds "
            f"{timings.get('cache_gb', 0):.1f} GB (checkpoints, tvrecipe's step cache)."), ""]
     if chart:
         out += [f"![test accuracy per task and model]({chart})", ""]
