@@ -292,9 +292,17 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
         return
-    replaceable = lockfile.owned_outputs(compiled, memo) if has_lock else frozenset()
+    # Output folders this recipe's lock says it wrote: unchanged ones are replaced without
+    # --force; a changed one is refused, saying what changed, before anything runs.
+    written = lockfile.written_outputs(compiled, memo) if has_lock else {}
+    replaceable = frozenset(name for name, changes in written.items() if not changes)
     if not force:
-        _refuse_edited_outputs(compiled, replaceable)
+        for name, changes in written.items():
+            if changes:
+                from tvrecipe.errors import OutputError
+                raise OutputError(f"output {compiled.outputs[name][0].path} was changed since "
+                                  "this recipe wrote it:\n" + "\n".join(changes)
+                                  + "\npass --force to write it again")
     from tvrecipe.exec.light import run_light
     from tvrecipe.exec.results import RunOptions
     from tvrecipe.report import render_reports
@@ -335,26 +343,6 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         click.echo(f"from cache: {', '.join(result.cache_hits)}")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
-
-
-def _refuse_edited_outputs(compiled, replaceable: frozenset[str]) -> None:
-    """An output folder the lock says this recipe wrote, changed since: say what changed
-    (instead of only "exists") before anything runs."""
-    from tvrecipe.errors import OutputError
-    from tvrecipe.exec import lockfile
-    from tvrecipe.store.lock import lock_path, read_lock
-    if not lock_path(compiled.loaded.path).is_file():
-        return
-    locked = read_lock(lock_path(compiled.loaded.path)).get("outputs", {})
-    for name, (spec, _res) in compiled.outputs.items():
-        target = compiled.loaded.resolve(spec.path)
-        if name in replaceable or not target.exists() or name not in locked:
-            continue
-        if compiled.loaded.resolve(locked[name].get("path", "")) != target:
-            continue
-        lines = lockfile.output_differences(compiled, only=(name,))
-        raise OutputError(f"output {spec.path} was changed since this recipe wrote it:\n"
-                          + "\n".join(lines) + "\npass --force to write it again")
 
 
 @main.command()

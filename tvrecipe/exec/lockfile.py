@@ -118,33 +118,33 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def owned_outputs(compiled: Compiled, memo: HashMemo | None = None) -> frozenset[str]:
-    """Outputs whose folder this recipe's lock says it wrote, unchanged since (every file's
-    hash as locked, no file more or less): a rerun may replace them without ``--force``.
+def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, list[str]]:
+    """Outputs whose folder exists at the path this recipe's lock says it wrote them to, each
+    with how it differs from the lock (empty when every file's hash is as locked, no file more
+    or less).
 
-    A folder the lock does not list, one at another path in the lock, or one edited by hand
-    is not owned: replacing it still needs ``--force``.
+    An unchanged one may be replaced by a rerun without ``--force``; a changed one, a folder
+    the lock does not list, or one at another path in the lock still needs ``--force``.
     """
     path = lock_path(compiled.loaded.path)
     if not path.is_file():
-        return frozenset()
+        return {}
     memo = memo or hash_memo(compiled)
     locked = read_lock(path).get("outputs", {})
-    owned = set()
+    written = {}
     for name, (spec, _res) in compiled.outputs.items():
         entry = locked.get(name)
         target = compiled.loaded.resolve(spec.path)
-        if (entry is None or not target.is_dir()
+        if (entry is None or not target.exists()
                 or compiled.loaded.resolve(entry.get("path", "")) != target):
             continue
-        if entry.get("files") and hash_tree(target, memo) == entry["files"]:
-            owned.add(name)
-    return frozenset(owned)
+        got = hash_tree(target, memo) if target.is_dir() else {}
+        written[name] = diff_hashes(entry.get("files") or {}, got, spec.path)
+    return written
 
 
 def output_differences(compiled: Compiled, memo: HashMemo | None = None,
-                       folders: dict[str, Path] | None = None,
-                       only: tuple[str, ...] | None = None) -> list[str]:
+                       folders: dict[str, Path] | None = None) -> list[str]:
     """How the outputs on disk differ from the lock (empty when they match byte for byte).
 
     Args:
@@ -152,15 +152,12 @@ def output_differences(compiled: Compiled, memo: HashMemo | None = None,
             ``HashMemo(None)`` to read every byte again.
         folders: Output name -> folder to check instead of the recipe's path (a recomputed
             copy); differences are then reported under ``recomputed <path>``.
-        only: Check only these outputs.
     """
     memo = memo or hash_memo(compiled)
     lock = read_lock(lock_path(compiled.loaded.path))
     lines = []
     locked = lock.get("outputs", {})
     for name, (spec, _res) in compiled.outputs.items():
-        if only is not None and name not in only:
-            continue
         target = (folders or {}).get(name) or compiled.loaded.resolve(spec.path)
         label = f"recomputed {spec.path}" if folders else spec.path
         if name not in locked:

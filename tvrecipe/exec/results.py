@@ -39,7 +39,7 @@ class RunOptions:
     # Output name -> folder to write it to instead of its recipe path (verify --recompute).
     targets: dict[str, Path] | None = None
     # Outputs whose existing folder may be replaced without ``force``: the lock says this
-    # recipe wrote them and they are unchanged since (lockfile.owned_outputs).
+    # recipe wrote them and they are unchanged since (lockfile.written_outputs).
     replaceable: frozenset[str] = frozenset()
     # lockfile.run_state of this run (input hashes, step keys), for the lock entry a checkpoint
     # output carries; computed when a checkpoint output needs it and it is None.

@@ -37,6 +37,14 @@ def _range_finder(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return q
 
 
+def _full_svd(shape: tuple[int, int], rank: int | None, energy: float | None) -> bool:
+    """Whether the truncated SVD of a matrix of ``shape`` is taken from a full (LAPACK) SVD:
+    for ``energy`` (it needs the whole spectrum) and for a rank within ``_OVERSAMPLE`` of a
+    quarter of the smaller side, where the randomised one saves nothing."""
+    small = min(shape)
+    return energy is not None or min(int(rank), small) + _OVERSAMPLE >= _FULL_FRACTION * small
+
+
 def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None = None,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, S, Vh of the best rank-r approximation of ``x`` (float32 or float64, 2-D).
@@ -60,7 +68,7 @@ def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None
             r = min(r, small)
         return u[:, :r], s[:r], vh[:r]
     r = min(int(rank), small)
-    if r + _OVERSAMPLE >= _FULL_FRACTION * small:
+    if _full_svd((m, n), rank, None):
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
     q = _range_finder(x, r + _OVERSAMPLE, seed)
@@ -69,26 +77,23 @@ def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None
 
 
 def lora_factors(x: torch.Tensor, rank: int | None = None, energy: float | None = None,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """B (m × r) and A (r × n) with B·A the truncated SVD of ``x`` (B = U·√Σ, A = √Σ·Vᴴ), and
-    the relative Frobenius error ‖x − B·A‖ / ‖x‖ (0 for a zero ``x``)."""
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """B (m × r) and A (r × n) with B·A the truncated SVD of ``x`` (B = U·√Σ, A = √Σ·Vᴴ), the
+    relative Frobenius error ‖x − B·A‖ / ‖x‖ (0 for a zero ``x``) and ‖x‖."""
     # float32 for the randomised SVD of large matrices (half the time of float64; its
     # error is far below the truncation's), float64 where a full SVD is taken.
-    m, n = x.shape
-    exact = (energy is not None
-             or min(int(rank), min(m, n)) + _OVERSAMPLE >= _FULL_FRACTION * min(m, n))
-    work = x.double() if exact else x.float()
+    work = x.double() if _full_svd(tuple(x.shape), rank, energy) else x.float()
     u, s, vh = truncated_svd(work, rank, energy, seed)
     root = s.sqrt()
     b = u * root
     a = root[:, None] * vh
-    norm2 = float(torch.linalg.norm(work.double()) ** 2)
+    norm2 = float(torch.linalg.vector_norm(work, dtype=torch.float64) ** 2)
     if norm2 == 0.0:
-        return b.to(torch.float32), a.to(torch.float32), 0.0
+        return b.to(torch.float32), a.to(torch.float32), 0.0, 0.0
     # B·A = U_r·U_rᵀ·x is an orthogonal projection of x, so ‖x − B·A‖² = ‖x‖² − Σ_{i≤r} σ_i²
     # (no m × n product). Where that difference is too small for the float32 σ's, the error
     # is computed outright.
     share = max(norm2 - float((s.double() ** 2).sum()), 0.0) / norm2
     if share < 1e-4:
         share = float(torch.linalg.norm(work.double() - b.double() @ a.double()) ** 2) / norm2
-    return b.to(torch.float32), a.to(torch.float32), share ** 0.5
+    return b.to(torch.float32), a.to(torch.float32), share ** 0.5, norm2 ** 0.5

@@ -39,8 +39,6 @@ class SumStep(StepSpec):
     def evaluate(self, ctx: Any) -> Any:
         xs, weights = ctx.tensors("inputs"), ctx.weights
         nodes = [e.ref.node for e in ctx.entries("inputs")]
-        if weights is None:
-            weights = [1.0] * len(xs)
         # A None entry is an exact zero (an adapter's uncovered tensor): it adds nothing.
         kept = [(x, w, n) for x, w, n in zip(xs, weights, nodes) if x is not None]
         if not kept:

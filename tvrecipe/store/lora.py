@@ -254,30 +254,24 @@ class AdapterWriter:
         import torch
 
         shape = self.shapes[name]
-        if len(shape) != 2 or min(shape) == 0:
-            if self.full_base is None or name not in self.full_base.tensors:
-                if name not in self.skipped:
-                    self.skipped.append(name)
-                return
-            parts = self._pending.setdefault(name, [])
-            parts.append(t.reshape(-1))
-            if sum(p.numel() for p in parts) < math.prod(shape):
-                return
-            delta = torch.cat(parts) if len(parts) > 1 else parts[0]
-            del self._pending[name]
-            self.full[name] = (self.full_base.get(name).float().reshape(-1)
-                               + delta.float().cpu()).reshape(shape)
+        lora = len(shape) == 2 and min(shape) > 0
+        if not lora and (self.full_base is None or name not in self.full_base.tensors):
+            if name not in self.skipped:
+                self.skipped.append(name)
             return
+        # Row blocks of a tensor are gathered until it is whole.
         parts = self._pending.setdefault(name, [])
-        parts.append(t.reshape(-1, shape[1]))
-        if sum(p.shape[0] for p in parts) < shape[0]:
+        parts.append(t.reshape(-1))
+        if sum(p.numel() for p in parts) < math.prod(shape):
             return
-        whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        whole = (torch.cat(parts) if len(parts) > 1 else parts[0]).reshape(shape)
         del self._pending[name]
-        self._factor(name, whole)
+        if lora:
+            self._factor(name, whole)
+        else:  # saved whole: base + delta
+            self.full[name] = self.full_base.get(name).float() + whole.float().cpu()
 
     def _factor(self, name: str, delta) -> None:
-        import torch
 
         from tvrecipe.ops import derive_seed
         from tvrecipe.ops.lowrank import lora_factors
@@ -286,9 +280,8 @@ class AdapterWriter:
         embedding = bool(_EMBEDDING.search(name))
         work = delta.float().T if embedding else delta.float()
         rank = self.rank(name) if callable(self.rank) else self.rank
-        b, a, err = lora_factors(work, rank, self.energy, seed=derive_seed("peft", name))
+        b, a, err, norm = lora_factors(work, rank, self.energy, seed=derive_seed("peft", name))
         r = a.shape[0]
-        norm = float(torch.linalg.norm(delta.double()))
         self._sq_norm += norm ** 2
         self._sq_err += (err * norm) ** 2
         self.report[name] = {"rank": r, "relative_error": err}
