@@ -169,7 +169,7 @@ def _compile(recipe: str, targets: tuple[str, ...] = ()):
 def _rule_warnings(compiled) -> list[str]:
     """Per-tensor rules that match no tensor, when the recipe has rules and its models'
     headers can be read (validate works without the checkpoints, and then says nothing)."""
-    from tvrecipe.errors import InputError
+    from tvrecipe.errors import InputError, MissingPackage
     from tvrecipe.plan.summary import per_tensor_params, rule_warnings
     from tvrecipe.plan.tensors import build_tensor_plan
     from tvrecipe.spec.pertensor import is_rules
@@ -177,7 +177,7 @@ def _rule_warnings(compiled) -> list[str]:
         return []
     try:
         plan = build_tensor_plan(compiled)
-    except InputError:
+    except (InputError, MissingPackage):
         return []
     try:
         return rule_warnings(compiled, list(plan.tensors))
@@ -446,7 +446,8 @@ def _input_paths(options: tuple[str, ...]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise RecipeError(f"--input {item!r}: expected NAME=PATH, e.g. --input base=./models/base")
-        out[name] = str(Path(path).resolve())
+        from tvrecipe.store.remote import is_url
+        out[name] = path if is_url(path) else str(Path(path).resolve())
     return out
 
 
@@ -736,7 +737,8 @@ def ops_(name: str | None, markdown: bool) -> None:
 @click.argument("path", type=click.Path())
 @handle_errors
 def hash_(path: str) -> None:
-    """Print the content hash of a model, for a `sha256:` pin in a recipe."""
+    """Print the content hash of a model, for a `sha256:` pin in a recipe (PATH may be a
+    URL: s3://, gs://, hf://, https://, file://)."""
     from tvrecipe.store.checkpoint import open_checkpoint
     from tvrecipe.store.hashing import checkpoint_digest
     with open_checkpoint(path) as ck:

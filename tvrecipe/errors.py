@@ -110,6 +110,12 @@ class Interrupted(TvrecipeError):
     family = "interrupted"
 
 
+def about(exc: TvrecipeError, what: str) -> TvrecipeError:
+    """The same error (family, exit code) with ``what: `` before its message, such as the
+    model an input error is about: ``about(exc, "model 'ft' (s3://b/ft)")``."""
+    return type(exc)(f"{what}: {exc}")
+
+
 @dataclass
 class Report:
     """Free-form per-step facts a run collects (cluster membership, ranks, ...)."""

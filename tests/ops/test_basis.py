@@ -231,22 +231,27 @@ def test_planted_clusters_recovered_exactly(k):
 
 def test_eigenvalues_and_eigengap_hand_computed():
     # A = [[·, .5, 0], [.5, ·, 0], [0, 0, ·]] (the -0.4 is clipped), L = [[.5, -.5, 0],
-    # [-.5, .5, 0], [0, 0, 0]]: eigenvalues 0, 0, 1; gaps λ2-λ1 = 0, λ3-λ2 = 1 → k = 2.
+    # [-.5, .5, 0], [0, 0, 0]]: eigenvalues 0, 0, 1. The normalised Laplacian of the
+    # zero-diagonal A is [[1, -1, 0], [-1, 1, 0], [0, 0, 0]] (task 2 has degree 0):
+    # μ = 0, 0, 2; the only candidate gap μ3 − μ2 = 2 gives k* = 2, and the clusters
+    # {0, 1}, {2} have mean affinity 0.5 inside, 0 across → k = 2.
     s = [[1.0, 0.5, -0.4], [0.5, 1.0, 0.0], [-0.4, 0.0, 1.0]]
     result = cluster(s)
     np.testing.assert_allclose(result.eigenvalues, [0.0, 0.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(result.normalized_eigenvalues, [0.0, 0.0, 2.0], atol=1e-12)
     assert result.k == 2
     assert result.labels == (0, 0, 1)
     assert result.affinity == ((1.0, 0.5, 0.0), (0.5, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 
 def test_eigengap_respects_k_max_and_ties_pick_smallest():
-    # Two disjoint triangles: λ = 0, 0, 3, 3, 3, 3, so the only non-zero gap is at i = 2.
+    # Two disjoint triangles: μ = 0, 0, 3/2, 3/2, 3/2, 3/2 (λ = 0, 0, 3, 3, 3, 3 for D − A),
+    # so the only non-zero gap is at i = 2.
     a = _block_affinity([[0, 2, 4], [1, 3, 5]])
     assert cluster(a).k == 2
     assert cluster(a).labels == (0, 1, 0, 1, 0, 1)
     assert cluster(a, k_max=1).k == 1
-    # All tasks orthogonal: every gap is 0, the tie goes to the smallest i (documented).
+    # All tasks orthogonal: every gap is 0, so there is no structure and k = 1 (documented).
     assert cluster(np.eye(4)).k == 1
 
 
@@ -334,6 +339,9 @@ def test_clustering_is_a_renumbered_partition(data, n):
         assert result.k == k
     eig = np.array(result.eigenvalues)
     assert (np.diff(eig) >= 0).all() and eig[0] == pytest.approx(0.0, abs=1e-9)
+    mu = np.array(result.normalized_eigenvalues)
+    assert (np.diff(mu) >= 0).all() and mu[0] == pytest.approx(0.0, abs=1e-9)
+    assert (mu <= 2.0).all()
 
 
 def test_clustering_to_dict_and_frozen():
@@ -345,8 +353,10 @@ def test_clustering_to_dict_and_frozen():
         "members": [[0, 2], [1]],
         "affinity": [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]],
         "eigenvalues": result.to_dict()["eigenvalues"],
+        "normalized_eigenvalues": result.to_dict()["normalized_eigenvalues"],
     }
     np.testing.assert_allclose(d["eigenvalues"], [0.0, 0.0, 2.0], atol=1e-12)
+    np.testing.assert_allclose(d["normalized_eigenvalues"], [0.0, 0.0, 2.0], atol=1e-12)
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.k = 3  # type: ignore[misc]
     assert isinstance(result, Clustering)

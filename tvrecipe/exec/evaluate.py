@@ -200,10 +200,35 @@ class TensorContext:
         ``others`` are the op's other inputs, which must match it in shape and dtype."""
         return self._evaluator._scratch(self.values, node, t, others)
 
+    def reads(self, *selector: str) -> bool:
+        """Whether anything reads this part of the step's value (``ctx.reads("unique", m)``):
+        a part no step or output takes need not be computed (leave it out of the value)."""
+        taken = self._evaluator.reads.get(self.step.name, ())
+        return any(sel == selector[:len(sel)] for sel in taken)
+
+    @property
+    def kept(self) -> dict[str, torch.Tensor] | None:
+        """The state a ``factored`` op kept for this tensor (:meth:`keep`) in this run or a
+        cached one, or None: then the op computes it, and keeps it."""
+        return self._evaluator.kept.get(self.step.name, {}).get(self.tensor)
+
+    def keep(self, state: dict[str, torch.Tensor]) -> None:
+        """Keep a ``factored`` op's per-tensor state: later passes of this run reuse it, and
+        the cache stores it (on the CPU) in place of the result."""
+        if self.rows is not None:
+            raise RuntimeError(f"step {self.step.name!r}: only whole tensors keep a state")
+        self._evaluator.kept.setdefault(self.step.name, {})[self.tensor] = {
+            k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
     @property
     def result(self) -> Any:
         """The step's whole-model result (ops with ``whole_model``)."""
         return self._evaluator.reduced[self.step.name]
+
+    def report_of(self, node: str) -> dict:
+        """Another step's run report: what its whole-model pass recorded, in this run or in
+        the cache entry this run found it in."""
+        return self._evaluator.reports.get(node, {})
 
     @property
     def report(self) -> dict:
@@ -225,6 +250,11 @@ class StepEvaluator:
         self.reduced = reduced
         self.reports = reports
         self.exclusive: set[str] = set()
+        # Node -> selectors its readers take (Compiled.reads), for TensorContext.reads.
+        self.reads: dict[str, set[tuple[str, ...]]] = {}
+        # Factored step -> tensor -> kept state (TensorContext.keep); the runner's, shared by
+        # every pass of a run.
+        self.kept: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         self._storages: Counter | None = None
         # Layers per stack of the model, for per-tensor values (layer gradients).
         self.layers: dict[str, int] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tvrecipe import __version__
-from tvrecipe.errors import InputError
+from tvrecipe.errors import InputError, MissingPackage, about
 from tvrecipe.plan.graph import Compiled
 from tvrecipe.plan.keys import step_keys
 from tvrecipe.plan.tensors import needed_models
@@ -43,6 +43,8 @@ def _model_files(compiled: Compiled, name: str) -> list[Path]:
             return adapter_files(path)
         except InputError as exc:
             raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
+        except MissingPackage as exc:
+            raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
     members = compiled.model_types[name].members
     if members:
         return [path / f"{m}.safetensors" for m in members]
@@ -51,15 +53,25 @@ def _model_files(compiled: Compiled, name: str) -> list[Path]:
             return list(ck.files)
     except InputError as exc:
         raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
+    except MissingPackage as exc:  # a URL whose scheme needs a package
+        raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
 
 
 def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any]:
-    """What a run's result depends on: the recipe's hash, input hashes and step keys."""
+    """What a run's result depends on: the recipe's hash, input hashes and step keys.
+
+    An input's entry is the ``path`` the recipe gives (a URL for a remote model) and the
+    content hash of its files (read in full once, then memoised; see ``HashMemo``).
+    """
     memo = memo or hash_memo(compiled)
     inputs = {}
     digests = {}
     for name in needed_models(compiled):
-        digests[name] = checkpoint_digest(_model_files(compiled, name), memo=memo)
+        files = _model_files(compiled, name)
+        try:
+            digests[name] = checkpoint_digest(files, memo=memo)
+        except (InputError, MissingPackage) as exc:
+            raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
         inputs[name] = {"path": compiled.models[name].path, "sha256": digests[name]}
     keys = step_keys(compiled, digests)
     return {"recipe": {"file": compiled.loaded.path.name,

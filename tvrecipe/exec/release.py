@@ -27,9 +27,10 @@ from typing import Any
 import yaml
 
 from tvrecipe import __version__
-from tvrecipe.errors import VerifyError
+from tvrecipe.errors import TvrecipeError, VerifyError
 from tvrecipe.plan.graph import Compiled
 from tvrecipe.store.lock import LOCK_VERSION
+from tvrecipe.store.remote import url_scheme
 
 RECIPE_FILE = "tvrecipe.yaml"
 LOCK_FILE = "tvrecipe.lock"
@@ -73,8 +74,9 @@ def needed_by(compiled: Compiled, output: str) -> tuple[list[str], list[str]]:
 
 
 def _relative(compiled: Compiled, path: str, folder: Path) -> str:
-    """A recipe's model path as seen from ``folder`` (absolute paths stay absolute)."""
-    if Path(path).expanduser().is_absolute():
+    """A recipe's model path as seen from ``folder`` (absolute paths and URLs stay as they
+    are)."""
+    if url_scheme(path) is not None or Path(path).expanduser().is_absolute():
         return path
     rel = os.path.relpath(compiled.loaded.resolve(path), folder)
     return PurePosixPath(Path(rel)).as_posix()
@@ -176,10 +178,14 @@ def hub_id(compiled: Compiled, model: str | None) -> str | None:
 
     if model is None or model not in compiled.models:
         return None
-    config = compiled.loaded.resolve(compiled.models[model].path) / "config.json"
+    path = compiled.models[model].path
+    hub = re.match(r"^hf://([A-Za-z0-9][\w.-]*/[\w.-]+?)(@[^/]*)?/?$", path)
+    if hub:  # a Hub repository itself (not a dataset or a file in it)
+        return hub[1]
+    config = compiled.loaded.resolve(path) / "config.json"
     try:
         name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path", "")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TvrecipeError):  # unreadable, or unreachable
         return None
     if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists():
         return name

@@ -223,7 +223,8 @@ def base_model_of(compiled: Compiled, node: str) -> str | None:
 
 def cache_hits(compiled: Compiled, lookup: Callable[[str, CompiledStep], Any]) -> dict[str, Any]:
     """Walk up from the outputs (the last output first) and stop at the first hit on each
-    path: entries that only feed a hit are neither read nor verified.
+    path: entries that only feed a hit are neither read nor verified. A ``factored`` step's
+    hit holds states, not results: the walk goes on to its inputs.
 
     Args:
         lookup: ``(step name, step) -> hit or None``.
@@ -241,10 +242,10 @@ def cache_hits(compiled: Compiled, lookup: Callable[[str, CompiledStep], Any]) -
             continue
         seen.add(name)
         hit = lookup(name, step)
-        if hit is None:
-            stack.extend(r.node for refs in step.refs.values() for r in refs)
-        else:
+        if hit is not None:
             hits[name] = hit
+        if hit is None or step.spec.factored:  # a factored step still reads its inputs
+            stack.extend(r.node for refs in step.refs.values() for r in refs)
     return hits
 
 

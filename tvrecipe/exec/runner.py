@@ -93,6 +93,11 @@ class Runner:
         # step -> (manifest, slot checkpoints, the check of what is read from them)
         self.cached: dict[str, tuple[dict, dict, EntryCheck]] = {}
         self.cache_hits: list[str] = []
+        # Factored step -> tensor -> its kept state (StepSpec.factored): from the cache, or
+        # kept by the step as it ran; every pass of the run shares it.
+        self.kept: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        # Extra node -> selectors read, beyond the recipe's own readers (inspect's target).
+        self.extra_reads: dict[str, set[tuple[str, ...]]] = {}
         # Steps whose member names are known only once they ran (or were found cached).
         self._open_members = {n for n, s in compiled.steps.items()
                               if s.type.kind == VECTORS and s.type.members is None}
@@ -214,6 +219,10 @@ class Runner:
         models += [n for n in self.cached if n in uses]
         evaluator = StepEvaluator(self.seed, self.reduced, self.reports)
         evaluator.layers = self.plan.layers
+        evaluator.kept = self.kept
+        evaluator.reads = self.compiled.reads()
+        for node, selectors in self.extra_reads.items():
+            evaluator.reads.setdefault(node, set()).update(selectors)
         # Values read once, by one step, and neither output nor cached: that step may write
         # into them (see StepEvaluator._scratch).
         evaluator.exclusive = {n for n in [*models, *(s.name for s in steps)] if uses[n] == 1}
@@ -339,6 +348,7 @@ class Runner:
                         pass
                 return {"kind": kind, "tensors": self.reports.get(node, {}).get("tensors", {})}
             members = list(vt.members or ())
+            self.extra_reads = {node: {tuple(selector)}}
             gram = torch.zeros(len(members), len(members), dtype=torch.float64)
             with closing(self._stream(steps, [node], f"inspect {text}")) as stream:
                 for _t, info, values in stream:
@@ -373,8 +383,11 @@ class Runner:
         found = cache_hits(self.compiled, lambda name, step: (
             cache.lookup(keys[name], allow) if step.spec.cached and name in keys else None))
         for name, hit in found.items():
-            self.cached[name] = hit
             self.cache_hits.append(name)
+            if self.compiled.steps[name].spec.factored:
+                self.kept[name] = _read_kept(hit)  # the step runs, from its kept state
+                continue
+            self.cached[name] = hit
             if hit[0].get("report"):
                 self.reports[name] = hit[0]["report"]
             # The reports of the steps it was computed from (a cluster_basis's clusters under
@@ -393,6 +406,8 @@ class Runner:
                  for t in self.plan.floating]
         entries = {}
         for step in steps:
+            if step.spec.factored:
+                continue  # its kept states are written once the run has them (_commit_kept)
             if step.spec.cached and step.name in keys:
                 slots = slot_names(step.type.kind, step.type.members)
                 entries[step.name] = cache.pending(
@@ -433,6 +448,32 @@ class Runner:
                 for job in jobs:  # after a failure, writes not yet started never run
                     job.cancel()
         return written
+
+    def _commit_kept(self, steps: list[CompiledStep], metadata: dict[str, str]) -> None:
+        """Cache the kept states of the factored steps this run computed (not found cached):
+        one file of every tensor's state, written whole once the run has them all."""
+        cache, keys = self.options.cache, self.options.keys
+        if cache is None or keys is None:
+            return
+        for step in steps:
+            name = step.name
+            if not (step.spec.factored and step.spec.cached and name in keys
+                    and name not in self.cache_hits):
+                continue
+            states = self.kept.get(name, {})
+            items = [(f"{tensor}{KEPT_SEP}{k}", t) for tensor in self.plan.floating
+                     for k, t in sorted(states.get(tensor, {}).items())]
+            specs = [TensorSpec(n, st_dtype(t.dtype), tuple(t.shape)) for n, t in items]
+            entry = cache.pending(keys[name], {KEPT_SLOT: specs},
+                                  {**metadata, "tvrecipe.step": name,
+                                   "tvrecipe.key": keys[name]})
+            try:
+                for n, t in items:
+                    entry.write(KEPT_SLOT, n, t)
+                entry.commit({**self._manifest(name), "factored": True})
+            except BaseException:
+                entry.abort()
+                raise
 
     def _manifest(self, name: str) -> dict[str, Any]:
         vt = self.compiled.steps[name].type
@@ -481,6 +522,7 @@ class Runner:
             for name, entry in pending.items():
                 entry.commit(self._manifest(name))
             pending = {}
+            self._commit_kept(steps, metadata)
             result_paths = {name: o.folder.commit() for name, o in outputs.items()}
         except BaseException as exc:
             for o in outputs.values():
@@ -499,6 +541,27 @@ class Runner:
                          time.perf_counter() - start, self.bytes_read, written, passes,
                          self.cache_hits, {n: o.digests for n, o in outputs.items()},
                          {n: o.report for n, o in outputs.items() if o.report})
+
+
+# A factored step's cache entry: one slot of tensors named ``<tensor>@<state key>``.
+KEPT_SLOT, KEPT_SEP = "kept", "@"
+
+
+def _read_kept(hit: tuple[dict, dict, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The kept states of a factored step's cache entry, read whole and checked."""
+    _manifest, slots, check = hit
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        ck = slots[KEPT_SLOT]
+        for name, info in ck.tensors.items():
+            t = ck.get(name)
+            check(KEPT_SLOT, name, None, info.shape[0] if info.shape else 1, t)
+            tensor, _, key = name.rpartition(KEPT_SEP)
+            states.setdefault(tensor, {})[key] = t
+    finally:
+        for ck in slots.values():
+            ck.close()
+    return states
 
 
 class PassContext:

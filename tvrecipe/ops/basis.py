@@ -35,9 +35,13 @@ _PARTIAL = 2048
 # kernel launches.
 _BUFFER_CPU = 1 << 22
 _BUFFER_GPU = 1 << 24
-# Eigengaps closer than this (relative to the largest eigenvalue) count as ties, so rounding
-# noise in the eigensolver cannot flip the choice of k between machines.
+# Eigengaps of the normalised Laplacian (eigenvalues in [0, 2]) closer than this count as
+# ties, and a gap no larger than this counts as no gap, so rounding noise in the eigensolver
+# cannot flip the choice of k between machines.
 _GAP_TIE = 1e-9
+# k: auto keeps a split only if pairs in the same cluster are, on average, at least this many
+# times as similar as pairs in different clusters (the affinity of 0 for opposed tasks).
+_CONTRAST = 2.0
 
 
 def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
@@ -114,8 +118,8 @@ def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
 
     A zero task vector (``G_ii == 0``) has no direction: its similarity with every other task
     is 0. The diagonal is 1 for every task, the zero vector included, so ``S`` always has a
-    unit diagonal; the diagonal never affects the clustering (self-loops cancel in the graph
-    Laplacian). Entries are clamped to [-1, 1] against rounding.
+    unit diagonal; the diagonal never affects the clustering (:func:`cluster` sets it to 0
+    in the affinity graph). Entries are clamped to [-1, 1] against rounding.
 
     Args:
         gram: n × n Gram matrix (from :func:`gram_update`).
@@ -154,8 +158,12 @@ class Clustering:
             member: cluster 0 holds task 0, cluster 1 the first task not in cluster 0, etc.
         members: Tasks of each cluster, ascending, in cluster order.
         k: Number of clusters (``len(members)``).
-        affinity: The n × n affinity used: the similarity with negative entries set to 0.
-        eigenvalues: Eigenvalues of the Laplacian ``L = D − A`` of ``affinity``, ascending.
+        affinity: ``max(S, 0)``: the similarity with negative entries set to 0, its unit
+            diagonal kept. The graph that is clustered is this one with the diagonal set to 0.
+        eigenvalues: Eigenvalues of the unnormalised Laplacian ``D − A`` of ``affinity``,
+            ascending (for reference; the diagonal cancels in it).
+        normalized_eigenvalues: Eigenvalues μ_1 ≤ … ≤ μ_n of the normalised Laplacian of the
+            zero-diagonal affinity, each in [0, 2]: the ones ``k="auto"`` chooses from.
     """
 
     labels: tuple[int, ...]
@@ -163,6 +171,7 @@ class Clustering:
     k: int
     affinity: tuple[tuple[float, ...], ...]
     eigenvalues: tuple[float, ...]
+    normalized_eigenvalues: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (lists and floats) for run reports and output metadata."""
@@ -172,6 +181,7 @@ class Clustering:
             "members": [list(m) for m in self.members],
             "affinity": [list(row) for row in self.affinity],
             "eigenvalues": list(self.eigenvalues),
+            "normalized_eigenvalues": list(self.normalized_eigenvalues),
         }
 
 
@@ -184,19 +194,45 @@ def cluster(
 ) -> Clustering:
     """Spectral clustering of tasks by their whole-model cosine similarity.
 
-    The affinity is ``A = max(S, 0)``: negative similarities are clipped to 0, so opposed
-    tasks are unrelated rather than negatively related (a graph with negative weights has no
-    meaningful Laplacian). The paper's reference code did not clip. Clustering uses
-    scikit-learn's ``SpectralClustering`` on the precomputed affinity with
+    The affinity is ``A = max(S, 0)`` with its diagonal set to 0: negative similarities are
+    clipped to 0, so opposed tasks are unrelated rather than negatively related (a graph with
+    negative weights has no meaningful Laplacian; the paper's reference code did not clip),
+    and a task's similarity with itself says nothing about grouping. Clustering uses
+    scikit-learn's ``SpectralClustering`` on this precomputed affinity with
     ``assign_labels="cluster_qr"`` (no k-means restarts, invariant to the rotation of
     repeated eigenvectors that disconnected graphs produce); ``seed`` fixes the eigensolver's
-    start vector.
+    start vector. (scikit-learn's normalised Laplacian ignores the diagonal anyway, so the
+    zero diagonal leaves its labels as they were with the unit diagonal.)
 
-    With ``k="auto"``, k is the largest eigengap of the unnormalised Laplacian
-    ``L = D − A``: for ascending eigenvalues λ_1 … λ_n,
-    ``k = argmax_{1 ≤ i ≤ min(n−1, k_max)} (λ_{i+1} − λ_i)``, the smallest such i on
-    (near-)ties. It therefore never returns k = n, and it returns 1 when every gap is 0
-    (e.g. all tasks mutually orthogonal); pass k explicitly in such cases.
+    With ``k="auto"``, k comes from the normalised Laplacian of the same graph,
+    ``L_sym = I − D^{-1/2} A D^{-1/2}`` with ``D = diag(Σ_j A_ij)``; a task of degree 0
+    (no positive similarity with any other task) gets a zero row and column instead, so it
+    is a connected component of its own and, like every component, adds one eigenvalue 0.
+    For its ascending eigenvalues μ_1 ≤ … ≤ μ_n (in [0, 2], unchanged by scaling A, so small
+    cosines weigh as much as large ones) and gaps ``g_i = μ_{i+1} − μ_i``, with
+    ``K = min(n − 1, k_max)``:
+
+    1. ``k* = argmax_{2 ≤ i ≤ K} g_i``, the smallest such i on (near-)ties. k = 1 if K < 2
+       or ``g_{k*}`` is 0 (no gap at all: every μ_i with i ≥ 2 equal).
+    2. The graph is clustered into k* groups, and k = k* is kept if the mean affinity over
+       the pairs of tasks in the same cluster is positive and at least twice the mean
+       affinity over the pairs in different clusters; otherwise k = 1.
+
+    Why: g_1 is left out of step 1 because it is large whenever the groups are joined by any
+    across-group similarity, as real task vectors always are (groups of cosine 0.035 inside
+    and 0.013 across have g_1 > g_3, and the old rule, the largest gap of ``D − A``
+    including the first, chose k = 1 there). Step 2 keeps noise from passing as structure:
+    all-equal similarities give ``g_i = 0`` for every i ≥ 2, and near-equal ones give
+    clusters hardly more similar inside than across. For k equal groups of m tasks with
+    affinity w inside and a across, r = a/w and ``d = m − 1 + (n − m)·r``, the spectrum is
+    0, ``1 − (m − 1 − m·r)/d`` (k − 1 times) and ``1 + 1/d`` (n − k times): step 1 finds k
+    whenever a < w, and step 2 keeps it when w ≥ 2a.
+
+    Edge cases: k is never n. k = 1 when n ≤ 2, when the affinity is 0 off the diagonal
+    (mutually orthogonal or opposed tasks: nothing to cluster by; k = n keeps each alone),
+    and when the graph has more than K connected components (no gap in range). A lone task
+    has no affinity inside its own cluster, so one outlier comes out alone, but several may
+    share a cluster or join a group. Pass k explicitly in such cases.
 
     Args:
         similarity: n × n symmetric similarity (torch tensor, numpy array or nested lists),
@@ -223,11 +259,19 @@ def cluster(
     # Self-loops cancel in D − A, so the diagonal (1 for cosines) needs no special care.
     laplacian = np.diag(affinity.sum(axis=1)) - affinity
     eigenvalues = np.clip(np.linalg.eigvalsh(laplacian), 0.0, None)
+    graph = affinity.copy()
+    np.fill_diagonal(graph, 0.0)
+    normalized = _normalized_spectrum(graph)
 
+    raw: Sequence[int] | None = None
     if isinstance(k, str):
         if k != "auto":
             raise ValueError(f"k must be a positive integer or 'auto', got {k!r}")
-        k_eff = _eigengap_k(eigenvalues, k_max)
+        k_eff = _eigengap_k(normalized, k_max)
+        if k_eff > 1:
+            raw = _spectral_labels(graph, k_eff, seed)
+            if not _contrasted(graph, raw):
+                k_eff, raw = 1, None
     else:
         if isinstance(k, bool):
             raise TypeError(f"k must be a positive integer or 'auto', got {k!r}")
@@ -238,12 +282,14 @@ def cluster(
         if not 1 <= k_eff <= n:
             raise ValueError(f"k={k_eff} is out of range for n={n} tasks: need 1 <= k <= {n}")
 
-    if k_eff == 1:
-        raw: Sequence[int] = [0] * n
+    if raw is not None:
+        pass  # k: auto, already clustered for its step 2
+    elif k_eff == 1:
+        raw = [0] * n
     elif k_eff == n:
         raw = list(range(n))
     else:
-        raw = _spectral_labels(affinity, k_eff, seed)
+        raw = _spectral_labels(graph, k_eff, seed)
 
     renumber: dict[int, int] = {}
     labels = tuple(renumber.setdefault(int(lab), len(renumber)) for lab in raw)
@@ -260,6 +306,7 @@ def cluster(
         k=len(members),
         affinity=tuple(tuple(float(x) for x in row) for row in affinity),
         eigenvalues=tuple(float(x) for x in eigenvalues),
+        normalized_eigenvalues=tuple(float(x) for x in normalized),
     )
 
 
@@ -279,19 +326,59 @@ def _as_matrix(similarity: Any) -> Any:
     return s
 
 
+def _normalized_spectrum(graph: Any) -> Any:
+    """Ascending eigenvalues of ``D^{-1/2} (D − A) D^{-1/2}`` for a zero-diagonal affinity.
+
+    On tasks of positive degree this is ``I − D^{-1/2} A D^{-1/2}``; a task of degree 0 gets
+    ``D^{-1/2} = 0`` (the pseudo-inverse), hence a zero row and column and an eigenvalue 0 of
+    its own, as every connected component has. Clipped to [0, 2] against rounding.
+    """
+    import numpy as np
+
+    degree = graph.sum(axis=1)
+    inv_sqrt = np.zeros_like(degree)
+    np.divide(1.0, np.sqrt(degree), out=inv_sqrt, where=degree > 0)
+    laplacian = (inv_sqrt[:, None] * (np.diag(degree) - graph)) * inv_sqrt[None, :]
+    return np.clip(np.linalg.eigvalsh(laplacian), 0.0, 2.0)
+
+
 def _eigengap_k(eigenvalues: Any, k_max: int | None) -> int:
-    """k at the largest gap between consecutive ascending Laplacian eigenvalues."""
+    """Step 1 of ``k="auto"`` (see :func:`cluster`) on ascending normalised eigenvalues.
+
+    ``k* = argmax_{2 ≤ i ≤ min(n − 1, k_max)} (μ_{i+1} − μ_i)``, the smallest i on near-ties;
+    1 if that range is empty or its largest gap is 0.
+    """
     n = len(eigenvalues)
     if k_max is not None and k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
-    if n == 1:
-        return 1
     limit = n - 1 if k_max is None else min(n - 1, k_max)
-    # gaps[i - 1] = λ_{i+1} − λ_i in the 1-based notation of the docstring.
-    gaps = [float(eigenvalues[i] - eigenvalues[i - 1]) for i in range(1, limit + 1)]
-    tie = _GAP_TIE * max(1.0, float(eigenvalues[-1]))
+    if limit < 2:
+        return 1
+    # gaps[i - 1] = μ_{i+1} − μ_i in the 1-based notation of the docstring, for i = 2 … limit.
+    gaps = [float(eigenvalues[i] - eigenvalues[i - 1]) for i in range(2, limit + 1)]
     best = max(gaps)
-    return next(i + 1 for i, gap in enumerate(gaps) if gap >= best - tie)
+    if best <= _GAP_TIE:
+        return 1
+    return next(i + 2 for i, gap in enumerate(gaps) if gap >= best - _GAP_TIE)
+
+
+def _contrasted(graph: Any, labels: Sequence[int]) -> bool:
+    """Step 2 of ``k="auto"``: same-cluster pairs at least twice as similar as the others.
+
+    Compares the mean affinity over pairs of distinct tasks with the same label with
+    ``_CONTRAST`` times the mean over pairs with different labels (near-ties pass).
+    """
+    import numpy as np
+
+    lab = np.asarray(labels)
+    same = lab[:, None] == lab[None, :]
+    np.fill_diagonal(same, False)
+    across = lab[:, None] != lab[None, :]
+    if not same.any() or not across.any():
+        return False
+    within_mean = float(graph[same].mean())
+    across_mean = float(graph[across].mean())
+    return within_mean > _GAP_TIE and within_mean >= _CONTRAST * across_mean - _GAP_TIE
 
 
 def _spectral_labels(affinity: Any, k: int, seed: int) -> Sequence[int]:

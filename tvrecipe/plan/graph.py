@@ -9,7 +9,7 @@ from typing import Any
 
 import networkx as nx
 
-from tvrecipe.errors import Problem, RecipeError
+from tvrecipe.errors import InputError, MissingPackage, Problem, RecipeError, about
 from tvrecipe.spec.kinds import CHECKPOINT, DECOMPOSITION, VECTOR, VECTORS, ValueType
 from tvrecipe.spec.load import LoadedRecipe, did_you_mean, load_recipe
 from tvrecipe.spec.models import ModelSpec, OutputSpec, StepSpec
@@ -70,6 +70,11 @@ class TypeContext:
     _entries: dict[str, list[Entry] | None]
     _problem: Any
     known: tuple[str, ...] | None = None
+    _steps: dict[str, CompiledStep] = field(default_factory=dict)
+
+    def step(self, node: str) -> CompiledStep | None:
+        """The compiled step a reference names (compiled before this one), or None."""
+        return self._steps.get(node)
 
     def entries(self, fld: str) -> list[Entry] | None:
         """The expanded entries of a field; None when a set's members are not known yet."""
@@ -92,6 +97,19 @@ class Compiled:
     outputs: dict[str, tuple[OutputSpec, Resolved]]
     unused: list[str] = field(default_factory=list)
     targets: tuple[str, ...] = ()  # extra nodes kept without an output (for inspect)
+
+    def reads(self) -> dict[str, set[tuple[str, ...]]]:
+        """Node -> the selectors its readers (steps and outputs) take of it: ``()`` for the
+        whole value, ``("unique",)`` for ``parts.unique``, ``("unique", "a")`` for
+        ``parts.unique.a``. Nodes nothing reads are absent."""
+        found: dict[str, set[tuple[str, ...]]] = {}
+        for step in self.steps.values():
+            for refs in step.refs.values():
+                for r in refs:
+                    found.setdefault(r.node, set()).add(r.selector)
+        for _spec, res in self.outputs.values():
+            found.setdefault(res.node, set()).add(res.selector)
+        return found
 
     def type_of(self, node: str) -> ValueType:
         """The value type of a model or step."""
@@ -256,7 +274,10 @@ class _Compiler:
         recipe = self.recipe
         graph = nx.DiGraph()
         for name, spec in recipe.models.items():
-            self.types[name] = _model_type(self.loaded, spec)
+            try:  # a task_vector model's vectors.json, which may be at a URL
+                self.types[name] = _model_type(self.loaded, spec)
+            except (InputError, MissingPackage) as exc:
+                raise about(exc, f"model {name!r} ({spec.path})") from None
             graph.add_node(name, kind="model")
         for name, spec in recipe.models.items():
             if spec.kind != "lora":
@@ -313,7 +334,7 @@ class _Compiler:
                 continue
             entries = {f: self.expand(rs) for f, rs in refs.items()}
             vt = step.output_type(TypeContext(name, refs, entries, self.problem,
-                                              self.known.get(name)))
+                                              self.known.get(name), steps))
             self.types[name] = vt
             weights = None
             if step.weighted and entries.get(step.weighted) is not None:

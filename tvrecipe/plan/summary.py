@@ -59,7 +59,7 @@ def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
 
 def run_status(compiled: Compiled, cached: set[str]) -> dict[str, str]:
     """Each needed step's fate in a run: ``compute``, ``cached``, or ``skipped`` (only feeds
-    cached steps)."""
+    cached steps). A cached ``factored`` step still needs its inputs computed."""
     reached: set[str] = set()
     stack = [res.node for _, res in compiled.outputs.values()]
     while stack:
@@ -67,7 +67,7 @@ def run_status(compiled: Compiled, cached: set[str]) -> dict[str, str]:
         if node in reached or node not in compiled.steps:
             continue
         reached.add(node)
-        if node not in cached:
+        if node not in cached or compiled.steps[node].spec.factored:
             stack.extend(r.node for refs in compiled.steps[node].refs.values() for r in refs)
     return {n: ("cached" if n in cached and n in reached else
                 "compute" if n in reached else "skipped") for n in compiled.steps}

@@ -8,12 +8,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tvrecipe.errors import InputError
+from tvrecipe.errors import InputError, MissingPackage, TvrecipeError, about
 from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, lora_base
 from tvrecipe.spec.pertensor import layer_counts
-from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tvrecipe.store.checkpoint import Checkpoint, RemoteCheckpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.hashing import checkpoint_digest
 from tvrecipe.store.lora import LoraAdapter
+from tvrecipe.store.remote import RemotePath
 
 MAX_LISTED = 12
 # Row blocks of about 1 Mi elements (4 MiB in float32): the blocks of one tensor across a few
@@ -56,7 +57,7 @@ class ModelHandle:
 
     name: str
     kind: str                         # checkpoint | vector | vectors
-    path: Path
+    path: Path | RemotePath
     parts: dict[str, Checkpoint]      # "" for checkpoint / vector; member names for vectors
 
     def files(self) -> list[Path]:
@@ -128,9 +129,19 @@ def _open(compiled: Compiled, name: str) -> ModelHandle:
             parts = {"": open_checkpoint(path)}
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
+    except MissingPackage as exc:  # a URL whose scheme needs a package
+        raise about(exc, where) from None
+    for part in parts.values():  # a read that fails mid-run names the model too
+        for ck in (part, getattr(part, "adapter", None)):
+            if isinstance(ck, RemoteCheckpoint) and ck.label is None:
+                ck.label = where
     handle = ModelHandle(name, vt.kind, path, parts)
     if spec.sha256:
-        got = checkpoint_digest(handle.files())
+        try:
+            got = checkpoint_digest(handle.files())
+        except (InputError, MissingPackage) as exc:
+            handle.close()
+            raise about(exc, where) from None
         if got.lower() != spec.sha256.lower():
             raise InputError(
                 f"{where}: content hash {got} does not match the pinned sha256 {spec.sha256} "
@@ -149,7 +160,11 @@ def adapter_problems(compiled: Compiled) -> list[str]:
             continue
         base = compiled.models.get(lora_base(compiled.models, name))
         path = compiled.loaded.resolve(spec.path)
-        if base is None or not path.is_dir() or not compiled.loaded.resolve(base.path).exists():
+        try:  # a URL that cannot be reached now is left to `plan` and `run` too
+            if (base is None or not path.is_dir()
+                    or not compiled.loaded.resolve(base.path).exists()):
+                continue
+        except TvrecipeError:
             continue
         try:
             LoraAdapter(path, open_checkpoint(compiled.loaded.resolve(base.path))).close()

@@ -15,6 +15,7 @@ from tvrecipe.errors import Problem, RecipeError
 from tvrecipe.spec.models import NAME_PATTERN, ModelSpec, OutputSpec, Recipe, Settings
 from tvrecipe.spec.registry import ops, recipe_model
 from tvrecipe.spec.yamlsource import KeyPath, SourceMap, load_yaml
+from tvrecipe.store.remote import RemotePath, url_scheme
 
 SUPPORTED_VERSIONS = (1,)
 
@@ -46,8 +47,11 @@ class LoadedRecipe:
         """The folder that relative paths in the recipe are relative to."""
         return self.path.resolve().parent
 
-    def resolve(self, path: str) -> Path:
-        """A recipe path made absolute against the recipe's folder."""
+    def resolve(self, path: str) -> Path | RemotePath:
+        """A recipe path made absolute against the recipe's folder; a URL (``s3://…``,
+        ``hf://…``) as a :class:`~tvrecipe.store.remote.RemotePath`."""
+        if url_scheme(path) is not None:
+            return RemotePath(path)
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.root / p
 

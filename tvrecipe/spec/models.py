@@ -16,6 +16,7 @@ from pydantic import (
 
 from tvrecipe.spec import pertensor
 from tvrecipe.spec.kinds import ValueType
+from tvrecipe.store.remote import known_schemes, url_scheme
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 REF_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$"
@@ -60,7 +61,9 @@ class ModelSpec(Frozen):
     """A named input: a checkpoint, or task vectors saved by an earlier run."""
 
     path: str = Field(description="A folder (Hugging Face layout, sharded or not) or one "
-                                  "`.safetensors` file; relative to the recipe's folder.")
+                                  "`.safetensors` file; relative to the recipe's folder. Or "
+                                  "the URL of one (`s3://`, `gs://`, `hf://org/model@rev`, "
+                                  "`https://`, `file://`), read by byte range with fsspec.")
     sha256: str | None = Field(
         None, pattern=r"^[0-9a-fA-F]{64}$",
         description="Optional pin: the content hash `tvrecipe hash PATH` prints. A mismatch is an error.")
@@ -71,6 +74,17 @@ class ModelSpec(Frozen):
     base: Name | None = Field(
         None, description="`kind: lora` only: the checkpoint model the adapter was trained on "
                           "(its tensor names and shapes). Default: the model named `base`.")
+
+    @field_validator("path")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        scheme = url_scheme(v)
+        known = known_schemes() if scheme is not None else None
+        if known is not None and scheme not in known:
+            raise ValueError(f"unknown URL scheme {scheme}:// in {v!r}; a model path is a local "
+                             "path or a URL that fsspec reads, such as s3://, gs://, hf://, "
+                             "https:// or file://")
+        return v
 
     @model_validator(mode="after")
     def _base_for_lora(self) -> ModelSpec:
@@ -120,6 +134,11 @@ class StepSpec(Frozen):
             unless the op overrides that.
         cached: Whether results are kept in the content-addressed cache (worth it when
             recomputing costs more than reading back).
+        factored: With ``cached``: the cache keeps, per tensor, the small state ``evaluate``
+            hands to ``ctx.keep`` (a decomposition's shared basis), not the result. A run
+            that finds it gives it back as ``ctx.kept`` and still reads the step's inputs,
+            from which ``evaluate`` expands the result (a low-rank result costs a few
+            columns of cache instead of full tensors). Needs ``TENSORWISE`` execution.
         execution: ``ROWWISE`` or ``TENSORWISE`` (see above).
         whole_model: The op needs a whole-model pass (:meth:`whole_model_pass`) before its
             per-tensor work (``cluster_basis``'s similarity matrix).
@@ -144,6 +163,7 @@ class StepSpec(Frozen):
     accepts: ClassVar[dict[str, frozenset[str]]] = {}
     returns: ClassVar[str] = SAME_AS_INPUT
     cached: ClassVar[bool] = False
+    factored: ClassVar[bool] = False
     execution: ClassVar[str] = TENSORWISE
     # The op reads a None entry of ctx.tensors as an exact zero (skips it) itself.
     zero_inputs: ClassVar[bool] = False
@@ -272,7 +292,8 @@ class OutputSpec(Frozen):
     """One thing to write."""
 
     from_: Ref = Field(alias="from", description="The model or step whose value is written.")
-    path: str = Field(description="Target folder, relative to the recipe's folder.")
+    path: str = Field(description="Target folder, relative to the recipe's folder (a local "
+                                  "folder: write it, then upload it).")
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = Field(
         None, description="Dtype of floating tensors on disk. Default: the base checkpoint's "
                           "dtype for checkpoints, the compute dtype for task vectors.")
@@ -322,6 +343,16 @@ class OutputSpec(Frozen):
             raise ValueError("`full_tensors: save` writes base + delta: name the checkpoint "
                              "the deltas are over with `base: MODEL`")
         return self
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        if url_scheme(v) is not None:
+            raise ValueError(f"{v!r} is a URL, but outputs are written to local folders only; "
+                             "write the output to a local folder, then upload it (for example "
+                             "`huggingface-cli upload ORG/NAME ./out/merged` or `aws s3 cp "
+                             "--recursive ./out/merged s3://…`)")
+        return v
 
     @field_validator("shard_size")
     @classmethod

@@ -21,7 +21,9 @@ class ClusterBasisStep(StepSpec):
     op: Literal["cluster_basis"] = Field(description="The operation: `cluster_basis`.")
     inputs: RefList
     k: int | Literal["auto"] = Field(
-        "auto", description="Number of basis vectors, or `auto` (largest Laplacian eigengap).")
+        "auto", description="Number of basis vectors, or `auto`: the largest eigengap of the "
+        "normalised Laplacian after the first, kept if its clusters are at least twice as "
+        "similar inside as across, else 1 (see docs/methods.md).")
     k_max: int | None = Field(None, ge=1, description="Upper bound for `k: auto`.")
     merge: Literal["mean", "sum", "ties"] = Field("mean", description="Merge inside a cluster.")
     density: PerTensorDensity = Field(
@@ -38,7 +40,8 @@ class ClusterBasisStep(StepSpec):
     whole_model: ClassVar = True
     seeded: ClassVar = True  # the spectral clustering's eigensolver starts from the seed
     # 2: `merge: ties` trims to k = max(1, floor(density·n)) entries (1 rounded).
-    version: ClassVar = 2
+    # 3: `k: auto` reads the normalised Laplacian of the zero-diagonal affinity.
+    version: ClassVar = 3
     per_tensor: ClassVar = ("density",)
     kernel: ClassVar = "tvrecipe.ops:merge_cluster"
     example: ClassVar = "basis: {op: cluster_basis, inputs: tv, k: auto}"

@@ -48,8 +48,10 @@ class DecomposeStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS, "reference": TASK_VECTORS}
     returns: ClassVar = DECOMPOSITION
     cached: ClassVar = True
+    factored: ClassVar = True  # the cache keeps each tensor's shared basis, not the parts
+    version: ClassVar = 2
     per_tensor: ClassVar = ("threshold",)
-    kernel: ClassVar = "tvrecipe.ops:decompose"
+    kernel: ClassVar = "tvrecipe.ops.decompose:decompose_factors"
     example: ClassVar = "parts: {op: decompose, inputs: tv, threshold: 0.85}"
 
     def output_type(self, ctx: Any) -> ValueType:
@@ -63,20 +65,40 @@ class DecomposeStep(StepSpec):
         return ValueType(DECOMPOSITION, members)
 
     def evaluate(self, ctx: Any) -> Any:
+        from tvrecipe.ops.decompose import decomposition_info, decomposition_parts
+        from tvrecipe.ops.parallel import parallel_map
         targets = ctx.tensors("inputs")
-        refs = ctx.tensors("reference")
+        deltas = [*targets, *ctx.tensors("reference")]
         members = ctx.members
         if targets[0] is None:
             return {"shared": dict.fromkeys(members), "unique": dict.fromkeys(members)}
         excluded = any(fnmatch.fnmatchcase(ctx.tensor, p) for p in self.exclude)
-        rank = self.rank if isinstance(self.rank, int) else {"energy": self.rank.energy}
-        result = ctx.kernel([*targets, *refs], method=self.method,
-                            threshold=ctx.param("threshold"),
-                            rank=rank, vectors_1d=self.vectors_1d, excluded=excluded)
-        ctx.report.setdefault("tensors", {})[ctx.tensor] = result.info
-        n = len(targets)
-        return {"shared": dict(zip(members, result.shared[:n])),
-                "unique": dict(zip(members, result.unique[:n]))}
+        factors = ctx.kept
+        if factors is None:
+            rank = self.rank if isinstance(self.rank, int) else {"energy": self.rank.energy}
+            first = deltas[0]
+
+            def spread(fn: Any, items: list) -> Any:  # one task's SVD per math thread
+                return parallel_map(fn, items, numel=first.numel(), device=first.device)
+
+            factors = ctx.kernel(deltas, method=self.method, threshold=ctx.param("threshold"),
+                                 rank=rank, excluded=excluded, parallel=spread)
+            ctx.keep(factors)
+        # Facts first: the unique parts may be written into the deltas (reuse).
+        ctx.report.setdefault("tensors", {})[ctx.tensor] = decomposition_info(
+            deltas, factors, vectors_1d=self.vectors_1d, excluded=excluded)
+        ptrs = [t.data_ptr() for t in deltas]
+        reuse = [ptrs.count(p) == 1 and ctx.scratch(e.ref.node, t, []) is not None
+                 for e, t, p in zip(ctx.entries("inputs"), targets, ptrs)]
+        shared, unique = decomposition_parts(
+            deltas[:len(targets)], factors, vectors_1d=self.vectors_1d,
+            shared=[ctx.reads("shared", m) for m in members],
+            unique=[ctx.reads("unique", m) for m in members], reuse=reuse)
+        # A part nothing reads is left out; None is an exact zero (a 1-D shared part).
+        return {"shared": {m: t for m, t in zip(members, shared)
+                           if ctx.reads("shared", m)},
+                "unique": {m: t for m, t in zip(members, unique)
+                           if ctx.reads("unique", m)}}
 
     def render_report(self, name: str, report: dict) -> str | None:
         if "tensors" not in report:

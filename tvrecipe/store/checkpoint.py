@@ -12,7 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tvrecipe.errors import InputError
+from tvrecipe.errors import InputError, about
+from tvrecipe.store.remote import HEAD_BYTES, RemotePath, as_path
 
 if TYPE_CHECKING:
     import torch
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PICKLE_SUFFIXES",
     "Checkpoint",
+    "RemoteCheckpoint",
     "TensorInfo",
     "dtype_size",
     "open_checkpoint",
@@ -113,7 +115,7 @@ class TensorInfo:
         name: The tensor's name.
         dtype: The safetensors dtype string, such as ``"BF16"``.
         shape: The tensor's shape; ``()`` for a scalar.
-        file: The ``.safetensors`` file that holds it.
+        file: The ``.safetensors`` file that holds it (a :class:`RemotePath` for a URL).
         offset: Start of its data within the file's byte buffer (for read order).
         nbytes: Size of its data in bytes.
         start: Absolute position of its data in the file (8 + header length + offset).
@@ -122,7 +124,7 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    file: Path
+    file: Path | RemotePath
     offset: int
     nbytes: int
     start: int = 0
@@ -133,15 +135,15 @@ class TensorInfo:
         return self.dtype.startswith("F") or self.dtype == "BF16"
 
 
-def _corrupt(file: Path, what: str) -> InputError:
+def _corrupt(file: Path | RemotePath, what: str) -> InputError:
     return InputError(f"{file}: corrupt safetensors file: {what}; {_REDOWNLOAD}")
 
 
-def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_header(file: Path | RemotePath) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parses and validates one safetensors file's header without reading tensor data.
 
     Args:
-        file: A ``.safetensors`` file.
+        file: A ``.safetensors`` file, or a :class:`RemotePath` (read by byte range).
 
     Returns:
         The tensors in data-offset order, and the header metadata (``{}`` when absent).
@@ -149,27 +151,55 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     Raises:
         InputError: The file is unreadable, truncated or not a valid safetensors file.
     """
+    if isinstance(file, RemotePath):
+        size, n, raw = _remote_head(file)
+        return _parse_header(file, size, n, raw)
     file = Path(file)
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise _corrupt(
-                    file, f"it is {size} bytes long, shorter than the 8-byte header length"
-                )
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise _corrupt(
-                    file, f"header length {n} exceeds the {size - 8} bytes after it (truncated?)"
-                )
-            if n > MAX_HEADER_BYTES:
-                raise _corrupt(file, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            n = _header_length(file, size, head)
             raw = f.read(n)
     except OSError as exc:
         raise InputError(
             f"cannot read {file}: {exc.strerror}; check the path and its permissions"
         ) from exc
+    return _parse_header(file, size, n, raw)
+
+
+def _header_length(file: Path | RemotePath, size: int, head: bytes) -> int:
+    """The header length the first 8 bytes give, checked against the file's size."""
+    if len(head) < 8:
+        raise _corrupt(file, f"it is {size} bytes long, shorter than the 8-byte header length")
+    n = int.from_bytes(head[:8], "little")
+    if n > size - 8:
+        raise _corrupt(file, f"header length {n} exceeds the {size - 8} bytes after it (truncated?)")
+    if n > MAX_HEADER_BYTES:
+        raise _corrupt(file, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    return n
+
+
+def _remote_head(file: RemotePath) -> tuple[int, int, bytes]:
+    """Size, header length and header of a remote file, by ranged reads: the first
+    ``HEAD_BYTES`` (the length and, usually, the whole header), then the rest of a longer
+    header."""
+    try:
+        size = file.size()
+        head = file.read_range(0, min(size, HEAD_BYTES))
+        n = _header_length(file, size, head)
+        raw = head[8:8 + n]
+        if len(raw) < n:
+            raw += file.read_range(8 + len(raw), 8 + n)
+        if len(raw) < n:
+            raise OSError(f"file ended {n - len(raw)} bytes early")
+    except OSError as exc:
+        raise InputError(f"cannot read {file}: {exc.strerror or exc}; check the URL") from exc
+    return size, n, raw
+
+
+def _parse_header(file: Path | RemotePath, size: int, n: int, raw: bytes
+                  ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -203,7 +233,7 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return {t.name: t for t in tensors}, dict(metadata)
 
 
-def _tensor_info(file: Path, name: str, entry: object) -> TensorInfo:
+def _tensor_info(file: Path | RemotePath, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _corrupt(file, f"header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -333,12 +363,45 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return (
-            f"Checkpoint({str(self.path)!r}, {len(self.files)} files, {len(self.tensors)} tensors)"
+            f"{type(self).__name__}({str(self.path)!r}, {len(self.files)} files, "
+            f"{len(self.tensors)} tensors)"
         )
 
 
-def _pickle_error(where: Path, found: list[Path]) -> InputError:
+class RemoteCheckpoint(Checkpoint):
+    """A checkpoint at a URL (:class:`RemotePath` files): each tensor, or row block of one,
+    is fetched by byte range, in chunks, with nothing kept open between reads.
+
+    Attributes:
+        label: What a failed read is about (``model 'ft' (s3://b/ft)``), put before the
+            storage's error; None leaves it as it is.
+    """
+
+    label: str | None = None
+
+    def _read_into(self, info: TensorInfo, start: int, nbytes: int, view: memoryview) -> None:
+        try:
+            info.file.read_into(view[:nbytes], start)
+        except OSError as exc:
+            raise InputError(
+                f"{info.file}: cannot read tensor {info.name!r}: {exc}; "
+                "was the file changed or removed while tvrecipe ran?"
+            ) from exc
+        except InputError as exc:  # the storage could not be reached
+            if self.label is None:
+                raise
+            raise about(exc, self.label) from None
+
+
+def _pickle_error(where: Path | RemotePath, found: list[Path]) -> InputError:
     src = found[0]
+    if isinstance(where, RemotePath):
+        return InputError(
+            f"{where}: holds only pickled weights ({', '.join(p.name for p in found)}); "
+            "tvrecipe never unpickles files, since unpickling can run arbitrary code. Download "
+            "the model, convert its weights to safetensors and name the local copy, or name "
+            "a revision of the model that has safetensors weights"
+        )
     dst = (src.parent if src.is_file() else src) / "model.safetensors"
     return InputError(
         f"{where}: holds only pickled weights ({', '.join(p.name for p in found)}); tvrecipe never "
@@ -351,7 +414,7 @@ def _pickle_error(where: Path, found: list[Path]) -> InputError:
     )
 
 
-def _find_weights(path: Path) -> tuple[list[Path], Path | None]:
+def _find_weights(path: Path | RemotePath) -> tuple[list[Path], Path | None]:
     """The weight files of ``path`` and the index that names them (if any)."""
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; check the path to the checkpoint")
@@ -390,7 +453,7 @@ def _find_weights(path: Path) -> tuple[list[Path], Path | None]:
     )
 
 
-def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+def _read_index(index: Path | RemotePath) -> tuple[list[Path], dict[str, str]]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -414,22 +477,25 @@ def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     return shards, weight_map
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path | RemotePath) -> Checkpoint:
     """Opens a checkpoint, reading and validating headers only.
 
     Args:
         path: A ``.safetensors`` file, a ``*.safetensors.index.json`` file, or a folder holding
             ``model.safetensors``, ``model.safetensors.index.json``, one other index, or one
-            other ``.safetensors`` file.
+            other ``.safetensors`` file; or the URL of one (``s3://``, ``hf://``, ...: see
+            :mod:`tvrecipe.store.remote`), whose headers and tensors are read by byte range.
 
     Returns:
         The opened checkpoint; close it (or use it as a context manager) when done.
 
     Raises:
         InputError: The path is missing, holds no or only pickled weights, or a file is corrupt
-            or disagrees with the index.
+            or disagrees with the index; or the storage of a URL cannot be reached.
+        MissingPackage: ``path`` is a URL whose scheme's fsspec implementation is not
+            installed.
     """
-    path = Path(path)
+    path = as_path(path)
     files, index = _find_weights(path)
     weight_map: dict[str, str] = {}
     if index is not None:
@@ -453,4 +519,5 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 f"{index}: maps tensor {name!r} to {shard!r}, but that file does not hold it; "
                 "the index does not match the shards: re-download them or regenerate the index"
             )
-    return Checkpoint(path, files, tensors, metadata or {})
+    cls = RemoteCheckpoint if isinstance(path, RemotePath) else Checkpoint
+    return cls(path, files, tensors, metadata or {})

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tvrecipe.errors import InputError
+from tvrecipe.store.remote import RemotePath, as_path
 
 __all__ = ["HashMemo", "checkpoint_digest", "sha256_file"]
 
@@ -17,15 +18,20 @@ CHUNK = 8 << 20
 _MEMO_VERSION = 1
 
 
-def _identity(st: os.stat_result) -> list[int]:
-    # A rewrite changes mtime or size; a replace-by-rename changes the inode.
+def _identity(st: os.stat_result | list) -> list:
+    # A rewrite changes mtime or size; a replace-by-rename changes the inode. A remote file's
+    # identity comes as a list already (RemotePath.identity: size, ETag, mtime, ...).
+    if isinstance(st, list):
+        return st
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 class HashMemo:
-    """Remembers file hashes in a small JSON file, keyed by resolved path.
+    """Remembers file hashes in a small JSON file, keyed by resolved path (or URL).
 
-    An entry is reused only while the file's size, mtime (ns) and inode are unchanged. The
+    An entry is reused only while the file's size, mtime (ns) and inode are unchanged (for a
+    URL: its size and what the storage reports that changes with the bytes, such as an ETag,
+    a generation, a modification time or an ``hf://`` blob id). The
     file is read on first use and saved atomically after each new hash; a corrupt memo file
     is ignored (hashes are recomputed), and failing to save is not an error: the memo only
     saves time.
@@ -58,7 +64,7 @@ class HashMemo:
             and isinstance(v.get("id"), list)
         }
 
-    def get(self, key: str, st: os.stat_result) -> str | None:
+    def get(self, key: str, st: os.stat_result | list) -> str | None:
         """The memoised digest of ``key`` if the file still has identity ``st``."""
         if self._entries is None:
             self._entries = self._load_file()
@@ -67,11 +73,11 @@ class HashMemo:
             return entry["sha256"]
         return None
 
-    def put(self, key: str, st: os.stat_result, digest: str) -> None:
+    def put(self, key: str, st: os.stat_result | list, digest: str) -> None:
         """Records a digest and saves the memo file."""
         self.put_many([(key, st, digest)])
 
-    def put_many(self, items: Sequence[tuple[str, os.stat_result, str]]) -> None:
+    def put_many(self, items: Sequence[tuple[str, os.stat_result | list, str]]) -> None:
         """Records several (key, identity, digest) triples and saves the memo file once."""
         if self._entries is None:
             self._entries = self._load_file()
@@ -107,16 +113,39 @@ def _hash_stream(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_file(path: Path, *, memo: HashMemo | None = None) -> str:
-    """The hex SHA-256 of a file, streamed in 8 MiB chunks.
+def _sha256_remote(path: RemotePath, memo: HashMemo | None) -> str:
+    """The SHA-256 of a remote file, streamed by ranged reads in large chunks, memoised by
+    URL and identity (a file whose storage reports nothing that changes with its bytes is
+    hashed every time)."""
+    try:
+        before = path.identity()
+        if memo is not None and before is not None and (hit := memo.get(path.url, before)):
+            return hit
+        digest = hashlib.sha256()
+        for chunk in path.iter_chunks(0, path.size()):
+            digest.update(chunk)
+        after = path.identity()
+    except OSError as exc:
+        raise InputError(f"cannot read {path} to hash it: {exc.strerror or exc}; check that it "
+                         "exists and is readable") from exc
+    if memo is not None and before is not None and before == after:
+        memo.put(path.url, after, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path | RemotePath, *, memo: HashMemo | None = None) -> str:
+    """The hex SHA-256 of a file, streamed in 8 MiB chunks (a URL's in ranged reads of 16 MiB).
 
     Args:
         path: The file to hash.
         memo: Where to look up and record the digest; ``None`` always reads the file.
 
     Raises:
-        InputError: The file is missing or unreadable.
+        InputError: The file is missing or unreadable, or its storage cannot be reached.
+        MissingPackage: ``path`` is a URL whose scheme's fsspec implementation is not installed.
     """
+    if isinstance(path, RemotePath):
+        return _sha256_remote(path, memo)
     path = Path(path)
     try:
         resolved = path.resolve()
@@ -135,10 +164,12 @@ def sha256_file(path: Path, *, memo: HashMemo | None = None) -> str:
     return digest
 
 
-def checkpoint_digest(files: Sequence[Path], *, memo: HashMemo | None = None) -> str:
+def checkpoint_digest(files: Sequence[Path | RemotePath], *, memo: HashMemo | None = None
+                      ) -> str:
     """One content hash of a model: SHA-256 over its sorted (file name, file SHA-256) pairs.
 
-    File names, not paths, go in, so the same files hash the same in any folder.
+    File names, not paths, go in, so the same files hash the same in any folder, local or
+    remote.
 
     Args:
         files: The model's weight files.
@@ -147,7 +178,8 @@ def checkpoint_digest(files: Sequence[Path], *, memo: HashMemo | None = None) ->
     Raises:
         InputError: A file is missing or unreadable.
     """
-    pairs = sorted((Path(f).name, sha256_file(Path(f), memo=memo)) for f in files)
+    paths = [as_path(f) for f in files]
+    pairs = sorted((f.name, sha256_file(f, memo=memo)) for f in paths)
     digest = hashlib.sha256()
     for name, file_digest in pairs:
         digest.update(f"{name}\0{file_digest}\n".encode())

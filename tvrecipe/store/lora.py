@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tvrecipe.errors import InputError
 from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tvrecipe.store.remote import RemotePath, as_path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -31,13 +32,14 @@ _UNSUPPORTED = {"use_dora": (False, "DoRA"), "bias": ("none", "bias training"),
                 "layer_replication": (None, "layer replication")}
 
 
-def adapter_files(path: Path) -> list[Path]:
-    """The files of an adapter folder (weights, config), which its content hash covers.
+def adapter_files(path: Path | RemotePath) -> list[Path]:
+    """The files of an adapter folder (weights, config), which its content hash covers; the
+    folder may be a URL.
 
     Raises:
         InputError: either is missing.
     """
-    files = [Path(path) / WEIGHTS_FILE, Path(path) / CONFIG_FILE]
+    files = [as_path(path) / WEIGHTS_FILE, as_path(path) / CONFIG_FILE]
     for f in reversed(files):  # the config first: without it, it is no adapter at all
         if not f.is_file():
             raise InputError(f"{path}: no {f.name}; a `kind: lora` model is a peft adapter "
@@ -76,8 +78,8 @@ class LoraAdapter:
             module the base does not have, or factors whose product has another shape.
     """
 
-    def __init__(self, path: Path, base: Checkpoint):
-        self.path = Path(path)
+    def __init__(self, path: Path | RemotePath, base: Checkpoint):
+        self.path = as_path(path)
         self.base = base
         config_file = adapter_files(self.path)[1]
         try:

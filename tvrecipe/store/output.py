@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tvrecipe.errors import InputError, OutputError
+from tvrecipe.store.remote import RemotePath
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -154,6 +155,10 @@ class OutputFolder:
         self.committed = False
         resolved = self.target.resolve()
         for p in protected:
+            if isinstance(p, RemotePath):  # only a file:// URL can be where outputs go
+                p = p.local
+                if p is None:
+                    continue
             p_res = Path(p).resolve()
             if resolved == p_res or p_res in resolved.parents or resolved in p_res.parents:
                 relation = "is inside" if p_res in resolved.parents else "is"
@@ -269,6 +274,8 @@ def plan_aux_files(source: Path) -> AuxPlan:
     Raises:
         InputError: ``source`` is not a folder.
     """
+    if isinstance(source, RemotePath):
+        return _plan_remote(source)
     source = Path(source)
     if not source.is_dir():
         raise InputError(
@@ -298,7 +305,27 @@ def plan_aux_files(source: Path) -> AuxPlan:
     return plan
 
 
-def copy_aux_files(source: Path, dest: Path) -> list[str]:
+def _plan_remote(source: RemotePath) -> AuxPlan:
+    """``plan_aux_files`` of a folder at a URL (no links there)."""
+    if not source.is_dir():
+        raise InputError(
+            f"{source}: not a folder; copy_files_from must name a model folder "
+            "(the one holding config.json)"
+        )
+    plan = AuxPlan()
+    for entry in sorted(source.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if (name.startswith(".") or name.endswith(WEIGHT_SUFFIXES)
+                or name.endswith(".index.json") or not entry.is_file()):
+            continue
+        if name.endswith(CODE_SUFFIXES):
+            plan.skipped[name] = "code file: copy it yourself if you trust it"
+            continue
+        plan.copy.append(name)
+    return plan
+
+
+def copy_aux_files(source: Path | RemotePath, dest: Path) -> list[str]:
     """Copies the non-weight files of a model folder into ``dest`` (see ``plan_aux_files``).
 
     Args:
@@ -312,6 +339,8 @@ def copy_aux_files(source: Path, dest: Path) -> list[str]:
         InputError: ``source`` is not a folder or a file in it cannot be read.
         OutputError: A file cannot be written to ``dest``.
     """
+    if isinstance(source, RemotePath):
+        return _copy_remote(source, Path(dest))
     source, dest = Path(source), Path(dest)
     plan = plan_aux_files(source)
     for name in plan.copy:
@@ -326,4 +355,20 @@ def copy_aux_files(source: Path, dest: Path) -> list[str]:
             raise InputError(
                 f"cannot read {source / name}: {exc.strerror}; check its permissions"
             ) from exc
+    return plan.copy
+
+
+def _copy_remote(source: RemotePath, dest: Path) -> list[str]:
+    """``copy_aux_files`` from a folder at a URL: each file fetched, then written."""
+    plan = _plan_remote(source)
+    for name in plan.copy:
+        try:
+            data = (source / name).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {source / name}: {exc.strerror or exc}; check the "
+                             "URL") from exc
+        try:
+            (dest / name).write_bytes(data)
+        except OSError as exc:
+            raise output_oserror(exc, dest / name) from exc
     return plan.copy
