@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 
-__all__ = ["cores", "parallel_map", "splits"]
+__all__ = ["all_cores", "cores", "parallel_map", "splits"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -65,3 +66,20 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, numel: int,
 
 def _mark_worker() -> None:
     _local.worker = True
+
+
+@contextmanager
+def all_cores() -> Iterator[None]:
+    """Let torch's own threads use every core inside the block: for one large factorisation
+    (an eigendecomposition, a big product) that nothing else runs beside. The executor keeps
+    one core for reading and writing; a compute-bound spectral step leaves it idle. Calls
+    from the pool's workers (already one per core) change nothing."""
+    if getattr(_local, "worker", False) or cores() < 2:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

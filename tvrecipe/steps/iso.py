@@ -32,6 +32,7 @@ class IsoStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
+    version: ClassVar = 2  # spectra from eigh of the Gram, randomised residual SVDs
     kernel: ClassVar = "tvrecipe.ops.spectral:iso"
     example: ClassVar = "merged: {op: iso, inputs: tv, variant: cts}"
 

@@ -30,6 +30,7 @@ class TsvMergeStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
+    version: ClassVar = 2  # randomised task SVDs, polar factors from eigh
     kernel: ClassVar = "tvrecipe.ops.spectral:tsv_merge"
     example: ClassVar = "merged: {op: tsv_merge, inputs: tv}"
 
