@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 # Above this many singular values wanted, relative to the smaller side, a full SVD is as
@@ -11,10 +9,6 @@ import torch
 _FULL_FRACTION = 0.25
 _OVERSAMPLE = 10
 _POWER_ITERATIONS = 3
-
-
-def _same(y: torch.Tensor) -> torch.Tensor:
-    return y
 
 
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
@@ -30,19 +24,16 @@ def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _range_finder(x: torch.Tensor, k: int, seed: int, power: int = _POWER_ITERATIONS,
-                  project: Callable[[torch.Tensor], torch.Tensor] = _same) -> torch.Tensor:
-    """An orthonormal basis (columns) of about the top-``k`` left singular subspace of
-    ``project(x)``: a seeded Gaussian sketch, refined by ``power`` power iterations with
-    re-orthonormalisation (Halko, Martinsson and Tropp, 2011). ``project`` is an orthogonal
-    projector on the left space, applied to thin matrices only: ``project(x)`` is never
-    formed."""
+def _range_finder(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """An orthonormal basis (columns) of about the top-``k`` left singular subspace of ``x``:
+    a seeded Gaussian sketch, refined by power iterations with re-orthonormalisation (Halko,
+    Martinsson and Tropp, 2011)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sketch = torch.randn(x.shape[1], k, generator=gen, dtype=x.dtype).to(x.device)
-    q = _orthonormalize(project(x @ sketch))
-    for _ in range(power):
-        q = _orthonormalize(x.T @ project(q))
-        q = _orthonormalize(project(x @ q))
+    q = _orthonormalize(x @ sketch)
+    for _ in range(_POWER_ITERATIONS):
+        q = _orthonormalize(x.T @ q)
+        q = _orthonormalize(x @ q)
     return q
 
 
@@ -55,21 +46,14 @@ def _full_svd(shape: tuple[int, int], rank: int | None, energy: float | None) ->
 
 
 def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None = None,
-                  seed: int = 0, power: int = _POWER_ITERATIONS,
-                  project: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of the best rank-r approximation of ``x`` (float32 or float64, 2-D), or of
-    ``project(x)`` for an orthogonal projector ``project`` on the left space (applied to thin
-    matrices only on the randomised path).
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of the best rank-r approximation of ``x`` (float32 or float64, 2-D).
 
     Give ``rank`` (r = min(rank, min(m, n))) or ``energy`` (the smallest r whose singular
     values hold that share of Σσ², which needs the whole spectrum: a full SVD). A small rank
-    of a large matrix uses a seeded randomised SVD (same bytes on every run) with ``power``
-    power iterations, anything else the full one.
+    of a large matrix uses a seeded randomised SVD (same bytes on every run), anything else
+    the full one.
     """
-    if project is not None and (energy is not None or _full_svd(tuple(x.shape), rank, None)):
-        x, project = project(x), None  # the full SVD needs the matrix itself
-    project = project or _same
     m, n = x.shape
     small = min(m, n)
     if energy is not None:
@@ -87,8 +71,8 @@ def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None
     if _full_svd((m, n), rank, None):
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
-    q = _range_finder(x, r + _OVERSAMPLE, seed, power, project)
-    u_small, s, vh = torch.linalg.svd(project(q).T @ x, full_matrices=False)
+    q = _range_finder(x, r + _OVERSAMPLE, seed)
+    u_small, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
     return (q @ u_small)[:, :r], s[:r], vh[:r]
 
 
