@@ -38,14 +38,21 @@ SIZES = {
 }
 SHARD = "256MB"  # input shard size: real checkpoints are sharded, so read through the index
 OPS = ["sum", "ties", "dare", "cluster_basis", "decompose",
-       "linear", "slerp", "breadcrumbs", "della", "model_stock"]
+       "linear", "slerp", "breadcrumbs", "della", "model_stock",
+       "tsv_merge", "iso_c", "iso_cts", "compress_pca", "compress_ae"]
 LABELS = {"sum": "task arithmetic (sum + apply)", "ties": "TIES d=0.2 + apply",
           "dare": "DARE d=0.3 + sum + apply", "cluster_basis": "cluster_basis k=auto → vectors",
           "decompose": "decompose rank 16 → unique vectors",
           "linear": "linear (weights 1…n, normalized)", "slerp": "slerp base→ft0 t=[0, 0.5, 1]",
           "breadcrumbs": "breadcrumbs d=0.9 γ=0.01 + consensus + apply",
           "della": "DELLA d=0.4 ε=0.1 + consensus + apply",
-          "model_stock": "model_stock + apply"}
+          "model_stock": "model_stock + apply",
+          "tsv_merge": "tsv_merge + apply", "iso_c": "iso c + apply",
+          "iso_cts": "iso cts + apply",
+          "compress_pca": "compress_basis pca m=4 + sum of atoms + apply",
+          "compress_ae": "compress_basis autoencoder m=4 + sum + apply"}
+# The spectral and basis rows (issue #16: each ≤ 4× sum's time, ≤ 2× its peak RSS).
+SPECTRAL = ["decompose", "tsv_merge", "iso_c", "iso_cts", "compress_pca", "compress_ae"]
 APPLY_SCALE = 0.3  # the first three rows; the mergekit-equivalent rows below apply with scale 1
 # The rows compared with mergekit: op -> the mergekit method it is compared with.
 MERGEKIT = {"sum": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "linear",
@@ -120,6 +127,15 @@ def recipe_text(op: str, ckpt: Path, n: int, out: Path) -> str:
     elif op == "decompose":
         lines += ["  parts: {op: decompose, inputs: tv, rank: 16}", "outputs:",
                   f"  unique: {{from: parts.unique, path: {out}, dtype: bfloat16}}"]
+    elif op in ("tsv_merge", "iso_c", "iso_cts"):
+        step = {"tsv_merge": "{op: tsv_merge, inputs: tv}", "iso_c": "{op: iso, inputs: tv}",
+                "iso_cts": "{op: iso, inputs: tv, variant: cts}"}[op]
+        lines += [f"  merged: {step}", apply1, "outputs:", model_out]
+    elif op in ("compress_pca", "compress_ae"):
+        method = "pca" if op == "compress_pca" else "autoencoder"
+        atoms = ", ".join(f"basis.atom{i}" for i in range(4))
+        lines += [f"  basis: {{op: compress_basis, inputs: tv, method: {method}, m: 4}}",
+                  f"  merged: {{op: sum, inputs: [{atoms}]}}", apply, "outputs:", model_out]
     elif op == "linear":
         w = ", ".join(f"{x:g}" for x in linear_weights(n))
         lines += [f"  model: {{op: linear, inputs: [{', '.join(fts)}], weights: [{w}]}}",
@@ -582,9 +598,14 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
     cb = reports.get("cluster_basis", {}).get("basis")
     if isinstance(cb, dict) and isinstance(cb.get("basis"), dict):
         print(f"  (cluster_basis chose k={len(cb['basis'])}: {json.dumps(cb['basis'])})")
-    d = results.get("decompose")
-    if d is not None and not d.rc:
-        print(f"- decompose (8 vectors, rank 16): {d.wall:.2f} s wall ({ratio('decompose')} sum)")
+    sum_m = results.get("sum")
+    for op in SPECTRAL:
+        m = results.get(op)
+        if m is None or m.rc:
+            continue
+        rss = (f", peak RSS {m.peak_rss_mb / sum_m.peak_rss_mb:.2f}× sum's"
+               if sum_m is not None and not sum_m.rc else "")
+        print(f"- {LABELS[op]}: {m.wall:.2f} s wall ({ratio(op)} sum{rss})")
     for op, peer in (("sum", "mergekit sum"), ("ties", "mergekit ties"), ("dare", "mergekit dare")):
         mine, theirs = results.get(op), results.get(peer)
         if mine is None or theirs is None or mine.rc or theirs.rc:

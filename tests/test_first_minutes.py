@@ -142,8 +142,9 @@ def test_the_not_a_mapping_hint_points_at_bundled_recipes(cli):
 def test_inspect_takes_dotted_references(recipe, cli, tmp_path):
     res = cli.fails(2, "inspect", "r.yaml", "tv.math")
     assert res.err_lines[1] == ("'tv.math' is a vector: inspect shows a vectors set (cosine "
-                                "similarities), a cluster_basis step (clusters) or a decompose "
-                                "step (ranks and shared dimensions)")
+                                "similarities), a cluster_basis or compress_basis step, a "
+                                "decompose step (ranks and shared dimensions) or a tsv_merge or "
+                                "iso step (spectra of its inputs)")
     res = cli.fails(2, "inspect", "r.yaml", "tv.mat")
     assert res.err_lines[1] == "'tv.mat': has no member 'mat' (did you mean 'math'?)"
     # parts.unique is a set: its cosine matrix is that of the unique parts a run writes.

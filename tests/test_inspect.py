@@ -71,3 +71,83 @@ def test_plot_writes_a_png(make_models, cli, tmp_path):
     cli.ok("inspect", "r.yaml", "parts", "--plot", "parts.png")
     for name in ("basis.png", "parts.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SPECTRA = """\
+tvrecipe: 1
+settings: {compute_dtype: float64}
+models:
+  base: ./base.safetensors
+  a: ./a.safetensors
+  b: ./b.safetensors
+  c: ./c.safetensors
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b, c]}
+  merged: {op: tsv_merge, inputs: tv}
+  iso: {op: iso, inputs: tv, variant: cts}
+  parts: {op: decompose, inputs: tv, rank: 4}
+  basis: {op: compress_basis, inputs: tv, m: 2}
+outputs:
+  m: {from: merged, path: ./out/m}
+"""
+
+
+def _spectral_project(tmp_path):
+    """Two layers of a 48 × 36 weight: a and b share their left subspace (rank 4, equal
+    singular values), c's is orthogonal to it; plus a norm (1-D, left out)."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(48, 8, generator=g, dtype=torch.float64)).Q
+    ua, uc = q[:, :4], q[:, 4:]
+    base = {f"model.layers.{i}.mlp.w.weight": torch.zeros(48, 36, dtype=torch.float64)
+            for i in range(2)} | {"model.norm.weight": torch.ones(36, dtype=torch.float64)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for name, u in (("a", ua), ("b", ua), ("c", uc)):
+        ft = {}
+        for k, v in base.items():
+            if v.dim() == 2:
+                vt = torch.linalg.qr(torch.randn(36, 4, generator=g, dtype=torch.float64)).Q
+                ft[k] = v + 2.0 * u @ vt.T
+            else:
+                ft[k] = v + 0.1
+        save_file(ft, str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / "r.yaml").write_text(SPECTRA)
+
+
+@pytest.mark.parametrize("step", ["merged", "iso", "parts"])
+def test_spectral_steps_show_spectra_and_overlaps(cli, tmp_path, step):
+    _spectral_project(tmp_path)
+    got = json.loads(cli.ok("inspect", "r.yaml", step, "--json").stdout)
+    assert got["tasks"] == ["a", "b", "c"]
+    assert list(got["groups"]) == ["model.layers.*.mlp.w.weight"]  # the norm is left out
+    g = got["groups"]["model.layers.*.mlp.w.weight"]
+    assert g["count"] == 2 and g["shape"] == [48, 36]
+    assert g["k"] == (4 if step == "parts" else 12)  # decompose's rank, else ⌊r/T⌋
+    assert g["erank"] == pytest.approx([4.0] * 3, abs=1e-9)  # four equal singular values
+    assert g["r90"] == [4.0] * 3
+    assert g["energy_k"] == pytest.approx([1.0] * 3, abs=1e-12)
+    # a and b span one subspace, c another: top-k overlaps 4/k and 0
+    k = g["k"]
+    overlap = torch.tensor(g["overlap"])
+    torch.testing.assert_close(overlap.diagonal(), torch.full((3,), 4 / k, dtype=overlap.dtype))
+    assert overlap[0, 1] == pytest.approx(4 / k, abs=1e-9)
+    assert overlap[0, 2] == pytest.approx(0.0, abs=1e-9)
+    assert overlap[1, 2] == pytest.approx(0.0, abs=1e-9)
+    assert ("tensors" in got) == (step == "parts")  # decompose adds its per-tensor table
+    text = cli.ok("inspect", "r.yaml", step).stdout
+    assert "singular spectra of 3 task vectors" in text
+    assert "model.layers.*.mlp.w.weight  (2 tensors, 48×36" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_spectra_plot_and_compressed_basis_inspection(cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    _spectral_project(tmp_path)
+    res = cli.ok("inspect", "r.yaml", "merged", "--plot", "spectra.png")
+    assert (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote spectra.png" in res.stdout
+    got = json.loads(cli.ok("inspect", "r.yaml", "basis", "--json").stdout)
+    assert got["members"] == ["a", "b", "c"] and got["atoms"] == ["atom0", "atom1", "mean"]
+    assert set(got["rebuild_error"]) == {"a", "b", "c"}
+    assert got["loss"] == pytest.approx(got["bound"], rel=1e-6, abs=1e-12)
+    assert "Eckart–Young bound" in cli.ok("inspect", "r.yaml", "basis").stdout

@@ -117,6 +117,21 @@ def _device_option(help_text: str):
     return click.option("--device", callback=_check_device, help=help_text)
 
 
+def _check_cluster(_ctx, _param, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from tvrecipe.exec.cluster_address import parse_address
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value.strip()
+
+
+def _cluster_option(help_text: str):
+    return click.option("--cluster", metavar="ADDRESS", callback=_check_cluster, help=help_text)
+
+
 @click.group("tvrecipe", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tvrecipe")
 @click.option("-v", "--verbose", count=True, help="Show tracebacks and more detail.")
@@ -258,12 +273,18 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
 @click.option("--locked", is_flag=True,
               help="Refuse to run when the recipe or inputs differ from the lock file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_cluster_option("Run the tensor work on a Dask cluster: tcp://HOST:PORT (a scheduler whose "
+                 "workers see the inputs and the staging folder) or local:N (N worker "
+                 "processes here). Same bytes as a local run; needs 'tvrecipe[cluster]'.")
 @handle_errors
 def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         report_path: str | None, cache_dir: str | None, no_cache: bool, locked: bool,
-        quiet: bool) -> None:
+        quiet: bool, cluster: str | None) -> None:
     """Run a recipe and write its outputs (atomically: all or nothing per output)."""
     from tvrecipe.errors import VerifyError
+    if cluster:
+        from tvrecipe.exec.cluster_address import require_dask
+        require_dask()
     with _importing("tvrecipe.exec.lockfile"):
         from tvrecipe.exec import lockfile
     from tvrecipe.store.lock import lock_path
@@ -311,19 +332,25 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
-                         state=state, replaceable=replaceable)
+                         state=state, replaceable=replaceable, cluster=cluster)
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
     result = run_light(compiled, options)
     if result is None:
         with _importing("tvrecipe.exec.runner"):
             from tvrecipe.exec.runner import run_recipe  # torch: not for no-ops
-        result = run_recipe(compiled, options)
+        try:
+            result = run_recipe(compiled, options)
+        finally:
+            if cluster and "tvrecipe.exec.cluster" in sys.modules:  # a local:N cluster stops
+                sys.modules["tvrecipe.exec.cluster"].close_clients()
     lockfile.write_run_lock(compiled, state, result.outputs, memo, result.digests)
     for warning in cache.warnings if cache else ():
         click.echo(f"tvrecipe: warning: {warning}", err=True)
     if report_path:
         reports = {**result.reports,
                    **{f"output:{n}": r for n, r in result.output_reports.items()}}
+        if result.workers:  # a cluster run: time and bytes per worker
+            reports["cluster:workers"] = result.workers
         Path(report_path).write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
     if quiet:
         return
@@ -341,7 +368,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                        f"{adapter['relative_error']:.4f} (Frobenius, all tensors){left}")
     if result.cache_hits:
         click.echo(f"from cache: {', '.join(result.cache_hits)}")
-    click.echo(f"done in {result.seconds:.2f} s on {result.device}: read "
+    where = (f" (cluster {cluster}, {len(result.workers)} workers)" if result.workers
+             else "")
+    click.echo(f"done in {result.seconds:.2f} s on {result.device}{where}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
 
 
@@ -355,8 +384,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
 @handle_errors
 def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
             device: str | None) -> None:
-    """Show cosine similarities of a vectors value, the clusters of a cluster_basis step, or
-    the ranks and shared dimensions of a decompose step, per tensor."""
+    """Show cosine similarities of a vectors value, the clusters of a cluster_basis step, the
+    rebuild errors of a compress_basis step, or the singular spectra and subspace overlaps of
+    the inputs of a tsv_merge, iso or decompose step (with its ranks and shared dimensions)."""
     import importlib.util
     if plot_path and importlib.util.find_spec("matplotlib") is None:
         from tvrecipe.errors import MissingPackage
@@ -384,8 +414,10 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
 @click.option("--input", "inputs", multiple=True, metavar="NAME=PATH",
               help="FOLDER --recompute only: read input NAME from PATH instead of the path in "
                    "the folder's tvrecipe.yaml (its pinned sha256 still applies). Repeatable.")
+@_cluster_option("--recompute on a Dask cluster: tcp://HOST:PORT or local:N (see `run`).")
 @handle_errors
-def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, ...]) -> None:
+def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, ...],
+           cluster: str | None) -> None:
     """Check that inputs, recipe and outputs still match the lock file, byte for byte.
 
     Given a recipe, its outputs are hashed again in full; inputs are hashed again when their
@@ -394,8 +426,11 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     rebuilds it from its own tvrecipe.yaml.
     """
     from tvrecipe.errors import RecipeError, VerifyError
+    if cluster and recompute:
+        from tvrecipe.exec.cluster_address import require_dask
+        require_dask()
     if Path(recipe).is_dir():
-        _verify_folder(Path(recipe), recompute, device, _input_paths(inputs))
+        _verify_folder(Path(recipe), recompute, device, _input_paths(inputs), cluster)
         return
     if inputs and Path(recipe).is_file():
         raise RecipeError(f"--input is for a released output folder; {recipe} is a recipe: "
@@ -428,7 +463,7 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     try:
         folders = {name: tmp / name for name in compiled.outputs}
         run_recipe(compiled, RunOptions(device=device, progress=sys.stderr.isatty(),
-                                        targets=folders))
+                                        targets=folders, cluster=cluster))
         problems = lockfile.output_differences(compiled, HashMemo(None), folders)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -452,7 +487,7 @@ def _input_paths(options: tuple[str, ...]) -> dict[str, str]:
 
 
 def _verify_folder(folder: Path, recompute: bool, device: str | None,
-                   moved: dict[str, str]) -> None:
+                   moved: dict[str, str], cluster: str | None = None) -> None:
     """``verify FOLDER``: a released output folder against the lock entry it carries."""
     import shutil
     import tempfile
@@ -479,7 +514,7 @@ def _verify_folder(folder: Path, recompute: bool, device: str | None,
     except OSError:  # a read-only parent (a downloaded snapshot): the system's temp folder
         tmp = Path(tempfile.mkdtemp(prefix="tvrecipe-verify-"))
     try:
-        _recompute_folder(folder, recipe, tmp, data, device, moved)
+        _recompute_folder(folder, recipe, tmp, data, device, moved, cluster)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     skipped = (f" ({release.CARD_FILE} and {release.RECIPE_FILE} aside: they name the "
@@ -489,7 +524,7 @@ def _verify_folder(folder: Path, recompute: bool, device: str | None,
 
 
 def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device: str | None,
-                      moved: dict[str, str]) -> None:
+                      moved: dict[str, str], cluster: str | None = None) -> None:
     import yaml
 
     from tvrecipe.errors import InputError, RecipeError, VerifyError
@@ -529,7 +564,7 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
     (name,) = compiled.outputs
     run_recipe(compiled, RunOptions(
         device=device, progress=sys.stderr.isatty(), targets={name: tmp / name},
-        state=state, source=release.Source(**data["built_from"])))
+        state=state, source=release.Source(**data["built_from"]), cluster=cluster))
     locked = dict(data["files"])
     got = tmp / name
     if moved:  # the card and recipe name the input paths: only the rest is compared

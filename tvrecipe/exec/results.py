@@ -47,6 +47,9 @@ class RunOptions:
     # The recipe the outputs' headers and lock entries name; None: the recipe being run. A
     # rebuild from an output folder's own tvrecipe.yaml passes the original's.
     source: Source | None = None
+    # Where to run: a Dask scheduler address (``tcp://host:8786``) or ``local:N``; None runs
+    # in this process. Never part of the recipe: it changes no key and no byte of output.
+    cluster: str | None = None
 
 
 @dataclass
@@ -65,6 +68,8 @@ class RunResult:
     digests: dict[str, dict[str, str]] = field(default_factory=dict)
     # output -> what writing it found (a peft adapter's rank and error per tensor)
     output_reports: dict[str, dict] = field(default_factory=dict)
+    # A cluster run: worker address -> tasks, seconds, bytes read and staged on it.
+    workers: dict[str, dict] = field(default_factory=dict)
 
 
 class Output:

@@ -101,6 +101,11 @@ class Runner:
         # Steps whose member names are known only once they ran (or were found cached).
         self._open_members = {n for n, s in compiled.steps.items()
                               if s.type.kind == VECTORS and s.type.members is None}
+        # The tensors streams walk: None for all of them; a cluster worker walks its own
+        # group (tvrecipe.exec.cluster). Row blocks of row-wise streams: about this many
+        # elements (a worker is given its client's).
+        self.only: set[str] | None = None
+        self.chunk = CHUNK_ELEMENTS
 
     # ---- reading ---------------------------------------------------------------------------
     def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True
@@ -197,7 +202,9 @@ class Runner:
     def _work(self, steps: list[CompiledStep]) -> Iterator[tuple[str, TensorInfo, slice | None]]:
         by_rows = rowwise(steps)
         for tensor, info in self.plan.tensors.items():
-            step = rows_per_block(info.shape, CHUNK_ELEMENTS) if by_rows else None
+            if self.only is not None and tensor not in self.only:
+                continue
+            step = rows_per_block(info.shape, self.chunk) if by_rows else None
             if step is not None:
                 for start in range(0, info.shape[0], step):
                     yield tensor, info, slice(start, min(start + step, info.shape[0]))
@@ -306,7 +313,9 @@ class Runner:
         """Facts about one value without writing anything.
 
         A ``vectors`` value gives its members' cosine similarity matrix (one streaming pass);
-        a ``decompose`` step gives its per-tensor ranks, shared dimension and energy shares.
+        a ``decompose`` step gives its per-tensor ranks, shared dimension and energy shares;
+        a spectral step (and ``decompose``) the singular spectra of its inputs and their
+        subspace overlaps per group of tensors (:mod:`tvrecipe.exec.spectra`).
 
         Raises:
             RecipeError: ``node`` names no model or step, or a value of another kind.
@@ -324,6 +333,17 @@ class Runner:
                 raise RecipeError(f"{text!r}: {vt}")
         kind = vt.kind
         step = self.compiled.steps.get(node)
+        options = None if step is None or selector else step.spec.spectra_options()
+        if options is not None:  # a spectral step: its inputs' spectra, then what it shows
+            from tvrecipe.exec.spectra import spectra
+            self.plan = build_tensor_plan(self.compiled)
+            try:
+                shown = spectra(PassContext(self, step), **options)
+            finally:
+                self.plan.close()
+            if kind == "decomposition":
+                shown.update(self._inspect_decomposition(node))
+            return shown
         if (step is not None and not selector and step.spec.whole_model
                 and kind in (VECTORS, "decomposition")):
             self.plan = build_tensor_plan(self.compiled)
@@ -336,17 +356,15 @@ class Runner:
                 return shown
         if kind not in (VECTORS, "decomposition"):
             raise RecipeError(f"{text!r} is a {kind}: inspect shows a vectors set (cosine "
-                              "similarities), a cluster_basis step (clusters) or a decompose "
-                              "step (ranks and shared dimensions)")
+                              "similarities), a cluster_basis or compress_basis step, a "
+                              "decompose step (ranks and shared dimensions) or a tsv_merge or "
+                              "iso step (spectra of its inputs)")
+        if kind == "decomposition":
+            return self._inspect_decomposition(node)
         self.plan = build_tensor_plan(self.compiled)
         try:
             steps = [*self._upstream(node)] + ([self.compiled.steps[node]]
                                                 if node in self.compiled.steps else [])
-            if kind == "decomposition":
-                with closing(self._stream(steps, [node], f"inspect {node}")) as stream:
-                    for _ in stream:
-                        pass
-                return {"kind": kind, "tensors": self.reports.get(node, {}).get("tensors", {})}
             members = list(vt.members or ())
             self.extra_reads = {node: {tuple(selector)}}
             gram = torch.zeros(len(members), len(members), dtype=torch.float64)
@@ -358,6 +376,20 @@ class Runner:
             cos = ops.cosine_from_gram(gram)
             return {"kind": kind, "members": members, "cosine": cos.tolist(),
                     "norms": gram.diagonal().sqrt().tolist()}
+        finally:
+            self.plan.close()
+
+    def _inspect_decomposition(self, node: str) -> dict[str, Any]:
+        """A decompose step's per-tensor ranks, shared dimension and energy shares (one pass
+        that forms no part: nothing reads them)."""
+        self.plan = build_tensor_plan(self.compiled)
+        try:
+            steps = [*self._upstream(node), self.compiled.steps[node]]
+            with closing(self._stream(steps, [node], f"inspect {node}")) as stream:
+                for _ in stream:
+                    pass
+            return {"kind": "decomposition",
+                    "tensors": self.reports.get(node, {}).get("tensors", {})}
         finally:
             self.plan.close()
 
@@ -583,6 +615,10 @@ class PassContext:
         """The expanded entries of a field (one per task vector)."""
         return self.step.entries.get(fld, [])
 
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """The shape of a tensor of the model."""
+        return tuple(self._runner.plan.tensors[tensor].shape)
+
     def kernel(self, *args: Any, **kwargs: Any) -> Any:
         """Call the op's kernel."""
         return kernel(type(self.step.spec))(*args, **kwargs)
@@ -632,6 +668,9 @@ def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResu
     try:
         while True:
             try:
+                if options is not None and options.cluster:  # Dask: imported only then
+                    from tvrecipe.exec.cluster import ClusterRunner
+                    return ClusterRunner(compiled, options).run()
                 return Runner(compiled, options).run()
             except CacheCorrupt as exc:
                 options.cache.discard(exc.key, str(exc))

@@ -18,6 +18,7 @@ __all__ = [
     "decomposition_info",
     "decomposition_parts",
     "dense_shared_subspace",
+    "shared_coefficients",
     "shared_subspace",
     "task_subspace",
 ]
@@ -390,6 +391,17 @@ def decompose_factors(
     return {"basis": z.contiguous(), "ranks": ranks}
 
 
+def shared_coefficients(deltas: Sequence[torch.Tensor], factors: Mapping[str, torch.Tensor]
+                        ) -> list[torch.Tensor] | None:
+    """Zᵀ·W_i for each delta (s × columns), or None outside subspace mode: the one product
+    both the parts and the report's shared energies need."""
+    if "basis" not in factors:
+        return None
+    z = factors["basis"].to(deltas[0].device)
+    rows = deltas[0].shape[0]
+    return [z.mT @ w.reshape(rows, -1).to(z.dtype) for w in deltas]
+
+
 def decomposition_parts(
     deltas: Sequence[torch.Tensor],
     factors: Mapping[str, torch.Tensor],
@@ -398,6 +410,7 @@ def decomposition_parts(
     shared: Sequence[bool] | None = None,
     unique: Sequence[bool] | None = None,
     reuse: Sequence[bool] | None = None,
+    coefficients: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Shared and unique parts of each delta from the factors :func:`decompose_factors` kept.
 
@@ -411,6 +424,7 @@ def decomposition_parts(
             wanted comes back as None without being computed.
         reuse: Per delta, whether its unique part may be written into it (nothing reads the
             delta afterwards): same bytes, without a fresh tensor-sized allocation.
+        coefficients: :func:`shared_coefficients` of the deltas, if already computed.
     """
     k = len(deltas)
     want_sh = list(shared) if shared is not None else [True] * k
@@ -432,7 +446,7 @@ def decomposition_parts(
             continue
         # Project in Z's precision (float32 at least); half-precision deltas come back as such.
         a = w.reshape(shape[0], -1).to(z.dtype)
-        coeff = z.mT @ a
+        coeff = z.mT @ a if coefficients is None else coefficients[i]
         if want_un[i]:
             if reuse is not None and reuse[i] and a.data_ptr() == w.data_ptr():
                 un[i] = a.addmm_(z, coeff, alpha=-1).reshape(shape)
@@ -449,6 +463,7 @@ def decomposition_info(
     *,
     vectors_1d: str = "unique",
     excluded: bool = False,
+    coefficients: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The run-report facts of one tensor's decomposition (see :class:`Decomposition`).
 
@@ -465,11 +480,11 @@ def decomposition_info(
             energy = [mean_sq / t if t > 0.0 else 0.0 for t in totals]
         return {"ranks": [], "shared_dim": 0, "shared_energy": energy,
                 "mode": f"{prefix}-{vectors_1d}"}
-    z = factors["basis"].to(deltas[0].device)
-    shape = deltas[0].shape
+    z = factors["basis"]
+    coefficients = coefficients or shared_coefficients(deltas, factors)
     energy = []
-    for w, total in zip(deltas, totals):
-        kept = _sq_norm(z.mT @ w.reshape(shape[0], -1).to(z.dtype)) if z.shape[1] else 0.0
+    for c, total in zip(coefficients, totals):
+        kept = _sq_norm(c) if z.shape[1] else 0.0
         energy.append(min(kept / total, 1.0) if total > 0.0 else 0.0)
     return {"ranks": [int(r) for r in factors["ranks"]], "shared_dim": int(z.shape[1]),
             "shared_energy": energy, "mode": "subspace"}

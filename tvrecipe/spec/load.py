@@ -85,6 +85,9 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             hint = did_you_mean(field, allowed) if allowed else None
             if allowed and not hint:
                 hint = "allowed fields: " + ", ".join(a for a in allowed if a != "op")
+            if path == ("settings", "cluster"):
+                hint = ("where a recipe runs is not part of the recipe, and changes none of its "
+                        "outputs: pass `tvrecipe run RECIPE --cluster ADDRESS` instead")
         elif kind == "missing":
             field = loc[-1] if loc else "?"
             message = f"missing required field {field!r}"

@@ -260,6 +260,12 @@ class StepSpec(Frozen):
         """A short text of the step's run report for the terminal, or None."""
         return None
 
+    def spectra_options(self) -> dict | None:
+        """For a spectral op, what `tvrecipe inspect` passes to the spectra of its inputs
+        (:func:`tvrecipe.exec.spectra.spectra`: ``excluded`` patterns, directions ``k``);
+        None (the default) for other ops."""
+        return None
+
     def inspection(self, report: dict) -> dict | None:
         """What ``tvrecipe inspect`` shows of this step from its whole-model report, or None
         to show its value (a cosine matrix of a set, a decomposition's ranks)."""

@@ -78,8 +78,10 @@ class CompressBasisStep(StepSpec):
                 steps=self.steps, lr=self.lr, temperature=self.temperature)
         names = [e.name for e in entries]
         atoms = _atom_names(m, basis.mean)
+        from tvrecipe.ops import cosine_from_gram
         ctx.report.update({
             "method": self.method, "tasks": names, "atoms": list(atoms),
+            "similarity": cosine_from_gram(gram).tolist(),
             # atom -> its weight on each task; task -> its rebuild's weight on each atom
             "encoder": {a: basis.atoms[:, j].tolist() for j, a in enumerate(atoms[:m])},
             "decoder": {t: basis.decoder[:, i].tolist() for i, t in enumerate(names)},
@@ -98,6 +100,11 @@ class CompressBasisStep(StepSpec):
         if "mean" in atoms:
             out["mean"] = combine(xs, [1.0 / len(xs)] * len(xs))
         return out
+
+    def inspection(self, report: dict) -> dict:
+        return {"kind": "compressed basis", "members": report["tasks"],
+                "cosine": report["similarity"], "rebuild_error": report["relative_error"],
+                "loss": report["loss"], "bound": report["bound"], "atoms": report["atoms"]}
 
     def render_report(self, name: str, report: dict) -> str | None:
         if "relative_error" not in report:

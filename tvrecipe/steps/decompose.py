@@ -65,7 +65,11 @@ class DecomposeStep(StepSpec):
         return ValueType(DECOMPOSITION, members)
 
     def evaluate(self, ctx: Any) -> Any:
-        from tvrecipe.ops.decompose import decomposition_info, decomposition_parts
+        from tvrecipe.ops.decompose import (
+            decomposition_info,
+            decomposition_parts,
+            shared_coefficients,
+        )
         from tvrecipe.ops.parallel import parallel_map
         targets = ctx.tensors("inputs")
         deltas = [*targets, *ctx.tensors("reference")]
@@ -85,15 +89,18 @@ class DecomposeStep(StepSpec):
                                  rank=rank, excluded=excluded, parallel=spread)
             ctx.keep(factors)
         # Facts first: the unique parts may be written into the deltas (reuse).
+        coeffs = shared_coefficients(deltas, factors)
         ctx.report.setdefault("tensors", {})[ctx.tensor] = decomposition_info(
-            deltas, factors, vectors_1d=self.vectors_1d, excluded=excluded)
+            deltas, factors, vectors_1d=self.vectors_1d, excluded=excluded,
+            coefficients=coeffs)
         ptrs = [t.data_ptr() for t in deltas]
         reuse = [ptrs.count(p) == 1 and ctx.scratch(e.ref.node, t, []) is not None
                  for e, t, p in zip(ctx.entries("inputs"), targets, ptrs)]
         shared, unique = decomposition_parts(
             deltas[:len(targets)], factors, vectors_1d=self.vectors_1d,
             shared=[ctx.reads("shared", m) for m in members],
-            unique=[ctx.reads("unique", m) for m in members], reuse=reuse)
+            unique=[ctx.reads("unique", m) for m in members], reuse=reuse,
+            coefficients=coeffs)
         # A part nothing reads is left out; None is an exact zero (a 1-D shared part).
         return {"shared": {m: t for m, t in zip(members, shared)
                            if ctx.reads("shared", m)},
@@ -110,3 +117,7 @@ class DecomposeStep(StepSpec):
         return (f"{name} (decompose): {len(sub)} tensors split by subspace, "
                 f"mean shared dimension {mean_dim:.1f}, "
                 f"{len(report['tensors']) - len(sub)} handled as 1-D/excluded")
+
+    def spectra_options(self) -> dict:
+        return {"excluded": tuple(self.exclude),
+                "k": self.rank if isinstance(self.rank, int) else None}

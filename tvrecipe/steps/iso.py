@@ -40,3 +40,6 @@ class IsoStep(StepSpec):
         xs = ctx.tensors("inputs")
         return None if xs[0] is None else ctx.kernel(xs, variant=self.variant,
                                                      common=self.common)
+
+    def spectra_options(self) -> dict:
+        return {}

@@ -37,3 +37,6 @@ class TsvMergeStep(StepSpec):
     def evaluate(self, ctx: Any) -> Any:
         xs = ctx.tensors("inputs")
         return None if xs[0] is None else ctx.kernel(xs, fraction=self.fraction)
+
+    def spectra_options(self) -> dict:
+        return {}

@@ -289,17 +289,22 @@ class RemotePath:
             raise _missing(self.url)
         return int(info.get("size") or 0)
 
-    def iterdir(self) -> Iterator[RemotePath]:
-        """The entries of the folder, each with its ``info`` already known."""
-        fs, path = self._filesystem()
+    def _call(self, verb: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` of the filesystem, its failures as tvrecipe errors naming
+        the URL: nothing there (``_missing``), anything else (``_failure``, saying ``verb``)."""
         try:
-            listing = fs.ls(path, detail=True)
+            return fn(*args, **kwargs)
         except FileNotFoundError:
             raise _missing(self.url) from None
         except TvrecipeError:
             raise
-        except Exception as exc:  # noqa: BLE001
-            raise _failure(self.url, "list", exc) from None
+        except Exception as exc:  # noqa: BLE001 - each filesystem raises its own errors
+            raise _failure(self.url, verb, exc) from None
+
+    def iterdir(self) -> Iterator[RemotePath]:
+        """The entries of the folder, each with its ``info`` already known."""
+        fs, path = self._filesystem()
+        listing = self._call("list", fs.ls, path, detail=True)
         children = {}
         for entry in listing:
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -315,14 +320,7 @@ class RemotePath:
             FileNotFoundError: nothing is at the URL.
         """
         fs, path = self._filesystem()
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            raise _missing(self.url) from None
-        except TvrecipeError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise _failure(self.url, "read", exc) from None
+        return self._call("read", fs.cat_file, path)
 
     def read_text(self, encoding: str = "utf-8") -> str:
         """The whole file, decoded."""
@@ -331,14 +329,7 @@ class RemotePath:
     def read_range(self, start: int, end: int) -> bytes:
         """Bytes ``start:end`` of the file (fewer only where the file ends first)."""
         fs, path = self._filesystem()
-        try:
-            return fs.cat_file(path, start=start, end=end)
-        except FileNotFoundError:
-            raise _missing(self.url) from None
-        except TvrecipeError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise _failure(self.url, "read", exc) from None
+        return self._call("read", fs.cat_file, path, start=start, end=end)
 
     def iter_chunks(self, start: int, end: int, chunk: int = CHUNK) -> Iterator[bytes]:
         """Bytes ``start:end`` in order, in chunks of ``chunk`` bytes, a few ranges fetched

@@ -1,0 +1,344 @@
+"""`tvrecipe run --cluster`: the tensor work on Dask workers, the same bytes as a local run.
+
+One LocalCluster (2 worker processes, 1 thread each) serves the whole module. Every op family
+runs locally and on the cluster, from the command line, and outputs, lock and cache entries
+are compared byte for byte (then once more from the cluster run's own cache). Errors found on
+a worker come back as the local run's; a worker killed mid-run costs nothing but time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import Cli, base_weights, finetune, save_model, snapshot
+
+pytest.importorskip("distributed", reason="the cluster extra: pip install 'tvrecipe[cluster]'")
+
+from tvrecipe.exec import cluster as cluster_mod
+
+TASKS = ("math", "code", "toxic", "chat")
+
+
+@pytest.fixture(scope="module")
+def address():
+    """The scheduler address of a LocalCluster that `--cluster ADDRESS` reaches."""
+    from distributed import Client, LocalCluster
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    client = Client(cluster)
+    addr = cluster.scheduler_address
+    cluster_mod._CLIENTS[addr] = client  # connect() uses it; the CLI leaves it open
+    try:
+        yield addr
+    finally:
+        cluster_mod._CLIENTS.pop(addr, None)
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A base, four fine-tunes and a LoRA adapter of the base, shared by every test."""
+    root = tmp_path_factory.mktemp("cluster-models")
+    base = base_weights(0)
+    save_model(root / "base", base)
+    g = torch.Generator().manual_seed(7)
+    shared = {k: 0.004 * torch.randn(v.shape, generator=g)
+              for k, v in base.items() if v.is_floating_point()}
+    for i, name in enumerate(TASKS):
+        ft = finetune(base, i + 1)
+        if i < 2:  # math and code move together: cluster_basis finds two clusters
+            ft = {k: v + shared[k] if k in shared else v for k, v in ft.items()}
+        save_model(root / name, ft)
+    adapter = root / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "down_proj"]}))
+    save_file({
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+            0.1 * torch.randn(2, 8, generator=g),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
+            0.1 * torch.randn(8, 2, generator=g),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight":
+            0.1 * torch.randn(2, 12, generator=g),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight":
+            0.1 * torch.randn(8, 2, generator=g),
+    }, str(adapter / "adapter_model.safetensors"))
+    return root
+
+
+TV = "  tv: {op: extract, base: base, finetuned: [math, code, toxic, chat]}\n"
+APPLY = "  model: {op: apply, base: base, delta: merged, scale: 0.7}\n"
+MODEL_OUT = "  model: {from: model, path: ./out/model, dtype: bfloat16}\n"
+
+# family -> (steps, outputs): every op, every output kind, the cached and factored steps.
+FAMILIES = {
+    "arithmetic": (
+        (TV + "  detox: {op: negate, input: tv.toxic}\n"
+         "  half: {op: scale, input: tv.math, factor: 0.5}\n"
+         "  avg: {op: mean, inputs: tv}\n"
+         "  merged: {op: sum, inputs: [half, tv.code, detox, avg], weights: [1, 0.5, 0.3, 0.2]}\n"
+         + APPLY),
+        ("  model: {from: model, path: ./out/model, dtype: bfloat16, shard_size: 1KB}\n"
+         "  vectors: {from: tv, path: ./out/tv, dtype: float16}\n"
+         "  avg: {from: avg, path: ./out/avg}\n")),
+    "sparsify": (
+        (TV + "  trimmed: {op: prune, input: tv, density: 0.4}\n"
+         "  dropped: {op: dare, input: tv, density: 0.5}\n"
+         "  tied: {op: ties, inputs: trimmed, density: 0.6}\n"
+         "  merged: {op: sum, inputs: [tied, dropped.math, dropped.code]}\n" + APPLY),
+        MODEL_OUT + "  dropped: {from: dropped, path: ./out/dropped}\n"),
+    "mergekit": (
+        (TV + "  crumbs: {op: breadcrumbs, input: tv, density: 0.9, gamma: 0.05}\n"
+         "  del: {op: della, input: tv, density: 0.5, epsilon: 0.1}\n"
+         "  c1: {op: consensus, inputs: crumbs}\n"
+         "  c2: {op: consensus, inputs: [del.math, del.code, del.toxic, del.chat],"
+         " weights: [1, 0.5, 0.5, 1]}\n"
+         "  merged: {op: sum, inputs: [c1, c2]}\n" + APPLY),
+        MODEL_OUT),
+    "linear-slerp": (
+        ("  soup: {op: linear, inputs: [math, code, chat], weights: [0.5, 0.3, 0.2]}\n"
+         "  smooth: {op: slerp, a: base, b: soup, t: [0, 0.5, 1]}\n"
+         "  moved: {op: extract, base: base, finetuned: [soup, smooth]}\n"
+         "  merged: {op: sum, inputs: moved}\n"),
+        ("  soup: {from: soup, path: ./out/soup}\n"
+         "  smooth: {from: smooth, path: ./out/smooth, dtype: float16}\n"
+         "  merged: {from: merged, path: ./out/merged}\n")),
+    "model_stock": (
+        TV + "  merged: {op: model_stock, inputs: tv}\n" + APPLY, MODEL_OUT),
+    "cluster_basis": (
+        (TV + "  basis: {op: cluster_basis, inputs: [tv.math, tv.code, tv.toxic], k: auto}\n"
+         "  near: {op: assign, input: tv.chat, basis: basis}\n"
+         "  merged: {op: sum, inputs: [basis, near]}\n" + APPLY),
+        MODEL_OUT + "  library: {from: basis, path: ./out/basis}\n"),
+    "compress_basis": (
+        (TV + "  basis: {op: compress_basis, inputs: tv, method: pca, m: 2}\n"
+         "  back: {op: rebuild, basis: basis}\n"
+         "  merged: {op: sum, inputs: back}\n" + APPLY),
+        MODEL_OUT + "  atoms: {from: basis, path: ./out/atoms}\n"),
+    "decompose": (
+        (TV + "  parts: {op: decompose, inputs: tv, threshold: 0.8}\n"
+         "  merged: {op: mean, inputs: parts.shared}\n" + APPLY),
+        MODEL_OUT + "  unique: {from: parts.unique, path: ./out/unique}\n"),
+    "decompose-basis": (  # a factored step upstream of a whole-model pass
+        (TV + "  parts: {op: decompose, inputs: tv}\n"
+         "  basis: {op: cluster_basis, inputs: parts.unique, k: 2}\n"
+         "  merged: {op: sum, inputs: basis}\n" + APPLY),
+        MODEL_OUT),
+    "spectral": (
+        (TV + "  t: {op: tsv_merge, inputs: tv}\n"
+         "  i: {op: iso, inputs: tv, variant: cts}\n"
+         "  merged: {op: sum, inputs: [t, i], weights: [0.5, 0.5]}\n" + APPLY),
+        MODEL_OUT),
+    "peft": (
+        TV + "  merged: {op: sum, inputs: tv}\n",
+        "  adapter: {from: merged, path: ./out/adapter, format: peft, rank: 2}\n"),
+    "lora": (
+        "  merged: {op: sum, inputs: [ad, ad], weights: [0.5, 0.25]}\n" + APPLY,
+        MODEL_OUT),
+    "row-blocks": (  # random masks that continue from one row block to the next
+        (TV + "  dropped: {op: dare, input: tv, density: 0.3}\n"
+         "  merged: {op: sum, inputs: dropped}\n" + APPLY),
+        MODEL_OUT + "  dropped: {from: dropped, path: ./out/dropped}\n"),
+}
+
+
+def write_recipe(root: Path, models: Path, steps: str, outputs: str) -> Path:
+    names = ["base", *TASKS]
+    text = ("tvrecipe: 1\nmodels:\n"
+            + "".join(f"  {n}: {models / n}\n" for n in names)
+            + f"  ad: {{path: {models / 'adapter'}, kind: lora}}\n"
+            + "steps:\n" + steps + "outputs:\n" + outputs)
+    path = root / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def everything(root: Path, cache: Path) -> dict[str, bytes]:
+    """Outputs, lock file and cache entries, by path."""
+    got = {f"out/{k}": v for k, v in snapshot(root / "out").items()}
+    got["r.yaml.lock"] = (root / "r.yaml.lock").read_bytes()
+    got.update({f"cache/{k}": v for k, v in snapshot(cache).items()})
+    return got
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch) -> Cli:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TVRECIPE_CACHE", raising=False)
+    monkeypatch.delenv("TVRECIPE_STAGING", raising=False)
+    return Cli(tmp_path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_same_bytes_as_the_local_executor(family, models, address, cli, tmp_path, monkeypatch):
+    if family == "row-blocks":  # 8-row blocks: every tensor comes in several
+        from tvrecipe.exec import runner
+        monkeypatch.setattr(runner, "CHUNK_ELEMENTS", 64)
+    recipe = write_recipe(tmp_path, models, *FAMILIES[family])
+    cli.ok("run", recipe, "-q", "--cache-dir", tmp_path / "local")
+    local = everything(tmp_path, tmp_path / "local")
+    shutil.rmtree(tmp_path / "out")
+    cli.ok("run", recipe, "-q", "--force", "--cache-dir", tmp_path / "remote",
+           "--cluster", address)
+    remote = everything(tmp_path, tmp_path / "remote")
+    assert any(k.startswith("cache/") for k in local), "nothing was cached"
+    assert sorted(remote) == sorted(local)
+    assert [k for k in local if local[k] != remote[k]] == []
+    # Again on the cluster, from its own cache (cached tensors and kept states read by the
+    # workers): the same bytes, and no staging left behind.
+    res = cli.ok("run", recipe, "--force", "--cache-dir", tmp_path / "remote",
+                 "--cluster", address)
+    assert "from cache:" in res.stdout
+    again = everything(tmp_path, tmp_path / "remote")
+    assert [k for k in local if local[k] != again.get(k)] == []
+    assert list((tmp_path / ".tvrecipe" / "cluster").iterdir()) == []
+
+
+def test_report_gives_time_and_bytes_per_worker(models, address, cli, tmp_path):
+    recipe = write_recipe(tmp_path, models, *FAMILIES["cluster_basis"])
+    res = cli.ok("run", recipe, "--no-cache", "--cluster", address, "--report", "rep.json")
+    workers = json.loads((tmp_path / "rep.json").read_text())["cluster:workers"]
+    assert workers and all(set(w) == {"tasks", "seconds", "bytes_read", "bytes_staged"}
+                           for w in workers.values())
+    assert sum(w["tasks"] for w in workers.values()) > 2
+    total = sum(w["bytes_read"] for w in workers.values())
+    assert f"read {total / 1e6:.1f} MB" in res.stdout
+    assert "(cluster " in res.stdout
+    cli.ok("run", recipe, "--no-cache", "--force", "--report", "local.json")
+    local = json.loads((tmp_path / "local.json").read_text())
+    assert "cluster:workers" not in local
+    assert local["basis"] == json.loads((tmp_path / "rep.json").read_text())["basis"]
+
+
+def test_progress_counts_every_tensor_once(models, address, tmp_path, monkeypatch):
+    from tvrecipe.exec import lockfile
+    from tvrecipe.exec.runner import RunOptions, run_recipe
+    from tvrecipe.plan.graph import load_and_compile
+    counted: dict[str, list[int]] = {}
+
+    class Bar:
+        def __init__(self, total, label):
+            self.label = label
+            counted[label] = [total, 0]
+
+        def update(self, n):
+            counted[self.label][1] += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cluster_mod, "progress_bar",
+                        lambda total, label, enabled: Bar(total, label))
+    recipe = write_recipe(tmp_path, models, *FAMILIES["cluster_basis"])
+    compiled = load_and_compile(recipe)
+    state = lockfile.run_state(compiled)
+    run_recipe(compiled, RunOptions(progress=True, cluster=address, state=state))
+    assert set(counted) == {"similarity (basis)", "similarity (near)", "merge"}
+    assert all(total == done == 8 for total, done in counted.values())  # 8 tensors each
+
+
+def test_a_bad_input_gives_the_local_error_and_commits_nothing(models, address, cli, tmp_path):
+    bad = tmp_path / "nan"
+    weights = base_weights(0)
+    weights["model.layers.0.mlp.down_proj.weight"][3, 4] = float("nan")
+    save_model(bad, weights)
+    recipe = write_recipe(tmp_path, models, *FAMILIES["decompose"])
+    recipe.write_text(recipe.read_text().replace(str(models / "chat"), str(bad)))
+    local = cli.fails(3, "run", recipe, "--cache-dir", "c")
+    remote = cli.fails(3, "run", recipe, "--cache-dir", "c", "--cluster", address)
+    assert remote.stderr == local.stderr
+    assert "'model.layers.0.mlp.down_proj.weight' contains NaN or Inf" in remote.stderr
+    assert list((tmp_path / "out").glob("*")) == []  # the folder a local run leaves too
+    assert list((tmp_path / "c").rglob("*.json")) == []
+    assert list((tmp_path / ".tvrecipe" / "cluster").iterdir()) == []
+    # A problem the client finds from headers alone: the same message too.
+    save_model(bad, {k: v[:1] if k == "lm_head.weight" else v for k, v in weights.items()})
+    local = cli.fails(3, "run", recipe)
+    remote = cli.fails(3, "run", recipe, "--cluster", address)
+    assert remote.stderr == local.stderr and "do not line up" in remote.stderr
+
+
+def test_a_corrupt_cache_entry_is_recomputed(models, address, cli, tmp_path):
+    recipe = write_recipe(tmp_path, models, *FAMILIES["sparsify"])
+    cli.ok("run", recipe, "-q", "--cluster", address)
+    first = snapshot(tmp_path / "out")
+    entry = next((tmp_path / ".tvrecipe" / "cache").rglob("sum-*.safetensors"))
+    data = bytearray(entry.read_bytes())
+    data[-3] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    res = cli.ok("run", recipe, "--force", "--cluster", address)
+    assert "is corrupt" in res.stderr and "recomputing it" in res.stderr
+    assert snapshot(tmp_path / "out") == first
+
+
+def test_address_and_recipe_mistakes(models, cli, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
+    for bad in ("scheduler:8786", "local:0", "tcp://host", "local:two"):
+        res = cli.fails(2, "run", recipe, "--cluster", bad)
+        assert "use tcp://HOST:PORT (a running Dask scheduler) or local:N" in res.stderr
+    text = recipe.read_text()
+    (tmp_path / "s.yaml").write_text(text.replace(
+        "steps:", "settings: {seed: 1, cluster: 'tcp://sched:8786'}\nsteps:"))
+    res = cli.fails(2, "run", "s.yaml")
+    assert "s.yaml:9:21: settings.cluster: unknown field 'cluster'" in res.stderr
+    assert "where a recipe runs is not part of the recipe" in res.stderr
+    monkeypatch.setitem(sys.modules, "distributed", None)  # not installed
+    res = cli.fails(7, "run", recipe, "--cluster", "local:2")
+    assert "pip install 'tvrecipe[cluster]'" in res.stderr
+
+
+def test_verify_recompute_on_the_cluster(models, address, cli, tmp_path):
+    recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
+    cli.ok("run", recipe, "-q")
+    res = cli.ok("verify", recipe, "--recompute", "--cluster", address)
+    assert "gave the same bytes" in res.stdout
+    before = snapshot(tmp_path / "out" / "model")
+    res = cli.ok("verify", "out/model", "--recompute", "--cluster", address)
+    assert "rebuilding them from tvrecipe.yaml gave the same bytes" in res.stdout
+    assert snapshot(tmp_path / "out" / "model") == before  # nothing staged in the folder
+    assert not (tmp_path / "out" / "model" / ".tvrecipe").exists()
+
+
+def test_a_worker_killed_mid_run(models, address, cli, tmp_path, monkeypatch):
+    """Killed while the merge pass runs: Dask runs its tasks again elsewhere and the run
+    finishes with the same bytes, or the run fails and commits nothing."""
+    from distributed import Client
+    monkeypatch.setattr(cluster_mod, "GROUP_BYTES", 1)  # a task per tensor
+    recipe = write_recipe(tmp_path, models, *FAMILIES["decompose"])
+    cli.ok("run", recipe, "-q", "--no-cache")
+    local = snapshot(tmp_path / "out")
+    client: Client = cluster_mod._CLIENTS[address]
+    killed: list[tuple[int, int]] = []  # (pid, tasks it had)
+
+    def kill(label: str, index: int, result) -> None:
+        if label == "merge" and not killed:
+            pids = client.run(os.getpid)
+            busy = client.processing()  # worker -> keys of the tasks it runs or will run
+            # The busiest worker: its tasks (usually 1-2 of the 7 left) must run again.
+            victim = max(sorted(pids), key=lambda a: len(busy.get(a, ())))
+            killed.append((pids[victim], len(busy.get(victim, ()))))
+            os.kill(pids[victim], signal.SIGKILL)
+
+    monkeypatch.setattr(cluster_mod, "TASK_DONE_HOOKS", [kill])
+    res = cli("run", recipe, "--force", "--cache-dir", "c", "--cluster", address)
+    assert killed
+    if res.exit_code == 0:
+        assert snapshot(tmp_path / "out") == local
+        assert list((tmp_path / "c").rglob("*.json"))
+    else:
+        assert res.exit_code == 5 and "nothing was committed" in res.stderr, res.stderr
+        assert snapshot(tmp_path / "out") == local  # the earlier run's, untouched
+        assert list((tmp_path / "c").rglob("*.json")) == []
+    assert list((tmp_path / ".tvrecipe" / "cluster").iterdir()) == []
