@@ -367,7 +367,8 @@ def planted_clusters(groups: list[list[str]], seed: int, noise: float = 0.05
 
 # ---- the list -------------------------------------------------------------------------------
 
-TESTED = {"analogy", "assign_new_task", "basis_library", "basis_merge", "dare_ties",
+TESTED = {"analogy", "assign_new_task", "basis_library", "basis_merge", "compress_basis",
+          "dare_ties",
           "detox_unique", "forget_negation", "multitask_sum", "shared_merge", "ties",
           "unique_mix"}
 
@@ -651,3 +652,40 @@ def test_unique_mix(cli, tmp_path):
     check_vectors(tmp_path / "out" / "unique_parts", unique)
     mix = wsum([unique["style_a"], unique["style_b"]], [0.7, 0.5])
     check_model(tmp_path / "out" / "unique_mix", models["base"], apply_ref(models["base"], mix))
+
+
+def test_compress_basis(cli, tmp_path):
+    """PCA of six task vectors through their whole-model Gram matrix, m = 3: the atoms are
+    V·H·e_m, the library holds them and the mean, the merge adds the atoms, and the forgotten
+    task is its rebuild μ + Σ_m W[m, t4]·s_m, all against float64 references from an explicit
+    SVD of the centred task-vector matrix."""
+    names = ["t1", "t2", "t3", "t4", "t5", "t6"]
+    models = random_models(tmp_path, names)
+    cli.ok("run", copy_recipe("compress_basis", tmp_path))
+    taus = [tau(models, n) for n in names]
+    flat = torch.stack([torch.cat([t[k].flatten() for k in FLOATING]) for t in taus], 1)
+    mu = flat.mean(1, keepdim=True)
+    u, s, _vh = torch.linalg.svd(flat - mu, full_matrices=False)
+    sizes = [taus[0][k].numel() for k in FLOATING]
+
+    def unflatten(v: torch.Tensor) -> Weights:
+        return {k: p.view(SHAPES[k]) for k, p in zip(FLOATING, torch.split(v, sizes))}
+
+    folder = tmp_path / "out" / "pca_basis"
+    assert members_of(folder) == ["atom0", "atom1", "atom2", "mean"]
+    atoms = []
+    for m in range(3):
+        got = read_tensors(folder / f"atom{m}.safetensors")
+        ref = u[:, m] * s[m]
+        flat_got = torch.cat([got[k].double().flatten() for k in FLOATING])
+        ref = ref if float(flat_got @ ref) >= 0 else -ref  # the sign is the op's convention
+        atoms.append(ref)
+        for k, v in unflatten(ref).items():
+            assert_close(got[k], v, f"atom{m}: {k}", rtol=1e-4)
+    merged = unflatten(sum(atoms))
+    check_model(tmp_path / "out" / "pca_merged", models["base"],
+                apply_ref(models["base"], merged, 0.5))
+    rebuilt = mu[:, 0] + sum(a * float(a @ (flat[:, 3] - mu[:, 0])) / float(a @ a)
+                             for a in atoms)
+    check_model(tmp_path / "out" / "without_t4", models["base"],
+                apply_ref(models["base"], unflatten(rebuilt), -1.0))
