@@ -265,58 +265,41 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def plan_aux_files(source: Path) -> AuxPlan:
+def plan_aux_files(source: Path | RemotePath) -> AuxPlan:
     """Lists the non-weight files of a model folder (config, tokenizer, ...) to copy.
 
     Weights, hidden files, folders, code files and symlinks pointing outside the folder are
-    left out; code files and outside symlinks are reported in ``skipped``.
+    left out; code files and outside symlinks are reported in ``skipped``. A folder at a URL
+    has no links.
 
     Raises:
         InputError: ``source`` is not a folder.
     """
-    if isinstance(source, RemotePath):
-        return _plan_remote(source)
-    source = Path(source)
+    remote = isinstance(source, RemotePath)
+    if not remote:
+        source = Path(source)
     if not source.is_dir():
         raise InputError(
             f"{source}: not a folder; copy_files_from must name a model folder "
             "(the one holding config.json)"
         )
-    root = source.resolve()
-    # The Hugging Face cache links snapshots/<rev>/<file> to ../../blobs/<hash>; those are
-    # the model's own files, not outside ones.
-    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    root = blobs = None
+    if not remote:
+        root = source.resolve()
+        # The Hugging Face cache links snapshots/<rev>/<file> to ../../blobs/<hash>; those
+        # are the model's own files, not outside ones.
+        blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
     plan = AuxPlan()
     for entry in sorted(source.iterdir(), key=lambda p: p.name):
         name = entry.name
         if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
             continue
-        if entry.is_symlink():
+        if not remote and entry.is_symlink():
             real = entry.resolve()
             if not (_inside(real, root) or (blobs is not None and _inside(real, blobs))):
                 plan.skipped[name] = f"symlink to {real}, outside {source}"
                 continue
         if not entry.is_file():
-            continue
-        if name.endswith(CODE_SUFFIXES):
-            plan.skipped[name] = "code file: copy it yourself if you trust it"
-            continue
-        plan.copy.append(name)
-    return plan
-
-
-def _plan_remote(source: RemotePath) -> AuxPlan:
-    """``plan_aux_files`` of a folder at a URL (no links there)."""
-    if not source.is_dir():
-        raise InputError(
-            f"{source}: not a folder; copy_files_from must name a model folder "
-            "(the one holding config.json)"
-        )
-    plan = AuxPlan()
-    for entry in sorted(source.iterdir(), key=lambda p: p.name):
-        name = entry.name
-        if (name.startswith(".") or name.endswith(WEIGHT_SUFFIXES)
-                or name.endswith(".index.json") or not entry.is_file()):
             continue
         if name.endswith(CODE_SUFFIXES):
             plan.skipped[name] = "code file: copy it yourself if you trust it"
@@ -360,7 +343,7 @@ def copy_aux_files(source: Path | RemotePath, dest: Path) -> list[str]:
 
 def _copy_remote(source: RemotePath, dest: Path) -> list[str]:
     """``copy_aux_files`` from a folder at a URL: each file fetched, then written."""
-    plan = _plan_remote(source)
+    plan = plan_aux_files(source)
     for name in plan.copy:
         try:
             data = (source / name).read_bytes()
