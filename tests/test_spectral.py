@@ -188,3 +188,30 @@ def test_large_tensors_agree_with_the_exact_formulas(shape, flat):
     want_c = ((u * s.mean()) @ vh).numpy()
     got_c = iso(xs, variant="c").numpy()
     assert np.abs(got_c - want_c).max() <= 1e-7 * np.abs(want_c).max()
+
+
+@pytest.mark.parametrize("zeros", ["all", "one"])
+def test_exact_zero_deltas(zeros):
+    """Frozen tensors give exact-zero task vectors (a fine-tune of some blocks only): the
+    spectral merges give zeros for them, and a zero task among others takes no directions."""
+    from tvrecipe.ops.spectral import iso, spectra_summary, tsv_merge
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.zeros(12, 9) for _ in range(3)]
+    if zeros == "one":
+        xs[1] = torch.randn(12, 9, generator=g)
+        xs[2] = torch.randn(12, 9, generator=g)
+    for got in (tsv_merge(xs), iso(xs, variant="c"), iso(xs, variant="cts")):
+        assert got.shape == (12, 9) and bool(torch.isfinite(got).all())
+        if zeros == "all":
+            assert torch.equal(got, torch.zeros(12, 9))
+    if zeros == "one":
+        # the zero task's k slots hold nothing: TSV-M of the other two with k = ⌊9/3⌋
+        k = 3
+        parts = [np.linalg.svd(x.double().numpy(), full_matrices=False) for x in xs[1:]]
+        u = np.concatenate([p[0][:, :k] for p in parts], 1)
+        s = np.concatenate([p[1][:k] for p in parts])
+        v = np.concatenate([p[2][:k].T for p in parts], 1)
+        want = polar(u) @ np.diag(s) @ polar(v).T
+        assert np.abs(tsv_merge(xs).double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
+    summary = spectra_summary(xs)
+    assert summary["erank"][0] == 0.0 and summary["energy_k"][0] == 0.0

@@ -40,6 +40,8 @@ def _parallel(fn, items: list, like: torch.Tensor) -> list:
 def _inverse_root(gram: torch.Tensor) -> torch.Tensor:
     """(G)^(-1/2) on the range of a symmetric positive semi-definite ``gram``, in float64:
     eigenvalues at the rounding floor (directions ``gram`` does not span) are left out."""
+    if gram.shape[0] == 0:  # no directions at all (the deltas are exact zeros)
+        return gram.double()
     lam, q = torch.linalg.eigh(gram.double())
     keep = lam > lam[-1].clamp_min(0.0) * gram.shape[0] * torch.finfo(torch.float64).eps * 16
     q = q[:, keep]
