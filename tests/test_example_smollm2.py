@@ -127,3 +127,13 @@ def test_finetune_learns_its_task(work):
             preds = M.predict(model, train, labels, use_hidden=True)
             return sum(p == y for p, y in zip(preds, train["labels"])) / len(preds)
         assert acc(M.load(folder)) >= acc(base), task
+
+
+def test_every_merge_ran(work):
+    """No recipe of the run failed (the run reports an engine failure and goes on)."""
+    chosen = sorted((work / "merged").glob("*.json"))
+    assert {p.stem for p in chosen} >= {"task_arithmetic", "ties", "tsv_merge", "iso_cts",
+                                        "forget_negate"}
+    for p in chosen:
+        sel = json.loads(p.read_text())
+        assert "error" not in sel, (p.stem, sel.get("error"))

@@ -59,7 +59,9 @@ SMOKE = {
     "tasks": ["sentiment", "names"],
     "sizes": {"train": 48, "val": 16, "test": 32},
     "max_text_tokens": 32, "steps": 24, "batch": 8, "lr": 1e-4,
-    "merges": {"task_arithmetic": [0.5, 1.0], "ties": [1.0]},
+    # The spectral merges too: the frozen blocks give exact-zero task vectors there.
+    "merges": {"task_arithmetic": [0.5, 1.0], "ties": [1.0], "tsv_merge": [1.0],
+               "iso_cts": [1.0]},
     "forget": {"target": "sentiment", "keep": 0.95, "recipes": {"forget_negate": [1.0]}},
 }
 
