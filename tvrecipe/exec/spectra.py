@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from tvrecipe.store.writer import RowBlocks
+
 _LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
@@ -30,22 +32,17 @@ def spectra(ctx: Any, excluded: tuple[str, ...] = (), k: int | None = None) -> d
     from tvrecipe.ops.spectral import spectra_summary
     entries = ctx.entries("inputs")
     names = [e.name for e in entries]
-    parts: dict[str, list[list[torch.Tensor]]] = {}
+    blocks = RowBlocks()  # the stream may come in row blocks; the SVDs need whole tensors
     groups: dict[str, dict] = {}
 
     def add(tensor: str, xs: list) -> None:
         if (xs[0] is None or xs[0].dim() != 2
                 or any(fnmatch.fnmatchcase(tensor, p) for p in excluded)):
             return
-        # Row blocks of a tensor are gathered until it is whole.
-        blocks = parts.setdefault(tensor, [[] for _ in xs])
-        for acc, x in zip(blocks, xs):
-            acc.append(x)
-        rows = sum(b.shape[0] for b in blocks[0])
-        if rows < ctx.shape(tensor)[0]:
+        rows = ctx.shape(tensor)[0]
+        whole = [blocks.add((tensor, i), x, rows) for i, x in enumerate(xs)]
+        if whole[0] is None:
             return
-        del parts[tensor]
-        whole = [torch.cat(b) if len(b) > 1 else b[0] for b in blocks]
         summary = spectra_summary(whole, k)
         g = groups.setdefault(group_of(tensor), {"tensors": 0, "shape": list(whole[0].shape),
                                                  "k": summary["k"], "sums": {}})

@@ -20,6 +20,7 @@ from pathlib import Path
 from tvrecipe.errors import InputError
 from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.remote import RemotePath, as_path
+from tvrecipe.store.writer import RowBlocks
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -247,27 +248,22 @@ class AdapterWriter:
         self.ranks: dict[str, int] = {}
         self.report: dict[str, dict] = {}
         self.skipped: list[str] = []
-        self._pending: dict[str, list] = {}
+        self._blocks = RowBlocks()
         self.sha256: dict[Path, str] = {}
         self._sq_err = 0.0
         self._sq_norm = 0.0
 
     def write(self, name: str, t) -> None:
-        import torch
-
         shape = self.shapes[name]
         lora = len(shape) == 2 and min(shape) > 0
         if not lora and (self.full_base is None or name not in self.full_base.tensors):
             if name not in self.skipped:
                 self.skipped.append(name)
             return
-        # Row blocks of a tensor are gathered until it is whole.
-        parts = self._pending.setdefault(name, [])
-        parts.append(t.reshape(-1))
-        if sum(p.numel() for p in parts) < math.prod(shape):
+        whole = self._blocks.add(name, t.reshape(-1, *shape[1:]), shape[0] if shape else 1)
+        if whole is None:
             return
-        whole = (torch.cat(parts) if len(parts) > 1 else parts[0]).reshape(shape)
-        del self._pending[name]
+        whole = whole.reshape(shape)
         if lora:
             self._factor(name, whole)
         else:  # saved whole: base + delta
@@ -303,8 +299,8 @@ class AdapterWriter:
 
         import torch
 
-        if self._pending:
-            raise RuntimeError(f"incomplete tensors at close: {sorted(self._pending)}")
+        if self._blocks.pending:
+            raise RuntimeError(f"incomplete tensors at close: {sorted(self._blocks.pending)}")
         if self.full_base is not None:
             self.full_base.close()
         # A module is saved whole (modules_to_save) when none of its tensors is a LoRA target:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointWriter",
+    "RowBlocks",
     "SafetensorsStreamWriter",
     "TensorSpec",
     "encode_header",
@@ -428,6 +429,31 @@ class CheckpointWriter:
             self.close()
         elif self._writer is not None:
             self._writer.__exit__(exc_type)
+
+
+class RowBlocks:
+    """Row blocks of tensors (first-dimension slices, in order), gathered until a tensor is
+    whole: for consumers of a row-wise stream that need whole tensors (an SVD)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[object, list] = {}
+
+    def add(self, key: object, block: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """Take the next block of the tensor ``key`` (``rows`` rows in all); the whole tensor
+        once its last block came, else None."""
+        import torch
+
+        parts = self._parts.setdefault(key, [])
+        parts.append(block)
+        if sum(p.shape[0] for p in parts) < rows:
+            return None
+        del self._parts[key]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    @property
+    def pending(self) -> list:
+        """Keys of the tensors still missing blocks."""
+        return list(self._parts)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
