@@ -57,7 +57,7 @@ from tvrecipe import errors, ops
 from tvrecipe.errors import ExecutionError, TvrecipeError
 from tvrecipe.exec.cluster_address import parse_address, require_dask
 from tvrecipe.exec.evaluate import select
-from tvrecipe.exec.results import RunOptions, RunResult, progress_bar
+from tvrecipe.exec.results import RunOptions, RunResult, progress_bar, written_members
 from tvrecipe.exec.runner import PassContext, Runner
 from tvrecipe.exec.slots import to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
@@ -419,11 +419,7 @@ def _stage(runner: _WorkerRunner, job: Job, index: int, spec: dict) -> tuple[lis
             for tensor, info, values in runner._stream(steps, spec["want"], "merge"):
                 recs = []
                 for name, node, selector, kind, dtypes, raw in spec["outputs"]:
-                    value = select(values[node], selector)
-                    members = {"": value} if kind in (CHECKPOINT, VECTOR) else value
-                    for m, t in members.items():
-                        if t is None or (kind != CHECKPOINT and not info.is_floating):
-                            continue
+                    for m, t in written_members(kind, info, select(values[node], selector)):
                         dtype = st_dtype(t.dtype) if raw else dtypes[tensor]
                         recs.append(put(("o", name, m), t, dtype, not raw))
                 if info.is_floating:

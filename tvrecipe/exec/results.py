@@ -159,13 +159,7 @@ class Output:
 
     def write(self, tensor: str, info: TensorInfo, value: Any) -> int:
         written = 0
-        if self.kind == CHECKPOINT or self.kind == VECTOR:
-            items = {"": value}
-        else:
-            items = value
-        for m, t in items.items():
-            if t is None or (self.kind != CHECKPOINT and not info.is_floating):
-                continue
+        for m, t in written_members(self.kind, info, value):
             if hasattr(t, "detach"):  # a torch tensor (the numpy executor gives arrays)
                 t = t.detach()
                 if t.device.type != "cpu":
@@ -213,6 +207,15 @@ class Output:
         self.digests = write_release(compiled, self.name, self.folder.staging, self.digests,
                                      state, source_of(compiled, self.options),
                                      lockfile.tool_versions())
+
+
+def written_members(kind: str, info: TensorInfo, value: Any) -> list[tuple[str, Any]]:
+    """(member, tensor) of an output's value for one tensor that its files hold: ``""`` for
+    a checkpoint or vector, each member of a set; never a None, and never a non-floating
+    tensor outside a checkpoint (integer buffers are no task vectors)."""
+    items = {"": value} if kind in (CHECKPOINT, VECTOR) else value
+    return [(m, t) for m, t in items.items()
+            if t is not None and (kind == CHECKPOINT or info.is_floating)]
 
 
 def base_model_of(compiled: Compiled, node: str) -> str | None:
