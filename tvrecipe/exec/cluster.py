@@ -204,7 +204,7 @@ class GroupResult:
     kept: dict = field(default_factory=dict)     # factored step -> tensor -> new kept state
     payload: Any = None
     error: tuple[str, str] | None = None          # (error class name, message)
-    corrupt: tuple[str, str] | None = None        # (cache key, message)
+    corrupt: tuple[str, str] | None = None        # (cache key, reason)
     staged_bytes: int = 0
     index: int = -1
 
@@ -376,7 +376,7 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
                        for step, states in runner.kept.items()}
         result.bytes_read = runner.bytes_read
     except CacheCorrupt as exc:
-        result.corrupt = (exc.key, str(exc))
+        result.corrupt = (exc.key, exc.reason)
     except TvrecipeError as exc:
         result.error = (type(exc).__name__, str(exc))
     finally:
@@ -621,11 +621,7 @@ class ClusterRunner(Runner):
         stats["bytes_staged"] += result.staged_bytes
         self.bytes_read += result.bytes_read
         if result.corrupt is not None:
-            key, message = result.corrupt
-            exc = CacheCorrupt.__new__(CacheCorrupt)
-            Exception.__init__(exc, message)
-            exc.key = key
-            raise exc
+            raise CacheCorrupt(*result.corrupt)
         if result.error is not None:
             name, message = result.error
             raise _ERRORS.get(name, ExecutionError)(message)

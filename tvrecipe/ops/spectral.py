@@ -37,13 +37,19 @@ def _parallel(fn, items: list, like: torch.Tensor) -> list:
     return list(parallel_map(fn, items, numel=like.numel(), device=like.device))
 
 
+def _spanned(lam: torch.Tensor, size: int) -> torch.Tensor:
+    """Which eigenvalues of a size × size float64 Gram matrix stand above its rounding floor
+    (the others belong to directions the matrix does not span)."""
+    return lam > lam.max().clamp_min(0.0) * size * torch.finfo(torch.float64).eps * 16
+
+
 def _inverse_root(gram: torch.Tensor) -> torch.Tensor:
     """(G)^(-1/2) on the range of a symmetric positive semi-definite ``gram``, in float64:
     eigenvalues at the rounding floor (directions ``gram`` does not span) are left out."""
     if gram.shape[0] == 0:  # no directions at all (the deltas are exact zeros)
         return gram.double()
     lam, q = torch.linalg.eigh(gram.double())
-    keep = lam > lam[-1].clamp_min(0.0) * gram.shape[0] * torch.finfo(torch.float64).eps * 16
+    keep = _spanned(lam, gram.shape[0])
     q = q[:, keep]
     return (q * lam[keep].rsqrt()) @ q.mT
 
@@ -110,7 +116,7 @@ def _spectrum(a: torch.Tensor, top: int | None = None
     lam, q = torch.linalg.eigh(gram)
     lam, q = lam.flip(0), q.flip(1)
     sigma = lam.clamp_min(0.0).sqrt()
-    keep = lam > lam[0].clamp_min(0.0) * gram.shape[0] * torch.finfo(torch.float64).eps * 16
+    keep = _spanned(lam, gram.shape[0])
     q, kept = q[:, keep], sigma[keep]
     if top is not None:
         q, kept = q[:, :top], kept[:top]

@@ -27,7 +27,7 @@ class CacheCorrupt(Exception):
 
     def __init__(self, key: str, reason: str):
         super().__init__(f"cache entry {key} is corrupt ({reason}); recomputing it")
-        self.key = key
+        self.key, self.reason = key, reason
 
 
 class EntryCheck:
