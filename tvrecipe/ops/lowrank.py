@@ -45,6 +45,18 @@ def _full_svd(shape: tuple[int, int], rank: int | None, energy: float | None) ->
     return energy is not None or min(int(rank), small) + _OVERSAMPLE >= _FULL_FRACTION * small
 
 
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular values (of ``s``, descending) whose squares hold a share
+    ``energy`` of Σσ²; 0 when every σ is 0."""
+    power = s.double() ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 0
+    share = torch.cumsum(power, 0) / total
+    r = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype))) + 1
+    return min(r, s.numel())
+
+
 def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None = None,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, S, Vh of the best rank-r approximation of ``x`` (float32 or float64, 2-D).
@@ -58,14 +70,7 @@ def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None
     small = min(m, n)
     if energy is not None:
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        power = s.double() ** 2
-        total = float(power.sum())
-        if total == 0.0:
-            r = 0
-        else:
-            share = torch.cumsum(power, 0) / total
-            r = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype))) + 1
-            r = min(r, small)
+        r = energy_rank(s, energy)
         return u[:, :r], s[:r], vh[:r]
     r = min(int(rank), small)
     if _full_svd((m, n), rank, None):

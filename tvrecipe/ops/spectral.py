@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tvrecipe.ops.lowrank import energy_rank
 from tvrecipe.ops.parallel import all_cores
 
 
@@ -215,9 +216,8 @@ def spectra_summary(inputs: Sequence[torch.Tensor], k: int | None = None) -> dic
             p = power / total
             nz = p[p > 0]
             erank.append(float(torch.exp(-(nz * nz.log()).sum())))
-            share = torch.cumsum(p, 0)
-            r90.append(int(torch.searchsorted(share, torch.tensor(0.9, dtype=share.dtype))) + 1)
-            energy.append(float(share[k - 1]))
+            r90.append(energy_rank(s, 0.9))
+            energy.append(float(p[:k].sum()))
             at = torch.linspace(0, r - 1, CURVE_POINTS).round().long()
             curves.append((s.double()[at] / s.double()[0]).tolist())
         tops.append(u[:, :k].double())
