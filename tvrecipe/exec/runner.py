@@ -8,7 +8,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -336,21 +336,15 @@ class Runner:
         options = None if step is None or selector else step.spec.spectra_options()
         if options is not None:  # a spectral step: its inputs' spectra, then what it shows
             from tvrecipe.exec.spectra import spectra
-            self.plan = build_tensor_plan(self.compiled)
-            try:
+            with self._inputs_open():
                 shown = spectra(PassContext(self, step), **options)
-            finally:
-                self.plan.close()
             if kind == "decomposition":
                 shown.update(self._inspect_decomposition(node))
             return shown
         if (step is not None and not selector and step.spec.whole_model
                 and kind in (VECTORS, "decomposition")):
-            self.plan = build_tensor_plan(self.compiled)
-            try:
+            with self._inputs_open():
                 self._whole_model_pass(step)
-            finally:
-                self.plan.close()
             shown = step.spec.inspection(self.reports.get(node, {}))
             if shown is not None:
                 return shown
@@ -361,8 +355,7 @@ class Runner:
                               "iso step (spectra of its inputs)")
         if kind == "decomposition":
             return self._inspect_decomposition(node)
-        self.plan = build_tensor_plan(self.compiled)
-        try:
+        with self._inputs_open():
             steps = [*self._upstream(node)] + ([self.compiled.steps[node]]
                                                 if node in self.compiled.steps else [])
             members = list(vt.members or ())
@@ -373,23 +366,27 @@ class Runner:
                     if info.is_floating:
                         value = select(values[node], selector)
                         ops.gram_update(gram, [value[m] for m in members])
-            cos = ops.cosine_from_gram(gram)
-            return {"kind": kind, "members": members, "cosine": cos.tolist(),
-                    "norms": gram.diagonal().sqrt().tolist()}
-        finally:
-            self.plan.close()
+        cos = ops.cosine_from_gram(gram)
+        return {"kind": kind, "members": members, "cosine": cos.tolist(),
+                "norms": gram.diagonal().sqrt().tolist()}
 
     def _inspect_decomposition(self, node: str) -> dict[str, Any]:
         """A decompose step's per-tensor ranks, shared dimension and energy shares (one pass
         that forms no part: nothing reads them)."""
-        self.plan = build_tensor_plan(self.compiled)
-        try:
+        with self._inputs_open():
             steps = [*self._upstream(node), self.compiled.steps[node]]
             with closing(self._stream(steps, [node], f"inspect {node}")) as stream:
                 for _ in stream:
                     pass
-            return {"kind": "decomposition",
-                    "tensors": self.reports.get(node, {}).get("tensors", {})}
+        return {"kind": "decomposition",
+                "tensors": self.reports.get(node, {}).get("tensors", {})}
+
+    @contextmanager
+    def _inputs_open(self) -> Iterator[None]:
+        """The run's inputs opened (``self.plan``) for a pass outside :meth:`run`."""
+        self.plan = build_tensor_plan(self.compiled)
+        try:
+            yield
         finally:
             self.plan.close()
 
