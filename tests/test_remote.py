@@ -7,6 +7,7 @@ uninstalled filesystems and network failures are clear errors with no traceback.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import threading
 import uuid
@@ -442,18 +443,23 @@ def test_a_scheme_whose_package_is_missing_says_what_to_install(cli, fake_scheme
     assert res.err_lines[1].startswith("tvfake://bucket/base: reading tvfake:// URLs needs ")
 
 
-def test_s3_without_s3fs_names_the_package(cli):
+@pytest.mark.parametrize(("module", "url", "needs"), [
+    ("s3fs", "s3://bucket/model", "s3fs"),
+    ("aiohttp", "https://example.invalid/model.safetensors", "fsspec[http]"),
+])
+def test_a_scheme_without_its_package_names_it(cli, module, url, needs):
     try:
-        import s3fs  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         pass
     else:
-        pytest.skip("s3fs is installed")
-    res = cli.fails(7, "hash", "s3://bucket/model")
+        pytest.skip(f"{module} is installed")
+    scheme = url.split("://")[0]
+    res = cli.fails(7, "hash", url)
     assert res.err_lines == [
         "tvrecipe: missing package:",
-        ("s3://bucket/model: reading s3:// URLs needs s3fs, which is not installed: "
-        "pip install 's3fs'")]
+        (f"{url}: reading {scheme}:// URLs needs {needs}, which is not installed: "
+         f"pip install '{needs}'")]
 
 
 class FlakyFileSystem(MemoryFileSystem):
@@ -580,20 +586,6 @@ def test_http_urls_are_read_by_range(tmp_path):
             open_checkpoint(url.replace("model.safetensors", "nope.safetensors"))
     finally:
         server.shutdown()
-
-
-def test_http_without_aiohttp_names_the_package(cli):
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("aiohttp is installed")
-    res = cli.fails(7, "hash", "https://example.invalid/model.safetensors")
-    assert res.err_lines == [
-        "tvrecipe: missing package:",
-        ("https://example.invalid/model.safetensors: reading https:// URLs needs fsspec[http], "
-        "which is not installed: pip install 'fsspec[http]'")]
 
 
 def test_local_paths_stay_local(tmp_path):
