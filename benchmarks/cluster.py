@@ -26,27 +26,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import run as bench  # benchmarks/run.py: the rows' recipes
+
 OPS = ("sum", "ties", "cluster_basis", "decompose")
 
 
 def recipe_text(op: str, ckpt: Path, out: Path) -> str:
-    fts = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and p.name.startswith("ft"))
-    lines = ["tvrecipe: 1", f"name: cluster-bench-{op}", "settings: {device: cpu}", "models:",
-             f"  base: {ckpt / 'base'}", *(f"  {m}: {ckpt / m}" for m in fts), "steps:",
-             f"  tv: {{op: extract, base: base, finetuned: [{', '.join(fts)}]}}"]
-    apply = "  model: {op: apply, base: base, delta: merged, scale: 0.3}"
-    model_out = f"  model: {{from: model, path: {out}, dtype: bfloat16, shard_size: 2GB}}"
-    if op == "sum":
-        lines += ["  merged: {op: sum, inputs: tv}", apply, "outputs:", model_out]
-    elif op == "ties":
-        lines += ["  merged: {op: ties, inputs: tv, density: 0.2}", apply, "outputs:", model_out]
-    elif op == "cluster_basis":
-        lines += ["  basis: {op: cluster_basis, inputs: tv, k: auto}", "outputs:",
-                  f"  basis: {{from: basis, path: {out}, dtype: bfloat16}}"]
-    elif op == "decompose":
-        lines += ["  parts: {op: decompose, inputs: tv, rank: 16}", "outputs:",
-                  f"  unique: {{from: parts.unique, path: {out}, dtype: bfloat16}}"]
-    return "\n".join(lines) + "\n"
+    """The recipe of ``benchmarks/run.py``'s row for ``op``, over every fine-tune in ``ckpt``."""
+    n = sum(1 for p in ckpt.iterdir() if p.is_dir() and p.name.startswith("ft"))
+    return bench.recipe_text(op, ckpt, n, out)
 
 
 def digest(folder: Path) -> str:
