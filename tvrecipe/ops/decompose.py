@@ -531,12 +531,15 @@ def decompose(
     _check_options(method, threshold, rank, vectors_1d)
     factors = decompose_factors(deltas, method=method, threshold=threshold, rank=rank,
                                 excluded=excluded)
-    shared, unique = decomposition_parts(deltas, factors, vectors_1d=vectors_1d)
+    coefficients = shared_coefficients(deltas, factors)
+    shared, unique = decomposition_parts(deltas, factors, vectors_1d=vectors_1d,
+                                         coefficients=coefficients)
     shared = [torch.zeros_like(w) if s is None else s for s, w in zip(shared, deltas)]
     unique = [w.clone() if u is w else u for u, w in zip(unique, deltas)]
     if "basis" not in factors and vectors_1d == "mean":
         shared = [s.clone() for s in shared]
-    info = decomposition_info(deltas, factors, vectors_1d=vectors_1d, excluded=excluded)
+    info = decomposition_info(deltas, factors, vectors_1d=vectors_1d, excluded=excluded,
+                              coefficients=coefficients)
     return Decomposition(shared=shared, unique=unique, info=info)
 
 

@@ -65,7 +65,7 @@ class CompressBasisStep(StepSpec):
         return ValueType(VECTORS, _atom_names(m, self.method == "pca"))
 
     def whole_model_pass(self, ctx: Any) -> Any:
-        from tvrecipe.ops import derive_seed
+        from tvrecipe.ops import cosine_from_gram, derive_seed
         from tvrecipe.ops.compress import autoencoder_basis, pca_basis
         entries = ctx.entries("inputs")
         gram = ctx.gram(entries)
@@ -78,7 +78,6 @@ class CompressBasisStep(StepSpec):
                 steps=self.steps, lr=self.lr, temperature=self.temperature)
         names = [e.name for e in entries]
         atoms = _atom_names(m, basis.mean)
-        from tvrecipe.ops import cosine_from_gram
         ctx.report.update({
             "method": self.method, "tasks": names, "atoms": list(atoms),
             "similarity": cosine_from_gram(gram).tolist(),
