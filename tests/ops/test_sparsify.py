@@ -19,9 +19,9 @@ T = torch.tensor
 
 @contextmanager
 def tiny_blocks():
-    """Shrink the kernels' size constants so small inputs take the sampled, chunked paths."""
+    """Shrink the kernels' size constants so small inputs take the radix, chunked paths."""
     with mock.patch.multiple(
-        sparsify, _DIRECT_MAX=16, _SAMPLE_SIZE=64, _SAMPLE_MIN=8, _SCAN_CHUNK=64, _CPU_CHUNK=40
+        sparsify, _DIRECT_MAX=16, _SCAN_CHUNK=64, _CPU_CHUNK=40
     ), mock.patch.object(parallel, "PARALLEL_MIN", 16):  # threads, on small inputs too
         yield
 
@@ -135,9 +135,9 @@ def test_trim_other_dtypes(dtype):
     assert torch.equal(out, T([0.0, -1.5, 1.5, 0.75, 0.0], dtype=dtype))
 
 
-def test_trim_large_matches_topk_and_sampled_path():
+def test_trim_large_matches_topk_and_radix_path():
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1 << 20, generator=g)  # above _DIRECT_MAX: sampled band path
+    x = torch.randn(1 << 20, generator=g)  # above _DIRECT_MAX: radix path
     for d in (0.003, 0.2, 0.5, 0.97):
         k = int(d * x.numel())
         ref = torch.zeros_like(x)
@@ -164,7 +164,7 @@ def test_trim_large_with_massive_ties():
 
 def test_trim_bf16_derived_ties_match_stable_sort():
     # Differences of bf16 weights take few distinct values: the threshold is tied by
-    # thousands of entries, found from the band's positions rather than a full pass.
+    # thousands of entries, found among the radix bucket's positions.
     g = torch.Generator().manual_seed(11)
     base = torch.randn(1 << 20, generator=g).to(torch.bfloat16)
     ft = (base.float() + 0.01 * torch.randn(1 << 20, generator=g)).to(torch.bfloat16)
@@ -172,13 +172,65 @@ def test_trim_bf16_derived_ties_match_stable_sort():
     order = torch.sort(-x.abs(), stable=True).indices  # (-|x|, flat index) order
     for d in (0.05, 0.2, 0.6):
         k = int(d * x.numel())
-        thr, n_gt, n_ge, pos = sparsify._kth_largest_abs(x, k, ties=True)
+        thr, n_gt, n_ge, pos = sparsify._kth_largest_abs(x, k)
         assert n_ge - n_gt > 100  # really tied
         assert torch.equal(pos, torch.nonzero(x.abs() == thr).squeeze(1))
         want = torch.zeros(x.numel(), dtype=torch.bool)
         want[order[:k]] = True
         assert torch.equal(trim_mask(x, density=d), want), d
         assert torch.equal(trim(x, density=d), torch.where(want, x, 0.0)), d
+
+
+def stable_top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference mask of k entries: sort by (-|x|, flat index) with a stable sort."""
+    a = x.reshape(-1).double().abs()
+    want = torch.zeros(a.numel(), dtype=torch.bool)
+    want[torch.sort(-a, stable=True).indices[:k]] = True
+    return want.view(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_radix_search_every_dtype_matches_stable_sort(dtype):
+    # Above _DIRECT_MAX: the two-level radix search on the bit patterns of each width
+    # (a 16-bit dtype's first level is already exact), with ties at most thresholds.
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(1 << 16, generator=g) * 0.01).to(dtype)
+    x[::7] = 0.0
+    x[1::11] = -0.0
+    n = x.numel()
+    for d in (0.001, 0.2, 0.5, 0.8, 0.95):
+        k = int(d * n)
+        thr, n_gt, n_ge, pos = sparsify._kth_largest_abs(x, k)
+        a = x.double().abs()
+        want_thr = torch.sort(a, descending=True).values[k - 1].item()
+        assert thr == want_thr, (dtype, d)
+        assert n_gt == int((a > want_thr).sum()) and n_ge == int((a >= want_thr).sum())
+        assert torch.equal(pos, torch.nonzero(a == want_thr).squeeze(1))
+        want = stable_top(x, k)
+        assert torch.equal(trim_mask(x, density=d), want), (dtype, d)
+        assert torch.equal(trim(x, density=d), torch.where(want, x, torch.zeros((), dtype=dtype)))
+
+
+def test_radix_search_zero_threshold_denormals_and_constant_tensors():
+    n = 1 << 15
+    # Fewer nonzeros than k: the threshold is 0 and trim_mask breaks the tie among the
+    # zeros (and -0.0) by flat index; denormals sit in the same first-level bucket as 0.
+    x = torch.zeros(n)
+    x[::4] = torch.linspace(1e-3, 1.0, n // 4)
+    x[1::16] = 1e-40  # float32 denormal
+    x[2::16] = -0.0
+    k = int(0.5 * n)
+    thr, n_gt, n_ge, pos = sparsify._kth_largest_abs(x, k)
+    assert thr == 0.0 and n_gt == n // 4 + n // 16 and n_ge == n
+    assert torch.equal(trim_mask(x, density=0.5), stable_top(x, k))
+    assert torch.equal(trim(x, density=0.5), x)  # the dropped entries are all zeros
+    k = int(0.26 * n)  # inside the denormals
+    assert sparsify._kth_largest_abs(x, k)[0] == torch.tensor(1e-40).item()
+    assert torch.equal(trim_mask(x, density=0.26), stable_top(x, k))
+    # Every entry the same magnitude: the first k by flat index.
+    c = torch.full((n,), 0.5)
+    c[1::2] = -0.5
+    assert torch.equal(trim_mask(c, density=0.3), stable_top(c, int(0.3 * n)))
 
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32).filter(lambda v: v != 0)

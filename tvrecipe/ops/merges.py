@@ -13,6 +13,7 @@ from tvrecipe.ops.sparsify import (
     _check_inputs,
     _check_weights,
     _select,
+    _selected,
 )
 
 __all__ = [
@@ -282,11 +283,7 @@ def _top_mask(xf: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=xf.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=xf.device)
-    sel = _select(xf, k, zero_ties=True)
-    mask = xf.abs() >= sel.thr
-    if sel.drop is not None:
-        mask[sel.drop] = False
-    return mask
+    return _selected(xf, _select(xf, k, zero_ties=True))
 
 
 def breadcrumbs(

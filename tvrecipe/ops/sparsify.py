@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from tvrecipe.ops import parallel
 
@@ -23,23 +23,18 @@ _MAJORITIES = ("total", "count")
 # are only there to bound the memory of the per-input buffers.
 _CPU_CHUNK = 1 << 18
 _CUDA_CHUNK = 1 << 24
-_SCAN_CHUNK = 1 << 19  # the threshold scan keeps fewer temporaries per entry
+_SCAN_CHUNK = 1 << 19  # the threshold search's chunks (entries)
 
 # Threshold search: tensors up to this size go straight to an exact kthvalue; larger ones
-# estimate the threshold from a random sample, then select exactly inside a narrow band.
+# take the two-level radix search of _kth_largest_abs.
 _DIRECT_MAX = 1 << 14
-# Sample size: n / 128 entries, within [1024, 65536]. Larger samples narrow the band but
-# cost two kthvalues on the sample; n / 128 was the fastest on 0.25M-3M entry tensors of
-# bf16-derived task vectors (15-20% faster than n / 256, one thread), and equal at 33M.
-_SAMPLE_SIZE = 1 << 16
-_SAMPLE_MIN = 1 << 10
-_SAMPLE_DIV = 128
-# Fixed seed of the sample: the result never depends on it (the selection is exact), only
-# the speed does, and a fixed seed keeps even the speed reproducible.
-_SAMPLE_SEED = 0x7E5EED
-# Half-width of the band in sample ranks, in standard deviations of the sample quantile:
-# at 4 sigma a fallback to the full kthvalue (exact, ~10x slower) is a 1-in-10^4 event.
-_BAND_SIGMAS = 4.0
+# A float's bit pattern read as a signed integer of its width orders the non-negative
+# floats as their values: |x| is the pattern with its sign bit cleared, and the k-th
+# largest magnitude is the k-th largest of those integers (NaN patterns sort above inf,
+# as torch sorts NaN).
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
+         torch.float32: torch.int32, torch.float64: torch.int64}
+_KEY_BITS = 15  # the first level counts the top 15 magnitude bits: 32768 bins
 
 _MASK63 = (1 << 63) - 1
 
@@ -88,14 +83,24 @@ class _Selection:
     """Exact description of the top-k set of one flat tensor.
 
     thr: the k-th largest magnitude; n_gt / n_ge: how many entries have |x| > thr / >= thr
-    (n_gt < k <= n_ge). ``drop`` (sorted flat indices) lists the entries with |x| == thr
-    that lose the tie-break; None when there is no tie to break.
+    (n_gt < k <= n_ge). ``cut``: the flat index from which entries with |x| == thr lose
+    the tie-break (the k - n_gt tied entries before it are kept); None when there is no tie
+    to break.
     """
 
     thr: float
     n_gt: int
     n_ge: int
-    drop: torch.Tensor | None
+    cut: int | None
+
+
+class _Trim(NamedTuple):
+    """How to trim with hardshrink (which keeps |x| > λ): λ = ``head`` (just below thr, so
+    |x| >= thr is kept) before flat index ``cut``, λ = ``tail`` (thr itself) from it on."""
+
+    head: float
+    cut: int | None
+    tail: float
 
 
 def _below(t: float, dtype: torch.dtype) -> float:
@@ -104,160 +109,140 @@ def _below(t: float, dtype: torch.dtype) -> float:
     return torch.nextafter(tt, torch.zeros((), dtype=dtype)).item()
 
 
-def _kth_direct(a: torch.Tensor, k: int) -> tuple[float, int, int, None]:
-    n = a.numel()
-    thr_t = torch.kthvalue(a, n - k + 1).values
+def _kth_direct(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor]:
+    a = v.abs()
+    thr_t = torch.kthvalue(a, a.numel() - k + 1).values
     n_gt = int(torch.count_nonzero(a > thr_t))
-    n_ge = int(torch.count_nonzero(a >= thr_t))
-    return thr_t.item(), n_gt, n_ge, None
+    ties = torch.nonzero(a == thr_t).squeeze(1)
+    return thr_t.item(), n_gt, n_gt + ties.numel(), ties
 
 
-def _compress(values: torch.Tensor, mask: torch.Tensor, start: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``values[mask]`` for a sparse mask, faster on CPU than boolean indexing.
-
-    With ``start``, also the flat positions of the selected entries (``start`` + their
-    index in the chunk), in increasing order; else None.
-    """
+def _compress(values: torch.Tensor, mask: torch.Tensor, start: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values[mask]`` for a sparse mask, and the flat positions of those entries
+    (``start`` + their index in the chunk, increasing); faster on CPU than boolean indexing."""
     n = mask.numel()
     if mask.device.type != "cpu" or n % 8 != 0:
         where = torch.nonzero(mask).squeeze(1)
-        return values[where], (None if start is None else where + start)
+        return values[where], where + start
     # Scan the mask 8 bytes at a time (as int64 words): only the words that hold a set
-    # byte are expanded, which for a ~1% band is a small fraction of the chunk.
+    # byte are expanded, which for a bucket of ~1% of the entries is a small fraction.
     words = torch.nonzero(mask.view(torch.int64)).squeeze(1)
     vals = torch.index_select(values.view(-1, 8), 0, words).view(-1)
     hits = torch.index_select(mask.view(-1, 8), 0, words).view(-1)
     sel = torch.nonzero(hits).squeeze(1)
-    if start is None:
-        return vals[sel], None
     return vals[sel], words[sel // 8] * 8 + sel % 8 + start
 
 
-def _kth_largest_abs(v: torch.Tensor, k: int, *, ties: bool = False
-                     ) -> tuple[float, int, int, torch.Tensor | None]:
-    """(t, #|v| > t, #|v| >= t, P) for t the k-th largest |v| of the flat tensor v, exactly.
+def _kth_largest_abs(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor]:
+    """(t, #|v| > t, #|v| >= t, P) for t the k-th largest |v| of the flat tensor v, exactly,
+    and P the increasing flat positions of the entries with |v| == t.
 
-    kthvalue is exact but slow on CPU (a single-threaded quickselect, ~25 ns an entry), so
-    large inputs first narrow the search: a random sample places a band [lo, hi] of
-    magnitudes around the target rank, one streaming pass counts the entries above the
-    band and extracts the band (~1% of the entries), and the search recurses on the band.
-    If the band misses the target (a 4-sigma event) the exact kthvalue is used.
-
-    With ``ties``, P is the increasing flat positions of the entries with |v| == t when
-    t > 0 and the band found it (they all lie in the band, whose positions the scan keeps
-    at little cost); else None, and the caller finds them with a full pass. Data derived
-    from bf16 weights ties at the threshold in most tensors, so this path matters.
+    A two-level radix search on the magnitudes' bit patterns (see _BITS), in chunks that
+    stay in cache: one pass counts the top 15 bits of every magnitude (a bincount), which
+    names the bucket holding the k-th largest and how many entries lie above it; a second
+    pass extracts the bucket's entries (bits and positions; about 1% of a task vector) and
+    an exact kthvalue among them finishes. No sampling, no fallback: its cost does not
+    depend on the data, and the positions of the tied entries come for free (data derived
+    from bf16 weights ties at the threshold in most tensors).
     """
     n = v.numel()
-    if n <= _DIRECT_MAX:
-        return _kth_direct(v.abs(), k)
-    m = min(_SAMPLE_SIZE, max(n // _SAMPLE_DIV, _SAMPLE_MIN))
-    gen = torch.Generator().manual_seed(_SAMPLE_SEED)
-    idx = torch.randint(n, (m,), generator=gen).to(v.device)
-    sample = torch.index_select(v, 0, idx).abs_()
-    # Fraction of entries below the threshold, and its position among the sample ranks.
-    q = (n - k) / n
-    centre = q * m
-    half = _BAND_SIGMAS * math.sqrt(m * q * (1.0 - q)) + 8.0
-    r_lo = math.floor(centre - half)
-    r_hi = math.ceil(centre + half)
-    lo = torch.kthvalue(sample, r_lo + 1).values.item() if r_lo >= 0 else 0.0
-    hi = torch.kthvalue(sample, r_hi + 1).values.item() if r_hi < m else math.inf
-
-    # One streaming pass: count entries strictly above the band and collect the band's
-    # values. With lo == 0 the zeros are left out of the band (there may be very many),
-    # so they are accounted for as "everything not counted". Float comparisons into a
-    # bool tensor are not vectorised on CPU (~5x slower than a float op), so the masks are
-    # built from hardshrink (|v| > λ keeps v) and a float->bool copy (nonzero -> True).
-    lam_lo = _below(lo, v.dtype) if lo > 0.0 else 0.0  # |v| > lam_lo  <=>  |v| >= lo
+    if n <= _DIRECT_MAX or v.dtype not in _BITS:
+        return _kth_direct(v, k)
+    itype = _BITS[v.dtype]
+    width = v.element_size() * 8
+    magnitude = (1 << (width - 1)) - 1  # every bit but the sign
+    shift = width - 1 - _KEY_BITS
+    ints = v.view(itype)
     c = min(_SCAN_CHUNK if v.device.type == "cpu" else _CUDA_CHUNK, n)
-    hi_part = torch.empty(c, dtype=v.dtype, device=v.device)
-    band_part = torch.empty(c, dtype=v.dtype, device=v.device)
-    above = torch.empty(c, dtype=torch.bool, device=v.device)
-    band = torch.empty(c, dtype=torch.bool, device=v.device)
-    n_above_t = torch.zeros((), dtype=torch.int64, device=v.device)
+    mags = torch.empty(c, dtype=itype, device=v.device)
+    keys = torch.empty(c, dtype=itype, device=v.device)
+    hit = torch.empty(c, dtype=torch.bool, device=v.device)
+
+    def chunks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for s in range(0, n, c):
+            L = min(c, n - s)
+            m, key = mags[:L], keys[:L]
+            torch.bitwise_and(ints[s : s + L], magnitude, out=m)
+            torch.bitwise_right_shift(m, shift, out=key)
+            yield s, m, key
+
+    bins = 1 << _KEY_BITS
+    hist = torch.zeros(bins, dtype=torch.int64, device=v.device)
+    for _s, _m, key in chunks():
+        hist += torch.bincount(key, minlength=bins)
+    # from_top[j]: entries in the j + 1 highest buckets; the k-th largest is in the first
+    # bucket where that reaches k.
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, k))
+    bucket = bins - 1 - j
+    n_above = int(from_top[j - 1]) if j else 0
     parts, positions = [], []
-    for s in range(0, n, c):
-        L = min(c, n - s)
-        vc, hp, bp, ab, bd = v[s : s + L], hi_part[:L], band_part[:L], above[:L], band[:L]
-        torch.ops.aten.hardshrink.out(vc, hi, out=hp)  # v where |v| > hi
-        torch.ops.aten.hardshrink.out(vc, lam_lo, out=bp)  # v where |v| >= lo
-        bp.sub_(hp)  # v where lo <= |v| <= hi (exactly: v - v = 0 and v - 0 = v)
-        ab.copy_(hp)
-        n_above_t += torch.count_nonzero(ab)
-        bd.copy_(bp)
-        vals, pos = _compress(bp, bd, s if ties else None)
+    for s, m, key in chunks():
+        h = hit[: m.numel()]
+        torch.eq(key, bucket, out=h)
+        vals, pos = _compress(m, h, s)
         parts.append(vals)
         positions.append(pos)
-    n_above = int(n_above_t)
-    band_vals = torch.cat(parts).abs_()
-    nb = band_vals.numel()
-    rank = k - n_above  # rank from the top inside the band
-    if rank <= 0 or (rank > nb and lo > 0.0) or nb > n // 2:
-        # Missed the target, or massive ties made the band useless: exact full search.
-        return _kth_direct(v.abs(), k)
-    if rank > nb:
-        # Fewer than k nonzero entries: the k-th largest magnitude is 0.
-        return 0.0, n_above + nb, n, None
-    if lo == hi:
-        # The whole band is one tied value (heavily quantised data): it is the threshold.
-        thr, b_gt, b_ge = lo, 0, nb
-    else:
-        thr, b_gt, b_ge, _ = _kth_largest_abs(band_vals, rank)
-    tie_pos = None
-    if ties and thr > 0.0:
-        tie_pos = torch.cat(positions)[band_vals == thr]
-    return thr, n_above + b_gt, n_above + b_ge, tie_pos
+    vals, pos = torch.cat(parts), torch.cat(positions)
+    rank = k - n_above  # from the top, inside the bucket: 1 <= rank <= vals.numel()
+    t = torch.kthvalue(vals, vals.numel() - rank + 1).values
+    n_gt = n_above + int(torch.count_nonzero(vals > t))
+    ties = pos[vals == t]
+    thr = t.reshape(1).view(v.dtype).item()
+    return thr, n_gt, n_gt + ties.numel(), ties
 
 
 def _select(xf: torch.Tensor, k: int, *, zero_ties: bool) -> _Selection:
     """Exact top-k of the flat tensor ``xf`` by magnitude, ties broken by flat index.
 
     With ``zero_ties=False`` a tie among zeros (thr == 0) is not broken: keeping or
-    dropping a zero does not change any value, and skipping it saves a pass.
+    dropping a zero does not change any value.
     """
     n = xf.numel()
     if k >= n:
-        return _Selection(thr=0.0, n_gt=0, n_ge=n, drop=None)
-    thr, n_gt, n_ge, tie_pos = _kth_largest_abs(xf, k, ties=True)
-    drop = None
+        return _Selection(thr=0.0, n_gt=0, n_ge=n, cut=None)
+    thr, n_gt, n_ge, ties = _kth_largest_abs(xf, k)
+    cut = None
     if n_ge > k and (thr > 0.0 or zero_ties):
         # Several entries equal the threshold (usual for data derived from bf16): keep
-        # the first (k - n_gt) of them in flat order.
-        if tie_pos is None:
-            tie_pos = torch.nonzero(xf.abs() == thr).squeeze(1)
-        drop = tie_pos[k - n_gt :]
-    return _Selection(thr=thr, n_gt=n_gt, n_ge=n_ge, drop=drop)
+        # the first (k - n_gt) of them in flat order, drop those from the next one on.
+        cut = int(ties[k - n_gt - 1]) + 1
+    return _Selection(thr=thr, n_gt=n_gt, n_ge=n_ge, cut=cut)
 
 
-def _shrink_lambda(sel: _Selection, dtype: torch.dtype) -> float | None:
-    """λ for hardshrink (keeps |x| > λ) equivalent to |x| >= thr; None keeps everything."""
+def _selected(xf: torch.Tensor, sel: _Selection) -> torch.Tensor:
+    """The bool mask of the entries ``sel`` keeps (|x| >= thr, but |x| > thr from the cut)."""
+    a = xf.abs()
+    mask = a >= sel.thr
+    if sel.cut is not None:
+        torch.gt(a[sel.cut :], sel.thr, out=mask[sel.cut :])
+    return mask
+
+
+def _trim_plan(sel: _Selection, dtype: torch.dtype) -> _Trim | None:
+    """The hardshrink plan equivalent to ``sel``; None keeps everything (thr == 0)."""
     if sel.thr <= 0.0:
         return None
-    return _below(sel.thr, dtype)
+    return _Trim(_below(sel.thr, dtype), sel.cut, sel.thr)
 
 
-def _apply_selection(
-    xc: torch.Tensor, lam: float | None, drop: torch.Tensor | None, start: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _apply_selection(xc: torch.Tensor, plan: _Trim | None, start: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Trimmed copy of the flat chunk ``xc`` that starts at flat index ``start``
     (into ``out`` when given)."""
-    if lam is None:
+    if plan is None:
         return xc.clone() if out is None else out.copy_(xc)
+    if out is None:
+        out = torch.empty_like(xc)
+    n = xc.numel()
+    head = n if plan.cut is None else min(max(plan.cut - start, 0), n)
     # hardshrink is a single float->float pass; where()/mul with a bool mask is several
     # times slower on CPU.
-    if out is None:
-        out = F.hardshrink(xc, lam)
-    else:
-        torch.ops.aten.hardshrink.out(xc, lam, out=out)
-    if drop is not None:
-        end = start + xc.numel()
-        i0 = int(torch.searchsorted(drop, start))
-        i1 = int(torch.searchsorted(drop, end))
-        if i1 > i0:
-            out[drop[i0:i1] - start] = 0
+    if head:
+        torch.ops.aten.hardshrink.out(xc[:head], plan.head, out=out[:head])
+    if head < n:
+        torch.ops.aten.hardshrink.out(xc[head:], plan.tail, out=out[head:])
     return out
 
 
@@ -288,8 +273,7 @@ def trim(x: torch.Tensor, *, density: float) -> torch.Tensor:
     if n == 0 or d == 1.0:
         return x.clone()
     sel = _select(xf, _num_kept(d, n), zero_ties=False)
-    lam = _shrink_lambda(sel, x.dtype)
-    return _apply_selection(xf, lam, sel.drop, 0).view(x.shape)
+    return _apply_selection(xf, _trim_plan(sel, x.dtype), 0).view(x.shape)
 
 
 def trim_mask(x: torch.Tensor, *, density: float) -> torch.Tensor:
@@ -316,11 +300,7 @@ def trim_mask(x: torch.Tensor, *, density: float) -> torch.Tensor:
     n = xf.numel()
     if n == 0 or d == 1.0:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    sel = _select(xf, _num_kept(d, n), zero_ties=True)
-    mask = xf.abs() >= sel.thr
-    if sel.drop is not None:
-        mask[sel.drop] = False
-    return mask.view(x.shape)
+    return _selected(xf, _select(xf, _num_kept(d, n), zero_ties=True)).view(x.shape)
 
 
 def prune(x: torch.Tensor, *, density: float, by: str = "magnitude") -> torch.Tensor:
@@ -435,14 +415,12 @@ def ties(
     if not members or n == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    # Exact thresholds first (one streaming pass per input), then a single chunked merge
-    # pass in which every input's chunk is trimmed on the fly.
+    # Exact thresholds first (one search per input, on the math threads), then a single
+    # chunked merge pass in which every input's chunk is trimmed on the fly.
     k = _num_kept(d, n)
-    def plan(xf: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:
-        if k >= n:
-            return None, None
-        sel = _select(xf, k, zero_ties=False)
-        return _shrink_lambda(sel, dtype), sel.drop
+
+    def plan(xf: torch.Tensor) -> _Trim | None:
+        return None if k >= n else _trim_plan(_select(xf, k, zero_ties=False), dtype)
 
     # Each input's threshold, then each range of the (entrywise) merge, on its own thread.
     plans = list(parallel.parallel_map(plan, [xf for xf, _ in members], numel=n, device=device))
@@ -457,7 +435,7 @@ def ties(
 
 def _ties_merge(
     members: list[tuple[torch.Tensor, float]],
-    plans: list[tuple[float | None, torch.Tensor | None]],
+    plans: list[_Trim | None],
     count_votes: bool,
     normalize: bool,
     out: torch.Tensor,
@@ -465,7 +443,7 @@ def _ties_merge(
     hi: int,
 ) -> None:
     """Elect and disjoint-merge flat inputs over entries [lo, hi) into ``out``, trimming
-    each chunk by its (λ, drop) plan."""
+    each chunk by its plan."""
     xf0 = members[0][0]
     dtype, device = xf0.dtype, xf0.device
     c = max(1, min(_chunk_size(device), hi - lo))
@@ -475,7 +453,7 @@ def _ties_merge(
 
     # Per-chunk working set: the trimmed chunks of every input (read by both sweeps) and a
     # few accumulators; never an n_inputs x numel stack.
-    n_trim = sum(lam is not None for lam, _ in plans)
+    n_trim = sum(plan is not None for plan in plans)
     trimmed = torch.empty((n_trim, c), dtype=dtype, device=device)
     total, gamma, num, tmp = buf(), buf(), buf(), buf()
     votes = buf() if count_votes else None
@@ -494,14 +472,14 @@ def _ties_merge(
         # Sweep 1: trim each input's chunk and gather what the election needs.
         chunks = []
         row = 0
-        for j, ((xf, w), (lam, drop)) in enumerate(zip(members, plans)):
+        for j, ((xf, w), plan) in enumerate(zip(members, plans)):
             xc = xf[s:e]
-            if lam is None:
+            if plan is None:
                 tj = xc  # nothing to trim: read the input in place
             else:
                 tj = trimmed[row, :L]
                 row += 1
-                _apply_selection(xc, lam, drop, s, out=tj)
+                _apply_selection(xc, plan, s, out=tj)
             chunks.append(tj)
             if j == 0:
                 torch.mul(tj, w, out=tot)
