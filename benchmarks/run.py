@@ -37,12 +37,13 @@ SIZES = {
     "xl": {"hidden": 1536, "layers": 16, "vocab": 32000},
 }
 SHARD = "256MB"  # input shard size: real checkpoints are sharded, so read through the index
-OPS = ["sum", "ties", "dare", "cluster_basis", "decompose",
+OPS = ["sum", "ties", "dare", "cluster_basis", "decompose", "decompose_mix",
        "linear", "slerp", "breadcrumbs", "della", "model_stock",
        "tsv_merge", "iso_c", "iso_cts", "compress_pca", "compress_ae"]
 LABELS = {"sum": "task arithmetic (sum + apply)", "ties": "TIES d=0.2 + apply",
           "dare": "DARE d=0.3 + sum + apply", "cluster_basis": "cluster_basis k=auto → vectors",
           "decompose": "decompose rank 16 → unique vectors",
+          "decompose_mix": "decompose rank 16 → sum of unique parts + apply",
           "linear": "linear (weights 1…n, normalized)", "slerp": "slerp base→ft0 t=[0, 0.5, 1]",
           "breadcrumbs": "breadcrumbs d=0.9 γ=0.01 + consensus + apply",
           "della": "DELLA d=0.4 ε=0.1 + consensus + apply",
@@ -52,7 +53,7 @@ LABELS = {"sum": "task arithmetic (sum + apply)", "ties": "TIES d=0.2 + apply",
           "compress_pca": "compress_basis pca m=4 + sum of atoms + apply",
           "compress_ae": "compress_basis autoencoder m=4 + sum + apply"}
 # The spectral and basis rows (issue #16: each ≤ 4× sum's time, ≤ 2× its peak RSS).
-SPECTRAL = ["decompose", "tsv_merge", "iso_c", "iso_cts", "compress_pca", "compress_ae"]
+SPECTRAL = ["decompose", "decompose_mix", "tsv_merge", "iso_c", "iso_cts", "compress_pca", "compress_ae"]
 APPLY_SCALE = 0.3  # the first three rows; the mergekit-equivalent rows below apply with scale 1
 # The rows compared with mergekit: op -> the mergekit method it is compared with.
 MERGEKIT = {"sum": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "linear": "linear",
@@ -124,6 +125,9 @@ def recipe_text(op: str, ckpt: Path, n: int, out: Path) -> str:
     elif op == "cluster_basis":
         lines += ["  basis: {op: cluster_basis, inputs: tv, k: auto}", "outputs:",
                   f"  basis: {{from: basis, path: {out}, dtype: bfloat16}}"]
+    elif op == "decompose_mix":  # the unique-mix recipe: one model out, as sum writes
+        lines += ["  parts: {op: decompose, inputs: tv, rank: 16}",
+                  "  merged: {op: sum, inputs: parts.unique}", apply, "outputs:", model_out]
     elif op == "decompose":
         lines += ["  parts: {op: decompose, inputs: tv, rank: 16}", "outputs:",
                   f"  unique: {{from: parts.unique, path: {out}, dtype: bfloat16}}"]

@@ -125,13 +125,25 @@ def _randomized_svd(a: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor
     omega = torch.randn(a.shape[1], q, generator=gen, device=a.device, dtype=a.dtype)
     # Re-orthonormalise between passes: without it the columns collapse onto the top
     # singular vector in float32 and the trailing ones lose all accuracy.
-    left = torch.linalg.qr(a @ omega).Q
+    left = torch.linalg.qr(_times(a, omega)).Q
     for i in range(_POWER_ITERS):
-        right = torch.linalg.qr(a.mT @ left).Q
+        right = torch.linalg.qr(_times_t(a, left)).Q
         if i + 1 < _POWER_ITERS:
-            left = torch.linalg.qr(a @ right).Q
-    u, s, _ = torch.linalg.svd(a @ right, full_matrices=False)
+            left = torch.linalg.qr(_times(a, right)).Q
+    u, s, _ = torch.linalg.svd(_times(a, right), full_matrices=False)
     return u, s
+
+
+def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for a thin ``b`` (few columns), formed as ``(bᵀ aᵀ)ᵀ``: with the thin
+    factor on the left the CPU BLAS streams ``a`` ~30% faster (1.7 against 2.5 ms for a
+    1024 × 2816 matrix and 26 columns, one thread; 27 against 37 ms for 32000 × 1024)."""
+    return (b.mT @ a.mT).mT
+
+
+def _times_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀ @ b`` for a thin ``b``, formed as ``(bᵀ a)ᵀ`` (see :func:`_times`)."""
+    return (b.mT @ a).mT
 
 
 def _full_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +194,16 @@ def task_subspace(W: torch.Tensor, *, rank: int | Mapping[str, float] | None) ->
     a = _as_matrix(W)
     d_out, d_in = a.shape
     small = min(d_out, d_in)
-    total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2 if a.numel() else 0.0
-    if total == 0.0 or small == 0 or fixed == 0:
+    if small == 0 or fixed == 0:
         return a.new_zeros(d_out, 0)
+    # Only an energy target needs ||W||² (in float64: it decides where the rank stops; for
+    # a 32000 × 1024 delta that costs as much as the sketch). A fixed rank needs none: a
+    # zero W has no singular value above the noise floor, so it still gets rank 0.
+    total = 0.0
+    if fixed is None:
+        total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+        if total == 0.0:
+            return a.new_zeros(d_out, 0)
 
     if fixed is not None:
         want = min(fixed, small)
