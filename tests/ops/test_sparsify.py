@@ -402,6 +402,27 @@ def test_ties_large_matches_reference_formula():
     torch.testing.assert_close(ties(xs, density=0.3, weights=ws), expect.float())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trim_and_ties_on_cuda_match_cpu():
+    # The radix search's CUDA branch (no word-scan compress, CUDA-sized chunks) selects the
+    # same entries; the merge may round a weighted add differently (fused multiply-add).
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(1 << 18, generator=g).to(torch.bfloat16)
+    xs = [((base.float() + 0.01 * torch.randn(1 << 18, generator=g)).to(torch.bfloat16).float()
+           - base.float()).view(512, 512) for _ in range(3)]
+    for d in (0.05, 0.2, 0.9):
+        for x in xs:
+            assert torch.equal(trim_mask(x.cuda(), density=d).cpu(), trim_mask(x, density=d))
+            assert torch.equal(trim(x.cuda(), density=d).cpu(), trim(x, density=d))
+        for majority in ("total", "count"):
+            want = ties(xs, density=d, weights=[1.0, 0.5, -2.0], majority=majority)
+            got = ties([x.cuda() for x in xs], density=d, weights=[1.0, 0.5, -2.0],
+                       majority=majority)
+            assert got.is_cuda
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-12)
+            assert torch.equal(got.cpu() != 0, want != 0), (d, majority)
+
+
 # ---------------------------------------------------------------------------------------
 # DARE and seeds
 
