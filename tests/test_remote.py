@@ -257,6 +257,26 @@ def test_remote_hashes_match_local_and_are_memoised(mem, tmp_path, monkeypatch):
     assert fetched.bytes == len(data)
 
 
+def test_a_stated_lfs_sha256_is_the_hash_without_a_download(mem, monkeypatch):
+    # A Hugging Face LFS file names its object by the SHA-256 of its bytes: hashing takes
+    # it from the listing, so a first run downloads the weights once (to read them), not
+    # twice. A field that is no SHA-256 is not trusted: the file is streamed as usual.
+    fs, url = mem
+    data = save({"w": torch.randn(50, 50)})
+    fs.pipe(f"{url}/m.safetensors", data)
+    true = hashlib.sha256(data).hexdigest()
+    stated = "ab" * 32  # differs from the bytes' hash: proves it is not recomputed
+    path = RemotePath(f"{url}/m.safetensors", {"size": len(data), "type": "file",
+                                               "lfs": {"sha256": stated, "size": len(data)}})
+    fetched = Fetched(monkeypatch)
+    assert sha256_file(path) == stated and fetched.bytes == 0
+    for bad in ("AB" * 32, "ab" * 31, None, 7):
+        path = RemotePath(f"{url}/m.safetensors", {"size": len(data), "type": "file",
+                                                   "lfs": {"sha256": bad}})
+        assert path.stated_sha256() is None
+        assert sha256_file(path) == true
+
+
 def test_identity_of_an_hf_url_at_a_commit_is_immutable():
     commit = "0123456789abcdef0123456789abcdef01234567"
     assert "revision=commit" in remote.remote_identity(f"hf://org/m@{commit}/a.safetensors",

@@ -114,10 +114,12 @@ def _hash_stream(path: Path) -> str:
 
 
 def _sha256_remote(path: RemotePath, memo: HashMemo | None) -> str:
-    """The SHA-256 of a remote file, streamed by ranged reads in large chunks, memoised by
-    URL and identity (a file whose storage reports nothing that changes with its bytes is
-    hashed every time)."""
+    """The SHA-256 of a remote file: the one its storage states (a Hugging Face LFS file),
+    else streamed by ranged reads in large chunks, memoised by URL and identity (a file whose
+    storage reports nothing that changes with its bytes is hashed every time)."""
     try:
+        if (stated := path.stated_sha256()) is not None:
+            return stated
         before = path.identity()
         if memo is not None and before is not None and (hit := memo.get(path.url, before)):
             return hit

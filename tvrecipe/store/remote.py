@@ -136,6 +136,9 @@ def _missing(url: str) -> FileNotFoundError:
     return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), url)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def remote_identity(url: str, info: dict) -> list | None:
     """What the hash memo compares to trust a remembered hash of a remote file: its size and
     every field of ``info`` that changes with its bytes, or None when there is none (the file
@@ -370,6 +373,14 @@ class RemotePath:
         for data in self.iter_chunks(start, start + len(view)):
             view[done:done + len(data)] = data
             done += len(data)
+
+    def stated_sha256(self) -> str | None:
+        """The SHA-256 of the file's bytes when its storage states it, else None. A Hugging
+        Face file kept in LFS names its object by exactly that hash (``lfs.sha256``), so
+        hashing it needs no download, as DVC trusts a remote's own checksums."""
+        lfs = (self.info() or {}).get("lfs")
+        digest = lfs.get("sha256") if isinstance(lfs, dict) else None
+        return digest if isinstance(digest, str) and _SHA256.fullmatch(digest) else None
 
     def identity(self) -> list | None:
         """The file's current identity for the hash memo (see :func:`remote_identity`)."""
