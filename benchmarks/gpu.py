@@ -1,0 +1,163 @@
+"""GPU against CPU: benchmarks/run.py's rows run with `--device cuda` and `--device cpu` on one
+machine, next to the floor of reading every input onto the GPU.
+
+    python benchmarks/gpu.py --size large                   # the default rows, GPU and CPU
+    python benchmarks/gpu.py --size large --only sum ties --no-cpu
+    python benchmarks/gpu.py --size small --device cpu      # smoke run on a machine without one
+
+The checkpoints and recipes are benchmarks/run.py's (made once under bench-out/ckpt/). Each
+row is `tvrecipe run RECIPE --device D --force --no-cache` in a child process: wall clock
+(interpreter start and CUDA initialisation included), the run's own time (`done in … s`), and
+peak RSS. The floor, in a child process too: a reading thread loads each input tensor into
+pinned memory while the main thread copies the one before to the device (non-blocking) and
+adds it in float32 there; then one synchronisation. That is reading and H2D copying
+overlapped, the least any GPU run of these recipes does. The table it prints is the GPU
+section of benchmarks/README.md. Without CUDA (and without `--device cpu`) it says so and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import run as bench  # benchmarks/run.py: checkpoints, recipes, measuring a child
+
+# Rows whose compute a GPU may change (run.py's names).
+ROWS = ["sum", "ties", "dare", "cluster_basis", "decompose", "decompose_mix", "tsv_merge",
+        "iso_c", "iso_cts", "compress_pca", "breadcrumbs", "model_stock"]
+
+
+def floor_worker(device: str, models: list[Path]) -> None:
+    """In a child: read every tensor of every model, copy it to ``device`` and accumulate."""
+    import torch
+    from safetensors import safe_open
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    handles = []
+    for d in models:
+        names: dict[str, object] = {}
+        for f in bench.weight_files(d):
+            h = safe_open(str(f), framework="pt", device="cpu")
+            names.update(dict.fromkeys(h.keys(), h))
+        handles.append(names)
+    todo: queue.Queue = queue.Queue(maxsize=2)
+    nbytes = [0]
+
+    def reader() -> None:
+        for name in handles[0]:
+            ts = []
+            for names in handles:
+                t = names[name].get_tensor(name)
+                nbytes[0] += t.numel() * t.element_size()
+                ts.append(t.pin_memory() if dev.type == "cuda" else t)
+            todo.put(ts)
+        todo.put(None)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    while (ts := todo.get()) is not None:
+        acc = None
+        for t in ts:
+            x = t.to(dev, non_blocking=True)
+            acc = x.to(torch.float32) if acc is None else acc.add_(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": nbytes[0], "device": name}))
+
+
+def measure_floor(device: str, models: list[Path]) -> bench.Measured:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--floor-worker", device]
+    m = bench.measure(cmd + [str(d) for d in models])
+    if m.rc == 0:
+        m.extra.update(json.loads(m.stdout.strip().splitlines()[-1]))
+    return m
+
+
+def run_row(recipe: Path, device: str) -> bench.Measured:
+    exe = shutil.which("tvrecipe") or "tvrecipe"
+    m = bench.measure([exe, "run", str(recipe), "--force", "--no-cache", "--device", device])
+    hit = bench.DONE_RE.search(m.stdout)
+    if hit:
+        m.extra["engine_s"] = float(hit.group(1))
+    return m
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=list(bench.SIZES), default="large")
+    p.add_argument("--n", type=int, default=8, help="number of fine-tunes")
+    p.add_argument("--only", nargs="+", choices=bench.OPS, help="these rows (default: "
+                   + " ".join(ROWS) + ")")
+    p.add_argument("--device", default="cuda", help="the accelerator (default cuda)")
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU runs of the rows")
+    p.add_argument("--floor-worker", help=argparse.SUPPRESS)
+    p.add_argument("models", nargs="*", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.floor_worker:
+        floor_worker(a.floor_worker, a.models)
+        return
+
+    import torch
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device here: nothing to measure (--device cpu runs the script's "
+              "rows on the CPU, as a smoke test)")
+        return
+    _cfg, ckpt = bench.ensure_checkpoints(a.size, a.n)
+    models = [ckpt / "base", *(ckpt / f"ft{i}" for i in range(a.n))]
+    work = bench.BENCH / "gpu"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    floor = bench.best_of(2, lambda: measure_floor(a.device, models))
+    if floor.rc:
+        sys.exit(f"floor failed:\n{floor.stderr}")
+    cpu_floor = None if a.no_cpu else bench.best_of(2, lambda: measure_floor("cpu", models))
+    print(f"device: {floor.extra['device']}; torch {torch.__version__}; "
+          f"{len(os.sched_getaffinity(0))} CPU cores")
+    rows = []
+    for op in a.only or ROWS:
+        recipe = work / f"{op}.yaml"
+        recipe.write_text(bench.recipe_text(op, ckpt, a.n, work / f"out-{op}"))
+        on_dev = run_row(recipe, a.device)
+        on_cpu = None if a.no_cpu else run_row(recipe, "cpu")
+        shutil.rmtree(work / f"out-{op}", ignore_errors=True)
+        rows.append((op, on_dev, on_cpu))
+        for m in (on_dev, on_cpu):
+            if m is not None and m.rc:
+                print(f"{op}: exit {m.rc}\n{m.stderr.strip()[-2000:]}", file=sys.stderr)
+
+    gb = floor.extra["bytes"] / 1e9
+    print(f"\nfloor, read + copy to {a.device} + accumulate (overlapped): {floor.wall:.2f} s "
+          f"wall, {floor.extra['seconds']:.2f} s in the loop, {gb:.2f} GB"
+          + (f"; same on the CPU: {cpu_floor.wall:.2f} s" if cpu_floor else ""))
+    print(f"\n| row | {a.device} wall s | {a.device} run s | CPU wall s | CPU run s "
+          f"| {a.device} / CPU | {a.device} / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for op, on_dev, on_cpu in rows:
+        def cell(m: bench.Measured | None, key: str = "") -> str:
+            if m is None:
+                return "–"
+            if m.rc:
+                return f"exit {m.rc}"
+            return bench.fmt(m.extra.get("engine_s") if key else m.wall, 2)
+        ratio = (f"{on_dev.wall / on_cpu.wall:.2f}×"
+                 if on_cpu is not None and not (on_dev.rc or on_cpu.rc) else "–")
+        to_floor = f"{on_dev.wall / floor.wall:.2f}×" if not on_dev.rc else "–"
+        print(f"| {bench.LABELS[op]} | {cell(on_dev)} | {cell(on_dev, 'run')} | "
+              f"{cell(on_cpu)} | {cell(on_cpu, 'run')} | {ratio} | {to_floor} |")
+
+
+if __name__ == "__main__":
+    main()
