@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Literal
 import pytest
 import torch
 import yaml
+
+import tvrecipe
 from pydantic import Field
 
 from tests.conftest import FLOATING, read_tensors
@@ -149,6 +151,21 @@ def test_a_toy_op_runs_end_to_end_with_cache_and_lock(toy_ops, make_models, cli,
     # The lock now holds version 2's key: under version 1, verify names the op's step.
     res = cli.fails(6, "verify", "r.yaml")
     assert f"step 'small' changed (key {new}, locked {bumped})" in res.stderr
+    assert "the recipe and inputs are as locked" not in res.stderr  # same tools: no guess
+    # A lock that another tvrecipe wrote: the message says why the same recipe and inputs
+    # give another key, and what to do.
+    lock_file = tmp_path / "r.yaml.lock"
+    data = yaml.safe_load(lock_file.read_text())
+    data["tool"]["tvrecipe"] = "0.0.1"
+    lock_file.write_text(yaml.safe_dump(data))
+    res = cli.fails(6, "run", "r.yaml", "--force", "--locked")
+    said = " ".join(res.stderr.split())
+    assert f"step 'small' changed (key {new}, locked {bumped})" in said
+    assert (f"the recipe and inputs are as locked; the lock was written by tvrecipe 0.0.1 and "
+            f"torch {data['tool']['torch']} and this is tvrecipe {tvrecipe.__version__} and "
+            "torch ") in said
+    assert ("(each op's version: `tvrecipe ops OP`); run without --locked to write a new "
+            "lock, or install the locked versions to reproduce it") in said
 
 
 def test_a_toy_whole_model_op_runs_its_pass_first(toy_ops, make_models, cli, tmp_path):

@@ -123,11 +123,24 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
         elif old.get("sha256") != new["sha256"]:
             lines.append(f"input {name!r} ({new['path']}) changed: sha256 {new['sha256'][:12]}…, "
                          f"locked {str(old.get('sha256'))[:12]}…")
+    same_sources = not lines
     old_steps = lock.get("steps", {})
     for name, key in state["steps"].items():
         if old_steps.get(name) != key:
             lines.append(f"step {name!r} changed (key {key}, locked {old_steps.get(name)})")
+    locked_tools, tools = lock.get("tool") or {}, tool_versions()
+    if same_sources and lines and locked_tools != tools:
+        # Same recipe and inputs, other step keys: an op's version moved with the tools.
+        lines.append(
+            f"the recipe and inputs are as locked; the lock was written by {_tools(locked_tools)}"
+            f" and this is {_tools(tools)}, whose ops may compute these steps differently "
+            "(each op's version: `tvrecipe ops OP`); run without --locked to write a new lock, or "
+            "install the locked versions to reproduce it")
     return lines
+
+
+def _tools(tools: dict) -> str:
+    return " and ".join(f"{name} {tools[name]}" for name in ("tvrecipe", "torch") if name in tools)
 
 
 def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, list[str]]:
