@@ -164,8 +164,15 @@ def test_a_toy_op_runs_end_to_end_with_cache_and_lock(toy_ops, make_models, cli,
     assert (f"the recipe and inputs are as locked; the lock was written by tvrecipe 0.0.1 and "
             f"torch {data['tool']['torch']} and this is tvrecipe {tvrecipe.__version__} and "
             "torch ") in said
-    assert ("(each op's version: `tvrecipe ops OP`); run without --locked to write a new "
-            "lock, or install the locked versions to reproduce it") in said
+    assert ("(each op's version: `tvrecipe ops OP`); `tvrecipe run` without --locked writes a "
+            "new lock, or install the locked versions to reproduce it") in said
+    # Only the Python version differs, or the lock records no tools: no guess about ops.
+    for tool in ({**data["tool"], "tvrecipe": tvrecipe.__version__, "python": "3.0.0"}, None):
+        data["tool"] = tool
+        lock_file.write_text(yaml.safe_dump(data))
+        res = cli.fails(6, "verify", "r.yaml")
+        assert f"step 'small' changed (key {new}, locked {bumped})" in res.stderr
+        assert "the recipe and inputs are as locked" not in res.stderr
 
 
 def test_a_toy_whole_model_op_runs_its_pass_first(toy_ops, make_models, cli, tmp_path):

@@ -128,18 +128,21 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     for name, key in state["steps"].items():
         if old_steps.get(name) != key:
             lines.append(f"step {name!r} changed (key {key}, locked {old_steps.get(name)})")
-    locked_tools, tools = lock.get("tool") or {}, tool_versions()
-    if same_sources and lines and locked_tools != tools:
+    locked_tools, tools = _tools(lock.get("tool")), _tools(tool_versions())
+    if same_sources and lines and locked_tools and locked_tools != tools:
         # Same recipe and inputs, other step keys: an op's version moved with the tools.
         lines.append(
-            f"the recipe and inputs are as locked; the lock was written by {_tools(locked_tools)}"
-            f" and this is {_tools(tools)}, whose ops may compute these steps differently "
-            "(each op's version: `tvrecipe ops OP`); run without --locked to write a new lock, or "
-            "install the locked versions to reproduce it")
+            f"the recipe and inputs are as locked; the lock was written by {locked_tools} and "
+            f"this is {tools}, whose ops may compute these steps differently (each op's version:"
+            " `tvrecipe ops OP`); `tvrecipe run` without --locked writes a new lock, or install "
+            "the locked versions to reproduce it")
     return lines
 
 
-def _tools(tools: dict) -> str:
+def _tools(tools: object) -> str:
+    """``tvrecipe X and torch Y`` of a lock's ``tool`` entry ("" when it records neither)."""
+    if not isinstance(tools, dict):
+        return ""
     return " and ".join(f"{name} {tools[name]}" for name in ("tvrecipe", "torch") if name in tools)
 
 
