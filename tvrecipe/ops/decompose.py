@@ -196,21 +196,19 @@ def task_subspace(W: torch.Tensor, *, rank: int | Mapping[str, float] | None) ->
     small = min(d_out, d_in)
     if small == 0 or fixed == 0:
         return a.new_zeros(d_out, 0)
-    # Only an energy target needs ||W||² (in float64: it decides where the rank stops; for
-    # a 32000 × 1024 delta that costs as much as the sketch). A fixed rank needs none: a
-    # zero W has no singular value above the noise floor, so it still gets rank 0.
-    total = 0.0
-    if fixed is None:
-        total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
-        if total == 0.0:
-            return a.new_zeros(d_out, 0)
 
     if fixed is not None:
+        # No ||W||² here: a zero W has no singular value above the noise floor, so it still
+        # gets rank 0 (for a 32000 × 1024 delta the float64 norm cost as much as the sketch).
         want = min(fixed, small)
         q = want + _OVERSAMPLE
         u, s = _randomized_svd(a, q) if q * _SKETCH_FRACTION <= small else _full_svd(a)
         r = want
     else:
+        # The energy target needs ||W||², in float64: it decides where the rank stops.
+        total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+        if total == 0.0:
+            return a.new_zeros(d_out, 0)
         r = None
         q = _FIRST_SKETCH
         while q * _SKETCH_FRACTION <= small:
