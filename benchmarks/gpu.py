@@ -41,17 +41,10 @@ ROWS = ["sum", "ties", "dare", "cluster_basis", "decompose", "decompose_mix", "t
 def floor_worker(device: str, models: list[Path]) -> None:
     """In a child: read every tensor of every model, copy it to ``device`` and accumulate."""
     import torch
-    from safetensors import safe_open
 
     t0 = time.perf_counter()
     dev = torch.device(device)
-    handles = []
-    for d in models:
-        names: dict[str, object] = {}
-        for f in bench.weight_files(d):
-            h = safe_open(str(f), framework="pt", device="cpu")
-            names.update(dict.fromkeys(h.keys(), h))
-        handles.append(names)
+    handles = bench.tensor_handles(models)
     todo: queue.Queue = queue.Queue(maxsize=2)
     nbytes = [0]
 
@@ -83,15 +76,6 @@ def measure_floor(device: str, models: list[Path]) -> bench.Measured:
     m = bench.measure(cmd + [str(d) for d in models])
     if m.rc == 0:
         m.extra.update(json.loads(m.stdout.strip().splitlines()[-1]))
-    return m
-
-
-def run_row(recipe: Path, device: str) -> bench.Measured:
-    exe = shutil.which("tvrecipe") or "tvrecipe"
-    m = bench.measure([exe, "run", str(recipe), "--force", "--no-cache", "--device", device])
-    hit = bench.DONE_RE.search(m.stdout)
-    if hit:
-        m.extra["engine_s"] = float(hit.group(1))
     return m
 
 
@@ -130,8 +114,8 @@ def main() -> None:
     for op in a.only or ROWS:
         recipe = work / f"{op}.yaml"
         recipe.write_text(bench.recipe_text(op, ckpt, a.n, work / f"out-{op}"))
-        on_dev = run_row(recipe, a.device)
-        on_cpu = None if a.no_cpu else run_row(recipe, "cpu")
+        on_dev = bench.run_tvrecipe(recipe, device=a.device)
+        on_cpu = None if a.no_cpu else bench.run_tvrecipe(recipe, device="cpu")
         shutil.rmtree(work / f"out-{op}", ignore_errors=True)
         rows.append((op, on_dev, on_cpu))
         for m in (on_dev, on_cpu):

@@ -263,15 +263,19 @@ def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def run_tvrecipe(recipe: Path, report: Path | None = None, cache: str = "off") -> Measured:
+def run_tvrecipe(recipe: Path, report: Path | None = None, cache: str = "off",
+                 device: str | None = None) -> Measured:
     """Time one `tvrecipe run RECIPE --force` (not -q: its last line carries the byte counts).
 
     ``cache``: ``off`` passes ``--no-cache`` (the merge alone); ``cold`` gives the run a fresh,
     empty ``--cache-dir`` (a first run with the default cache on), measured then deleted.
     The input-hash memo beside the recipe is left alone, so inputs are hashed once per set.
+    ``device`` is passed as ``--device`` (the recipes say ``cpu``).
     """
     exe = shutil.which("tvrecipe") or "tvrecipe"
     cmd = [exe, "run", str(recipe), "--force"]
+    if device is not None:
+        cmd += ["--device", device]
     cache_dir = recipe.with_name(f"cache-{recipe.stem}")
     if cache == "off":
         cmd.append("--no-cache")
@@ -310,14 +314,7 @@ def floor_worker(mode: str, models: list[Path], out: Path | None) -> None:
         print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": nbytes}))
         return
     import torch
-    from safetensors import safe_open
-    handles = []  # per model: tensor name -> open safe_open handle
-    for d in models:
-        names: dict[str, object] = {}
-        for f in weight_files(d):
-            h = safe_open(str(f), framework="pt", device="cpu")
-            names.update(dict.fromkeys(h.keys(), h))
-        handles.append(names)
+    handles = tensor_handles(models)
     sink = open(out, "wb") if out is not None else None  # noqa: SIM115 (closed below)
     t_write = 0.0
     try:
@@ -340,6 +337,19 @@ def floor_worker(mode: str, models: list[Path], out: Path | None) -> None:
             sink.close()
             out.unlink()
     print(json.dumps({"seconds": time.perf_counter() - t0, "write_s": t_write, "bytes": nbytes}))
+
+
+def tensor_handles(models: list[Path]) -> list[dict[str, object]]:
+    """Per model: tensor name -> the open safe_open handle of the file that holds it."""
+    from safetensors import safe_open
+    handles = []
+    for d in models:
+        names: dict[str, object] = {}
+        for f in weight_files(d):
+            h = safe_open(str(f), framework="pt", device="cpu")
+            names.update(dict.fromkeys(h.keys(), h))
+        handles.append(names)
+    return handles
 
 
 def measure_floor(mode: str, models: list[Path], tmp: Path) -> Measured:
