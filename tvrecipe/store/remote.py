@@ -139,14 +139,19 @@ def _missing(url: str) -> FileNotFoundError:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def _lfs_sha256(info: dict) -> object:
+    """The ``lfs.sha256`` a Hugging Face listing gives a file kept in LFS, or None."""
+    lfs = info.get("lfs")
+    return lfs.get("sha256") if isinstance(lfs, dict) else None
+
+
 def remote_identity(url: str, info: dict) -> list | None:
     """What the hash memo compares to trust a remembered hash of a remote file: its size and
     every field of ``info`` that changes with its bytes, or None when there is none (the file
     is then hashed on every run)."""
     fields = [f"{k}={info[k]}" for k in _IDENTITY_KEYS if info.get(k) not in (None, "")]
-    lfs = info.get("lfs")
-    if isinstance(lfs, dict) and lfs.get("sha256"):
-        fields.append(f"lfs.sha256={lfs['sha256']}")
+    if lfs := _lfs_sha256(info):
+        fields.append(f"lfs.sha256={lfs}")
     if _HF_COMMIT.match(url):
         fields.append("revision=commit")
     return [int(info.get("size") or 0), *sorted(fields)] if fields else None
@@ -378,8 +383,7 @@ class RemotePath:
         """The SHA-256 of the file's bytes when its storage states it, else None. A Hugging
         Face file kept in LFS names its object by exactly that hash (``lfs.sha256``), so
         hashing it needs no download, as DVC trusts a remote's own checksums."""
-        lfs = (self.info() or {}).get("lfs")
-        digest = lfs.get("sha256") if isinstance(lfs, dict) else None
+        digest = _lfs_sha256(self.info() or {})
         return digest if isinstance(digest, str) and _SHA256.fullmatch(digest) else None
 
     def identity(self) -> list | None:
