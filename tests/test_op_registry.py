@@ -10,10 +10,9 @@ from typing import Any, ClassVar, Literal
 import pytest
 import torch
 import yaml
-
-import tvrecipe
 from pydantic import Field
 
+import tvrecipe
 from tests.conftest import FLOATING, read_tensors
 from tvrecipe.spec.kinds import TASK_VECTORS, VECTOR
 from tvrecipe.spec.models import ROWWISE, Ref, StepSpec

@@ -803,7 +803,12 @@ def entry() -> None:
     Tearing down an interpreter that imported torch takes ~0.5 s (measured on the 2-core
     benchmark machine), more than a cached rerun's compute; every file a command writes is
     closed (and synced where it matters) before it returns, so the process exits at once.
+    Before the command starts any thread, glibc's malloc is set to reuse freed tensor memory
+    (:mod:`tvrecipe.exec.allocator`).
     """
+    from tvrecipe.exec.allocator import tune_malloc
+
+    tune_malloc()
     try:
         main()
     except SystemExit as exc:

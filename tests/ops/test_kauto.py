@@ -270,3 +270,48 @@ def test_two_tasks_are_one_cluster():
     # n = 2: K = min(n − 1, k_max) = 1, so k: auto gives 1 whatever the cosine.
     for c in (0.9, 0.01, 0.0):
         assert cluster([[1.0, c], [c, 1.0]]).k == 1
+
+
+# ---------------------------------------------------------------- step 2 without clustering
+
+
+def _no_clustering(*args, **kwargs):
+    raise AssertionError("spectral clustering ran")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_split_can_pass_so_no_clustering_runs(monkeypatch, seed):
+    # Cosines in [0.45, 0.55]: any same-cluster mean is ≤ 0.55 < 2 · 0.45 ≤ 2 · any
+    # across-cluster mean, so step 2 fails for every labelling and k = 1 is answered at once.
+    from tvrecipe.ops import basis
+
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(-0.05, 0.05, (8, 8))
+    s = 0.5 + (noise + noise.T) / 2
+    np.fill_diagonal(s, 1.0)
+    monkeypatch.setattr(basis, "_spectral_labels", _no_clustering)
+    assert cluster(s).k == 1
+    # The threshold case still clusters: max = 0.5 = 2 · min (a = 0.25 above) can pass.
+    with pytest.raises(AssertionError, match="spectral clustering ran"):
+        cluster(_planted_similarity([[0, 1], [2, 3]], 0.5, 0.25))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_skipping_the_clustering_never_changes_k(monkeypatch, seed):
+    # The bound is exact: with the pre-check forced off, every matrix gets the same clustering.
+    # Planted groups with a within/across ratio in [1, 4] and noise: about half these seeds
+    # are answered by the pre-check, and a third end with k ≥ 2.
+    from tvrecipe.ops import basis
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 10))
+    labels = rng.integers(0, int(rng.integers(1, 4)), n)
+    within = rng.uniform(0.05, 0.6)
+    across = within / rng.uniform(1.0, 4.0)
+    s = np.where(labels[:, None] == labels[None, :], within, across)
+    noise = rng.uniform(-0.1, 0.1, (n, n)) * within
+    s = s + (noise + noise.T) / 2
+    np.fill_diagonal(s, 1.0)
+    with_check = cluster(s)
+    monkeypatch.setattr(basis, "_contrast_possible", lambda graph: True)
+    assert cluster(s) == with_check

@@ -220,7 +220,7 @@ def test_radix_search_zero_threshold_denormals_and_constant_tensors():
     x[1::16] = 1e-40  # float32 denormal
     x[2::16] = -0.0
     k = int(0.5 * n)
-    thr, n_gt, n_ge, pos = sparsify._kth_largest_abs(x, k)
+    thr, n_gt, n_ge, _pos = sparsify._kth_largest_abs(x, k)
     assert thr == 0.0 and n_gt == n // 4 + n // 16 and n_ge == n
     assert torch.equal(trim_mask(x, density=0.5), stable_top(x, k))
     assert torch.equal(trim(x, density=0.5), x)  # the dropped entries are all zeros

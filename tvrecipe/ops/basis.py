@@ -216,7 +216,9 @@ def cluster(
        or ``g_{k*}`` is 0 (no gap at all: every μ_i with i ≥ 2 equal).
     2. The graph is clustered into k* groups, and k = k* is kept if the mean affinity over
        the pairs of tasks in the same cluster is positive and at least twice the mean
-       affinity over the pairs in different clusters; otherwise k = 1.
+       affinity over the pairs in different clusters; otherwise k = 1. When the largest
+       off-diagonal affinity is below twice the smallest, no split can pass, and k = 1
+       without clustering (same answer, no scikit-learn import).
 
     Why: g_1 is left out of step 1 because it is large whenever the groups are joined by any
     across-group similarity, as real task vectors always are (groups of cosine 0.035 inside
@@ -268,6 +270,8 @@ def cluster(
         if k != "auto":
             raise ValueError(f"k must be a positive integer or 'auto', got {k!r}")
         k_eff = _eigengap_k(normalized, k_max)
+        if k_eff > 1 and not _contrast_possible(graph):
+            k_eff = 1
         if k_eff > 1:
             raw = _spectral_labels(graph, k_eff, seed)
             if not _contrasted(graph, raw):
@@ -379,6 +383,20 @@ def _contrasted(graph: Any, labels: Sequence[int]) -> bool:
     within_mean = float(graph[same].mean())
     across_mean = float(graph[across].mean())
     return within_mean > _GAP_TIE and within_mean >= _CONTRAST * across_mean - _GAP_TIE
+
+
+def _contrast_possible(graph: Any) -> bool:
+    """Whether any split of the tasks could pass step 2 of ``k="auto"`` (:func:`_contrasted`).
+
+    A same-cluster mean is at most the largest off-diagonal affinity and an across-cluster
+    mean at least the smallest, so if ``max < _CONTRAST · min`` (near-ties as in step 2) no
+    labelling passes, and step 2 would answer k = 1 whatever the clustering: it is not run.
+    """
+    import numpy as np
+
+    off = graph[~np.eye(graph.shape[0], dtype=bool)]
+    largest, smallest = float(off.max()), float(off.min())
+    return largest > _GAP_TIE and largest >= _CONTRAST * smallest - _GAP_TIE
 
 
 def _spectral_labels(affinity: Any, k: int, seed: int) -> Sequence[int]:
