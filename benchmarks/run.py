@@ -362,6 +362,53 @@ def measure_floor(mode: str, models: list[Path], tmp: Path) -> Measured:
     return m
 
 
+def spectral_floor(models: list[Path], n_tasks: int) -> dict[str, float]:
+    """The dense linear algebra an exact spectral merge cannot skip, timed on this CPU.
+
+    An exact SVD of a 2-D delta (r = its smaller side) costs at least its float64 Gram
+    matrix (r × r) and that matrix's eigenvalues (the Householder tridiagonalisation, about
+    4/3·r³ flops): tvrecipe's ``tsv_merge`` and ``iso`` form exactly these, then also the
+    eigenvectors and products. One Gram + ``eigvalsh`` of random data is timed per distinct
+    shape of the model's 2-D tensors, with every core busy (one task per thread, one math
+    thread each, as tvrecipe runs tasks on its math threads), and scaled by how many tensors
+    have that shape. Returns seconds for T tasks per tensor (TSV-M, Iso-CTS's per-task
+    spectra) and for one per tensor (Iso-C: the spectrum of Σ_t Δ_t); reading not included.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from safetensors import safe_open
+
+    def one(a):
+        g = a.mT @ a if a.shape[0] >= a.shape[1] else a @ a.mT
+        torch.linalg.eigvalsh(g)
+
+    shapes: dict[tuple[int, int], int] = {}
+    for f in weight_files(models[0]):
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            for name in h.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                shape = tuple(h.get_slice(name).get_shape())
+                if len(shape) == 2:
+                    shapes[shape] = shapes.get(shape, 0) + 1
+    cores = os.cpu_count() or 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    per_tensor = 0.0
+    try:
+        for (rows, cols), count in shapes.items():
+            gen = torch.Generator().manual_seed(0)
+            mats = [torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+                    for _ in range(cores)]
+            with ThreadPoolExecutor(cores) as pool:
+                list(pool.map(one, mats))  # warm-up
+                t0 = time.perf_counter()
+                list(pool.map(one, mats))
+                per_tensor += (time.perf_counter() - t0) / cores * count
+    finally:
+        torch.set_num_threads(previous)
+    return {"per_task": per_tensor * n_tasks, "per_tensor": per_tensor}
+
+
 def best_of(k: int, fn) -> Measured:
     """The fastest of ``k`` measurements (the floor is cheap: repeat it against noise)."""
     runs = [fn() for _ in range(k)]
@@ -538,11 +585,18 @@ def main() -> None:
     else:
         print("mergekit: not installed")
 
+    spectral = None
+    if any(op in ("tsv_merge", "iso_c", "iso_cts") for op in (a.only or OPS)):
+        spectral = spectral_floor(models[1:], a.n)
+        print(f"spectral floor (float64 Gram + eigenvalues of every 2-D delta, all cores): "
+              f"{spectral['per_task']:.2f} s for {a.n} tasks per tensor, "
+              f"{spectral['per_tensor']:.2f} s for one per tensor", flush=True)
+
     for mode, results in tables.items():
         if mode == modes[0]:
             results.update(mk)
         print_table(mode, results, floor_read, floor, floor_w, base_imp, model_mb)
-        print_ratios(mode, results, floor, reports)
+        print_ratios(mode, results, floor, reports, spectral)
     if len(tables) == 2:
         off, cold = tables["off"], tables["cold"]
         print("\n- cost of the default cache on a first run (cold / --no-cache wall): "
@@ -592,7 +646,7 @@ def print_table(mode: str, results: dict[str, Measured], floor_read: Measured, f
 
 
 def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
-                 reports: dict[str, dict]) -> None:
+                 reports: dict[str, dict], spectral: dict[str, float] | None = None) -> None:
     """The ratios the issues ask for, from one cache mode's results."""
     ref = results.get("sum")
     sum_wall = ref.wall if ref is not None and ref.rc == 0 else None
@@ -620,6 +674,10 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
         rss = (f", peak RSS {m.peak_rss_mb / sum_m.peak_rss_mb:.2f}× sum's"
                if sum_m is not None and not sum_m.rc else "")
         print(f"- {LABELS[op]}: {m.wall:.2f} s wall ({ratio(op)} sum{rss})")
+        if spectral is not None and op in ("tsv_merge", "iso_c", "iso_cts") and sum_wall:
+            need = spectral["per_tensor" if op == "iso_c" else "per_task"]
+            print(f"  its spectral floor: {need:.2f} s ({need / sum_wall:.2f}× sum, before "
+                  f"reading anything); the run is {m.wall / need:.2f}× that floor")
     for op, peer in (("sum", "mergekit sum"), ("ties", "mergekit ties"), ("dare", "mergekit dare")):
         mine, theirs = results.get(op), results.get(peer)
         if mine is None or theirs is None or mine.rc or theirs.rc:
