@@ -189,6 +189,48 @@ def stable_top(x: torch.Tensor, k: int) -> torch.Tensor:
     return want.view(x.shape)
 
 
+def stable_top_nan_first(x: torch.Tensor, k: int) -> torch.Tensor:
+    """As :func:`stable_top`, with NaN ranked above +inf (as mergekit's descending argsort)."""
+    a = x.reshape(-1).double().abs()
+    nan = torch.isnan(a)
+    order = torch.sort(-torch.where(nan, torch.inf, a), stable=True).indices
+    order = order[torch.sort((~nan[order]).to(torch.int8), stable=True).indices]
+    want = torch.zeros(a.numel(), dtype=torch.bool)
+    want[order[:k]] = True
+    return want.view(x.shape)
+
+
+@pytest.mark.parametrize("n", [1 << 10, 1 << 16])  # the direct search and the radix search
+@pytest.mark.parametrize("density", [0.02, 0.2, 0.9])
+def test_nan_ranks_above_inf_in_trim_and_its_mask(n, density):
+    # Only reachable with --allow-nonfinite: NaN counts as the largest magnitude, so it is
+    # kept (and exactly k entries are), in the mask and in the trimmed values alike.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=g)
+    x[3::97] = torch.nan
+    x[5::89] = -torch.inf
+    x[7::83] = torch.inf
+    k = max(1, int(density * n))
+    want = stable_top_nan_first(x, k)
+    mask = trim_mask(x, density=density)
+    assert torch.equal(mask, want) and int(mask.sum()) == k
+    kept = trim(x, density=density)
+    assert torch.equal(kept != 0, want)  # NaN != 0 holds, and no kept entry is 0 here
+    assert torch.equal(torch.isnan(kept), torch.isnan(x) & want)
+    assert torch.equal(kept[want & ~torch.isnan(x)], x[want & ~torch.isnan(x)])
+
+
+@pytest.mark.parametrize("n", [1 << 10, 1 << 16])
+def test_more_nans_than_kept_entries_keep_everything(n):
+    # The k-th largest magnitude is itself a NaN: no threshold orders the tensor, and trim
+    # and its mask both keep every entry (the NaNs stay visible in the result).
+    x = torch.randn(n, generator=torch.Generator().manual_seed(6))
+    x[3::97] = torch.nan  # n/97 NaNs, more than k = n/100
+    assert torch.equal(trim_mask(x, density=0.01), torch.ones(n, dtype=torch.bool))
+    assert torch.equal(trim(x, density=0.01).isnan(), x.isnan())
+    assert torch.equal(trim(x, density=0.01)[~x.isnan()], x[~x.isnan()])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_radix_search_every_dtype_matches_stable_sort(dtype):
     # Above _DIRECT_MAX: the two-level radix search on the bit patterns of each width

@@ -58,7 +58,7 @@ from tvrecipe.errors import ExecutionError, TvrecipeError
 from tvrecipe.exec.cluster_address import parse_address, require_dask
 from tvrecipe.exec.evaluate import select
 from tvrecipe.exec.results import RunOptions, RunResult, progress_bar, written_members
-from tvrecipe.exec.runner import PassContext, Runner
+from tvrecipe.exec.runner import PassContext, Runner, whole_model_errors
 from tvrecipe.exec.slots import to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan, rows_per_block, rowwise
@@ -515,7 +515,8 @@ class ClusterRunner(Runner):
         return folder.resolve()
 
     def _whole_model_pass(self, step: CompiledStep) -> None:
-        self.reduced[step.name] = step.spec.whole_model_pass(ClusterPassContext(self, step))
+        with whole_model_errors(step):
+            self.reduced[step.name] = step.spec.whole_model_pass(ClusterPassContext(self, step))
 
     def _job(self) -> Job:
         keys = self.options.keys or {}

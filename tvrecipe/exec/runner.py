@@ -89,6 +89,9 @@ class Runner:
         self.reduced: dict[str, Any] = {}
         self.reports: dict[str, dict] = {}
         self.bytes_read = 0
+        # (model, member, tensor, rows) already checked for NaN/Inf by an earlier pass of
+        # this run (a whole-model pass, then the merge pass, read the same blocks again).
+        self._checked: set[tuple[str, str, str, tuple[int, int] | None]] = set()
         self.plan: TensorPlan | None = None
         # step -> (manifest, slot checkpoints, the check of what is read from them)
         self.cached: dict[str, tuple[dict, dict, EntryCheck]] = {}
@@ -181,7 +184,9 @@ class Runner:
                 nbytes += t.numel() * t.element_size()
             if info.is_floating:
                 where = f"model {name!r}" + (f" member {member!r}" if member else "")
-                t = self._load(t, where, tensor)
+                key = (name, member, tensor, span)
+                t = self._load(t, where, tensor, check=key not in self._checked)
+                self._checked.add(key)
             got[member] = t
         return (got[""] if handle.kind != VECTORS else got), nbytes
 
@@ -306,7 +311,8 @@ class Runner:
 
     def _whole_model_pass(self, step: CompiledStep) -> None:
         """Run a ``whole_model`` op's pass and keep its result for the per-tensor work."""
-        self.reduced[step.name] = step.spec.whole_model_pass(PassContext(self, step))
+        with whole_model_errors(step):
+            self.reduced[step.name] = step.spec.whole_model_pass(PassContext(self, step))
 
     # ---- inspection ------------------------------------------------------------------------
     def inspect(self, node: str) -> dict[str, Any]:
@@ -650,6 +656,18 @@ class PassContext:
 
         self.accumulate(entries, add, label)
         return grams
+
+
+@contextmanager
+def whole_model_errors(step: CompiledStep) -> Iterator[None]:
+    """A kernel's ValueError in a whole-model pass (such as the non-finite similarities of
+    task vectors let in by ``--allow-nonfinite``) as a runtime error that names the step, as
+    the per-tensor work reports its own (exec/evaluate.py)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ExecutionError(f"step {step.name!r} ({step.op}), whole-model pass: {exc}") \
+            from exc
 
 
 def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResult:

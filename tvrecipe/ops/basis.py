@@ -137,7 +137,9 @@ def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
     g = gram.to(torch.float64)
     if not bool(torch.isfinite(g).all()):
-        raise ValueError("gram has non-finite entries (NaN or inf in a task vector?)")
+        raise ValueError("the Gram matrix of the task vectors holds NaN or Inf (so does a task "
+                         "vector, let in by --allow-nonfinite?): cosine similarities need "
+                         "finite task vectors; fix the checkpoint")
     diag = torch.diagonal(g)
     if bool((diag < 0).any()):
         raise ValueError("gram has a negative diagonal entry: it is not a Gram matrix")

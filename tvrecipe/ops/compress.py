@@ -52,7 +52,9 @@ def _check(gram: torch.Tensor, m: int) -> int:
         raise ValueError(f"m = {m} atoms for {t} task vectors: a compressed basis needs "
                          f"1 <= m < {t}")
     if not bool(torch.isfinite(gram).all()):
-        raise ValueError("the Gram matrix has non-finite entries")
+        raise ValueError("the Gram matrix of the task vectors holds NaN or Inf (so does a task "
+                         "vector, let in by --allow-nonfinite?): a compressed basis needs "
+                         "finite task vectors; fix the checkpoint")
     return t
 
 

@@ -112,7 +112,7 @@ def _below(t: float, dtype: torch.dtype) -> float:
 def _kth_direct(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor]:
     a = v.abs()
     thr_t = torch.kthvalue(a, a.numel() - k + 1).values
-    n_gt = int(torch.count_nonzero(a > thr_t))
+    n_gt = a.numel() - int(torch.count_nonzero(a <= thr_t))  # a NaN counts as greater
     ties = torch.nonzero(a == thr_t).squeeze(1)
     return thr_t.item(), n_gt, n_gt + ties.numel(), ties
 
@@ -204,7 +204,7 @@ def _select(xf: torch.Tensor, k: int, *, zero_ties: bool) -> _Selection:
         return _Selection(thr=0.0, n_gt=0, n_ge=n, cut=None)
     thr, n_gt, n_ge, ties = _kth_largest_abs(xf, k)
     cut = None
-    if n_ge > k and (thr > 0.0 or zero_ties):
+    if n_ge > k > n_gt and (thr > 0.0 or zero_ties):  # (n_gt >= k: a NaN threshold)
         # Several entries equal the threshold (usual for data derived from bf16): keep
         # the first (k - n_gt) of them in flat order, drop those from the next one on.
         cut = int(ties[k - n_gt - 1]) + 1
@@ -212,12 +212,16 @@ def _select(xf: torch.Tensor, k: int, *, zero_ties: bool) -> _Selection:
 
 
 def _selected(xf: torch.Tensor, sel: _Selection) -> torch.Tensor:
-    """The bool mask of the entries ``sel`` keeps (|x| >= thr, but |x| > thr from the cut)."""
+    """The bool mask of the entries ``sel`` keeps (|x| >= thr, but |x| > thr from the cut).
+
+    Written as "not below" so that a NaN (allowed with ``--allow-nonfinite``) is kept, as
+    the search ranks it (above +inf) and as :func:`_apply_selection` keeps it.
+    """
     a = xf.abs()
-    mask = a >= sel.thr
+    mask = a < sel.thr
     if sel.cut is not None:
-        torch.gt(a[sel.cut :], sel.thr, out=mask[sel.cut :])
-    return mask
+        torch.le(a[sel.cut :], sel.thr, out=mask[sel.cut :])
+    return mask.logical_not_()
 
 
 def _trim_plan(sel: _Selection, dtype: torch.dtype) -> _Trim | None:
@@ -253,7 +257,9 @@ def trim(x: torch.Tensor, *, density: float) -> torch.Tensor:
     down, as mergekit and peft count). Tie rule: with t the k-th largest |x|, every entry with
     |x| > t is kept, and among the entries with |x| == t those with the lowest flat
     (row-major) index are kept until exactly k are kept. When t == 0 all entries are
-    returned unchanged (the dropped ones would be zeros anyway). Inputs must be finite.
+    returned unchanged (the dropped ones would be zeros anyway). Inputs are finite unless
+    the run passed ``--allow-nonfinite``; then a NaN ranks above +inf (as in mergekit's
+    descending sort), and if the k-th largest is itself a NaN every entry is kept.
 
     Args:
         x: A floating-point tensor (not modified).

@@ -25,6 +25,15 @@ def _check(inputs: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
     return xs
 
 
+def _finite(xs: list[torch.Tensor], op: str) -> None:
+    """Singular vectors of a delta that holds NaN or Inf do not exist: say so, rather than
+    let LAPACK report an ill-conditioned matrix (only ``--allow-nonfinite`` lets them in)."""
+    if not all(bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()) for x in xs):
+        raise ValueError(f"{op}: a task vector holds NaN or Inf (let in by "
+                         "--allow-nonfinite?): singular vectors need finite task vectors; "
+                         "fix the checkpoint")
+
+
 def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
     out = xs[0].clone()
     for x in xs[1:]:
@@ -88,6 +97,7 @@ def tsv_merge(inputs: Sequence[torch.Tensor], *, fraction: float = 1.0) -> torch
     xs = _check(inputs, "tsv_merge")
     if xs[0].dim() != 2:
         return _mean(xs)
+    _finite(xs, "tsv_merge")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"tsv_merge: fraction must be in (0, 1], got {fraction!r}")
     t = len(xs)
@@ -145,6 +155,7 @@ def iso(inputs: Sequence[torch.Tensor], *, variant: str = "c",
     xs = _check(inputs, "iso")
     if xs[0].dim() != 2:
         return _mean(xs)
+    _finite(xs, "iso")
     if variant not in ("c", "cts"):
         raise ValueError(f"iso: variant must be 'c' or 'cts', got {variant!r}")
     total = xs[0].clone()

@@ -1,0 +1,85 @@
+"""Inputs are checked for NaN/Inf once per run, not once per pass (exec/runner.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from tvrecipe.exec.runner import Runner
+
+from .conftest import read_tensors, save_model
+from .test_cli_errors import nothing_written
+
+
+def _spy_checks(monkeypatch) -> Counter:
+    """Count, per (tensor, shape of the block read), how often _load checked a model's read."""
+    checks: Counter = Counter()
+    real = Runner._load
+
+    def load(self, t, where, tensor, check=True):
+        if check and where.startswith("model "):
+            checks[(where, tensor, tuple(t.shape))] += 1
+        return real(self, t, where, tensor, check)
+
+    monkeypatch.setattr(Runner, "_load", load)
+    return checks
+
+
+RECIPE = """
+tvrecipe: 1
+{models}steps:
+  tv: {{op: extract, base: base, finetuned: [a, b, c]}}
+  basis: {{op: cluster_basis, inputs: tv, k: auto}}
+outputs:
+  basis: {{from: basis, path: ./out/basis}}
+"""
+
+
+def test_two_passes_check_each_read_once(cli, make_models, monkeypatch):
+    # cluster_basis reads every input twice (the similarity pass, then the merge pass).
+    ms = make_models(("a", "b", "c"))
+    cli.write("r.yaml", RECIPE.format(models=ms.models_yaml()))
+    checks = _spy_checks(monkeypatch)
+    cli.ok("run", "r.yaml", "--no-cache")
+    floating = [k for k, v in ms.weights["base"].items() if v.is_floating_point()]
+    assert {tensor for _where, tensor, _shape in checks} == set(floating)
+    assert len({where for where, _t, _s in checks}) == 4  # base, a, b, c
+    assert set(checks.values()) == {1}
+
+
+def _with_nan(ms) -> None:
+    bad = read_tensors(ms.path("b"))
+    bad["lm_head.weight"][0, 1] = float("nan")
+    save_model(ms.path("b"), bad)
+
+
+def test_nan_is_still_refused_in_the_first_pass(cli, make_models):
+    ms = make_models(("a", "b", "c"))
+    _with_nan(ms)
+    cli.write("r.yaml", RECIPE.format(models=ms.models_yaml()))
+    res = cli.fails(3, "run", "r.yaml", "--no-cache")
+    assert res.err_lines[1] == ("model 'b': tensor 'lm_head.weight' contains NaN or Inf; fix "
+                                "the checkpoint, or pass --allow-nonfinite to merge it anyway")
+    assert not (cli.root / "out").exists()
+    # Let in, the NaN makes the similarities undefined: a runtime error that says so (it was
+    # an internal error, "this is a bug in tvrecipe", before).
+    res = cli.fails(5, "run", "r.yaml", "--no-cache", "--allow-nonfinite")
+    assert res.err_lines[1] == (
+        "step 'basis' (cluster_basis), whole-model pass: the Gram matrix of the task vectors "
+        "holds NaN or Inf (so does a task vector, let in by --allow-nonfinite?): cosine "
+        "similarities need finite task vectors; fix the checkpoint")
+    nothing_written(cli.root, "out/basis")
+
+
+def test_spectral_merges_name_the_nan_rather_than_lapack(cli, make_models):
+    ms = make_models(("a", "b", "c"))
+    _with_nan(ms)
+    cli.write("r.yaml", RECIPE.format(models=ms.models_yaml()).replace(
+        "{op: cluster_basis, inputs: tv, k: auto}", "{op: tsv_merge, inputs: tv}"))
+    res = cli.fails(5, "run", "r.yaml", "--no-cache", "--allow-nonfinite")
+    assert res.err_lines[1] == (
+        "step 'basis' (tsv_merge), tensor 'lm_head.weight': tsv_merge: a task vector holds "
+        "NaN or Inf (let in by --allow-nonfinite?): singular vectors need finite task "
+        "vectors; fix the checkpoint")
+    nothing_written(cli.root, "out/basis")
