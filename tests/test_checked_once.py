@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
 from tvrecipe.exec.runner import Runner
 
 from .conftest import read_tensors, save_model
