@@ -12,8 +12,9 @@ and filling a fresh 131 MB float32 tensor took 47 ms against 3.3 ms for one alre
 largest ``mmap`` threshold; larger ones, such as whole embedding matrices, are still mapped
 and unmapped each time) come from the arenas, and no arena's free top is trimmed below 1 GiB.
 Peak memory is that of the live tensors plus what the arenas leave free between them. (One
-arena for all threads as well was no faster and held 30% more memory in a DARE run.) Only the ``tvrecipe`` console script calls it, never the library: a process that imports
-tvrecipe keeps its own allocator settings. Measured in ``benchmarks/README.md``.
+arena for all threads as well was no faster and held 30% more memory in a DARE run.) Only
+the ``tvrecipe`` console script calls it, never the library: a process that imports tvrecipe
+keeps its own allocator settings. Measured in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
