@@ -245,3 +245,23 @@ def test_mistakes_are_located(tmp_path, edit, message):
     assert res.exit_code != 0
     assert message in res.output
     assert "r.yaml:" in res.output  # file:line
+
+
+def test_inspect_a_rebuild_runs_the_basis_pass_first(tmp_path):
+    # `tvrecipe inspect r.yaml back` streams `rebuild`, which needs compress_basis's decoder
+    # from its whole-model pass: inspect runs that pass first, as `run` does (it was an
+    # internal error, KeyError 'atoms'). Its cosines are those of the vectors `run` writes.
+    recipe = _project(tmp_path, m=3)
+    res = _cli("inspect", recipe, "back", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    names = [f"t{i}" for i in range(T)]
+    assert got["members"] == names
+    assert not (tmp_path / "back").exists()  # inspect writes nothing
+    assert _cli("run", recipe).exit_code == 0
+    flat = {n: torch.cat([load_file(str(tmp_path / "back" / f"{n}.safetensors"))[k]
+                          .double().flatten() for k in ("w", "b")]) for n in names}
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            want = torch.nn.functional.cosine_similarity(flat[a], flat[b], dim=0).item()
+            assert got["cosine"][i][j] == pytest.approx(want, abs=1e-5)

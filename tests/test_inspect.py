@@ -151,3 +151,22 @@ def test_spectra_plot_and_compressed_basis_inspection(cli, tmp_path):
     assert set(got["rebuild_error"]) == {"a", "b", "c"}
     assert got["loss"] == pytest.approx(got["bound"], rel=1e-6, abs=1e-12)
     assert "Eckart–Young bound" in cli.ok("inspect", "r.yaml", "basis").stdout
+
+
+def test_a_set_named_by_an_upstream_clustering(make_models, cli):
+    # `merged` sums cluster_basis's vectors, whose members (b0, b1) are known only once the
+    # clustering ran: inspecting a scaled copy of them runs that pass first and names them.
+    ms = make_models(CLUSTER_TASKS, deltas=planted_clusters())
+    cli.write("r.yaml", _cluster_recipe(ms).replace(
+        "  merged: {op: sum, inputs: basis}\n",
+        "  merged: {op: sum, inputs: basis}\n  twice: {op: scale, input: basis, factor: 2}\n"))
+    got = json.loads(cli.ok("inspect", "r.yaml", "twice", "--json").stdout)
+    assert got["members"] == ["b0", "b1"]
+    # b0 and b1 are the means of the two planted groups: their cosine is that of the means
+    flat = {t: torch.cat([ms.delta(t)[k].flatten() for k in FLOATING]).double()
+            for t in CLUSTER_TASKS}
+    b0 = (flat["t0"] + flat["t2"] + flat["t4"]) / 3
+    b1 = (flat["t1"] + flat["t3"] + flat["t5"]) / 3
+    want = torch.nn.functional.cosine_similarity(b0, b1, dim=0).item()
+    assert got["cosine"][0][1] == pytest.approx(want, abs=1e-5)
+    assert got["norms"][0] == pytest.approx(2 * b0.norm().item(), rel=1e-5)

@@ -342,14 +342,14 @@ class Runner:
         options = None if step is None or selector else step.spec.spectra_options()
         if options is not None:  # a spectral step: its inputs' spectra, then what it shows
             from tvrecipe.exec.spectra import spectra
-            with self._inputs_open():
+            with self._inputs_open(node):
                 shown = spectra(PassContext(self, step), **options)
             if kind == "decomposition":
                 shown.update(self._inspect_decomposition(node))
             return shown
         if (step is not None and not selector and step.spec.whole_model
                 and kind in (VECTORS, "decomposition")):
-            with self._inputs_open():
+            with self._inputs_open(node):
                 self._whole_model_pass(step)
             shown = step.spec.inspection(self.reports.get(node, {}))
             if shown is not None:
@@ -361,9 +361,13 @@ class Runner:
                               "iso step (spectra of its inputs)")
         if kind == "decomposition":
             return self._inspect_decomposition(node)
-        with self._inputs_open():
+        with self._inputs_open(node):
             steps = [*self._upstream(node)] + ([self.compiled.steps[node]]
                                                 if node in self.compiled.steps else [])
+            if vt.members is None:  # named by an upstream pass (cluster_basis, k: auto)
+                vt = self.compiled.type_of(node)
+                for part in selector:
+                    vt = member_type(vt, part)
             members = list(vt.members or ())
             self.extra_reads = {node: {tuple(selector)}}
             gram = torch.zeros(len(members), len(members), dtype=torch.float64)
@@ -379,7 +383,7 @@ class Runner:
     def _inspect_decomposition(self, node: str) -> dict[str, Any]:
         """A decompose step's per-tensor ranks, shared dimension and energy shares (one pass
         that forms no part: nothing reads them)."""
-        with self._inputs_open():
+        with self._inputs_open(node):
             steps = [*self._upstream(node), self.compiled.steps[node]]
             with closing(self._stream(steps, [node], f"inspect {node}")) as stream:
                 for _ in stream:
@@ -388,10 +392,19 @@ class Runner:
                 "tensors": self.reports.get(node, {}).get("tensors", {})}
 
     @contextmanager
-    def _inputs_open(self) -> Iterator[None]:
-        """The run's inputs opened (``self.plan``) for a pass outside :meth:`run`."""
+    def _inputs_open(self, node: str | None = None) -> Iterator[None]:
+        """The run's inputs opened (``self.plan``) for a pass outside :meth:`run`; with
+        ``node``, the whole-model passes of the steps upstream of it run first, as in
+        :meth:`run` (a ``rebuild`` of a ``compress_basis``, say, needs its encoder)."""
         self.plan = build_tensor_plan(self.compiled)
         try:
+            if node is not None:
+                upstream = {s.name for s in self._upstream(node)}
+                for name, step in list(self.compiled.steps.items()):
+                    if name in upstream and step.spec.whole_model and name not in self.reduced:
+                        self._whole_model_pass(step)
+                        if name in self._open_members:
+                            self._recompile()
             yield
         finally:
             self.plan.close()
