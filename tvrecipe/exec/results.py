@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from tvrecipe import __version__
-from tvrecipe.errors import InputError
+from tvrecipe.errors import ExecutionError, InputError
 from tvrecipe.exec.release import Source, write_release
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan
 from tvrecipe.store.cache import TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size
+from tvrecipe.store.lora import NonFiniteDelta
 from tvrecipe.store.output import OutputFolder, copy_aux_files
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
 
@@ -167,7 +168,10 @@ class Output:
                 numel = t.numel()
             else:
                 numel = t.size
-            self.writers[m].write(tensor, t)
+            try:
+                self.writers[m].write(tensor, t)
+            except NonFiniteDelta as exc:
+                raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
             written += numel * self.sizes[tensor]  # bytes on disk, after the cast
         return written
 

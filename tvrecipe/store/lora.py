@@ -216,6 +216,10 @@ class LoraAdapter:
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 
 
+class NonFiniteDelta(ValueError):
+    """A delta to factor holds NaN or Inf: it has no singular value decomposition."""
+
+
 class AdapterWriter:
     """Writes a vector as a peft LoRA adapter folder, one tensor at a time.
 
@@ -270,6 +274,7 @@ class AdapterWriter:
             self.full[name] = self.full_base.get(name).float() + whole.float().cpu()
 
     def _factor(self, name: str, delta) -> None:
+        import torch
 
         from tvrecipe.ops import derive_seed
         from tvrecipe.ops.lowrank import lora_factors
@@ -277,6 +282,11 @@ class AdapterWriter:
         module = name.removesuffix(".weight")
         embedding = bool(_EMBEDDING.search(name))
         work = delta.float().T if embedding else delta.float()
+        if not bool(torch.isfinite(work).all()):
+            raise NonFiniteDelta(
+                f"tensor {name!r} holds NaN or Inf (let in by --allow-nonfinite?), and a "
+                "low-rank adapter of it does not exist: fix the checkpoint, or write this "
+                "vector with format: safetensors")
         rank = self.rank(name) if callable(self.rank) else self.rank
         b, a, err, norm = lora_factors(work, rank, self.energy, seed=derive_seed("peft", name))
         r = a.shape[0]

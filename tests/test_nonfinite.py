@@ -1,4 +1,5 @@
-"""Inputs are checked for NaN/Inf once per run, not once per pass (exec/runner.py)."""
+"""NaN and Inf in inputs: checked once per run (exec/runner.py), and with
+``--allow-nonfinite`` a clear error where a step or an output cannot take them."""
 
 from __future__ import annotations
 
@@ -81,3 +82,24 @@ def test_spectral_merges_name_the_nan_rather_than_lapack(cli, make_models):
         "NaN or Inf (let in by --allow-nonfinite?): singular vectors need finite task "
         "vectors; fix the checkpoint")
     nothing_written(cli.root, "out/basis")
+
+
+def test_a_peft_adapter_of_a_nan_delta_is_a_clear_error(cli, make_models):
+    # A truncated SVD of a delta with a NaN does not exist: say which tensor, and how else to
+    # write the vector (it was an internal error from torch.linalg.svd).
+    ms = make_models(("a", "b", "c"))
+    _with_nan(ms)
+    cli.write("r.yaml", f"""
+        tvrecipe: 1
+        {ms.models_yaml().replace(chr(10), chr(10) + "        ")}
+        steps:
+          tv: {{op: extract, base: base, finetuned: [b]}}
+        outputs:
+          adapter: {{from: tv.b, path: ./out/adapter, format: peft, rank: 2}}
+        """)
+    res = cli.fails(5, "run", "r.yaml", "--no-cache", "--allow-nonfinite")
+    assert res.err_lines[1] == (
+        "output 'adapter' (peft adapter): tensor 'lm_head.weight' holds NaN or Inf (let in by "
+        "--allow-nonfinite?), and a low-rank adapter of it does not exist: fix the checkpoint, "
+        "or write this vector with format: safetensors")
+    nothing_written(cli.root, "out/adapter")
