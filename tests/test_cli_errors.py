@@ -364,3 +364,18 @@ def test_engine_imports_pause_the_collector_then_freeze_what_they_loaded(monkeyp
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_a_negative_decompose_rank_is_a_located_recipe_error(cli, make_models, tmp_path):
+    # It reached the kernel before ("runtime error: ... rank must be >= 0, got -1").
+    ms = make_models(("a", "b"))
+    cli.write("r.yaml", "tvrecipe: 1\n" + ms.models_yaml() + (
+        "steps:\n"
+        "  tv: {op: extract, base: base, finetuned: [a, b]}\n"
+        "  p: {op: decompose, inputs: tv, rank: -1}\n"
+        "outputs:\n"
+        "  u: {from: p.unique, path: ./out/model}\n"))
+    res = cli.fails(2, "run", "r.yaml")
+    assert res.err_lines[1] == (
+        "r.yaml:8:34: steps.p.rank: Input should be greater than or equal to 0, got -1")
+    nothing_written(tmp_path)

@@ -94,18 +94,22 @@ outputs:
 
 def _spectral_project(tmp_path):
     """Two layers of a 48 × 36 weight: a and b share their left subspace (rank 4, equal
-    singular values), c's is orthogonal to it; plus a norm (1-D, left out)."""
+    singular values), c's is orthogonal to it; plus a norm (1-D, left out) and an empty
+    0 × 36 matrix (no spectrum: left out too; it was an internal error)."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(0)
     q = torch.linalg.qr(torch.randn(48, 8, generator=g, dtype=torch.float64)).Q
     ua, uc = q[:, :4], q[:, 4:]
     base = {f"model.layers.{i}.mlp.w.weight": torch.zeros(48, 36, dtype=torch.float64)
-            for i in range(2)} | {"model.norm.weight": torch.ones(36, dtype=torch.float64)}
+            for i in range(2)} | {"model.norm.weight": torch.ones(36, dtype=torch.float64),
+                                  "model.layers.0.mlp.empty.weight": torch.zeros(0, 36)}
     save_file(base, str(tmp_path / "base.safetensors"))
     for name, u in (("a", ua), ("b", ua), ("c", uc)):
         ft = {}
         for k, v in base.items():
-            if v.dim() == 2:
+            if v.numel() == 0:
+                ft[k] = v
+            elif v.dim() == 2:
                 vt = torch.linalg.qr(torch.randn(36, 4, generator=g, dtype=torch.float64)).Q
                 ft[k] = v + 2.0 * u @ vt.T
             else:

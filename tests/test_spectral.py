@@ -215,3 +215,34 @@ def test_exact_zero_deltas(zeros):
         assert np.abs(tsv_merge(xs).double().numpy() - want).max() <= 1e-5 * np.abs(want).max()
     summary = spectra_summary(xs)
     assert summary["erank"][0] == 0.0 and summary["energy_k"][0] == 0.0
+
+
+@pytest.mark.parametrize("step", ["{op: tsv_merge, inputs: tv}",
+                                  "{op: iso, inputs: tv, variant: cts}",
+                                  "{op: decompose, inputs: tv, rank: 2}"])
+def test_an_empty_matrix_passes_through(cli, make_models, tmp_path, step):
+    # A 0 × 8 tensor has no spectrum (it was a runtime error from torch: "max(): Expected
+    # reduction dim..." or "cannot reshape tensor of 0 elements"): it comes out empty, and
+    # every other tensor comes out as it does without it.
+    from safetensors.torch import load_file, save_file
+
+    ms = make_models(TASKS)
+    out = "  v: {from: merged" + (".unique" if "decompose" in step else "") + ", path: ./out/X}\n"
+    recipe = ("tvrecipe: 1\n" + ms.models_yaml() + "steps:\n  tv: {op: extract, base: base, "
+              "finetuned: [a, b, c]}\n  merged: " + step + "\noutputs:\n" + out)
+    cli.write("plain.yaml", recipe.replace("X", "plain"))
+    cli.ok("run", "plain.yaml", "-q")
+    for name in ms.weights:
+        for f in ms.path(name).glob("*.safetensors"):
+            tensors = load_file(str(f))
+            tensors["model.layers.0.mlp.empty.weight"] = torch.zeros(0, 8)
+            save_file(tensors, str(f))
+    cli.write("empty.yaml", recipe.replace("X", "empty"))
+    cli.ok("run", "empty.yaml", "-q")
+    for plain_file in sorted((tmp_path / "out" / "plain").glob("*.safetensors")):
+        plain = load_file(str(plain_file))
+        got = load_file(str(tmp_path / "out" / "empty" / plain_file.name))
+        assert got.pop("model.layers.0.mlp.empty.weight").shape == (0, 8)
+        assert set(got) == set(plain)
+        for k in plain:
+            assert torch.equal(got[k], plain[k]), k

@@ -36,9 +36,9 @@ def spectra(ctx: Any, excluded: tuple[str, ...] = (), k: int | None = None) -> d
     groups: dict[str, dict] = {}
 
     def add(tensor: str, xs: list) -> None:
-        if (xs[0] is None or xs[0].dim() != 2
+        if (xs[0] is None or xs[0].dim() != 2 or 0 in ctx.shape(tensor)
                 or any(fnmatch.fnmatchcase(tensor, p) for p in excluded)):
-            return
+            return  # (an empty matrix, [0, n], has no spectrum)
         rows = ctx.shape(tensor)[0]
         whole = [blocks.add((tensor, i), x, rows) for i, x in enumerate(xs)]
         if whole[0] is None:

@@ -370,8 +370,9 @@ def _check_options(method: str, threshold: float, rank: Any, vectors_1d: str) ->
 
 
 def subspace_mode(shape: Sequence[int], excluded: bool) -> bool:
-    """Whether a tensor of this shape is split by subspace (2+ dims, not excluded)."""
-    return not excluded and len(shape) >= 2
+    """Whether a tensor of this shape is split by subspace (2+ dims, none of them empty, not
+    excluded); an empty matrix goes the way of 1-D tensors (every part of it is empty)."""
+    return not excluded and len(shape) >= 2 and 0 not in shape
 
 
 def decompose_factors(

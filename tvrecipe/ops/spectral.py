@@ -95,7 +95,7 @@ def tsv_merge(inputs: Sequence[torch.Tensor], *, fraction: float = 1.0) -> torch
     factors come from r × r eigendecompositions.
     """
     xs = _check(inputs, "tsv_merge")
-    if xs[0].dim() != 2:
+    if xs[0].dim() != 2 or xs[0].numel() == 0:  # (an empty matrix has no spectrum)
         return _mean(xs)
     _finite(xs, "tsv_merge")
     if not 0.0 < fraction <= 1.0:
@@ -153,7 +153,7 @@ def iso(inputs: Sequence[torch.Tensor], *, variant: str = "c",
     all r values, zeros included), so the result has Δ_TA's row and column spaces.
     """
     xs = _check(inputs, "iso")
-    if xs[0].dim() != 2:
+    if xs[0].dim() != 2 or xs[0].numel() == 0:  # (an empty matrix has no spectrum)
         return _mean(xs)
     _finite(xs, "iso")
     if variant not in ("c", "cts"):

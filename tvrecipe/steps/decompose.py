@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -36,7 +36,7 @@ class DecomposeStep(StepSpec):
         "sandwich", description="Rule for the shared subspace.")
     threshold: pertensor.per_tensor(gt=0.0, le=1.0) = Field(
         0.85, description="Keep shared directions above it. " + PER_TENSOR_HELP)
-    rank: int | EnergyRank = Field(
+    rank: Annotated[int, Field(ge=0)] | EnergyRank = Field(
         default_factory=lambda: EnergyRank(energy=0.9),
         description="Per-task subspace rank: an int, or `{energy: e}`.")
     vectors_1d: Literal["unique", "mean"] = Field(
