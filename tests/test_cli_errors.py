@@ -379,3 +379,45 @@ def test_a_negative_decompose_rank_is_a_located_recipe_error(cli, make_models, t
     assert res.err_lines[1] == (
         "r.yaml:8:34: steps.p.rank: Input should be greater than or equal to 0, got -1")
     nothing_written(tmp_path)
+
+
+def test_two_inputs_of_one_name_are_refused_where_results_are_named_by_input(
+        cli, make_models, tmp_path):
+    # decompose's parts and compress_basis's tasks are named by input: with two inputs named
+    # t1, one part silently replaced the other before. A weight mapping cannot tell them
+    # apart either; a list can.
+    ms = make_models(("t1", "t2"))
+    cli.write("r.yaml", "tvrecipe: 1\n" + ms.models_yaml() + (
+        "steps:\n"
+        "  tv: {op: extract, base: base, finetuned: [t1, t2]}\n"
+        "  tw: {op: extract, base: base, finetuned: {t1: t2, t2: t1}}\n"
+        "  p: {op: decompose, inputs: [tv.t1, tw.t1]}\n"
+        "  c: {op: compress_basis, inputs: [tv, tw], m: 1}\n"
+        "  s: {op: sum, inputs: [tv, tw], weights: {t1: 1, t2: 2}}\n"
+        "  s2: {op: sum, inputs: [tv, tw], weights: [1, 2]}\n"
+        "outputs:\n"
+        "  u: {from: p.unique, path: ./out/model}\n"
+        "  c: {from: c, path: ./out/c}\n"
+        "  s: {from: s, path: ./out/s}\n"
+        "  s2: {from: s2, path: ./out/s2}\n"))
+    res = cli.fails(2, "run", "r.yaml")
+    assert res.err_lines[1:] == [
+        ("r.yaml:9:22: steps.p.inputs: two inputs are named 't1' (tv.t1 and tw.t1), and the "
+        "parts are named by input: one would replace the other (give them distinct names: "
+        "extract takes a mapping, such as finetuned: {t1_b: t1})"),
+        ("r.yaml:10:27: steps.c.inputs: two inputs are named 't1' (tv.t1 and tw.t1), and the "
+        "tasks a rebuild gives back are named by input: one would replace the other (give "
+        "them distinct names: extract takes a mapping, such as finetuned: {t1_b: t1})"),
+        ("r.yaml:11:34: steps.s.weights: a weight mapping cannot tell apart the inputs named "
+        "'t1' (tv.t1 and tw.t1) (give the weights as a list, one per entry of 'inputs', or "
+        "one number)")]
+    nothing_written(tmp_path)
+    # Renamed, the same recipe runs, and the list of weights applies per reference.
+    cli.write("r.yaml", (tmp_path / "r.yaml").read_text()
+              .replace("{t1: t2, t2: t1}", "{t1_b: t2, t2_b: t1}")
+              .replace("tw.t1]", "tw.t1_b]").replace("weights: {t1: 1, t2: 2}", "weights: 1"))
+    cli.ok("run", "r.yaml")
+    got = read_tensors(tmp_path / "out" / "s2")
+    want = {k: 3 * (ms.delta("t1")[k] + ms.delta("t2")[k]) for k in got}
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], atol=1e-6, rtol=1e-5)

@@ -55,6 +55,19 @@ class CompiledStep:
     weights: list[Any] | None = None  # one per entry: a number, a gradient or rules
 
 
+def duplicate_names(entries: list[Entry]) -> tuple[str, str, str] | None:
+    """The first member name two entries share, with the two references (``tv.t1``) that
+    give it, or None when every name is distinct."""
+    seen: dict[str, str] = {}
+    for e in entries:
+        explicit = e.member is None or (e.ref.selector and e.ref.selector[-1] == e.member)
+        text = e.ref.text if explicit else f"{e.ref.text}.{e.member}"
+        if e.name in seen:
+            return e.name, seen[e.name], text
+        seen[e.name] = text
+    return None
+
+
 @dataclass
 class TypeContext:
     """What an op's ``output_type`` sees at compile time.
@@ -83,6 +96,19 @@ class TypeContext:
     def problem(self, fld: str, message: str, hint: str | None = None) -> None:
         """Report a problem located at one of the step's fields."""
         self._problem(("steps", self.name, fld), message, hint)
+
+    def distinct_names(self, fld: str, entries: list[Entry] | None, what: str) -> bool:
+        """Report two entries of the same name where the op names its results by them
+        (``what``: which results, for the message); True when all names are distinct."""
+        twice = duplicate_names(entries or [])
+        if twice is None:
+            return True
+        name, first, second = twice
+        self.problem(fld, f"two inputs are named {name!r} ({first} and {second}), and {what} "
+                          "are named by input: one would replace the other",
+                     "give them distinct names: extract takes a mapping, such as "
+                     "finetuned: {t1_b: t1}")
+        return False
 
 
 @dataclass
@@ -260,6 +286,13 @@ class _Compiler:
                 return None
             return [_number(w[e.field_index]) for e in entries]
         names = [e.name for e in entries]
+        twice = duplicate_names(entries)
+        if twice:
+            self.problem(where, f"a weight mapping cannot tell apart the inputs named "
+                                f"{twice[0]!r} ({twice[1]} and {twice[2]})",
+                         "give the weights as a list, one per entry of "
+                         f"'{step.weighted}', or one number")
+            return None
         unknown = [k for k in w if k not in names]
         for k in unknown:
             self.problem((*where, k), f"weight for {k!r}, which is not among the inputs",

@@ -57,6 +57,8 @@ class CompressBasisStep(StepSpec):
             ctx.problem("inputs", f"compress_basis needs at least 2 task vectors, got {n}",
                         "a basis smaller than its tasks needs 2 or more of them")
             return ValueType(VECTORS, None)
+        if not ctx.distinct_names("inputs", ents, "the tasks a rebuild gives back"):
+            return ValueType(VECTORS, None)
         m = self.atoms(n)
         if m >= n:
             ctx.problem("m", f"m = {m} atoms for {n} task vectors: a compressed basis has fewer "

@@ -62,6 +62,8 @@ class DecomposeStep(StepSpec):
             ctx.problem("inputs", f"decompose needs at least 2 task vectors, got {len(ents)}",
                         "a shared part only exists between tasks: add inputs or a "
                         "'reference' set")
+        if ents is not None:
+            ctx.distinct_names("inputs", [*ents, *ref_ents], "the parts")
         members = None if ents is None else tuple(e.name for e in ents)
         return ValueType(DECOMPOSITION, members)
 
