@@ -285,6 +285,43 @@ def test_vectors_output_reads_back_as_task_vector_model(make_models, cli, tmp_pa
     assert (tmp_path / "out2" / "model" / "config.json").is_file()
 
 
+@pytest.mark.parametrize(("index", "complaint"), [
+    ("{not json", ("not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                  "column 2 (char 1))")),
+    ('{"members": [], "files": {}}', ("'members' is not a list of distinct member names "
+                                     "(got [])")),
+    ('{"members": "math"}', "'members' is not a list of distinct member names (got 'math')"),
+    ('{"members": ["math", "math"]}', ("'members' is not a list of distinct member names "
+                                      "(got ['math', 'math'])")),
+])
+@pytest.mark.parametrize("command", ["validate", "run", "inspect"])
+def test_a_broken_vectors_index_is_an_input_error(make_models, cli, tmp_path, index,
+                                                  complaint, command):
+    # Read as "no members" before: validate passed, run blamed "several .safetensors files",
+    # inspect failed with an internal error, and "math" was read as the members m, a, t, h.
+    ms = make_models(("math", "code"))
+    cli.write("first.yaml", recipe(ms, "  tv: {op: extract, base: base, finetuned: [math, code]}\n",
+                                   "  v: {from: tv, path: ./lib}\n"))
+    cli.ok("run", "first.yaml")
+    (tmp_path / "lib" / "vectors.json").write_text(index)
+    cli.write("r.yaml", f"""\
+        tvrecipe: 1
+        models:
+          base: {ms.rel('base')}
+          lib: {{path: lib, kind: task_vector}}
+        steps:
+          s: {{op: sum, inputs: lib}}
+        outputs:
+          o: {{from: s, path: ./out/o}}
+        """)
+    res = cli.fails(3, *([command, "r.yaml"] + (["lib"] if command == "inspect" else [])))
+    assert res.err_lines[1] == (
+        f"model 'lib' (lib): {tmp_path / 'lib' / 'vectors.json'}: {complaint}; it is the index "
+        "tvrecipe writes beside a vectors output, {\"members\": [\"math\", \"code\"], ...}: "
+        "write the folder again with tvrecipe run")
+    assert not (tmp_path / "out").exists()
+
+
 def test_extract_with_a_mapping_names_the_members(make_models, cli, tmp_path):
     ms = make_models(("math", "code"))
     steps = "  tv: {op: extract, base: base, finetuned: {m: math, c: code}}\n"

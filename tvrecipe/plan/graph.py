@@ -183,12 +183,30 @@ def _model_type(loaded: LoadedRecipe, spec: ModelSpec) -> ValueType:
         return ValueType(VECTOR)
     index = loaded.resolve(spec.path) / VECTORS_INDEX
     if index.is_file():
-        try:
-            members = tuple(json.loads(index.read_text())["members"])
-        except (ValueError, KeyError, TypeError):
-            members = None
-        return ValueType(VECTORS, members)
+        return ValueType(VECTORS, _index_members(index))
     return ValueType(VECTOR)
+
+
+def _index_members(index: Any) -> tuple[str, ...]:
+    """The members a vectors folder's ``vectors.json`` lists (each in MEMBER.safetensors).
+
+    Raises:
+        InputError: The file is not JSON, or its ``members`` is not a non-empty list of
+            distinct names.
+    """
+    fix = ("it is the index tvrecipe writes beside a vectors output, "
+           '{"members": ["math", "code"], ...}: write the folder again with tvrecipe run')
+    try:
+        data = json.loads(index.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{index}: not valid JSON ({exc}); {fix}") from None
+    members = data.get("members") if isinstance(data, dict) else None
+    if (not isinstance(members, list) or not members
+            or not all(isinstance(m, str) and m and "/" not in m for m in members)
+            or len(set(members)) != len(members)):
+        raise InputError(f"{index}: 'members' is not a list of distinct member names "
+                         f"(got {members!r}); {fix}")
+    return tuple(members)
 
 
 class _Compiler:
