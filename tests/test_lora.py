@@ -503,3 +503,41 @@ def test_an_adapter_release_explains_itself_and_verifies_on_its_own(cli, tmp_pat
     assert "This adapter was built by tvrecipe" in card
     cli.ok("verify", "out/adapter", "--recompute")
     peft.PeftModel.from_pretrained(llama(), folder)  # the extra files do not bother peft
+
+
+def test_zero_deltas_are_left_out_whatever_the_rank(cli, tmp_path):
+    # A fine-tune equal to its base except in one projection: with a fixed rank, the zero
+    # deltas got all-zero factors before (the docs say they are left out); now only the
+    # changed module is a target, and peft merges it back.
+    _base, stored, ft = finetuned(tmp_path)
+    key = "model.layers.0.mlp.up_proj.weight"
+    same = {k: (ft[k] if k == key else v.clone()) for k, v in stored.items()}
+    from safetensors.torch import save_file
+    save_file(same, str(tmp_path / "ft" / "model.safetensors"))
+    cli.write("out.yaml", OUT.replace("RANK", "rank: 2"))
+    res = cli.ok("run", "out.yaml")
+    assert "peft adapter: 1 modules" in res.stdout or "peft adapter: 1 module" in res.stdout
+    factors = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(factors) == ["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
+                               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"]
+    merged = peft.PeftModel.from_pretrained(llama(), tmp_path / "out" / "adapter")
+    merged = merged.merge_and_unload().state_dict()
+    want = stored[key] + truncation(ft[key] - stored[key], 2)
+    assert float((merged[key] - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("rank", ["rank: 2", "rank: {energy: 0.9}",
+                                  "rank: 2, full_tensors: save, base: base"])
+def test_an_all_zero_vector_is_no_adapter(cli, tmp_path, rank):
+    # peft cannot load an adapter with no target module: say so instead of writing one.
+    _base, stored, _ft = finetuned(tmp_path)
+    from safetensors.torch import save_file
+    save_file(stored, str(tmp_path / "ft" / "model.safetensors"))
+    cli.write("out.yaml", OUT.replace("RANK", rank))
+    res = cli.fails(5, "run", "out.yaml")
+    assert res.err_lines[1] == (
+        "output 'adapter' (peft adapter): no 2-D tensor of this vector is nonzero (is a "
+        "fine-tune equal to its base?), so the adapter would adapt no module, and peft cannot "
+        "load that: write the vector with format: safetensors")
+    assert not (tmp_path / "out" / "adapter").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]

@@ -19,7 +19,7 @@ from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledS
 from tvrecipe.plan.tensors import TensorPlan
 from tvrecipe.store.cache import TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size
-from tvrecipe.store.lora import NonFiniteDelta
+from tvrecipe.store.lora import AdapterError
 from tvrecipe.store.output import OutputFolder, copy_aux_files
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
 
@@ -170,14 +170,17 @@ class Output:
                 numel = t.size
             try:
                 self.writers[m].write(tensor, t)
-            except NonFiniteDelta as exc:
+            except AdapterError as exc:
                 raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
             written += numel * self.sizes[tensor]  # bytes on disk, after the cast
         return written
 
     def finish(self, compiled: Compiled, report: dict | None) -> None:
         for w in self.writers.values():
-            w.close()
+            try:
+                w.close()
+            except AdapterError as exc:
+                raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
             files = w.sha256 if isinstance(w.sha256, dict) else {w.path: w.sha256}
             self.report = getattr(w, "summary", None)
             if self.report is not None:

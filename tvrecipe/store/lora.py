@@ -216,8 +216,9 @@ class LoraAdapter:
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 
 
-class NonFiniteDelta(ValueError):
-    """A delta to factor holds NaN or Inf: it has no singular value decomposition."""
+class AdapterError(ValueError):
+    """The vector cannot be written as a peft adapter (a delta with NaN or Inf, which has no
+    singular value decomposition, or no nonzero 2-D delta at all)."""
 
 
 class AdapterWriter:
@@ -283,7 +284,7 @@ class AdapterWriter:
         embedding = bool(_EMBEDDING.search(name))
         work = delta.float().T if embedding else delta.float()
         if not bool(torch.isfinite(work).all()):
-            raise NonFiniteDelta(
+            raise AdapterError(
                 f"tensor {name!r} holds NaN or Inf (let in by --allow-nonfinite?), and a "
                 "low-rank adapter of it does not exist: fix the checkpoint, or write this "
                 "vector with format: safetensors")
@@ -292,8 +293,10 @@ class AdapterWriter:
         r = a.shape[0]
         self._sq_norm += norm ** 2
         self._sq_err += (err * norm) ** 2
+        if norm == 0.0:  # an exact-zero delta: nothing to adapt, whatever the rank asked
+            r = 0
         self.report[name] = {"rank": r, "relative_error": err}
-        if r == 0:  # an exact-zero delta: nothing to adapt
+        if r == 0:
             return
         key = f"base_model.model.{module}"
         if embedding:
@@ -313,6 +316,11 @@ class AdapterWriter:
             raise RuntimeError(f"incomplete tensors at close: {sorted(self._blocks.pending)}")
         if self.full_base is not None:
             self.full_base.close()
+        if not self.ranks:
+            raise AdapterError(
+                "no 2-D tensor of this vector is nonzero (is a fine-tune equal to its base?), "
+                "so the adapter would adapt no module, and peft cannot load that: write the "
+                "vector with format: safetensors")
         # A module is saved whole (modules_to_save) when none of its tensors is a LoRA target:
         # a Linear's bias beside its adapted weight is left out instead.
         saved: dict[str, list[str]] = {}
