@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
+
 from tvrecipe.exec.runner import Runner
 
 from .conftest import read_tensors, save_model
@@ -103,3 +105,53 @@ def test_a_peft_adapter_of_a_nan_delta_is_a_clear_error(cli, make_models):
         "--allow-nonfinite?), and a low-rank adapter of it does not exist: fix the checkpoint, "
         "or write this vector with format: safetensors")
     nothing_written(cli.root, "out/adapter")
+
+
+def _big(ms) -> None:
+    """Model c: base + 1e5 in lm_head (finite in float32, beyond float16's 65504)."""
+    big = read_tensors(ms.path("c"))
+    big["lm_head.weight"] = big["lm_head.weight"] + 1e5
+    save_model(ms.path("c"), big)
+
+
+OVERFLOW = """
+tvrecipe: 1
+{models}steps:
+  tv: {{op: extract, base: base, finetuned: [a, c]}}
+  s: {{op: sum, inputs: tv, weights: {weights}}}
+outputs:
+  v: {{from: s, path: ./out/v, dtype: {dtype}}}
+"""
+
+
+def test_an_output_that_overflows_its_dtype_is_refused(cli, make_models):
+    # Finite inputs, a float16 output: 1e5 became Inf with exit 0 before.
+    ms = make_models(("a", "b", "c"))
+    _big(ms)
+    cli.write("r.yaml", OVERFLOW.format(models=ms.models_yaml(), weights=1, dtype="float16"))
+    res = cli.fails(5, "run", "r.yaml", "--no-cache")
+    line = res.err_lines[1]
+    assert line == ("output 'v': tensor 'lm_head.weight' has values up to 1e+05, which float16 "
+                    "cannot hold (from 65520 on they round to Inf): write it as float32 or "
+                    "bfloat16, or pass --allow-nonfinite to write Inf")
+    nothing_written(cli.root, "out/v")
+    # Written as bfloat16 it fits; with --allow-nonfinite the float16 Inf is written.
+    cli.write("ok.yaml", OVERFLOW.format(models=ms.models_yaml(), weights=1, dtype="bfloat16"))
+    cli.ok("run", "ok.yaml", "--no-cache")
+    cli.ok("run", "r.yaml", "--no-cache", "--allow-nonfinite", "--force")
+    got = read_tensors(cli.root / "out" / "v")
+    assert bool(torch.isinf(got["lm_head.weight"]).all())
+    assert all(bool(torch.isfinite(v).all()) for k, v in got.items() if k != "lm_head.weight")
+
+
+def test_a_weight_that_overflows_float32_is_refused(cli, make_models):
+    ms = make_models(("a", "b", "c"))
+    _big(ms)
+    cli.write("r.yaml", OVERFLOW.format(models=ms.models_yaml(), weights="{a: 1, c: 1e38}",
+                                        dtype="float32"))
+    res = cli.fails(5, "run", "r.yaml", "--no-cache")
+    assert res.err_lines[1] == (
+        "output 'v': tensor 'lm_head.weight' holds Inf or NaN though every input was finite: "
+        "check the weights and scales of the steps before it, or pass --allow-nonfinite to "
+        "write it anyway")
+    nothing_written(cli.root, "out/v")

@@ -33,6 +33,7 @@ from tvrecipe.exec.results import (
     RunOptions,
     RunResult,
     cache_hits,
+    check_written_range,
     nonfinite_input,
     output_metadata,
     progress_bar,
@@ -41,6 +42,8 @@ from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan, in_flight, rows_per_block
 from tvrecipe.store.cache import CacheCorrupt, EntryCheck
 from tvrecipe.store.checkpoint import Checkpoint, TensorInfo
+
+_F32_MAX = float(np.finfo(np.float32).max)  # this executor computes in float32
 
 __all__ = ["run_light", "to_bfloat16_bits"]
 
@@ -212,13 +215,13 @@ class _LightRun:
             paths = {name: o.folder.commit() for name, o in outputs.items()}
         except (CacheCorrupt, _Unsupported) as exc:
             for o in outputs.values():
-                o.folder.abort()
+                o.abort()
             if isinstance(exc, CacheCorrupt):
                 self.options.cache.discard(exc.key, str(exc))
             return None
         except BaseException:
             for o in outputs.values():
-                o.folder.abort()
+                o.abort()
             raise
         finally:
             if self.plan is not None:
@@ -247,6 +250,12 @@ class _LightRun:
             # threads then carry about equal work.
             if not info.is_floating:
                 return {name: results[o.res.node] for name, o in outputs.items()}
+            if not self.options.allow_nonfinite:
+                for name, o in outputs.items():
+                    x = results[o.res.node]
+                    if x.size:
+                        check_written_range(name, tensor, o.dtypes[tensor], float(x.min()),
+                                            float(x.max()), _F32_MAX)
             return {name: _narrow(results[o.res.node], o.dtypes[tensor], scratch)
                     for name, o in outputs.items()}
 

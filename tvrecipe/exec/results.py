@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,42 @@ class RunResult:
     workers: dict[str, dict] = field(default_factory=dict)
 
 
+# Largest value and machine epsilon of each stored floating dtype (bfloat16 has no numpy type).
+_FLOAT_RANGE = {"F16": (65504.0, 2.0 ** -10), "BF16": (3.3895313892515355e38, 2.0 ** -7),
+                "F32": (3.4028234663852886e38, 2.0 ** -23),
+                "F64": (1.7976931348623157e308, 2.0 ** -52)}
+
+
+def check_written_range(output: str, tensor: str, dtype: str | None, lo: float, hi: float,
+                        compute_max: float) -> None:
+    """Refuse an output value whose smallest and largest entries (``lo``, ``hi``; NaN if
+    any entry is NaN) are not finite, or overflow the stored ``dtype`` (safetensors name),
+    though every input was finite: an overflowing weight or scale, or a float16 output of
+    large values. Both executors (torch, and numpy for cached reruns) call it, so a rerun
+    refuses what the first run refused.
+
+    Raises:
+        ExecutionError: Which output and tensor, and what to do.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ExecutionError(
+            f"output {output!r}: tensor {tensor!r} holds Inf or NaN though every input "
+            "was finite: check the weights and scales of the steps before it, or pass "
+            "--allow-nonfinite to write it anyway")
+    top, eps = _FLOAT_RANGE.get(dtype or "", (math.inf, 0.0))
+    if top >= compute_max:
+        return
+    # max = (2 - eps)·2^e; round to nearest makes max + half an ulp (eps·2^e / 2) Inf.
+    limit = top + eps * top / (2 - eps) / 2
+    if -limit < lo and hi < limit:
+        return
+    name = {v: k for k, v in ST_DTYPES.items()}.get(dtype, dtype)
+    raise ExecutionError(
+        f"output {output!r}: tensor {tensor!r} has values up to {max(abs(lo), abs(hi)):.3g}, "
+        f"which {name} cannot hold (from {limit:.5g} on they round to Inf): write it as "
+        "float32 or bfloat16, or pass --allow-nonfinite to write Inf")
+
+
 class Output:
     """One output being written: its staging folder and writers.
 
@@ -104,7 +141,7 @@ class Output:
         try:
             self._open_writers(plan, compute, out_dtype, meta)
         except BaseException:
-            self.folder.abort()
+            self.abort()
             raise
 
     def _open_writers(self, plan: TensorPlan, compute: str, out_dtype: str | None,
@@ -163,6 +200,8 @@ class Output:
         for m, t in written_members(self.kind, info, value):
             if hasattr(t, "detach"):  # a torch tensor (the numpy executor gives arrays)
                 t = t.detach()
+                if not self.options.allow_nonfinite and t.is_floating_point() and t.numel():
+                    self._check_finite(tensor, t)
                 if t.device.type != "cpu":
                     t = t.cpu()
                 numel = t.numel()
@@ -174,6 +213,24 @@ class Output:
                 raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
             written += numel * self.sizes[tensor]  # bytes on disk, after the cast
         return written
+
+    def _check_finite(self, tensor: str, t: Any) -> None:
+        """Refuse a value that is not finite, or that overflows the stored dtype, though
+        every input was finite (they were checked): see :func:`check_written_range`."""
+        import torch
+
+        lo, hi = (float(v) for v in torch.aminmax(t.reshape(-1)))
+        check_written_range(self.name, tensor, self.dtypes.get(tensor), lo, hi,
+                            torch.finfo(t.dtype).max)
+
+    def abort(self) -> None:
+        """A failed run: close the files being written, unchecked, and remove the staging
+        folder (an earlier output at the target stays as it was)."""
+        for w in self.writers.values():
+            abort = getattr(w, "abort", None)
+            if abort is not None:
+                abort()
+        self.folder.abort()
 
     def finish(self, compiled: Compiled, report: dict | None) -> None:
         for w in self.writers.values():

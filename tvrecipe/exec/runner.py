@@ -574,7 +574,7 @@ class Runner:
             result_paths = {name: o.folder.commit() for name, o in outputs.items()}
         except BaseException as exc:
             for o in outputs.values():
-                o.folder.abort()
+                o.abort()
             for entry in pending.values():
                 entry.abort()
             if isinstance(exc, OSError):

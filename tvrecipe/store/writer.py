@@ -320,6 +320,10 @@ class SafetensorsStreamWriter:
         except OSError:
             pass
 
+    def abort(self) -> None:
+        """Give up the file (a failed run): close it without checks; the caller removes it."""
+        self._discard()
+
     def __enter__(self) -> Self:
         return self
 
@@ -371,6 +375,12 @@ class CheckpointWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise output_oserror(exc, self.folder) from exc
+
+    def abort(self) -> None:
+        """Give up the shard being written (a failed run): its file is closed unchecked."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
 
     def _open_next(self) -> None:
         self._shard += 1
