@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import read_tensors, snapshot
+from tests.conftest import snapshot
 from tvrecipe import ops
 from tvrecipe.exec import light
 from tvrecipe.plan.tensors import rows_per_block

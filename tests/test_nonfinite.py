@@ -155,3 +155,18 @@ def test_a_weight_that_overflows_float32_is_refused(cli, make_models):
         "check the weights and scales of the steps before it, or pass --allow-nonfinite to "
         "write it anyway")
     nothing_written(cli.root, "out/v")
+
+
+def test_a_failed_run_removes_the_folders_it_made(cli, make_models):
+    # Outputs under out/sub/ and out/: the run fails in its merge pass; out/ did not exist,
+    # and after the failure it does not either (an empty out/sub/ was left before).
+    ms = make_models(("a", "b", "c"))
+    _big(ms)
+    cli.write("r.yaml", OVERFLOW.format(models=ms.models_yaml(), weights=1, dtype="float16")
+              .replace("./out/v", "./out/sub/v") + "  w: {from: tv, path: ./out/w}\n")
+    cli.fails(5, "run", "r.yaml", "--no-cache")
+    assert not (cli.root / "out").exists()
+    (cli.root / "out").mkdir()
+    (cli.root / "out" / "keep.txt").write_text("mine")
+    cli.fails(5, "run", "r.yaml", "--no-cache")
+    assert sorted(p.name for p in (cli.root / "out").iterdir()) == ["keep.txt"]

@@ -214,13 +214,13 @@ class _LightRun:
                 o.finish(self.compiled, reports.get(o.res.node))
             paths = {name: o.folder.commit() for name, o in outputs.items()}
         except (CacheCorrupt, _Unsupported) as exc:
-            for o in outputs.values():
+            for o in reversed(outputs.values()):  # the last made first: their folders go too
                 o.abort()
             if isinstance(exc, CacheCorrupt):
                 self.options.cache.discard(exc.key, str(exc))
             return None
         except BaseException:
-            for o in outputs.values():
+            for o in reversed(outputs.values()):  # the last made first: their folders go too
                 o.abort()
             raise
         finally:

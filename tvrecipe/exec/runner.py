@@ -573,7 +573,7 @@ class Runner:
             self._commit_kept(steps, metadata)
             result_paths = {name: o.folder.commit() for name, o in outputs.items()}
         except BaseException as exc:
-            for o in outputs.values():
+            for o in reversed(outputs.values()):  # the last made first: their folders go too
                 o.abort()
             for entry in pending.values():
                 entry.abort()

@@ -170,6 +170,8 @@ class OutputFolder:
         if os.path.lexists(self.target) and not force:
             raise OutputError(f"output {self.target} exists; pass --force to replace it")
         parent = self.target.parent
+        # The folders made for it (out/, out/sub/): an aborted output removes them again.
+        self._made = [p for p in (parent, *parent.parents) if not os.path.lexists(p)]
         try:
             parent.mkdir(parents=True, exist_ok=True)
             _sweep_dead_staging(parent, self.target.name)
@@ -227,9 +229,15 @@ class OutputFolder:
             ) from exc
 
     def abort(self) -> None:
-        """Removes the staging folder; safe to call more than once, and a no-op after commit."""
+        """Removes the staging folder, and the folders made to hold it that are empty now;
+        safe to call more than once, and a no-op after commit."""
         if not self.committed:
             _remove_staging(self.staging)
+            for folder in self._made:  # innermost first; a folder another output uses stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
     @staticmethod
     def abort_all() -> None:
