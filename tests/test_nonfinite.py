@@ -170,3 +170,25 @@ def test_a_failed_run_removes_the_folders_it_made(cli, make_models):
     (cli.root / "out" / "keep.txt").write_text("mine")
     cli.fails(5, "run", "r.yaml", "--no-cache")
     assert sorted(p.name for p in (cli.root / "out").iterdir()) == ["keep.txt"]
+
+
+def test_reports_are_strict_json(cli, make_models):
+    # model_stock's angle of a NaN tensor is NaN: the --report file says null (Python's bare
+    # NaN, written before, is refused by strict JSON parsers), as inspect --json does.
+    import json
+
+    from tvrecipe.report import json_text
+
+    assert json_text({"a": [1.5, float("nan"), {"b": float("-inf")}], "c": "NaN"}) == (
+        '{\n  "a": [\n    1.5,\n    null,\n    {\n      "b": null\n    }\n  ],\n  "c": "NaN"\n}')
+    ms = make_models(("a", "b", "c"))
+    _with_nan(ms)
+    cli.write("r.yaml", RECIPE.format(models=ms.models_yaml()).replace(
+        "{op: cluster_basis, inputs: tv, k: auto}", "{op: model_stock, inputs: tv}"))
+    cli.ok("run", "r.yaml", "--no-cache", "--allow-nonfinite", "--report", "report.json")
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in the report")
+
+    report = json.loads((cli.root / "report.json").read_text(), parse_constant=refuse)
+    assert "null" in json.dumps(report["basis"])  # the NaN tensor's entry

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import json
 import os
 import signal
 import sys
@@ -351,7 +350,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                    **{f"output:{n}": r for n, r in result.output_reports.items()}}
         if result.workers:  # a cluster run: time and bytes per worker
             reports["cluster:workers"] = result.workers
-        Path(report_path).write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
+        from tvrecipe.report import json_text
+        Path(report_path).write_text(json_text(reports) + "\n")
     if quiet:
         return
     for text in render_reports(compiled, result.reports):
@@ -394,10 +394,10 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
                              "pip install 'tvrecipe[plot]'")
     with _importing("tvrecipe.exec.runner"):
         from tvrecipe.exec.runner import Runner, RunOptions
-    from tvrecipe.report import render_inspection
+    from tvrecipe.report import json_text, render_inspection
     compiled = _compile(recipe, (step.split(".")[0],))
     result = Runner(compiled, RunOptions(device=device, progress=sys.stderr.isatty())).inspect(step)
-    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json
+    click.echo(json_text(result) if as_json
                else render_inspection(step, result))
     if plot_path:
         from tvrecipe.report import plot_inspection

@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 from tvrecipe.plan.graph import Compiled
+
+
+def json_text(data: Any) -> str:
+    """``data`` as strict JSON text (indented, keys sorted): a NaN or infinite number (a
+    report of inputs let in by --allow-nonfinite, or of an overflow) becomes ``null``, since
+    JSON has no such numbers and strict parsers refuse Python's ``NaN``."""
+    return json.dumps(_finite_only(data), indent=2, sort_keys=True, allow_nan=False)
+
+
+def _finite_only(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite_only(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_only(v) for v in data]
+    return data
 
 
 def render_reports(compiled: Compiled, reports: dict[str, dict]) -> list[str]:

@@ -6,7 +6,6 @@ Nothing here imports torch: the numpy executor (:mod:`tvrecipe.exec.light`) runs
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,7 +250,8 @@ class Output:
                      "from": self.spec.from_, "tool": f"tvrecipe {__version__}"}
             if report:
                 index["report"] = report
-            text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+            from tvrecipe.report import json_text
+            text = (json_text(index) + "\n").encode("utf-8")
             (self.folder.staging / "vectors.json").write_bytes(text)
             self.digests["vectors.json"] = hashlib.sha256(text).hexdigest()
         source = self.spec.copy_files_from
