@@ -421,3 +421,13 @@ def test_two_inputs_of_one_name_are_refused_where_results_are_named_by_input(
     want = {k: 3 * (ms.delta("t1")[k] + ms.delta("t2")[k]) for k in got}
     for k, v in got.items():
         torch.testing.assert_close(v, want[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_boolean_seed_is_refused(cli, make_models):
+    # `seed: true` read as seed 1 before.
+    ms = make_models(("a",))
+    cli.write("r.yaml", "tvrecipe: 1\nsettings: {seed: true}\n" + ms.models_yaml() + (
+        "steps:\n  tv: {op: extract, base: base, finetuned: a}\n"
+        "outputs:\n  v: {from: tv, path: ./out/v}\n"))
+    res = cli.fails(2, "validate", "r.yaml")
+    assert res.err_lines[1] == "r.yaml:2:12: settings.seed: Input should be a valid integer, got True"

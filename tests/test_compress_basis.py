@@ -234,12 +234,15 @@ def test_same_bytes_from_cache_and_by_row_blocks(tmp_path, monkeypatch):
     ("back: {op: rebuild, basis: basis}",
      "'tv' is not a compress_basis step"),
     ("tasks: [t2]", "'t9' is not a task of 'basis'"),
+    ("tasks: [t2]}", ("steps.forget.tasks: [] names no task: leave 'tasks' out to rebuild every "
+                     "task, or name the ones to rebuild")),
 ])
 def test_mistakes_are_located(tmp_path, edit, message):
     recipe = _project(tmp_path)
     text = recipe.read_text()
     fixed = {"m: 5}": "m: 6}", "back: {op: rebuild, basis: basis}":
-             "back: {op: rebuild, basis: tv}", "tasks: [t2]": "tasks: [t9]"}[edit]
+             "back: {op: rebuild, basis: tv}", "tasks: [t2]": "tasks: [t9]",
+             "tasks: [t2]}": "tasks: []}"}[edit]
     recipe.write_text(text.replace(edit, fixed))
     res = _cli("validate", recipe)
     assert res.exit_code != 0

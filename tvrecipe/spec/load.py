@@ -97,6 +97,7 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             if info is not None and info.description:
                 hint = info.description
         elif (isinstance(err.get("input"), list) and hasattr(model, "accepts")
+              and kind != "value_error"  # a validator of a list field has its own message
               and loc and loc[0] in model.model_fields and _branch_only(loc[1:])
               and loc[0] not in model.per_tensor and loc[0] not in model.accepts):
             field = loc[0]

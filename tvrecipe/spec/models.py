@@ -54,7 +54,8 @@ class Settings(Frozen):
         description="Where kernels run: `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")
     compute_dtype: Literal["float32", "float64"] = Field(
         "float32", description="Dtype every kernel computes in; outputs are cast only when written.")
-    seed: int = Field(0, ge=0, description="Root seed; every random op derives its own from it.")
+    seed: int = Field(0, ge=0, strict=True,
+                      description="Root seed; every random op derives its own from it.")
 
 
 class ModelSpec(Frozen):

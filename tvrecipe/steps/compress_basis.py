@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tvrecipe.spec.kinds import TASK_VECTORS, VECTORS, ValueType
 from tvrecipe.spec.models import ROWWISE, Ref, RefList, StepSpec
@@ -129,6 +129,14 @@ class RebuildStep(StepSpec):
     basis: Ref = Field(description="A `compress_basis` step.")
     tasks: list[str] | None = Field(
         None, description="Tasks to rebuild, by their names in the basis's inputs; default all.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("[] names no task: leave 'tasks' out to rebuild every "
+                             "task, or name the ones to rebuild")
+        return v
 
     accepts: ClassVar = {"basis": frozenset({VECTORS})}
     returns: ClassVar = "vectors named by task"
