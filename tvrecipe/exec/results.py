@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,12 +207,19 @@ class Output:
                 numel = t.numel()
             else:
                 numel = t.size
-            try:
+            with self._adapter_errors():
                 self.writers[m].write(tensor, t)
-            except AdapterError as exc:
-                raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
             written += numel * self.sizes[tensor]  # bytes on disk, after the cast
         return written
+
+    @contextmanager
+    def _adapter_errors(self) -> Iterator[None]:
+        """A vector a peft adapter cannot hold (AdapterError) as a runtime error naming the
+        output: raised by the adapter writer as tensors come in, or at its close."""
+        try:
+            yield
+        except AdapterError as exc:
+            raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
 
     def _check_finite(self, tensor: str, t: Any) -> None:
         """Refuse a value that is not finite, or that overflows the stored dtype, though
@@ -233,10 +241,8 @@ class Output:
 
     def finish(self, compiled: Compiled, report: dict | None) -> None:
         for w in self.writers.values():
-            try:
+            with self._adapter_errors():
                 w.close()
-            except AdapterError as exc:
-                raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
             files = w.sha256 if isinstance(w.sha256, dict) else {w.path: w.sha256}
             self.report = getattr(w, "summary", None)
             if self.report is not None:

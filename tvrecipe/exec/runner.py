@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -125,8 +125,7 @@ class Runner:
             t = t.to(self.compute)
         # One reduction, no mask: the sum of finite weights stays finite (fp32 reaches 3e38),
         # so only a suspicious sum pays for the exact check.
-        if (check and not self.options.allow_nonfinite and not bool(torch.isfinite(t.sum()))
-                and not bool(torch.isfinite(t).all())):
+        if check and not self.options.allow_nonfinite and not ops.all_finite(t):
             raise nonfinite_input(where, tensor)
         return t
 
@@ -309,6 +308,22 @@ class Runner:
             return []
         return self._to_compute([r.node for refs in step.refs.values() for r in refs])
 
+    def _whole_model_passes(self, wanted: Callable[[], set[str]]) -> list[str]:
+        """Run, in graph order, the whole-model passes not yet run of the steps ``wanted()``
+        names (asked again before each step: a pass that names a set's members recompiles
+        the recipe); returns the steps whose pass ran."""
+        ran = []
+        for name in list(self.compiled.steps):
+            step = self.compiled.steps.get(name)
+            if (step is None or not step.spec.whole_model or name in self.reduced
+                    or name not in wanted()):
+                continue
+            self._whole_model_pass(step)
+            ran.append(name)
+            if name in self._open_members:
+                self._recompile()
+        return ran
+
     def _whole_model_pass(self, step: CompiledStep) -> None:
         """Run a ``whole_model`` op's pass and keep its result for the per-tensor work."""
         with whole_model_errors(step):
@@ -399,12 +414,7 @@ class Runner:
         self.plan = build_tensor_plan(self.compiled)
         try:
             if node is not None:
-                upstream = {s.name for s in self._upstream(node)}
-                for name, step in list(self.compiled.steps.items()):
-                    if name in upstream and step.spec.whole_model and name not in self.reduced:
-                        self._whole_model_pass(step)
-                        if name in self._open_members:
-                            self._recompile()
+                self._whole_model_passes(lambda: {s.name for s in self._upstream(node)})
             yield
         finally:
             self.plan.close()
@@ -546,15 +556,10 @@ class Runner:
         pending: dict[str, PendingEntry] = {}
         try:
             self._lookup_cache()
-            for name, step in list(self.compiled.steps.items()):
-                targets = [res.node for _spec, res in self.compiled.outputs.values()]
-                if name not in {s.name for s in self._to_compute(targets)}:
-                    continue  # cached, or only feeds cached steps
-                if step.spec.whole_model and name not in self.reduced:
-                    self._whole_model_pass(self.compiled.steps[name])
-                    passes.append(f"similarity:{name}")
-                    if name in self._open_members:
-                        self._recompile()
+            # Not the cached steps, nor those that only feed cached steps.
+            passes += [f"similarity:{name}" for name in self._whole_model_passes(
+                lambda: {s.name for s in self._to_compute(
+                    [res.node for _spec, res in self.compiled.outputs.values()])})]
             metadata = output_metadata(self.compiled, self.options)
             for name in self.compiled.outputs:
                 outputs[name] = Output(name, self.compiled, self.plan, self.options,

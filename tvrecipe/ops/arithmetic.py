@@ -76,3 +76,10 @@ def apply(base: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0,
     if out is base:
         return base.add_(torch.mul(delta, scale))
     return torch.mul(delta, scale, out=out).add_(base)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one reduction, and the exact mask only when
+    the sum is not finite (finite entries sum to a finite float32 number unless they are
+    huge, so a healthy tensor pays for the sum alone)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

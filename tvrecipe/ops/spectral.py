@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tvrecipe.ops.arithmetic import all_finite
 from tvrecipe.ops.lowrank import energy_rank
 from tvrecipe.ops.parallel import all_cores
 
@@ -28,7 +29,7 @@ def _check(inputs: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
 def _finite(xs: list[torch.Tensor], op: str) -> None:
     """Singular vectors of a delta that holds NaN or Inf do not exist: say so, rather than
     let LAPACK report an ill-conditioned matrix (only ``--allow-nonfinite`` lets them in)."""
-    if not all(bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()) for x in xs):
+    if not all(all_finite(x) for x in xs):
         raise ValueError(f"{op}: a task vector holds NaN or Inf (let in by "
                          "--allow-nonfinite?): singular vectors need finite task vectors; "
                          "fix the checkpoint")

@@ -275,15 +275,13 @@ class AdapterWriter:
             self.full[name] = self.full_base.get(name).float() + whole.float().cpu()
 
     def _factor(self, name: str, delta) -> None:
-        import torch
-
-        from tvrecipe.ops import derive_seed
+        from tvrecipe.ops import all_finite, derive_seed
         from tvrecipe.ops.lowrank import lora_factors
 
         module = name.removesuffix(".weight")
         embedding = bool(_EMBEDDING.search(name))
         work = delta.float().T if embedding else delta.float()
-        if not bool(torch.isfinite(work).all()):
+        if not all_finite(work):
             raise AdapterError(
                 f"tensor {name!r} holds NaN or Inf (let in by --allow-nonfinite?), and a "
                 "low-rank adapter of it does not exist: fix the checkpoint, or write this "
