@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import run as bench  # benchmarks/run.py: checkpoints, recipes, measuring a child
 
 # Rows whose compute a GPU may change (run.py's names).
-ROWS = ["sum", "ties", "dare", "cluster_basis", "decompose", "decompose_mix", "tsv_merge",
-        "iso_c", "iso_cts", "compress_pca", "breadcrumbs", "model_stock"]
+ROWS = ["sum", "ties", "dare", "cluster_basis", "decompose", "decompose_mix", "breadcrumbs",
+        "model_stock", "compress_pca", "compress_ae", "iso_c", "tsv_merge", "iso_cts"]
 
 
 def floor_worker(device: str, models: list[Path]) -> None:
@@ -87,9 +87,14 @@ def main() -> None:
                    + " ".join(ROWS) + ")")
     p.add_argument("--device", default="cuda", help="the accelerator (default cuda)")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU runs of the rows")
+    p.add_argument("--device-only", nargs="+", choices=bench.OPS, metavar="OP",
+                   help="run only these of the rows on the device (the CPU runs them all)")
+    p.add_argument("--deadline", type=float, default=0,
+                   help="start no row after this many seconds (0: no limit)")
     p.add_argument("--floor-worker", help=argparse.SUPPRESS)
     p.add_argument("models", nargs="*", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
+    t_start = time.perf_counter()  # --deadline counts from here (checkpoints and floor included)
     if a.floor_worker:
         floor_worker(a.floor_worker, a.models)
         return
@@ -110,22 +115,37 @@ def main() -> None:
     cpu_floor = None if a.no_cpu else bench.best_of(2, lambda: measure_floor("cpu", models))
     print(f"device: {floor.extra['device']}; torch {torch.__version__}; "
           f"{len(os.sched_getaffinity(0))} CPU cores")
-    rows = []
-    for op in a.only or ROWS:
-        recipe = work / f"{op}.yaml"
-        recipe.write_text(bench.recipe_text(op, ckpt, a.n, work / f"out-{op}"))
-        on_dev = bench.run_tvrecipe(recipe, device=a.device)
-        on_cpu = None if a.no_cpu else bench.run_tvrecipe(recipe, device="cpu")
-        shutil.rmtree(work / f"out-{op}", ignore_errors=True)
-        rows.append((op, on_dev, on_cpu))
-        for m in (on_dev, on_cpu):
-            if m is not None and m.rc:
-                print(f"{op}: exit {m.rc}\n{m.stderr.strip()[-2000:]}", file=sys.stderr)
-
     gb = floor.extra["bytes"] / 1e9
-    print(f"\nfloor, read + copy to {a.device} + accumulate (overlapped): {floor.wall:.2f} s "
-          f"wall, {floor.extra['seconds']:.2f} s in the loop, {gb:.2f} GB"
-          + (f"; same on the CPU: {cpu_floor.wall:.2f} s" if cpu_floor else ""))
+    floor_line = (f"floor, read + copy to {a.device} + accumulate (overlapped): {floor.wall:.2f} s "
+                  f"wall, {floor.extra['seconds']:.2f} s in the loop, {gb:.2f} GB"
+                  + (f"; same on the CPU: {cpu_floor.wall:.2f} s wall, "
+                     f"{cpu_floor.extra['seconds']:.2f} s in the loop" if cpu_floor else ""))
+    print(floor_line, flush=True)  # now, and again under the table
+    # Every row on the device first, then on the CPU (the spectral rows last: slowest there),
+    # each printed as it ends; no row starts once --deadline seconds have passed since the
+    # start, so the table is printed inside a caller's time limit.
+    todo = a.only or ROWS
+    on = {(op, dev): None for op in todo for dev in (a.device, "cpu")}
+    for dev in [a.device] + ([] if a.no_cpu else ["cpu"]):
+        for op in todo:
+            if dev == a.device and a.device_only and op not in a.device_only:
+                continue
+            if a.deadline and time.perf_counter() - t_start > a.deadline:
+                print(f"{op} on {dev}: not run (--deadline {a.deadline:.0f} s passed)")
+                continue
+            recipe = work / f"{op}.yaml"
+            recipe.write_text(bench.recipe_text(op, ckpt, a.n, work / f"out-{op}"))
+            m = bench.run_tvrecipe(recipe, device=dev)
+            shutil.rmtree(work / f"out-{op}", ignore_errors=True)
+            on[op, dev] = m
+            if m.rc:
+                print(f"{op} on {dev}: exit {m.rc}\n{m.stderr.strip()[-2000:]}", file=sys.stderr)
+            else:
+                print(f"{op} on {dev}: {m.wall:.2f} s wall, run {m.extra.get('engine_s')} s, "
+                      f"peak RSS {m.peak_rss_mb:.0f} MB", flush=True)
+    rows = [(op, on[op, a.device], on[op, "cpu"]) for op in todo]
+
+    print("\n" + floor_line)
     print(f"\n| row | {a.device} wall s | {a.device} run s | CPU wall s | CPU run s "
           f"| {a.device} / CPU | {a.device} / floor |")
     print("|---|---|---|---|---|---|---|")
@@ -136,9 +156,10 @@ def main() -> None:
             if m.rc:
                 return f"exit {m.rc}"
             return bench.fmt(m.extra.get("engine_s") if key else m.wall, 2)
+        ok_dev = on_dev is not None and not on_dev.rc
         ratio = (f"{on_dev.wall / on_cpu.wall:.2f}×"
-                 if on_cpu is not None and not (on_dev.rc or on_cpu.rc) else "–")
-        to_floor = f"{on_dev.wall / floor.wall:.2f}×" if not on_dev.rc else "–"
+                 if ok_dev and on_cpu is not None and not on_cpu.rc else "–")
+        to_floor = f"{on_dev.wall / floor.wall:.2f}×" if ok_dev else "–"
         print(f"| {bench.LABELS[op]} | {cell(on_dev)} | {cell(on_dev, 'run')} | "
               f"{cell(on_cpu)} | {cell(on_cpu, 'run')} | {ratio} | {to_floor} |")
 

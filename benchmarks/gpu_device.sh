@@ -11,16 +11,15 @@
 #       -d .whl pydantic pydantic-core annotated-types typing-inspection typing-extensions
 #
 # (keep one version of each; pydantic-core must be the one that pydantic pins), then run
-# this script through the device tool with `carry: [".whl"]`, e.g. a timeout of 590 s:
+# this script through the device tool with `carry: [".whl"]` and a timeout of 590 s:
 #
-#   bash benchmarks/gpu_device.sh            # GPU tests, then the GPU rows and the floor
-#   ROWS="sum ties dare" bash benchmarks/gpu_device.sh
+#   bash benchmarks/gpu_device.sh            # GPU tests, the rows (GPU, then CPU), the suite
+#   ROWS="sum ties dare" NO_CPU=1 bash benchmarks/gpu_device.sh
 #
 # It installs the wheels and tvrecipe (no dependencies fetched), runs the tests that need
-# CUDA, then `benchmarks/gpu.py --size large --no-cpu` for the rows (the CPU rows of this
-# 2-core project box are in benchmarks/README.md; rerun them with the CPU rows when time
-# allows), writing everything under $OUT (logs come back). Making the large checkpoints is
-# part of the run (about 50 s on 2 cores here).
+# CUDA, then `benchmarks/gpu.py --size large` for the rows (every row on the GPU, then on that
+# machine's CPU), then the whole suite in the time left, writing the logs under $OUT (they
+# come back). Making the large checkpoints is part of the rows' time (about 50 s on 2 cores).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -35,10 +34,21 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, tvrecipe; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
   | tee -a "$OUT/gpu.txt"
-# The tests that skip without CUDA (their names say cuda or gpu), with a budget of their own.
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" tests/ops/test_basis.py \
-  tests/ops/test_decompose.py tests/ops/test_sparsify.py tests/test_light.py tests/test_lora.py \
-  2>&1 | tee "$OUT/tests.log" | tail -8
-# The rows on the GPU against the floor of reading onto it.
+# The tests that skip without CUDA (marked gpu), with a budget of their own.
+timeout 90 python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests 2>&1 | tee "$OUT/tests.log" \
+  | tail -8
+# The rows on the GPU, then on this machine's CPU, against the floor of reading onto the GPU.
+# No row starts once LIMIT - RESERVE seconds of the script have passed; all ends by LIMIT.
+LIMIT=${LIMIT:-560}
+left=$(( LIMIT - SECONDS ))
 # shellcheck disable=SC2086
-timeout 400 python3 benchmarks/gpu.py --size large --no-cpu ${ROWS:+--only $ROWS} 2>&1 | tee "$OUT/gpu_rows.log"
+timeout "$left" python3 benchmarks/gpu.py --size "${SIZE:-large}" \
+  --deadline $(( left - ${RESERVE:-130} )) ${NO_CPU:+--no-cpu} ${ROWS:+--only $ROWS} \
+  ${DEVICE_ROWS:+--device-only $DEVICE_ROWS} 2>&1 \
+  | tee "$OUT/gpu_rows.log"
+# The whole suite on a CUDA machine (`device: auto` picks the GPU there), in what time is left.
+left=$(( LIMIT - SECONDS ))
+if [ "$left" -gt 30 ]; then
+  timeout "$left" python3 -m pytest -q -p no:cacheprovider -x -n 8 tests > "$OUT/suite.log" 2>&1
+  echo "suite: exit $? after ${left}s budget"; tail -15 "$OUT/suite.log"
+fi

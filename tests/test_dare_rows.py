@@ -79,3 +79,20 @@ def test_uniform_draws_match_the_whole_tensor_in_any_block_order(order):
     for b in order:
         got = ev.uniform(("s", "m", "t"), 11, torch.Size((rows, 5)), b * rows * 5)
         assert torch.equal(got, whole[b * rows:(b + 1) * rows]), (order, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_run_draws_on_cpu_threads_and_writes_the_cpu_bytes(make_models, cli, tmp_path,
+                                                                  monkeypatch):
+    # On a GPU run the members' draws still run on the CPU math threads (the draws are CPU
+    # work), the mask is formed on the GPU, and the bytes are the CPU run's.
+    from tvrecipe.ops import parallel
+
+    ms = make_models(("math", "code", "toxic"))
+    cli.write("r.yaml", RECIPE.replace("MODELS\n", ms.models_yaml()))
+    monkeypatch.setattr(parallel, "PARALLEL_MIN", 1)
+    cli.ok("run", "r.yaml", "-q", "--no-cache", "--force", "--device", "cpu")
+    on_cpu = snapshot(tmp_path / "out")
+    cli.ok("run", "r.yaml", "-q", "--no-cache", "--force", "--device", "cuda")
+    assert snapshot(tmp_path / "out") == on_cpu

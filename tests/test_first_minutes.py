@@ -47,6 +47,23 @@ def test_a_bad_device_on_the_command_line_is_a_usage_error(recipe, cli, command,
         f"see `tvrecipe {command} --help`"]
 
 
+def test_a_gpu_the_machine_lacks_is_a_runtime_error_that_names_the_ones_there(
+        recipe, cli, monkeypatch):
+    # A machine without a GPU, then one with a single GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = cli.fails(5, "run", "r.yaml", "--device", "cuda:3")
+    assert res.err_lines == ["tvrecipe: runtime error:",
+                             ("device 'cuda:3' asked for, but torch sees no CUDA device; use "
+                             "--device cpu or device: auto")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    res = cli.fails(5, "run", "r.yaml", "--device", "cuda:3")
+    assert res.err_lines == ["tvrecipe: runtime error:",
+                             ("device 'cuda:3' asked for, but torch sees 1 CUDA device(s) "
+                             "(cuda:0 to cuda:0); use one of those")]
+    assert not (cli.root / "out").exists()
+
+
 def test_usage_errors_have_the_header_and_exit_2(cli):
     res = cli.fails(2, "run")
     assert res.err_lines == ["tvrecipe: usage error:", "Missing argument 'RECIPE'.",

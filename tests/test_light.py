@@ -250,6 +250,7 @@ def test_a_corrupt_entry_falls_back_to_torch_which_recomputes_it(cli, make_model
     assert len(spy) == 1  # the entry was written again, sound
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_apply_gives_the_same_bits_on_the_gpu():
     # Why a rerun on a GPU machine (device: auto) may apply in numpy on the CPU: the two

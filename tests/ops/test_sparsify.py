@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from contextlib import contextmanager
 from unittest import mock
 
@@ -444,6 +445,7 @@ def test_ties_large_matches_reference_formula():
     torch.testing.assert_close(ties(xs, density=0.3, weights=ws), expect.float())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trim_and_ties_on_cuda_match_cpu():
     # The radix search's CUDA branch (no word-scan compress, CUDA-sized chunks) selects the
@@ -578,6 +580,53 @@ def test_parallel_map_keeps_order_and_nested_calls_run_inline():
             return list(inner)
         got = list(parallel.parallel_map(outer, range(4), numel=1, device=torch.device("cpu")))
     assert got == [[0, 1, 2], [10, 11, 12], [20, 21, 22], [30, 31, 32]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dare_rescales_with_the_rounding_of_dividing_by_the_number(dtype):
+    # x / p as the CPU rounds it for a Python number p (float16/bfloat16: in float32, rounded
+    # once), though p goes in as a tensor (CUDA's division by a number is a reciprocal
+    # product). A bfloat16 p (0.30078125 for 0.3) would change most kept entries.
+    x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for p in (0.3, 0.1, 1 / 3, 0.77):
+        keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < p
+        expect = torch.where(keep, x / p, torch.zeros((), dtype=dtype)).add_(0.0)
+        assert torch.equal(dare(x, density=p, seed=5), expect), p
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dare_on_cuda_gives_the_cpu_bytes(dtype):
+    x = torch.randn(1 << 18, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for p in (0.3, 1 / 3, 0.9):
+        assert torch.equal(dare(x.cuda(), density=p, seed=11).cpu(), dare(x, density=p, seed=11))
+
+
+def test_math_threads_run_torch_on_one_thread_each_and_leave_the_callers_count():
+    # A new thread takes torch's thread count last set anywhere: without their own count of
+    # 1, 4 workers would each run kernels on 3 OpenMP threads here (15 each on 16 cores).
+    # The caller keeps its count, and so do threads started after the pool.
+    old, before = parallel._POOL, torch.get_num_threads()
+    parallel._POOL = None
+    torch.set_num_threads(3)
+    try:
+        with mock.patch.object(parallel, "PARALLEL_MIN", 1), \
+                mock.patch.object(parallel, "cores", lambda: 4):
+            seen = list(parallel.parallel_map(
+                lambda _i: torch.get_num_threads(), range(32),
+                numel=1, device=torch.device("cpu")))
+        assert set(seen) == {1}
+        assert torch.get_num_threads() == 3
+        later: list[int] = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [3]
+    finally:
+        pool, parallel._POOL = parallel._POOL, old
+        pool.shutdown()
+        torch.set_num_threads(before)
 
 
 def test_dare_mask_is_exactly_rand_below_density_and_zeros_are_positive():

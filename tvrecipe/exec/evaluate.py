@@ -36,21 +36,26 @@ def entry_value(values: dict[str, Value], entry: Entry) -> torch.Tensor | None:
     return v
 
 
-def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Value:
-    """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part."""
+def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor],
+                cpu_work: bool = False) -> Value:
+    """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part.
+    ``cpu_work``: ``fn`` does CPU work on tensors of any device (a random op's draws), so
+    large members run on the math threads on a GPU run too."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         return fn(value, "")
     if is_decomposition(value):
-        return {p: map_vectors(d, lambda t, m, p=p: fn(t, f"{p}.{m}")) for p, d in value.items()}
+        return {p: map_vectors(d, lambda t, m, p=p: fn(t, f"{p}.{m}"), cpu_work)
+                for p, d in value.items()}
     # Members are independent (and each deterministic): large ones run on parallel threads.
     names = [m for m, t in value.items() if t is not None]
     if not names:
         return dict(value)
     first = value[names[0]]
+    where = torch.device("cpu") if cpu_work else first.device
     done = dict(zip(names, ops.parallel_map(lambda m: fn(value[m], m), names,
-                                            numel=first.numel(), device=first.device)))
+                                            numel=first.numel(), device=where)))
     return {m: done.get(m) for m in value}
 
 
@@ -157,7 +162,7 @@ class TensorContext:
         return kernel(type(self.step.spec))(*args, **kwargs)
 
     def map(self, value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor],
-            reuse: str | None = None) -> Value:
+            reuse: str | None = None, cpu_work: bool = False) -> Value:
         """Apply ``fn(tensor, member)`` to a vector, every member of a set, or every part.
 
         With ``reuse`` (the node ``value`` comes from), each result is copied into its input
@@ -173,7 +178,7 @@ class TensorContext:
             buffer = self.scratch(reuse, t, [result])
             return result if buffer is None else buffer.copy_(result)
 
-        return map_vectors(value, into_input)
+        return map_vectors(value, into_input, cpu_work)
 
     def seed(self, member: str = "") -> int:
         """The seed of a random op's generator for one member and this tensor: derived from

@@ -63,12 +63,19 @@ DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 def resolve_device(setting: str) -> torch.device:
     """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(setting)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise ExecutionError(f"device {setting!r} asked for, but torch sees no CUDA device; "
                              "use --device cpu or device: auto")
-    return dev
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ExecutionError(f"device {setting!r} asked for, but torch sees {count} CUDA "
+                             f"device(s) (cuda:0 to cuda:{count - 1}); use one of those")
+    # With its index: tensors made there (an adapter's B·A) say cuda:0, and compare equal.
+    return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
 
 
 class Runner:

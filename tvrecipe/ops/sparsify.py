@@ -557,6 +557,16 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") & _MASK63
 
 
+def _divide(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``x / p`` with the CPU's rounding on every device. CUDA divides by a Python number as a
+    product with its reciprocal (an ulp off at times: a GPU run wrote other bytes than the
+    CPU), so p goes in as a tensor there; float16 and bfloat16 divide in float32 (as the CPU
+    does for a number) and round once."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return (x.float() / torch.tensor(p, dtype=torch.float32, device=x.device)).to(x.dtype)
+    return x / torch.tensor(p, dtype=x.dtype, device=x.device)
+
+
 def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int | None = None,
          draw: torch.Tensor | None = None) -> torch.Tensor:
     """DARE (Yu et al., 2024): drop each entry with probability 1 - density.
@@ -602,8 +612,8 @@ def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int | N
     # bool mask costs ~6x more on CPU): in float32, p - r > 0 exactly when r < p (the
     # difference of two distinct floats is never 0), so sign(relu(p - r)) is [r < p].
     # In place: -r + p is the same float as p - r.
-    keep = draw.neg_().add_(p).relu_().sign_()
-    keep = keep.to(x.device, x.dtype, non_blocking=False)
-    out = x / p if rescale else x.clone()
+    # On x's device (exact float32 operations: the same mask on every device).
+    keep = draw.to(x.device).neg_().add_(p).relu_().sign_().to(x.dtype)
+    out = _divide(x, p) if rescale else x.clone()
     # x * 0 is -0.0 for negative x: adding +0.0 makes every zero +0.0.
     return out.mul_(keep).add_(0.0)

@@ -48,4 +48,5 @@ class DareStep(StepSpec):
                               draw=ctx.uniform(member, t.shape))
             return l1_rescale(t, kept) if self.rescale == "l1" else kept
 
-        return ctx.map(ctx.one("input"), one, reuse=ctx.node("input"))
+        # The draws are CPU work whatever the device: members draw on parallel threads.
+        return ctx.map(ctx.one("input"), one, reuse=ctx.node("input"), cpu_work=True)
