@@ -138,8 +138,9 @@ def test_cache_commands(tmp_path):
 
 
 def _run_proc(recipe: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tvrecipe.cli", "run", str(recipe), "-q",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # -v: an unexpected error shows its traceback in the test's failure (exit 1, not 70).
+    return subprocess.Popen([sys.executable, "-m", "tvrecipe.cli", "-v", "run", str(recipe),
+                             "-q", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_two_concurrent_runs_agree(tmp_path):
@@ -173,9 +174,9 @@ def _kill_runs_then_finish(tmp_path: Path, recipe: Path, reference: Path, delay:
             time.sleep(0.01)
         time.sleep(delay)
         p.send_signal(sig)
-        p.communicate(timeout=60)
+        _out, err = p.communicate(timeout=60)
         if sig == signal.SIGINT and p.returncode not in (0,):
-            assert p.returncode == 130
+            assert p.returncode == 130, err.decode()
         if sig == signal.SIGINT:  # cleaned up; after SIGKILL a staging folder may remain
             assert not list(tmp_path.glob(".out.tmp*"))
         # The signal may land before the output is committed (no output) or after it (while
