@@ -705,6 +705,9 @@ def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResu
     threads = compute_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    # IEEE float32 products on every device: a caller's TF32 (about 1e-3 off) stays outside.
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         while True:
             try:
@@ -714,8 +717,12 @@ def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResu
                 return Runner(compiled, options).run()
             except CacheCorrupt as exc:
                 options.cache.discard(exc.key, str(exc))
+    except torch.cuda.OutOfMemoryError as exc:  # outside a step: reading, a whole-model pass
+        raise ExecutionError("the device ran out of memory while reading the inputs or in a "
+                             "whole-model pass; use --device cpu") from exc
     finally:
         torch.set_num_threads(previous)
+        torch.set_float32_matmul_precision(precision)
 
 
 def compute_threads() -> int | None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["apply", "extract", "mean", "negate", "scale", "sum"]
+__all__ = ["apply", "divide", "divide_", "extract", "mean", "negate", "scale", "sum"]
 
 
 def extract(base: torch.Tensor, finetuned: torch.Tensor, *,
@@ -60,7 +60,27 @@ def sum(inputs: Sequence[torch.Tensor], *, weights: Sequence[float],
 def mean(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Unweighted mean ``(1/n) Σ τ_i``."""
     n = len(inputs)
-    return sum(inputs, weights=[1.0] * n).div_(n)
+    return divide_(sum(inputs, weights=[1.0] * n), n)
+
+
+def _divisor(x: torch.Tensor, d: float) -> tuple[torch.Tensor, bool]:
+    # A 0-dim tensor on x's device: CUDA divides by a number, or by a 0-dim CPU tensor, as a
+    # product with its reciprocal (an ulp off at times), by a device tensor truly. Float16 and
+    # bfloat16 divide in float32, as the CPU does for a number, and round once.
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return torch.tensor(d, dtype=torch.float32 if half else x.dtype, device=x.device), half
+
+
+def divide(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` for a number d, with the CPU's rounding on every device (a new tensor)."""
+    t, half = _divisor(x, d)
+    return (x.float() / t).to(x.dtype) if half else x / t
+
+
+def divide_(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x /= d`` in place for a number d, with the CPU's rounding on every device."""
+    t, half = _divisor(x, d)
+    return x.copy_(x.float().div_(t)) if half else x.div_(t)
 
 
 def apply(base: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0,

@@ -120,9 +120,10 @@ def _randomized_svd(a: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor
     A private generator (not ``torch.svd_lowrank``, which draws from the global RNG) keeps the
     result byte-identical across calls and leaves the caller's RNG state alone.
     """
-    gen = torch.Generator(device=a.device)
+    # Drawn on the CPU and moved: a CUDA generator gives another sketch (then other ranks).
+    gen = torch.Generator(device="cpu")
     gen.manual_seed(_SEED)
-    omega = torch.randn(a.shape[1], q, generator=gen, device=a.device, dtype=a.dtype)
+    omega = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype).to(a.device)
     # Re-orthonormalise between passes: without it the columns collapse onto the top
     # singular vector in float32 and the trailing ones lose all accuracy.
     left = torch.linalg.qr(_times(a, omega)).Q

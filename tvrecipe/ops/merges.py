@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tvrecipe.ops.arithmetic import divide_
 from tvrecipe.ops.sparsify import (
     _check_density,
     _check_float_tensor,
@@ -120,7 +121,7 @@ def linear(
     for x, wi in zip(xs, w.tolist()):
         out.add_(x.to(cd), alpha=wi)
     if normalize:
-        out.div_(den.item())
+        divide_(out, den.item())
     return out.to(dtype)
 
 
@@ -418,7 +419,7 @@ def _della_rank_probs(rows: torch.Tensor, d: float, eps: float, cd: torch.dtype
     positions = torch.arange(m, device=rows.device).view(view).expand(order.shape)
     ranks = torch.empty_like(order).scatter_(1, order, positions)
     # r / (m - 1) · 2 · epsilon + (density - epsilon), in mergekit's order of operations.
-    return ranks.to(cd).div_(m - 1).mul_(2.0).mul_(eps).add_(d - eps)
+    return divide_(ranks.to(cd), m - 1).mul_(2.0).mul_(eps).add_(d - eps)
 
 
 def della(
@@ -435,7 +436,8 @@ def della(
     magnitude, higher probability, p_i in [density - epsilon, density + epsilon]). The
     mask is ``u < p`` with u = ``torch.rand`` in float32 on the CPU from
     ``torch.Generator().manual_seed(seed)`` (the convention of
-    :func:`tvrecipe.ops.sparsify.dare`, so bytes do not depend on the device or order).
+    :func:`tvrecipe.ops.sparsify.dare`, so the mask does not depend on the device or order; the
+    ``l1`` rescale's norms are sums on the device, which a GPU adds in another order).
     ``rescale``: ``True`` or ``"l1"`` scales the kept entries to x's L1 norm, as mergekit
     0.1.x does (:func:`l1_rescale`); ``"inverse"`` divides each kept entry by its p_i (the
     paper's rule, under which E[della(x)] = x); ``False`` keeps them as they are.
@@ -571,7 +573,7 @@ def model_stock_merge(deltas: Sequence[torch.Tensor], *, t: float | torch.Tensor
     mean = xs[0].to(cd, copy=True)
     for x in xs[1:]:
         mean.add_(x.to(cd))
-    mean.div_(len(xs))
+    divide_(mean, len(xs))
     return (t * mean).to(xs[0].dtype)
 
 
@@ -673,9 +675,10 @@ def _consensus_block(xs: list[torch.Tensor], wt: list[torch.Tensor], majority: s
         for i in range(1, len(xs)):
             num += contribution(i)
         if normalize:
-            den = torch.stack(wt).sum()
+            # Summed on the CPU, in order: a GPU's reduction groups 5 or more weights otherwise.
+            den = torch.stack([w.cpu() for w in wt]).sum()
             if den.abs().item() >= NO_CONSENSUS_EPS:
-                num /= den
+                num /= den.to(num.device)
         return num.add_(0.0)
 
     # Pass 1: the statistic whose sign elects γ.

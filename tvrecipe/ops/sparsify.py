@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from tvrecipe.ops import parallel
+from tvrecipe.ops.arithmetic import divide
 
 __all__ = ["dare", "derive_seed", "prune", "ties", "trim", "trim_mask"]
 
@@ -557,16 +558,6 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") & _MASK63
 
 
-def _divide(x: torch.Tensor, p: float) -> torch.Tensor:
-    """``x / p`` with the CPU's rounding on every device. CUDA divides by a Python number as a
-    product with its reciprocal (an ulp off at times: a GPU run wrote other bytes than the
-    CPU), so p goes in as a tensor there; float16 and bfloat16 divide in float32 (as the CPU
-    does for a number) and round once."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return (x.float() / torch.tensor(p, dtype=torch.float32, device=x.device)).to(x.dtype)
-    return x / torch.tensor(p, dtype=x.dtype, device=x.device)
-
-
 def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int | None = None,
          draw: torch.Tensor | None = None) -> torch.Tensor:
     """DARE (Yu et al., 2024): drop each entry with probability 1 - density.
@@ -614,6 +605,6 @@ def dare(x: torch.Tensor, *, density: float, rescale: bool = True, seed: int | N
     # In place: -r + p is the same float as p - r.
     # On x's device (exact float32 operations: the same mask on every device).
     keep = draw.to(x.device).neg_().add_(p).relu_().sign_().to(x.dtype)
-    out = _divide(x, p) if rescale else x.clone()
+    out = divide(x, p) if rescale else x.clone()
     # x * 0 is -0.0 for negative x: adding +0.0 makes every zero +0.0.
     return out.mul_(keep).add_(0.0)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tvrecipe.ops.arithmetic import all_finite
+from tvrecipe.ops.arithmetic import all_finite, divide_
 from tvrecipe.ops.lowrank import energy_rank
 from tvrecipe.ops.parallel import all_cores
 
@@ -39,7 +39,7 @@ def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
     out = xs[0].clone()
     for x in xs[1:]:
         out.add_(x)
-    return out.div_(len(xs))
+    return divide_(out, len(xs))
 
 
 def _parallel(fn, items: list, like: torch.Tensor) -> list:

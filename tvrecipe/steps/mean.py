@@ -34,6 +34,7 @@ class MeanStep(StepSpec):
             return None
         if len(kept) == len(xs):
             return ctx.kernel(kept)
+        from tvrecipe.ops import divide_
         from tvrecipe.ops import sum as weighted_sum
         # Σ over the real ones is Σ over all (adding an exact zero changes nothing), / n.
-        return weighted_sum(kept, weights=[1.0] * len(kept)).div_(len(xs))
+        return divide_(weighted_sum(kept, weights=[1.0] * len(kept)), len(xs))
