@@ -270,6 +270,23 @@ def test_a_bad_input_gives_the_local_error_and_commits_nothing(models, address, 
     assert remote.stderr == local.stderr and "do not line up" in remote.stderr
 
 
+@pytest.mark.parametrize(("factor", "dtype", "says"), [
+    ("1.0e+8", "float16", "which float16 cannot hold"),
+    ("1.0e+39", "float32", "holds Inf or NaN though every input was finite")])
+def test_an_output_its_dtype_cannot_hold_is_refused_as_locally(models, address, cli, tmp_path,
+                                                               factor, dtype, says):
+    # Workers cast outputs to their stored dtype: they check the range too (the cluster wrote
+    # Inf with exit 0 where a local run stopped with exit 5).
+    cli.write("big.yaml", f"tvrecipe: 1\nmodels: {{base: {models / 'base'}, ft: {models / 'math'}}}\n"
+                          "steps:\n  tv: {op: extract, base: base, finetuned: ft}\n"
+                          f"  m: {{op: scale, input: tv, factor: {factor}}}\n"
+                          f"outputs:\n  o: {{from: m, path: ./out/o, dtype: {dtype}}}\n")
+    local = cli.fails(5, "run", "big.yaml", "--no-cache")
+    remote = cli.fails(5, "run", "big.yaml", "--no-cache", "--cluster", address)
+    assert remote.stderr == local.stderr and says in remote.stderr
+    assert not (tmp_path / "out" / "o").exists()
+
+
 def test_a_corrupt_cache_entry_is_recomputed(models, address, cli, tmp_path):
     recipe = write_recipe(tmp_path, models, *FAMILIES["sparsify"])
     cli.ok("run", recipe, "-q", "--cluster", address)

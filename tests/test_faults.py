@@ -234,6 +234,61 @@ def test_interrupt_between_the_two_renames_keeps_the_previous_output(cli, tmp_pa
     assert snapshot(target) == previous
 
 
+@pytest.mark.parametrize("where", ["removing the previous output", "writing the lock"])
+def test_ctrl_c_while_committing_leaves_new_outputs_and_their_lock(cli, tmp_path, monkeypatch,
+                                                                   where):
+    # Ctrl-C after the new output was renamed into place, while the previous one was being
+    # deleted or the lock written: it used to leave the new output with the old lock (the
+    # next run refused it as changed) and the previous output in .model.old-*. The renames
+    # and the lock are now one step that a signal waits for.
+    from tvrecipe.exec import lockfile
+
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    cli.ok("run", "r.yaml")
+    cli.write("r.yaml", simple().replace("delta: tv}", "delta: tv, scale: 0.5}"))
+
+    def ctrl_c(real):
+        def call(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real(*args, **kwargs)
+        return call
+
+    with monkeypatch.context() as m:
+        if where == "writing the lock":
+            m.setattr(lockfile, "write_run_lock", ctrl_c(lockfile.write_run_lock))
+        else:
+            m.setattr(output_module.shutil, "rmtree", ctrl_c(output_module.shutil.rmtree))
+        res = cli.fails(130, "run", "r.yaml", "--no-cache")
+    assert "interrupted" in res.stderr
+    assert not list((tmp_path / "out").glob(".model.*"))
+    cli.ok("verify", "r.yaml")  # the outputs are the new ones, and the lock says so
+    res = cli.ok("run", "r.yaml")
+    assert "outputs are up to date with the lock" in res.stdout
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "r.yaml.lock").stat().st_mode & 0o777 == 0o666 & ~mask  # not 0600
+
+
+def test_ctrl_c_that_pydantic_wrapped_is_an_interrupt(cli, tmp_path, monkeypatch):
+    # A Ctrl-C while pydantic-core builds the recipe models comes out as its SchemaError
+    # quoting the KeyboardInterrupt: exit 130, not an internal error (70).
+    import pydantic_core
+
+    import tvrecipe.cli as cli_module
+
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+
+    def building(*_args, **_kwargs):
+        raise pydantic_core.SchemaError('Error building "model" validator:\n  KeyboardInterrupt: ')
+
+    monkeypatch.setattr(cli_module, "_compile", building)
+    res = cli.fails(130, "run", "r.yaml")
+    assert res.err_lines == ["tvrecipe: interrupted:",
+                             "interrupted; temporary outputs were removed, the cache is intact"]
+
+
 # ---- 2. a full disk -------------------------------------------------------------------------
 
 FULL_RECIPE = """\

@@ -26,6 +26,19 @@ def _fail(exc: TvrecipeError) -> None:
         click.echo(f"  {line}", err=True)
 
 
+def _interrupt_inside(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C (or SIGTERM) that a library wrapped: pydantic-core raises a
+    SchemaError that quotes the KeyboardInterrupt when one lands while it builds a model."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt) or (
+                type(exc).__name__ == "SchemaError" and "KeyboardInterrupt" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def handle_errors(fn):
     """Map tvrecipe errors to their exit codes; show a traceback only with -v."""
 
@@ -52,6 +65,11 @@ def handle_errors(fn):
         except click.exceptions.ClickException:
             raise
         except Exception as exc:  # a bug: say so, and how to report it
+            if _interrupt_inside(exc):
+                exc = Interrupted("interrupted; temporary outputs were removed, the cache is "
+                                  "intact")
+                _fail(exc)
+                sys.exit(exc.exit_code)
             if verbose:
                 raise
             click.echo(f"tvrecipe: internal error: {type(exc).__name__}: {exc}\n"
@@ -331,7 +349,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
-                         state=state, replaceable=replaceable, cluster=cluster)
+                         state=state, replaceable=replaceable, cluster=cluster,
+                         committed=lambda paths, digests: lockfile.write_run_lock(
+                             compiled, state, paths, memo, digests))
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
     result = run_light(compiled, options)
     if result is None:
@@ -342,7 +362,6 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         finally:
             if cluster and "tvrecipe.exec.cluster" in sys.modules:  # a local:N cluster stops
                 sys.modules["tvrecipe.exec.cluster"].close_clients()
-    lockfile.write_run_lock(compiled, state, result.outputs, memo, result.digests)
     for warning in cache.warnings if cache else ():
         click.echo(f"tvrecipe: warning: {warning}", err=True)
     if report_path:

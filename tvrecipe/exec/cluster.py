@@ -57,7 +57,13 @@ from tvrecipe import errors, ops
 from tvrecipe.errors import ExecutionError, TvrecipeError
 from tvrecipe.exec.cluster_address import parse_address, require_dask
 from tvrecipe.exec.evaluate import select
-from tvrecipe.exec.results import RunOptions, RunResult, progress_bar, written_members
+from tvrecipe.exec.results import (
+    RunOptions,
+    RunResult,
+    check_written_range,
+    progress_bar,
+    written_members,
+)
 from tvrecipe.exec.runner import PassContext, Runner, whole_model_errors
 from tvrecipe.exec.slots import to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
@@ -421,6 +427,13 @@ def _stage(runner: _WorkerRunner, job: Job, index: int, spec: dict) -> tuple[lis
                 for name, node, selector, kind, dtypes, raw in spec["outputs"]:
                     for m, t in written_members(kind, info, select(values[node], selector)):
                         dtype = st_dtype(t.dtype) if raw else dtypes[tensor]
+                        if (not raw and not job.allow_nonfinite and t.is_floating_point()
+                                and t.numel()):
+                            # Cast here, so checked here: the client writes the bits as
+                            # they come (Output.write checks tensors only).
+                            lo, hi = (float(v) for v in torch.aminmax(t.reshape(-1)))
+                            check_written_range(name, tensor, dtype, lo, hi,
+                                                torch.finfo(t.dtype).max)
                         recs.append(put(("o", name, m), t, dtype, not raw))
                 if info.is_floating:
                     for name in spec["entries"]:

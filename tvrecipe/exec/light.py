@@ -34,6 +34,7 @@ from tvrecipe.exec.results import (
     RunResult,
     cache_hits,
     check_written_range,
+    commit_outputs,
     nonfinite_input,
     output_metadata,
     progress_bar,
@@ -212,7 +213,7 @@ class _LightRun:
                     reports[d] = m["report"]
             for o in outputs.values():
                 o.finish(self.compiled, reports.get(o.res.node))
-            paths = {name: o.folder.commit() for name, o in outputs.items()}
+            paths = commit_outputs(outputs, self.options)
         except (CacheCorrupt, _Unsupported) as exc:
             for o in reversed(outputs.values()):  # the last made first: their folders go too
                 o.abort()

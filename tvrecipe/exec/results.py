@@ -21,7 +21,7 @@ from tvrecipe.plan.tensors import TensorPlan
 from tvrecipe.store.cache import TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size
 from tvrecipe.store.lora import AdapterError
-from tvrecipe.store.output import OutputFolder, copy_aux_files
+from tvrecipe.store.output import OutputFolder, copy_aux_files, deferred_interrupts
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
 
 # Recipe dtype names -> safetensors dtype strings.
@@ -52,6 +52,20 @@ class RunOptions:
     # Where to run: a Dask scheduler address (``tcp://host:8786``) or ``local:N``; None runs
     # in this process. Never part of the recipe: it changes no key and no byte of output.
     cluster: str | None = None
+    # Called with the output paths and their files' digests right after the outputs are
+    # renamed into place, in the same step that Ctrl-C cannot split (the CLI writes the lock).
+    committed: Callable[[dict[str, Path], dict[str, dict[str, str]]], None] | None = None
+
+
+def commit_outputs(outputs: dict[str, Output], options: RunOptions) -> dict[str, Path]:
+    """Rename every output into place and call ``options.committed``, as one step: an
+    interrupt that lands meanwhile takes effect after it, so the outputs and the lock agree
+    (all old or all new) and no moved-aside previous output is left behind."""
+    with deferred_interrupts():
+        paths = {name: o.folder.commit() for name, o in outputs.items()}
+        if options.committed is not None:
+            options.committed(paths, {n: o.digests for n, o in outputs.items()})
+    return paths
 
 
 @dataclass

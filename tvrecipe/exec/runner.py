@@ -24,6 +24,7 @@ from tvrecipe.exec.results import (
     RunOptions,
     RunResult,
     cache_hits,
+    commit_outputs,
     nonfinite_input,
     output_metadata,
     progress_bar,
@@ -583,7 +584,7 @@ class Runner:
                 entry.commit(self._manifest(name))
             pending = {}
             self._commit_kept(steps, metadata)
-            result_paths = {name: o.folder.commit() for name, o in outputs.items()}
+            result_paths = commit_outputs(outputs, self.options)
         except BaseException as exc:
             for o in reversed(outputs.values()):  # the last made first: their folders go too
                 o.abort()

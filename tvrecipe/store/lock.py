@@ -26,12 +26,24 @@ def hash_tree(folder: Path, memo: HashMemo | None = None) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()  # what open() would give a new file: 0644 under the usual umask
+
+
 def write_lock(path: Path, data: dict[str, Any]) -> None:
     """Write the lock atomically (temp + rename), keys sorted, so reruns give the same bytes."""
     text = yaml.safe_dump({"lock_version": LOCK_VERSION, **data}, sort_keys=True,
                           default_flow_style=False, allow_unicode=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); a lock is meant to be read and committed.
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -66,6 +66,35 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _check_config(config: object, config_file: Path) -> None:
+    """The fields of ``adapter_config.json`` the reader computes with: an InputError naming
+    the field rather than a crash inside the arithmetic."""
+    if not isinstance(config, dict):
+        raise InputError(f"{config_file}: holds a JSON {type(config).__name__}, not an object; "
+                         "is this peft's adapter_config.json?")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise InputError(f"{config_file}: lora_alpha is {config['lora_alpha']!r}; it must be a "
+                         "number")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise InputError(f"{config_file}: alpha_pattern is {patterns!r}; it must map module "
+                         "name patterns to numbers")
+    for key, value in patterns.items():
+        if not _is_number(value):
+            raise InputError(f"{config_file}: alpha_pattern[{key!r}] is {value!r}; it must be "
+                             "a number")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise InputError(f"{config_file}: alpha_pattern key {key!r} is not a regular "
+                             f"expression ({exc})") from None
+
+
 class LoraAdapter:
     """An opened adapter folder with the Checkpoint interface the runner reads through:
     ``tensors`` (the base's floating tensors, as float32), ``get``, ``files``, ``close``.
@@ -87,6 +116,7 @@ class LoraAdapter:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"{config_file}: unreadable ({exc})") from None
+        _check_config(config, config_file)
         if config.get("peft_type", "LORA") != "LORA":
             raise InputError(f"{config_file}: peft_type {config.get('peft_type')!r}; only LoRA "
                              "adapters can be read")
@@ -114,8 +144,16 @@ class LoraAdapter:
             key = name.removeprefix(_PREFIX)
             m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                              r"(?:\.[^.]+)?(?:\.weight)?", key)
+            if m and key.endswith(".bias"):
+                raise InputError(f"{self.path}: tensor {name!r} is a LoRA bias term; LoRA bias "
+                                 "terms are not supported (merge such an adapter with peft's "
+                                 "merge_and_unload and use the merged checkpoint)")
             if m:
-                modules.setdefault(m[1], {})[m[2]] = name
+                if m[2] in modules.setdefault(m[1], {}):
+                    raise InputError(f"{self.path}: module {m[1]!r} has two {m[2]} tensors "
+                                     f"({modules[m[1]][m[2]]!r} and {name!r}); this reader takes "
+                                     "one adapter per file")
+                modules[m[1]][m[2]] = name
             elif ".base_layer." in key:
                 continue  # the base's own weights, saved beside embedding adapters
             elif "lora_magnitude_vector" in key:
@@ -127,6 +165,15 @@ class LoraAdapter:
                     raise InputError(f"{self.path}: saved module tensor {name!r} matches no "
                                      f"tensor of the base (looked for {tensor!r}); is this "
                                      "adapter for another base model?")
+                got, want = self.adapter.tensors[name].shape, self.base.tensors[tensor].shape
+                if tuple(got) != tuple(want):
+                    raise InputError(f"{self.path}: saved module tensor {name!r} has shape "
+                                     f"{list(got)}, but the base's {tensor!r} is "
+                                     f"{list(want)}; is this adapter for another base model?")
+                if tensor in self.saved:
+                    raise InputError(f"{self.path}: tensors {self.saved[tensor]!r} and "
+                                     f"{name!r} are both saved copies of {tensor!r}; keep one "
+                                     "adapter per file")
                 self.saved[tensor] = name
         for module, parts in sorted(modules.items()):
             embedding = "lora_embedding_A" in parts
@@ -147,6 +194,10 @@ class LoraAdapter:
                                  f"{list(a_shape)} and {list(b_shape)}; only linear and "
                                  "embedding layers are supported (not convolutions)")
             r = a_shape[0]
+            if r == 0:
+                raise InputError(f"{self.path}: module {module!r} has rank-0 factors "
+                                 f"{list(a_shape)} and {list(b_shape)}; leave the module out "
+                                 "of the adapter instead")
             transposed = embedding or fan_in_fan_out
             product = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
             if b_shape[1] != r or tuple(info.shape) != product:

@@ -7,9 +7,12 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,6 +133,26 @@ def _sweep_dead_staging(parent: Path, name: str) -> None:
         pid_text = path.name[len(prefix):].split("-", 1)[0]
         if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then raise KeyboardInterrupt: for steps
+    that must not be split (outputs renamed into place and the lock that records them). Only
+    the main thread receives signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 class OutputFolder:

@@ -1,0 +1,96 @@
+"""Malformed peft adapter folders are located input errors (exit 3), from `validate` as from
+`run`, and write nothing; none of them is read as a silently different model. The adapters are
+written by hand here (no peft needed): a [16, 8] target ``m.q.weight`` and a norm ``m.n.weight``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+P = "base_model.model."
+CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+FACTORS = {f"{P}m.q.lora_A.weight": torch.ones(2, 8), f"{P}m.q.lora_B.weight": torch.ones(16, 2)}
+
+
+@pytest.fixture
+def adapter(cli, tmp_path):
+    (tmp_path / "base").mkdir()
+    save_file({"m.q.weight": torch.zeros(16, 8), "m.n.weight": torch.ones(8)},
+              str(tmp_path / "base" / "model.safetensors"))
+    cli.write("r.yaml", "tvrecipe: 1\nmodels:\n  base: ./base\n  ad: {path: ./ad, kind: lora}\n"
+                        "steps:\n  model: {op: apply, base: base, delta: ad}\n"
+                        "outputs:\n  out: {from: model, path: ./out/m}\n")
+
+    def write(config=CONFIG, tensors=FACTORS) -> None:
+        (tmp_path / "ad").mkdir(exist_ok=True)
+        (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
+        save_file(tensors, str(tmp_path / "ad" / "adapter_model.safetensors"))
+
+    return write
+
+
+def _fails_everywhere(cli, tmp_path) -> str:
+    for command in ("validate", "run"):
+        res = cli.fails(3, command, "r.yaml")
+        assert not (tmp_path / "out").exists()
+    assert res.err_lines[0] == "tvrecipe: input error:"
+    return res.err_lines[1]
+
+
+def test_the_well_formed_adapter_runs(adapter, cli, tmp_path):
+    adapter()
+    cli.ok("run", "r.yaml", "-q")
+    from safetensors.torch import load_file
+    got = load_file(str(tmp_path / "out" / "m" / "model.safetensors"))
+    assert torch.equal(got["m.q.weight"], torch.full((16, 8), 2 * 4 / 2))  # B·A = 2, alpha/r = 2
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ([1, 2], "holds a JSON list, not an object; is this peft's adapter_config.json?"),
+    ({**CONFIG, "lora_alpha": "8"}, "lora_alpha is '8'; it must be a number"),
+    ({**CONFIG, "lora_alpha": None}, "lora_alpha is None; it must be a number"),
+    ({**CONFIG, "alpha_pattern": {"q": "3"}}, "alpha_pattern['q'] is '3'; it must be a number"),
+    ({**CONFIG, "alpha_pattern": {"q[": 3}},
+     ("alpha_pattern key 'q[' is not a regular expression (unterminated character set at "
+     "position 1)")),
+])
+def test_config_fields_of_the_wrong_type(adapter, cli, tmp_path, config, message):
+    adapter(config=config)
+    line = _fails_everywhere(cli, tmp_path)
+    assert line.endswith(f"adapter_config.json: {message}"), line
+
+
+def test_rank_zero_factors(adapter, cli, tmp_path):
+    adapter(tensors={f"{P}m.q.lora_A.weight": torch.ones(0, 8),
+                     f"{P}m.q.lora_B.weight": torch.ones(16, 0)})
+    assert _fails_everywhere(cli, tmp_path).endswith(
+        "module 'm.q' has rank-0 factors [0, 8] and [16, 0]; leave the module out of the "
+        "adapter instead")
+
+
+def test_a_saved_module_of_another_shape_is_not_broadcast(adapter, cli, tmp_path):
+    # A [1, 8] copy over the [16, 8] base tensor was broadcast into 16 equal rows (exit 0).
+    adapter(config={**CONFIG, "modules_to_save": ["q"]},
+            tensors={f"{P}m.q.modules_to_save.default.weight": torch.ones(1, 8)})
+    assert _fails_everywhere(cli, tmp_path).endswith(
+        "saved module tensor 'base_model.model.m.q.modules_to_save.default.weight' has shape "
+        "[1, 8], but the base's 'm.q.weight' is [16, 8]; is this adapter for another base "
+        "model?")
+
+
+def test_two_adapters_in_one_file_are_not_half_read(adapter, cli, tmp_path):
+    # The factors of a second adapter (or a lora_B bias) were dropped without a word.
+    adapter(tensors={**FACTORS, f"{P}m.q.lora_B.other.weight": torch.ones(16, 2)})
+    line = _fails_everywhere(cli, tmp_path)
+    assert "module 'm.q' has two lora_B tensors" in line and "one adapter per file" in line
+
+
+def test_a_lora_bias_is_not_dropped(adapter, cli, tmp_path):
+    adapter(tensors={**FACTORS, f"{P}m.q.lora_B.bias": torch.ones(16)})
+    assert _fails_everywhere(cli, tmp_path).endswith(
+        "tensor 'base_model.model.m.q.lora_B.bias' is a LoRA bias term; LoRA bias terms are "
+        "not supported (merge such an adapter with peft's merge_and_unload and use the merged "
+        "checkpoint)")
