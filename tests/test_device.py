@@ -99,13 +99,18 @@ def test_random_sketches_and_draws_come_from_cpu_generators():
     assert not wrong, wrong
 
 
-def test_running_out_of_gpu_memory_while_reading_is_a_located_runtime_error(make_models, cli,
-                                                                            monkeypatch):
+@pytest.fixture
+def summed(make_models, cli) -> None:
+    """r.yaml: the sum of two task vectors, written as a vector."""
     ms = make_models(("math", "code"))
     cli.write("r.yaml", "tvrecipe: 1\n" + ms.models_yaml()
               + "steps:\n  tv: {op: extract, base: base, finetuned: [math, code]}\n"
                 "  merged: {op: sum, inputs: tv}\n"
                 "outputs:\n  merged: {from: merged, path: ./out/merged}\n")
+
+
+def test_running_out_of_gpu_memory_while_reading_is_a_located_runtime_error(summed, cli,
+                                                                            monkeypatch):
 
     def no_memory(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -118,15 +123,10 @@ def test_running_out_of_gpu_memory_while_reading_is_a_located_runtime_error(make
     assert not (cli.root / "out").exists()
 
 
-def test_a_run_computes_float32_products_in_ieee_whatever_the_caller_set(make_models, cli,
+def test_a_run_computes_float32_products_in_ieee_whatever_the_caller_set(summed, cli,
                                                                         monkeypatch):
     # TF32 ("high") would put float32 matrix products about 1e-3 off on a GPU; a run sets
     # "highest" for its own time and gives the caller's setting back.
-    ms = make_models(("math", "code"))
-    cli.write("r.yaml", "tvrecipe: 1\n" + ms.models_yaml()
-              + "steps:\n  tv: {op: extract, base: base, finetuned: [math, code]}\n"
-                "  merged: {op: sum, inputs: tv}\n"
-                "outputs:\n  merged: {from: merged, path: ./out/merged}\n")
     seen = []
     real = ops.sum
 
