@@ -270,6 +270,23 @@ def test_ctrl_c_while_committing_leaves_new_outputs_and_their_lock(cli, tmp_path
     assert (tmp_path / "r.yaml.lock").stat().st_mode & 0o777 == 0o666 & ~mask  # not 0600
 
 
+def test_ctrl_c_while_the_finished_command_cleans_up_keeps_its_exit(cli, tmp_path,
+                                                                    monkeypatch):
+    # A Ctrl-C in handle_errors' cleanup, after the run and its lock were written, escaped as
+    # click's "Aborted!" with exit 1; it is dropped there now.
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    real = output_module.OutputFolder.abort_all
+
+    def abort_all():
+        os.kill(os.getpid(), signal.SIGINT)
+        real()
+
+    monkeypatch.setattr(output_module.OutputFolder, "abort_all", staticmethod(abort_all))
+    res = cli.ok("run", "r.yaml")
+    assert "Aborted" not in res.stderr and (tmp_path / "r.yaml.lock").exists()
+
+
 def test_ctrl_c_that_pydantic_wrapped_is_an_interrupt(cli, tmp_path, monkeypatch):
     # A Ctrl-C while pydantic-core builds the recipe models comes out as its SchemaError
     # quoting the KeyboardInterrupt: exit 130, not an internal error (70).

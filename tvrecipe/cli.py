@@ -14,7 +14,7 @@ import click
 
 from tvrecipe import __version__
 from tvrecipe.errors import Interrupted, TvrecipeError
-from tvrecipe.store.output import OutputFolder
+from tvrecipe.store.output import OutputFolder, deferred_interrupts
 
 EXIT_BUG = 70
 
@@ -77,9 +77,12 @@ def handle_errors(fn):
                        err=True)
             sys.exit(EXIT_BUG)
         finally:
-            # No-op unless an interrupt landed inside the cleanup code itself.
-            OutputFolder.abort_all()
-            signal.signal(signal.SIGTERM, previous)
+            # The command is over: a Ctrl-C now must not turn its exit into click's "Aborted!"
+            # (exit 1), so it waits, and is dropped, while this cleans up.
+            with deferred_interrupts(drop=True):
+                # No-op unless an interrupt landed inside the cleanup code itself.
+                OutputFolder.abort_all()
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

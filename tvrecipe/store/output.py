@@ -136,10 +136,11 @@ def _sweep_dead_staging(parent: Path, name: str) -> None:
 
 
 @contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends, then raise KeyboardInterrupt: for steps
-    that must not be split (outputs renamed into place and the lock that records them). Only
-    the main thread receives signals; elsewhere the block runs as it is."""
+def deferred_interrupts(drop: bool = False) -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then raise KeyboardInterrupt (or, with
+    ``drop``, are dropped): for steps that must not be split (outputs renamed into place and
+    the lock that records them). Only the main thread receives signals; elsewhere the block
+    runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -151,7 +152,7 @@ def deferred_interrupts() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if got:
+    if got and not drop:
         raise KeyboardInterrupt
 
 
