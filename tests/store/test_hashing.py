@@ -130,3 +130,21 @@ def test_checkpoint_digest_order_and_location_independent(tmp_path):
     assert digest == expected.hexdigest()
     (tmp_path / "y" / "model-2.safetensors").write_bytes(b"TWO")
     assert checkpoint_digest(y) != digest
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_memo_save_that_fails_or_is_interrupted_leaves_no_temp_file(tmp_path, monkeypatch,
+                                                                      error):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"weights")
+
+    def replace(*_args):
+        raise error
+
+    monkeypatch.setattr(hashing.os, "replace", replace)
+    if isinstance(error, OSError):  # not saved: the memo only saves time
+        assert sha256_file(path, memo=HashMemo(tmp_path / "memo" / "hashes.json"))
+    else:  # a Ctrl-C goes on up
+        with pytest.raises(KeyboardInterrupt):
+            sha256_file(path, memo=HashMemo(tmp_path / "memo" / "hashes.json"))
+    assert list((tmp_path / "memo").iterdir()) == []

@@ -98,9 +98,11 @@ class HashMemo:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, self.path)
-        except OSError:
+        except BaseException as exc:  # a Ctrl-C too must not leave the temp file behind
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
+            if not isinstance(exc, OSError):  # a memo that cannot be saved is only slower
+                raise
 
 
 def _hash_stream(path: Path) -> str:
