@@ -60,7 +60,7 @@ from tvrecipe.exec.evaluate import select
 from tvrecipe.exec.results import (
     RunOptions,
     RunResult,
-    check_written_range,
+    check_tensor_range,
     progress_bar,
     written_members,
 )
@@ -431,9 +431,7 @@ def _stage(runner: _WorkerRunner, job: Job, index: int, spec: dict) -> tuple[lis
                                 and t.numel()):
                             # Cast here, so checked here: the client writes the bits as
                             # they come (Output.write checks tensors only).
-                            lo, hi = (float(v) for v in torch.aminmax(t.reshape(-1)))
-                            check_written_range(name, tensor, dtype, lo, hi,
-                                                torch.finfo(t.dtype).max)
+                            check_tensor_range(name, tensor, dtype, t)
                         recs.append(put(("o", name, m), t, dtype, not raw))
                 if info.is_floating:
                     for name in spec["entries"]:

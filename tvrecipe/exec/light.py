@@ -32,6 +32,7 @@ from tvrecipe.exec.results import (
     Output,
     RunOptions,
     RunResult,
+    abort_outputs,
     cache_hits,
     check_written_range,
     commit_outputs,
@@ -215,14 +216,12 @@ class _LightRun:
                 o.finish(self.compiled, reports.get(o.res.node))
             paths = commit_outputs(outputs, self.options)
         except (CacheCorrupt, _Unsupported) as exc:
-            for o in reversed(outputs.values()):  # the last made first: their folders go too
-                o.abort()
+            abort_outputs(outputs)
             if isinstance(exc, CacheCorrupt):
                 self.options.cache.discard(exc.key, str(exc))
             return None
         except BaseException:
-            for o in reversed(outputs.values()):  # the last made first: their folders go too
-                o.abort()
+            abort_outputs(outputs)
             raise
         finally:
             if self.plan is not None:

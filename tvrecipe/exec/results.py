@@ -68,6 +68,13 @@ def commit_outputs(outputs: dict[str, Output], options: RunOptions) -> dict[str,
     return paths
 
 
+def abort_outputs(outputs: dict[str, Output]) -> None:
+    """A failed run: abort every output, the last made first (so the folders made for them
+    go too)."""
+    for o in reversed(outputs.values()):
+        o.abort()
+
+
 @dataclass
 class RunResult:
     """What a run did."""
@@ -122,6 +129,15 @@ def check_written_range(output: str, tensor: str, dtype: str | None, lo: float, 
         f"output {output!r}: tensor {tensor!r} has values up to {max(abs(lo), abs(hi)):.3g}, "
         f"which {name} cannot hold (from {limit:.5g} on they round to Inf): write it as "
         "float32 or bfloat16, or pass --allow-nonfinite to write Inf")
+
+
+def check_tensor_range(output: str, tensor: str, dtype: str | None, t: Any) -> None:
+    """:func:`check_written_range` of a floating torch tensor, before it is cast to ``dtype``
+    (the torch executor's writers, and a cluster worker that stages cast bits)."""
+    import torch
+
+    lo, hi = (float(v) for v in torch.aminmax(t.reshape(-1)))
+    check_written_range(output, tensor, dtype, lo, hi, torch.finfo(t.dtype).max)
 
 
 class Output:
@@ -215,7 +231,7 @@ class Output:
             if hasattr(t, "detach"):  # a torch tensor (the numpy executor gives arrays)
                 t = t.detach()
                 if not self.options.allow_nonfinite and t.is_floating_point() and t.numel():
-                    self._check_finite(tensor, t)
+                    check_tensor_range(self.name, tensor, self.dtypes.get(tensor), t)
                 if t.device.type != "cpu":
                     t = t.cpu()
                 numel = t.numel()
@@ -234,15 +250,6 @@ class Output:
             yield
         except AdapterError as exc:
             raise ExecutionError(f"output {self.name!r} (peft adapter): {exc}") from exc
-
-    def _check_finite(self, tensor: str, t: Any) -> None:
-        """Refuse a value that is not finite, or that overflows the stored dtype, though
-        every input was finite (they were checked): see :func:`check_written_range`."""
-        import torch
-
-        lo, hi = (float(v) for v in torch.aminmax(t.reshape(-1)))
-        check_written_range(self.name, tensor, self.dtypes.get(tensor), lo, hi,
-                            torch.finfo(t.dtype).max)
 
     def abort(self) -> None:
         """A failed run: close the files being written, unchecked, and remove the staging

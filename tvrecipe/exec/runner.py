@@ -23,6 +23,7 @@ from tvrecipe.exec.results import (
     Output,
     RunOptions,
     RunResult,
+    abort_outputs,
     cache_hits,
     commit_outputs,
     nonfinite_input,
@@ -586,8 +587,7 @@ class Runner:
             self._commit_kept(steps, metadata)
             result_paths = commit_outputs(outputs, self.options)
         except BaseException as exc:
-            for o in reversed(outputs.values()):  # the last made first: their folders go too
-                o.abort()
+            abort_outputs(outputs)
             for entry in pending.values():
                 entry.abort()
             if isinstance(exc, OSError):

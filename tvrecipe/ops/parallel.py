@@ -70,10 +70,10 @@ def _pool() -> ThreadPoolExecutor:
 
     Torch's thread count is per thread, and a new thread takes the count last set anywhere:
     a worker would otherwise run its kernels on as many OpenMP threads as the main thread,
-    one team per worker (16 workers × 15 threads on a 16-core machine, where TIES ran 14.4 s
-    against 6.5 s on a 2-core one). So each worker sets 1 as it starts, all of them start
-    here (a barrier keeps each on its own thread), and the caller's count is set back after,
-    for the threads started later.
+    one team per worker (16 workers × 15 threads on a 16-core machine, where a decompose of
+    the large benchmark ran over 200 s; 13.2 s with this). So each worker sets 1 as it
+    starts, all of them start here (a barrier keeps each on its own thread), and the
+    caller's count is set back after, for the threads started later.
     """
     global _POOL
     with _POOL_LOCK:
