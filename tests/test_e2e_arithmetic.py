@@ -358,10 +358,10 @@ def test_row_chunk_streaming_gives_identical_bytes(make_models, cli, tmp_path, m
     row_reads = []
     real_get = Checkpoint.get
 
-    def spy(self, name, rows=None):
+    def spy(self, name, rows=None, **kw):
         if rows is not None:
             row_reads.append((name, rows))
-        return real_get(self, name, rows)
+        return real_get(self, name, rows, **kw)
 
     monkeypatch.setattr(Checkpoint, "get", spy)
     cli.ok("run", "r.yaml", "--force", "--no-cache")

@@ -152,10 +152,10 @@ def test_model_stock_streams_in_row_blocks_with_whole_tensor_ratios(make_models,
     blocks = []
     real_get = Checkpoint.get
 
-    def spy(self, name, rows=None):
+    def spy(self, name, rows=None, **kw):
         if rows is not None:
             blocks.append(name)
-        return real_get(self, name, rows)
+        return real_get(self, name, rows, **kw)
 
     monkeypatch.setattr(Checkpoint, "get", spy)
     res = cli.ok("run", "r.yaml", "--report", "rep.json")

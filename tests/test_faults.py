@@ -571,12 +571,12 @@ def test_a_failed_write_stops_the_reads_ahead(cli, tmp_path, monkeypatch):
     reads, late = [], []
     real_get, real_close, real_write = Checkpoint.get, TensorPlan.close, results.Output.write
 
-    def get(self, name, rows=None):
+    def get(self, name, rows=None, **kw):
         time.sleep(0.01)  # slow reads: some are queued when the write fails
         reads.append(name)
         if closed.is_set():
             late.append((name, rows))
-        return real_get(self, name, rows)
+        return real_get(self, name, rows, **kw)
 
     def close(self):
         closed.set()

@@ -9,8 +9,9 @@ benchmark box that was 1.5M page faults in one TIES run of the large set (6 GB t
 and filling a fresh 131 MB float32 tensor took 47 ms against 3.3 ms for one already mapped.
 
 :func:`tune_malloc` keeps freed blocks for reuse instead: blocks up to 32 MiB (glibc's
-largest ``mmap`` threshold; larger ones, such as whole embedding matrices, are still mapped
-and unmapped each time) come from the arenas, and no arena's free top is trimmed below 1 GiB.
+largest ``mmap`` threshold; larger ones, such as whole embedding matrices, are mapped and
+unmapped each time: the runner reuses those itself, :mod:`tvrecipe.exec.buffers`) come from the
+arenas, and no arena's free top is trimmed below 1 GiB.
 Peak memory is that of the live tensors plus what the arenas leave free between them. (One
 arena for all threads as well was no faster and held 30% more memory in a DARE run.) Only
 the ``tvrecipe`` console script calls it, never the library: a process that imports tvrecipe

@@ -17,6 +17,7 @@ import torch
 
 from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
+from tvrecipe.exec.buffers import BufferPool
 from tvrecipe.exec.evaluate import StepEvaluator, entry_value, select
 from tvrecipe.exec.results import (
     ST_DTYPES,
@@ -118,19 +119,23 @@ class Runner:
         # elements (a worker is given its client's).
         self.only: set[str] | None = None
         self.chunk = CHUNK_ELEMENTS
+        # Large tensors read or converted whole (embeddings) reuse their memory.
+        self.buffers = BufferPool()
 
     # ---- reading ---------------------------------------------------------------------------
     def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True
               ) -> torch.Tensor:
         """Move a floating tensor read from disk to the device, in the compute dtype, checking
         that it is finite (unless ``check`` is off or the run allows non-finite inputs)."""
-        if t.device == self.device:  # made on the device already (an adapter's B·A)
-            t = t.to(self.compute)
-        elif self.device.type == "cuda":
+        if t.device != self.device:  # read on the CPU for a GPU run
             t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
+        elif t.device.type == "cpu" and t.dtype != self.compute:
+            # Converted into memory the run reuses (an embedding would be faulted in afresh).
+            t = self.buffers.empty(t.shape, self.compute).copy_(t)
         else:
-            # Checkpoint.get reads into a fresh tensor that nothing else holds, so in-place
-            # kernels may use it as is when it already has the compute dtype.
+            # On the device already (an adapter's B·A on a GPU, or read on the CPU for a CPU
+            # run). Checkpoint.get reads into a fresh tensor that nothing else holds, so
+            # in-place kernels may use it as is when it already has the compute dtype.
             t = t.to(self.compute)
         # One reduction, no mask: the sum of finite weights stays finite (fp32 reaches 3e38),
         # so only a suspicious sum pays for the exact check.
@@ -169,7 +174,7 @@ class Runner:
                 if info is None:
                     got[slot] = None
                     continue
-                t = ck.get(tensor, span)
+                t = ck.get(tensor, span, empty=self.buffers.empty)
                 check(slot, tensor, span, info.shape[0] if info.shape else 1, t)
                 # Its inputs were checked when it was computed (lookup skips entries of runs
                 # that allowed non-finite inputs unless this run does too).
@@ -188,7 +193,7 @@ class Runner:
                 t = ck.get(tensor, span, device=self.device)
                 nbytes += ck.factor_bytes(tensor) if span is None or span[0] == 0 else 0
             else:
-                t = ck.get(tensor, span)
+                t = ck.get(tensor, span, empty=self.buffers.empty)
                 nbytes += t.numel() * t.element_size()
             if info.is_floating:
                 where = f"model {name!r}" + (f" member {member!r}" if member else "")

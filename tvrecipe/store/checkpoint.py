@@ -16,6 +16,8 @@ from tvrecipe.errors import InputError, about
 from tvrecipe.store.remote import HEAD_BYTES, RemotePath, as_path
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from typing_extensions import Self
 
@@ -283,10 +285,13 @@ class Checkpoint:
         # reads from a prefetch thread while the main thread may read too.
         self._lock = threading.Lock()
 
-    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None, *,
+            empty: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Reads one tensor on the CPU, or only rows ``start:stop`` of its first dimension.
 
-        Reading a row range bounds the memory of row-wise work on large tensors.
+        Reading a row range bounds the memory of row-wise work on large tensors. ``empty``
+        (``torch.empty``'s signature: shape, dtype) makes the tensor read into, e.g. a
+        run's :class:`~tvrecipe.exec.buffers.BufferPool`.
 
         Raises:
             InputError: The checkpoint has no tensor ``name``, or its file cannot be read.
@@ -295,7 +300,7 @@ class Checkpoint:
 
         info = self._info(name)
         shape, start, nbytes = _span(info, rows)
-        out = torch.empty(shape, dtype=torch_dtype(info.dtype))
+        out = (empty or torch.empty)(shape, dtype=torch_dtype(info.dtype))
         if nbytes:
             self._read_into(info, start, nbytes, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
         return out  # safetensors data is little-endian, as is every host torch runs on

@@ -1,0 +1,148 @@
+"""The run's pool of large CPU buffers (tvrecipe/exec/buffers.py)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+from tests.conftest import read_tensors
+from tvrecipe.exec import buffers
+from tvrecipe.exec.buffers import BufferPool
+
+KIB = 1 << 10
+
+
+def test_small_requests_are_plain_tensors_and_never_pooled():
+    pool = BufferPool(min_bytes=64 * KIB)
+    t = pool.empty((10, 10), torch.float32)
+    assert t.shape == (10, 10) and t.dtype == torch.float32
+    assert pool._held == 0 and pool._maps == []
+
+
+def test_a_freed_buffer_is_lent_again_and_a_live_one_never():
+    pool = BufferPool(min_bytes=KIB)
+    a = pool.empty((64, 64), torch.float32)
+    a.fill_(3.0)
+    where = a.data_ptr()
+    del a
+    b = pool.empty((64, 64), torch.float32)  # same size: the same memory, as left
+    assert b.data_ptr() == where and pool.reused == 1
+    assert torch.equal(b, torch.full((64, 64), 3.0))
+    c = pool.empty((64, 64), torch.float32)  # b is alive: fresh memory
+    assert c.data_ptr() != where and pool.reused == 1
+    view = b[10:]  # a view keeps b's memory in use after b is gone
+    del b
+    d = pool.empty((64, 64), torch.float32)
+    assert d.data_ptr() not in (where, c.data_ptr()) and pool.reused == 1
+    del view
+    e = pool.empty((4096,), torch.float32)  # any shape and dtype of the same byte size
+    assert e.data_ptr() == where and pool.reused == 2
+    f = pool.empty((8192,), torch.bfloat16)
+    assert f.data_ptr() not in (where, c.data_ptr(), d.data_ptr())
+
+
+def test_a_tensor_from_the_pool_is_an_ordinary_tensor():
+    pool = BufferPool(min_bytes=KIB)
+    t = pool.empty((32, 16), torch.bfloat16)
+    assert t.is_contiguous() and t.device.type == "cpu" and not t.requires_grad
+    values = (torch.arange(512) % 256).float().view(32, 16)  # exact in bfloat16
+    t.copy_(values)
+    u = pool.empty((32, 16), torch.float32).copy_(t)
+    assert torch.equal(u, values)
+    u.add_(1.0).mul_(2.0)  # in-place kernels write into the map
+    assert float(u[0, 0]) == 2.0
+
+
+def test_the_pool_never_holds_more_than_its_most_at_once():
+    pool = BufferPool(min_bytes=KIB)
+    size_a, size_b = 16 * KIB, 24 * KIB
+    live = [pool.empty((size_a // 4,), torch.float32) for _ in range(3)]  # 48 KiB at once
+    assert pool._held == pool._mark == 3 * size_a
+    del live
+    # Another size: the free maps go (oldest first) until the new one fits under the mark.
+    one = pool.empty((size_b // 4,), torch.float32)
+    assert pool._held <= pool._mark == 3 * size_a
+    assert pool._held == size_a + size_b
+    two = pool.empty((size_b // 4,), torch.float32)  # in use: 48 KiB, the last A map goes
+    assert pool._held == pool._mark == 2 * size_b
+    del one, two
+    gc.collect()
+    three = [pool.empty((size_b // 4,), torch.float32) for _ in range(2)]
+    assert pool.reused == 2 and pool._held == 2 * size_b
+    del three
+
+
+def test_threads_never_get_the_same_buffer_at_once():
+    pool = BufferPool(min_bytes=KIB)
+    seen: list[set[int]] = []
+    errors = []
+
+    def work(i: int) -> None:
+        try:
+            mine = set()
+            for _ in range(50):
+                t = pool.empty((1024,), torch.float32).fill_(float(i))
+                mine.add(t.data_ptr())
+                assert bool((t == float(i)).all())  # nobody else wrote into it meanwhile
+                del t
+            seen.append(mine)
+        except AssertionError as exc:  # pragma: no cover - the failure this test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert pool.reused > 0 and pool._held <= pool._mark <= 4 * 4 * KIB
+
+
+RECIPE = """
+tvrecipe: 1
+name: pooled
+models:
+  base: ./ckpt/base
+  math: ./ckpt/math
+  code: ./ckpt/code
+  toxic: ./ckpt/toxic
+steps:
+  tv: {op: extract, base: base, finetuned: [math, code, toxic]}
+  merged: {op: ties, inputs: tv, density: 0.4}
+  model: {op: apply, base: base, delta: merged, scale: 0.5}
+outputs:
+  model: {from: model, path: ./out-OUT, dtype: bfloat16}
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_run_through_the_pool_writes_the_bytes_of_a_run_without(
+        make_models, cli, monkeypatch, dtype):
+    # Every tensor of these models is a few hundred bytes: with a 64-byte threshold each
+    # whole-tensor read and conversion comes from the pool (and same-shaped tensors, such as
+    # the embedding and lm_head, reuse its maps).
+    make_models(dtype=dtype)
+    made: list[BufferPool] = []
+
+    class Recording(BufferPool):
+        def __init__(self, min_bytes: int | None = None):
+            super().__init__(min_bytes)
+            made.append(self)
+
+    monkeypatch.setattr("tvrecipe.exec.runner.BufferPool", Recording)
+    monkeypatch.setattr(buffers, "MIN_BYTES", 1 << 40)
+    cli.write("plain.yaml", RECIPE.replace("OUT", "plain"))
+    cli.ok("run", "plain.yaml", "--no-cache")
+    assert made and all(p._maps == [] for p in made)
+    monkeypatch.setattr(buffers, "MIN_BYTES", 64)
+    cli.write("pooled.yaml", RECIPE.replace("OUT", "pooled"))
+    cli.ok("run", "pooled.yaml", "--no-cache")
+    pooled = made[-1]
+    assert pooled._maps and pooled.reused > 0
+    plain, reused = read_tensors(cli.root / "out-plain"), read_tensors(cli.root / "out-pooled")
+    assert plain.keys() == reused.keys()
+    for name in plain:
+        assert torch.equal(plain[name].view(torch.uint8), reused[name].view(torch.uint8)), name
