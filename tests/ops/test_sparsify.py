@@ -254,6 +254,67 @@ def test_radix_search_every_dtype_matches_stable_sort(dtype):
         assert torch.equal(trim(x, density=d), torch.where(want, x, torch.zeros((), dtype=dtype)))
 
 
+def _radix_only(x: torch.Tensor, k: int, monkeypatch) -> tuple:
+    with monkeypatch.context() as m:
+        m.setattr(sparsify, "_kth_in_band", lambda v, k: None)
+        return sparsify._kth_largest_abs(x, k)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    thr_a, thr_b = a[0], b[0]
+    same_thr = thr_a == thr_b or (thr_a != thr_a and thr_b != thr_b)  # NaN == NaN here
+    return same_thr and a[1:3] == b[1:3] and torch.equal(a[3], b[3])
+
+
+def _structured(n: int, g: torch.Generator) -> torch.Tensor:
+    """bf16-derived deltas whose rows differ in scale, as real task vectors' do."""
+    rows = torch.randn(n // 1024 + 1, 1, generator=g).exp()
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    noise = (rows * torch.randn(n // 1024 + 1, 1024, generator=g)).reshape(-1)[:n]
+    return (base.float() + 0.01 * noise).to(torch.bfloat16).float() - base.float()
+
+
+@pytest.mark.parametrize("kind", ["normal", "structured", "nonfinite", "ties"])
+def test_band_search_answers_as_the_radix_search(kind, monkeypatch):
+    # The one-pass band search of float32 CPU tensors: where it answers, the threshold,
+    # both counts and the tied positions are those of the two-pass radix search.
+    g = torch.Generator().manual_seed(31)
+    n = 3 << 18
+    x = {"normal": lambda: torch.randn(n, generator=g),
+         "structured": lambda: _structured(n, g),
+         "ties": lambda: torch.randint(-3, 4, (n,), generator=g).float()}.get(kind, lambda: None)()
+    if kind == "nonfinite":
+        x = torch.randn(n, generator=g)
+        x[3::97], x[5::89], x[7::83] = torch.nan, -torch.inf, torch.inf
+    answered = 0
+    for d in (1e-5, 0.05, 0.2, 0.5, 0.9, 1 - 1e-5):
+        k = max(1, int(d * n))
+        band = sparsify._kth_in_band(x, k)
+        answered += band is not None
+        radix = _radix_only(x, k, monkeypatch)
+        assert _same(sparsify._kth_largest_abs(x, k), radix), (kind, d)
+        if band is not None:
+            assert _same(band, radix), (kind, d)
+    assert answered >= 5  # the sample found the band nearly every time
+
+
+def test_band_search_unlike_its_sample_falls_back_to_the_radix_search(monkeypatch):
+    # Every sampled run (16 entries in every 131) holds zeros, the rest large values: the
+    # band lies around 0, the k-th largest far above it. The search says so (None) and the
+    # radix search answers, the same as ever.
+    g = torch.Generator().manual_seed(32)
+    n = 1 << 20
+    x = torch.randn(n, generator=g) + 10.0
+    starts = torch.arange(0, n - sparsify._SAMPLE_RUN + 1, sparsify._SAMPLE_PERIOD)
+    for j in range(sparsify._SAMPLE_RUN):
+        x[starts + j] = 0.0
+    k = n // 2
+    assert sparsify._kth_in_band(x, k) is None
+    got = sparsify._kth_largest_abs(x, k)
+    assert _same(got, _radix_only(x, k, monkeypatch))
+    assert got[0] == torch.sort(x.abs(), descending=True).values[k - 1].item()
+
+
 def test_radix_search_zero_threshold_denormals_and_constant_tensors():
     n = 1 << 15
     # Fewer nonzeros than k: the threshold is 0 and trim_mask breaks the tie among the
