@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from contextlib import contextmanager
 from unittest import mock
@@ -262,7 +263,7 @@ def _radix_only(x: torch.Tensor, k: int, monkeypatch) -> tuple:
 
 def _same(a: tuple, b: tuple) -> bool:
     thr_a, thr_b = a[0], b[0]
-    same_thr = thr_a == thr_b or (thr_a != thr_a and thr_b != thr_b)  # NaN == NaN here
+    same_thr = thr_a == thr_b or (math.isnan(thr_a) and math.isnan(thr_b))
     return same_thr and a[1:3] == b[1:3] and torch.equal(a[3], b[3])
 
 
