@@ -316,6 +316,18 @@ def test_band_search_unlike_its_sample_falls_back_to_the_radix_search(monkeypatc
     assert got[0] == torch.sort(x.abs(), descending=True).values[k - 1].item()
 
 
+def test_band_search_leaves_non_contiguous_tensors_to_the_radix_search():
+    # An expanded tensor (stride 0) or a strided view: the sample would read the storage
+    # as if it were flat, so these take the radix search (a broadcast 1-element tensor
+    # made the sample read past its storage).
+    x = torch.randn(1).expand(20000)
+    assert sparsify._kth_in_band(x, 10000) is None
+    assert torch.equal(trim(x, density=0.5), torch.where(stable_top(x, 10000), x, 0.0))
+    y = torch.randn(1 << 16, generator=torch.Generator().manual_seed(33))[::2]
+    assert sparsify._kth_in_band(y, 5000) is None
+    assert torch.equal(trim_mask(y, density=5000 / y.numel()), stable_top(y, 5000))
+
+
 def test_radix_search_zero_threshold_denormals_and_constant_tensors():
     n = 1 << 15
     # Fewer nonzeros than k: the threshold is 0 and trim_mask breaks the tie among the

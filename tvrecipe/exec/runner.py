@@ -300,6 +300,7 @@ class Runner:
                 for f in futures:
                     if f is not None:
                         f.cancel()
+        self.buffers.release()
         bar.close()
 
     def _zero_fill(self, value: Any, info: TensorInfo, block: tuple[int, ...]) -> Any:

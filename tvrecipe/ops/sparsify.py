@@ -233,6 +233,8 @@ def _kth_in_band(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor
     the cost, never the answer. Comparisons and extraction run in numpy, several times
     faster than torch's on the CPU.
     """
+    if not v.is_contiguous():  # (the sample reads the storage as laid out flat)
+        return None
     n = v.numel()
     runs = (n - _SAMPLE_RUN) // _SAMPLE_PERIOD + 1
     ints = v.view(torch.int32)
