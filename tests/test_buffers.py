@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import read_tensors
+from tvrecipe import ops
 from tvrecipe.exec import buffers
 from tvrecipe.exec.buffers import BufferPool
 
@@ -160,7 +161,7 @@ def test_a_run_through_the_pool_writes_the_bytes_of_a_run_without(
     # Every tensor of these models is a few hundred bytes: with a 64-byte threshold each
     # whole-tensor read and conversion comes from the pool (and same-shaped tensors, such as
     # the embedding and lm_head, reuse its maps).
-    make_models(dtype=dtype)
+    ms = make_models(dtype=dtype)
     made: list[BufferPool] = []
 
     class Recording(BufferPool):
@@ -182,3 +183,32 @@ def test_a_run_through_the_pool_writes_the_bytes_of_a_run_without(
     assert plain.keys() == reused.keys()
     for name in plain:
         assert torch.equal(plain[name].view(torch.uint8), reused[name].view(torch.uint8)), name
+    # Both read 16-bit inputs into their float32 buffers and widen them there: the kernels
+    # on the stored values, in float32, give the same bytes.
+    for name, base in ms.f32("base").items():
+        merged = ops.ties([ms.delta(m)[name] for m in ("math", "code", "toxic")], density=0.4)
+        want = ops.apply(base, merged, scale=0.5).to(torch.bfloat16)
+        assert torch.equal(reused[name].view(torch.uint8), want.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 1000, (1 << 20) + 3, 3 << 20])
+def test_widening_in_place_gives_the_float32_values(dtype, n, monkeypatch):
+    # A 16-bit tensor read into the upper half of its float32 buffer and converted there,
+    # front to back: every entry as .float() gives it (entry i's source lies at byte 2n + 2i).
+    from tvrecipe.exec import runner
+
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=g).to(dtype)
+    if n > 5:
+        values[::5] = torch.inf
+    wide = torch.empty(n, dtype=torch.float32)
+    half = wide.view(torch.uint8)[2 * n:].view(dtype)
+    half.copy_(values)
+    runner._widen_in_place(half, wide)
+    assert torch.equal(wide, values.float())
+    if n <= 1000:
+        monkeypatch.setattr(runner, "_WIDEN_CHUNK", 3)  # many short chunks, the same result
+        half.copy_(values)
+        runner._widen_in_place(half, wide)
+        assert torch.equal(wide, values.float())
