@@ -637,7 +637,7 @@ class Runner:
                          {n: o.report for n, o in outputs.items() if o.report})
 
 
-_WIDEN_CHUNK = 1 << 20  # entries (chunks of the conversion stay in cache)
+_WIDEN_CHUNK = 1 << 19  # entries (chunks of the conversion stay in cache)
 
 
 def _widen_in_place(half: torch.Tensor, wide: torch.Tensor) -> None:
@@ -646,18 +646,17 @@ def _widen_in_place(half: torch.Tensor, wide: torch.Tensor) -> None:
 
     Entry i is read from byte 2n + 2i and written to bytes 4i to 4i + 4, so a chunk [a, a +
     L) writes only bytes below what the entries after it are read from, and overlaps its own
-    source unless L <= (n - a) / 2: the chunks shrink to that near the end, and the last
-    entry goes through a copy.
+    source unless L <= (n - a) / 2: the last chunk (at most _WIDEN_CHUNK entries) goes
+    through a copy.
     """
     src, dst = half.reshape(-1), wide.view(-1)
     n, a = src.numel(), 0
-    while a < n:
+    while n - a > _WIDEN_CHUNK:
         step = min(_WIDEN_CHUNK, (n - a) // 2)
-        if step == 0:
-            dst[a:].copy_(src[a:].clone())
-            return
         dst[a : a + step].copy_(src[a : a + step])
         a += step
+    if a < n:
+        dst[a:].copy_(src[a:].clone())
 
 
 # A factored step's cache entry: one slot of tensors named ``<tensor>@<state key>``.
