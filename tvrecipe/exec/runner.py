@@ -211,16 +211,19 @@ class Runner:
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ck.get`` of a model's tensor, and the float32 tensor it is to be widened into.
 
-        A 16-bit float tensor that a CPU run converts to float32 is read into the upper half
-        of its float32 buffer (see :func:`_widen_in_place`), so no buffer holds the stored
-        bits alone: 65 MB less per input of an embedding read whole, and no such buffer to
-        map. Anything else is read as it is (the second item is None).
+        A 16-bit float tensor that a CPU run converts to float32, large enough for the
+        run's pool (an embedding read whole), is read into the upper half of its float32
+        buffer (see :func:`_widen_in_place`), so no buffer holds the stored bits alone: 65 MB
+        less per input of such an embedding, and no such buffer to map. Anything else is read
+        as it is (the second item is None): row blocks read widened held about 100 MB more
+        in a DARE run of the large benchmark.
         """
         widened: list[torch.Tensor] = []
 
         def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             if not (dtype.is_floating_point and dtype.itemsize == 2
-                    and self.compute == torch.float32 and self.device.type == "cpu"):
+                    and self.compute == torch.float32 and self.device.type == "cpu"
+                    and math.prod(shape) * 4 >= self.buffers.min_bytes):
                 return self.buffers.empty(shape, dtype)
             wide = self.buffers.empty(shape, torch.float32)
             widened.append(wide)
