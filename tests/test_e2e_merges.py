@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -267,6 +268,36 @@ def test_cluster_basis_recovers_planted_clusters(make_models, cli, tmp_path, mer
     for k in FLOATING:
         want = base[k] + sum(factor * ms.delta(t)[k] for t in CLUSTER_TASKS)
         torch.testing.assert_close(model[k], want, rtol=1e-6, atol=1e-8)
+
+
+def test_the_similarity_pass_sums_its_products_in_order_on_one_thread(
+        make_models, cli, tmp_path, monkeypatch):
+    # The Gram products run on a thread of their own beside the stream: every block in the
+    # order the stream gives it, so the similarities are those of the same products summed
+    # on one thread, bit for bit.
+    from tvrecipe import ops
+    from tvrecipe.exec import runner as runner_mod
+
+    monkeypatch.setattr("tvrecipe.exec.runner.CHUNK_ELEMENTS", 24)  # many row blocks
+    ms = make_models(CLUSTER_TASKS, deltas=planted_clusters())
+    calls, real = [], ops.gram_update
+
+    def spy(gram, xs):
+        calls.append((threading.current_thread().name, [x.clone() for x in xs]))
+        return real(gram, xs)
+
+    monkeypatch.setattr(runner_mod.ops, "gram_update", spy)
+    steps = (f"  tv: {{op: extract, base: base, finetuned: [{', '.join(CLUSTER_TASKS)}]}}\n"
+             "  basis: {op: cluster_basis, inputs: tv, k: 2}\n")
+    cli.write("r.yaml", recipe(ms, steps, "  basis: {from: basis, path: ./out/basis}\n"))
+    cli.ok("run", "r.yaml", "--report", "report.json")
+    assert len(calls) > len(FLOATING)  # the row blocks of every tensor
+    assert {name for name, _ in calls} == {"tvrecipe-gram_0"}
+    replay = torch.zeros(len(CLUSTER_TASKS), len(CLUSTER_TASKS), dtype=torch.float64)
+    for _name, xs in calls:
+        real(replay, xs)
+    report = json.loads((tmp_path / "report.json").read_text())["basis"]
+    assert report["similarity"] == ops.cosine_from_gram(replay).tolist()
 
 
 def test_cluster_basis_with_explicit_k_and_member_reference(make_models, cli, tmp_path):

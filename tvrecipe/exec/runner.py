@@ -662,6 +662,10 @@ def _widen_in_place(half: torch.Tensor, wide: torch.Tensor) -> None:
         dst[a:].copy_(src[a:].clone())
 
 
+# Blocks whose Gram products may wait for PassContext.gram's thread.
+GRAM_AHEAD = 2
+
+
 # A factored step's cache entry: one slot of tensors named ``<tensor>@<state key>``.
 KEPT_SLOT, KEPT_SEP = "kept", "@"
 
@@ -723,9 +727,27 @@ class PassContext:
                     fn(tensor, [entry_value(values, e) for e in entries])
 
     def gram(self, entries: list[Entry]) -> torch.Tensor:
-        """The Gram matrix (float64) of ``entries`` over the whole model, in one pass."""
+        """The Gram matrix (float64) of ``entries`` over the whole model, in one pass.
+
+        The products run on a thread of their own, in the order the blocks come (so the
+        sums, and the bytes, are those of one thread), while this one computes the next
+        block's deltas: the products took half of the pass on the calling thread while the
+        reading thread waited. At most ``GRAM_AHEAD`` blocks wait for it."""
         gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
-        self.accumulate(entries, lambda _name, xs: ops.gram_update(gram, xs))
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-gram") as pool:
+            try:
+                def add(_name: str, xs: list) -> None:
+                    while len(pending) >= GRAM_AHEAD:
+                        pending.popleft().result()
+                    pending.append(pool.submit(ops.gram_update, gram, xs))
+
+                self.accumulate(entries, add)
+                while pending:
+                    pending.popleft().result()
+            finally:
+                for job in pending:  # after a failure, products not yet started never run
+                    job.cancel()
         return gram
 
     def grams(self, entries: list[Entry], label: str) -> dict[str, torch.Tensor]:
