@@ -73,9 +73,17 @@ class BufferPool:
             self.min_bytes = sys.maxsize
         self._maps: list[_Map] = []  # oldest first
         self._lock = threading.Lock()
-        self._held = 0  # bytes of all maps
         self._mark = 0  # the most bytes in use at once
         self.reused = 0  # requests served by a map lent before (for tests and reports)
+
+    @property
+    def _held(self) -> int:
+        """Bytes of all maps."""
+        return sum(m.size for m in self._maps)
+
+    def _unmap(self, m: _Map) -> None:
+        self._maps.remove(m)
+        m.map.close()
 
     def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(shape)
@@ -93,12 +101,9 @@ class BufferPool:
                 for m in free:  # oldest first
                     if self._held + nbytes <= self._mark:
                         break
-                    self._maps.remove(m)
-                    self._held -= m.size
-                    m.map.close()
+                    self._unmap(m)
                 hit = _Map(nbytes)
                 self._maps.append(hit)
-                self._held += nbytes
             return hit.lend(shape, dtype)
 
     def release(self) -> None:
@@ -106,7 +111,5 @@ class BufferPool:
         would stand beside its own memory); maps still lent stay, for later loans."""
         with self._lock:
             for m in [m for m in self._maps if m.free]:
-                self._maps.remove(m)
-                self._held -= m.size
-                m.map.close()
+                self._unmap(m)
             self._mark = self._held

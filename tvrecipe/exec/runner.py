@@ -221,13 +221,13 @@ class Runner:
         widened: list[torch.Tensor] = []
 
         def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            n = math.prod(shape)
             if not (dtype.is_floating_point and dtype.itemsize == 2
                     and self.compute == torch.float32 and self.device.type == "cpu"
-                    and math.prod(shape) * 4 >= self.buffers.min_bytes):
+                    and n * 4 >= self.buffers.min_bytes):
                 return self.buffers.empty(shape, dtype)
             wide = self.buffers.empty(shape, torch.float32)
             widened.append(wide)
-            n = math.prod(shape)
             return wide.view(-1).view(torch.uint8)[2 * n:].view(dtype).view(shape)
 
         t = ck.get(tensor, span, empty=empty)
@@ -536,20 +536,16 @@ class Runner:
             return n
 
         written = 0
-        behind = in_flight(rowwise(steps))
-        jobs: deque = deque()
         with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-write") as pool,
               closing(self._stream(steps, want, "merge")) as stream):
+            # A few values wait: bounded memory.
+            jobs = _InOrder(pool, in_flight(rowwise(steps)))
             try:
                 for tensor, info, values in stream:
-                    if len(jobs) >= behind:
-                        written += jobs.popleft().result()  # a few values wait: bounded memory
-                    jobs.append(pool.submit(write, tensor, info, values))
-                while jobs:
-                    written += jobs.popleft().result()
+                    written += sum(jobs.add(write, tensor, info, values))
+                written += sum(jobs.finish())
             finally:
-                for job in jobs:  # after a failure, writes not yet started never run
-                    job.cancel()
+                jobs.cancel()  # after a failure, writes not yet started never run
         return written
 
     def _commit_kept(self, steps: list[CompiledStep], metadata: dict[str, str]) -> None:
@@ -666,6 +662,31 @@ def _widen_in_place(half: torch.Tensor, wide: torch.Tensor) -> None:
 GRAM_AHEAD = 2
 
 
+class _InOrder:
+    """Jobs on a one-thread pool, run in the order given while the caller goes on, at most
+    ``limit`` of them waiting. ``add`` and ``finish`` return the results of the jobs they
+    waited for, in order (a job's exception is raised there); ``cancel`` drops the jobs not
+    started yet."""
+
+    def __init__(self, pool: ThreadPoolExecutor, limit: int):
+        self._pool, self._limit = pool, limit
+        self._jobs: deque = deque()
+
+    def add(self, fn: Callable, *args: Any) -> list:
+        done = []
+        while len(self._jobs) >= self._limit:
+            done.append(self._jobs.popleft().result())
+        self._jobs.append(self._pool.submit(fn, *args))
+        return done
+
+    def finish(self) -> list:
+        return [self._jobs.popleft().result() for _ in range(len(self._jobs))]
+
+    def cancel(self) -> None:
+        for job in self._jobs:
+            job.cancel()
+
+
 # A factored step's cache entry: one slot of tensors named ``<tensor>@<state key>``.
 KEPT_SLOT, KEPT_SEP = "kept", "@"
 
@@ -734,20 +755,13 @@ class PassContext:
         block's deltas: the products took half of the pass on the calling thread while the
         reading thread waited. At most ``GRAM_AHEAD`` blocks wait for it."""
         gram = torch.zeros(len(entries), len(entries), dtype=torch.float64)
-        pending: deque = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-gram") as pool:
+            jobs = _InOrder(pool, GRAM_AHEAD)
             try:
-                def add(_name: str, xs: list) -> None:
-                    while len(pending) >= GRAM_AHEAD:
-                        pending.popleft().result()
-                    pending.append(pool.submit(ops.gram_update, gram, xs))
-
-                self.accumulate(entries, add)
-                while pending:
-                    pending.popleft().result()
+                self.accumulate(entries, lambda _name, xs: jobs.add(ops.gram_update, gram, xs))
+                jobs.finish()
             finally:
-                for job in pending:  # after a failure, products not yet started never run
-                    job.cancel()
+                jobs.cancel()  # after a failure, products not yet started never run
         return gram
 
     def grams(self, entries: list[Entry], label: str) -> dict[str, torch.Tensor]:

@@ -128,23 +128,6 @@ def _kth_direct(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor]
     return thr_t.item(), n_gt, n_gt + ties.numel(), ties
 
 
-def _compress(values: torch.Tensor, mask: torch.Tensor, start: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values[mask]`` for a sparse mask, and the flat positions of those entries
-    (``start`` + their index in the chunk, increasing); faster on CPU than boolean indexing."""
-    n = mask.numel()
-    if mask.device.type != "cpu" or n % 8 != 0:
-        where = torch.nonzero(mask).squeeze(1)
-        return values[where], where + start
-    # Scan the mask 8 bytes at a time (as int64 words): only the words that hold a set
-    # byte are expanded, which for a bucket of ~1% of the entries is a small fraction.
-    words = torch.nonzero(mask.view(torch.int64)).squeeze(1)
-    vals = torch.index_select(values.view(-1, 8), 0, words).view(-1)
-    hits = torch.index_select(mask.view(-1, 8), 0, words).view(-1)
-    sel = torch.nonzero(hits).squeeze(1)
-    return vals[sel], words[sel // 8] * 8 + sel % 8 + start
-
-
 def _kth_largest_abs(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor]:
     """(t, #|v| > t, #|v| >= t, P) for t the k-th largest |v| of the flat tensor v, exactly,
     and P the increasing flat positions of the entries with |v| == t.
@@ -207,16 +190,23 @@ def _kth_largest_abs(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Te
         else:
             h = hit[: m.numel()]
             torch.eq(key, bucket, out=h)
-            vals, pos = _compress(m, h, s)
+            where = torch.nonzero(h).squeeze(1)
+            vals, pos = m[where], where + s
         parts.append(vals)
         positions.append(pos)
-    vals, pos = torch.cat(parts), torch.cat(positions)
-    rank = k - n_above  # from the top, inside the bucket: 1 <= rank <= vals.numel()
+    return _kth_among(torch.cat(parts), torch.cat(positions), n_above, k, v.dtype)
+
+
+def _kth_among(vals: torch.Tensor, pos: torch.Tensor, above: int, k: int,
+               dtype: torch.dtype) -> tuple[float, int, int, torch.Tensor]:
+    """:func:`_kth_largest_abs`'s answer from the magnitude bits ``vals`` (at flat positions
+    ``pos``, increasing) of a range of magnitudes with ``above`` entries above it, which
+    holds the k-th largest: an exact kthvalue among them."""
+    rank = k - above  # from the top, inside the range: 1 <= rank <= vals.numel()
     t = torch.kthvalue(vals, vals.numel() - rank + 1).values
-    n_gt = n_above + int(torch.count_nonzero(vals > t))
+    n_gt = above + int(torch.count_nonzero(vals > t))
     ties = pos[vals == t]
-    thr = t.reshape(1).view(v.dtype).item()
-    return thr, n_gt, n_gt + ties.numel(), ties
+    return t.reshape(1).view(dtype).item(), n_gt, n_gt + ties.numel(), ties
 
 
 def _kth_in_band(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor] | None:
@@ -275,12 +265,8 @@ def _kth_in_band(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor
     vals = torch.from_numpy(np.concatenate(parts))
     if not above < k <= above + vals.numel():
         return None
-    pos = torch.from_numpy(np.concatenate(positions))
-    rank = k - above  # from the top, inside the band
-    t = torch.kthvalue(vals, vals.numel() - rank + 1).values
-    n_gt = above + int(torch.count_nonzero(vals > t))
-    ties = pos[vals == t]
-    return t.reshape(1).view(torch.float32).item(), n_gt, n_gt + ties.numel(), ties
+    return _kth_among(vals, torch.from_numpy(np.concatenate(positions)), above, k,
+                      torch.float32)
 
 
 def _select(xf: torch.Tensor, k: int, *, zero_ties: bool) -> _Selection:
