@@ -422,9 +422,9 @@ def test_large_whole_tensors_are_read_in_turn_not_ahead(make_models, cli, tmp_pa
     threads: dict[str, str] = {}
     real_read = Runner._read
 
-    def spy(self, nodes, tensor, rows, parallel=False):
+    def spy(self, nodes, tensor, rows, *args):
         threads[tensor] = threading.current_thread().name
-        return real_read(self, nodes, tensor, rows, parallel)
+        return real_read(self, nodes, tensor, rows, *args)
 
     monkeypatch.setattr(Runner, "_read", spy)
     # Copies from the 3 inputs in float32: 12 bytes per entry; the budget lets only tensors

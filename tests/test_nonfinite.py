@@ -18,10 +18,10 @@ def _spy_checks(monkeypatch) -> Counter:
     checks: Counter = Counter()
     real = Runner._load
 
-    def load(self, t, where, tensor, check=True):
+    def load(self, t, where, tensor, check=True, **kw):
         if check and where.startswith("model "):
             checks[(where, tensor, tuple(t.shape))] += 1
-        return real(self, t, where, tensor, check)
+        return real(self, t, where, tensor, check, **kw)
 
     monkeypatch.setattr(Runner, "_load", load)
     return checks

@@ -53,3 +53,19 @@ def tune_malloc() -> bool:
     mallopt.restype = ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+
+
+def trim() -> bool:
+    """Give the free memory of every malloc arena back to the kernel (glibc's ``malloc_trim``),
+    before a step that needs much memory at once; False where malloc is not glibc's."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import torch
 
 from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
+from tvrecipe.exec.allocator import trim
 from tvrecipe.exec.buffers import BufferPool
 from tvrecipe.exec.evaluate import StepEvaluator, entry_value, select
 from tvrecipe.exec.results import (
@@ -99,6 +101,7 @@ class Runner:
         self.reduced: dict[str, Any] = {}
         self.reports: dict[str, dict] = {}
         self.bytes_read = 0
+        self._counting = threading.Lock()  # (the reading thread and the compute thread add)
         # (model, member, tensor, rows) already checked for NaN/Inf by an earlier pass of
         # this run (a whole-model pass, then the merge pass, read the same blocks again).
         self._checked: set[tuple[str, str, str, tuple[int, int] | None]] = set()
@@ -123,15 +126,15 @@ class Runner:
         self.buffers = BufferPool()
 
     # ---- reading ---------------------------------------------------------------------------
-    def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True
-              ) -> torch.Tensor:
+    def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True,
+              empty: Callable | None = None) -> torch.Tensor:
         """Move a floating tensor read from disk to the device, in the compute dtype, checking
         that it is finite (unless ``check`` is off or the run allows non-finite inputs)."""
         if t.device != self.device:  # read on the CPU for a GPU run
             t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
         elif t.device.type == "cpu" and t.dtype != self.compute:
             # Converted into memory the run reuses (an embedding would be faulted in afresh).
-            t = self.buffers.empty(t.shape, self.compute).copy_(t)
+            t = (empty or self.buffers.empty)(t.shape, self.compute).copy_(t)
         else:
             # On the device already (an adapter's B·A on a GPU, or read on the CPU for a CPU
             # run). Checkpoint.get reads into a fresh tensor that nothing else holds, so
@@ -144,8 +147,11 @@ class Runner:
         return t
 
     def _read(self, nodes: list[str], tensor: str, rows: slice | None,
-              parallel: bool = False) -> dict[str, Any]:
-        """Read one tensor (or rows of it) of each model or cached step, on the device.
+              parallel: bool = False, deferred: frozenset[str] | set[str] = frozenset()
+              ) -> dict[str, Any]:
+        """Read one tensor (or rows of it) of each model or cached step, on the device; the
+        floating tensors of the ``deferred`` models are read only when a folding op calls
+        their :class:`~tvrecipe.ops.deferred.Deferred` value.
 
         With ``parallel``, models are read and converted on the math threads (file reads and
         torch casts both release the GIL), for streams whose compute is heavy enough to
@@ -154,18 +160,69 @@ class Runner:
         (2 cores, benchmarks/run.py --size large).
         """
         span = None if rows is None else (rows.start, rows.stop)
-        shape = self.plan.tensors[tensor].shape
+        info = self.plan.tensors[tensor]
+        shape = info.shape
         numel = (math.prod(shape) if span is None
                  else (span[1] - span[0]) * math.prod(shape[1:]))
-        got = list(ops.parallel_map(lambda name: self._read_node(name, tensor, span), nodes,
+        later = [n for n in nodes if n in deferred and info.is_floating]
+        now = [n for n in nodes if n not in later]
+        got = list(ops.parallel_map(lambda name: self._read_node(name, tensor, span), now,
                                     numel=numel if parallel else 0,
                                     device=torch.device("cpu")))
-        self.bytes_read += sum(n for _value, n in got)
-        return {name: value for name, (value, _n) in zip(nodes, got)}
+        self._count(sum(n for _value, n in got))
+        values = {name: value for name, (value, _n) in zip(now, got)}
+        block = shape if span is None else (span[1] - span[0], *shape[1:])
+        for name in later:
+            values[name] = ops.Deferred(
+                lambda name=name: self._read_later(name, tensor, span), block,
+                self.compute, self.device)
+        return values
 
-    def _read_node(self, name: str, tensor: str, span: tuple[int, int] | None
-                   ) -> tuple[Any, int]:
-        """One model's or cached step's value for ``tensor``, and the bytes read from models."""
+    def _read_later(self, name: str, tensor: str, span: tuple[int, int] | None
+                    ) -> torch.Tensor:
+        """A deferred model's tensor, read when a folding op asks for it, into memory of its
+        own, not the pool's: it is freed as soon as the op drops it (a pooled buffer would
+        stay mapped, unused, while the op computes: 131 MB more at the peak of an Iso-C run
+        of the large benchmark)."""
+        info = self.plan.tensors[tensor]
+        if math.prod(info.shape) * self.compute.itemsize >= self.buffers.min_bytes:
+            trim()  # (what the last task's work left free: 15 MB a task in Iso-CTS)
+        value, n = self._read_node(name, tensor, span, _fresh)
+        self._count(n)
+        return value
+
+    def _count(self, nbytes: int) -> None:
+        with self._counting:
+            self.bytes_read += nbytes
+
+    def _deferred(self, steps: list[CompiledStep], uses: Counter, want: list[str]
+                  ) -> set[str]:
+        """The models a stream reads only when a folding op asks for them (``StepSpec.folds``,
+        ``defers``): the checkpoints of a deferring step's field (``extract``'s
+        ``finetuned``) that nothing else reads, where that step's result is neither wanted
+        (an output, a cache entry, a whole-model pass's values) nor read but by folding ops."""
+        readers: dict[str, list[CompiledStep]] = {}
+        for s in steps:
+            for refs in s.refs.values():
+                for r in refs:
+                    readers.setdefault(r.node, []).append(s)
+        out = set()
+        for s in steps:
+            fld = type(s.spec).defers
+            if (fld is None or s.name in want or not readers.get(s.name)
+                    or not all(type(r.spec).folds for r in readers[s.name])):
+                continue
+            for r in s.refs.get(fld, []):
+                handle = self.plan.models.get(r.node)
+                if (handle is not None and handle.kind == CHECKPOINT and uses[r.node] == 1
+                        and r.node not in want):
+                    out.add(r.node)
+        return out
+
+    def _read_node(self, name: str, tensor: str, span: tuple[int, int] | None,
+                   empty: Callable | None = None) -> tuple[Any, int]:
+        """One model's or cached step's value for ``tensor``, and the bytes read from models;
+        large tensors in memory from ``empty`` (the run's pool when None)."""
         if name in self.cached:
             manifest, slots, check = self.cached[name]
             got = {}
@@ -194,7 +251,7 @@ class Runner:
                 t = ck.get(tensor, span, device=self.device)
                 nbytes += ck.factor_bytes(tensor) if span is None or span[0] == 0 else 0
             else:
-                t, wide = self._read_wide(ck, tensor, span)
+                t, wide = self._read_wide(ck, tensor, span, empty or self.buffers.empty)
                 nbytes += t.numel() * t.element_size()
             if info.is_floating:
                 where = f"model {name!r}" + (f" member {member!r}" if member else "")
@@ -202,13 +259,13 @@ class Runner:
                 if wide is not None:  # the stored bits lie in the upper half of ``wide``
                     _widen_in_place(t, wide)
                     t = wide
-                t = self._load(t, where, tensor, check=key not in self._checked)
+                t = self._load(t, where, tensor, check=key not in self._checked, empty=empty)
                 self._checked.add(key)
             got[member] = t
         return (got[""] if handle.kind != VECTORS else got), nbytes
 
-    def _read_wide(self, ck: Any, tensor: str, span: tuple[int, int] | None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read_wide(self, ck: Any, tensor: str, span: tuple[int, int] | None,
+                   alloc: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ck.get`` of a model's tensor, and the float32 tensor it is to be widened into.
 
         A 16-bit float tensor that a CPU run converts to float32, large enough for the
@@ -225,8 +282,8 @@ class Runner:
             if not (dtype.is_floating_point and dtype.itemsize == 2
                     and self.compute == torch.float32 and self.device.type == "cpu"
                     and n * 4 >= self.buffers.min_bytes):
-                return self.buffers.empty(shape, dtype)
-            wide = self.buffers.empty(shape, torch.float32)
+                return alloc(shape, dtype)
+            wide = alloc(shape, torch.float32)
             widened.append(wide)
             return wide.view(-1).view(torch.uint8)[2 * n:].view(dtype).view(shape)
 
@@ -284,13 +341,16 @@ class Runner:
         items = list(self._work(steps))
         bar = progress_bar(len(items), label, self.options.progress)
         heavy = not rowwise(steps)
+        # (Row blocks are small: only whole tensors are worth reading one member at a time.)
+        deferred = self._deferred(steps, uses, want) if heavy else set()
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
         # ahead and never waits on a slow write; whole tensors are read one ahead, except one
         # whose copies from every input pass PREFETCH_BYTES (an embedding): reading it ahead
         # would hold two of them at once, and it is read when its turn comes instead (the
         # compute of a whole-tensor stream dwarfs a read from the page cache).
         ahead = in_flight(not heavy)
-        inputs = (sum(len(self.plan.models[m].parts) for m in models if m in self.plan.models)
+        inputs = (sum(len(self.plan.models[m].parts) for m in models
+                      if m in self.plan.models and m not in deferred)
                   + sum(len(self.cached[n][1]) for n in models if n in self.cached))
         width = self.compute.itemsize
 
@@ -298,7 +358,7 @@ class Runner:
             t, info, rows = items[j]
             if heavy and math.prod(info.shape) * width * inputs > PREFETCH_BYTES:
                 return None
-            return pool.submit(self._read, models, t, rows, heavy)
+            return pool.submit(self._read, models, t, rows, heavy, deferred)
 
         futures: deque = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
@@ -308,9 +368,15 @@ class Runner:
                     future = futures.popleft()
                     values = None  # the last tensor's values are the consumer's now
                     values = (future.result() if future is not None
-                              else self._read(models, tensor, rows, heavy))
+                              else self._read(models, tensor, rows, heavy, deferred))
                     if i + ahead < len(items):
                         futures.append(read_ahead(i + ahead))
+                    if deferred:
+                        # A stream that folds its tasks in one at a time is there to hold
+                        # little: what earlier tensors left free (pool maps, malloc arenas)
+                        # goes back to the kernel before each tensor.
+                        self.buffers.release()
+                        trim()
                     remaining = Counter(uses)
                     for s in steps:
                         values[s.name] = evaluator(s, values, tensor, rows)
@@ -634,6 +700,11 @@ class Runner:
                          time.perf_counter() - start, self.bytes_read, written, passes,
                          self.cache_hits, {n: o.digests for n, o in outputs.items()},
                          {n: o.report for n, o in outputs.items() if o.report})
+
+
+def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of its own (``BufferPool.empty``'s signature)."""
+    return torch.empty(shape, dtype=dtype)
 
 
 _WIDEN_CHUNK = 1 << 19  # entries (chunks of the conversion stay in cache)

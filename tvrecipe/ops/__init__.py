@@ -17,6 +17,7 @@ from tvrecipe.ops.arithmetic import (
 )
 from tvrecipe.ops.basis import assign, cluster, cosine_from_gram, gram_update, merge_cluster
 from tvrecipe.ops.decompose import decompose
+from tvrecipe.ops.deferred import Deferred
 from tvrecipe.ops.merges import (
     breadcrumbs,
     consensus_merge,
@@ -34,7 +35,7 @@ from tvrecipe.ops.merges import (
 from tvrecipe.ops.parallel import parallel_map
 from tvrecipe.ops.sparsify import dare, derive_seed, prune, ties
 
-__all__ = ["all_finite", "apply", "assign", "breadcrumbs", "cluster", "consensus_merge", "cosine_from_gram",
+__all__ = ["Deferred", "all_finite", "apply", "assign", "breadcrumbs", "cluster", "consensus_merge", "cosine_from_gram",
            "dare", "decompose", "della", "derive_seed", "divide", "divide_", "extract", "gram_update", "l1_rescale",
            "linear", "mean", "merge_cluster", "model_stock", "model_stock_merge",
            "model_stock_t", "model_stock_t_from_gram", "negate", "parallel_map", "prune",

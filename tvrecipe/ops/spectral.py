@@ -2,21 +2,30 @@
 
 Both work on the singular vectors of each 2-D delta (r = min(rows, columns)); every other
 tensor (norms, biases) is averaged. They compute in the inputs' dtype (the recipe's
-``compute_dtype``) with LAPACK's SVD.
+``compute_dtype``), the spectra from float64 Gram matrices.
+
+Both fold their task vectors in one at a time, and take :class:`~tvrecipe.ops.deferred.
+Deferred` members (``StepSpec.folds``): a task vector read from disk only when its turn
+comes is dropped once its part is taken, so a run holds one task's delta of a tensor at a
+time, not all of them (8 × 131 MB of an embedding of the large benchmark).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
 from tvrecipe.ops.arithmetic import all_finite, divide_
+from tvrecipe.ops.deferred import Deferred, made
 from tvrecipe.ops.lowrank import energy_rank
 from tvrecipe.ops.parallel import all_cores
 
+Input = torch.Tensor | Deferred
 
-def _check(inputs: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
+
+def _check(inputs: Sequence[Input], op: str) -> list[Input]:
     xs = list(inputs)
     if not xs:
         raise ValueError(f"{op}: needs at least one task vector")
@@ -35,11 +44,51 @@ def _finite(xs: list[torch.Tensor], op: str) -> None:
                          "fix the checkpoint")
 
 
-def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
-    out = xs[0].clone()
-    for x in xs[1:]:
-        out.add_(x)
-    return divide_(out, len(xs))
+# A task vector of at least this many bytes is taken alone, with every core on its
+# products; smaller ones go on the math threads, one per core (an eigendecomposition gains
+# little from more threads: TSV-M of the large benchmark took 193 s with every tensor's
+# tasks one after another, 146 s with its small tensors' tasks in parallel).
+ALONE_BYTES = 32 << 20
+
+
+def _each(xs: list[Input], op: str | None, fn) -> list:
+    """``fn(i, t, own)`` of each task vector ``t`` (the ``i``-th), results in order: ``own``
+    says ``t`` is ``fn``'s to write into (a deferred one, made when its turn comes). Each is checked
+    finite first when ``op`` is given.
+
+    Task vectors of ``ALONE_BYTES`` or more are taken one after another, each dropped before
+    the next is made; smaller ones on the math threads. Which way depends on the shape
+    alone, so deferred and ready task vectors give the same bytes."""
+    def one(i: int) -> Any:
+        t = made(xs[i])
+        if op is not None:
+            _finite([t], op)
+        return fn(i, t, isinstance(xs[i], Deferred))
+
+    if xs[0].numel() * xs[0].dtype.itemsize < ALONE_BYTES:
+        return _parallel(one, list(range(len(xs))), xs[0])
+    with all_cores():
+        return [one(i) for i in range(len(xs))]
+
+
+def _total(xs: list[Input], op: str | None = None) -> torch.Tensor:
+    """Σ_t Δ_t, adding one task vector at a time, in their order (checked finite when ``op``
+    is given), into the first one when it is ours."""
+    total = None
+    for x in xs:
+        t = made(x)
+        if op is not None:
+            _finite([t], op)
+        if total is None:
+            total = t if isinstance(x, Deferred) else t.clone()
+        else:
+            total.add_(t)
+        del t  # (before the next is made)
+    return total
+
+
+def _mean(xs: list[Input]) -> torch.Tensor:
+    return divide_(_total(xs), len(xs))
 
 
 def _parallel(fn, items: list, like: torch.Tensor) -> list:
@@ -65,79 +114,180 @@ def _inverse_root(gram: torch.Tensor) -> torch.Tensor:
     return (q * lam[keep].rsqrt()) @ q.mT
 
 
-def polar(u: torch.Tensor) -> torch.Tensor:
-    """The orthonormal polar factor of ``u`` (m × c, c ≤ m): P·Qᵀ for u = P·S·Qᵀ, the
-    matrix with orthonormal columns nearest to ``u`` in Frobenius norm.
+def polar_(u: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor of ``u`` (m × c, c ≤ m), written into ``u``: P·Qᵀ for
+    u = P·S·Qᵀ, the matrix with orthonormal columns nearest to ``u`` in Frobenius norm.
 
     Computed as u·(uᵀu)^(-1/2), from an eigendecomposition (float64) of the c × c Gram
     matrix, a third of the time of an SVD of u; directions u does not span are left out (a
     rank-deficient u gives the partial isometry on its range). The products stay in u's
-    dtype: the stacks of singular vectors this is used on are near-orthonormal, so their
-    Gram matrix is well conditioned.
+    dtype (the stacks of singular vectors this is used on are near-orthonormal, so their
+    Gram matrix is well conditioned) and go into ``u`` by row blocks.
     """
-    return u @ _inverse_root(u.mT @ u).to(u.dtype)
+    return _rows_times_(u, _inverse_root(u.mT @ u).to(u.dtype))
 
 
-def _task_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rows_times_(a: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``a @ m`` by row blocks of ``a``, into ``out`` (``a`` itself when None: then ``m``
+    is square)."""
+    out = a if out is None else out
+    step = max(1, SPECTRUM_BLOCK // max(1, a.shape[1], m.shape[1]))
+    for i in range(0, a.shape[0], step):
+        out[i:i + step] = a[i:i + step] @ m
+    return out
+
+
+def _task_svd(x: torch.Tensor, k: int, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U (m × k), σ (k), V (n × k) of ``x``'s top k singular triplets (fewer when ``x`` has
     a lower rank), exact: from :func:`_spectrum`. A randomised SVD was tried and dropped: for
     the slowly decaying spectra of real task vectors its top r/T vectors were far off (a
     relative error of 0.4 to 0.9 in TSV-M's result for σ_i = 0.98^i with 2 power passes)."""
-    u, s, v = _spectrum(x, top=k)
+    u, s, v = _spectrum(x, top=k, out=out)
     return u, s[:u.shape[1]], v
 
 
-def tsv_merge(inputs: Sequence[torch.Tensor], *, fraction: float = 1.0) -> torch.Tensor:
+def tsv_merge(inputs: Sequence[Input], *, fraction: float = 1.0) -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025): each task's top k = max(1, ⌊fraction·r/T⌋)
     singular triplets, stacked; U and V replaced by their polar factors;
     Δ = U⊥ · diag(σ) · V⊥ᵀ. Tensors that are not 2-D are averaged.
 
-    The tasks' SVDs (from their smaller Gram matrices) run on the math threads; the polar
-    factors come from r × r eigendecompositions.
+    The tasks' SVDs (from their smaller Gram matrices) run one after another, each on every
+    core (a task at a time: see the module's note); the polar factors come from r × r
+    eigendecompositions.
     """
     xs = _check(inputs, "tsv_merge")
     if xs[0].dim() != 2 or xs[0].numel() == 0:  # (an empty matrix has no spectrum)
         return _mean(xs)
-    _finite(xs, "tsv_merge")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"tsv_merge: fraction must be in (0, 1], got {fraction!r}")
     t = len(xs)
     r = min(xs[0].shape)
     k = max(1, int(fraction * r / t))
-    parts = _parallel(lambda x: _task_svd(x, k), xs, xs[0])
-    u = torch.cat([p[0] for p in parts], 1)
-    s = torch.cat([p[1] for p in parts])
-    v = torch.cat([p[2] for p in parts], 1)
-    if u.shape[1] > r:  # T > r: more directions than the space holds (k = 1 each)
+    # Each task's vectors on the longer side go straight into one stack (an embedding's
+    # would otherwise be held twice, as parts and as their concatenation).
+    wide = xs[0].shape[0] <= xs[0].shape[1]
+    stack = torch.empty(max(xs[0].shape), t * k, dtype=xs[0].dtype, device=xs[0].device)
+    parts = _each(xs, "tsv_merge",
+                  lambda i, x, _own, st=stack: _task_svd(x, k, out=st[:, i * k:(i + 1) * k]))
+    ss = [p[1] for p in parts]
+    big = [p[2] if wide else p[0] for p in parts]
+    small = [p[0] if wide else p[2] for p in parts]
+    del parts
+    if all(b.shape[1] == k for b in big):
+        big = [stack]  # (else a task kept fewer directions: the parts are put together)
+    del stack
+    us, vs = (small, big) if wide else (big, small)
+    s = torch.cat(ss)
+    if s.numel() > r:  # T > r: more directions than the space holds (k = 1 each)
         top = torch.argsort(s, descending=True, stable=True)[:r]
-        u, s, v = u[:, top], s[top], v[:, top]
-    u_p, v_p = _parallel(polar, [u, v], xs[0])
+        us, vs, s = [torch.cat(us, 1)[:, top]], [torch.cat(vs, 1)[:, top]], s[top]
+    return _isometry(us, vs, s)
+
+
+def _isometry(us: list[torch.Tensor], vs: list[torch.Tensor], sigma: torch.Tensor
+              ) -> torch.Tensor:
+    """U⊥·diag(σ)·V⊥ᵀ for the polar factors of the stacked ``us`` and ``vs`` (σ one value
+    or one per column), emptying both lists.
+
+    The stacks are this function's own (the lists held the only references to what they
+    are made of): the polar factors are written into them, and the result into U⊥ when it
+    has the result's shape (a tall tensor whose stack has as many columns as the tensor),
+    so an embedding's stack, factor and result are one buffer.
+    """
+    u = torch.cat(us, 1) if len(us) > 1 else us[0]
+    v = torch.cat(vs, 1) if len(vs) > 1 else vs[0]
+    us.clear()
+    vs.clear()
+    u, v = _parallel(polar_, [u, v], u)
     with all_cores():
-        return (u_p * s) @ v_p.mT
+        u.mul_(sigma)
+        if u.shape[0] >= v.shape[0] and u.shape[1] == v.shape[0]:
+            return _rows_times_(u, v.mT)
+        return u @ v.mT
 
 
-def _spectrum(a: torch.Tensor, top: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, σ (descending), V of ``a`` (m × n) from the eigendecomposition of the smaller Gram
-    matrix (float64): all r = min(m, n) singular values, and the singular vectors of the
-    ones above the rounding floor (σ = 0 has no defined vectors), only the first ``top`` of
-    them when given."""
+# Entries of the float64 blocks a spectrum is built from (32 MB): a whole float64 copy of
+# an embedding's delta (262 MB at the large benchmark) is never made.
+SPECTRUM_BLOCK = 1 << 20
+
+
+def _blocks(a: torch.Tensor, wide: bool) -> Iterator[torch.Tensor]:
+    """``a`` in float64 pieces along its longer side: column blocks of a wide matrix, row
+    blocks of a tall one, each at most ``SPECTRUM_BLOCK`` entries (and one line at least)."""
+    long, short = (a.shape[1], a.shape[0]) if wide else a.shape
+    step = max(1, SPECTRUM_BLOCK // max(1, short))
+    for i in range(0, long, step):
+        yield (a[:, i:i + step] if wide else a[i:i + step]).double()
+
+
+def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """σ (all r, descending) of ``a`` and the eigenvectors q (float64, by columns) of its
+    smaller Gram matrix for the σ above the rounding floor, with those σ (float64): the
+    right singular vectors of a tall ``a``, the left ones of a wide one.
+
+    The Gram matrix is summed over float64 blocks of ``a`` along its longer side, in order:
+    no float64 copy of ``a`` is held. A matrix of one block is one product."""
     wide = a.shape[0] <= a.shape[1]
-    a64 = a.double()
-    gram = a64 @ a64.mT if wide else a64.mT @ a64
+    gram = None
+    for b in _blocks(a, wide):
+        if gram is None:
+            gram = b @ b.mT if wide else b.mT @ b
+        elif wide:
+            gram.addmm_(b, b.mT)
+        else:
+            gram.addmm_(b.mT, b)
     lam, q = torch.linalg.eigh(gram)
     lam, q = lam.flip(0), q.flip(1)
     sigma = lam.clamp_min(0.0).sqrt()
     keep = _spanned(lam, gram.shape[0])
-    q, kept = q[:, keep], sigma[keep]
+    return sigma, q[:, keep], sigma[keep]
+
+
+def _spectrum(a: torch.Tensor, top: int | None = None, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, σ (descending), V of ``a`` (m × n) from the eigendecomposition of the smaller Gram
+    matrix (float64, :func:`_gram_eigh`): all r = min(m, n) singular values, and the
+    singular vectors of the ones above the rounding floor (σ = 0 has no defined vectors),
+    only the first ``top`` of them when given. The other side's vectors (a·q/σ) are made
+    from float64 blocks of ``a`` into a tensor of ``a``'s dtype: the first columns of ``out``
+    when given (max(m, n) rows, at least as many columns as vectors are kept).
+    """
+    wide = a.shape[0] <= a.shape[1]
+    sigma, q, kept = _gram_eigh(a)
     if top is not None:
         q, kept = q[:, :top], kept[:top]
-    other = (a64.mT @ q if wide else a64 @ q) / kept
-    u, v = (q, other) if wide else (other, q)
-    return u.to(a.dtype), sigma.to(a.dtype), v.to(a.dtype)
+    other = (out[:, :q.shape[1]] if out is not None else
+             torch.empty(a.shape[1] if wide else a.shape[0], q.shape[1], dtype=a.dtype,
+                         device=a.device))
+    at = 0
+    for b in _blocks(a, wide):
+        part = (b.mT @ q if wide else b @ q) / kept
+        other[at:at + part.shape[0]] = part
+        at += part.shape[0]
+    u, v = (q.to(a.dtype), other) if wide else (other, q.to(a.dtype))
+    return u, sigma.to(a.dtype), v
 
 
-def iso(inputs: Sequence[torch.Tensor], *, variant: str = "c",
+def _iso_c_(total: torch.Tensor) -> torch.Tensor:
+    """Iso-C of Δ_TA = ``total``, written into it: σ̄·U·Vᵀ = Δ_TA·V·diag(σ̄/σ)·Vᵀ for a tall
+    Δ_TA (U·diag(σ̄/σ)·Uᵀ·Δ_TA for a wide one), with V (U) from its Gram matrix and σ̄ the mean
+    of all r singular values; by row (column) blocks, so neither U nor a result is made
+    beside Δ_TA. In ``total``'s dtype, the small matrix from float64."""
+    wide = total.shape[0] <= total.shape[1]
+    sigma, q, kept = _gram_eigh(total)
+    mean = sigma.to(total.dtype).mean().double()  # (the mean of r values, zeros included)
+    m = ((q * (mean / kept)) @ q.mT).to(total.dtype)
+    if not wide:
+        return _rows_times_(total, m)
+    step = max(1, SPECTRUM_BLOCK // max(1, total.shape[0]))
+    for j in range(0, total.shape[1], step):
+        total[:, j:j + step] = m @ total[:, j:j + step]
+    return total
+
+
+def iso(inputs: Sequence[Input], *, variant: str = "c",
         common: float = 0.8) -> torch.Tensor:
     """Iso-C and Iso-CTS (Marczak et al., 2025), on Δ_TA = Σ_t Δ_t = U·Σ·Vᵀ.
 
@@ -156,46 +306,56 @@ def iso(inputs: Sequence[torch.Tensor], *, variant: str = "c",
     xs = _check(inputs, "iso")
     if xs[0].dim() != 2 or xs[0].numel() == 0:  # (an empty matrix has no spectrum)
         return _mean(xs)
-    _finite(xs, "iso")
     if variant not in ("c", "cts"):
         raise ValueError(f"iso: variant must be 'c' or 'cts', got {variant!r}")
-    total = xs[0].clone()
-    for x in xs[1:]:
-        total.add_(x)
-    with all_cores():
-        u, s, v = _spectrum(total)
-    r = s.numel()
-    if variant == "c":
-        with all_cores():
-            return (u * s.mean()) @ v.mT
-    t = len(xs)
     if not 0.0 <= common <= 1.0:
         raise ValueError(f"iso: common must be in [0, 1], got {common!r}")
+    total = _total(xs, "iso")
+    if variant == "c":
+        with all_cores():
+            return _iso_c_(total)
+    with all_cores():
+        u, s, v = _spectrum(total)
+    del total
+    r = s.numel()
+    t = len(xs)
     k = int(common * r)
     per_task = (r - k) // t
     k = min(r - per_task * t, u.shape[1])
-    uk, vk = u[:, :k], v[:, :k]
-    us, vs, ss = [uk], [vk], [s[:k]]
+    us, vs, ss = [u[:, :k]], [v[:, :k]], [s[:k]]
     if per_task:
-        if u.shape[1] == u.shape[0]:  # U spans the whole column space: use its complement
-            rest = u[:, k:]
-
-            def residual_svd(x: torch.Tensor) -> tuple:
-                # Δ_t − U_k·U_kᵀ·Δ_t = U_rest·(U_restᵀ·Δ_t): the SVD of a (m − k) × n matrix
-                w, st, vt = _task_svd(rest.mT @ x, per_task)
-                return rest @ w, st, vt
-        else:
-            def residual_svd(x: torch.Tensor) -> tuple:
-                return _task_svd(x - uk @ (uk.mT @ x), per_task)
-
-        for ut, st, vt in _parallel(residual_svd, xs, xs[0]):
+        for ut, st, vt in _residual_svds(xs, u, k, per_task):
             us.append(ut)
             vs.append(vt)
             ss.append(st)
-    sigma = torch.cat(ss).mean()
-    u_p, v_p = _parallel(polar, [torch.cat(us, 1), torch.cat(vs, 1)], xs[0])
-    with all_cores():
-        return (u_p * sigma) @ v_p.mT
+    del u, v
+    return _isometry(us, vs, torch.cat(ss).mean())
+
+
+def _residual_svds(xs: list[Input], u: torch.Tensor, k: int, per_task: int) -> list[tuple]:
+    """Iso-CTS's second pass over the tasks (deferred ones are read again, a task at a
+    time): the top ``per_task`` singular triplets of each Δ_t − U_k·U_kᵀ·Δ_t, for U_k the
+    first ``k`` columns of ``u``."""
+    if u.shape[1] == u.shape[0]:  # U spans the whole column space: use its complement
+        rest = u[:, k:]
+
+        def residual_svd(_i: int, x: torch.Tensor, _own: bool) -> tuple:
+            # Δ_t − U_k·U_kᵀ·Δ_t = U_rest·(U_restᵀ·Δ_t): the SVD of a (m − k) × n matrix
+            w, st, vt = _task_svd(rest.mT @ x, per_task)
+            return rest @ w, st, vt
+    else:
+        uk = u[:, :k]
+
+        def residual_svd(_i: int, x: torch.Tensor, own: bool) -> tuple:
+            # Δ_t − U_k·(U_kᵀ·Δ_t), into Δ_t (a copy of it unless it is ours), by rows
+            x = x if own else x.clone()
+            p = uk.mT @ x
+            step = max(1, SPECTRUM_BLOCK // max(1, x.shape[1]))
+            for i in range(0, x.shape[0], step):
+                x[i:i + step].sub_(uk[i:i + step] @ p)
+            return _task_svd(x, per_task)
+
+    return _each(xs, None, residual_svd)
 
 
 # Points of each normalised spectrum kept for the picture (σ_i/σ_1 at evenly spaced i/r).

@@ -143,6 +143,13 @@ class StepSpec(Frozen):
         execution: ``ROWWISE`` or ``TENSORWISE`` (see above).
         whole_model: The op needs a whole-model pass (:meth:`whole_model_pass`) before its
             per-tensor work (``cluster_basis``'s similarity matrix).
+        folds: The kernel takes its task vectors one at a time, in order, and accepts
+            :class:`~tvrecipe.ops.deferred.Deferred` ones (called when their turn comes,
+            perhaps more than once). Where every reader of an ``extract`` step folds, the
+            executor reads that step's fine-tuned models only when the kernel asks for
+            them, so one task's delta of a tensor is in memory at a time.
+        defers: The reference field whose checkpoints the op hands on deferred when every
+            reader of its result folds (``extract``'s ``finetuned``), or None.
         version: Part of every cache key; bump when the kernel's output for the same inputs
             changes.
         seeded: The op is random (or seeds a clustering): its key includes the recipe's seed
@@ -169,6 +176,8 @@ class StepSpec(Frozen):
     # The op reads a None entry of ctx.tensors as an exact zero (skips it) itself.
     zero_inputs: ClassVar[bool] = False
     whole_model: ClassVar[bool] = False
+    folds: ClassVar[bool] = False
+    defers: ClassVar[str | None] = None
     version: ClassVar[int] = 1
     seeded: ClassVar[bool] = False
     weighted: ClassVar[str | None] = None

@@ -25,6 +25,7 @@ class ExtractStep(StepSpec):
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "finetuned": frozenset({CHECKPOINT})}
     returns: ClassVar = "vector (one model) or vectors (a list or mapping)"
     execution: ClassVar = ROWWISE
+    defers: ClassVar = "finetuned"
     suggested_for: ClassVar = "task_vector"
     kernel: ClassVar = "tvrecipe.ops:extract"
     example: ClassVar = "tv: {op: extract, base: base, finetuned: [math, code]}"
@@ -44,9 +45,13 @@ class ExtractStep(StepSpec):
         base = ctx.one("base")
         if not ctx.floating(base):  # integer buffers have no task vector
             return None if isinstance(self.finetuned, str) else dict.fromkeys(ctx.members)
+        from tvrecipe.ops.deferred import Deferred  # (the light executor imports no torch)
         deltas = []
         for ref in ctx.refs("finetuned"):
             ft = ctx.value(ref)
+            if isinstance(ft, Deferred):  # read when a folding op asks: a delta of its own
+                deltas.append(ft.then(lambda t: ctx.kernel(base, t, out=t)))
+                continue
             deltas.append(ctx.kernel(base, ft, out=ctx.scratch(ref.node, ft, [base])))
         if isinstance(self.finetuned, str):
             return deltas[0]

@@ -32,7 +32,8 @@ class IsoStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
-    version: ClassVar = 2  # spectra from eigh of the Gram, randomised residual SVDs
+    version: ClassVar = 3  # Gram matrices summed over blocks, tasks one at a time
+    folds: ClassVar = True
     kernel: ClassVar = "tvrecipe.ops.spectral:iso"
     example: ClassVar = "merged: {op: iso, inputs: tv, variant: cts}"
 

@@ -30,7 +30,8 @@ class TsvMergeStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
-    version: ClassVar = 2  # randomised task SVDs, polar factors from eigh
+    version: ClassVar = 3  # Gram matrices summed over blocks, tasks one at a time
+    folds: ClassVar = True
     kernel: ClassVar = "tvrecipe.ops.spectral:tsv_merge"
     example: ClassVar = "merged: {op: tsv_merge, inputs: tv}"
 

@@ -1,0 +1,233 @@
+"""Folding ops (`tsv_merge`, `iso`) take their task vectors one at a time: the kernels on
+deferred members (ops/deferred.py) give the bytes they give on ready tensors, never hold two
+made task vectors at once where a task is taken alone, and the runner reads the fine-tuned
+models of an `extract` that only folding ops read when the op asks for them."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import FLOATING, MATRICES, read_tensors
+from tests.test_spectral import _decaying, polar, tsv_reference
+from tvrecipe.exec import runner as runner_mod
+from tvrecipe.ops import spectral
+from tvrecipe.ops.deferred import Deferred, made
+
+KERNELS = {
+    "tsv_merge": lambda xs: spectral.tsv_merge(xs),
+    "tsv_merge half": lambda xs: spectral.tsv_merge(xs, fraction=0.5),
+    "iso c": lambda xs: spectral.iso(xs, variant="c"),
+    "iso cts": lambda xs: spectral.iso(xs, variant="cts"),
+}
+
+
+class Tracked:
+    """Deferred task vectors that record how often each is made and how many made ones
+    are still alive (not yet freed) whenever another is made."""
+
+    def __init__(self, xs: list[torch.Tensor]):
+        self.xs = xs
+        self.calls = [0] * len(xs)
+        self.alive_at_make: list[int] = []
+        self._made: list[weakref.ref] = []
+
+    def deferred(self) -> list[Deferred]:
+        return [Deferred(lambda i=i: self._make(i), x.shape, x.dtype, x.device)
+                for i, x in enumerate(self.xs)]
+
+    def _make(self, i: int) -> torch.Tensor:
+        self.alive_at_make.append(sum(r() is not None for r in self._made))
+        self.calls[i] += 1
+        t = self.xs[i].clone()
+        self._made.append(weakref.ref(t))
+        return t
+
+
+def _tasks(shape: tuple[int, int], n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("alone", [False, True])
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (24, 24)])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_deferred_members_give_the_bytes_of_ready_ones(monkeypatch, name, shape, alone):
+    if alone:  # every task vector counts as large: taken one after another
+        monkeypatch.setattr(spectral, "ALONE_BYTES", 1)
+    monkeypatch.setattr(spectral, "SPECTRUM_BLOCK", 64)  # several blocks per matrix
+    xs = _tasks(shape)
+    fn = KERNELS[name]
+    want = fn(xs)
+    tracked = Tracked(xs)
+    got = fn(tracked.deferred())
+    assert torch.equal(got, want)
+    # the ready inputs are left as they were (the kernels write only into what they made)
+    assert all(torch.equal(x, y) for x, y in zip(xs, _tasks(shape)))
+    passes = 2 if name == "iso cts" else 1
+    assert tracked.calls == [passes] * len(xs)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_a_task_taken_alone_is_dropped_before_the_next_is_made(monkeypatch, name):
+    monkeypatch.setattr(spectral, "ALONE_BYTES", 1)
+    tracked = Tracked(_tasks((40, 16), n=5))
+    KERNELS[name](tracked.deferred())
+    n = len(tracked.xs)
+    if name.startswith("iso"):
+        # Σ_t Δ_t is summed into the first one made, which stays while the rest come
+        assert tracked.alive_at_make[:n] == [0] + [1] * (n - 1)
+        assert tracked.alive_at_make[n:] == [0] * (len(tracked.alive_at_make) - n)
+    else:
+        assert tracked.alive_at_make == [0] * n
+
+
+@pytest.mark.parametrize("shape", [(240, 200), (200, 240)])
+def test_spectra_summed_over_blocks_match_the_exact_formulas(monkeypatch, shape):
+    """The Gram matrices summed over float64 blocks (here 64 entries, so a line or two per
+    block), the other side's vectors made block by block, Iso-C applied by blocks and the
+    polar factors written by row blocks: TSV-M and Iso-C as the float64 references."""
+    monkeypatch.setattr(spectral, "SPECTRUM_BLOCK", 64)
+    xs = [_decaying(*shape, seed) for seed in range(8)]  # (k = r/8: σ_k well above the
+    # rounding floor of a Gram matrix, as in test_spectral)
+    want = tsv_reference([x.numpy() for x in xs], 1.0)
+    got = spectral.tsv_merge(xs).numpy()
+    assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
+    total = sum(xs)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    want_c = ((u * s.mean()) @ vh).numpy()
+    got_c = spectral.iso(xs, variant="c").numpy()
+    assert np.abs(got_c - want_c).max() <= 1e-7 * np.abs(want_c).max()
+    # the polar factor (of a well-conditioned stack, as the merges have), into its argument
+    a = torch.randn(max(shape), 60, generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64)
+    want_p = polar(a.numpy())
+    assert spectral.polar_(a).data_ptr() == a.data_ptr()
+    assert np.abs(a.numpy() - want_p).max() <= 1e-12
+
+
+def test_a_task_that_keeps_fewer_directions_still_stacks_right(monkeypatch):
+    # An exact-zero task keeps no direction: its columns of the stack stay unused, and the
+    # others' parts are put together (TSV-M of the two nonzero tasks, each keeping k).
+    monkeypatch.setattr(spectral, "ALONE_BYTES", 1)
+    xs = _tasks((30, 12), n=3, seed=4)
+    xs[1] = torch.zeros(30, 12)
+    k = 12 // 3
+    parts = [np.linalg.svd(x.double().numpy(), full_matrices=False) for x in (xs[0], xs[2])]
+    u = np.concatenate([p[0][:, :k] for p in parts], 1)
+    s = np.concatenate([p[1][:k] for p in parts])
+    v = np.concatenate([p[2][:k].T for p in parts], 1)
+    want = polar(u) @ np.diag(s) @ polar(v).T
+    got = spectral.tsv_merge(Tracked(xs).deferred()).double().numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_deferred_describes_its_tensor():
+    d = Deferred(lambda: torch.ones(3, 4), (3, 4), torch.float32, torch.device("cpu"))
+    assert (d.dim(), d.numel(), tuple(d.shape)) == (2, 12, (3, 4))
+    assert torch.equal(made(d), torch.ones(3, 4))
+    twice = d.then(lambda t: t.mul_(2))
+    assert torch.equal(twice(), torch.full((3, 4), 2.0))
+    assert repr(d) == "Deferred((3, 4), torch.float32, cpu)"
+    t = torch.zeros(2)
+    assert made(t) is t
+
+
+# ---- the runner ------------------------------------------------------------------------------
+
+def _recipe(ms, step: str, extra_out: str = "") -> str:
+    return ("tvrecipe: 1\n" + ms.models_yaml() + "steps:\n"
+            "  tv: {op: extract, base: base, finetuned: [a, b, c]}\n"
+            f"  merged: {step}\n"
+            "  model: {op: apply, base: base, delta: merged}\n"
+            "outputs:\n  m: {from: model, path: ./out/m}\n" + extra_out)
+
+
+class Reads:
+    """Which (model, tensor) the runner read when a folding op asked (Runner._read_later)."""
+
+    def __init__(self, monkeypatch):
+        self.later: list[tuple[str, str]] = []
+        real = runner_mod.Runner._read_later
+
+        def spy(runner, name, tensor, span):
+            self.later.append((name, tensor))
+            return real(runner, name, tensor, span)
+
+        monkeypatch.setattr(runner_mod.Runner, "_read_later", spy)
+
+
+@pytest.mark.parametrize("step", ["{op: tsv_merge, inputs: tv}",
+                                  "{op: iso, inputs: tv, variant: c}",
+                                  "{op: iso, inputs: tv, variant: cts, common: 0.25}"])
+def test_fine_tunes_are_read_when_the_op_asks_and_give_the_same_bytes(
+        make_models, cli, tmp_path, monkeypatch, step):
+    ms = make_models(("a", "b", "c"))
+    cli.write("r.yaml", _recipe(ms, step))
+    reads = Reads(monkeypatch)
+    res = cli.ok("run", "r.yaml", "-q", "--no-cache", "--report", "rep.json")
+    deferred = read_tensors(tmp_path / "out" / "m")
+    # every floating tensor of every fine-tune, when the op asked; Iso-CTS reads each
+    # matrix's fine-tunes a second time for its residuals; the base never
+    passes = {t: 2 if "cts" in step and t in MATRICES else 1 for t in FLOATING}
+    want = sorted((m, t) for t in FLOATING for m in "abc" for _ in range(passes[t]))
+    assert sorted(reads.later) == want
+    # the same run with every model read up front: the same bytes
+    monkeypatch.setattr(runner_mod.Runner, "_deferred", lambda *a: set())
+    reads.later.clear()
+    cli.ok("run", "r.yaml", "-q", "--no-cache", "--force")
+    assert reads.later == []
+    ready = read_tensors(tmp_path / "out" / "m")
+    assert deferred.keys() == ready.keys()
+    assert all(torch.equal(deferred[k], ready[k]) for k in ready)
+    assert res.exit_code == 0
+
+
+@pytest.mark.parametrize("case", ["extract is an output", "a non-folding reader",
+                                  "the fine-tune is read twice"])
+def test_nothing_is_deferred_where_something_else_reads_the_task_vectors(
+        make_models, cli, tmp_path, monkeypatch, case):
+    ms = make_models(("a", "b", "c"))
+    recipe = _recipe(ms, "{op: tsv_merge, inputs: tv}")
+    if case == "extract is an output":
+        recipe += "  tv: {from: tv, path: ./out/tv}\n"
+    elif case == "a non-folding reader":
+        recipe = recipe.replace("outputs:", "  s: {op: sum, inputs: tv}\noutputs:")
+        recipe += "  s: {from: s, path: ./out/s}\n"
+    else:  # model a also feeds apply's base of a second model
+        recipe = recipe.replace("outputs:", "  m2: {op: apply, base: a, delta: merged}\n"
+                                "outputs:")
+        recipe += "  m2: {from: m2, path: ./out/m2}\n"
+    cli.write("r.yaml", recipe)
+    reads = Reads(monkeypatch)
+    cli.ok("run", "r.yaml", "-q", "--no-cache")
+    if case == "the fine-tune is read twice":  # only a is read up front
+        assert {m for m, _t in reads.later} == {"b", "c"}
+    else:
+        assert reads.later == []
+
+
+def test_a_nan_in_a_deferred_fine_tune_names_the_model_and_tensor(make_models, cli, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ms = make_models(("a", "b", "c"))
+    for f in ms.path("b").glob("*.safetensors"):
+        tensors = load_file(str(f))
+        if "lm_head.weight" in tensors:
+            tensors["lm_head.weight"][3, 2] = float("nan")
+            save_file(tensors, str(f))
+    cli.write("r.yaml", _recipe(ms, "{op: tsv_merge, inputs: tv}"))
+    res = cli.fails(3, "run", "r.yaml")
+    # the message of a model read up front (tests/test_cli_errors.py), from the deferred read
+    assert res.err_lines[1] == ("model 'b': tensor 'lm_head.weight' contains NaN or Inf; fix "
+                                "the checkpoint, or pass --allow-nonfinite to merge it anyway")
+    assert not (tmp_path / "out").exists()
+
+
+def test_trim_gives_memory_back_where_malloc_is_glibcs():
+    from tvrecipe.exec.allocator import trim
+
+    assert trim() in (True, False)
