@@ -119,12 +119,12 @@ class TensorContext:
         if type(self.step.spec).zero_inputs or all(x is None for x in xs):
             return xs
         present = next(x for x in xs if x is not None)
-        if isinstance(present, ops.Deferred):  # a task vector read when a folding op asks
-            return [torch.zeros(present.shape, dtype=present.dtype, device=present.device)
-                    if x is None else x for x in xs]
-        if not (isinstance(present, torch.Tensor) and present.is_floating_point()):
+        # (a Deferred is a task vector read when a folding op asks: floating, like its zeros)
+        if not (isinstance(present, ops.Deferred) or (isinstance(present, torch.Tensor)
+                                                       and present.is_floating_point())):
             return xs
-        return [torch.zeros_like(present) if x is None else x for x in xs]
+        return [torch.zeros(present.shape, dtype=present.dtype, device=present.device)
+                if x is None else x for x in xs]
 
     @property
     def weights(self) -> list[float] | None:

@@ -60,10 +60,7 @@ def _each(xs: list[Input], op: str | None, fn) -> list:
     the next is made; smaller ones on the math threads. Which way depends on the shape
     alone, so deferred and ready task vectors give the same bytes."""
     def one(i: int) -> Any:
-        t = made(xs[i])
-        if op is not None:
-            _finite([t], op)
-        return fn(i, t, isinstance(xs[i], Deferred))
+        return fn(i, _made(xs[i], op), isinstance(xs[i], Deferred))
 
     if xs[0].numel() * xs[0].dtype.itemsize < ALONE_BYTES:
         return _parallel(one, list(range(len(xs))), xs[0])
@@ -71,14 +68,20 @@ def _each(xs: list[Input], op: str | None, fn) -> list:
         return [one(i) for i in range(len(xs))]
 
 
+def _made(x: Input, op: str | None) -> torch.Tensor:
+    """One task vector, made (read) now if deferred, checked finite when ``op`` is given."""
+    t = made(x)
+    if op is not None:
+        _finite([t], op)
+    return t
+
+
 def _total(xs: list[Input], op: str | None = None) -> torch.Tensor:
     """Σ_t Δ_t, adding one task vector at a time, in their order (checked finite when ``op``
     is given), into the first one when it is ours."""
     total = None
     for x in xs:
-        t = made(x)
-        if op is not None:
-            _finite([t], op)
+        t = _made(x, op)
         if total is None:
             total = t if isinstance(x, Deferred) else t.clone()
         else:
@@ -129,12 +132,12 @@ def polar_(u: torch.Tensor) -> torch.Tensor:
 
 def _rows_times_(a: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """``a @ m`` by row blocks of ``a``, into ``out`` (``a`` itself when None: then ``m``
-    is square)."""
+    """``a @ m`` by row blocks of ``a``, each taken to ``m``'s dtype, into ``out`` (``a``
+    itself when None: then ``m`` is square)."""
     out = a if out is None else out
     step = max(1, SPECTRUM_BLOCK // max(1, a.shape[1], m.shape[1]))
     for i in range(0, a.shape[0], step):
-        out[i:i + step] = a[i:i + step] @ m
+        out[i:i + step] = a[i:i + step].to(m.dtype) @ m
     return out
 
 
@@ -283,10 +286,7 @@ def _iso_c_(total: torch.Tensor) -> torch.Tensor:
     # σ̄/σ_min (a relative error of 2e-2 for a low-rank sum plus noise, κ = 5e5, against
     # 7e-6 with float64 blocks, as U was made before).
     if not wide:
-        step = max(1, SPECTRUM_BLOCK // max(1, total.shape[1]))
-        for i in range(0, total.shape[0], step):
-            total[i:i + step] = total[i:i + step].double() @ m
-        return total
+        return _rows_times_(total, m)
     step = max(1, SPECTRUM_BLOCK // max(1, total.shape[0]))
     for j in range(0, total.shape[1], step):
         total[:, j:j + step] = m @ total[:, j:j + step].double()
