@@ -66,6 +66,8 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
     """
     import torch
 
+    from tvrecipe.ops.parallel import serial
+
     n = len(deltas)
     if gram.dtype != torch.float64 or gram.device.type != "cpu" or gram.shape != (n, n):
         raise ValueError(
@@ -104,7 +106,9 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
             lo, hi = first * _PARTIAL, (first + count) * _PARTIAL
             for i, f in enumerate(flat):
                 block[:, i, :].copy_(f[lo:hi].view(count, _PARTIAL))
-            acc += torch.bmm(block, block.transpose(1, 2)).sum(0, dtype=torch.float64)
+            partial = torch.bmm(block, block.transpose(1, 2))
+            with serial():  # (a sum's bytes would depend on the thread count)
+                acc += partial.sum(0, dtype=torch.float64)
     done = n_partials * _PARTIAL
     if done < numel:
         tail = torch.stack([f[done:] for f in flat]).to(torch.float64)

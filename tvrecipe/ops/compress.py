@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from tvrecipe.ops.parallel import serial
+
 __all__ = ["CompressedBasis", "autoencoder_basis", "combine", "pca_basis"]
 
 
@@ -74,6 +76,7 @@ def _tail(eigenvalues: torch.Tensor, m: int) -> float:
     return float(lam[m:].sum())
 
 
+@serial()
 def pca_basis(gram: torch.Tensor, m: int) -> CompressedBasis:
     """PCA of the task vectors through their Gram matrix.
 
@@ -87,7 +90,8 @@ def pca_basis(gram: torch.Tensor, m: int) -> CompressedBasis:
     t = _check(gram, m)
     g = gram.double()
     h = torch.eye(t, dtype=torch.float64) - 1.0 / t
-    lam, vec = torch.linalg.eigh(h @ g @ h)
+    with serial():
+        lam, vec = torch.linalg.eigh(h @ g @ h)
     order = torch.argsort(lam, descending=True, stable=True)
     lam, vec = lam[order], vec[:, order]
     top = vec[:, :m]
@@ -108,6 +112,7 @@ def _explained(lam: torch.Tensor, m: int) -> float:
     return float(lam[:m].sum()) / total if total > 0.0 else 1.0
 
 
+@serial()
 def autoencoder_basis(gram: torch.Tensor, m: int, *, seed: int, steps: int = 6000,
                       lr: float = 1e-2, temperature: float = 5.0) -> CompressedBasis:
     """Atoms that are convex combinations of the tasks, learned on the Gram matrix.
@@ -143,7 +148,8 @@ def autoencoder_basis(gram: torch.Tensor, m: int, *, seed: int, steps: int = 600
         w = decoder.detach().clone()
     rebuild = atoms @ w
     errors, total = _errors(g, rebuild)
-    lam = torch.linalg.eigvalsh(g)
+    with serial():
+        lam = torch.linalg.eigvalsh(g)
     return CompressedBasis(atoms=atoms, decoder=w, mean=False, rebuild=rebuild, errors=errors,
                            loss=total, bound=_tail(lam, m) / t**2,
                            info={"steps": steps, "lr": lr, "temperature": temperature})

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from tvrecipe.ops.parallel import serial
+
 __all__ = [
     "METHODS",
     "VECTORS_1D",
@@ -126,13 +128,18 @@ def _randomized_svd(a: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor
     omega = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype).to(a.device)
     # Re-orthonormalise between passes: without it the columns collapse onto the top
     # singular vector in float32 and the trailing ones lose all accuracy.
-    left = torch.linalg.qr(_times(a, omega)).Q
+    left = _q(_times(a, omega))
     for i in range(_POWER_ITERS):
-        right = torch.linalg.qr(_times_t(a, left)).Q
+        right = _q(_times_t(a, left))
         if i + 1 < _POWER_ITERS:
-            left = torch.linalg.qr(_times(a, right)).Q
-    u, s, _ = torch.linalg.svd(_times(a, right), full_matrices=False)
-    return u, s
+            left = _q(_times(a, right))
+    return _full_svd(_times(a, right))
+
+
+def _q(a: torch.Tensor) -> torch.Tensor:
+    """Q of a's QR factorisation, on one thread (its bytes would depend on the count)."""
+    with serial():
+        return torch.linalg.qr(a).Q
 
 
 def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -148,7 +155,8 @@ def _times_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _full_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    with serial():
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
     return u, s
 
 
@@ -170,6 +178,7 @@ def _numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
     return int((s > tol).sum())
 
 
+@serial()
 def task_subspace(W: torch.Tensor, *, rank: int | Mapping[str, float] | None) -> torch.Tensor:
     """Top left singular vectors of one task's delta.
 
@@ -207,7 +216,8 @@ def task_subspace(W: torch.Tensor, *, rank: int | Mapping[str, float] | None) ->
         r = want
     else:
         # The energy target needs ||W||², in float64: it decides where the rank stops.
-        total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+        with serial():
+            total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
         if total == 0.0:
             return a.new_zeros(d_out, 0)
         r = None
@@ -272,14 +282,16 @@ def _real_basis(vectors: torch.Tensor, eigvals: torch.Tensor) -> torch.Tensor:
 
 def _orthonormalise(cols: torch.Tensor) -> torch.Tensor:
     """QR of unit-normed columns, dropping columns that are (numerically) dependent."""
-    cols = cols / cols.norm(dim=0, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
-    q, r = torch.linalg.qr(cols)
+    with serial():
+        cols = cols / cols.norm(dim=0, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
+        q, r = torch.linalg.qr(cols)
     # Unpivoted QR has no rank reveal of its own; a tiny diagonal entry of R marks a column
     # already in the span of the earlier ones, and its Q column is an arbitrary direction.
     keep = r.diagonal().abs() > 1e-6
     return q[:, keep]
 
 
+@serial()
 def shared_subspace(
     Us: Sequence[torch.Tensor], *, method: str = "sandwich", threshold: float = 0.85
 ) -> torch.Tensor:
@@ -323,19 +335,20 @@ def shared_subspace(
         if stacked.shape[1] == 0:
             return empty
         stacked = stacked / len(Us) ** 0.5
-        u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+        u, s = _full_svd(stacked)
         return u[:, s.double().square() >= threshold].contiguous()
 
     if any(u.shape[1] == 0 for u in Us):
         return empty
     m = _sandwich_core(Us)
     if method == "sandwich":
-        y, s, _ = torch.linalg.svd(m, full_matrices=False)
+        y, s = _full_svd(m)
         keep = s.square() >= threshold
         return (Us[0] @ y[:, keep].to(dtype)).contiguous()
 
     small = (Us[-1].mT @ Us[0]).double() @ m
-    lam, v = torch.linalg.eig(small)
+    with serial():
+        lam, v = torch.linalg.eig(small)
     keep = lam.real > threshold
     if not bool(keep.any()):
         return empty
@@ -347,7 +360,8 @@ def shared_subspace(
 def _sq_norm(x: torch.Tensor) -> float:
     # float32 accumulation (torch reduces in blocks, so the error stays near 1e-6 relative):
     # a float64 copy of every delta cost more than the SVDs of a large model.
-    return float(torch.linalg.vector_norm(x)) ** 2 if x.numel() else 0.0
+    with serial():
+        return float(torch.linalg.vector_norm(x)) ** 2 if x.numel() else 0.0
 
 
 def _check_deltas(deltas: Sequence[torch.Tensor]) -> None:
@@ -376,6 +390,7 @@ def subspace_mode(shape: Sequence[int], excluded: bool) -> bool:
     return not excluded and len(shape) >= 2 and 0 not in shape
 
 
+@serial()
 def decompose_factors(
     deltas: Sequence[torch.Tensor],
     *,
@@ -412,6 +427,7 @@ def decompose_factors(
     return {"basis": z.contiguous(), "ranks": ranks}
 
 
+@serial()
 def shared_coefficients(deltas: Sequence[torch.Tensor], factors: Mapping[str, torch.Tensor]
                         ) -> list[torch.Tensor] | None:
     """Zᵀ·W_i for each delta (s × columns), or None outside subspace mode: the one product
@@ -423,6 +439,7 @@ def shared_coefficients(deltas: Sequence[torch.Tensor], factors: Mapping[str, to
     return [z.mT @ w.reshape(rows, -1).to(z.dtype) for w in deltas]
 
 
+@serial()
 def decomposition_parts(
     deltas: Sequence[torch.Tensor],
     factors: Mapping[str, torch.Tensor],
@@ -478,6 +495,7 @@ def decomposition_parts(
     return sh, un
 
 
+@serial()
 def decomposition_info(
     deltas: Sequence[torch.Tensor],
     factors: Mapping[str, torch.Tensor],
@@ -511,6 +529,7 @@ def decomposition_info(
             "shared_energy": energy, "mode": "subspace"}
 
 
+@serial()
 def decompose(
     deltas: Sequence[torch.Tensor],
     *,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from tvrecipe.ops.arithmetic import divide_
+from tvrecipe.ops.parallel import serial
 from tvrecipe.ops.sparsify import (
     _check_density,
     _check_float_tensor,
@@ -177,7 +178,8 @@ def slerp(
         return torch.empty_like(a)
 
     def norm_or_one(v: torch.Tensor) -> torch.Tensor:
-        nv = torch.linalg.vector_norm(v.to(cd))
+        with serial():
+            nv = torch.linalg.vector_norm(v.to(cd))
         return torch.where(nv > eps, nv, torch.ones_like(nv))
 
     na, nb = norm_or_one(af), norm_or_one(bf)
@@ -185,8 +187,9 @@ def slerp(
     # in chunks so that the scratch stays bounded for embedding-sized tensors.
     dot = torch.zeros((), dtype=cd, device=a.device)
     for s in range(0, n, _SLERP_CHUNK):
-        dot += torch.sum((af[s:s + _SLERP_CHUNK].to(cd) / na)
-                         * (bf[s:s + _SLERP_CHUNK].to(cd) / nb))
+        part = (af[s:s + _SLERP_CHUNK].to(cd) / na) * (bf[s:s + _SLERP_CHUNK].to(cd) / nb)
+        with serial():
+            dot += torch.sum(part)
     dot = dot.clamp(-1.0, 1.0)
     # Compared as a tensor of the compute dtype, as mergekit does.
     if bool(dot.abs() > dot_threshold):
@@ -267,8 +270,9 @@ def l1_rescale(x: torch.Tensor, sparse: torch.Tensor, *, eps: float = L1_RESCALE
 
 
 def _l1_rescale(x: torch.Tensor, sparse: torch.Tensor, eps: float) -> torch.Tensor:
-    before = x.abs().sum()
-    after = sparse.abs().sum()
+    with serial():  # a sum's bytes would depend on the thread count
+        before = x.abs().sum()
+        after = sparse.abs().sum()
     if before.item() < eps or after.item() < eps:
         return sparse.clone()
     return sparse * (before / after)
@@ -523,12 +527,16 @@ def model_stock_t(deltas: Sequence[torch.Tensor], *, filter_wise: bool = False
         vs = [x.to(cd) for x in xs]
     else:
         vs = [x.reshape(-1).to(cd) for x in xs]
-    norms = [torch.linalg.vector_norm(v, dim=-1) for v in vs]
+    with serial():  # sums whose bytes would depend on the thread count
+        norms = [torch.linalg.vector_norm(v, dim=-1) for v in vs]
     cosines = []
     for i in range(len(vs)):
         for j in range(i + 1, len(vs)):
             den = (norms[i] * norms[j]).clamp(min=STOCK_NORM_EPS)
-            cosines.append(((vs[i] * vs[j]).sum(dim=-1) / den).clamp(-1.0, 1.0))
+            prod = vs[i] * vs[j]
+            with serial():
+                dot = prod.sum(dim=-1)
+            cosines.append((dot / den).clamp(-1.0, 1.0))
     cos = torch.stack(cosines).mean(dim=0)
     k = len(vs)
     den = 1 + (k - 1) * cos

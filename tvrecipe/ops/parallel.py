@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["all_cores", "cores", "parallel_map", "splits"]
+__all__ = ["all_cores", "cores", "parallel_map", "serial", "splits"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -108,6 +108,28 @@ def all_cores() -> Iterator[None]:
         return
     previous = torch.get_num_threads()
     torch.set_num_threads(cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def serial() -> Iterator[None]:
+    """Run torch on one thread inside the block, for the kernels whose bytes depend on how
+    many threads share them: LAPACK's factorisations (eigh, svd, qr, cholesky) and torch's
+    reductions of a whole tensor to a few numbers (a sum, a norm), whose threads' partial
+    results are added in an order set by their number. Inside it these give the same bytes
+    on a 2-core laptop and a 64-core server, so a lock written on one verifies on the other.
+
+    Products stay outside: MKL's matrix products split their output between the threads,
+    not the sums, and give the same bytes at any thread count; so does every entrywise
+    kernel (``tests/test_threads.py`` checks both, and every op's bytes at 1 to 16 cores)."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
     try:
         yield
     finally:

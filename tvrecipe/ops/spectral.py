@@ -8,11 +8,16 @@ Both fold their task vectors in one at a time, and take :class:`~tvrecipe.ops.de
 Deferred` members (``StepSpec.folds``): a task vector read from disk only when its turn
 comes is dropped once its part is taken, so a run holds one task's delta of a tensor at a
 time, not all of them (8 × 131 MB of an embedding of the large benchmark).
+
+Their bytes do not depend on the number of cores: every product and factorisation runs on
+one thread (:func:`~tvrecipe.ops.parallel.serial`; MKL's and LAPACK's bytes depend on
+their thread count), over pieces fixed by the tensor's shape, and the math threads take
+several pieces at once; sums over pieces are added in order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,7 +25,7 @@ import torch
 from tvrecipe.ops.arithmetic import all_finite, divide_
 from tvrecipe.ops.deferred import Deferred, made
 from tvrecipe.ops.lowrank import energy_rank
-from tvrecipe.ops.parallel import all_cores
+from tvrecipe.ops.parallel import cores, serial
 
 Input = torch.Tensor | Deferred
 
@@ -44,10 +49,10 @@ def _finite(xs: list[torch.Tensor], op: str) -> None:
                          "fix the checkpoint")
 
 
-# A task vector of at least this many bytes is taken alone, with every core on its
-# products; smaller ones go on the math threads, one per core (an eigendecomposition gains
-# little from more threads: TSV-M of the large benchmark took 193 s with every tensor's
-# tasks one after another, 146 s with its small tensors' tasks in parallel).
+# A task vector of at least this many bytes is taken alone, its products cut into blocks
+# for the math threads; smaller ones go on the math threads whole, a task each (TSV-M of
+# the large benchmark took 193 s with every tensor's tasks one after another, 146 s with its
+# small tensors' tasks in parallel).
 ALONE_BYTES = 32 << 20
 
 
@@ -64,8 +69,7 @@ def _each(xs: list[Input], op: str | None, fn) -> list:
 
     if xs[0].numel() * xs[0].dtype.itemsize < ALONE_BYTES:
         return _parallel(one, list(range(len(xs))), xs[0])
-    with all_cores():
-        return [one(i) for i in range(len(xs))]
+    return [one(i) for i in range(len(xs))]
 
 
 def _made(x: Input, op: str | None) -> torch.Tensor:
@@ -100,6 +104,47 @@ def _parallel(fn, items: list, like: torch.Tensor) -> list:
     return list(parallel_map(fn, items, numel=like.numel(), device=like.device))
 
 
+def _spans(long: int, short: int) -> list[slice]:
+    """``long`` lines (rows or columns) of ``short`` entries each, cut into pieces of at
+    most ``SPECTRUM_BLOCK`` entries (one line at least): fixed by the shape alone."""
+    step = max(1, SPECTRUM_BLOCK // max(1, short))
+    return [slice(i, i + step) for i in range(0, long, step)]
+
+
+def _by_pieces(fn, spans: list[slice], like: torch.Tensor) -> None:
+    """``fn(span)`` for each span, on the math threads (the spans write disjoint parts)."""
+    _parallel(fn, spans, like)
+
+
+# At most this many bytes of piece products wait to be added at once (several pieces of a
+# Gram matrix are made on the math threads, then added in their order).
+GRAM_WINDOW_BYTES = 256 << 20
+
+
+def _gram(a: torch.Tensor, wide: bool, dtype: torch.dtype) -> torch.Tensor:
+    """a·aᵀ (``wide``) or aᵀ·a, in ``dtype``: the products of pieces of ``a`` along its
+    longer side (:func:`_spans`), each taken to ``dtype``, made several at a time on the
+    math threads and added in order, so that no copy of ``a`` in ``dtype`` is held and the
+    bytes do not depend on how many threads made them."""
+    long, short = (a.shape[1], a.shape[0]) if wide else a.shape
+    spans = _spans(long, short)
+
+    def product(span: slice) -> torch.Tensor:
+        b = (a[:, span] if wide else a[span]).to(dtype)
+        return b @ b.mT if wide else b.mT @ b
+
+    size = short * short * torch.finfo(dtype).bits // 8
+    window = max(1, min(cores(), GRAM_WINDOW_BYTES // max(1, size)))
+    gram = None
+    for i in range(0, len(spans), window):
+        for g in _parallel(product, spans[i:i + window], a):
+            if gram is None:
+                gram = g
+            else:
+                gram.add_(g)
+    return gram
+
+
 def _spanned(lam: torch.Tensor, size: int) -> torch.Tensor:
     """Which eigenvalues of a size × size float64 Gram matrix stand above its rounding floor
     (the others belong to directions the matrix does not span)."""
@@ -111,7 +156,8 @@ def _inverse_root(gram: torch.Tensor) -> torch.Tensor:
     eigenvalues at the rounding floor (directions ``gram`` does not span) are left out."""
     if gram.shape[0] == 0:  # no directions at all (the deltas are exact zeros)
         return gram.double()
-    lam, q = torch.linalg.eigh(gram.double())
+    with serial():
+        lam, q = torch.linalg.eigh(gram.double())
     keep = _spanned(lam, gram.shape[0])
     q = q[:, keep]
     return (q * lam[keep].rsqrt()) @ q.mT
@@ -127,7 +173,7 @@ def polar_(u: torch.Tensor) -> torch.Tensor:
     dtype (the stacks of singular vectors this is used on are near-orthonormal, so their
     Gram matrix is well conditioned) and go into ``u`` by row blocks.
     """
-    return _rows_times_(u, _inverse_root(u.mT @ u).to(u.dtype))
+    return _rows_times_(u, _inverse_root(_gram(u, False, u.dtype)).to(u.dtype))
 
 
 def _rows_times_(a: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = None
@@ -135,9 +181,11 @@ def _rows_times_(a: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = No
     """``a @ m`` by row blocks of ``a``, each taken to ``m``'s dtype, into ``out`` (``a``
     itself when None: then ``m`` is square)."""
     out = a if out is None else out
-    step = max(1, SPECTRUM_BLOCK // max(1, a.shape[1], m.shape[1]))
-    for i in range(0, a.shape[0], step):
-        out[i:i + step] = a[i:i + step].to(m.dtype) @ m
+
+    def piece(span: slice) -> None:
+        out[span] = a[span].to(m.dtype) @ m
+
+    _by_pieces(piece, _spans(a.shape[0], max(a.shape[1], m.shape[1])), a)
     return out
 
 
@@ -151,6 +199,7 @@ def _task_svd(x: torch.Tensor, k: int, out: torch.Tensor | None = None
     return u, s[:u.shape[1]], v
 
 
+@serial()
 def tsv_merge(inputs: Sequence[Input], *, fraction: float = 1.0) -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025): each task's top k = max(1, ⌊fraction·r/T⌋)
     singular triplets, stacked; U and V replaced by their polar factors;
@@ -204,11 +253,10 @@ def _isometry(us: list[torch.Tensor], vs: list[torch.Tensor], sigma: torch.Tenso
     us.clear()
     vs.clear()
     u, v = _parallel(polar_, [u, v], u)
-    with all_cores():
-        u.mul_(sigma)
-        if u.shape[0] >= v.shape[0] and u.shape[1] == v.shape[0]:
-            return _rows_times_(u, v.mT)
-        return u @ v.mT
+    u.mul_(sigma)
+    if u.shape[0] >= v.shape[0] and u.shape[1] == v.shape[0]:
+        return _rows_times_(u, v.mT)
+    return _rows_times_(u, v.mT, out=u.new_empty(u.shape[0], v.shape[0]))
 
 
 # Entries of the float64 blocks a spectrum is built from (32 MB): a whole float64 copy of
@@ -216,32 +264,17 @@ def _isometry(us: list[torch.Tensor], vs: list[torch.Tensor], sigma: torch.Tenso
 SPECTRUM_BLOCK = 1 << 20
 
 
-def _blocks(a: torch.Tensor, wide: bool) -> Iterator[torch.Tensor]:
-    """``a`` in float64 pieces along its longer side: column blocks of a wide matrix, row
-    blocks of a tall one, each at most ``SPECTRUM_BLOCK`` entries (and one line at least)."""
-    long, short = (a.shape[1], a.shape[0]) if wide else a.shape
-    step = max(1, SPECTRUM_BLOCK // max(1, short))
-    for i in range(0, long, step):
-        yield (a[:, i:i + step] if wide else a[i:i + step]).double()
-
-
 def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """σ (all r, descending) of ``a`` and the eigenvectors q (float64, by columns) of its
     smaller Gram matrix for the σ above the rounding floor, with those σ (float64): the
     right singular vectors of a tall ``a``, the left ones of a wide one.
 
-    The Gram matrix is summed over float64 blocks of ``a`` along its longer side, in order:
-    no float64 copy of ``a`` is held. A matrix of one block is one product."""
+    The Gram matrix is summed over float64 pieces of ``a`` along its longer side, in order
+    (:func:`_gram`): no float64 copy of ``a`` is held."""
     wide = a.shape[0] <= a.shape[1]
-    gram = None
-    for b in _blocks(a, wide):
-        if gram is None:
-            gram = b @ b.mT if wide else b.mT @ b
-        elif wide:
-            gram.addmm_(b, b.mT)
-        else:
-            gram.addmm_(b.mT, b)
-    lam, q = torch.linalg.eigh(gram)
+    gram = _gram(a, wide, torch.float64)
+    with serial():  # (LAPACK's bytes would depend on the thread count)
+        lam, q = torch.linalg.eigh(gram)
     lam, q = lam.flip(0), q.flip(1)
     sigma = lam.clamp_min(0.0).sqrt()
     keep = _spanned(lam, gram.shape[0])
@@ -264,11 +297,13 @@ def _spectrum(a: torch.Tensor, top: int | None = None, out: torch.Tensor | None 
     other = (out[:, :q.shape[1]] if out is not None else
              torch.empty(a.shape[1] if wide else a.shape[0], q.shape[1], dtype=a.dtype,
                          device=a.device))
-    at = 0
-    for b in _blocks(a, wide):
-        part = (b.mT @ q if wide else b @ q) / kept
-        other[at:at + part.shape[0]] = part
-        at += part.shape[0]
+    long, short = (a.shape[1], a.shape[0]) if wide else a.shape
+
+    def piece(span: slice) -> None:
+        b = (a[:, span] if wide else a[span]).double()
+        other[span] = (b.mT @ q if wide else b @ q) / kept
+
+    _by_pieces(piece, _spans(long, short), a)
     u, v = (q.to(a.dtype), other) if wide else (other, q.to(a.dtype))
     return u, sigma.to(a.dtype), v
 
@@ -287,12 +322,15 @@ def _iso_c_(total: torch.Tensor) -> torch.Tensor:
     # 7e-6 with float64 blocks, as U was made before).
     if not wide:
         return _rows_times_(total, m)
-    step = max(1, SPECTRUM_BLOCK // max(1, total.shape[0]))
-    for j in range(0, total.shape[1], step):
-        total[:, j:j + step] = m @ total[:, j:j + step].double()
+
+    def piece(span: slice) -> None:
+        total[:, span] = m @ total[:, span].double()
+
+    _by_pieces(piece, _spans(total.shape[1], total.shape[0]), total)
     return total
 
 
+@serial()
 def iso(inputs: Sequence[Input], *, variant: str = "c",
         common: float = 0.8) -> torch.Tensor:
     """Iso-C and Iso-CTS (Marczak et al., 2025), on Δ_TA = Σ_t Δ_t = U·Σ·Vᵀ.
@@ -318,10 +356,8 @@ def iso(inputs: Sequence[Input], *, variant: str = "c",
         raise ValueError(f"iso: common must be in [0, 1], got {common!r}")
     total = _total(xs, "iso")
     if variant == "c":
-        with all_cores():
-            return _iso_c_(total)
-    with all_cores():
-        u, s, v = _spectrum(total)
+        return _iso_c_(total)
+    u, s, v = _spectrum(total)
     del total
     r = s.numel()
     t = len(xs)
@@ -347,18 +383,21 @@ def _residual_svds(xs: list[Input], u: torch.Tensor, k: int, per_task: int) -> l
 
         def residual_svd(_i: int, x: torch.Tensor, _own: bool) -> tuple:
             # Δ_t − U_k·U_kᵀ·Δ_t = U_rest·(U_restᵀ·Δ_t): the SVD of a (m − k) × n matrix
-            w, st, vt = _task_svd(rest.mT @ x, per_task)
-            return rest @ w, st, vt
+            small = _rows_times_(rest.mT, x, out=x.new_empty(rest.shape[1], x.shape[1]))
+            w, st, vt = _task_svd(small, per_task)
+            return _rows_times_(rest, w, out=w.new_empty(rest.shape[0], w.shape[1])), st, vt
     else:
         uk = u[:, :k]
 
         def residual_svd(_i: int, x: torch.Tensor, own: bool) -> tuple:
             # Δ_t − U_k·(U_kᵀ·Δ_t), into Δ_t (a copy of it unless it is ours), by rows
             x = x if own else x.clone()
-            p = uk.mT @ x
-            step = max(1, SPECTRUM_BLOCK // max(1, x.shape[1]))
-            for i in range(0, x.shape[0], step):
-                x[i:i + step].sub_(uk[i:i + step] @ p)
+            p = _rows_times_(uk.mT, x, out=x.new_empty(k, x.shape[1]))
+
+            def piece(span: slice) -> None:
+                x[span].sub_(uk[span] @ p)
+
+            _by_pieces(piece, _spans(x.shape[0], x.shape[1]), x)
             return _task_svd(x, per_task)
 
     return _each(xs, None, residual_svd)
@@ -399,7 +438,8 @@ def spectra_summary(inputs: Sequence[torch.Tensor], k: int | None = None) -> dic
             at = torch.linspace(0, r - 1, CURVE_POINTS).round().long()
             curves.append((s.double()[at] / s.double()[0]).tolist())
         tops.append(u[:, :k].double())
-    overlap = [[float((a.mT @ b).square().sum()) / k if a.shape[1] and b.shape[1] else 0.0
-                for b in tops] for a in tops]
+    with serial():
+        overlap = [[float((a.mT @ b).square().sum()) / k if a.shape[1] and b.shape[1]
+                     else 0.0 for b in tops] for a in tops]
     return {"k": k, "rank": r, "erank": erank, "r90": r90, "energy_k": energy,
             "curve": curves, "overlap": overlap}

@@ -28,6 +28,8 @@ class BreadcrumbsStep(StepSpec):
     rescale: bool = Field(False, description="Scale the kept entries back to the tensor's L1 "
                                              "norm (mergekit's `rescale`).")
 
+    # 2: the L1 rescale's norms summed on one thread (same bytes on any core count).
+    version: ClassVar = 2
     accepts: ClassVar = {"input": TASK_VECTORS}
     cached: ClassVar = True
     per_tensor: ClassVar = ("density", "gamma")

@@ -50,7 +50,8 @@ class DecomposeStep(StepSpec):
     cached: ClassVar = True
     factored: ClassVar = True  # the cache keeps each tensor's shared basis, not the parts
     # 3: the randomized SVD forms its products thin factor first (other float32 rounding).
-    version: ClassVar = 3
+    # 4: products, factorisations and norms on one thread (same bytes on any core count).
+    version: ClassVar = 4
     per_tensor: ClassVar = ("threshold",)
     kernel: ClassVar = "tvrecipe.ops.decompose:decompose_factors"
     example: ClassVar = "parts: {op: decompose, inputs: tv, threshold: 0.85}"

@@ -27,8 +27,9 @@ class PruneStep(StepSpec):
     accepts: ClassVar = {"input": TASK_VECTORS}
     cached: ClassVar = True
     # 2: keeps k = max(1, floor(density·n)) entries, as mergekit and peft (1 rounded); and
-    # the `rescale` field.
-    version: ClassVar = 2
+    # the `rescale` field. 3: the L1 rescale's norms summed on one thread (same bytes on
+    # any core count).
+    version: ClassVar = 3
     per_tensor: ClassVar = ("density",)
     kernel: ClassVar = "tvrecipe.ops:prune"
     example: ClassVar = "sparse: {op: prune, input: tv, density: 0.1}"

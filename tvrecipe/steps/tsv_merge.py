@@ -30,7 +30,9 @@ class TsvMergeStep(StepSpec):
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     returns: ClassVar = VECTOR
     cached: ClassVar = True
-    version: ClassVar = 3  # Gram matrices summed over blocks, tasks one at a time
+    # 3: Gram matrices summed over blocks, tasks one at a time. 4: every product and
+    # factorisation on one thread (same bytes on any core count).
+    version: ClassVar = 4
     folds: ClassVar = True
     kernel: ClassVar = "tvrecipe.ops.spectral:tsv_merge"
     example: ClassVar = "merged: {op: tsv_merge, inputs: tv}"

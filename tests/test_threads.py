@@ -1,0 +1,139 @@
+"""A run's bytes do not depend on how many cores the machine has.
+
+MKL's products (for thin or small operands), LAPACK's factorisations and torch's sums of a
+whole tensor add their threads' partial results in an order set by the thread count, so
+the same recipe gave other bytes on a 16-core machine than on a 2-core one (TSV-M, Iso,
+decompose, DELLA's L1 rescale: a lock written on one did not verify on the other). These
+kernels now run on one thread (``ops.parallel.serial``), over pieces fixed by the shapes.
+The tests emulate machines of 1 to 16 cores on this one: the runner's torch threads and
+every ``cores()`` follow the emulated count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from tests.conftest import save_model
+from tvrecipe.exec import runner as runner_mod
+from tvrecipe.ops import lowrank, merges, parallel, spectral
+from tvrecipe.ops.decompose import decompose
+
+CORES = (1, 3, 16)
+
+
+def emulate(monkeypatch, n: int) -> None:
+    """Make this process look like an ``n``-core machine to tvrecipe."""
+    monkeypatch.setattr(parallel, "cores", lambda: n)
+    monkeypatch.setattr(runner_mod, "cores", lambda: n)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def digest(t) -> str:
+    if isinstance(t, (tuple, list)):
+        return "/".join(digest(x) for x in t)
+    if isinstance(t, dict):
+        return "/".join(f"{k}={digest(v)}" for k, v in sorted(t.items()))
+    if not isinstance(t, torch.Tensor):
+        return repr(t)
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def test_serial_runs_torch_on_one_thread_and_restores_the_count():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with parallel.serial():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _tasks(shape, n=4, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * scale for _ in range(n)]
+
+
+KERNELS = {
+    "tsv_merge": lambda xs: spectral.tsv_merge(xs),
+    "iso c": lambda xs: spectral.iso(xs, variant="c"),
+    "iso cts": lambda xs: spectral.iso(xs, variant="cts"),
+    "decompose": lambda xs: decompose(xs, rank=16).unique,
+    "della l1": lambda xs: merges.della(xs[0], density=0.5, seed=1),
+    "slerp": lambda xs: merges.slerp(xs[0], xs[1], t=0.3),
+    "model_stock": lambda xs: merges.model_stock(xs),
+    "lora factors": lambda xs: lowrank.lora_factors(xs[0], rank=8),
+}
+
+
+@pytest.mark.parametrize("alone", [False, True])
+@pytest.mark.parametrize("shape", [(704, 256), (256, 704)])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernels_give_the_same_bytes_on_any_number_of_cores(monkeypatch, name, shape, alone):
+    if alone:  # the path of an embedding-sized tensor: its tasks one at a time
+        monkeypatch.setattr(spectral, "ALONE_BYTES", 1)
+    xs = _tasks(shape)
+    previous = torch.get_num_threads()
+    seen = {}
+    try:
+        for n in CORES:
+            emulate(monkeypatch, n)
+            torch.set_num_threads(max(1, n - 1))  # what the runner gives its math thread
+            seen[n] = digest(KERNELS[name](xs))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(set(seen.values())) == 1, seen
+
+
+RECIPE = """\
+tvrecipe: 1
+models:
+  base: ./ckpt/base
+  a: ./ckpt/a
+  b: ./ckpt/b
+  c: ./ckpt/c
+  d: ./ckpt/d
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b, c, d]}
+  tsv: {op: tsv_merge, inputs: tv}
+  isoc: {op: iso, inputs: tv, variant: c}
+  isocts: {op: iso, inputs: tv, variant: cts}
+  parts: {op: decompose, inputs: tv, rank: 8}
+  unique: {op: sum, inputs: parts.unique}
+  pruned: {op: della, input: tv.a, density: 0.5, epsilon: 0.2}
+  stock: {op: model_stock, inputs: tv}
+  arc: {op: slerp, a: a, b: b, t: 0.3}
+outputs:
+  tsv: {from: tsv, path: ./out/tsv, dtype: float32}
+  isoc: {from: isoc, path: ./out/isoc, dtype: float32}
+  isocts: {from: isocts, path: ./out/isocts, dtype: float32}
+  unique: {from: unique, path: ./out/unique, dtype: float32}
+  pruned: {from: pruned, path: ./out/pruned, dtype: float32}
+  stock: {from: stock, path: ./out/stock, dtype: float32}
+  arc: {from: arc, path: ./out/arc, dtype: float32}
+"""
+
+
+def test_a_recipe_gives_the_same_bytes_on_any_number_of_cores(cli, tmp_path, monkeypatch):
+    """The lock a 16-core machine writes verifies, recomputed, on a 1- or 3-core one."""
+    monkeypatch.setattr(spectral, "ALONE_BYTES", 4 << 20)  # the embedding goes alone
+    g = torch.Generator().manual_seed(0)
+    base = {"embed.weight": torch.randn(8000, 256, generator=g),
+            "up.weight": torch.randn(704, 256, generator=g),
+            "down.weight": torch.randn(256, 704, generator=g),
+            "norm.weight": torch.randn(256, generator=g)}
+    save_model(tmp_path / "ckpt" / "base", base)
+    for i, name in enumerate("abcd"):
+        gi = torch.Generator().manual_seed(i + 1)
+        save_model(tmp_path / "ckpt" / name,
+                   {k: v + 0.01 * torch.randn(v.shape, generator=gi) for k, v in base.items()})
+    cli.write("r.yaml", RECIPE)
+    emulate(monkeypatch, 16)
+    cli.ok("run", "r.yaml", "--no-cache")
+    for n in (1, 3):
+        emulate(monkeypatch, n)
+        res = cli.ok("verify", "--recompute", "r.yaml")
+        assert "gave the same bytes" in res.stdout, (n, res.stdout)
