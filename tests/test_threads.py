@@ -12,9 +12,11 @@ every ``cores()`` follow the emulated count.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tests.conftest import save_model
 from tvrecipe.exec import runner as runner_mod
@@ -28,6 +30,7 @@ def emulate(monkeypatch, n: int) -> None:
     """Make this process look like an ``n``-core machine to tvrecipe."""
     monkeypatch.setattr(parallel, "cores", lambda: n)
     monkeypatch.setattr(runner_mod, "cores", lambda: n)
+    monkeypatch.setattr(spectral, "cores", lambda: n)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
 
@@ -73,8 +76,11 @@ KERNELS = {
 @pytest.mark.parametrize("shape", [(704, 256), (256, 704)])
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_kernels_give_the_same_bytes_on_any_number_of_cores(monkeypatch, name, shape, alone):
-    if alone:  # the path of an embedding-sized tensor: its tasks one at a time
+    if alone:  # the path of an embedding-sized tensor: its tasks one at a time, its
+        # products in pieces of 16 rows or columns, several at once on the math threads
         monkeypatch.setattr(spectral, "ALONE_BYTES", 1)
+        monkeypatch.setattr(spectral, "SPECTRUM_BLOCK", 4096)
+        monkeypatch.setattr(parallel, "PARALLEL_MIN", 1)
     xs = _tasks(shape)
     previous = torch.get_num_threads()
     seen = {}
@@ -96,6 +102,8 @@ models:
   b: ./ckpt/b
   c: ./ckpt/c
   d: ./ckpt/d
+  la: {path: ./ckpt/la, kind: lora}
+  lb: {path: ./ckpt/lb, kind: lora}
 steps:
   tv: {op: extract, base: base, finetuned: [a, b, c, d]}
   tsv: {op: tsv_merge, inputs: tv}
@@ -106,6 +114,8 @@ steps:
   pruned: {op: della, input: tv.a, density: 0.5, epsilon: 0.2}
   stock: {op: model_stock, inputs: tv}
   arc: {op: slerp, a: a, b: b, t: 0.3}
+  adapters: {op: sum, inputs: [la, lb]}
+  lora_tsv: {op: tsv_merge, inputs: [la, lb]}
 outputs:
   tsv: {from: tsv, path: ./out/tsv, dtype: float32}
   isoc: {from: isoc, path: ./out/isoc, dtype: float32}
@@ -114,22 +124,46 @@ outputs:
   pruned: {from: pruned, path: ./out/pruned, dtype: float32}
   stock: {from: stock, path: ./out/stock, dtype: float32}
   arc: {from: arc, path: ./out/arc, dtype: float32}
+  adapters: {from: adapters, path: ./out/adapters, dtype: float32}
+  lora_tsv: {from: lora_tsv, path: ./out/lora_tsv, dtype: float32}
 """
+
+# Shapes whose products MKL splits differently on other thread counts: thin factors
+# (704 × 26, a LoRA pair of rank 8) among the usual ones.
+SHAPES = {"embed.weight": (8000, 256), "up.weight": (704, 256), "down.weight": (256, 704),
+          "odd.weight": (704, 26), "odd2.weight": (26, 704), "small.weight": (100, 768),
+          "norm.weight": (256,)}
+
+
+def _adapter(folder, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in SHAPES.items():
+        if len(shape) == 2:
+            module = key.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(
+                8, shape[1], generator=g)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(
+                shape[0], 8, generator=g) * 0.01
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+         "target_modules": ["embed", "up", "down", "odd", "odd2", "small"]}))
 
 
 def test_a_recipe_gives_the_same_bytes_on_any_number_of_cores(cli, tmp_path, monkeypatch):
     """The lock a 16-core machine writes verifies, recomputed, on a 1- or 3-core one."""
     monkeypatch.setattr(spectral, "ALONE_BYTES", 4 << 20)  # the embedding goes alone
     g = torch.Generator().manual_seed(0)
-    base = {"embed.weight": torch.randn(8000, 256, generator=g),
-            "up.weight": torch.randn(704, 256, generator=g),
-            "down.weight": torch.randn(256, 704, generator=g),
-            "norm.weight": torch.randn(256, generator=g)}
+    base = {key: torch.randn(shape, generator=g) for key, shape in SHAPES.items()}
     save_model(tmp_path / "ckpt" / "base", base)
     for i, name in enumerate("abcd"):
         gi = torch.Generator().manual_seed(i + 1)
         save_model(tmp_path / "ckpt" / name,
                    {k: v + 0.01 * torch.randn(v.shape, generator=gi) for k, v in base.items()})
+    _adapter(tmp_path / "ckpt" / "la", 10)
+    _adapter(tmp_path / "ckpt" / "lb", 11)
     cli.write("r.yaml", RECIPE)
     emulate(monkeypatch, 16)
     cli.ok("run", "r.yaml", "--no-cache")

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["all_cores", "cores", "parallel_map", "serial", "splits"]
+__all__ = ["cores", "parallel_map", "serial", "splits"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -98,33 +98,18 @@ def _start_worker(started: threading.Barrier) -> None:
 
 
 @contextmanager
-def all_cores() -> Iterator[None]:
-    """Let torch's own threads use every core inside the block: for one large factorisation
-    (an eigendecomposition, a big product) that nothing else runs beside. The executor keeps
-    one core for reading and writing; a compute-bound spectral step leaves it idle. Calls
-    from the pool's workers (already one per core) change nothing."""
-    if getattr(_local, "worker", False) or cores() < 2:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(cores())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
 def serial() -> Iterator[None]:
     """Run torch on one thread inside the block, for the kernels whose bytes depend on how
-    many threads share them: LAPACK's factorisations (eigh, svd, qr, cholesky) and torch's
-    reductions of a whole tensor to a few numbers (a sum, a norm), whose threads' partial
-    results are added in an order set by their number. Inside it these give the same bytes
-    on a 2-core laptop and a 64-core server, so a lock written on one verifies on the other.
+    many threads share them: LAPACK's factorisations (eigh, svd, qr, cholesky), MKL's
+    products of thin or small matrices (a 704 × 256 matrix times a 256 × 26 one gave other
+    bits on 3 threads than on 1), and torch's reductions of a whole tensor to a few numbers
+    (a sum, a norm), whose threads' partial results are added in an order set by their
+    number. Inside it these give the same bytes on a 2-core laptop and a 64-core server,
+    so a lock written on one verifies on the other (``tests/test_threads.py``).
 
-    Products stay outside: MKL's matrix products split their output between the threads,
-    not the sums, and give the same bytes at any thread count; so does every entrywise
-    kernel (``tests/test_threads.py`` checks both, and every op's bytes at 1 to 16 cores)."""
+    Entrywise kernels need none of this (each entry is one rounding, on any thread). Large
+    products keep their speed by being cut into pieces fixed by the shape, which the math
+    threads (one torch thread each) take several at a time (``ops/spectral.py``)."""
     previous = torch.get_num_threads()
     if previous == 1:
         yield

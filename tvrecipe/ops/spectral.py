@@ -206,8 +206,9 @@ def tsv_merge(inputs: Sequence[Input], *, fraction: float = 1.0) -> torch.Tensor
     Δ = U⊥ · diag(σ) · V⊥ᵀ. Tensors that are not 2-D are averaged.
 
     The tasks' SVDs come from their smaller Gram matrices (the tasks of a large tensor one
-    after another, each on every core, those of smaller ones on the math threads: see
-    :func:`_each`); the polar factors from r × r eigendecompositions.
+    after another, their products in pieces on the math threads; those of smaller ones side
+    by side on the math threads: see :func:`_each`); the polar factors from r × r
+    eigendecompositions. Every product and factorisation runs on one thread.
     """
     xs = _check(inputs, "tsv_merge")
     if xs[0].dim() != 2 or xs[0].numel() == 0:  # (an empty matrix has no spectrum)

@@ -32,7 +32,8 @@ def step_keys(compiled: Compiled, model_digests: dict[str, str]) -> dict[str, st
     for name in model_digests:  # an adapter's value depends on its base too
         if compiled.models[name].kind == "lora":
             base = lora_base(compiled.models, name)
-            keys[name] = node_key("lora", 1, {"adapter": keys[name], "base": keys[base]})
+            # 2: B·A formed on one thread (the same bytes on any number of cores)
+            keys[name] = node_key("lora", 2, {"adapter": keys[name], "base": keys[base]})
     for name, step in compiled.steps.items():
         inputs = {fld: [[keys[r.node], list(r.selector)] for r in refs]
                   for fld, refs in step.refs.items()}
