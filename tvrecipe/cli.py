@@ -353,8 +353,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
                          state=state, replaceable=replaceable, cluster=cluster,
-                         committed=lambda paths, digests: lockfile.write_run_lock(
-                             compiled, state, paths, memo, digests))
+                         committed=lambda paths, digests, where: lockfile.write_run_lock(
+                             compiled, state, paths, memo, digests, where))
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
     result = run_light(compiled, options)
     if result is None:
@@ -474,7 +474,7 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     import tempfile
 
     with _importing("tvrecipe.exec.runner"):
-        from tvrecipe.exec.runner import RunOptions, run_recipe
+        from tvrecipe.exec.runner import RunOptions, describe_device, resolve_device, run_recipe
     work = compiled.loaded.root / ".tvrecipe"
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -490,8 +490,11 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if problems:
+        from tvrecipe.store.lock import lock_path, read_lock
+        where = describe_device(resolve_device(device or compiled.loaded.recipe.settings.device))
+        why = lockfile.machine_differences(read_lock(lock_path(compiled.loaded.path)), where)
         raise VerifyError("recomputing the outputs gave other bytes than the lock:\n"
-                          + "\n".join(problems))
+                          + "\n".join(problems + why))
     click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock, and recomputing "
                "them without the cache gave the same bytes")
 
@@ -596,7 +599,8 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
     problems = release.folder_differences(got, locked, f"recomputed {folder}")
     if problems:
         raise VerifyError(f"rebuilding {folder} from its {release.RECIPE_FILE} gave other bytes "
-                          f"than its {release.LOCK_FILE}:\n" + "\n".join(problems))
+                          f"than its {release.LOCK_FILE}:\n"
+                          + "\n".join(problems + lockfile.machine_differences(data, None)))
 
 
 @main.group()

@@ -30,6 +30,61 @@ def tool_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def machine(device: str = "cpu") -> dict[str, str]:
+    """Where a run computed, as its lock records it: the device (``cpu``, or ``cuda`` and the
+    GPU's name) and the CPU (architecture, vendor, widest vector instructions). Besides the
+    versions, these decide the last bits of the ops that recipe-format.md lists under "CPU
+    and GPU bytes" (MKL and torch pick kernels by vendor and instruction set)."""
+    return {"device": device, "cpu": _cpu()}
+
+
+def _cpu() -> str:
+    arch = platform.machine() or "unknown"
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux
+        return arch
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2", "asimd") if f in flags), "")
+    return " ".join(p for p in (arch, fields.get("vendor_id", ""), isa) if p)
+
+
+def machine_differences(lock: dict[str, Any], device: str | None) -> list[str]:
+    """Why a recompute may have given other bytes than the lock: other versions, another
+    device or another CPU than the run that wrote it (``device``: where the recompute ran).
+
+    Only a recipe's lock records its machine: an output folder's own ``tvrecipe.lock`` is
+    one of its files, which must come out the same wherever it is rebuilt, so for those
+    (``device`` None) only the versions are compared."""
+    lines = []
+    locked_tools, tools = _tools(lock.get("tool")), _tools(tool_versions())
+    if locked_tools and locked_tools != tools:
+        lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
+                     "version may compute an op differently: install the locked versions")
+    locked = lock.get("machine") if device is not None else None
+    here = machine(device or "cpu")
+    if isinstance(locked, dict):
+        if locked.get("device") != here["device"]:
+            lines.append(
+                f"the lock was written on {locked.get('device')} and this run computed on "
+                f"{here['device']}: the ops listed in docs/recipe-format.md (\"CPU and GPU "
+                "bytes\") may differ in the last bits between them; recompute with --device "
+                f"{str(locked.get('device')).split()[0]}")
+        if locked.get("cpu") != here["cpu"]:
+            lines.append(
+                f"the lock was written on a {locked.get('cpu')} CPU and this is a {here['cpu']} "
+                "one: MKL and torch pick their kernels by CPU vendor and instruction set, so "
+                "a product or a sum may round differently; recompute on a CPU like the lock's")
+    if not lines and isinstance(locked, dict):
+        lines.append("the versions, device and CPU are those of the lock, so the outputs should "
+                     "have been the same: please report this with the recipe")
+    return lines
+
+
 def hash_memo(compiled: Compiled) -> HashMemo:
     """The hash memo beside the recipe (``.tvrecipe/hashes.json``), so inputs hash once."""
     return HashMemo(compiled.loaded.root / ".tvrecipe" / "hashes.json")
@@ -82,12 +137,14 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
 
 def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str, Path],
                    memo: HashMemo | None = None,
-                   digests: dict[str, dict[str, str]] | None = None) -> Path:
+                   digests: dict[str, dict[str, str]] | None = None,
+                   device: str = "cpu") -> Path:
     """Write ``<recipe>.lock`` after a successful run.
 
     Args:
         digests: Per output, SHA-256 of files by path in its folder, hashed as they were
             written: recorded in the memo so those files are not read again to hash them.
+        device: Where the run computed (:func:`machine`).
     """
     memo = memo or hash_memo(compiled)
     known = []
@@ -101,7 +158,7 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
                                "files": hash_tree(path, memo)}
                         for name, path in sorted(outputs.items())},
-            "tool": tool_versions()}
+            "tool": tool_versions(), "machine": machine(device)}
     path = lock_path(compiled.loaded.path)
     write_lock(path, data)
     return path

@@ -54,17 +54,19 @@ class RunOptions:
     cluster: str | None = None
     # Called with the output paths and their files' digests right after the outputs are
     # renamed into place, in the same step that Ctrl-C cannot split (the CLI writes the lock).
-    committed: Callable[[dict[str, Path], dict[str, dict[str, str]]], None] | None = None
+    # Also given where the run computed (``cpu``, ``cuda (GPU name)``), for the lock.
+    committed: Callable[[dict[str, Path], dict[str, dict[str, str]], str], None] | None = None
 
 
-def commit_outputs(outputs: dict[str, Output], options: RunOptions) -> dict[str, Path]:
+def commit_outputs(outputs: dict[str, Output], options: RunOptions,
+                   device: str = "cpu") -> dict[str, Path]:
     """Rename every output into place and call ``options.committed``, as one step: an
     interrupt that lands meanwhile takes effect after it, so the outputs and the lock agree
     (all old or all new) and no moved-aside previous output is left behind."""
     with deferred_interrupts():
         paths = {name: o.folder.commit() for name, o in outputs.items()}
         if options.committed is not None:
-            options.committed(paths, {n: o.digests for n, o in outputs.items()})
+            options.committed(paths, {n: o.digests for n, o in outputs.items()}, device)
     return paths
 
 

@@ -60,7 +60,8 @@ from tvrecipe.store.lora import LoraAdapter
 from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import TensorSpec
 
-__all__ = ["PassContext", "RunOptions", "RunResult", "Runner", "resolve_device", "run_recipe"]
+__all__ = ["PassContext", "RunOptions", "RunResult", "Runner", "describe_device",
+           "resolve_device", "run_recipe"]
 
 DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 
@@ -81,6 +82,13 @@ def resolve_device(setting: str) -> torch.device:
                              f"device(s) (cuda:0 to cuda:{count - 1}); use one of those")
     # With its index: tensors made there (an adapter's B·A) say cuda:0, and compare equal.
     return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or ``cuda`` and the GPU's name: where a run computed, for its lock."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 class Runner:
@@ -683,7 +691,7 @@ class Runner:
                 entry.commit(self._manifest(name))
             pending = {}
             self._commit_kept(steps, metadata)
-            result_paths = commit_outputs(outputs, self.options)
+            result_paths = commit_outputs(outputs, self.options, describe_device(self.device))
         except BaseException as exc:
             abort_outputs(outputs)
             for entry in pending.values():
