@@ -373,6 +373,9 @@ def spectral_floor(models: list[Path], n_tasks: int) -> dict[str, float]:
     thread each, as tvrecipe runs tasks on its math threads), and scaled by how many tensors
     have that shape. Returns seconds for T tasks per tensor (TSV-M, Iso-CTS's per-task
     spectra) and for one per tensor (Iso-C: the spectrum of Σ_t Δ_t); reading not included.
+    ``one_core``: the per-tensor floor with every spectrum on one core, one after another, as
+    Iso-C takes them (each eigendecomposition on one thread, so that its bytes do not depend
+    on the core count, and one tensor at a time).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -406,7 +409,8 @@ def spectral_floor(models: list[Path], n_tasks: int) -> dict[str, float]:
                 per_tensor += (time.perf_counter() - t0) / cores * count
     finally:
         torch.set_num_threads(previous)
-    return {"per_task": per_tensor * n_tasks, "per_tensor": per_tensor}
+    return {"per_task": per_tensor * n_tasks, "per_tensor": per_tensor,
+            "one_core": per_tensor * cores}
 
 
 def best_of(k: int, fn) -> Measured:
@@ -678,6 +682,10 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
             need = spectral["per_tensor" if op == "iso_c" else "per_task"]
             print(f"  its spectral floor: {need:.2f} s ({need / sum_wall:.2f}× sum, before "
                   f"reading anything); the run is {m.wall / need:.2f}× that floor")
+            if op == "iso_c":
+                one = spectral["one_core"]
+                print(f"  on one core, as its spectra are taken: {one:.2f} s ({one / sum_wall:.2f}×"
+                      f" sum); the run is {m.wall / one:.2f}× that")
     for op, peer in (("sum", "mergekit sum"), ("ties", "mergekit ties"), ("dare", "mergekit dare")):
         mine, theirs = results.get(op), results.get(peer)
         if mine is None or theirs is None or mine.rc or theirs.rc:
