@@ -66,22 +66,30 @@ def machine_differences(lock: dict[str, Any], device: str | None) -> list[str]:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
     locked = lock.get("machine") if device is not None else None
-    here = machine(device or "cpu")
-    if isinstance(locked, dict):
-        if locked.get("device") != here["device"]:
-            lines.append(
-                f"the lock was written on {locked.get('device')} and this run computed on "
-                f"{here['device']}: the ops listed in docs/recipe-format.md (\"CPU and GPU "
-                "bytes\") may differ in the last bits between them; recompute with --device "
-                f"{str(locked.get('device')).split()[0]}")
-        if locked.get("cpu") != here["cpu"]:
-            lines.append(
-                f"the lock was written on a {locked.get('cpu')} CPU and this is a {here['cpu']} "
-                "one: MKL and torch pick their kernels by CPU vendor and instruction set, so "
-                "a product or a sum may round differently; recompute on a CPU like the lock's")
-    if not lines and isinstance(locked, dict):
-        lines.append("the versions, device and CPU are those of the lock, so the outputs should "
-                     "have been the same: please report this with the recipe")
+    if not (isinstance(locked, dict) and isinstance(locked.get("device"), str)
+            and isinstance(locked.get("cpu"), str)):
+        return lines
+    here = machine(device)
+    was, now = locked["device"], here["device"]
+    if was != now and was.startswith("cuda") and now.startswith("cuda"):
+        lines.append(f"the lock was written on {was} and this run computed on {now}: cuBLAS "
+                     "and cuSOLVER may round differently on another GPU; recompute on a GPU "
+                     "like the lock's")
+    elif was != now:
+        lines.append(f"the lock was written on {was} and this run computed on {now}: the ops "
+                     "listed in docs/recipe-format.md (\"CPU and GPU bytes\") may differ in "
+                     f"the last bits between them; recompute with --device {was.split()[0]}")
+    elif now == "cpu" and locked["cpu"] != here["cpu"]:
+        lines.append(f"the lock was written on CPU {locked['cpu']} and this is {here['cpu']}: "
+                     "MKL and torch pick their kernels by CPU vendor and instruction set, so a "
+                     "product or a sum may round differently; recompute on a CPU like the "
+                     "lock's")
+    if not lines:
+        lines.append("the versions, device and CPU are those of the run that wrote the lock; "
+                     "if that run took steps from a cache filled on another machine or device, "
+                     "their bytes are that machine's (`tvrecipe run --no-cache --force` writes "
+                     "outputs and a lock from this machine alone); if not, please report this "
+                     "with the recipe")
     return lines
 
 
