@@ -428,15 +428,16 @@ def decompose_factors(
 
 
 @serial()
-def shared_coefficients(deltas: Sequence[torch.Tensor], factors: Mapping[str, torch.Tensor]
-                        ) -> list[torch.Tensor] | None:
+def shared_coefficients(deltas: Sequence[torch.Tensor], factors: Mapping[str, torch.Tensor],
+                        parallel: Any = map) -> list[torch.Tensor] | None:
     """Zᵀ·W_i for each delta (s × columns), or None outside subspace mode: the one product
-    both the parts and the report's shared energies need."""
+    both the parts and the report's shared energies need (``parallel``: as in
+    :func:`decompose_factors`, one delta each)."""
     if "basis" not in factors:
         return None
     z = factors["basis"].to(deltas[0].device)
     rows = deltas[0].shape[0]
-    return [z.mT @ w.reshape(rows, -1).to(z.dtype) for w in deltas]
+    return list(parallel(lambda w: z.mT @ w.reshape(rows, -1).to(z.dtype), list(deltas)))
 
 
 @serial()
@@ -449,6 +450,7 @@ def decomposition_parts(
     unique: Sequence[bool] | None = None,
     reuse: Sequence[bool] | None = None,
     coefficients: Sequence[torch.Tensor] | None = None,
+    parallel: Any = map,
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Shared and unique parts of each delta from the factors :func:`decompose_factors` kept.
 
@@ -463,6 +465,7 @@ def decomposition_parts(
         reuse: Per delta, whether its unique part may be written into it (nothing reads the
             delta afterwards): same bytes, without a fresh tensor-sized allocation.
         coefficients: :func:`shared_coefficients` of the deltas, if already computed.
+        parallel: As in :func:`decompose_factors` (one delta's parts each).
     """
     k = len(deltas)
     want_sh = list(shared) if shared is not None else [True] * k
@@ -479,9 +482,9 @@ def decomposition_parts(
                 [w - mean if want_un[i] else None for i, w in enumerate(deltas)])
     shape = deltas[0].shape
     z = factors["basis"].to(deltas[0].device)
-    for i, w in enumerate(deltas):
-        if not (want_sh[i] or want_un[i]):
-            continue
+
+    def parts(i: int) -> None:
+        w = deltas[i]
         # Project in Z's precision (float32 at least); half-precision deltas come back as such.
         a = w.reshape(shape[0], -1).to(z.dtype)
         coeff = z.mT @ a if coefficients is None else coefficients[i]
@@ -492,6 +495,8 @@ def decomposition_parts(
                 un[i] = torch.addmm(a, z, coeff, alpha=-1).to(w.dtype).reshape(shape)
         if want_sh[i]:
             sh[i] = (z @ coeff).to(w.dtype).reshape(shape)
+
+    list(parallel(parts, [i for i in range(k) if want_sh[i] or want_un[i]]))
     return sh, un
 
 

@@ -82,18 +82,18 @@ class DecomposeStep(StepSpec):
             return {"shared": dict.fromkeys(members), "unique": dict.fromkeys(members)}
         excluded = any(fnmatch.fnmatchcase(ctx.tensor, p) for p in self.exclude)
         factors = ctx.kept
+        first = deltas[0]
+
+        def spread(fn: Any, items: list) -> Any:  # one task's SVD (or parts) per math thread
+            return parallel_map(fn, items, numel=first.numel(), device=first.device)
+
         if factors is None:
             rank = self.rank if isinstance(self.rank, int) else {"energy": self.rank.energy}
-            first = deltas[0]
-
-            def spread(fn: Any, items: list) -> Any:  # one task's SVD per math thread
-                return parallel_map(fn, items, numel=first.numel(), device=first.device)
-
             factors = ctx.kernel(deltas, method=self.method, threshold=ctx.param("threshold"),
                                  rank=rank, excluded=excluded, parallel=spread)
             ctx.keep(factors)
         # Facts first: the unique parts may be written into the deltas (reuse).
-        coeffs = shared_coefficients(deltas, factors)
+        coeffs = shared_coefficients(deltas, factors, spread)
         ctx.report.setdefault("tensors", {})[ctx.tensor] = decomposition_info(
             deltas, factors, vectors_1d=self.vectors_1d, excluded=excluded,
             coefficients=coeffs)
@@ -104,7 +104,7 @@ class DecomposeStep(StepSpec):
             deltas[:len(targets)], factors, vectors_1d=self.vectors_1d,
             shared=[ctx.reads("shared", m) for m in members],
             unique=[ctx.reads("unique", m) for m in members], reuse=reuse,
-            coefficients=coeffs)
+            coefficients=coeffs, parallel=spread)
         # A part nothing reads is left out; None is an exact zero (a 1-D shared part).
         return {"shared": {m: t for m, t in zip(members, shared)
                            if ctx.reads("shared", m)},
