@@ -315,3 +315,64 @@ def test_a_lora_adapter_beside_deferred_task_vectors(cli, tmp_path, monkeypatch,
     assert [k for k in ready if not torch.equal(deferred[k], ready[k])] == []
     uncovered = "model.layers.0.self_attn.k_proj.weight"  # (the adapter covers q, v, down)
     assert float(ready[uncovered].abs().max()) > 0
+
+
+@pytest.mark.parametrize("step", ["{op: tsv_merge, inputs: tv}",
+                                  "{op: iso, inputs: tv, variant: c}",
+                                  "{op: iso, inputs: tv, variant: cts, common: 0.25}"])
+def test_a_fold_stream_takes_small_tensors_two_at_a_time_with_the_same_bytes(
+        make_models, cli, tmp_path, monkeypatch, step):
+    """Runner._pairs: the next small tensor is evaluated on a thread of its own beside this
+    one (their factorisations run on one thread each); the outputs are those of one tensor
+    at a time."""
+    import threading
+
+    monkeypatch.setattr(runner_mod, "cores", lambda: 2)  # (pairs need a second core)
+    ms = make_models(("a", "b", "c"))
+    cli.write("r.yaml", _recipe(ms, step))
+    threads: list[str] = []
+    real = runner_mod.StepEvaluator.__call__
+
+    def spy(self, step, *args, **kwargs):
+        if step.spec.folds:
+            threads.append(threading.current_thread().name)
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(runner_mod.StepEvaluator, "__call__", spy)
+    cli.ok("run", "r.yaml", "-q", "--no-cache")
+    paired = read_tensors(tmp_path / "out" / "m")
+    assert any(t.startswith("tvrecipe-pair") for t in threads), threads
+    assert any(not t.startswith("tvrecipe-pair") for t in threads), threads
+    # one tensor at a time: the same bytes
+    monkeypatch.setattr(runner_mod, "PAIR_BYTES", 0)
+    threads.clear()
+    cli.ok("run", "r.yaml", "-q", "--no-cache", "--force")
+    assert threads and not any(t.startswith("tvrecipe-pair") for t in threads)
+    alone = read_tensors(tmp_path / "out" / "m")
+    assert paired.keys() == alone.keys()
+    assert all(torch.equal(paired[k], alone[k]) for k in alone)
+
+
+def test_no_pairs_beside_an_op_that_keeps_state_between_tensors(make_models, cli, tmp_path,
+                                                                 monkeypatch):
+    """A step that writes a report or keeps state per tensor (decompose, DARE's streams, ...)
+    keeps its stream one tensor at a time."""
+    import threading
+
+    monkeypatch.setattr(runner_mod, "cores", lambda: 2)
+    ms = make_models(("a", "b", "c"))
+    recipe = _recipe(ms, "{op: iso, inputs: tv, variant: c}").replace(
+        "outputs:", "  tv2: {op: extract, base: base, finetuned: [a, b]}\n"
+        "  parts: {op: decompose, inputs: tv2, rank: 2}\n"
+        "  u: {op: sum, inputs: parts.unique}\noutputs:")
+    cli.write("r.yaml", recipe + "  u: {from: u, path: ./out/u}\n")
+    threads: list[str] = []
+    real = runner_mod.StepEvaluator.__call__
+
+    def spy(self, step, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(runner_mod.StepEvaluator, "__call__", spy)
+    cli.ok("run", "r.yaml", "-q", "--no-cache")
+    assert threads and not any(t.startswith("tvrecipe-pair") for t in threads)

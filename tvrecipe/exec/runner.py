@@ -64,6 +64,11 @@ __all__ = ["PassContext", "RunOptions", "RunResult", "Runner", "describe_device"
            "resolve_device", "run_recipe"]
 
 DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
+# A fold stream (Runner._pairs) evaluates two consecutive tensors at once when each is
+# smaller than this in the compute dtype (an embedding is not: its tasks' deltas alone fill
+# the memory such a stream is there to save).
+PAIR_BYTES = 32 << 20
+
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -369,43 +374,96 @@ class Runner:
             return pool.submit(self._read, models, t, rows, heavy, deferred)
 
         futures: deque = deque()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
-            try:
-                futures.extend(read_ahead(j) for j in range(min(ahead, len(items))))
-                for i, (tensor, info, rows) in enumerate(items):
-                    future = futures.popleft()
-                    values = None  # the last tensor's values are the consumer's now
-                    values = (future.result() if future is not None
-                              else self._read(models, tensor, rows, heavy, deferred))
-                    if i + ahead < len(items):
-                        futures.append(read_ahead(i + ahead))
-                    if deferred:
-                        # A stream that folds its tasks in one at a time is there to hold
-                        # little: what earlier tensors left free (pool maps, malloc arenas)
-                        # goes back to the kernel before each tensor.
-                        self.buffers.release()
-                        trim()
-                    remaining = Counter(uses)
-                    for s in steps:
-                        values[s.name] = evaluator(s, values, tensor, rows)
-                        for refs in s.refs.values():
-                            for r in refs:
-                                remaining[r.node] -= 1
-                                if remaining[r.node] <= 0:
-                                    values.pop(r.node, None)
-                    block = (info.shape if rows is None
-                             else (rows.stop - rows.start, *info.shape[1:]))
-                    yield tensor, info, {w: self._zero_fill(values[w], info, block)
-                                         for w in want}
-                    bar.update(1)
-            finally:
-                # Stopped early (an error, or the consumer closed us): reads not yet started
-                # never run; leaving the pool waits for the one running.
-                for f in futures:
-                    if f is not None:
-                        f.cancel()
+        # A fold stream of small tensors takes two at a time, the next one on a thread of its
+        # own: its ops run their factorisations on one thread each (so that their bytes do
+        # not depend on the core count), which would leave the other cores idle.
+        second = self._second_evaluator(evaluator) if self._pairs(steps, deferred) else None
+        threads = torch.get_num_threads()
+
+        def own_threads() -> None:  # (a new thread takes torch's default count otherwise)
+            torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+        def small(info: TensorInfo) -> bool:
+            return math.prod(info.shape) * width < PAIR_BYTES
+
+        def evaluate(ev: StepEvaluator, values: dict[str, Any], tensor: str,
+                     info: TensorInfo, rows: slice | None) -> dict[str, Any]:
+            remaining = Counter(uses)
+            for s in steps:
+                values[s.name] = ev(s, values, tensor, rows)
+                for refs in s.refs.values():
+                    for r in refs:
+                        remaining[r.node] -= 1
+                        if remaining[r.node] <= 0:
+                            values.pop(r.node, None)
+            block = (info.shape if rows is None
+                     else (rows.stop - rows.start, *info.shape[1:]))
+            return {w: self._zero_fill(values[w], info, block) for w in want}
+
+        def take(j: int) -> dict[str, Any]:
+            """Tensor ``j``'s values as read (taken in order), and the next read started."""
+            t, _info, rows = items[j]
+            future = futures.popleft()
+            values = future.result() if future is not None else self._read(
+                models, t, rows, heavy, deferred)
+            if j + ahead < len(items):
+                futures.append(read_ahead(j + ahead))
+            return values
+
+        pair = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-pair",
+                                   initializer=own_threads) if second is not None else None)
+        beside = None  # the next tensor's values, being evaluated on the pair thread
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
+                try:
+                    futures.extend(read_ahead(j) for j in range(min(ahead, len(items))))
+                    for i, (tensor, info, rows) in enumerate(items):
+                        if beside is not None:
+                            out, beside = beside.result(), None
+                        else:
+                            values = take(i)
+                            if deferred:
+                                # A stream that folds its tasks in one at a time is there to
+                                # hold little: what earlier tensors left free (pool maps,
+                                # malloc arenas) goes back to the kernel before each tensor.
+                                self.buffers.release()
+                                trim()
+                            if (pair is not None and i + 1 < len(items) and small(info)
+                                    and small(items[i + 1][1])):
+                                beside = pair.submit(evaluate, second, take(i + 1),
+                                                     *items[i + 1])
+                            out = evaluate(evaluator, values, tensor, info, rows)
+                            values = None
+                        yield tensor, info, out
+                        out = None  # (the consumer's now)
+                        bar.update(1)
+                finally:
+                    # Stopped early (an error, or the consumer closed us): reads not yet
+                    # started never run; leaving the pool waits for the one running.
+                    for f in futures:
+                        if f is not None:
+                            f.cancel()
+        finally:
+            if pair is not None:
+                pair.shutdown(wait=True)  # (an evaluation running beside a failed one ends)
         self.buffers.release()
         bar.close()
+
+    def _pairs(self, steps: list[CompiledStep], deferred: set[str] | frozenset[str]) -> bool:
+        """Whether a stream takes two small tensors at a time: a fold stream on a CPU of
+        several cores whose steps keep nothing from one tensor to the next (no report, kept
+        state or random stream that another tensor's evaluation could interleave with)."""
+        return (bool(deferred) and self.device.type == "cpu" and cores() > 1
+                and all(s.spec.independent for s in steps))
+
+    @staticmethod
+    def _second_evaluator(first: StepEvaluator) -> StepEvaluator:
+        """An evaluator for the pair thread: the same settings, its own per-call state."""
+        ev = StepEvaluator(first.seed, first.reduced, first.reports)
+        ev.layers, ev.kept, ev.reads = first.layers, first.kept, first.reads
+        ev.exclusive = first.exclusive
+        return ev
 
     def _zero_fill(self, value: Any, info: TensorInfo, block: tuple[int, ...]) -> Any:
         """A value leaving the stream (for an output, a cache entry or a whole-model pass),

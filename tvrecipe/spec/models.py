@@ -150,6 +150,10 @@ class StepSpec(Frozen):
             them, so one task's delta of a tensor is in memory at a time.
         defers: The reference field whose checkpoints the op hands on deferred when every
             reader of its result folds (``extract``'s ``finetuned``), or None.
+        independent: Each tensor's result depends on that tensor's inputs alone, and the op
+            records nothing from one tensor to the next (no report, kept state or random
+            stream): a fold stream whose every op is independent evaluates two small
+            tensors at once (the folding ops run their factorisations on one thread each).
         version: Part of every cache key; bump when the kernel's output for the same inputs
             changes.
         seeded: The op is random (or seeds a clustering): its key includes the recipe's seed
@@ -178,6 +182,7 @@ class StepSpec(Frozen):
     whole_model: ClassVar[bool] = False
     folds: ClassVar[bool] = False
     defers: ClassVar[str | None] = None
+    independent: ClassVar[bool] = False
     version: ClassVar[int] = 1
     seeded: ClassVar[bool] = False
     weighted: ClassVar[str | None] = None

@@ -22,6 +22,7 @@ class ApplyStep(StepSpec):
     scale: PerTensor = Field(1.0, description="λ in θ₀ + λ·τ. " + PER_TENSOR_HELP)
 
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "delta": frozenset({VECTOR})}
+    independent: ClassVar = True
     returns: ClassVar = CHECKPOINT
     execution: ClassVar = ROWWISE
     # 2: θ₀ + (s·τ) rounded twice, as numpy and CUDA give it; version 1 fused the multiply-add.

@@ -23,6 +23,7 @@ class ExtractStep(StepSpec):
                     "models) or a mapping `{member: model}` (a set with those member names).")
 
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "finetuned": frozenset({CHECKPOINT})}
+    independent: ClassVar = True
     returns: ClassVar = "vector (one model) or vectors (a list or mapping)"
     execution: ClassVar = ROWWISE
     defers: ClassVar = "finetuned"

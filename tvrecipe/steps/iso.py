@@ -30,6 +30,7 @@ class IsoStep(StepSpec):
                                       "subspace (lowered until the rest divides among tasks).")
 
     accepts: ClassVar = {"inputs": TASK_VECTORS}
+    independent: ClassVar = True
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     # 3: Gram matrices summed over blocks, tasks one at a time. 4: every product and

@@ -26,6 +26,7 @@ class LinearStep(StepSpec):
                                               "default).")
 
     accepts: ClassVar = {"inputs": frozenset({CHECKPOINT})}
+    independent: ClassVar = True
     returns: ClassVar = CHECKPOINT
     execution: ClassVar = ROWWISE
     weighted: ClassVar = "inputs"

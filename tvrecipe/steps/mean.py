@@ -19,6 +19,7 @@ class MeanStep(StepSpec):
     inputs: RefList
 
     accepts: ClassVar = {"inputs": frozenset({VECTOR, VECTORS, DECOMPOSITION})}
+    independent: ClassVar = True
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     execution: ClassVar = ROWWISE

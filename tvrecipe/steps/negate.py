@@ -19,6 +19,7 @@ class NegateStep(StepSpec):
     input: Ref = Field(description="A vector, vectors or decomposition.")
 
     accepts: ClassVar = {"input": frozenset({VECTOR, VECTORS, DECOMPOSITION})}
+    independent: ClassVar = True
     execution: ClassVar = ROWWISE
     kernel: ClassVar = "tvrecipe.ops:negate"
     example: ClassVar = "detox: {op: negate, input: tv.toxic}"

@@ -21,6 +21,7 @@ class ScaleStep(StepSpec):
     factor: PerTensor = Field(description="The factor c in c·τ. " + PER_TENSOR_HELP)
 
     accepts: ClassVar = {"input": frozenset({VECTOR, VECTORS, DECOMPOSITION})}
+    independent: ClassVar = True
     execution: ClassVar = ROWWISE
     per_tensor: ClassVar = ("factor",)
     kernel: ClassVar = "tvrecipe.ops:scale"

@@ -25,6 +25,7 @@ class SumStep(StepSpec):
                           + PER_TENSOR_HELP)
 
     accepts: ClassVar = {"inputs": frozenset({VECTOR, VECTORS, DECOMPOSITION})}
+    independent: ClassVar = True
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     execution: ClassVar = ROWWISE

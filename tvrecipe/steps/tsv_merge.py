@@ -28,6 +28,7 @@ class TsvMergeStep(StepSpec):
                                         "keeps ⌊fraction·r/T⌋ (at least 1) singular triplets.")
 
     accepts: ClassVar = {"inputs": TASK_VECTORS}
+    independent: ClassVar = True
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     # 3: Gram matrices summed over blocks, tasks one at a time. 4: every product and
