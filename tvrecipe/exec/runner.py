@@ -452,10 +452,11 @@ class Runner:
 
     def _pairs(self, steps: list[CompiledStep], deferred: set[str] | frozenset[str]) -> bool:
         """Whether a stream takes two small tensors at a time: a fold stream on a CPU of
-        several cores whose steps keep nothing from one tensor to the next (no report, kept
-        state or random stream that another tensor's evaluation could interleave with)."""
+        several cores, with a step that asks for it (``StepSpec.pairs``: Iso-C), whose steps
+        keep nothing from one tensor to the next (``independent``: no report, kept state or
+        random stream that another tensor's evaluation could interleave with)."""
         return (bool(deferred) and self.device.type == "cpu" and cores() > 1
-                and all(s.spec.independent for s in steps))
+                and all(s.spec.independent for s in steps) and any(s.spec.pairs() for s in steps))
 
     @staticmethod
     def _second_evaluator(first: StepEvaluator) -> StepEvaluator:

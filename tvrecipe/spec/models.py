@@ -152,8 +152,8 @@ class StepSpec(Frozen):
             reader of its result folds (``extract``'s ``finetuned``), or None.
         independent: Each tensor's result depends on that tensor's inputs alone, and the op
             records nothing from one tensor to the next (no report, kept state or random
-            stream): a fold stream whose every op is independent evaluates two small
-            tensors at once (the folding ops run their factorisations on one thread each).
+            stream): a fold stream whose every op is independent, and one of them asks for
+            it (:meth:`pairs`), evaluates two small tensors at once.
         version: Part of every cache key; bump when the kernel's output for the same inputs
             changes.
         seeded: The op is random (or seeds a clustering): its key includes the recipe's seed
@@ -270,6 +270,14 @@ class StepSpec(Frozen):
         """Member names learnt from the whole-model result, when the compiler could not know
         them (``cluster_basis`` with ``k: auto``); None otherwise."""
         return None
+
+    def pairs(self) -> bool:
+        """Whether a fold stream should take two small tensors at a time for this step: its
+        work on one tensor is mostly one thread's (Iso-C's one eigendecomposition), so a
+        second tensor beside it uses the idle cores. Taken only where every step of the
+        stream is ``independent``. Ops that spread one tensor's work over the cores
+        themselves (TSV-M's tasks) say no: a pair would only hold more memory."""
+        return False
 
     def render_report(self, name: str, report: dict) -> str | None:
         """A short text of the step's run report for the terminal, or None."""
