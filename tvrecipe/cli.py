@@ -474,7 +474,7 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     import tempfile
 
     with _importing("tvrecipe.exec.runner"):
-        from tvrecipe.exec.runner import RunOptions, describe_device, resolve_device, run_recipe
+        from tvrecipe.exec.runner import RunOptions, describe_device, run_recipe
     work = compiled.loaded.root / ".tvrecipe"
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -484,14 +484,16 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         raise output_oserror(exc, work) from exc
     try:
         folders = {name: tmp / name for name in compiled.outputs}
-        run_recipe(compiled, RunOptions(device=device, progress=sys.stderr.isatty(),
-                                        targets=folders, cluster=cluster))
+        result = run_recipe(compiled, RunOptions(device=device, progress=sys.stderr.isatty(),
+                                                 targets=folders, cluster=cluster))
         problems = lockfile.output_differences(compiled, HashMemo(None), folders)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if problems:
+        import torch  # (imported by the run)
+
         from tvrecipe.store.lock import lock_path, read_lock
-        where = describe_device(resolve_device(device or compiled.loaded.recipe.settings.device))
+        where = describe_device(torch.device(result.device))  # where the recompute ran
         why = lockfile.machine_differences(read_lock(lock_path(compiled.loaded.path)), where)
         raise VerifyError("recomputing the outputs gave other bytes than the lock:\n"
                           + "\n".join(problems + why))

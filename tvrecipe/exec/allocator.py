@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Callable
+from functools import cache
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -41,16 +43,11 @@ def tune_malloc() -> bool:
     already sets malloc (``USER_SETTINGS``, e.g. jemalloc through ``LD_PRELOAD``). Call it
     before the command starts its threads.
     """
-    if not sys.platform.startswith("linux") or any(os.environ.get(v) for v in USER_SETTINGS):
+    if any(os.environ.get(v) for v in USER_SETTINGS):
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (present in glibc only)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
 
@@ -58,14 +55,28 @@ def tune_malloc() -> bool:
 def trim() -> bool:
     """Give the free memory of every malloc arena back to the kernel (glibc's ``malloc_trim``),
     before a step that needs much memory at once; False where malloc is not glibc's."""
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _glibc("malloc_trim", (ctypes.c_size_t,))
+    if malloc_trim is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = (ctypes.c_size_t,)
-    malloc_trim.restype = ctypes.c_int
     malloc_trim(0)
     return True
+
+
+def _glibc(name: str, argtypes: tuple) -> Callable | None:
+    """glibc's function ``name`` (returning an int), or None off Linux or with another C
+    library."""
+    return _lookup(name, argtypes) if sys.platform.startswith("linux") else None
+
+
+@cache
+def _lookup(name: str, argtypes: tuple) -> Callable | None:
+    # Once per function: trim() runs before every tensor of a fold stream.
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (present in glibc only)
+        fn = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn

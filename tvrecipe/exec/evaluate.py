@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -269,6 +270,14 @@ class StepEvaluator:
         # (step, member, tensor) -> (generator, index of the next draw): random streams that
         # continue from one row block of a tensor to the next.
         self._streams: dict[tuple[str, str, str], tuple[torch.Generator, int]] = {}
+
+    def twin(self) -> StepEvaluator:
+        """An evaluator for another thread (Runner._stream's pairs): the same settings and
+        shared tables (reports, kept state, reads), with per-call state of its own."""
+        other = copy.copy(self)
+        other._storages = None
+        other._streams = {}
+        return other
 
     def uniform(self, key: tuple[str, str, str], seed: int, shape: torch.Size,
                 offset: int) -> torch.Tensor:

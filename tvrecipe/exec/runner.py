@@ -70,7 +70,6 @@ DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 PAIR_BYTES = 32 << 20
 
 
-
 def resolve_device(setting: str) -> torch.device:
     """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
     if setting == "auto":
@@ -377,7 +376,7 @@ class Runner:
         # A fold stream of small tensors takes two at a time, the next one on a thread of its
         # own: its ops run their factorisations on one thread each (so that their bytes do
         # not depend on the core count), which would leave the other cores idle.
-        second = self._second_evaluator(evaluator) if self._pairs(steps, deferred) else None
+        second = evaluator.twin() if self._pairs(steps, deferred) else None
         threads = torch.get_num_threads()
 
         def own_threads() -> None:  # (a new thread takes torch's default count otherwise)
@@ -457,14 +456,6 @@ class Runner:
         random stream that another tensor's evaluation could interleave with)."""
         return (bool(deferred) and self.device.type == "cpu" and cores() > 1
                 and all(s.spec.independent for s in steps) and any(s.spec.pairs() for s in steps))
-
-    @staticmethod
-    def _second_evaluator(first: StepEvaluator) -> StepEvaluator:
-        """An evaluator for the pair thread: the same settings, its own per-call state."""
-        ev = StepEvaluator(first.seed, first.reduced, first.reports)
-        ev.layers, ev.kept, ev.reads = first.layers, first.kept, first.reads
-        ev.exclusive = first.exclusive
-        return ev
 
     def _zero_fill(self, value: Any, info: TensorInfo, block: tuple[int, ...]) -> Any:
         """A value leaving the stream (for an output, a cache entry or a whole-model pass),

@@ -111,11 +111,6 @@ def _spans(long: int, short: int) -> list[slice]:
     return [slice(i, i + step) for i in range(0, long, step)]
 
 
-def _by_pieces(fn, spans: list[slice], like: torch.Tensor) -> None:
-    """``fn(span)`` for each span, on the math threads (the spans write disjoint parts)."""
-    _parallel(fn, spans, like)
-
-
 # At most this many bytes of piece products wait to be added at once (several pieces of a
 # Gram matrix are made on the math threads, then added in their order).
 GRAM_WINDOW_BYTES = 256 << 20
@@ -185,7 +180,7 @@ def _rows_times_(a: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = No
     def piece(span: slice) -> None:
         out[span] = a[span].to(m.dtype) @ m
 
-    _by_pieces(piece, _spans(a.shape[0], max(a.shape[1], m.shape[1])), a)
+    _parallel(piece, _spans(a.shape[0], max(a.shape[1], m.shape[1])), a)
     return out
 
 
@@ -304,7 +299,7 @@ def _spectrum(a: torch.Tensor, top: int | None = None, out: torch.Tensor | None 
         b = (a[:, span] if wide else a[span]).double()
         other[span] = (b.mT @ q if wide else b @ q) / kept
 
-    _by_pieces(piece, _spans(long, short), a)
+    _parallel(piece, _spans(long, short), a)
     u, v = (q.to(a.dtype), other) if wide else (other, q.to(a.dtype))
     return u, sigma.to(a.dtype), v
 
@@ -327,7 +322,7 @@ def _iso_c_(total: torch.Tensor) -> torch.Tensor:
     def piece(span: slice) -> None:
         total[:, span] = m @ total[:, span].double()
 
-    _by_pieces(piece, _spans(total.shape[1], total.shape[0]), total)
+    _parallel(piece, _spans(total.shape[1], total.shape[0]), total)
     return total
 
 
@@ -398,7 +393,7 @@ def _residual_svds(xs: list[Input], u: torch.Tensor, k: int, per_task: int) -> l
             def piece(span: slice) -> None:
                 x[span].sub_(uk[span] @ p)
 
-            _by_pieces(piece, _spans(x.shape[0], x.shape[1]), x)
+            _parallel(piece, _spans(x.shape[0], x.shape[1]), x)
             return _task_svd(x, per_task)
 
     return _each(xs, None, residual_svd)
