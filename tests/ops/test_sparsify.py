@@ -720,3 +720,21 @@ def test_dare_mask_is_exactly_rand_below_density_and_zeros_are_positive():
     r = torch.stack([torch.nextafter(p32, torch.tensor(0.0)), p32,
                      torch.nextafter(p32, torch.tensor(1.0))])
     assert torch.equal(torch.rsub(r, 0.3).relu_().sign_(), (r < 0.3).float())
+
+
+@pytest.mark.parametrize("itype", [torch.int16, torch.int32, torch.int64])
+def test_selection_among_a_band_is_the_same_in_numpy_and_in_torch(itype):
+    # _kth_among takes numpy's selection on the CPU and torch's kthvalue elsewhere (a
+    # GPU): both must name the same value, count and tied positions, here on the CPU.
+    g = torch.Generator().manual_seed(41)
+    top = torch.iinfo(itype).max
+    for n, spread in ((1, 3), (7, 2), (5000, 40), (5000, top)):
+        vals = torch.randint(0, spread, (n,), generator=g).to(itype)
+        pos = torch.sort(torch.randperm(10 * n, generator=g)[:n]).values
+        for at in sorted({0, n // 3, n // 2, n - 1}):
+            a = sparsify._among_numpy(vals, pos, at)
+            b = sparsify._among_torch(vals, pos, at)
+            want = torch.sort(vals).values[at]
+            assert a[0].dtype == b[0].dtype == itype and a[0].item() == b[0].item() == want
+            assert a[1] == b[1] == int((vals > want).sum())
+            assert torch.equal(a[2], b[2]) and torch.equal(a[2], pos[vals == want])
