@@ -233,10 +233,16 @@ def test_more_nans_than_kept_entries_keep_everything(n):
     assert torch.equal(trim(x, density=0.01)[~x.isnan()], x[~x.isnan()])
 
 
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_radix_search_every_dtype_matches_stable_sort(dtype):
+def test_radix_search_every_dtype_matches_stable_sort(dtype, path, monkeypatch):
     # Above _DIRECT_MAX: the two-level radix search on the bit patterns of each width
     # (a 16-bit dtype's first level is already exact), with ties at most thresholds.
+    # "gpu": the torch functions a GPU run takes instead of numpy's, here on the CPU.
+    if path == "gpu":
+        monkeypatch.setattr(sparsify, "_in_bucket_numpy", sparsify._in_bucket_torch)
+        monkeypatch.setattr(sparsify, "_among_numpy", sparsify._among_torch)
+        monkeypatch.setattr(sparsify, "_kth_in_band", lambda v, k: None)
     g = torch.Generator().manual_seed(21)
     x = (torch.randn(1 << 16, generator=g) * 0.01).to(dtype)
     x[::7] = 0.0
