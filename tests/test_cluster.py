@@ -210,8 +210,12 @@ def test_report_gives_time_and_bytes_per_worker(models, address, cli, tmp_path):
     recipe = write_recipe(tmp_path, models, *FAMILIES["cluster_basis"])
     res = cli.ok("run", recipe, "--no-cache", "--cluster", address, "--report", "rep.json")
     workers = json.loads((tmp_path / "rep.json").read_text())["cluster:workers"]
-    assert workers and all(set(w) == {"tasks", "seconds", "bytes_read", "bytes_staged"}
-                           for w in workers.values())
+    assert workers and all(
+        set(w) == {"tasks", "seconds", "bytes_read", "bytes_staged", "device", "cpu"}
+        for w in workers.values())
+    from tvrecipe.exec import lockfile
+    assert all(w["device"] == "cpu" and w["cpu"] == lockfile.machine()["cpu"]
+               for w in workers.values())
     assert sum(w["tasks"] for w in workers.values()) > 2
     total = sum(w["bytes_read"] for w in workers.values())
     assert f"read {total / 1e6:.1f} MB" in res.stdout
@@ -314,6 +318,34 @@ def test_address_and_recipe_mistakes(models, cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # not installed
     res = cli.fails(7, "run", recipe, "--cluster", "local:2")
     assert "pip install 'tvrecipe[cluster]'" in res.stderr
+
+
+def test_the_lock_of_a_cluster_run_names_the_workers_cpu(models, address, cli, tmp_path):
+    # The workers compute the tensors, so the lock records their CPU (with the client's,
+    # which computes the whole-model results): a recompute elsewhere says which CPUs they were.
+    import yaml
+
+    from tvrecipe.exec import lockfile
+    client = cluster_mod._CLIENTS[address]
+
+    def pretend(cpu: str | None) -> None:  # on each worker: its CPU is ``cpu`` (None: its own)
+        from tvrecipe.exec import lockfile as worker_lockfile
+        worker_lockfile.__dict__.setdefault("_real_cpu", worker_lockfile._cpu)
+        worker_lockfile._cpu = (lambda: cpu) if cpu else worker_lockfile._real_cpu
+
+    here = lockfile.machine()["cpu"]
+    other = "x86_64 GenuineIntel avx512f" if "GenuineIntel" not in here else "aarch64 asimd"
+    client.run(pretend, other)
+    try:
+        recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
+        cli.ok("run", recipe, "-q", "--no-cache", "--cluster", address)
+    finally:
+        client.run(pretend, None)
+    lock = yaml.safe_load((tmp_path / "r.yaml.lock").read_text())
+    assert lock["machine"] == {"device": "cpu", "cpu": "; ".join(sorted([here, other]))}
+    cli.ok("run", recipe, "-q", "--no-cache", "--force", "--cluster", address)
+    lock = yaml.safe_load((tmp_path / "r.yaml.lock").read_text())
+    assert lock["machine"] == {"device": "cpu", "cpu": here}  # (the workers' own CPU again)
 
 
 def test_verify_recompute_on_the_cluster(models, address, cli, tmp_path):

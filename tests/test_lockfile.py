@@ -220,3 +220,25 @@ def test_a_changed_recipe_replaces_the_output_its_lock_wrote_without_force(tmp_p
     other.write_text(RECIPE.replace("weights: 0.5", "weights: 0.1"))
     res = _cli("run", str(other), "-q")
     assert res.exit_code == 4 and "pass --force" in res.output
+
+
+def test_machines_of_a_run_on_several_joins_what_differs():
+    from tvrecipe.exec import lockfile
+    a = {"device": "cpu", "cpu": "x86_64 AuthenticAMD avx2"}
+    b = {"device": "cpu", "cpu": "x86_64 GenuineIntel avx512f"}
+    assert lockfile.machines([a]) == a
+    assert lockfile.machines([b, a, b]) == {
+        "device": "cpu", "cpu": "x86_64 AuthenticAMD avx2; x86_64 GenuineIntel avx512f"}
+    gpus = [{"device": "cuda (NVIDIA H100)", "cpu": a["cpu"]},
+            {"device": "cuda (NVIDIA H200)", "cpu": a["cpu"]}]
+    assert lockfile.machines(gpus) == {"device": "cuda (NVIDIA H100); cuda (NVIDIA H200)",
+                                       "cpu": a["cpu"]}
+    # A recompute on one of them names the difference.
+    lock = {"machine": lockfile.machines([a, b])}
+    assert lockfile.machine_differences(lock, a)[0] == (
+        "the lock was written on CPUs x86_64 AuthenticAMD avx2; x86_64 GenuineIntel avx512f "
+        "and this is x86_64 AuthenticAMD avx2: MKL and torch pick their kernels by CPU vendor "
+        "and instruction set, so a product or a sum may round differently; recompute on the "
+        "machines the lock names (the same cluster, or a local run on a CPU like the workers')")
+    assert lockfile.machine_differences({"machine": b}, a)[0].endswith(
+        "recompute on a CPU like the lock's")

@@ -171,3 +171,28 @@ def test_a_recipe_gives_the_same_bytes_on_any_number_of_cores(cli, tmp_path, mon
         emulate(monkeypatch, n)
         res = cli.ok("verify", "--recompute", "r.yaml")
         assert "gave the same bytes" in res.stdout, (n, res.stdout)
+
+
+@pytest.mark.parametrize("n, groups", [(8, 3), (64, 4), (300, 5)])
+def test_clustering_gives_the_same_answer_on_any_number_of_blas_threads(n, groups):
+    # cluster_basis' clustering runs in numpy, scipy and scikit-learn, whose BLAS and OpenMP
+    # thread pools the core emulation above does not reach: its k and labels (all that a
+    # result depends on) must not change with their size either. Weak planted groups, as
+    # real task vectors have (cosines about 0.04 inside, 0.013 across, noise 0.01).
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from tvrecipe.ops import basis
+    rng = np.random.default_rng(n)
+    label = np.arange(n) % groups
+    s = 0.013 + 0.03 * (label[:, None] == label[None, :]) + 0.01 * rng.standard_normal((n, n))
+    s = (s + s.T) / 2
+    np.fill_diagonal(s, 1.0)
+    answers = set()
+    for threads in (1, 2, 3, 8):
+        with threadpool_limits(limits=threads):
+            c = basis.cluster(s, k="auto", k_max=min(n - 1, 10))
+        answers.add((c.k, tuple(c.labels)))
+    assert len(answers) == 1
+    (k, labels), = answers
+    assert k == groups and len(set(zip(labels, label, strict=True))) == groups  # found them

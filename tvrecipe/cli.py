@@ -474,7 +474,7 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     import tempfile
 
     with _importing("tvrecipe.exec.runner"):
-        from tvrecipe.exec.runner import RunOptions, describe_device, run_recipe
+        from tvrecipe.exec.runner import RunOptions, run_recipe
     work = compiled.loaded.root / ".tvrecipe"
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -490,11 +490,10 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if problems:
-        import torch  # (imported by the run)
-
         from tvrecipe.store.lock import lock_path, read_lock
-        where = describe_device(torch.device(result.device))  # where the recompute ran
-        why = lockfile.machine_differences(read_lock(lock_path(compiled.loaded.path)), where)
+        # (where the recompute ran: its workers, for a cluster run)
+        why = lockfile.machine_differences(read_lock(lock_path(compiled.loaded.path)),
+                                           result.machine)
         raise VerifyError("recomputing the outputs gave other bytes than the lock:\n"
                           + "\n".join(problems + why))
     click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock, and recomputing "

@@ -55,6 +55,7 @@ import torch
 
 from tvrecipe import errors, ops
 from tvrecipe.errors import ExecutionError, TvrecipeError
+from tvrecipe.exec import lockfile
 from tvrecipe.exec.cluster_address import parse_address, require_dask
 from tvrecipe.exec.evaluate import select
 from tvrecipe.exec.results import (
@@ -64,7 +65,7 @@ from tvrecipe.exec.results import (
     progress_bar,
     written_members,
 )
-from tvrecipe.exec.runner import PassContext, Runner, whole_model_errors
+from tvrecipe.exec.runner import PassContext, Runner, describe_device, whole_model_errors
 from tvrecipe.exec.slots import to_slots
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan, rows_per_block, rowwise
@@ -213,6 +214,7 @@ class GroupResult:
     corrupt: tuple[str, str] | None = None        # (cache key, reason)
     staged_bytes: int = 0
     index: int = -1
+    machine: dict = field(default_factory=dict)  # where it computed (lockfile.machine)
 
 
 # Error families by name: a worker's error is raised again on the client as the same one.
@@ -355,6 +357,7 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
     start = time.perf_counter()
     job = _job(key, blob)
     result = GroupResult(_worker_name(), 0.0, 0, index=index)
+    result.machine = lockfile.machine(describe_device(torch.device(job.device)))
     previous = torch.get_num_threads()
     torch.set_num_threads(job.threads)
     runner = None
@@ -483,6 +486,7 @@ class ClusterRunner(Runner):
         self.staging: Path | None = None
         self.workers: dict[str, dict] = {}
         self._passes = 0
+        self._machines: list[dict[str, str]] = []  # where each task computed
 
     # ---- running -----------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -498,6 +502,11 @@ class ClusterRunner(Runner):
                 self.client.run(forget_run, self.run_id, on_error="ignore")
         result.workers = self.workers
         return result
+
+    def _where(self) -> dict[str, str]:
+        """The workers' machines and this one's (whole-model results are computed here):
+        each field's distinct values, for the lock (``lockfile.machines``)."""
+        return lockfile.machines([super()._where(), *self._machines])
 
     def _make_staging(self) -> Path:
         """The run's staging folder, ``run-<id>`` in ``$TVRECIPE_STAGING``, else in
@@ -631,6 +640,9 @@ class ClusterRunner(Runner):
         stats["seconds"] = round(stats["seconds"] + result.seconds, 6)
         stats["bytes_read"] += result.bytes_read
         stats["bytes_staged"] += result.staged_bytes
+        if result.machine:
+            stats.update(result.machine)
+            self._machines.append(result.machine)
         self.bytes_read += result.bytes_read
         if result.corrupt is not None:
             raise CacheCorrupt(*result.corrupt)

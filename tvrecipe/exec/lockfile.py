@@ -32,10 +32,17 @@ def tool_versions() -> dict[str, str]:
 
 def machine(device: str = "cpu") -> dict[str, str]:
     """Where a run computed, as its lock records it: the device (``cpu``, or ``cuda`` and the
-    GPU's name) and the CPU (architecture, vendor, widest vector instructions). Besides the
-    versions, these decide the last bits of the ops that recipe-format.md lists under "CPU
-    and GPU bytes" (MKL and torch pick kernels by vendor and instruction set)."""
+    GPU's name) and this machine's CPU (architecture, vendor, widest vector instructions).
+    Besides the versions, these decide the last bits of the ops that recipe-format.md lists
+    under "CPU and GPU bytes" (MKL and torch pick kernels by vendor and instruction set)."""
     return {"device": device, "cpu": _cpu()}
+
+
+def machines(each: list[dict[str, str]]) -> dict[str, str]:
+    """One record for a run that computed on several machines (a cluster run: its workers
+    and the client): each field the distinct values in order, joined by "; " (one value when
+    they all agree)."""
+    return {key: "; ".join(sorted({m[key] for m in each})) for key in ("device", "cpu")}
 
 
 def _cpu() -> str:
@@ -53,23 +60,23 @@ def _cpu() -> str:
     return " ".join(p for p in (arch, fields.get("vendor_id", ""), isa) if p)
 
 
-def machine_differences(lock: dict[str, Any], device: str | None) -> list[str]:
+def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> list[str]:
     """Why a recompute may have given other bytes than the lock: other versions, another
-    device or another CPU than the run that wrote it (``device``: where the recompute ran).
+    device or another CPU than the run that wrote it (``here``: where the recompute ran, as
+    :func:`machine` or :func:`machines` records it).
 
     Only a recipe's lock records its machine: an output folder's own ``tvrecipe.lock`` is
     one of its files, which must come out the same wherever it is rebuilt, so for those
-    (``device`` None) only the versions are compared."""
+    (``here`` None) only the versions are compared."""
     lines = []
     locked_tools, tools = _tools(lock.get("tool")), _tools(tool_versions())
     if locked_tools and locked_tools != tools:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
-    locked = lock.get("machine") if device is not None else None
+    locked = lock.get("machine") if here is not None else None
     if not (isinstance(locked, dict) and isinstance(locked.get("device"), str)
             and isinstance(locked.get("cpu"), str)):
         return lines
-    here = machine(device)
     was, now = locked["device"], here["device"]
     if was != now and was.startswith("cuda") and now.startswith("cuda"):
         lines.append(f"the lock was written on {was} and this run computed on {now}: cuBLAS "
@@ -80,10 +87,14 @@ def machine_differences(lock: dict[str, Any], device: str | None) -> list[str]:
                      "listed in docs/recipe-format.md (\"CPU and GPU bytes\") may differ in "
                      f"the last bits between them; recompute with --device {was.split()[0]}")
     elif now == "cpu" and locked["cpu"] != here["cpu"]:
-        lines.append(f"the lock was written on CPU {locked['cpu']} and this is {here['cpu']}: "
-                     "MKL and torch pick their kernels by CPU vendor and instruction set, so a "
-                     "product or a sum may round differently; recompute on a CPU like the "
-                     "lock's")
+        several = "; " in locked["cpu"] or "; " in here["cpu"]  # (a cluster run's machines)
+        lines.append(f"the lock was written on CPU{'s' if '; ' in locked['cpu'] else ''} "
+                     f"{locked['cpu']} and this is {here['cpu']}: MKL and torch pick their "
+                     "kernels by CPU vendor and instruction set, so a product or a sum may "
+                     "round differently; " + (
+                         "recompute on the machines the lock names (the same cluster, or a "
+                         "local run on a CPU like the workers')" if several else
+                         "recompute on a CPU like the lock's"))
     if not lines:
         lines.append("the versions, device and CPU are those of the run that wrote the lock; "
                      "if that run took steps from a cache filled on another machine or device, "
@@ -146,13 +157,14 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
 def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str, Path],
                    memo: HashMemo | None = None,
                    digests: dict[str, dict[str, str]] | None = None,
-                   device: str = "cpu") -> Path:
+                   where: dict[str, str] | None = None) -> Path:
     """Write ``<recipe>.lock`` after a successful run.
 
     Args:
         digests: Per output, SHA-256 of files by path in its folder, hashed as they were
             written: recorded in the memo so those files are not read again to hash them.
-        device: Where the run computed (:func:`machine`).
+        where: Where the run computed (:func:`machine`, :func:`machines`); None: here, on
+            the CPU.
     """
     memo = memo or hash_memo(compiled)
     known = []
@@ -166,7 +178,7 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
                                "files": hash_tree(path, memo)}
                         for name, path in sorted(outputs.items())},
-            "tool": tool_versions(), "machine": machine(device)}
+            "tool": tool_versions(), "machine": where or machine()}
     path = lock_path(compiled.loaded.path)
     write_lock(path, data)
     return path

@@ -54,19 +54,24 @@ class RunOptions:
     cluster: str | None = None
     # Called with the output paths and their files' digests right after the outputs are
     # renamed into place, in the same step that Ctrl-C cannot split (the CLI writes the lock).
-    # Also given where the run computed (``cpu``, ``cuda (GPU name)``), for the lock.
-    committed: Callable[[dict[str, Path], dict[str, dict[str, str]], str], None] | None = None
+    # Also given where the run computed (lockfile.machine's record: the device, ``cpu`` or
+    # ``cuda (GPU name)``, and the CPU; a cluster run's names its workers'), for the lock.
+    committed: Callable[[dict[str, Path], dict[str, dict[str, str]], dict[str, str]],
+                        None] | None = None
 
 
 def commit_outputs(outputs: dict[str, Output], options: RunOptions,
-                   device: str = "cpu") -> dict[str, Path]:
+                   where: dict[str, str] | None = None) -> dict[str, Path]:
     """Rename every output into place and call ``options.committed``, as one step: an
     interrupt that lands meanwhile takes effect after it, so the outputs and the lock agree
     (all old or all new) and no moved-aside previous output is left behind."""
     with deferred_interrupts():
         paths = {name: o.folder.commit() for name, o in outputs.items()}
         if options.committed is not None:
-            options.committed(paths, {n: o.digests for n, o in outputs.items()}, device)
+            if where is None:
+                from tvrecipe.exec.lockfile import machine
+                where = machine()
+            options.committed(paths, {n: o.digests for n, o in outputs.items()}, where)
     return paths
 
 
@@ -95,6 +100,8 @@ class RunResult:
     output_reports: dict[str, dict] = field(default_factory=dict)
     # A cluster run: worker address -> tasks, seconds, bytes read and staged on it.
     workers: dict[str, dict] = field(default_factory=dict)
+    # Where it computed (lockfile.machine's record; a cluster run's names its workers').
+    machine: dict[str, str] = field(default_factory=dict)
 
 
 # Largest value and machine epsilon of each stored floating dtype (bfloat16 has no numpy type).

@@ -18,6 +18,7 @@ import torch
 
 from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
+from tvrecipe.exec import lockfile
 from tvrecipe.exec.allocator import trim
 from tvrecipe.exec.buffers import BufferPool
 from tvrecipe.exec.evaluate import StepEvaluator, entry_value, select
@@ -301,6 +302,10 @@ class Runner:
 
         t = ck.get(tensor, span, empty=empty)
         return t, (widened[0] if widened else None)
+
+    def _where(self) -> dict[str, str]:
+        """Where this run computed, for its lock (:func:`lockfile.machine`)."""
+        return lockfile.machine(describe_device(self.device))
 
     def _to_compute(self, targets: list[str]) -> list[CompiledStep]:
         """Steps that must run to produce ``targets``: upstream search stops at cached steps."""
@@ -741,7 +746,8 @@ class Runner:
                 entry.commit(self._manifest(name))
             pending = {}
             self._commit_kept(steps, metadata)
-            result_paths = commit_outputs(outputs, self.options, describe_device(self.device))
+            where = self._where()
+            result_paths = commit_outputs(outputs, self.options, where)
         except BaseException as exc:
             abort_outputs(outputs)
             for entry in pending.values():
@@ -757,7 +763,7 @@ class Runner:
         return RunResult(result_paths, self.reports, str(self.device),
                          time.perf_counter() - start, self.bytes_read, written, passes,
                          self.cache_hits, {n: o.digests for n, o in outputs.items()},
-                         {n: o.report for n, o in outputs.items() if o.report})
+                         {n: o.report for n, o in outputs.items() if o.report}, machine=where)
 
 
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
