@@ -357,12 +357,12 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
     start = time.perf_counter()
     job = _job(key, blob)
     result = GroupResult(_worker_name(), 0.0, 0, index=index)
-    result.machine = lockfile.machine(describe_device(torch.device(job.device)))
     previous = torch.get_num_threads()
     torch.set_num_threads(job.threads)
     runner = None
     try:
         runner = _WorkerRunner(job, tensors, kept)
+        result.machine = lockfile.machine(describe_device(runner.device))
         if kind == "merge":
             result.payload, result.staged_bytes = _stage(runner, job, index, extra)
         else:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tvrecipe.exec.lockfile import machine
 from tvrecipe.exec.results import (
     Output,
     RunOptions,
@@ -231,7 +232,7 @@ class _LightRun:
                     ck.close()
         return RunResult(paths, reports, "cpu", time.perf_counter() - start, self.bytes_read,
                          written, ["merge"], list(self.cached),
-                         {n: o.digests for n, o in outputs.items()})
+                         {n: o.digests for n, o in outputs.items()}, machine=machine())
 
     def _stream(self, outputs: dict[str, Output]) -> int:
         """Read ahead on one thread, compute here, write behind on another (numpy, file IO

@@ -60,6 +60,10 @@ def _cpu() -> str:
     return " ".join(p for p in (arch, fields.get("vendor_id", ""), isa) if p)
 
 
+_MIXED = ("which worker computes which tensors is not fixed, so a run on several kinds of CPU "
+          "may round differently each time;")
+
+
 def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> list[str]:
     """Why a recompute may have given other bytes than the lock: other versions, another
     device or another CPU than the run that wrote it (``here``: where the recompute ran, as
@@ -73,7 +77,7 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
     if locked_tools and locked_tools != tools:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
-    locked = lock.get("machine") if here is not None else None
+    locked = lock.get("machine") if here else None
     if not (isinstance(locked, dict) and isinstance(locked.get("device"), str)
             and isinstance(locked.get("cpu"), str)):
         return lines
@@ -87,14 +91,17 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
                      "listed in docs/recipe-format.md (\"CPU and GPU bytes\") may differ in "
                      f"the last bits between them; recompute with --device {was.split()[0]}")
     elif now == "cpu" and locked["cpu"] != here["cpu"]:
-        several = "; " in locked["cpu"] or "; " in here["cpu"]  # (a cluster run's machines)
-        lines.append(f"the lock was written on CPU{'s' if '; ' in locked['cpu'] else ''} "
-                     f"{locked['cpu']} and this is {here['cpu']}: MKL and torch pick their "
-                     "kernels by CPU vendor and instruction set, so a product or a sum may "
-                     "round differently; " + (
-                         "recompute on the machines the lock names (the same cluster, or a "
-                         "local run on a CPU like the workers')" if several else
+        mixed = "; " in locked["cpu"]  # (several kinds of CPU: a cluster run's)
+        this = "this recompute ran on CPUs" if "; " in here["cpu"] else "this is"
+        lines.append(f"the lock was written on CPU{'s' if mixed else ''} {locked['cpu']} and "
+                     f"{this} {here['cpu']}: MKL and torch pick their kernels by CPU vendor "
+                     "and instruction set, so a product or a sum may round differently; " + (
+                         f"{_MIXED} recompute on one of them" if mixed else
                          "recompute on a CPU like the lock's"))
+    elif now == "cpu" and "; " in locked["cpu"]:
+        lines.append(f"the lock was written on CPUs {locked['cpu']}, as this recompute ran: "
+                     f"{_MIXED} a run on one kind of CPU (a local run, or workers alike) "
+                     "repeats its bytes")
     if not lines:
         lines.append("the versions, device and CPU are those of the run that wrote the lock; "
                      "if that run took steps from a cache filled on another machine or device, "
