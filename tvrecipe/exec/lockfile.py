@@ -40,8 +40,8 @@ def machine(device: str = "cpu") -> dict[str, str]:
 
 def machines(each: list[dict[str, str]]) -> dict[str, str]:
     """One record for a run that computed on several machines (a cluster run: its workers
-    and the client): each field the distinct values in order, joined by "; " (one value when
-    they all agree)."""
+    and the client): each field's distinct values, sorted and joined by "; " (one value
+    when they all agree)."""
     return {key: "; ".join(sorted({m[key] for m in each})) for key in ("device", "cpu")}
 
 
