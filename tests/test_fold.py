@@ -380,3 +380,95 @@ def test_no_pairs_beside_an_op_that_keeps_state_between_tensors(make_models, cli
     monkeypatch.setattr(runner_mod.StepEvaluator, "__call__", spy)
     cli.ok("run", "r.yaml", "-q", "--no-cache")
     assert threads and not any(t.startswith("tvrecipe-pair") for t in threads)
+
+
+# ---- a base read as stored (16-bit) in a fold stream -------------------------------------------
+
+class Bases:
+    """The dtypes of the bases ``extract`` and ``apply`` got."""
+
+    def __init__(self, monkeypatch):
+        from tvrecipe import ops
+        self.dtypes: set[tuple[str, torch.dtype]] = set()
+        for name in ("extract", "apply"):
+            real = getattr(ops, name)
+
+            def spy(base, *args, real=real, name=name, **kwargs):
+                self.dtypes.add((name, base.dtype))
+                return real(base, *args, **kwargs)
+
+            monkeypatch.setattr(ops, name, spy)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("step", ["{op: tsv_merge, inputs: tv}",
+                                  "{op: iso, inputs: tv, variant: c}",
+                                  "{op: iso, inputs: tv, variant: cts, common: 0.25}"])
+def test_a_16_bit_base_is_kept_as_stored_with_the_same_bytes(
+        make_models, cli, tmp_path, monkeypatch, step, dtype):
+    # Where only extract and apply read the base (StepSpec.stored), a CPU fold stream keeps
+    # it as stored and they widen it piece by piece (several pieces per tensor here): the
+    # bytes of a run that widens it whole, and a NaN in it is still found and named.
+    from tvrecipe.ops import arithmetic
+    monkeypatch.setattr(arithmetic, "WIDEN_PIECE", 7)
+    ms = make_models(("a", "b", "c"), dtype=dtype)
+    cli.write("r.yaml", _recipe(ms, step))
+    bases = Bases(monkeypatch)
+    cli.ok("run", "r.yaml", "-q", "--no-cache")
+    assert bases.dtypes == {("extract", dtype), ("apply", dtype)}
+    stored = read_tensors(tmp_path / "out" / "m")
+    monkeypatch.setattr(runner_mod.Runner, "_stored", lambda *a: set())
+    bases.dtypes.clear()
+    cli.ok("run", "r.yaml", "-q", "--no-cache", "--force")
+    assert bases.dtypes == {("extract", torch.float32), ("apply", torch.float32)}
+    widened = read_tensors(tmp_path / "out" / "m")
+    assert stored.keys() == widened.keys()
+    assert all(torch.equal(stored[k].view(torch.int16), widened[k].view(torch.int16))
+               for k in widened)
+
+
+def test_a_base_another_step_reads_is_widened(make_models, cli, tmp_path, monkeypatch):
+    ms = make_models(("a", "b", "c"), dtype=torch.bfloat16)
+    recipe = _recipe(ms, "{op: tsv_merge, inputs: tv}")
+    recipe = recipe.replace("outputs:", "  mix: {op: linear, inputs: [base, a]}\noutputs:")
+    cli.write("r.yaml", recipe + "  mix: {from: mix, path: ./out/mix}\n")
+    bases = Bases(monkeypatch)
+    cli.ok("run", "r.yaml", "-q", "--no-cache")
+    assert bases.dtypes == {("extract", torch.float32), ("apply", torch.float32)}
+
+
+def test_a_nan_in_a_stored_base_names_the_model_and_tensor(make_models, cli, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ms = make_models(("a", "b", "c"), dtype=torch.bfloat16)
+    for f in ms.path("base").glob("*.safetensors"):
+        tensors = load_file(str(f))
+        if "lm_head.weight" in tensors:
+            tensors["lm_head.weight"][3, 2] = float("nan")
+            save_file(tensors, str(f))
+    cli.write("r.yaml", _recipe(ms, "{op: iso, inputs: tv, variant: c}"))
+    res = cli.fails(3, "run", "r.yaml")
+    assert res.err_lines[1] == ("model 'base': tensor 'lm_head.weight' contains NaN or Inf; "
+                                "fix the checkpoint, or pass --allow-nonfinite to merge it "
+                                "anyway")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["delta", "new", "other"])
+def test_extract_and_apply_widen_a_16_bit_base_by_pieces(monkeypatch, out):
+    from tvrecipe.ops import arithmetic
+    monkeypatch.setattr(arithmetic, "WIDEN_PIECE", 5)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 7, generator=g).to(torch.bfloat16)
+    ft = base.float() + 0.01 * torch.randn(6, 7, generator=g)
+    want = torch.sub(ft, base.float())
+    target = {"delta": ft.clone(), "new": None, "other": torch.empty(6, 7)}[out]
+    got = arithmetic.extract(base, ft.clone() if out != "delta" else target, out=target)
+    assert torch.equal(got, want) and got.dtype == torch.float32
+    delta = want.clone()
+    want_applied = torch.add(torch.mul(want, 0.3), base.float())
+    target = {"delta": delta, "new": None, "other": torch.empty(6, 7)}[out]
+    got = arithmetic.apply(base, delta, scale=0.3, out=target)
+    assert torch.equal(got, want_applied) and got.dtype == torch.float32
+    if out == "delta":
+        assert got is delta

@@ -235,22 +235,22 @@ def test_machines_of_a_run_on_several_joins_what_differs():
                                        "cpu": a["cpu"]}
     # A recompute on one of them names the difference.
     both = lockfile.machines([a, b])
-    assert lockfile.machine_differences({"machine": both}, a) == [
+    assert lockfile.machine_differences({"machine": both}, a) == [(
         "the lock was written on CPUs x86_64 AuthenticAMD avx2; x86_64 GenuineIntel avx512f "
         "and this is x86_64 AuthenticAMD avx2: MKL and torch pick their kernels by CPU vendor "
         "and instruction set, so a product or a sum may round differently; which worker "
         "computes which tensors is not fixed, so a run on several kinds of CPU may round "
-        "differently each time; recompute on one of them"]
+        "differently each time; recompute on one of them")]
     # A local lock, recomputed on a mixed cluster: the lock's one CPU is the one to use.
-    assert lockfile.machine_differences({"machine": a}, both) == [
+    assert lockfile.machine_differences({"machine": a}, both) == [(
         "the lock was written on CPU x86_64 AuthenticAMD avx2 and this recompute ran on CPUs "
         "x86_64 AuthenticAMD avx2; x86_64 GenuineIntel avx512f: MKL and torch pick their "
         "kernels by CPU vendor and instruction set, so a product or a sum may round "
-        "differently; recompute on a CPU like the lock's"]
+        "differently; recompute on a CPU like the lock's")]
     # The same mixed cluster: nothing differs, but such a run does not repeat its bytes.
-    assert lockfile.machine_differences({"machine": both}, both) == [
+    assert lockfile.machine_differences({"machine": both}, both) == [(
         "the lock was written on CPUs x86_64 AuthenticAMD avx2; x86_64 GenuineIntel avx512f, "
         "as this recompute ran: which worker computes which tensors is not fixed, so a run on "
         "several kinds of CPU may round differently each time; a run on one kind of CPU (a "
-        "local run, or workers alike) repeats its bytes"]
+        "local run, or workers alike) repeats its bytes")]
     assert lockfile.machine_differences({"machine": b}, {}) == []  # (no machine: nothing)

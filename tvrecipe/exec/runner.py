@@ -140,10 +140,13 @@ class Runner:
 
     # ---- reading ---------------------------------------------------------------------------
     def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True,
-              empty: Callable | None = None) -> torch.Tensor:
-        """Move a floating tensor read from disk to the device, in the compute dtype, checking
-        that it is finite (unless ``check`` is off or the run allows non-finite inputs)."""
-        if t.device != self.device:  # read on the CPU for a GPU run
+              empty: Callable | None = None, convert: bool = True) -> torch.Tensor:
+        """Move a floating tensor read from disk to the device, in the compute dtype (as it
+        is without ``convert``), checking that it is finite (unless ``check`` is off or the
+        run allows non-finite inputs)."""
+        if not convert:
+            pass  # (a 16-bit float tensor a kernel widens itself: see _stored)
+        elif t.device != self.device:  # read on the CPU for a GPU run
             t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
         elif t.device.type == "cpu" and t.dtype != self.compute:
             # Converted into memory the run reuses (an embedding would be faulted in afresh).
@@ -160,8 +163,8 @@ class Runner:
         return t
 
     def _read(self, nodes: list[str], tensor: str, rows: slice | None,
-              parallel: bool = False, deferred: frozenset[str] | set[str] = frozenset()
-              ) -> dict[str, Any]:
+              parallel: bool = False, deferred: frozenset[str] | set[str] = frozenset(),
+              stored: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
         """Read one tensor (or rows of it) of each model or cached step, on the device; the
         floating tensors of the ``deferred`` models are read only when a folding op calls
         their :class:`~tvrecipe.ops.deferred.Deferred` value.
@@ -179,7 +182,8 @@ class Runner:
                  else (span[1] - span[0]) * math.prod(shape[1:]))
         later = [n for n in nodes if n in deferred and info.is_floating]
         now = [n for n in nodes if n not in later]
-        got = list(ops.parallel_map(lambda name: self._read_node(name, tensor, span), now,
+        got = list(ops.parallel_map(lambda name: self._read_node(name, tensor, span,
+                                                                 stored=name in stored), now,
                                     numel=numel if parallel else 0,
                                     device=torch.device("cpu")))
         self._count(sum(n for _value, n in got))
@@ -232,10 +236,29 @@ class Runner:
                     out.add(r.node)
         return out
 
+    def _stored(self, steps: list[CompiledStep], want: list[str], deferred: set[str]
+                ) -> set[str]:
+        """The checkpoints a fold stream reads as stored, not widened to float32: those that
+        only fields of ``StepSpec.stored`` read (``extract``'s and ``apply``'s ``base``), in a
+        CPU run in float32. Their kernels widen pieces as they go, with the same bytes; an
+        embedding's base holds 65 MB instead of 131 MB while a spectral op works at the
+        large benchmark."""
+        if not deferred or self.device.type != "cpu" or self.compute != torch.float32:
+            return set()
+        fields: dict[str, set[bool]] = {}
+        for s in steps:
+            for fld, refs in s.refs.items():
+                for r in refs:
+                    fields.setdefault(r.node, set()).add(fld in type(s.spec).stored)
+        return {n for n, ok in fields.items()
+                if ok == {True} and n not in want and n not in deferred
+                and (h := self.plan.models.get(n)) is not None and h.kind == CHECKPOINT}
+
     def _read_node(self, name: str, tensor: str, span: tuple[int, int] | None,
-                   empty: Callable | None = None) -> tuple[Any, int]:
+                   empty: Callable | None = None, stored: bool = False) -> tuple[Any, int]:
         """One model's or cached step's value for ``tensor``, and the bytes read from models;
-        large tensors in memory from ``empty`` (the run's pool when None)."""
+        large tensors in memory from ``empty`` (the run's pool when None); a checkpoint's
+        16-bit floats left as stored with ``stored`` (see :meth:`_stored`)."""
         if name in self.cached:
             manifest, slots, check = self.cached[name]
             got = {}
@@ -264,7 +287,8 @@ class Runner:
                 t = ck.get(tensor, span, device=self.device)
                 nbytes += ck.factor_bytes(tensor) if span is None or span[0] == 0 else 0
             else:
-                t, wide = self._read_wide(ck, tensor, span, empty or self.buffers.empty)
+                t, wide = self._read_wide(ck, tensor, span, empty or self.buffers.empty,
+                                          widen=not stored)
                 nbytes += t.numel() * t.element_size()
             if info.is_floating:
                 where = f"model {name!r}" + (f" member {member!r}" if member else "")
@@ -272,13 +296,15 @@ class Runner:
                 if wide is not None:  # the stored bits lie in the upper half of ``wide``
                     _widen_in_place(t, wide)
                     t = wide
-                t = self._load(t, where, tensor, check=key not in self._checked, empty=empty)
+                t = self._load(t, where, tensor, check=key not in self._checked, empty=empty,
+                               convert=not (stored and t.dtype.itemsize == 2))
                 self._checked.add(key)
             got[member] = t
         return (got[""] if handle.kind != VECTORS else got), nbytes
 
     def _read_wide(self, ck: Any, tensor: str, span: tuple[int, int] | None,
-                   alloc: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   alloc: Callable, widen: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ck.get`` of a model's tensor, and the float32 tensor it is to be widened into.
 
         A 16-bit float tensor that a CPU run converts to float32, large enough for the
@@ -292,7 +318,7 @@ class Runner:
 
         def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             n = math.prod(shape)
-            if not (dtype.is_floating_point and dtype.itemsize == 2
+            if not (widen and dtype.is_floating_point and dtype.itemsize == 2
                     and self.compute == torch.float32 and self.device.type == "cpu"
                     and n * 4 >= self.buffers.min_bytes):
                 return alloc(shape, dtype)
@@ -360,6 +386,7 @@ class Runner:
         heavy = not rowwise(steps)
         # (Row blocks are small: only whole tensors are worth reading one member at a time.)
         deferred = self._deferred(steps, uses, want) if heavy else set()
+        stored = self._stored(steps, want, deferred)
         # Row-wise streams read blocks of bounded size, so the reader may run a few blocks
         # ahead and never waits on a slow write; whole tensors are read one ahead, except one
         # whose copies from every input pass PREFETCH_BYTES (an embedding): reading it ahead
@@ -375,7 +402,7 @@ class Runner:
             t, info, rows = items[j]
             if heavy and math.prod(info.shape) * width * inputs > PREFETCH_BYTES:
                 return None
-            return pool.submit(self._read, models, t, rows, heavy, deferred)
+            return pool.submit(self._read, models, t, rows, heavy, deferred, stored)
 
         futures: deque = deque()
         # A fold stream of small tensors takes two at a time, the next one on a thread of its
@@ -410,7 +437,7 @@ class Runner:
             t, _info, rows = items[j]
             future = futures.popleft()
             values = future.result() if future is not None else self._read(
-                models, t, rows, heavy, deferred)
+                models, t, rows, heavy, deferred, stored)
             if j + ahead < len(items):
                 futures.append(read_ahead(j + ahead))
             return values

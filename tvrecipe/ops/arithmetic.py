@@ -9,19 +9,39 @@ import torch
 __all__ = ["apply", "divide", "divide_", "extract", "mean", "negate", "scale", "sum"]
 
 
+# Entries of the pieces in which a base kept in a lower precision is widened (see extract).
+WIDEN_PIECE = 1 << 18
+
+
 def extract(base: torch.Tensor, finetuned: torch.Tensor, *,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """Task vector of one tensor: ``finetuned - base``.
 
     Args:
-        base: Pre-trained weights, in the compute dtype.
-        finetuned: Fine-tuned weights of the same shape and dtype.
+        base: Pre-trained weights, in the compute dtype, or as stored in a lower precision
+            (a 16-bit float tensor): then it is widened piece by piece (the same values,
+            without a widened copy of the whole tensor).
+        finetuned: Fine-tuned weights of the same shape, in the compute dtype.
         out: Where to write it (may be ``finetuned``); a new tensor when None.
 
     Returns:
         ``finetuned - base``.
     """
-    return torch.sub(finetuned, base, out=out)
+    if base.dtype == finetuned.dtype:
+        return torch.sub(finetuned, base, out=out)
+    if out is None:
+        out = torch.empty_like(finetuned)
+    return _by_pieces(lambda a, b, o: torch.sub(a, b, out=o), finetuned, base, out)
+
+
+def _by_pieces(fn, x: torch.Tensor, narrow: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``fn(x_piece, narrow_piece widened to x's dtype, out_piece)`` over flat pieces of
+    ``WIDEN_PIECE`` entries (the tensors share a shape; ``out`` may be ``x``)."""
+    xf, nf, of = x.reshape(-1), narrow.reshape(-1), out.view(-1)
+    for s in range(0, xf.numel(), WIDEN_PIECE):
+        e = min(s + WIDEN_PIECE, xf.numel())
+        fn(xf[s:e], nf[s:e].to(x.dtype), of[s:e])
+    return out
 
 
 def scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
@@ -90,7 +110,11 @@ def apply(base: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0,
     Two roundings, ``θ₀ + (scale · τ)``, not a fused multiply-add (which ``torch.add(...,
     alpha=)`` is on CPU and GPU): each is one IEEE operation in the tensors' dtype, so every
     device, and the numpy executor of reruns (:mod:`tvrecipe.exec.light`), gives the same bits.
+    A base as stored in a lower precision (see :func:`extract`) is widened piece by piece.
     """
+    if base.dtype != delta.dtype:
+        out = torch.mul(delta, scale, out=None if out is base else out)
+        return _by_pieces(lambda a, b, o: torch.add(a, b, out=o), out, base, out)
     if out is delta:
         return delta.mul_(scale).add_(base)
     if out is base:

@@ -150,6 +150,11 @@ class StepSpec(Frozen):
             them, so one task's delta of a tensor is in memory at a time.
         defers: The reference field whose checkpoints the op hands on deferred when every
             reader of its result folds (``extract``'s ``finetuned``), or None.
+        stored: The reference fields whose checkpoint tensors the kernel takes as stored (a
+            16-bit float tensor not widened to float32: the kernel widens it piece by piece,
+            with the same bytes). In a stream of folding ops, a checkpoint that only such
+            fields read is read that way (``extract``'s and ``apply``'s ``base``): half the
+            memory of the widened tensor while the op works.
         independent: Each tensor's result depends on that tensor's inputs alone, and the op
             records nothing from one tensor to the next (no report, kept state or random
             stream): a fold stream whose every op is independent, and one of them asks for
@@ -182,6 +187,7 @@ class StepSpec(Frozen):
     whole_model: ClassVar[bool] = False
     folds: ClassVar[bool] = False
     defers: ClassVar[str | None] = None
+    stored: ClassVar[tuple[str, ...]] = ()
     independent: ClassVar[bool] = False
     version: ClassVar[int] = 1
     seeded: ClassVar[bool] = False

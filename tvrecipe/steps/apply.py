@@ -23,6 +23,7 @@ class ApplyStep(StepSpec):
 
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "delta": frozenset({VECTOR})}
     independent: ClassVar = True
+    stored: ClassVar = ("base",)
     returns: ClassVar = CHECKPOINT
     execution: ClassVar = ROWWISE
     # 2: θ₀ + (s·τ) rounded twice, as numpy and CUDA give it; version 1 fused the multiply-add.
@@ -37,7 +38,8 @@ class ApplyStep(StepSpec):
         base, delta = ctx.one("base"), ctx.one("delta")
         if delta is None or not base.is_floating_point():
             return base  # integer buffers are copied from the base
-        out = ctx.scratch(ctx.node("delta"), delta, [base])
+        # (A base read as stored, 16-bit, is added piece by piece into the delta.)
+        out = ctx.scratch(ctx.node("delta"), delta, [base] if base.dtype == delta.dtype else [])
         if out is None:
             out = ctx.scratch(ctx.node("base"), base, [delta])
         return ctx.kernel(base, delta, scale=ctx.param("scale"), out=out)

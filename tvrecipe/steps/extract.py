@@ -27,6 +27,7 @@ class ExtractStep(StepSpec):
     returns: ClassVar = "vector (one model) or vectors (a list or mapping)"
     execution: ClassVar = ROWWISE
     defers: ClassVar = "finetuned"
+    stored: ClassVar = ("base",)
     suggested_for: ClassVar = "task_vector"
     kernel: ClassVar = "tvrecipe.ops:extract"
     example: ClassVar = "tv: {op: extract, base: base, finetuned: [math, code]}"
