@@ -472,3 +472,52 @@ def test_extract_and_apply_widen_a_16_bit_base_by_pieces(monkeypatch, out):
     assert torch.equal(got, want_applied) and got.dtype == torch.float32
     if out == "delta":
         assert got is delta
+
+
+@pytest.mark.parametrize("case", ["slerp", "extract"])
+def test_no_base_is_kept_as_stored_beside_a_lora_adapter(cli, tmp_path, monkeypatch, case):
+    # apply of an adapter's uncovered tensor (None) hands on its base as it is: a stored
+    # (bf16) base would reach later steps (a slerp refused the mix of dtypes; an extract came
+    # out with other bytes). Beside an adapter no base is kept as stored.
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_lora import CASES as ADAPTERS
+    from tests.test_lora import llama, make_adapter
+    make_adapter(tmp_path, "a1", llama, seed=1, **ADAPTERS["plain"])
+    f = tmp_path / "base" / "model.safetensors"
+    base = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in load_file(str(f)).items()}
+    save_file(base, str(f), metadata={"format": "pt"})
+    for j in (1, 2):
+        g = torch.Generator().manual_seed(10 + j)
+        (tmp_path / f"ft{j}").mkdir()
+        save_file({k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+                   for k, v in base.items()}, str(tmp_path / f"ft{j}" / "model.safetensors"))
+    last = ("  x: {op: slerp, a: ml, b: m1, t: 0.3}\n" if case == "slerp"
+            else "  x: {op: extract, base: m1, finetuned: ml}\n")
+    cli.write("r.yaml", "tvrecipe: 1\nmodels:\n  base: ./base\n  ft1: ./ft1\n  ft2: ./ft2\n"
+              "  a1: {path: ./a1, kind: lora}\nsteps:\n"
+              "  tv: {op: extract, base: base, finetuned: [ft1, ft2]}\n"
+              "  mA: {op: tsv_merge, inputs: tv}\n"
+              "  m1: {op: apply, base: base, delta: mA}\n"
+              "  ml: {op: apply, base: base, delta: a1}\n" + last +
+              "outputs:\n  x: {from: x, path: ./out/x, dtype: float32}\n")
+    seen: list[set] = []
+    real = runner_mod.Runner._stored
+    monkeypatch.setattr(runner_mod.Runner, "_stored",
+                        lambda *a: seen.append(real(*a)) or seen[-1])
+    cli.ok("run", "r.yaml", "-q", "--no-cache")
+    assert seen and all(s == set() for s in seen)
+
+
+def test_extract_and_apply_with_a_stored_base_take_strided_tensors():
+    from tvrecipe.ops import arithmetic
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(5, 6, generator=g).to(torch.bfloat16).mT  # not contiguous
+    ft = (base.float() + 0.01).mT.contiguous().mT
+    want = torch.sub(ft, base.float())
+    assert torch.equal(arithmetic.extract(base, ft), want)
+    assert torch.equal(arithmetic.extract(base, ft.clone(), out=None), want)
+    delta = want.clone()
+    assert torch.equal(arithmetic.apply(base, delta, scale=0.5, out=delta),
+                       torch.add(torch.mul(want, 0.5), base.float()))

@@ -242,7 +242,10 @@ class Runner:
         only fields of ``StepSpec.stored`` read (``extract``'s and ``apply``'s ``base``), in a
         CPU run in float32. Their kernels widen pieces as they go, with the same bytes; an
         embedding's base holds 65 MB instead of 131 MB while a spectral op works at the
-        large benchmark."""
+        large benchmark.
+
+        Not beside a LoRA adapter: its uncovered tensors are None, and ``apply`` of None
+        hands on its base as it is, which would carry the stored dtype to later steps."""
         if not deferred or self.device.type != "cpu" or self.compute != torch.float32:
             return set()
         fields: dict[str, set[bool]] = {}
@@ -250,6 +253,9 @@ class Runner:
             for fld, refs in s.refs.items():
                 for r in refs:
                     fields.setdefault(r.node, set()).add(fld in type(s.spec).stored)
+        if any(isinstance(ck, LoraAdapter) for n in fields if n in self.plan.models
+               for ck in self.plan.models[n].parts.values()):
+            return set()
         return {n for n, ok in fields.items()
                 if ok == {True} and n not in want and n not in deferred
                 and (h := self.plan.models.get(n)) is not None and h.kind == CHECKPOINT}

@@ -27,17 +27,28 @@ def extract(base: torch.Tensor, finetuned: torch.Tensor, *,
     Returns:
         ``finetuned - base``.
     """
-    if base.dtype == finetuned.dtype:
+    if not _narrower(base, finetuned):
         return torch.sub(finetuned, base, out=out)
     if out is None:
-        out = torch.empty_like(finetuned)
+        out = torch.empty_like(finetuned, memory_format=torch.contiguous_format)
     return _by_pieces(lambda a, b, o: torch.sub(a, b, out=o), finetuned, base, out)
+
+
+def _narrower(narrow: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``narrow`` is a floating tensor of a lower precision than ``x``'s (a base kept
+    as stored, see :func:`extract`)."""
+    return (narrow.dtype != x.dtype and narrow.is_floating_point() and x.is_floating_point()
+            and narrow.dtype.itemsize < x.dtype.itemsize)
 
 
 def _by_pieces(fn, x: torch.Tensor, narrow: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``fn(x_piece, narrow_piece widened to x's dtype, out_piece)`` over flat pieces of
-    ``WIDEN_PIECE`` entries (the tensors share a shape; ``out`` may be ``x``)."""
-    xf, nf, of = x.reshape(-1), narrow.reshape(-1), out.view(-1)
+    ``WIDEN_PIECE`` entries (the tensors share a shape; ``out`` may be ``x``); in one piece
+    when one of them is not laid out contiguously."""
+    if not (x.is_contiguous() and narrow.is_contiguous() and out.is_contiguous()):
+        fn(x, narrow.to(x.dtype), out)
+        return out
+    xf, nf, of = x.view(-1), narrow.view(-1), out.view(-1)
     for s in range(0, xf.numel(), WIDEN_PIECE):
         e = min(s + WIDEN_PIECE, xf.numel())
         fn(xf[s:e], nf[s:e].to(x.dtype), of[s:e])
@@ -112,7 +123,7 @@ def apply(base: torch.Tensor, delta: torch.Tensor, *, scale: float = 1.0,
     device, and the numpy executor of reruns (:mod:`tvrecipe.exec.light`), gives the same bits.
     A base as stored in a lower precision (see :func:`extract`) is widened piece by piece.
     """
-    if base.dtype != delta.dtype:
+    if _narrower(base, delta):
         out = torch.mul(delta, scale, out=None if out is base else out)
         return _by_pieces(lambda a, b, o: torch.add(a, b, out=o), out, base, out)
     if out is delta:
