@@ -209,20 +209,26 @@ def test_nothing_is_deferred_where_something_else_reads_the_task_vectors(
         assert reads.later == []
 
 
-def test_a_nan_in_a_deferred_fine_tune_names_the_model_and_tensor(make_models, cli, tmp_path):
+@pytest.mark.parametrize("model, dtype, step", [
+    ("b", torch.float32, "{op: tsv_merge, inputs: tv}"),  # a deferred fine-tune
+    ("base", torch.bfloat16, "{op: iso, inputs: tv, variant: c}"),  # a base kept as stored
+])
+def test_a_nan_read_in_a_fold_stream_names_the_model_and_tensor(make_models, cli, tmp_path,
+                                                               model, dtype, step):
     from safetensors.torch import load_file, save_file
 
-    ms = make_models(("a", "b", "c"))
-    for f in ms.path("b").glob("*.safetensors"):
+    ms = make_models(("a", "b", "c"), dtype=dtype)
+    for f in ms.path(model).glob("*.safetensors"):
         tensors = load_file(str(f))
         if "lm_head.weight" in tensors:
             tensors["lm_head.weight"][3, 2] = float("nan")
             save_file(tensors, str(f))
-    cli.write("r.yaml", _recipe(ms, "{op: tsv_merge, inputs: tv}"))
+    cli.write("r.yaml", _recipe(ms, step))
     res = cli.fails(3, "run", "r.yaml")
-    # the message of a model read up front (tests/test_cli_errors.py), from the deferred read
-    assert res.err_lines[1] == ("model 'b': tensor 'lm_head.weight' contains NaN or Inf; fix "
-                                "the checkpoint, or pass --allow-nonfinite to merge it anyway")
+    # the message of a model read up front and widened (tests/test_cli_errors.py)
+    assert res.err_lines[1] == (f"model {model!r}: tensor 'lm_head.weight' contains NaN or "
+                                "Inf; fix the checkpoint, or pass --allow-nonfinite to merge "
+                                "it anyway")
     assert not (tmp_path / "out").exists()
 
 
@@ -435,23 +441,6 @@ def test_a_base_another_step_reads_is_widened(make_models, cli, tmp_path, monkey
     bases = Bases(monkeypatch)
     cli.ok("run", "r.yaml", "-q", "--no-cache")
     assert bases.dtypes == {("extract", torch.float32), ("apply", torch.float32)}
-
-
-def test_a_nan_in_a_stored_base_names_the_model_and_tensor(make_models, cli, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    ms = make_models(("a", "b", "c"), dtype=torch.bfloat16)
-    for f in ms.path("base").glob("*.safetensors"):
-        tensors = load_file(str(f))
-        if "lm_head.weight" in tensors:
-            tensors["lm_head.weight"][3, 2] = float("nan")
-            save_file(tensors, str(f))
-    cli.write("r.yaml", _recipe(ms, "{op: iso, inputs: tv, variant: c}"))
-    res = cli.fails(3, "run", "r.yaml")
-    assert res.err_lines[1] == ("model 'base': tensor 'lm_head.weight' contains NaN or Inf; "
-                                "fix the checkpoint, or pass --allow-nonfinite to merge it "
-                                "anyway")
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("out", ["delta", "new", "other"])
