@@ -215,7 +215,8 @@ class _LightRun:
                     reports[d] = m["report"]
             for o in outputs.values():
                 o.finish(self.compiled, reports.get(o.res.node))
-            paths = commit_outputs(outputs, self.options)
+            where = machine()  # (numpy, on this CPU)
+            paths = commit_outputs(outputs, self.options, where)
         except (CacheCorrupt, _Unsupported) as exc:
             abort_outputs(outputs)
             if isinstance(exc, CacheCorrupt):
@@ -232,7 +233,7 @@ class _LightRun:
                     ck.close()
         return RunResult(paths, reports, "cpu", time.perf_counter() - start, self.bytes_read,
                          written, ["merge"], list(self.cached),
-                         {n: o.digests for n, o in outputs.items()}, machine=machine())
+                         {n: o.digests for n, o in outputs.items()}, machine=where)
 
     def _stream(self, outputs: dict[str, Output]) -> int:
         """Read ahead on one thread, compute here, write behind on another (numpy, file IO

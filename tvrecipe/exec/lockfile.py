@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def machines(each: list[dict[str, str]]) -> dict[str, str]:
     return {key: "; ".join(sorted({m[key] for m in each})) for key in ("device", "cpu")}
 
 
+@cache  # (the same all run long: a cluster's worker reports it with every task)
 def _cpu() -> str:
     arch = platform.machine() or "unknown"
     try:

@@ -61,16 +61,14 @@ class RunOptions:
 
 
 def commit_outputs(outputs: dict[str, Output], options: RunOptions,
-                   where: dict[str, str] | None = None) -> dict[str, Path]:
-    """Rename every output into place and call ``options.committed``, as one step: an
-    interrupt that lands meanwhile takes effect after it, so the outputs and the lock agree
-    (all old or all new) and no moved-aside previous output is left behind."""
+                   where: dict[str, str]) -> dict[str, Path]:
+    """Rename every output into place and call ``options.committed`` (with ``where``, where
+    the run computed), as one step: an interrupt that lands meanwhile takes effect after it,
+    so the outputs and the lock agree (all old or all new) and no moved-aside previous
+    output is left behind."""
     with deferred_interrupts():
         paths = {name: o.folder.commit() for name, o in outputs.items()}
         if options.committed is not None:
-            if where is None:
-                from tvrecipe.exec.lockfile import machine
-                where = machine()
             options.committed(paths, {n: o.digests for n, o in outputs.items()}, where)
     return paths
 

@@ -257,7 +257,7 @@ class Runner:
                for ck in self.plan.models[n].parts.values()):
             return set()
         return {n for n, ok in fields.items()
-                if ok == {True} and n not in want and n not in deferred
+                if ok == {True} and n not in want
                 and (h := self.plan.models.get(n)) is not None and h.kind == CHECKPOINT}
 
     def _read_node(self, name: str, tensor: str, span: tuple[int, int] | None,

@@ -90,8 +90,7 @@ def pca_basis(gram: torch.Tensor, m: int) -> CompressedBasis:
     t = _check(gram, m)
     g = gram.double()
     h = torch.eye(t, dtype=torch.float64) - 1.0 / t
-    with serial():
-        lam, vec = torch.linalg.eigh(h @ g @ h)
+    lam, vec = torch.linalg.eigh(h @ g @ h)
     order = torch.argsort(lam, descending=True, stable=True)
     lam, vec = lam[order], vec[:, order]
     top = vec[:, :m]
@@ -148,8 +147,7 @@ def autoencoder_basis(gram: torch.Tensor, m: int, *, seed: int, steps: int = 600
         w = decoder.detach().clone()
     rebuild = atoms @ w
     errors, total = _errors(g, rebuild)
-    with serial():
-        lam = torch.linalg.eigvalsh(g)
+    lam = torch.linalg.eigvalsh(g)
     return CompressedBasis(atoms=atoms, decoder=w, mean=False, rebuild=rebuild, errors=errors,
                            loss=total, bound=_tail(lam, m) / t**2,
                            info={"steps": steps, "lr": lr, "temperature": temperature})

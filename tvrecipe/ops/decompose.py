@@ -128,18 +128,12 @@ def _randomized_svd(a: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor
     omega = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype).to(a.device)
     # Re-orthonormalise between passes: without it the columns collapse onto the top
     # singular vector in float32 and the trailing ones lose all accuracy.
-    left = _q(_times(a, omega))
+    left = torch.linalg.qr(_times(a, omega)).Q
     for i in range(_POWER_ITERS):
-        right = _q(_times_t(a, left))
+        right = torch.linalg.qr(_times_t(a, left)).Q
         if i + 1 < _POWER_ITERS:
-            left = _q(_times(a, right))
+            left = torch.linalg.qr(_times(a, right)).Q
     return _full_svd(_times(a, right))
-
-
-def _q(a: torch.Tensor) -> torch.Tensor:
-    """Q of a's QR factorisation, on one thread (its bytes would depend on the count)."""
-    with serial():
-        return torch.linalg.qr(a).Q
 
 
 def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -155,8 +149,7 @@ def _times_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _full_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with serial():
-        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    u, s, _ = torch.linalg.svd(a, full_matrices=False)
     return u, s
 
 
@@ -216,8 +209,7 @@ def task_subspace(W: torch.Tensor, *, rank: int | Mapping[str, float] | None) ->
         r = want
     else:
         # The energy target needs ||W||², in float64: it decides where the rank stops.
-        with serial():
-            total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+        total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
         if total == 0.0:
             return a.new_zeros(d_out, 0)
         r = None
@@ -347,8 +339,7 @@ def shared_subspace(
         return (Us[0] @ y[:, keep].to(dtype)).contiguous()
 
     small = (Us[-1].mT @ Us[0]).double() @ m
-    with serial():
-        lam, v = torch.linalg.eig(small)
+    lam, v = torch.linalg.eig(small)
     keep = lam.real > threshold
     if not bool(keep.any()):
         return empty
@@ -360,8 +351,7 @@ def shared_subspace(
 def _sq_norm(x: torch.Tensor) -> float:
     # float32 accumulation (torch reduces in blocks, so the error stays near 1e-6 relative):
     # a float64 copy of every delta cost more than the SVDs of a large model.
-    with serial():
-        return float(torch.linalg.vector_norm(x)) ** 2 if x.numel() else 0.0
+    return float(torch.linalg.vector_norm(x)) ** 2 if x.numel() else 0.0
 
 
 def _check_deltas(deltas: Sequence[torch.Tensor]) -> None:

@@ -19,18 +19,11 @@ def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     32000 x 42, where LAPACK's QR took 0.5 s); Householder QR when the Gram matrix is
     singular (a delta of lower rank than the sketch)."""
     for _ in range(2):
-        gram = y.T @ y
-        with serial():  # LAPACK's bytes would depend on the thread count
-            r, info = torch.linalg.cholesky_ex(gram, upper=True)
-            if int(info):
-                return torch.linalg.qr(y).Q
-            y = torch.linalg.solve_triangular(r, y, upper=True, left=False)
+        r, info = torch.linalg.cholesky_ex(y.T @ y, upper=True)
+        if int(info):
+            return torch.linalg.qr(y).Q
+        y = torch.linalg.solve_triangular(r, y, upper=True, left=False)
     return y
-
-
-def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with serial():
-        return torch.linalg.svd(x, full_matrices=False)
 
 
 def _range_finder(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -79,15 +72,15 @@ def truncated_svd(x: torch.Tensor, rank: int | None = None, energy: float | None
     m, n = x.shape
     small = min(m, n)
     if energy is not None:
-        u, s, vh = _svd(x)
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
         r = energy_rank(s, energy)
         return u[:, :r], s[:r], vh[:r]
     r = min(int(rank), small)
     if _full_svd((m, n), rank, None):
-        u, s, vh = _svd(x)
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
     q = _range_finder(x, r + _OVERSAMPLE, seed)
-    u_small, s, vh = _svd(q.T @ x)
+    u_small, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
     return (q @ u_small)[:, :r], s[:r], vh[:r]
 
 
@@ -103,8 +96,7 @@ def lora_factors(x: torch.Tensor, rank: int | None = None, energy: float | None 
     root = s.sqrt()
     b = u * root
     a = root[:, None] * vh
-    with serial():
-        norm2 = float(torch.linalg.vector_norm(work, dtype=torch.float64) ** 2)
+    norm2 = float(torch.linalg.vector_norm(work, dtype=torch.float64) ** 2)
     if norm2 == 0.0:
         return b.to(torch.float32), a.to(torch.float32), 0.0, 0.0
     # B·A = U_r·U_rᵀ·x is an orthogonal projection of x, so ‖x − B·A‖² = ‖x‖² − Σ_{i≤r} σ_i²
@@ -112,7 +104,5 @@ def lora_factors(x: torch.Tensor, rank: int | None = None, energy: float | None 
     # is computed outright.
     share = max(norm2 - float((s.double() ** 2).sum()), 0.0) / norm2
     if share < 1e-4:
-        rest = work.double() - b.double() @ a.double()
-        with serial():
-            share = float(torch.linalg.norm(rest) ** 2) / norm2
+        share = float(torch.linalg.norm(work.double() - b.double() @ a.double()) ** 2) / norm2
     return b.to(torch.float32), a.to(torch.float32), share ** 0.5, norm2 ** 0.5
