@@ -49,6 +49,6 @@ timeout "$left" python3 benchmarks/gpu.py --size "${SIZE:-large}" \
 # The whole suite on a CUDA machine (`device: auto` picks the GPU there), in what time is left.
 left=$(( LIMIT - SECONDS ))
 if [ "$left" -gt 30 ]; then
-  timeout "$left" python3 -m pytest -q -p no:cacheprovider -x -n 8 tests > "$OUT/suite.log" 2>&1
+  timeout "$left" python3 -m pytest -q -p no:cacheprovider -rf --maxfail=30 -n 8 tests > "$OUT/suite.log" 2>&1
   echo "suite: exit $? after ${left}s budget"; tail -15 "$OUT/suite.log"
 fi

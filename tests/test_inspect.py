@@ -144,6 +144,41 @@ def test_spectral_steps_show_spectra_and_overlaps(cli, tmp_path, step):
     assert not (tmp_path / "out").exists()
 
 
+def _close(a, b, path="") -> None:
+    """Two inspect reports alike: the same keys, strings and counts; numbers within float32's
+    rounding of a decomposition's (the spectra themselves are float64)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("step", ["merged", "iso", "parts"])
+def test_spectra_on_the_gpu_are_the_cpus(cli, tmp_path, step):
+    # (the rank holding 90% of the energy once compared a GPU tensor with a CPU one)
+    _spectral_project(tmp_path)
+    cpu = json.loads(cli.ok("inspect", "r.yaml", step, "--json", "--device", "cpu").stdout)
+    gpu = json.loads(cli.ok("inspect", "r.yaml", step, "--json", "--device", "cuda").stdout)
+    _close(gpu, cpu)
+    from tvrecipe.ops.lowrank import energy_rank, truncated_svd
+    x = torch.randn(48, 36, generator=torch.Generator().manual_seed(3))
+    s = torch.linalg.svdvals(x)
+    r = energy_rank(s, 0.9)
+    assert 1 < r < 36 and energy_rank(s.cuda(), 0.9) == r
+    u, sv, vh = truncated_svd(x.cuda(), energy=0.9)
+    assert u.is_cuda and u.shape == (48, r) and sv.shape == (r,) and vh.shape == (r, 36)
+
+
 def test_spectra_plot_and_compressed_basis_inspection(cli, tmp_path):
     pytest.importorskip("matplotlib")
     _spectral_project(tmp_path)

@@ -111,6 +111,8 @@ def test_changed_coefficient_changes_only_downstream_keys(tmp_path):
 
 def test_verify_recompute_compares_fresh_bytes_and_cleans_up(tmp_path, monkeypatch):
     recipe = _make(tmp_path)
+    # (on the CPU, as the messages below say: `auto` would take a GPU where there is one)
+    recipe.write_text(RECIPE + "settings: {device: cpu}\n")
     assert _cli("run", str(recipe), "-q").exit_code == 0
     res = _cli("verify", str(recipe), "--recompute")
     assert res.exit_code == 0, res.output

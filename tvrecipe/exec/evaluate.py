@@ -272,7 +272,7 @@ class StepEvaluator:
         self._streams: dict[tuple[str, str, str], tuple[torch.Generator, int]] = {}
 
     def twin(self) -> StepEvaluator:
-        """An evaluator for another thread (Runner._stream's pairs): the same settings and
+        """An evaluator for another thread (Runner._stream's tensors side by side): the same
         shared tables (reports, kept state, reads), with per-call state of its own."""
         other = copy.copy(self)
         other._storages = None

@@ -65,10 +65,12 @@ __all__ = ["PassContext", "RunOptions", "RunResult", "Runner", "describe_device"
            "resolve_device", "run_recipe"]
 
 DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
-# A fold stream (Runner._pairs) evaluates two consecutive tensors at once when each is
-# smaller than this in the compute dtype (an embedding is not: its tasks' deltas alone fill
-# the memory such a stream is there to save).
+# A fold stream (Runner._lanes) evaluates consecutive tensors side by side, up to one per
+# core, when each is smaller than PAIR_BYTES in the compute dtype (an embedding is not: its
+# tasks' deltas alone fill the memory such a stream is there to save) and all of them
+# together smaller than BATCH_BYTES (on 2 cores: two at a time, as before).
 PAIR_BYTES = 32 << 20
+BATCH_BYTES = 128 << 20
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -411,10 +413,12 @@ class Runner:
             return pool.submit(self._read, models, t, rows, heavy, deferred, stored)
 
         futures: deque = deque()
-        # A fold stream of small tensors takes two at a time, the next one on a thread of its
-        # own: its ops run their factorisations on one thread each (so that their bytes do
-        # not depend on the core count), which would leave the other cores idle.
-        second = evaluator.twin() if self._pairs(steps, deferred) else None
+        # A fold stream of small tensors takes several at a time, the ones after the first
+        # each on a thread of its own: its ops run their factorisations on one thread each
+        # (so that their bytes do not depend on the core count), which would leave the other
+        # cores idle.
+        lanes = self._lanes(steps, deferred)
+        twins = [evaluator.twin() for _ in range(lanes - 1)]
         threads = torch.get_num_threads()
 
         def own_threads() -> None:  # (a new thread takes torch's default count otherwise)
@@ -448,16 +452,17 @@ class Runner:
                 futures.append(read_ahead(j + ahead))
             return values
 
-        pair = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-pair",
-                                   initializer=own_threads) if second is not None else None)
-        beside = None  # the next tensor's values, being evaluated on the pair thread
+        side = (ThreadPoolExecutor(max_workers=len(twins), thread_name_prefix="tvrecipe-side",
+                                   initializer=own_threads) if twins else None)
+        # The next tensors' outputs, being evaluated beside this one (in order).
+        beside: deque = deque()
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvrecipe-read") as pool:
                 try:
                     futures.extend(read_ahead(j) for j in range(min(ahead, len(items))))
                     for i, (tensor, info, rows) in enumerate(items):
-                        if beside is not None:
-                            out, beside = beside.result(), None
+                        if beside:
+                            out = beside.popleft().result()
                         else:
                             values = take(i)
                             if deferred:
@@ -466,10 +471,14 @@ class Runner:
                                 # malloc arenas) goes back to the kernel before each tensor.
                                 self.buffers.release()
                                 trim()
-                            if (pair is not None and i + 1 < len(items) and small(info)
-                                    and small(items[i + 1][1])):
-                                beside = pair.submit(evaluate, second, take(i + 1),
-                                                     *items[i + 1])
+                            if side is not None and small(info):
+                                batch = math.prod(info.shape) * width
+                                for twin, j in zip(twins, range(i + 1, len(items))):
+                                    batch += math.prod(items[j][1].shape) * width
+                                    if not small(items[j][1]) or batch >= BATCH_BYTES:
+                                        break
+                                    beside.append(side.submit(evaluate, twin, take(j),
+                                                              *items[j]))
                             out = evaluate(evaluator, values, tensor, info, rows)
                             values = None
                         yield tensor, info, out
@@ -482,18 +491,21 @@ class Runner:
                         if f is not None:
                             f.cancel()
         finally:
-            if pair is not None:
-                pair.shutdown(wait=True)  # (an evaluation running beside a failed one ends)
+            if side is not None:
+                side.shutdown(wait=True)  # (evaluations running beside a failed one end)
         self.buffers.release()
         bar.close()
 
-    def _pairs(self, steps: list[CompiledStep], deferred: set[str] | frozenset[str]) -> bool:
-        """Whether a stream takes two small tensors at a time: a fold stream on a CPU of
-        several cores, with a step that asks for it (``StepSpec.pairs``: Iso-C), whose steps
-        keep nothing from one tensor to the next (``independent``: no report, kept state or
-        random stream that another tensor's evaluation could interleave with)."""
-        return (bool(deferred) and self.device.type == "cpu" and cores() > 1
-                and all(s.spec.independent for s in steps) and any(s.spec.pairs() for s in steps))
+    def _lanes(self, steps: list[CompiledStep], deferred: set[str] | frozenset[str]) -> int:
+        """How many small tensors a stream evaluates at a time: one per core for a fold
+        stream on a CPU, with a step that asks for it (``StepSpec.side_by_side``: Iso-C),
+        whose steps keep nothing from one tensor to the next (``independent``: no report,
+        kept state or random stream that another tensor's evaluation could interleave
+        with); else 1."""
+        if (deferred and self.device.type == "cpu" and all(s.spec.independent for s in steps)
+                and any(s.spec.side_by_side() for s in steps)):
+            return cores()
+        return 1
 
     def _zero_fill(self, value: Any, info: TensorInfo, block: tuple[int, ...]) -> Any:
         """A value leaving the stream (for an output, a cache entry or a whole-model pass),

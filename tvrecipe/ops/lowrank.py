@@ -50,7 +50,7 @@ def _full_svd(shape: tuple[int, int], rank: int | None, energy: float | None) ->
 def energy_rank(s: torch.Tensor, energy: float) -> int:
     """The fewest leading singular values (of ``s``, descending) whose squares hold a share
     ``energy`` of Σσ²; 0 when every σ is 0."""
-    power = s.double() ** 2
+    power = s.to("cpu", torch.float64) ** 2  # (a few numbers: the same answer on any device)
     total = float(power.sum())
     if total == 0.0:
         return 0

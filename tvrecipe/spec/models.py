@@ -277,12 +277,13 @@ class StepSpec(Frozen):
         them (``cluster_basis`` with ``k: auto``); None otherwise."""
         return None
 
-    def pairs(self) -> bool:
-        """Whether a fold stream should take two small tensors at a time for this step: its
-        work on one tensor is mostly one thread's (Iso-C's one eigendecomposition), so a
-        second tensor beside it uses the idle cores. Taken only where every step of the
-        stream is ``independent``. Ops that spread one tensor's work over the cores
-        themselves (TSV-M's tasks) say no: a pair would only hold more memory."""
+    def side_by_side(self) -> bool:
+        """Whether a fold stream should evaluate several small tensors at a time for this
+        step, up to one per core: its work on one tensor is mostly one thread's (Iso-C's one
+        eigendecomposition), so the tensors beside it use the idle cores. Taken only where
+        every step of the stream is ``independent``. Ops that spread one tensor's work over
+        the cores themselves (TSV-M's tasks) say no: more tensors at once would only hold
+        more memory."""
         return False
 
     def render_report(self, name: str, report: dict) -> str | None:

@@ -40,10 +40,11 @@ class IsoStep(StepSpec):
     kernel: ClassVar = "tvrecipe.ops.spectral:iso"
     example: ClassVar = "merged: {op: iso, inputs: tv, variant: cts}"
 
-    def pairs(self) -> bool:
+    def side_by_side(self) -> bool:
         # Iso-C: one eigendecomposition per tensor, on one thread (24.96 s against 35.3 s
-        # for the large benchmark with pairs). Iso-CTS spreads its tasks' spectra over the
-        # math threads: pairs saved 3% of its time and added 54 MB to its peak.
+        # for the large benchmark on 2 cores, two tensors at a time). Iso-CTS spreads its
+        # tasks' spectra over the math threads: two at a time saved 3% of its time and
+        # added 54 MB to its peak.
         return self.variant == "c"
 
     def evaluate(self, ctx: Any) -> Any:
