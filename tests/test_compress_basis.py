@@ -60,6 +60,18 @@ def test_pca_with_t_minus_one_atoms_rebuilds_every_task_exactly():
     assert max(basis.errors) < 1e-20 and basis.bound == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bases_of_a_gram_matrix_on_the_gpu_are_the_cpus():
+    # (the runner's Gram matrices are on the CPU; a library caller's may not be)
+    v = _matrix()
+    gram = v.T @ v
+    for make in (lambda g: pca_basis(g, 3), lambda g: autoencoder_basis(g, 3)):
+        want, got = make(gram), make(gram.cuda())
+        for name in ("atoms", "decoder", "rebuild"):
+            torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name))
+
+
 def test_pca_signs_are_fixed():
     v = _matrix()
     a = pca_basis(v.T @ v, 3)

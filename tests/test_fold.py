@@ -5,6 +5,7 @@ models of an `extract` that only folding ops read when the op asks for them."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import numpy as np
@@ -325,7 +326,7 @@ def test_a_lora_adapter_beside_deferred_task_vectors(cli, tmp_path, monkeypatch,
     assert float(ready[uncovered].abs().max()) > 0
 
 
-@pytest.mark.parametrize("n_cores", [2, 4])
+@pytest.mark.parametrize("n_cores", [2, 3, 4])
 @pytest.mark.parametrize("step", ["{op: tsv_merge, inputs: tv}",
                                   "{op: iso, inputs: tv, variant: c}",
                                   "{op: iso, inputs: tv, variant: cts, common: 0.25}"])
@@ -343,9 +344,14 @@ def test_a_fold_stream_takes_small_tensors_side_by_side_with_the_same_bytes(
     threads: list[str] = []
     real = runner_mod.StepEvaluator.__call__
 
+    evaluators: set[int] = set()
+
     def spy(self, step, *args, **kwargs):
         if step.spec.folds:
             threads.append(threading.current_thread().name)
+            if threads[-1].startswith("tvrecipe-side"):
+                evaluators.add(id(self))
+                assert torch.get_num_threads() == 1
         return real(self, step, *args, **kwargs)
 
     def beside() -> list[str]:
@@ -357,20 +363,22 @@ def test_a_fold_stream_takes_small_tensors_side_by_side_with_the_same_bytes(
     side = read_tensors(tmp_path / "out" / "m")
     assert len(threads) == len(side) == 8  # (one call of the fold step per tensor)
     assert any(not t.startswith("tvrecipe-side") for t in threads), threads
-    # Iso-C: the 8 tensors in batches of n_cores, all but the first of each beside it, on
-    # at most n_cores - 1 threads
+    # Iso-C: the 8 tensors in batches of n_cores, all but the first of each beside it, each
+    # with an evaluator of its own (one per lane)
     if "variant: c}" in step:
-        assert len(beside()) == 8 - 8 // n_cores, threads
-        assert len(set(beside())) <= n_cores - 1
+        assert len(beside()) == 8 - math.ceil(8 / n_cores), threads
+        assert len(evaluators) == n_cores - 1
     else:
         assert beside() == [], threads
-    # one tensor at a time (each over PAIR_BYTES, or all over BATCH_BYTES): the same bytes
-    for name in ("PAIR_BYTES", "BATCH_BYTES"):
+    # one tensor at a time (each over PAIR_BYTES), or two (all over BATCH_BYTES): the same
+    # bytes
+    for name, pairs in (("PAIR_BYTES", 0), ("BATCH_BYTES", 4)):
         with monkeypatch.context() as m:
             m.setattr(runner_mod, name, 0)
             threads.clear()
             cli.ok("run", "r.yaml", "-q", "--device", "cpu", "--no-cache", "--force")
-            assert threads and not beside(), threads
+            assert len(threads) == 8
+            assert len(beside()) == (pairs if "variant: c}" in step else 0), threads
             alone = read_tensors(tmp_path / "out" / "m")
             assert side.keys() == alone.keys()
             assert all(torch.equal(side[k], alone[k]) for k in alone)

@@ -415,10 +415,11 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
         raise MissingPackage("--plot needs matplotlib, which is not installed: "
                              "pip install 'tvrecipe[plot]'")
     with _importing("tvrecipe.exec.runner"):
-        from tvrecipe.exec.runner import Runner, RunOptions
+        from tvrecipe.exec.runner import RunOptions, inspect_step
     from tvrecipe.report import json_text, render_inspection
     compiled = _compile(recipe, (step.split(".")[0],))
-    result = Runner(compiled, RunOptions(device=device, progress=sys.stderr.isatty())).inspect(step)
+    result = inspect_step(compiled, RunOptions(device=device, progress=sys.stderr.isatty()),
+                          step)
     click.echo(json_text(result) if as_json
                else render_inspection(step, result))
     if plot_path:

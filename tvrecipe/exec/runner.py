@@ -62,15 +62,17 @@ from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import TensorSpec
 
 __all__ = ["PassContext", "RunOptions", "RunResult", "Runner", "describe_device",
-           "resolve_device", "run_recipe"]
+           "inspect_step", "resolve_device", "run_recipe"]
 
 DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 # A fold stream (Runner._lanes) evaluates consecutive tensors side by side, up to one per
-# core, when each is smaller than PAIR_BYTES in the compute dtype (an embedding is not: its
-# tasks' deltas alone fill the memory such a stream is there to save) and all of them
-# together smaller than BATCH_BYTES (on 2 cores: two at a time, as before).
+# core: two when each is smaller than PAIR_BYTES in the compute dtype (an embedding is not:
+# its tasks' deltas alone fill the memory such a stream is there to save), more while all of
+# them together stay under BATCH_BYTES. An Iso-C lane holds about 5× its tensor plus two
+# float64 n × n matrices: with 16 lanes on the large benchmark (2 cores made to look like
+# 16), peak RSS 768 MB against 667 MB two at a time; 1075 MB under 64 MiB, 1374 under 128.
 PAIR_BYTES = 32 << 20
-BATCH_BYTES = 128 << 20
+BATCH_BYTES = 32 << 20
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -421,9 +423,10 @@ class Runner:
         twins = [evaluator.twin() for _ in range(lanes - 1)]
         threads = torch.get_num_threads()
 
-        def own_threads() -> None:  # (a new thread takes torch's default count otherwise)
-            torch.get_num_threads()
-            torch.set_num_threads(threads)
+        def one_thread() -> None:
+            # Each tensor beside the first runs its torch ops on one thread: up to one lane
+            # per core already (the factorisations are on one thread each in any case).
+            torch.set_num_threads(1)
 
         def small(info: TensorInfo) -> bool:
             return math.prod(info.shape) * width < PAIR_BYTES
@@ -453,7 +456,7 @@ class Runner:
             return values
 
         side = (ThreadPoolExecutor(max_workers=len(twins), thread_name_prefix="tvrecipe-side",
-                                   initializer=own_threads) if twins else None)
+                                   initializer=one_thread) if twins else None)
         # The next tensors' outputs, being evaluated beside this one (in order).
         beside: deque = deque()
         try:
@@ -475,7 +478,8 @@ class Runner:
                                 batch = math.prod(info.shape) * width
                                 for twin, j in zip(twins, range(i + 1, len(items))):
                                     batch += math.prod(items[j][1].shape) * width
-                                    if not small(items[j][1]) or batch >= BATCH_BYTES:
+                                    if not small(items[j][1]) or (j > i + 1
+                                                                  and batch >= BATCH_BYTES):
                                         break
                                     beside.append(side.submit(evaluate, twin, take(j),
                                                               *items[j]))
@@ -493,6 +497,8 @@ class Runner:
         finally:
             if side is not None:
                 side.shutdown(wait=True)  # (evaluations running beside a failed one end)
+                # A new thread takes the count set last, by whichever thread: the run's again.
+                torch.set_num_threads(threads)
         self.buffers.release()
         bar.close()
 
@@ -976,14 +982,7 @@ def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResu
     A cache entry found corrupt while it is read is removed and the run starts again without
     it (the interrupted attempt committed nothing); the warning lands in ``cache.warnings``.
     """
-    previous = torch.get_num_threads()
-    threads = compute_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    # IEEE float32 products on every device: a caller's TF32 (about 1e-3 off) stays outside.
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with _command():
         while True:
             try:
                 if options is not None and options.cluster:  # Dask: imported only then
@@ -992,7 +991,30 @@ def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResu
                 return Runner(compiled, options).run()
             except CacheCorrupt as exc:
                 options.cache.discard(exc.key, str(exc))
-    except torch.cuda.OutOfMemoryError as exc:  # outside a step: reading, a whole-model pass
+
+
+def inspect_step(compiled: Compiled, options: RunOptions, step: str) -> dict:
+    """What `tvrecipe inspect` shows of ``step`` (see :meth:`Runner.inspect`), under a run's
+    settings and errors."""
+    with _command():
+        return Runner(compiled, options).inspect(step)
+
+
+@contextmanager
+def _command() -> Iterator[None]:
+    """A command's torch settings, given back after it: the math threads' count and IEEE
+    float32 products on every device (a caller's TF32 is about 1e-3 off); and running out of
+    GPU memory outside a step (reading, a whole-model pass, an inspection's spectra) as a
+    located error."""
+    previous = torch.get_num_threads()
+    threads = compute_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
         raise ExecutionError("the device ran out of memory while reading the inputs or in a "
                              "whole-model pass; use --device cpu") from exc
     finally:

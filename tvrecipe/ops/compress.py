@@ -88,7 +88,7 @@ def pca_basis(gram: torch.Tensor, m: int) -> CompressedBasis:
     fixed (largest-magnitude entry positive), so the atoms do not flip between runs.
     """
     t = _check(gram, m)
-    g = gram.double()
+    g = gram.double().cpu()  # (the runner's Gram matrices are on the CPU; a caller's may not be)
     h = torch.eye(t, dtype=torch.float64) - 1.0 / t
     lam, vec = torch.linalg.eigh(h @ g @ h)
     order = torch.argsort(lam, descending=True, stable=True)
