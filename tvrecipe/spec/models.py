@@ -279,7 +279,7 @@ class StepSpec(Frozen):
 
     def side_by_side(self) -> bool:
         """Whether a fold stream should evaluate several small tensors at a time for this
-        step, up to one per core: its work on one tensor is mostly one thread's (Iso-C's one
+        step, up to two per core: its work on one tensor is mostly one thread's (Iso-C's one
         eigendecomposition), so the tensors beside it use the idle cores. Taken only where
         every step of the stream is ``independent``. Ops that spread one tensor's work over
         the cores themselves (TSV-M's tasks) say no: more tensors at once would only hold
