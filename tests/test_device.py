@@ -109,66 +109,38 @@ def summed(make_models, cli) -> None:
                 "outputs:\n  merged: {from: merged, path: ./out/merged}\n")
 
 
+@pytest.mark.parametrize("command", [("run", "r.yaml", "--no-cache"), ("inspect", "r.yaml", "tv")])
 def test_running_out_of_gpu_memory_while_reading_is_a_located_runtime_error(summed, cli,
-                                                                            monkeypatch):
-
+                                                                            monkeypatch, command):
+    # (inspect's was an internal error: it ran outside run_recipe's handling)
     def no_memory(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(runner.Runner, "_load", no_memory)
-    res = cli.fails(5, "run", "r.yaml", "--no-cache")
+    res = cli.fails(5, *command)
     assert res.err_lines == ["tvrecipe: runtime error:",
                              ("the device ran out of memory while reading the inputs or in a "
                               "whole-model pass; use --device cpu")]
     assert not (cli.root / "out").exists()
 
 
-def test_inspect_on_a_gpu_out_of_memory_is_the_same_runtime_error(summed, cli, monkeypatch):
-    # (it was an internal error: inspect ran outside run_recipe's handling)
-    def no_memory(self, *args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(runner.Runner, "_load", no_memory)
-    res = cli.fails(5, "inspect", "r.yaml", "tv")
-    assert res.err_lines == ["tvrecipe: runtime error:",
-                             ("the device ran out of memory while reading the inputs or in a "
-                              "whole-model pass; use --device cpu")]
-
-
-def test_inspect_computes_float32_products_in_ieee_whatever_the_caller_set(summed, cli,
-                                                                          monkeypatch):
+@pytest.mark.parametrize("command, kernel", [(("run", "r.yaml", "--no-cache", "-q"), "sum"),
+                                             (("inspect", "r.yaml", "tv"), "gram_update")])
+def test_a_command_computes_float32_products_in_ieee_whatever_the_caller_set(
+        summed, cli, monkeypatch, command, kernel):
+    # TF32 ("high") would put float32 matrix products about 1e-3 off on a GPU; a run (and an
+    # inspection) sets "highest" for its own time and gives the caller's setting back.
     seen = []
-    real = ops.gram_update
+    real = getattr(ops, kernel)
 
     def spy(*args, **kwargs):
         seen.append(torch.get_float32_matmul_precision())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "gram_update", spy)
+    monkeypatch.setattr(ops, kernel, spy)
     torch.set_float32_matmul_precision("high")
     try:
-        cli.ok("inspect", "r.yaml", "tv")
-        assert torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision("highest")
-    assert seen and set(seen) == {"highest"}
-
-
-def test_a_run_computes_float32_products_in_ieee_whatever_the_caller_set(summed, cli,
-                                                                        monkeypatch):
-    # TF32 ("high") would put float32 matrix products about 1e-3 off on a GPU; a run sets
-    # "highest" for its own time and gives the caller's setting back.
-    seen = []
-    real = ops.sum
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_float32_matmul_precision())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "sum", spy)
-    torch.set_float32_matmul_precision("high")
-    try:
-        cli.ok("run", "r.yaml", "--no-cache", "-q")
+        cli.ok(*command)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision("highest")
