@@ -119,8 +119,8 @@ def test_running_out_of_gpu_memory_while_reading_is_a_located_runtime_error(summ
     monkeypatch.setattr(runner.Runner, "_load", no_memory)
     res = cli.fails(5, *command)
     assert res.err_lines == ["tvrecipe: runtime error:",
-                             ("the device ran out of memory while reading the inputs or in a "
-                              "whole-model pass; use --device cpu")]
+                             ("the device ran out of memory while reading the inputs, in a "
+                              "whole-model pass or in an inspection; use --device cpu")]
     assert not (cli.root / "out").exists()
 
 

@@ -70,7 +70,8 @@ DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 # its tasks' deltas alone fill the memory such a stream is there to save), more while all of
 # them together stay under BATCH_BYTES. An Iso-C lane holds about 5× its tensor plus two
 # float64 n × n matrices: with 16 lanes on the large benchmark (2 cores made to look like
-# 16), peak RSS 768 MB against 667 MB two at a time; 1075 MB under 64 MiB, 1374 under 128.
+# 16), peak RSS 768 MB against 667-681 MB two at a time; 1075 MB under 64 MiB, 1374 under
+# 128 (benchmarks/README.md, "Iso-C on many cores").
 PAIR_BYTES = 32 << 20
 BATCH_BYTES = 32 << 20
 
@@ -1017,8 +1018,8 @@ def _command() -> Iterator[None]:
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
-        raise ExecutionError("the device ran out of memory while reading the inputs or in a "
-                             "whole-model pass; use --device cpu") from exc
+        raise ExecutionError("the device ran out of memory while reading the inputs, in a "
+                             "whole-model pass or in an inspection; use --device cpu") from exc
     finally:
         torch.set_num_threads(previous)
         torch.set_float32_matmul_precision(precision)

@@ -158,7 +158,8 @@ class StepSpec(Frozen):
         independent: Each tensor's result depends on that tensor's inputs alone, and the op
             records nothing from one tensor to the next (no report, kept state or random
             stream): a fold stream whose every op is independent, and one of them asks for
-            it (:meth:`pairs`), evaluates two small tensors at once.
+            it (:meth:`side_by_side`), evaluates up to two small tensors per core at once,
+            on a CPU.
         version: Part of every cache key; bump when the kernel's output for the same inputs
             changes.
         seeded: The op is random (or seeds a clustering): its key includes the recipe's seed
