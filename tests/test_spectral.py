@@ -246,3 +246,51 @@ def test_an_empty_matrix_passes_through(cli, make_models, tmp_path, step):
         assert set(got) == set(plain)
         for k in plain:
             assert torch.equal(got[k], plain[k]), k
+
+
+# ---- a few leading eigenpairs alone (LAPACK's dsyevr) -------------------------------------
+
+def test_leading_eigenpairs_alone_are_those_of_the_whole_decomposition(monkeypatch):
+    from tvrecipe.ops import spectral
+    a = _decaying(300, 120, 5).double()
+    for top in (1, 7, 30):  # (30 = 120 / 4: the largest share taken alone)
+        sigma, q, kept = spectral._gram_eigh(a, top)
+        assert sigma.shape == (top,) and q.shape == (120, top)
+        with monkeypatch.context() as m:
+            m.setattr(spectral, "SUBSET_SHARE", 10**9)  # every eigenpair, from eigh
+            s_all, q_all, _ = spectral._gram_eigh(a, top)
+        assert s_all.shape == (120,)
+        torch.testing.assert_close(sigma, s_all[:top], rtol=0, atol=1e-12 * float(sigma[0]))
+        torch.testing.assert_close(kept, sigma)
+        # the same vectors up to sign
+        torch.testing.assert_close((q * q_all[:, :top]).sum(0).abs(),
+                                   torch.ones(top, dtype=torch.float64), rtol=0, atol=1e-9)
+    # a GPU or a larger share takes every eigenpair; the BLAS threads are one from then on
+    assert spectral._gram_eigh(a, 31)[0].shape == (120,)
+    from threadpoolctl import threadpool_info
+    assert all(lib["num_threads"] == 1 for lib in threadpool_info()
+               if lib["user_api"] == "blas")
+
+
+def test_tsv_merge_and_iso_cts_take_their_leading_eigenpairs_alone(monkeypatch):
+    # TSV-M of 8 tasks keeps r/8 directions of each; Iso-CTS (common 0.8) 2 of each residual
+    # of a tall tensor: both ask dsyevr; the results are those of whole decompositions.
+    from tvrecipe.ops import spectral
+    xs = [_decaying(160, 64, seed) for seed in range(8)]
+    real = spectral._top_eigh()
+    calls = []
+
+    def spy(gram, top):
+        calls.append((gram.shape[0], top))
+        return real(gram, top)
+
+    for name, fn, asked in (("tsv", lambda: spectral.tsv_merge(xs), {(64, 8)}),
+                            ("cts", lambda: spectral.iso(xs, variant="cts"), {(64, 1)})):
+        calls.clear()
+        monkeypatch.setattr(spectral, "_top_eigh", lambda: spy)
+        got = fn()
+        assert set(calls) == asked and len(calls) == 8, (name, calls)
+        monkeypatch.setattr(spectral, "SUBSET_SHARE", 10**9)
+        want = fn()
+        monkeypatch.setattr(spectral, "SUBSET_SHARE", 4)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
