@@ -273,7 +273,7 @@ def test_leading_eigenpairs_alone_are_those_of_the_whole_decomposition(monkeypat
 
 
 def test_tsv_merge_and_iso_cts_take_their_leading_eigenpairs_alone(monkeypatch):
-    # TSV-M of 8 tasks keeps r/8 directions of each; Iso-CTS (common 0.8) 2 of each residual
+    # TSV-M of 8 tasks keeps r/8 directions of each; Iso-CTS (common 0.8) 1 of each residual
     # of a tall tensor: both ask dsyevr; the results are those of whole decompositions.
     from tvrecipe.ops import spectral
     xs = [_decaying(160, 64, seed) for seed in range(8)]
@@ -287,10 +287,26 @@ def test_tsv_merge_and_iso_cts_take_their_leading_eigenpairs_alone(monkeypatch):
     for name, fn, asked in (("tsv", lambda: spectral.tsv_merge(xs), {(64, 8)}),
                             ("cts", lambda: spectral.iso(xs, variant="cts"), {(64, 1)})):
         calls.clear()
-        monkeypatch.setattr(spectral, "_top_eigh", lambda: spy)
-        got = fn()
+        with monkeypatch.context() as m:
+            m.setattr(spectral, "_top_eigh", lambda: spy)
+            got = fn()
         assert set(calls) == asked and len(calls) == 8, (name, calls)
-        monkeypatch.setattr(spectral, "SUBSET_SHARE", 10**9)
-        want = fn()
-        monkeypatch.setattr(spectral, "SUBSET_SHARE", 4)
+        with monkeypatch.context() as m:
+            m.setattr(spectral, "SUBSET_SHARE", 10**9)
+            want = fn()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_blas_is_on_one_thread_at_every_call_whatever_a_caller_set_since():
+    # A caller's threadpool limits, taken back after the first call, put scipy's OpenBLAS
+    # on several threads again: its dsyevr would give other bytes. Each call sets one.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from tvrecipe.ops import spectral
+    a = _decaying(200, 80, 2).double()
+    first = spectral._gram_eigh(a, 10)
+    threadpool_limits(limits=2, user_api="blas")  # (as a caller's limits taken back would)
+    again = spectral._gram_eigh(a, 10)
+    assert all(lib["num_threads"] == 1 for lib in threadpool_info()
+               if lib["user_api"] == "blas")
+    assert all(torch.equal(x, y) for x, y in zip(first, again))

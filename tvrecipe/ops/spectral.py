@@ -274,8 +274,7 @@ def _gram_eigh(a: torch.Tensor, top: int | None = None
     wide = a.shape[0] <= a.shape[1]
     gram = _gram(a, wide, torch.float64)
     n = gram.shape[0]
-    subset = (top is not None and gram.device.type == "cpu" and 0 < top * SUBSET_SHARE <= n
-              and _top_eigh() is not None)
+    subset = top is not None and gram.device.type == "cpu" and 0 < top * SUBSET_SHARE <= n
     with serial():  # (LAPACK's bytes would depend on the thread count)
         lam, q = _top_eigh()(gram, top) if subset else torch.linalg.eigh(gram)
     lam, q = lam.flip(0), q.flip(1)
@@ -291,21 +290,20 @@ SUBSET_SHARE = 4
 
 
 @cache
-def _top_eigh() -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None:
+def _top_eigh() -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
     """The ``top`` largest eigenvalues (ascending) and their eigenvectors of a symmetric CPU
-    float64 matrix, from scipy's LAPACK (``dsyevr``, with ``subset_by_index``); None without
-    scipy. On first use, the BLAS libraries loaded in this process (scipy's OpenBLAS) are
-    set to one thread for good: their threads would change the bytes with the core count,
-    and a limit set and taken back around each call would race between the math threads."""
-    try:
-        import scipy.linalg
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    ThreadpoolController().limit(limits=1, user_api="blas")
+    float64 matrix, from scipy's LAPACK (``dsyevr``, with ``subset_by_index``; imported on
+    first use). Before each call the BLAS libraries loaded in this process (scipy's
+    OpenBLAS) are set to one thread, and left so: their threads would change the bytes with
+    the core count, a limit taken back after each call would race between the math threads,
+    and setting it each time undoes a caller's limits that were taken back since."""
+    import scipy.linalg
+    from threadpoolctl import ThreadpoolController
+    blas = ThreadpoolController().select(user_api="blas")
 
     def top_eigh(gram: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = gram.shape[0]
+        blas.limit(limits=1)
         lam, q = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - top, n - 1],
                                    driver="evr", check_finite=False)
         return torch.from_numpy(lam), torch.from_numpy(q)
