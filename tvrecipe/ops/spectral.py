@@ -17,8 +17,7 @@ several pieces at once; sums over pieces are added in order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import cache
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -261,67 +260,34 @@ def _isometry(us: list[torch.Tensor], vs: list[torch.Tensor], sigma: torch.Tenso
 SPECTRUM_BLOCK = 1 << 20
 
 
-def _gram_eigh(a: torch.Tensor, top: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """σ (all r, descending; the first ``top`` only when given) of ``a`` and the
-    eigenvectors q (float64, by columns) of its smaller Gram matrix for the σ above the
-    rounding floor, with those σ (float64): the right singular vectors of a tall ``a``, the
-    left ones of a wide one.
+def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """σ (all r, descending) of ``a`` and the eigenvectors q (float64, by columns) of its
+    smaller Gram matrix for the σ above the rounding floor, with those σ (float64): the
+    right singular vectors of a tall ``a``, the left ones of a wide one.
 
     The Gram matrix is summed over float64 pieces of ``a`` along its longer side, in order
-    (:func:`_gram`): no float64 copy of ``a`` is held. A few leading eigenpairs of a CPU
-    matrix come from LAPACK's ``dsyevr`` (:func:`_top_eigh`), the others from ``eigh``."""
+    (:func:`_gram`): no float64 copy of ``a`` is held."""
     wide = a.shape[0] <= a.shape[1]
     gram = _gram(a, wide, torch.float64)
-    n = gram.shape[0]
-    subset = top is not None and gram.device.type == "cpu" and 0 < top * SUBSET_SHARE <= n
     with serial():  # (LAPACK's bytes would depend on the thread count)
-        lam, q = _top_eigh()(gram, top) if subset else torch.linalg.eigh(gram)
+        lam, q = torch.linalg.eigh(gram)
     lam, q = lam.flip(0), q.flip(1)
     sigma = lam.clamp_min(0.0).sqrt()
-    keep = _spanned(lam, n)
+    keep = _spanned(lam, gram.shape[0])
     return sigma, q[:, keep], sigma[keep]
-
-
-# The leading eigenpairs are taken alone (``dsyevr``) when at most this share of them is
-# asked for: the top 128 of a 1024 × 1024 Gram matrix (TSV-M's, 8 tasks) in 0.085 s against
-# 0.174 s for all of them, 0.129 s for the top 256 (one thread, benchmarks/README.md).
-SUBSET_SHARE = 4
-
-
-@cache
-def _top_eigh() -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
-    """The ``top`` largest eigenvalues (ascending) and their eigenvectors of a symmetric CPU
-    float64 matrix, from scipy's LAPACK (``dsyevr``, with ``subset_by_index``; imported on
-    first use). Before each call the BLAS libraries loaded in this process (scipy's
-    OpenBLAS) are set to one thread, and left so: their threads would change the bytes with
-    the core count, a limit taken back after each call would race between the math threads,
-    and setting it each time undoes a caller's limits that were taken back since."""
-    import scipy.linalg
-    from threadpoolctl import ThreadpoolController
-    blas = ThreadpoolController().select(user_api="blas")
-
-    def top_eigh(gram: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = gram.shape[0]
-        blas.limit(limits=1)
-        lam, q = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - top, n - 1],
-                                   driver="evr", check_finite=False)
-        return torch.from_numpy(lam), torch.from_numpy(q)
-
-    return top_eigh
 
 
 def _spectrum(a: torch.Tensor, top: int | None = None, out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, σ (descending), V of ``a`` (m × n) from the eigendecomposition of the smaller Gram
-    matrix (float64, :func:`_gram_eigh`): all r = min(m, n) singular values (the first
-    ``top`` when given), and the singular vectors of the ones above the rounding floor (σ = 0
-    has no defined vectors), only the first ``top`` of them when given. The other side's vectors (a·q/σ) are made
+    matrix (float64, :func:`_gram_eigh`): all r = min(m, n) singular values, and the
+    singular vectors of the ones above the rounding floor (σ = 0 has no defined vectors),
+    only the first ``top`` of them when given. The other side's vectors (a·q/σ) are made
     from float64 blocks of ``a`` into a tensor of ``a``'s dtype: the first columns of ``out``
     when given (max(m, n) rows, at least as many columns as vectors are kept).
     """
     wide = a.shape[0] <= a.shape[1]
-    sigma, q, kept = _gram_eigh(a, top)
+    sigma, q, kept = _gram_eigh(a)
     if top is not None:
         q, kept = q[:, :top], kept[:top]
     other = (out[:, :q.shape[1]] if out is not None else

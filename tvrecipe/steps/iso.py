@@ -34,9 +34,8 @@ class IsoStep(StepSpec):
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     # 3: Gram matrices summed over blocks, tasks one at a time. 4: every product and
-    # factorisation on one thread (same bytes on any core count). 5: a task's few leading
-    # singular vectors from LAPACK's dsyevr (spectral._top_eigh): other last bits.
-    version: ClassVar = 5
+    # factorisation on one thread (same bytes on any core count).
+    version: ClassVar = 4
     folds: ClassVar = True
     kernel: ClassVar = "tvrecipe.ops.spectral:iso"
     example: ClassVar = "merged: {op: iso, inputs: tv, variant: cts}"

@@ -32,9 +32,8 @@ class TsvMergeStep(StepSpec):
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     # 3: Gram matrices summed over blocks, tasks one at a time. 4: every product and
-    # factorisation on one thread (same bytes on any core count). 5: a task's few leading
-    # singular vectors from LAPACK's dsyevr (spectral._top_eigh): other last bits.
-    version: ClassVar = 5
+    # factorisation on one thread (same bytes on any core count).
+    version: ClassVar = 4
     folds: ClassVar = True
     kernel: ClassVar = "tvrecipe.ops.spectral:tsv_merge"
     example: ClassVar = "merged: {op: tsv_merge, inputs: tv}"
