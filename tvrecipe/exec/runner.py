@@ -409,9 +409,12 @@ class Runner:
                   + sum(len(self.cached[n][1]) for n in models if n in self.cached))
         width = self.compute.itemsize
 
+        def size(info: TensorInfo) -> int:  # (bytes of a whole tensor in the compute dtype)
+            return math.prod(info.shape) * width
+
         def read_ahead(j: int):
             t, info, rows = items[j]
-            if heavy and math.prod(info.shape) * width * inputs > PREFETCH_BYTES:
+            if heavy and size(info) * inputs > PREFETCH_BYTES:
                 return None
             return pool.submit(self._read, models, t, rows, heavy, deferred, stored)
 
@@ -430,7 +433,7 @@ class Runner:
             torch.set_num_threads(1)
 
         def small(info: TensorInfo) -> bool:
-            return math.prod(info.shape) * width < PAIR_BYTES
+            return size(info) < PAIR_BYTES
 
         def evaluate(ev: StepEvaluator, values: dict[str, Any], tensor: str,
                      info: TensorInfo, rows: slice | None) -> dict[str, Any]:
@@ -476,9 +479,9 @@ class Runner:
                                 self.buffers.release()
                                 trim()
                             if side is not None and small(info):
-                                batch = math.prod(info.shape) * width
+                                batch = size(info)
                                 for twin, j in zip(twins, range(i + 1, len(items))):
-                                    batch += math.prod(items[j][1].shape) * width
+                                    batch += size(items[j][1])
                                     if not small(items[j][1]) or (j > i + 1
                                                                   and batch >= BATCH_BYTES):
                                         break
