@@ -256,3 +256,39 @@ def test_machines_of_a_run_on_several_joins_what_differs():
         "several kinds of CPU may round differently each time; a run on one kind of CPU (a "
         "local run, or workers alike) repeats its bytes")]
     assert lockfile.machine_differences({"machine": b}, {}) == []  # (no machine: nothing)
+
+
+def test_a_lock_names_the_packages_whose_versions_differ(tmp_path):
+    # numpy (k: auto's eigenvalues) and scikit-learn (the spectral clustering) decide
+    # cluster_basis's clusters, so a lock records them beside tvrecipe and torch.
+    from importlib.metadata import version
+
+    import yaml
+
+    import tvrecipe
+    from tvrecipe.exec import lockfile
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    tool = yaml.safe_load((tmp_path / "r.yaml.lock").read_text())["tool"]
+    assert tool == {"tvrecipe": tvrecipe.__version__,
+                    "torch": version("torch").split("+")[0],
+                    "numpy": version("numpy").split("+")[0],
+                    "scikit-learn": version("scikit-learn").split("+")[0],
+                    "python": tool["python"]}
+    here = lockfile.machine()
+    same = {"tool": tool, "machine": here}
+    assert not any("was written by" in line for line in lockfile.machine_differences(same, here))
+    # Only what differs is named, in the order tvrecipe, torch, numpy, scikit-learn.
+    older = {**tool, "numpy": "1.24.0", "scikit-learn": "1.3.0", "python": "3.0.0"}
+    assert lockfile.machine_differences({"tool": older, "machine": here}, here) == [(
+        f"the lock was written by numpy 1.24.0 and scikit-learn 1.3.0 and this is numpy "
+        f"{tool['numpy']} and scikit-learn {tool['scikit-learn']}; another version may compute "
+        "an op differently: install the locked versions")]
+    three = {**older, "torch": "2.4.0"}
+    assert lockfile.machine_differences({"tool": three}, None)[0].startswith(
+        "the lock was written by torch 2.4.0, numpy 1.24.0 and scikit-learn 1.3.0 and this is "
+        f"torch {tool['torch']}, numpy {tool['numpy']} and scikit-learn {tool['scikit-learn']};")
+    # A lock from before these were recorded: only the packages it names are compared.
+    earlier = {"tvrecipe": tool["tvrecipe"], "torch": tool["torch"], "python": "3.0.0"}
+    assert not any("was written by" in line
+                   for line in lockfile.machine_differences({"tool": earlier}, None))

@@ -160,9 +160,10 @@ def test_a_toy_op_runs_end_to_end_with_cache_and_lock(toy_ops, make_models, cli,
     res = cli.fails(6, "run", "r.yaml", "--force", "--locked")
     said = " ".join(res.stderr.split())
     assert f"step 'small' changed (key {new}, locked {bumped})" in said
+    # (only what differs is named: the same torch is not)
     assert (f"the recipe and inputs are as locked; the lock was written by tvrecipe 0.0.1 and "
-            f"torch {data['tool']['torch']} and this is tvrecipe {tvrecipe.__version__} and "
-            "torch ") in said
+            f"this is tvrecipe {tvrecipe.__version__}, whose ops may compute these steps "
+            "differently") in said
     assert ("(each op's version: `tvrecipe ops OP`); `tvrecipe run` without --locked writes a "
             "new lock, or install the locked versions to reproduce it") in said
     # Only the Python version differs, or the lock records no tools: no guess about ops.

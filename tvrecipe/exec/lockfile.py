@@ -25,9 +25,15 @@ def _version(package: str) -> str:
         return "unknown"
 
 
+# The packages whose versions decide an output's bytes, as a lock names them: torch computes
+# every kernel; numpy's eigenvalues pick cluster_basis's k (auto) and scikit-learn's spectral
+# clustering its clusters, so another version of either may group the tasks otherwise.
+PACKAGES = ("tvrecipe", "torch", "numpy", "scikit-learn")
+
+
 def tool_versions() -> dict[str, str]:
-    """The versions a lock records (read from package metadata: torch is not imported)."""
-    return {"tvrecipe": __version__, "torch": _version("torch"),
+    """The versions a lock records (read from package metadata: nothing is imported)."""
+    return {"tvrecipe": __version__, **{p: _version(p) for p in PACKAGES[1:]},
             "python": platform.python_version()}
 
 
@@ -75,8 +81,8 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
     one of its files, which must come out the same wherever it is rebuilt, so for those
     (``here`` None) only the versions are compared."""
     lines = []
-    locked_tools, tools = _tools(lock.get("tool")), _tools(tool_versions())
-    if locked_tools and locked_tools != tools:
+    locked_tools, tools = _tools(lock.get("tool"))
+    if locked_tools:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
     locked = lock.get("machine") if here else None
@@ -214,8 +220,8 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     for name, key in state["steps"].items():
         if old_steps.get(name) != key:
             lines.append(f"step {name!r} changed (key {key}, locked {old_steps.get(name)})")
-    locked_tools, tools = _tools(lock.get("tool")), _tools(tool_versions())
-    if same_sources and lines and locked_tools and locked_tools != tools:
+    locked_tools, tools = _tools(lock.get("tool"))
+    if same_sources and lines and locked_tools:
         # Same recipe and inputs, other step keys: an op's version moved with the tools.
         lines.append(
             f"the recipe and inputs are as locked; the lock was written by {locked_tools} and "
@@ -225,11 +231,22 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _tools(tools: object) -> str:
-    """``tvrecipe X and torch Y`` of a lock's ``tool`` entry ("" when it records neither)."""
-    if not isinstance(tools, dict):
-        return ""
-    return " and ".join(f"{name} {tools[name]}" for name in ("tvrecipe", "torch") if name in tools)
+def _tools(locked: object) -> tuple[str, str]:
+    """The packages (``PACKAGES``) whose versions in a lock's ``tool`` entry differ from this
+    installation's, as the lock records them and as installed (``tvrecipe X and torch Y``,
+    ``numpy X, scikit-learn Y and torch Z``); two empty strings when none differs. Only the
+    packages the lock records count (a lock of an earlier tvrecipe records no numpy)."""
+    if not isinstance(locked, dict):
+        return "", ""
+    here = tool_versions()
+    differ = [p for p in PACKAGES if p in locked and str(locked[p]) != here[p]]
+    return (_listed([f"{p} {locked[p]}" for p in differ]),
+            _listed([f"{p} {here[p]}" for p in differ]))
+
+
+def _listed(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(filter(None, [", ".join(items[:-1]), *items[-1:]]))
 
 
 def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, list[str]]:
