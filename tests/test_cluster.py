@@ -211,8 +211,11 @@ def test_report_gives_time_and_bytes_per_worker(models, address, cli, tmp_path):
     res = cli.ok("run", recipe, "--no-cache", "--cluster", address, "--report", "rep.json")
     workers = json.loads((tmp_path / "rep.json").read_text())["cluster:workers"]
     assert workers and all(
-        set(w) == {"tasks", "seconds", "bytes_read", "bytes_staged", "device", "cpu"}
+        set(w) == {"tasks", "seconds", "bytes_read", "bytes_staged", "device", "cpu", "cores"}
         for w in workers.values())
+    # Two single-threaded workers on this machine: each computes with half its cores.
+    from tvrecipe.ops.parallel import machine_cores
+    assert all(w["cores"] == max(1, machine_cores() // 2) for w in workers.values())
     from tvrecipe.exec import lockfile
     assert all(w["device"] == "cpu" and w["cpu"] == lockfile.machine()["cpu"]
                for w in workers.values())
@@ -391,3 +394,30 @@ def test_a_worker_killed_mid_run(models, address, cli, tmp_path, monkeypatch):
         assert snapshot(tmp_path / "out") == local  # the earlier run's, untouched
         assert list((tmp_path / "c").rglob("*.json")) == []
     assert list((tmp_path / ".tvrecipe" / "cluster").iterdir()) == []
+
+
+def test_a_task_computes_with_its_share_of_its_machines_cores():
+    # The Dask threads of every worker on a machine share its cores: a local:16 on 16 cores
+    # gives each task 1, not 16 math threads and 15 torch threads in each of 16 processes.
+    workers = {"tcp://10.0.0.5:40001": {"nthreads": 1}, "tcp://10.0.0.5:40002": {"nthreads": 1},
+               "tcp://10.0.0.5:40003": {"nthreads": 2}, "tcp://10.0.0.6:40001": {"nthreads": 4},
+               "tcp://[::1]:40001": {"nthreads": 1}, "tcp://[::1]:40002": {}}
+    threads = cluster_mod.host_threads(workers)
+    assert threads == {"10.0.0.5": 4, "10.0.0.6": 4, "::1": 2}
+    assert cluster_mod._share(threads, "tcp://10.0.0.5:40002", 16) == 4
+    assert cluster_mod._share(threads, "tcp://10.0.0.6:40001", 6) == 1
+    assert cluster_mod._share(threads, "tcp://[::1]:40002", 16) == 8
+    assert cluster_mod._share(threads, "tcp://10.0.0.9:40001", 16) == 16  # (not listed: alone)
+    assert cluster_mod._share(threads, "pid 1234", 3) == 3
+
+
+def test_cores_says_a_share_inside_share_cores():
+    from tvrecipe.ops import parallel
+    whole = parallel.machine_cores()
+    assert parallel.cores() == whole
+    with parallel.share_cores(3):
+        assert parallel.cores() == 3
+        with parallel.share_cores(0):
+            assert parallel.cores() == 1
+        assert parallel.cores() == 3
+    assert parallel.cores() == whole

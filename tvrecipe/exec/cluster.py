@@ -21,8 +21,8 @@ the tensor work itself goes to the workers:
   writers a local run uses, so shards, headers, hashes and the lock are the same, and commits
   exactly as a local run does. Nothing a worker writes is ever an output or a cache entry.
 
-Workers compute with the client's device and torch thread count, so they run the same
-kernels. Errors a worker finds (a NaN in an input, a step's own check) come back to the
+Workers compute on the client's device, each task with its share of its machine's cores
+(:func:`_share`; the bytes do not depend on the count). Errors a worker finds (a NaN in an input, a step's own check) come back to the
 client as the same error with the same message; a corrupt cache entry restarts the run
 without it, as locally. A task whose worker dies is run again by Dask elsewhere; a run that
 fails commits nothing.
@@ -67,6 +67,7 @@ from tvrecipe.exec.results import (
 )
 from tvrecipe.exec.runner import PassContext, Runner, describe_device, whole_model_errors
 from tvrecipe.exec.slots import to_slots
+from tvrecipe.ops import parallel
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan, rows_per_block, rowwise
 from tvrecipe.store.cache import CacheCorrupt, TensorCache
@@ -178,7 +179,9 @@ class Job:
     compiled: Compiled
     device: str
     allow_nonfinite: bool
-    threads: int
+    # Each worker machine's Dask threads (the sum of its workers' ``nthreads``, by host): a
+    # task computes with that machine's cores over them (:func:`_share`).
+    host_threads: dict[str, int]
     chunk: int
     cache_root: str | None
     cached: dict[str, str]
@@ -215,6 +218,7 @@ class GroupResult:
     staged_bytes: int = 0
     index: int = -1
     machine: dict = field(default_factory=dict)  # where it computed (lockfile.machine)
+    cores: int = 0  # the cores it computed with (its share of its machine's)
 
 
 # Error families by name: a worker's error is raised again on the client as the same one.
@@ -300,6 +304,32 @@ def _worker_name() -> str:
         return f"pid {os.getpid()}"
 
 
+def _host(address: str) -> str:
+    """The machine of a worker address (``tcp://10.0.0.5:40123`` → ``10.0.0.5``)."""
+    from distributed.comm import get_address_host
+    try:
+        return get_address_host(address)
+    except (ValueError, TypeError):  # not a worker's address (a task run outside Dask)
+        return address
+
+
+def host_threads(workers: dict[str, dict]) -> dict[str, int]:
+    """Dask threads per machine, from the scheduler's ``workers`` (address -> info)."""
+    out: dict[str, int] = {}
+    for address, info in workers.items():
+        host = _host(address)
+        out[host] = out.get(host, 0) + max(1, int(info.get("nthreads", 1) or 1))
+    return out
+
+
+def _share(threads: dict[str, int], address: str, machine: int) -> int:
+    """The cores one task computes with: its machine's (``machine``) over the Dask threads
+    there (each may run a task at once), at least 1. Workers that counted every core each
+    (local:16 on 16 cores: 16 processes of 16 math threads and 15 torch threads) would
+    oversubscribe the machine; the bytes do not depend on the count (benchmarks/cores.py)."""
+    return max(1, machine // max(1, threads.get(_host(address), 1)))
+
+
 def _delta(before: dict, after: dict) -> dict:
     """What ``after`` added to or changed in ``before`` (nested dicts)."""
     out = {}
@@ -357,8 +387,22 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
     start = time.perf_counter()
     job = _job(key, blob)
     result = GroupResult(_worker_name(), 0.0, 0, index=index)
+    result.cores = _share(job.host_threads, result.worker, parallel.machine_cores())
     previous = torch.get_num_threads()
-    torch.set_num_threads(job.threads)
+    # As a local run on that many cores: torch's math on one thread less (the reading and
+    # writing threads need one), the math threads one per core.
+    torch.set_num_threads(max(1, result.cores - 1))
+    try:
+        with parallel.share_cores(result.cores):
+            _run_group(job, result, kind, index, tensors, kept, extra)
+    finally:
+        torch.set_num_threads(previous)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_group(job: Job, result: GroupResult, kind: str, index: int, tensors: list[str],
+               kept: dict, extra: Any) -> None:
     runner = None
     try:
         runner = _WorkerRunner(job, tensors, kept)
@@ -383,7 +427,6 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
         result.reports = _delta(job.reports, runner.reports)
         result.kept = {step: {t: s for t, s in states.items() if t not in kept.get(step, {})}
                        for step, states in runner.kept.items()}
-        result.bytes_read = runner.bytes_read
     except CacheCorrupt as exc:
         result.corrupt = (exc.key, exc.reason)
     except TvrecipeError as exc:
@@ -392,9 +435,6 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
         if runner is not None:
             result.bytes_read = runner.bytes_read
             runner.close()
-        torch.set_num_threads(previous)
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def _stage(runner: _WorkerRunner, job: Job, index: int, spec: dict) -> tuple[list, int]:
@@ -543,7 +583,9 @@ class ClusterRunner(Runner):
         cache = self.options.cache
         return Job(run=self.run_id, compiled=self.compiled, device=str(self.device),
                    allow_nonfinite=self.options.allow_nonfinite,
-                   threads=torch.get_num_threads(), chunk=self.chunk,
+                   host_threads=host_threads(
+                       self.client.scheduler_info(n_workers=-1).get("workers", {})),
+                   chunk=self.chunk,
                    cache_root=str(cache.root.resolve()) if cache is not None else None,
                    cached={n: keys[n] for n in self.cached}, reduced=self.reduced,
                    reports=self.reports, staging=str(self.staging))
@@ -640,6 +682,7 @@ class ClusterRunner(Runner):
         stats["seconds"] = round(stats["seconds"] + result.seconds, 6)
         stats["bytes_read"] += result.bytes_read
         stats["bytes_staged"] += result.staged_bytes
+        stats["cores"] = result.cores
         if result.machine:
             stats.update(result.machine)
             self._machines.append(result.machine)

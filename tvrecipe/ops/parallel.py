@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["cores", "parallel_map", "serial", "splits"]
+__all__ = ["cores", "machine_cores", "parallel_map", "serial", "share_cores", "splits"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,12 +31,35 @@ _POOL: ThreadPoolExecutor | None = None
 _local = threading.local()
 
 
+_SHARE: list[int] = []  # a cluster worker's share of its machine's cores (share_cores)
+
+
 def cores() -> int:
-    """The number of cores this process may run on."""
+    """The number of cores this process may run on (a cluster worker's share of them while
+    :func:`share_cores` says so)."""
+    if _SHARE:
+        return _SHARE[-1]
+    return machine_cores()
+
+
+def machine_cores() -> int:
+    """The number of cores this process's machine lets it run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+@contextmanager
+def share_cores(n: int) -> Iterator[None]:
+    """Within the block, :func:`cores` says ``n`` (at least 1): a Dask worker process that
+    shares its machine with others counts only its share for its math threads and ranges
+    (the results do not depend on the count, see the module's docstring)."""
+    _SHARE.append(max(1, n))
+    try:
+        yield
+    finally:
+        _SHARE.pop()
 
 
 def _worth_it(numel: int, device: torch.device) -> bool:
