@@ -407,7 +407,9 @@ def test_a_task_computes_with_its_share_of_its_machines_cores():
     assert cluster_mod._share(threads, "tcp://10.0.0.5:40002", 16) == 4
     assert cluster_mod._share(threads, "tcp://10.0.0.6:40001", 6) == 1
     assert cluster_mod._share(threads, "tcp://[::1]:40002", 16) == 8
-    assert cluster_mod._share(threads, "tcp://10.0.0.9:40001", 16) == 16  # (not listed: alone)
+    # A machine the job's snapshot does not list (a worker that joined since): its own threads.
+    assert cluster_mod._share(threads, "tcp://10.0.0.9:40001", 16) == 16
+    assert cluster_mod._share(threads, "tcp://10.0.0.9:40001", 16, own=4) == 4
     assert cluster_mod._share(threads, "pid 1234", 3) == 3
 
 

@@ -80,6 +80,10 @@ def test_checkpoint_outputs_carry_card_pinned_recipe_and_lock_entry(make_models,
         assert entry["recipe"] == {"file": "tvrecipe.yaml", "sha256": sha(folder / "tvrecipe.yaml")}
         assert entry["built_from"] == {"file": "r.yaml", "sha256": sha(tmp_path / "r.yaml")}
         assert entry["output"] == name
+        # tvrecipe, torch and Python: the recipe's lock also records numpy and scikit-learn,
+        # which would make a rebuild's lock differ after an upgrade of either.
+        assert entry["tool"] == {k: main_lock["tool"][k] for k in ("tvrecipe", "torch", "python")}
+        assert {"numpy", "scikit-learn"} <= set(main_lock["tool"])
         for m, e in entry["inputs"].items():
             assert e["sha256"] == main_lock["inputs"][m]["sha256"] == digests[m]
         for s, key in entry["steps"].items():

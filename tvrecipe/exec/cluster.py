@@ -65,7 +65,13 @@ from tvrecipe.exec.results import (
     progress_bar,
     written_members,
 )
-from tvrecipe.exec.runner import PassContext, Runner, describe_device, whole_model_errors
+from tvrecipe.exec.runner import (
+    PassContext,
+    Runner,
+    compute_threads,
+    describe_device,
+    whole_model_errors,
+)
 from tvrecipe.exec.slots import to_slots
 from tvrecipe.ops import parallel
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
@@ -182,6 +188,8 @@ class Job:
     # Each worker machine's Dask threads (the sum of its workers' ``nthreads``, by host): a
     # task computes with that machine's cores over them (:func:`_share`).
     host_threads: dict[str, int]
+    # The client's torch threads where OMP_NUM_THREADS chose them (else None: the share's).
+    torch_threads: int | None
     chunk: int
     cache_root: str | None
     cached: dict[str, str]
@@ -309,7 +317,8 @@ def _host(address: str) -> str:
     from distributed.comm import get_address_host
     try:
         return get_address_host(address)
-    except (ValueError, TypeError):  # not a worker's address (a task run outside Dask)
+    except Exception:  # noqa: BLE001 (not a worker address: a task outside Dask, a scheme
+        # whose backend is not installed warns by raising)
         return address
 
 
@@ -322,12 +331,30 @@ def host_threads(workers: dict[str, dict]) -> dict[str, int]:
     return out
 
 
-def _share(threads: dict[str, int], address: str, machine: int) -> int:
+def _share(threads: dict[str, int], address: str, machine: int, own: int = 1) -> int:
     """The cores one task computes with: its machine's (``machine``) over the Dask threads
-    there (each may run a task at once), at least 1. Workers that counted every core each
-    (local:16 on 16 cores: 16 processes of 16 math threads and 15 torch threads) would
-    oversubscribe the machine; the bytes do not depend on the count (benchmarks/cores.py)."""
-    return max(1, machine // max(1, threads.get(_host(address), 1)))
+    there (each may run a task at once; ``own``, the worker's own, for a machine the job's
+    snapshot of the cluster does not list: a worker that joined since), at least 1. Workers
+    that counted every core each (local:16 on 16 cores: 16 processes of 16 math threads and
+    15 torch threads) would oversubscribe the machine; the bytes do not depend on the count
+    (benchmarks/cores.py)."""
+    return max(1, machine // max(1, threads.get(_host(address), own)))
+
+
+def _worker_cores() -> tuple[int, int]:
+    """This worker's machine's cores (its CPU quota counted, as Dask counts it: a container's
+    affinity shows the node's cores) and the worker's own Dask threads (1 outside Dask)."""
+    machine = parallel.machine_cores()
+    try:
+        from dask.system import CPU_COUNT
+        machine = max(1, min(machine, int(CPU_COUNT)))
+    except ImportError:  # pragma: no cover (workers have dask)
+        pass
+    try:
+        from distributed import get_worker
+        return machine, max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return machine, 1
 
 
 def _delta(before: dict, after: dict) -> dict:
@@ -387,11 +414,13 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
     start = time.perf_counter()
     job = _job(key, blob)
     result = GroupResult(_worker_name(), 0.0, 0, index=index)
-    result.cores = _share(job.host_threads, result.worker, parallel.machine_cores())
+    machine, own = _worker_cores()
+    result.cores = _share(job.host_threads, result.worker, machine, own)
     previous = torch.get_num_threads()
     # As a local run on that many cores: torch's math on one thread less (the reading and
-    # writing threads need one), the math threads one per core.
-    torch.set_num_threads(max(1, result.cores - 1))
+    # writing threads need one; OMP_NUM_THREADS on the client sets it instead), the math
+    # threads one per core.
+    torch.set_num_threads(job.torch_threads or max(1, result.cores - 1))
     try:
         with parallel.share_cores(result.cores):
             _run_group(job, result, kind, index, tensors, kept, extra)
@@ -585,6 +614,8 @@ class ClusterRunner(Runner):
                    allow_nonfinite=self.options.allow_nonfinite,
                    host_threads=host_threads(
                        self.client.scheduler_info(n_workers=-1).get("workers", {})),
+                   torch_threads=(torch.get_num_threads() if compute_threads() is None
+                                  else None),
                    chunk=self.chunk,
                    cache_root=str(cache.root.resolve()) if cache is not None else None,
                    cached={n: keys[n] for n in self.cached}, reduced=self.reduced,

@@ -31,6 +31,12 @@ def _version(package: str) -> str:
 PACKAGES = ("tvrecipe", "torch", "numpy", "scikit-learn")
 
 
+# What a released folder's own lock records: the versions the lock of a rebuild must repeat
+# byte for byte (numpy's and scikit-learn's stay in the recipe's lock, beside the machine, so
+# that another numpy does not make a rebuild of an unclustered merge differ).
+RELEASE_TOOLS = ("tvrecipe", "torch", "python")
+
+
 def tool_versions() -> dict[str, str]:
     """The versions a lock records (read from package metadata: nothing is imported)."""
     return {"tvrecipe": __version__, **{p: _version(p) for p in PACKAGES[1:]},
@@ -220,7 +226,8 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     for name, key in state["steps"].items():
         if old_steps.get(name) != key:
             lines.append(f"step {name!r} changed (key {key}, locked {old_steps.get(name)})")
-    locked_tools, tools = _tools(lock.get("tool"))
+    # (Step keys move with an op's version, which comes with tvrecipe, or a plugin's torch.)
+    locked_tools, tools = _tools(lock.get("tool"), ("tvrecipe", "torch"))
     if same_sources and lines and locked_tools:
         # Same recipe and inputs, other step keys: an op's version moved with the tools.
         lines.append(
@@ -231,15 +238,15 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _tools(locked: object) -> tuple[str, str]:
-    """The packages (``PACKAGES``) whose versions in a lock's ``tool`` entry differ from this
+def _tools(locked: object, packages: tuple[str, ...] = PACKAGES) -> tuple[str, str]:
+    """Those of ``packages`` whose versions in a lock's ``tool`` entry differ from this
     installation's, as the lock records them and as installed (``tvrecipe X and torch Y``,
-    ``numpy X, scikit-learn Y and torch Z``); two empty strings when none differs. Only the
+    ``torch X, numpy Y and scikit-learn Z``); two empty strings when none differs. Only the
     packages the lock records count (a lock of an earlier tvrecipe records no numpy)."""
     if not isinstance(locked, dict):
         return "", ""
     here = tool_versions()
-    differ = [p for p in PACKAGES if p in locked and str(locked[p]) != here[p]]
+    differ = [p for p in packages if p in locked and str(locked[p]) != here[p]]
     return (_listed([f"{p} {locked[p]}" for p in differ]),
             _listed([f"{p} {here[p]}" for p in differ]))
 
