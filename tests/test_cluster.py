@@ -413,6 +413,11 @@ def test_a_task_computes_with_its_share_of_its_machines_cores():
     assert cluster_mod._share(threads, "pid 1234", 3) == 3
 
 
+def width(parallel) -> int:
+    parallel._pool()
+    return parallel._POOL_WIDTH
+
+
 def test_cores_says_a_share_inside_share_cores():
     from tvrecipe.ops import parallel
     whole = parallel.machine_cores()
@@ -422,4 +427,11 @@ def test_cores_says_a_share_inside_share_cores():
         with parallel.share_cores(0):
             assert parallel.cores() == 1
         assert parallel.cores() == 3
+        # The math threads follow the share: one per core it gives.
+        assert width(parallel) == 3
     assert parallel.cores() == whole
+    with parallel.share_cores(1):
+        assert width(parallel) == 1
+    assert width(parallel) == whole
+    assert list(parallel.parallel_map(lambda i: i * i, list(range(9)), numel=1 << 20,
+                                      device=torch.device("cpu"))) == [i * i for i in range(9)]

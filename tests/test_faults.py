@@ -150,7 +150,8 @@ def test_killed_runs_leave_the_old_or_the_new_output(tmp_path):
                          recipe.name], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                         check=False)
     assert gc.returncode == 0, gc.stderr
-    assert gc.stdout.strip() == f"removed {len(tmp_files)} files"
+    n = len(tmp_files)
+    assert gc.stdout.strip() == f"removed {n} file{'' if n == 1 else 's'}"
     assert not list(cache.root.rglob("*.tmp"))
     assert cache.entries(), "gc without --older-than keeps complete entries"
 

@@ -28,6 +28,7 @@ R = TypeVar("R")
 PARALLEL_MIN = 1 << 18
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_WIDTH = 0
 _local = threading.local()
 
 
@@ -97,17 +98,24 @@ def _pool() -> ThreadPoolExecutor:
     the large benchmark ran over 200 s; 13.2 s with this). So each worker sets 1 as it
     starts, all of them start here (a barrier keeps each on its own thread), and the
     caller's count is set back after, for the threads started later.
+
+    One thread per core of :func:`cores`: a cluster worker whose share changes (a later
+    run's cluster has other workers) gets a pool of the new width; the old one finishes what
+    it was given and ends.
     """
-    global _POOL
+    global _POOL, _POOL_WIDTH
     with _POOL_LOCK:
-        if _POOL is None:
-            n = cores()
+        n = cores()
+        if _POOL is None or _POOL_WIDTH != n:
+            old = _POOL
             keep = torch.get_num_threads()
             pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tvrecipe-math")
             started = threading.Barrier(n)
             list(pool.map(lambda _i: _start_worker(started), range(n)))
             torch.set_num_threads(keep)
-            _POOL = pool
+            _POOL, _POOL_WIDTH = pool, n
+            if old is not None:
+                old.shutdown(wait=False)
         return _POOL
 
 
