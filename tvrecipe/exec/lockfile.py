@@ -91,6 +91,13 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
     if locked_tools:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
+    python = (lock.get("tool") or {}).get("python") if isinstance(lock.get("tool"), dict) else None
+    if here is not None and python and str(python) != platform.python_version():
+        # (the weights do not depend on it, but a checkpoint output's own lock records it)
+        lines.append(f"the lock was written under Python {python} and this is Python "
+                     f"{platform.python_version()}: a checkpoint output's tvrecipe.lock records "
+                     "the Python version, so that file differs (the weights do not depend on "
+                     f"it); recompute under Python {python} to repeat it")
     locked = lock.get("machine") if here else None
     if not (isinstance(locked, dict) and isinstance(locked.get("device"), str)
             and isinstance(locked.get("cpu"), str)):
