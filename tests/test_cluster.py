@@ -211,11 +211,17 @@ def test_report_gives_time_and_bytes_per_worker(models, address, cli, tmp_path):
     res = cli.ok("run", recipe, "--no-cache", "--cluster", address, "--report", "rep.json")
     workers = json.loads((tmp_path / "rep.json").read_text())["cluster:workers"]
     assert workers and all(
-        set(w) == {"tasks", "seconds", "bytes_read", "bytes_staged", "device", "cpu", "cores"}
+        set(w) == {"tasks", "seconds", "bytes_read", "bytes_staged", "device", "cpu", "cores",
+                   "torch_threads"}
         for w in workers.values())
-    # Two single-threaded workers on this machine: each computes with half its cores.
+    # Two single-threaded workers on this machine: each computes with half its cores, torch
+    # on one thread less (at least 1).
+    from dask.system import CPU_COUNT
+
     from tvrecipe.ops.parallel import machine_cores
-    assert all(w["cores"] == max(1, machine_cores() // 2) for w in workers.values())
+    share = max(1, min(machine_cores(), CPU_COUNT) // 2)
+    assert all(w["cores"] == share and w["torch_threads"] == max(1, share - 1)
+               for w in workers.values())
     from tvrecipe.exec import lockfile
     assert all(w["device"] == "cpu" and w["cpu"] == lockfile.machine()["cpu"]
                for w in workers.values())

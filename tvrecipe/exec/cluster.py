@@ -65,13 +65,7 @@ from tvrecipe.exec.results import (
     progress_bar,
     written_members,
 )
-from tvrecipe.exec.runner import (
-    PassContext,
-    Runner,
-    compute_threads,
-    describe_device,
-    whole_model_errors,
-)
+from tvrecipe.exec.runner import PassContext, Runner, describe_device, whole_model_errors
 from tvrecipe.exec.slots import to_slots
 from tvrecipe.ops import parallel
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
@@ -188,8 +182,6 @@ class Job:
     # Each worker machine's Dask threads (the sum of its workers' ``nthreads``, by host): a
     # task computes with that machine's cores over them (:func:`_share`).
     host_threads: dict[str, int]
-    # The client's torch threads where OMP_NUM_THREADS chose them (else None: the share's).
-    torch_threads: int | None
     chunk: int
     cache_root: str | None
     cached: dict[str, str]
@@ -227,6 +219,7 @@ class GroupResult:
     index: int = -1
     machine: dict = field(default_factory=dict)  # where it computed (lockfile.machine)
     cores: int = 0  # the cores it computed with (its share of its machine's)
+    torch_threads: int = 0  # torch's threads for its math
 
 
 # Error families by name: a worker's error is raised again on the client as the same one.
@@ -418,9 +411,10 @@ def run_group(key: str, blob: bytes, kind: str, index: int, tensors: list[str], 
     result.cores = _share(job.host_threads, result.worker, machine, own)
     previous = torch.get_num_threads()
     # As a local run on that many cores: torch's math on one thread less (the reading and
-    # writing threads need one; OMP_NUM_THREADS on the client sets it instead), the math
-    # threads one per core.
-    torch.set_num_threads(job.torch_threads or max(1, result.cores - 1))
+    # writing threads need one), the math threads one per core. (Not OMP_NUM_THREADS: Dask's
+    # nanny sets it to 1 for its workers, and in the process that starts a local cluster.)
+    result.torch_threads = max(1, result.cores - 1)
+    torch.set_num_threads(result.torch_threads)
     try:
         with parallel.share_cores(result.cores):
             _run_group(job, result, kind, index, tensors, kept, extra)
@@ -614,8 +608,6 @@ class ClusterRunner(Runner):
                    allow_nonfinite=self.options.allow_nonfinite,
                    host_threads=host_threads(
                        self.client.scheduler_info(n_workers=-1).get("workers", {})),
-                   torch_threads=(torch.get_num_threads() if compute_threads() is None
-                                  else None),
                    chunk=self.chunk,
                    cache_root=str(cache.root.resolve()) if cache is not None else None,
                    cached={n: keys[n] for n in self.cached}, reduced=self.reduced,
@@ -713,7 +705,7 @@ class ClusterRunner(Runner):
         stats["seconds"] = round(stats["seconds"] + result.seconds, 6)
         stats["bytes_read"] += result.bytes_read
         stats["bytes_staged"] += result.staged_bytes
-        stats["cores"] = result.cores
+        stats["cores"], stats["torch_threads"] = result.cores, result.torch_threads
         if result.machine:
             stats.update(result.machine)
             self._machines.append(result.machine)
