@@ -22,10 +22,10 @@ the tensor work itself goes to the workers:
   exactly as a local run does. Nothing a worker writes is ever an output or a cache entry.
 
 Workers compute on the client's device, each task with its share of its machine's cores
-(:func:`_share`; the bytes do not depend on the count). Errors a worker finds (a NaN in an input, a step's own check) come back to the
-client as the same error with the same message; a corrupt cache entry restarts the run
-without it, as locally. A task whose worker dies is run again by Dask elsewhere; a run that
-fails commits nothing.
+(:func:`_share`; the bytes do not depend on the count). Errors a worker finds (a NaN in an
+input, a step's own check) come back to the client as the same error with the same message;
+a corrupt cache entry restarts the run without it, as locally. A task whose worker dies is
+run again by Dask elsewhere; a run that fails commits nothing.
 """
 
 from __future__ import annotations
@@ -601,19 +601,20 @@ class ClusterRunner(Runner):
         with whole_model_errors(step):
             self.reduced[step.name] = step.spec.whole_model_pass(ClusterPassContext(self, step))
 
-    def _job(self) -> Job:
+    def _job(self, workers: dict[str, dict]) -> Job:
+        """What every task of a pass needs; ``workers``: the scheduler's, address -> info."""
         keys = self.options.keys or {}
         cache = self.options.cache
         return Job(run=self.run_id, compiled=self.compiled, device=str(self.device),
                    allow_nonfinite=self.options.allow_nonfinite,
-                   host_threads=host_threads(
-                       self.client.scheduler_info(n_workers=-1).get("workers", {})),
+                   host_threads=host_threads(workers),
                    chunk=self.chunk,
                    cache_root=str(cache.root.resolve()) if cache is not None else None,
                    cached={n: keys[n] for n in self.cached}, reduced=self.reduced,
                    reports=self.reports, staging=str(self.staging))
 
-    def _groups(self, steps: list[CompiledStep]) -> list[tuple[list[str], int]]:
+    def _groups(self, steps: list[CompiledStep], workers: int
+                ) -> list[tuple[list[str], int]]:
         """The plan's tensors in contiguous groups of bounded input bytes, each with the
         number of stream items (tensors or row blocks) it has."""
         plan = self.plan
@@ -622,8 +623,8 @@ class ClusterRunner(Runner):
         by_rows = rowwise(steps)
         sizes = {t: math.prod(info.shape) * dtype_size(info.dtype) * max(parts, 1)
                  for t, info in plan.tensors.items()}
-        workers = max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
-        target = min(GROUP_BYTES, max(1, sum(sizes.values()) // (TASKS_PER_WORKER * workers)))
+        target = min(GROUP_BYTES, max(1, sum(sizes.values())
+                                      // (TASKS_PER_WORKER * max(1, workers))))
         groups: list[tuple[list[str], int]] = []
         current: list[str] = []
         size = items = 0
@@ -653,8 +654,10 @@ class ClusterRunner(Runner):
         if kind == "merge":
             extra = {**extra, "pass": self._passes}
         key = f"{self.run_id}-{self._passes}"
-        blob = pickle.dumps(self._job(), protocol=pickle.HIGHEST_PROTOCOL)
-        groups = self._groups(steps)
+        # (one look at the cluster a pass: the tasks' sizes and the cores each computes with)
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        blob = pickle.dumps(self._job(workers), protocol=pickle.HIGHEST_PROTOCOL)
+        groups = self._groups(steps, len(workers))
         futures = []
         for i, (tensors, _n) in enumerate(groups):
             wanted = set(tensors)

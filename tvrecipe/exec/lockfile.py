@@ -87,11 +87,12 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
     one of its files, which must come out the same wherever it is rebuilt, so for those
     (``here`` None) only the versions are compared."""
     lines = []
-    locked_tools, tools = _tools(lock.get("tool"))
+    tool = lock.get("tool")
+    locked_tools, tools = _tools(tool)
     if locked_tools:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
-    python = (lock.get("tool") or {}).get("python") if isinstance(lock.get("tool"), dict) else None
+    python = tool.get("python") if isinstance(tool, dict) else None
     if here is not None and python and str(python) != platform.python_version():
         # (the weights do not depend on it, but a checkpoint output's own lock records it)
         lines.append(f"the lock was written under Python {python} and this is Python "
