@@ -196,3 +196,54 @@ def test_clustering_gives_the_same_answer_on_any_number_of_blas_threads(n, group
     assert len(answers) == 1
     (k, labels), = answers
     assert k == groups and len(set(zip(labels, label, strict=True))) == groups  # found them
+
+
+def test_whole_tensor_streams_extract_members_on_the_math_threads(cli, tmp_path, monkeypatch):
+    """TIES works on whole tensors: its members' subtractions run on the math threads (one
+    each), with the deltas exactly as on one thread; task arithmetic, row by row, keeps them
+    on the stream's own thread."""
+    import threading
+
+    from tvrecipe import ops
+    from tvrecipe.ops import sparsify
+
+    emulate(monkeypatch, 2)
+    g = torch.Generator().manual_seed(3)
+    shape = (512, parallel.PARALLEL_MIN // 512)  # large enough for the math threads
+    base = {"w": torch.randn(shape, generator=g), "n": torch.randn(8, generator=g)}
+    save_model(tmp_path / "ckpt" / "base", base)
+    fts = {}
+    for name in "abc":
+        fts[name] = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_model(tmp_path / "ckpt" / name, fts[name])
+    models = "models: {base: ckpt/base, a: ckpt/a, b: ckpt/b, c: ckpt/c}\n"
+    cli.write("ties.yaml", "tvrecipe: 1\n" + models + (
+        "steps:\n  tv: {op: extract, base: base, finetuned: [a, b, c]}\n"
+        "  m: {op: ties, inputs: tv, density: 0.3}\n"
+        "outputs:\n  m: {from: m, path: out/ties, dtype: float32}\n"))
+    cli.write("sum.yaml", "tvrecipe: 1\n" + models + (
+        "steps:\n  tv: {op: extract, base: base, finetuned: [a, b, c]}\n"
+        "  m: {op: sum, inputs: tv}\n"
+        "outputs:\n  m: {from: m, path: out/sum, dtype: float32}\n"))
+    seen: list[tuple[str, int]] = []
+    real = ops.extract
+
+    def spy(base, finetuned, **kw):
+        seen.append((threading.current_thread().name, finetuned.numel()))
+        return real(base, finetuned, **kw)
+
+    monkeypatch.setattr(ops, "extract", spy)
+    cli.ok("run", "ties.yaml", "--no-cache")
+    large = [t for t, n in seen if n >= parallel.PARALLEL_MIN]
+    assert len(large) == 3 and all(t.startswith("tvrecipe-math") for t in large), seen
+    assert all(not t.startswith("tvrecipe-math") for t, n in seen if n < parallel.PARALLEL_MIN)
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "out" / "ties" / "model.safetensors")
+    for key in base:
+        deltas = [fts[m][key] - base[key] for m in "abc"]
+        assert torch.equal(got[key], sparsify.ties(deltas, density=0.3)), key
+
+    seen.clear()
+    cli.ok("run", "sum.yaml", "--no-cache")
+    assert seen and all(not t.startswith("tvrecipe-math") for t, _n in seen), seen

@@ -395,6 +395,7 @@ class Runner:
         items = list(self._work(steps))
         bar = progress_bar(len(items), label, self.options.progress)
         heavy = not rowwise(steps)
+        evaluator.whole = heavy
         # (Row blocks are small: only whole tensors are worth reading one member at a time.)
         deferred = self._deferred(steps, uses, want) if heavy else set()
         stored = self._stored(steps, want, deferred)

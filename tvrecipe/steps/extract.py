@@ -48,13 +48,18 @@ class ExtractStep(StepSpec):
         if not ctx.floating(base):  # integer buffers have no task vector
             return None if isinstance(self.finetuned, str) else dict.fromkeys(ctx.members)
         from tvrecipe.ops.deferred import Deferred  # (the light executor imports no torch)
-        deltas = []
+        deltas, work = [], []
         for ref in ctx.refs("finetuned"):
             ft = ctx.value(ref)
             if isinstance(ft, Deferred):  # read when a folding op asks: a delta of its own
                 deltas.append(ft.then(lambda t: ctx.kernel(base, t, out=t)))
                 continue
-            deltas.append(ctx.kernel(base, ft, out=ctx.scratch(ref.node, ft, [base])))
+            work.append((len(deltas), ft, ctx.scratch(ref.node, ft, [base])))
+            deltas.append(None)
+        if work:  # (the members' subtractions are independent: see TensorContext.each)
+            done = ctx.each(lambda w: ctx.kernel(base, w[1], out=w[2]), work, base)
+            for (i, _ft, _out), d in zip(work, done):
+                deltas[i] = d
         if isinstance(self.finetuned, str):
             return deltas[0]
         return dict(zip(ctx.members, deltas))
