@@ -240,8 +240,8 @@ def test_whole_tensor_streams_extract_members_on_the_math_threads(cli, tmp_path,
     from safetensors.torch import load_file
 
     got = load_file(tmp_path / "out" / "ties" / "model.safetensors")
-    for key in base:
-        deltas = [fts[m][key] - base[key] for m in "abc"]
+    for key, b in base.items():
+        deltas = [fts[m][key] - b for m in "abc"]
         assert torch.equal(got[key], sparsify.ties(deltas, density=0.3)), key
 
     seen.clear()
