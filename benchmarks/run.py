@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -474,7 +475,8 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument("--n", type=int, default=8, help="number of fine-tunes")
     p.add_argument("--only", nargs="+", choices=OPS, help="run only these merges")
-    p.add_argument("--repeat", type=int, default=1, help="runs per merge; the fastest is kept")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every merge (interleaved); the fastest of each is kept")
     p.add_argument("--keep", action="store_true", help="keep the merge outputs")
     p.add_argument("--cache", choices=["off", "cold", "both"], default="both",
                    help="off: --no-cache; cold: a fresh empty cache per run; both (default)")
@@ -532,35 +534,48 @@ def main() -> None:
     for mode in modes:
         print(f"\n-- cache {mode} --", flush=True)
         results: dict[str, Measured] = {}
-        for op in a.only or OPS:
+        ops = list(a.only or OPS)
+        recipes = {}
+        for op in ops:
             out = BENCH / "out" / f"{a.size}-n{a.n}" / op
-            recipe = work / f"{op}.yaml"
-            recipe.write_text(recipe_text(op, ckpt, a.n, out))
-            report = work / f"{op}.report.json"
-            best: Measured | None = None
-            for _ in range(a.repeat):
-                m = run_tvrecipe(recipe, report, cache=mode)
+            recipes[op] = work / f"{op}.yaml"
+            recipes[op].write_text(recipe_text(op, ckpt, a.n, out))
+        # Rounds, each running every op once: this machine's speed drifts over minutes (up
+        # to 15% on the 2-core box), so an op's runs are spread over the whole measurement
+        # rather than made back to back, and its ratio to sum is also taken within each
+        # round (see print_ratios).
+        runs: dict[str, list[Measured]] = {op: [] for op in ops}
+        for _ in range(a.repeat):
+            for op in ops:
+                if op in results:  # (failed in an earlier round)
+                    continue
+                out = BENCH / "out" / f"{a.size}-n{a.n}" / op
+                m = run_tvrecipe(recipes[op], work / f"{op}.report.json", cache=mode)
                 if m.rc:
-                    break
-                if best is None or m.wall < best.wall:
-                    if best is not None:
-                        m.peak_rss_mb = max(m.peak_rss_mb, best.peak_rss_mb)
-                    best = m
-            if m.rc:
-                print(f"{op}: FAILED (exit {m.rc})\n{m.stderr.strip()[-2000:]}", flush=True)
-                results[op] = m
-            else:
-                results[op] = best
-                try:
-                    reports[op] = json.loads(report.read_text())
-                except (OSError, ValueError):
-                    pass
-                extra = (f", cache written {best.extra['cache_mb']:.0f} MB"
-                         if "cache_mb" in best.extra else "")
-                print(f"{op}: {best.wall:.2f} s, peak RSS {best.peak_rss_mb:.0f} MB{extra}",
-                      flush=True)
-            if not a.keep and out.exists():
-                shutil.rmtree(out)
+                    print(f"{op}: FAILED (exit {m.rc})\n{m.stderr.strip()[-2000:]}", flush=True)
+                    results[op] = m
+                else:
+                    runs[op].append(m)
+                if not a.keep and out.exists():
+                    shutil.rmtree(out)
+        for op in ops:
+            if op in results:
+                continue
+            best = min(runs[op], key=lambda m: m.wall)
+            best.peak_rss_mb = max(m.peak_rss_mb for m in runs[op])
+            best.extra["walls"] = [m.wall for m in runs[op]]
+            results[op] = best
+            try:
+                reports[op] = json.loads((work / f"{op}.report.json").read_text())
+            except (OSError, ValueError):
+                pass
+            extra = (f", cache written {best.extra['cache_mb']:.0f} MB"
+                     if "cache_mb" in best.extra else "")
+            rounds = (f" (fastest of {len(runs[op])}: "
+                      + ", ".join(f"{w:.2f}" for w in best.extra["walls"]) + ")"
+                      if len(runs[op]) > 1 else "")
+            print(f"{op}: {best.wall:.2f} s{rounds}, peak RSS {best.peak_rss_mb:.0f} MB{extra}",
+                  flush=True)
         tables[mode] = results
 
     # The floor again, after the merges: other processes share the machine, so keep the
@@ -659,7 +674,14 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
         m = results.get(op)
         if m is None or m.rc or not sum_wall:
             return "n/a"
-        return f"{m.wall / sum_wall:.2f}×"
+        mine, sums = m.extra.get("walls", []), ref.extra.get("walls", [])
+        if op == "sum" or min(len(mine), len(sums)) < 2:
+            return f"{m.wall / sum_wall:.2f}×"
+        # The same round's sum ran next to it: the ratios a drifting machine moves least.
+        by_round = [w / s for w, s in zip(mine, sums)]
+        return (f"{m.wall / sum_wall:.2f}× (fastest against fastest; by round "
+                + ", ".join(f"{r:.2f}" for r in by_round)
+                + f", median {statistics.median(by_round):.2f}×)")
 
     print(f"\nratios (cache {mode}):")
     print("- task arithmetic / floor: "
