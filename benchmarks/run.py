@@ -535,11 +535,10 @@ def main() -> None:
         print(f"\n-- cache {mode} --", flush=True)
         results: dict[str, Measured] = {}
         ops = list(a.only or OPS)
-        recipes = {}
+        outs = {op: BENCH / "out" / f"{a.size}-n{a.n}" / op for op in ops}
+        recipes = {op: work / f"{op}.yaml" for op in ops}
         for op in ops:
-            out = BENCH / "out" / f"{a.size}-n{a.n}" / op
-            recipes[op] = work / f"{op}.yaml"
-            recipes[op].write_text(recipe_text(op, ckpt, a.n, out))
+            recipes[op].write_text(recipe_text(op, ckpt, a.n, outs[op]))
         # Rounds, each running every op once: this machine's speed drifts over minutes (up
         # to 15% on the 2-core box), so an op's runs are spread over the whole measurement
         # rather than made back to back, and its ratio to sum is also taken within each
@@ -549,15 +548,14 @@ def main() -> None:
             for op in ops:
                 if op in results:  # (failed in an earlier round)
                     continue
-                out = BENCH / "out" / f"{a.size}-n{a.n}" / op
                 m = run_tvrecipe(recipes[op], work / f"{op}.report.json", cache=mode)
                 if m.rc:
                     print(f"{op}: FAILED (exit {m.rc})\n{m.stderr.strip()[-2000:]}", flush=True)
                     results[op] = m
                 else:
                     runs[op].append(m)
-                if not a.keep and out.exists():
-                    shutil.rmtree(out)
+                if not a.keep and outs[op].exists():
+                    shutil.rmtree(outs[op])
         for op in ops:
             if op in results:
                 continue

@@ -187,7 +187,8 @@ class TensorContext:
     def each(self, fn: Callable[[Any], Any], items: Sequence[Any], like: torch.Tensor
              ) -> list[Any]:
         """``[fn(x) for x in items]``, for independent work on tensors shaped as ``like``; in
-        a stream of whole tensors, large ones on the math threads.
+        a stream of whole tensors, large ones on the math threads. (For the members of one
+        value, :meth:`map` maps them on the math threads in any stream.)
 
         A row-wise stream keeps it on this thread: it is bound by reading, and the math
         threads read its next blocks. A whole-tensor stream (TIES) left a core idle while

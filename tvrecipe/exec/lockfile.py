@@ -37,10 +37,12 @@ PACKAGES = ("tvrecipe", "torch", "numpy", "scikit-learn")
 RELEASE_TOOLS = ("tvrecipe", "torch", "python")
 
 
-def tool_versions() -> dict[str, str]:
-    """The versions a lock records (read from package metadata: nothing is imported)."""
-    return {"tvrecipe": __version__, **{p: _version(p) for p in PACKAGES[1:]},
-            "python": platform.python_version()}
+def tool_versions(names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The versions a lock records (read from package metadata: nothing is imported); only
+    those of ``names`` (e.g. ``RELEASE_TOOLS``) when given."""
+    versions = {"tvrecipe": __version__, **{p: _version(p) for p in PACKAGES[1:]},
+                "python": platform.python_version()}
+    return versions if names is None else {k: v for k, v in versions.items() if k in names}
 
 
 def machine(device: str = "cpu") -> dict[str, str]:

@@ -304,8 +304,7 @@ class Output:
         state = self.options.state or lockfile.run_state(compiled)
         self.digests = write_release(compiled, self.name, self.folder.staging, self.digests,
                                      state, source_of(compiled, self.options),
-                                     {k: v for k, v in lockfile.tool_versions().items()
-                                      if k in lockfile.RELEASE_TOOLS})
+                                     lockfile.tool_versions(lockfile.RELEASE_TOOLS))
 
 
 def written_members(kind: str, info: TensorInfo, value: Any) -> list[tuple[str, Any]]:

@@ -48,18 +48,16 @@ class ExtractStep(StepSpec):
         if not ctx.floating(base):  # integer buffers have no task vector
             return None if isinstance(self.finetuned, str) else dict.fromkeys(ctx.members)
         from tvrecipe.ops.deferred import Deferred  # (the light executor imports no torch)
-        deltas, work = [], []
-        for ref in ctx.refs("finetuned"):
-            ft = ctx.value(ref)
-            if isinstance(ft, Deferred):  # read when a folding op asks: a delta of its own
-                deltas.append(ft.then(lambda t: ctx.kernel(base, t, out=t)))
-                continue
-            work.append((len(deltas), ft, ctx.scratch(ref.node, ft, [base])))
-            deltas.append(None)
-        if work:  # (the members' subtractions are independent: see TensorContext.each)
-            done = ctx.each(lambda w: ctx.kernel(base, w[1], out=w[2]), work, base)
-            for (i, _ft, _out), d in zip(work, done):
-                deltas[i] = d
+        refs = ctx.refs("finetuned")
+        fts = [ctx.value(ref) for ref in refs]
+        # Members read now, each with where its delta may go; their subtractions are
+        # independent (see TensorContext.each). A deferred one is read when a folding op
+        # asks, and makes a delta of its own.
+        now = [(ft, ctx.scratch(ref.node, ft, [base]))
+               for ref, ft in zip(refs, fts) if not isinstance(ft, Deferred)]
+        made = iter(ctx.each(lambda w: ctx.kernel(base, w[0], out=w[1]), now, base))
+        deltas = [ft.then(lambda t: ctx.kernel(base, t, out=t)) if isinstance(ft, Deferred)
+                  else next(made) for ft in fts]
         if isinstance(self.finetuned, str):
             return deltas[0]
         return dict(zip(ctx.members, deltas))
