@@ -300,6 +300,47 @@ def test_the_similarity_pass_sums_its_products_in_order_on_one_thread(
     assert report["similarity"] == ops.cosine_from_gram(replay).tolist()
 
 
+def test_the_similarity_pass_reads_a_sets_deltas_in_place_with_the_same_similarities(
+        cli, tmp_path, monkeypatch):
+    # In a whole-model pass, extract makes a set's deltas as 64-byte aligned rows of one
+    # tensor, which the Gram products read in place (no staged copies): the similarities
+    # are bit for bit those of the same deltas as separate tensors.
+    from safetensors.torch import save_file
+
+    from tvrecipe.exec import runner as runner_mod
+    from tvrecipe.ops import basis
+
+    g = gen(5)
+    shapes = {"a.weight": (40, 130), "b.weight": (3, 2049), "c.bias": (7,)}  # 5200, 6147 entries
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    names = ["t0", "t1", "t2", "t3", "t4"]
+    for name in ["base", *names]:
+        ws = base if name == "base" else {
+            k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file(ws, str(tmp_path / f"{name}.safetensors"))
+    calls, real = [], ops.gram_update
+
+    def spy(gram, xs):
+        calls.append((basis._rows_of_one([x.reshape(-1) for x in xs]) is not None,
+                      [x.clone() for x in xs]))
+        return real(gram, xs)
+
+    monkeypatch.setattr(runner_mod.ops, "gram_update", spy)
+    models = "".join(f"  {n}: ./{n}.safetensors\n" for n in ["base", *names])
+    cli.write("r.yaml", "tvrecipe: 1\nmodels:\n" + models + "steps:\n"
+              f"  tv: {{op: extract, base: base, finetuned: [{', '.join(names)}]}}\n"
+              "  basis: {op: cluster_basis, inputs: tv, k: 2}\n"
+              "outputs:\n  basis: {from: basis, path: ./out/basis}\n")
+    cli.ok("run", "r.yaml", "--report", "report.json")
+    assert [in_place for in_place, _ in calls] == [True] * len(shapes)
+    replay = torch.zeros(len(names), len(names), dtype=torch.float64)
+    for _, xs in calls:
+        assert basis._rows_of_one([x.reshape(-1) for x in xs]) is None  # (clones: staged)
+        real(replay, xs)
+    report = json.loads((tmp_path / "report.json").read_text())["basis"]
+    assert report["similarity"] == ops.cosine_from_gram(replay).tolist()
+
+
 def test_cluster_basis_with_explicit_k_and_member_reference(make_models, cli, tmp_path):
     ms = make_models(CLUSTER_TASKS, deltas=planted_clusters())
     steps = (f"  tv: {{op: extract, base: base, finetuned: [{', '.join(CLUSTER_TASKS)}]}}\n"

@@ -116,6 +116,50 @@ def test_gram_update_several_blocks_and_tail(monkeypatch):
     assert ((_streamed_gram(per_tensor) - ref).abs() <= REL * torch.outer(norms, norms)).all()
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_gram_update_reads_aligned_rows_of_one_tensor_in_place_with_the_same_bits(n, monkeypatch):
+    # A whole-model pass makes a set's deltas as rows of one tensor, each on a 64-byte
+    # boundary (TensorContext.stacked): the products then read them through strides, with
+    # no staging buffer, and give bit for bit the Gram of the same deltas as separate tensors.
+    monkeypatch.setattr(basis, "_BUFFER_CPU", 3 * n * 2048)  # several blocks, and a tail
+    gen = torch.Generator().manual_seed(n)
+    numel = 7 * 2048 + 123
+    padded = torch.empty(n, numel + 5)  # rows 7 * 2048 + 128 floats apart: 512 bytes
+    padded[:, :numel] = (torch.randn(n, numel, generator=gen) * torch.rand(n, 1, generator=gen)
+                         + torch.randn(numel, generator=gen))
+    rows = [row[:numel] for row in padded]
+    assert padded.data_ptr() % basis.ROW_ALIGN == 0
+    assert basis._rows_of_one(rows) is not None
+    separate = _streamed_gram([[r.clone() for r in rows]])
+    staged = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: staged.append(a) or real_empty(*a, **k))
+    in_place = _streamed_gram([rows])
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert staged == []
+    assert torch.equal(in_place, separate)
+    ref = _reference_gram([rows])
+    norms = ref.diagonal().sqrt()
+    assert ((in_place - ref).abs() <= REL * torch.outer(norms, norms)).all()
+
+
+def test_gram_update_stages_rows_it_cannot_read_in_place_with_the_same_bits():
+    # Rows at odd addresses gave other last bits through strides than staged: they, and
+    # tensors that are not rows of one tensor in order, are staged.
+    gen = torch.Generator().manual_seed(9)
+    numel = 3 * 2048 + 1
+    stack = torch.randn(4, numel, generator=gen) + torch.randn(numel, generator=gen)
+    rows = list(stack)  # 4 * (3 * 2048 + 1) bytes apart: not 64-byte aligned
+    aligned = list(torch.randn(4, 3 * 2048, generator=gen))
+    assert basis._rows_of_one(rows) is None
+    assert basis._rows_of_one(aligned[::-1]) is None  # not in storage order
+    assert basis._rows_of_one([aligned[0], aligned[2], aligned[3]]) is None  # uneven steps
+    assert basis._rows_of_one([aligned[0], aligned[1].clone()]) is None  # another storage
+    assert basis._rows_of_one([aligned[1], aligned[2]]) is not None
+    for pick in (rows, aligned[::-1], [aligned[0], aligned[2], aligned[3]]):
+        assert torch.equal(_streamed_gram([pick]), _streamed_gram([[r.clone() for r in pick]]))
+
+
 def test_gram_update_float64_inputs_are_exact_to_rounding():
     gen = torch.Generator().manual_seed(3)
     per_tensor = [

@@ -370,11 +370,13 @@ class Runner:
             else:
                 yield tensor, info, None
 
-    def _stream(self, steps: list[CompiledStep], want: list[str], label: str
-                ) -> Iterator[tuple[str, TensorInfo, dict[str, Any]]]:
+    def _stream(self, steps: list[CompiledStep], want: list[str], label: str,
+                stack: bool = False) -> Iterator[tuple[str, TensorInfo, dict[str, Any]]]:
         """Evaluate ``steps`` for every tensor, yielding the values of ``want``.
 
         The next tensor's inputs are read on a background thread while this one computes.
+        ``stack``: a whole-model pass's stream, whose sets are made as rows of one tensor
+        where it goes by row blocks (TensorContext.stacked).
         """
         uses: Counter[str] = Counter()
         for s in steps:
@@ -396,6 +398,9 @@ class Runner:
         bar = progress_bar(len(items), label, self.options.progress)
         heavy = not rowwise(steps)
         evaluator.whole = heavy
+        # (Row blocks only: a whole tensor's rows would stand beside its members' buffers.)
+        evaluator.stack = stack and not heavy
+        evaluator.empty = self.buffers.empty
         # (Row blocks are small: only whole tensors are worth reading one member at a time.)
         deferred = self._deferred(steps, uses, want) if heavy else set()
         stored = self._stored(steps, want, deferred)
@@ -935,7 +940,7 @@ class PassContext:
         runner = self._runner
         want = sorted({e.ref.node for e in entries})
         with closing(runner._stream(runner._upstream(self.step.name), want,
-                                    f"{label} ({self.step.name})")) as stream:
+                                    f"{label} ({self.step.name})", stack=True)) as stream:
             for tensor, info, values in stream:
                 if info.is_floating:
                     fn(tensor, [entry_value(values, e) for e in entries])

@@ -30,6 +30,9 @@ MERGES = ("mean", "sum", "ties")
 # and near 1e-8 over many. On 2 CPU cores, 8 × 4096² float32 inputs took 70 ms, against
 # 50 ms for their weighted sum, 140 ms to convert them from bf16, 1.4 s as one float64 matmul.
 _PARTIAL = 2048
+# Rows of one tensor that start at multiples of this many bytes are read in place (see
+# _rows_of_one); TensorContext.stacked lays a set's members out so.
+ROW_ALIGN = 64
 # Elements of the staging buffer (n rows of copied blocks): bounds extra memory per call to
 # about 16 MiB on the CPU, whatever the tensor size; the GPU gets bigger blocks for fewer
 # kernel launches.
@@ -98,14 +101,23 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
     n_partials = numel // _PARTIAL
     if n_partials:
         per_block = max(1, (_BUFFER_CPU if on_cpu else _BUFFER_GPU) // (n * _PARTIAL))
-        # Laid out (partial, task, element) so one bmm yields every partial Gram at once.
-        buf = torch.empty((min(per_block, n_partials), n, _PARTIAL), dtype=work, device=device)
+        # Laid out (partial, task, element) so one bmm yields every partial Gram at once:
+        # a view of the deltas when they are the rows of one tensor in the working dtype
+        # (TensorContext.stacked), else copies in a staging buffer. The products are the same.
+        rows = _rows_of_one(flat)
+        if rows is not None and rows.dtype != work:
+            rows = None
+        buf = None if rows is not None else torch.empty(
+            (min(per_block, n_partials), n, _PARTIAL), dtype=work, device=device)
         for first in range(0, n_partials, per_block):
             count = min(per_block, n_partials - first)
-            block = buf[:count]
             lo, hi = first * _PARTIAL, (first + count) * _PARTIAL
-            for i, f in enumerate(flat):
-                block[:, i, :].copy_(f[lo:hi].view(count, _PARTIAL))
+            if rows is not None:
+                block = rows[:, lo:hi].view(n, count, _PARTIAL).transpose(0, 1)
+            else:
+                block = buf[:count]
+                for i, f in enumerate(flat):
+                    block[:, i, :].copy_(f[lo:hi].view(count, _PARTIAL))
             partial = torch.bmm(block, block.transpose(1, 2))
             with serial():  # (a sum's bytes would depend on the thread count)
                 acc += partial.sum(0, dtype=torch.float64)
@@ -115,6 +127,28 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
         acc += tail @ tail.T
     # The float32 products of (i, j) and (j, i) may round differently; keep G symmetric.
     gram += ((acc + acc.T) * 0.5).cpu()
+
+
+def _rows_of_one(flat: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The n × numel view of flat tensors that are rows of one tensor, one after the other
+    at a stride of whole ``ROW_ALIGN`` bytes from an address aligned to it, or None.
+
+    Only such rows: the float32 products of a bmm depend on where its rows lie (over rows
+    at odd addresses the same block gave other last bits than over its staged copy; rows
+    64-byte aligned gave the staged copy's bits, at any stride and thread count).
+    """
+    first = flat[0]
+    size, numel = first.element_size(), first.numel()
+    step = (flat[1].data_ptr() - first.data_ptr() if len(flat) > 1
+            else -(-numel * size // ROW_ALIGN) * ROW_ALIGN)  # (one row: any step will do)
+    storage = first.untyped_storage().data_ptr()
+    if (step < numel * size or step % ROW_ALIGN or first.data_ptr() % ROW_ALIGN
+            or not all(f.is_contiguous() and f.dtype == first.dtype
+                       and f.untyped_storage().data_ptr() == storage
+                       and f.data_ptr() == first.data_ptr() + i * step
+                       for i, f in enumerate(flat))):
+        return None
+    return first.as_strided((len(flat), numel), (step // size, 1))
 
 
 def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:

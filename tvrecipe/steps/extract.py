@@ -50,11 +50,14 @@ class ExtractStep(StepSpec):
         from tvrecipe.ops.deferred import Deferred  # (the light executor imports no torch)
         refs = ctx.refs("finetuned")
         fts = [ctx.value(ref) for ref in refs]
-        # Members read now, each with where its delta may go; their subtractions are
-        # independent (see TensorContext.each). A deferred one is read when a folding op
-        # asks, and makes a delta of its own.
-        now = [(ft, ctx.scratch(ref.node, ft, [base]))
-               for ref, ft in zip(refs, fts) if not isinstance(ft, Deferred)]
+        # Members read now, each with where its delta may go (the rows of one tensor in a
+        # whole-model pass, else the member's own buffer where nothing reads it later);
+        # their subtractions are independent (see TensorContext.each). A deferred one is
+        # read when a folding op asks, and makes a delta of its own.
+        read = [(ref, ft) for ref, ft in zip(refs, fts) if not isinstance(ft, Deferred)]
+        rows = ctx.stacked([ft for _ref, ft in read])
+        now = [(ft, row if row is not None else ctx.scratch(ref.node, ft, [base]))
+               for (ref, ft), row in zip(read, rows)]
         made = iter(ctx.each(lambda w: ctx.kernel(base, w[0], out=w[1]), now, base))
         deltas = [ft.then(lambda t: ctx.kernel(base, t, out=t)) if isinstance(ft, Deferred)
                   else next(made) for ft in fts]
