@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -300,16 +301,43 @@ def test_the_similarity_pass_sums_its_products_in_order_on_one_thread(
     assert report["similarity"] == ops.cosine_from_gram(replay).tolist()
 
 
+@pytest.mark.parametrize("pooled", [False, True])
 def test_the_similarity_pass_reads_a_sets_deltas_in_place_with_the_same_similarities(
-        cli, tmp_path, monkeypatch):
+        pooled, cli, tmp_path, monkeypatch):
     # In a whole-model pass, extract makes a set's deltas as 64-byte aligned rows of one
     # tensor, which the Gram products read in place (no staged copies): the similarities
-    # are bit for bit those of the same deltas as separate tensors.
+    # are bit for bit those of the same deltas as separate tensors. Row blocks of about 2600
+    # entries split the tensors; with ``pooled`` the stacks come from the
+    # run's buffer pool (as 8 x 1M float32 blocks do), and the pass gives its maps back.
+    # The merge pass makes no stacks.
     from safetensors.torch import save_file
 
+    from tvrecipe.exec import buffers
     from tvrecipe.exec import runner as runner_mod
     from tvrecipe.ops import basis
 
+    monkeypatch.setattr(runner_mod, "CHUNK_ELEMENTS", 2600)
+    if pooled:
+        monkeypatch.setattr(buffers, "MIN_BYTES", 1024)
+    pools = []
+    real_pool = buffers.BufferPool
+    monkeypatch.setattr(runner_mod, "BufferPool", lambda: pools.append(real_pool()) or pools[-1])
+    held = []  # the pool's maps as the merge pass starts
+    real_pass = runner_mod.Runner._merge_pass
+
+    def merge_pass(self, *args):
+        held.append(self.buffers._held)
+        return real_pass(self, *args)
+
+    monkeypatch.setattr(runner_mod.Runner, "_merge_pass", merge_pass)
+    merged = []
+    real_merge = ops.merge_cluster
+
+    def merge_spy(xs, **options):
+        merged.append(basis._rows_of_one([x.reshape(-1) for x in xs]))
+        return real_merge(xs, **options)
+
+    monkeypatch.setattr(ops, "merge_cluster", merge_spy)
     g = gen(5)
     shapes = {"a.weight": (40, 130), "b.weight": (3, 2049), "c.bias": (7,)}  # 5200, 6147 entries
     base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
@@ -321,6 +349,7 @@ def test_the_similarity_pass_reads_a_sets_deltas_in_place_with_the_same_similari
     calls, real = [], ops.gram_update
 
     def spy(gram, xs):
+        time.sleep(0.05)  # (the last blocks' products still run as the stream ends)
         calls.append((basis._rows_of_one([x.reshape(-1) for x in xs]) is not None,
                       [x.clone() for x in xs]))
         return real(gram, xs)
@@ -332,13 +361,19 @@ def test_the_similarity_pass_reads_a_sets_deltas_in_place_with_the_same_similari
               "  basis: {op: cluster_basis, inputs: tv, k: 2}\n"
               "outputs:\n  basis: {from: basis, path: ./out/basis}\n")
     cli.ok("run", "r.yaml", "--report", "report.json")
-    assert [in_place for in_place, _ in calls] == [True] * len(shapes)
+    # a.weight in two blocks of 20 rows, b.weight in three of one row (2049), c.bias whole
+    assert [in_place for in_place, _ in calls] == [True] * 6
+    assert [xs[0].shape for _, xs in calls] == [(20, 130)] * 2 + [(1, 2049)] * 3 + [(7,)]
     replay = torch.zeros(len(names), len(names), dtype=torch.float64)
     for _, xs in calls:
         assert basis._rows_of_one([x.reshape(-1) for x in xs]) is None  # (clones: staged)
         real(replay, xs)
     report = json.loads((tmp_path / "report.json").read_text())["basis"]
     assert report["similarity"] == ops.cosine_from_gram(replay).tolist()
+    (pool,) = pools
+    assert (pool.reused > 0) == pooled  # (a block's stack lent again to a later block)
+    assert held == [0]  # (the similarity pass gave every map back)
+    assert merged and all(rows is None for rows in merged)
 
 
 def test_cluster_basis_with_explicit_k_and_member_reference(make_models, cli, tmp_path):

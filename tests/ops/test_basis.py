@@ -116,15 +116,17 @@ def test_gram_update_several_blocks_and_tail(monkeypatch):
     assert ((_streamed_gram(per_tensor) - ref).abs() <= REL * torch.outer(norms, norms)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
-def test_gram_update_reads_aligned_rows_of_one_tensor_in_place_with_the_same_bits(n, monkeypatch):
+def test_gram_update_reads_aligned_rows_of_one_tensor_in_place_with_the_same_bits(
+        n, dtype, monkeypatch):
     # A whole-model pass makes a set's deltas as rows of one tensor, each on a 64-byte
     # boundary (TensorContext.stacked): the products then read them through strides, with
     # no staging buffer, and give bit for bit the Gram of the same deltas as separate tensors.
     monkeypatch.setattr(basis, "_BUFFER_CPU", 3 * n * 2048)  # several blocks, and a tail
     gen = torch.Generator().manual_seed(n)
     numel = 7 * 2048 + 123
-    padded = torch.empty(n, numel + 5)  # rows 7 * 2048 + 128 floats apart: 512 bytes
+    padded = torch.empty(n, numel + 5, dtype=dtype)  # rows 7 * 2048 + 128 entries apart
     padded[:, :numel] = (torch.randn(n, numel, generator=gen) * torch.rand(n, 1, generator=gen)
                          + torch.randn(numel, generator=gen))
     rows = [row[:numel] for row in padded]

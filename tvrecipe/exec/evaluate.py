@@ -221,25 +221,27 @@ class TensorContext:
                                        (self.rows.start if self.rows else 0)
                                        * math.prod(shape[1:]))
 
-    def stacked(self, like: Sequence[Any]) -> list[torch.Tensor | None]:
-        """Where new members of a set, each shaped as its tensor in ``like``, may go: in a
-        whole-model pass, rows of one new tensor, each starting on a 64-byte boundary, which
-        its Gram products (ops.gram_update) read in place instead of copying them into
-        blocks (9.5 against 16.8 ms a block of 8 × 1M float32 on one thread, the same
-        products); elsewhere None each (the kernel makes its own: rows sharing one tensor
-        could not be written in place by a later step)."""
+    def stacked(self, like: Sequence[Any], others: Sequence[Any] = ()
+                ) -> list[torch.Tensor | None]:
+        """Where the new members of a set may go, one per tensor of ``like`` (each result
+        has its tensor's shape and dtype): in a whole-model pass that goes by row blocks on
+        the CPU, when this step's value is what the pass takes (its Gram products), rows of
+        one new tensor, each on a 64-byte boundary, which ops.gram_update reads in place
+        instead of copying (9.5 against 16.8 ms a block of 8 × 1M float32 on one thread,
+        the same products). Else None each, and the kernel makes its own: rows sharing one
+        tensor could not be written in place by a later step. Also None for fewer than two
+        members, or when ``like`` and ``others`` (the kernel's other inputs) are not all
+        tensors of one shape and dtype on the CPU."""
         first = like[0] if like else None
-        if not (self._evaluator.stack and len(like) > 1 and all(
+        if not (self.step.name in self._evaluator.stack and len(like) > 1 and all(
                 isinstance(t, torch.Tensor) and t.shape == first.shape
-                and t.dtype == first.dtype and t.device == first.device for t in like)):
+                and t.dtype == first.dtype and t.device.type == "cpu"
+                for t in [*like, *others])):
             return [None] * len(like)
         numel = first.numel()
         per_row = ROW_ALIGN // first.element_size()
-        shape = (len(like), -(-numel // per_row) * per_row)
-        if first.device.type == "cpu":  # (8 × 1M float32 is 32 MiB: glibc maps it afresh)
-            rows = self._evaluator.empty(shape, first.dtype)
-        else:
-            rows = torch.empty(shape, dtype=first.dtype, device=first.device)
+        # (8 × 1M float32 is 32 MiB: from the run's pool, or glibc would map it afresh)
+        rows = self._evaluator.empty((len(like), -(-numel // per_row) * per_row), first.dtype)
         return [row[:numel].view(first.shape) for row in rows]
 
     def scratch(self, node: str, t: Value, others: list) -> torch.Tensor | None:
@@ -299,9 +301,9 @@ class StepEvaluator:
         self.exclusive: set[str] = set()
         # Whether the stream computes whole tensors (not row blocks); see TensorContext.each.
         self.whole = False
-        # Whether a set's new members are made as rows of one tensor (TensorContext.stacked):
-        # in a whole-model pass, whose Gram products then read them in place.
-        self.stack = False
+        # The nodes whose sets are made as rows of one tensor (TensorContext.stacked): what a
+        # whole-model pass hands to its Gram products, which then read them in place.
+        self.stack: frozenset[str] = frozenset()
         # CPU allocations of such tensors (the run's BufferPool.empty reuses large ones).
         self.empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = (
             lambda shape, dtype: torch.empty(shape, dtype=dtype))

@@ -375,8 +375,8 @@ class Runner:
         """Evaluate ``steps`` for every tensor, yielding the values of ``want``.
 
         The next tensor's inputs are read on a background thread while this one computes.
-        ``stack``: a whole-model pass's stream, whose sets are made as rows of one tensor
-        where it goes by row blocks (TensorContext.stacked).
+        ``stack``: a whole-model pass's stream: the sets it yields are made as rows of one
+        tensor where it goes by row blocks (TensorContext.stacked).
         """
         uses: Counter[str] = Counter()
         for s in steps:
@@ -399,7 +399,7 @@ class Runner:
         heavy = not rowwise(steps)
         evaluator.whole = heavy
         # (Row blocks only: a whole tensor's rows would stand beside its members' buffers.)
-        evaluator.stack = stack and not heavy
+        evaluator.stack = frozenset(want) if stack and not heavy else frozenset()
         evaluator.empty = self.buffers.empty
         # (Row blocks are small: only whole tensors are worth reading one member at a time.)
         deferred = self._deferred(steps, uses, want) if heavy else set()
@@ -960,6 +960,9 @@ class PassContext:
                 jobs.finish()
             finally:
                 jobs.cancel()  # after a failure, products not yet started never run
+        # (The stream gave its pool's free maps back as it ended, while the last products
+        # still held their blocks: these go now.)
+        self._runner.buffers.release()
         return gram
 
     def grams(self, entries: list[Entry], label: str) -> dict[str, torch.Tensor]:

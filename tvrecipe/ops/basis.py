@@ -52,7 +52,9 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
 
     Called once per tensor of the model, it accumulates ``G_ij = τ_iᵀ τ_j`` over all tensors
     without ever holding a whole task vector. Blocks of the flattened deltas are copied into a
-    small staging buffer (no n × numel copy) and multiplied there: on the CPU in float32, as
+    small staging buffer (no n × numel copy), or read in place when the deltas are 64-byte
+    aligned rows of one CPU tensor in the working dtype (the same products; see
+    :func:`_rows_of_one`), and multiplied there: on the CPU in float32, as
     2048-element partial products summed in float64 (error below about 1e-6 of
     ``|τ_i| |τ_j|``, so cosines to about 1e-6); on other devices (where float32 matmuls may
     run in TF32) in float64 throughout. Float64 deltas are always handled in float64.
@@ -104,7 +106,9 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
         # Laid out (partial, task, element) so one bmm yields every partial Gram at once:
         # a view of the deltas when they are the rows of one tensor in the working dtype
         # (TensorContext.stacked), else copies in a staging buffer. The products are the same.
-        rows = _rows_of_one(flat)
+        # (On the CPU only: on a GPU, where the products are float64, no one has checked
+        # that strided rows give the staged bits.)
+        rows = _rows_of_one(flat) if on_cpu else None
         if rows is not None and rows.dtype != work:
             rows = None
         buf = None if rows is not None else torch.empty(

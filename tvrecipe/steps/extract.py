@@ -55,7 +55,7 @@ class ExtractStep(StepSpec):
         # their subtractions are independent (see TensorContext.each). A deferred one is
         # read when a folding op asks, and makes a delta of its own.
         read = [(ref, ft) for ref, ft in zip(refs, fts) if not isinstance(ft, Deferred)]
-        rows = ctx.stacked([ft for _ref, ft in read])
+        rows = ctx.stacked([ft for _ref, ft in read], [base])
         now = [(ft, row if row is not None else ctx.scratch(ref.node, ft, [base]))
                for (ref, ft), row in zip(read, rows)]
         made = iter(ctx.each(lambda w: ctx.kernel(base, w[0], out=w[1]), now, base))
