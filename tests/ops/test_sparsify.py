@@ -8,6 +8,7 @@ import threading
 from contextlib import contextmanager
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -745,3 +746,23 @@ def test_selection_among_a_band_is_the_same_in_numpy_and_in_torch(itype):
             assert a[0].dtype == b[0].dtype == itype and a[0].item() == b[0].item() == want
             assert a[1] == b[1] == int((vals > want).sum())
             assert torch.equal(a[2], b[2]) and torch.equal(a[2], pos[vals == want])
+
+
+def test_sparse_flatnonzero_gives_numpys_positions_at_any_length_and_density():
+    # The band search finds its entries word by word (8 flags at a time) where few are
+    # set: the same positions, in the same order and dtype, as np.flatnonzero, for lengths
+    # that are and are not multiples of 8, a misaligned start, and densities from none to
+    # all (a quarter of the words or more goes to numpy's own).
+    rng = np.random.default_rng(7)
+    buffer = np.zeros(600_000, dtype=np.bool_)
+    for n in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 524_288, 524_291):
+        for density in (0.0, 0.0005, 0.01, 0.024, 0.1, 0.5, 1.0):
+            for start in (0, 3):
+                h = buffer[start:start + n]
+                h[:] = rng.random(n) < density
+                got = sparsify._flatnonzero_sparse(h)
+                want = np.flatnonzero(h)
+                assert got.dtype == want.dtype and np.array_equal(got, want), (n, density, start)
+    h = np.zeros(1003, dtype=np.bool_)
+    h[[5, 640, 1001]] = True  # one in a word, and one past the last whole word
+    assert sparsify._flatnonzero_sparse(h).tolist() == [5, 640, 1001]

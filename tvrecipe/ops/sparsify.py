@@ -284,7 +284,7 @@ def _kth_in_band(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor
         np.greater_equal(r, hi - lo, out=h)
         above += int(np.count_nonzero(h))
         np.less(r.view(np.uint32), hi - lo, out=h)  # below the band wraps to >= 2**31
-        where = np.flatnonzero(h)
+        where = _flatnonzero_sparse(h)
         parts.append(m[where])
         positions.append(where + s)
     vals = torch.from_numpy(np.concatenate(parts))
@@ -292,6 +292,24 @@ def _kth_in_band(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor
         return None
     return _kth_among(vals, torch.from_numpy(np.concatenate(positions)), above, k,
                       torch.float32)
+
+
+def _flatnonzero_sparse(h: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(h)`` of a contiguous bool array, faster when few entries are set
+    (a band of the threshold search holds 1-2.4% of a chunk's): the words of 8 entries
+    that hold any, then the entries within those words. 0.10 against 0.22 ms for 512K
+    entries 1% set (numpy's nonzero of a bool array scans entry by entry, of a compared
+    one word by word). Where a quarter of the words or more hold one, numpy's own."""
+    full = h.size // 8 * 8
+    words = h[:full].view(np.uint64)
+    held = np.flatnonzero(words != 0)
+    if 4 * held.size >= words.size:
+        return np.flatnonzero(h)
+    at = np.flatnonzero(words[held].view(np.bool_))
+    where = held[at >> 3] * 8 + (at & 7)
+    if full < h.size:
+        where = np.concatenate([where, full + np.flatnonzero(h[full:])])
+    return where
 
 
 def _select(xf: torch.Tensor, k: int, *, zero_ties: bool) -> _Selection:
