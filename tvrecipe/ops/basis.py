@@ -108,9 +108,7 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
         # (TensorContext.stacked), else copies in a staging buffer. The products are the same.
         # (On the CPU only: on a GPU, where the products are float64, no one has checked
         # that strided rows give the staged bits.)
-        rows = _rows_of_one(flat) if on_cpu else None
-        if rows is not None and rows.dtype != work:
-            rows = None
+        rows = _rows_of_one(flat) if on_cpu and flat[0].dtype == work else None
         buf = None if rows is not None else torch.empty(
             (min(per_block, n_partials), n, _PARTIAL), dtype=work, device=device)
         for first in range(0, n_partials, per_block):
