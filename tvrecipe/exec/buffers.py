@@ -60,6 +60,11 @@ class _Map:
         return torch.from_numpy(array).view(dtype).view(shape)
 
 
+def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of its own, from ``torch.empty`` (:meth:`BufferPool.empty`'s signature)."""
+    return torch.empty(shape, dtype=dtype)
+
+
 class BufferPool:
     """Large CPU tensors over memory maps that are lent again once nothing uses them.
 

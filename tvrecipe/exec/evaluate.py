@@ -12,6 +12,7 @@ import torch
 
 from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
+from tvrecipe.exec.buffers import fresh
 from tvrecipe.exec.slots import is_decomposition
 from tvrecipe.ops.basis import ROW_ALIGN
 from tvrecipe.plan.graph import CompiledStep, Entry, Resolved
@@ -305,8 +306,7 @@ class StepEvaluator:
         # whole-model pass hands to its Gram products, which then read them in place.
         self.stack: frozenset[str] = frozenset()
         # CPU allocations of such tensors (the run's BufferPool.empty reuses large ones).
-        self.empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = (
-            lambda shape, dtype: torch.empty(shape, dtype=dtype))
+        self.empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = fresh
         # Node -> selectors its readers take (Compiled.reads), for TensorContext.reads.
         self.reads: dict[str, set[tuple[str, ...]]] = {}
         # Factored step -> tensor -> kept state (TensorContext.keep); the runner's, shared by

@@ -20,7 +20,7 @@ from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
 from tvrecipe.exec import lockfile
 from tvrecipe.exec.allocator import trim
-from tvrecipe.exec.buffers import BufferPool
+from tvrecipe.exec.buffers import BufferPool, fresh
 from tvrecipe.exec.evaluate import StepEvaluator, entry_value, select
 from tvrecipe.exec.results import (
     ST_DTYPES,
@@ -209,7 +209,7 @@ class Runner:
         info = self.plan.tensors[tensor]
         if math.prod(info.shape) * self.compute.itemsize >= self.buffers.min_bytes:
             trim()  # (what the last task's work left free: 15 MB a task in Iso-CTS)
-        value, n = self._read_node(name, tensor, span, _fresh)
+        value, n = self._read_node(name, tensor, span, fresh)
         self._count(n)
         return value
 
@@ -827,11 +827,6 @@ class Runner:
                          time.perf_counter() - start, self.bytes_read, written, passes,
                          self.cache_hits, {n: o.digests for n, o in outputs.items()},
                          {n: o.report for n, o in outputs.items() if o.report}, machine=where)
-
-
-def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of its own (``BufferPool.empty``'s signature)."""
-    return torch.empty(shape, dtype=dtype)
 
 
 _WIDEN_CHUNK = 1 << 19  # entries (chunks of the conversion stay in cache)
