@@ -8,12 +8,12 @@ machine, next to the floor of reading every input onto the GPU.
 The checkpoints and recipes are benchmarks/run.py's (made once under bench-out/ckpt/). Each
 row is `tvrecipe run RECIPE --device D --force --no-cache` in a child process: wall clock
 (interpreter start and CUDA initialisation included), the run's own time (`done in … s`), and
-peak RSS. The floor, in a child process too: a reading thread loads each input tensor into
-pinned memory while the main thread copies the one before to the device (non-blocking) and
-adds it in float32 there; then one synchronisation. That is reading and H2D copying
-overlapped, the least any GPU run of these recipes does. The table it prints is the GPU
-section of benchmarks/README.md. Without CUDA (and without `--device cpu`) it says so and
-exits 0.
+peak RSS. The floor, in a child process too: a reading thread reads each input tensor with
+tvrecipe's own reader straight into pinned memory (as a run does) while the main thread copies
+the one before to the device (non-blocking) and adds it in float32 there; then one
+synchronisation. That is reading and H2D copying overlapped, the least any GPU run of these
+recipes does. The table it prints is the GPU section of benchmarks/README.md. Without CUDA (and
+without `--device cpu`) it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -42,19 +42,23 @@ def floor_worker(device: str, models: list[Path]) -> None:
     """In a child: read every tensor of every model, copy it to ``device`` and accumulate."""
     import torch
 
+    from tvrecipe.exec.buffers import pinned
+    from tvrecipe.store.checkpoint import open_checkpoint
+
     t0 = time.perf_counter()
     dev = torch.device(device)
-    handles = bench.tensor_handles(models)
+    cks = [open_checkpoint(m) for m in models]
+    into = pinned if dev.type == "cuda" else torch.empty  # where a tvrecipe run reads to
     todo: queue.Queue = queue.Queue(maxsize=2)
     nbytes = [0]
 
     def reader() -> None:
-        for name in handles[0]:
+        for name in cks[0].tensors:
             ts = []
-            for names in handles:
-                t = names[name].get_tensor(name)
+            for ck in cks:
+                t = ck.get(name, empty=into)
                 nbytes[0] += t.numel() * t.element_size()
-                ts.append(t.pin_memory() if dev.type == "cuda" else t)
+                ts.append(t)
             todo.put(ts)
         todo.put(None)
 

@@ -13,6 +13,7 @@ from tests.conftest import read_tensors
 from tvrecipe import ops
 from tvrecipe.exec import buffers
 from tvrecipe.exec.buffers import BufferPool
+from tvrecipe.store.checkpoint import Checkpoint
 
 KIB = 1 << 10
 
@@ -172,11 +173,11 @@ def test_a_run_through_the_pool_writes_the_bytes_of_a_run_without(
     monkeypatch.setattr("tvrecipe.exec.runner.BufferPool", Recording)
     monkeypatch.setattr(buffers, "MIN_BYTES", 1 << 40)
     cli.write("plain.yaml", RECIPE.replace("OUT", "plain"))
-    cli.ok("run", "plain.yaml", "--no-cache")
+    cli.ok("run", "plain.yaml", "--no-cache", "--device", "cpu")  # (the pool is the CPU's)
     assert made and all(p._maps == [] and p.reused == 0 for p in made)
     monkeypatch.setattr(buffers, "MIN_BYTES", 64)
     cli.write("pooled.yaml", RECIPE.replace("OUT", "pooled"))
-    cli.ok("run", "pooled.yaml", "--no-cache")
+    cli.ok("run", "pooled.yaml", "--no-cache", "--device", "cpu")
     pooled = made[-1]
     assert pooled.reused > 0
     plain, reused = read_tensors(cli.root / "out-plain"), read_tensors(cli.root / "out-pooled")
@@ -189,6 +190,39 @@ def test_a_run_through_the_pool_writes_the_bytes_of_a_run_without(
         merged = ops.ties([ms.delta(m)[name] for m in ("math", "code", "toxic")], density=0.4)
         want = ops.apply(base, merged, scale=0.5).to(torch.bfloat16)
         assert torch.equal(reused[name].view(torch.uint8), want.view(torch.uint8)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_gpu_run_reads_into_pinned_memory_and_writes_the_cpu_bytes(
+        make_models, cli, monkeypatch, dtype):
+    # A GPU run reads every input (and, on the second run, the cached step) straight into
+    # page-locked memory: nothing is pinned by a copy. TIES on the GPU gives the CPU's bytes.
+    make_models(dtype=dtype)
+    cli.write("r.yaml", RECIPE.replace("OUT", "cpu"))
+    cli.ok("run", "r.yaml", "--no-cache", "--device", "cpu")
+    read_into: list[bool] = []
+    get = Checkpoint.get
+
+    def recording(self, *args, **kwargs):
+        t = get(self, *args, **kwargs)
+        read_into.append(t.is_pinned())
+        return t
+
+    def no_copy(self, *args, **kwargs):
+        raise AssertionError("a tensor was pinned by a copy")
+
+    monkeypatch.setattr(Checkpoint, "get", recording)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_copy)
+    cli.write("g.yaml", RECIPE.replace("OUT", "gpu"))
+    for _ in range(2):  # computed and cached, then read from the cache
+        cli.ok("run", "g.yaml", "--device", "cuda", "--force")
+    assert read_into and all(read_into)
+    cpu, gpu = read_tensors(cli.root / "out-cpu"), read_tensors(cli.root / "out-gpu")
+    assert cpu.keys() == gpu.keys()
+    for name in cpu:
+        assert torch.equal(cpu[name].view(torch.uint8), gpu[name].view(torch.uint8)), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -65,6 +65,13 @@ def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+def pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor in page-locked memory (:meth:`BufferPool.empty`'s signature), for what a
+    GPU run reads: it is copied to the GPU from there without a staging copy, and torch's
+    caching host allocator lends its block again only once that copy is done."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 class BufferPool:
     """Large CPU tensors over memory maps that are lent again once nothing uses them.
 

@@ -20,7 +20,7 @@ from tvrecipe import ops
 from tvrecipe.errors import ExecutionError
 from tvrecipe.exec import lockfile
 from tvrecipe.exec.allocator import trim
-from tvrecipe.exec.buffers import BufferPool, fresh
+from tvrecipe.exec.buffers import BufferPool, fresh, pinned
 from tvrecipe.exec.evaluate import StepEvaluator, entry_value, select
 from tvrecipe.exec.results import (
     ST_DTYPES,
@@ -151,8 +151,9 @@ class Runner:
         run allows non-finite inputs)."""
         if not convert:
             pass  # (a 16-bit float tensor a kernel widens itself: see _stored)
-        elif t.device != self.device:  # read on the CPU for a GPU run
-            t = t.pin_memory().to(self.device, non_blocking=True).to(self.compute)
+        elif t.device != self.device:  # read on the CPU (into pinned memory) for a GPU run
+            t = (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
+            t = t.to(self.compute)
         elif t.device.type == "cpu" and t.dtype != self.compute:
             # Converted into memory the run reuses (an embedding would be faulted in afresh).
             t = (empty or self.buffers.empty)(t.shape, self.compute).copy_(t)
@@ -278,7 +279,7 @@ class Runner:
                 if info is None:
                     got[slot] = None
                     continue
-                t = ck.get(tensor, span, empty=self.buffers.empty)
+                t = ck.get(tensor, span, empty=self._into(None))
                 check(slot, tensor, span, info.shape[0] if info.shape else 1, t)
                 # Its inputs were checked when it was computed (lookup skips entries of runs
                 # that allowed non-finite inputs unless this run does too).
@@ -298,7 +299,7 @@ class Runner:
                 t = ck.get(tensor, span, device=self.device)
                 nbytes += ck.factor_bytes(tensor) if span is None or span[0] == 0 else 0
             else:
-                t, wide = self._read_wide(ck, tensor, span, empty or self.buffers.empty,
+                t, wide = self._read_wide(ck, tensor, span, self._into(empty),
                                           widen=not stored)
                 nbytes += t.numel() * t.element_size()
             if info.is_floating:
@@ -312,6 +313,12 @@ class Runner:
                 self._checked.add(key)
             got[member] = t
         return (got[""] if handle.kind != VECTORS else got), nbytes
+
+    def _into(self, empty: Callable | None) -> Callable:
+        """What a tensor read from disk is read into: page-locked memory in a GPU run (read
+        straight where the copy to the GPU starts: a pageable buffer then ``pin_memory`` was
+        one more copy of every input), else ``empty``, or the run's pool."""
+        return pinned if self.device.type == "cuda" else (empty or self.buffers.empty)
 
     def _read_wide(self, ck: Any, tensor: str, span: tuple[int, int] | None,
                    alloc: Callable, widen: bool = True
