@@ -360,7 +360,7 @@ def test_the_similarity_pass_reads_a_sets_deltas_in_place_with_the_same_similari
               f"  tv: {{op: extract, base: base, finetuned: [{', '.join(names)}]}}\n"
               "  basis: {op: cluster_basis, inputs: tv, k: 2}\n"
               "outputs:\n  basis: {from: basis, path: ./out/basis}\n")
-    cli.ok("run", "r.yaml", "--report", "report.json")
+    cli.ok("run", "r.yaml", "--report", "report.json", "--device", "cpu")  # (CPU layouts)
     # a.weight in two blocks of 20 rows, b.weight in three of one row (2049), c.bias whole
     assert [in_place for in_place, _ in calls] == [True] * 6
     assert [xs[0].shape for _, xs in calls] == [(20, 130)] * 2 + [(1, 2049)] * 3 + [(7,)]

@@ -155,17 +155,18 @@ def test_verify_recompute_compares_fresh_bytes_and_cleans_up(tmp_path, monkeypat
     lock = yaml.safe_load(path.read_text())
     here = lockfile.machine()["cpu"]
     assert lock["machine"] == {"device": "cpu", "cpu": here}
+    other = next(c for c in ("x86_64 GenuineIntel avx512f", "x86_64 AuthenticAMD avx2") if c != here)
     expected = {
         "cuda (NVIDIA H200)": (
             "  the lock was written on cuda (NVIDIA H200) and this run computed on cpu: the ops "
             'listed in docs/recipe-format.md ("CPU and GPU bytes") may differ in the last bits '
             "between them; recompute with --device cuda"),
         "cpu": (
-            f"  the lock was written on CPU x86_64 GenuineIntel avx512f and this is {here}: MKL "
+            f"  the lock was written on CPU {other} and this is {here}: MKL "
             "and torch pick their kernels by CPU vendor and instruction set, so a product or a "
             "sum may round differently; recompute on a CPU like the lock's")}
     for device, line in expected.items():
-        lock["machine"] = {"device": device, "cpu": "x86_64 GenuineIntel avx512f"}
+        lock["machine"] = {"device": device, "cpu": other}
         path.write_text(yaml.safe_dump(lock))
         res = _cli("verify", str(recipe), "--recompute")
         assert res.exit_code == 6

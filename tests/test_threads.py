@@ -233,7 +233,7 @@ def test_whole_tensor_streams_extract_members_on_the_math_threads(cli, tmp_path,
         return real(base, finetuned, **kw)
 
     monkeypatch.setattr(ops, "extract", spy)
-    cli.ok("run", "ties.yaml", "--no-cache")
+    cli.ok("run", "ties.yaml", "--no-cache", "--device", "cpu")  # (CPU threads' work)
     large = [t for t, n in seen if n >= parallel.PARALLEL_MIN]
     assert len(large) == 3 and all(t.startswith("tvrecipe-math") for t in large), seen
     assert all(not t.startswith("tvrecipe-math") for t, n in seen if n < parallel.PARALLEL_MIN)
@@ -245,5 +245,5 @@ def test_whole_tensor_streams_extract_members_on_the_math_threads(cli, tmp_path,
         assert torch.equal(got[key], sparsify.ties(deltas, density=0.3)), key
 
     seen.clear()
-    cli.ok("run", "sum.yaml", "--no-cache")
+    cli.ok("run", "sum.yaml", "--no-cache", "--device", "cpu")
     assert seen and all(not t.startswith("tvrecipe-math") for t, _n in seen), seen

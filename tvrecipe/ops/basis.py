@@ -53,7 +53,7 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
     Called once per tensor of the model, it accumulates ``G_ij = τ_iᵀ τ_j`` over all tensors
     without ever holding a whole task vector. Blocks of the flattened deltas are copied into a
     small staging buffer (no n × numel copy), or read in place when the deltas are 64-byte
-    aligned rows of one CPU tensor in the working dtype (the same products; see
+    aligned rows of one CPU float32 tensor (the same products; see
     :func:`_rows_of_one`), and multiplied there: on the CPU in float32, as
     2048-element partial products summed in float64 (error below about 1e-6 of
     ``|τ_i| |τ_j|``, so cosines to about 1e-6); on other devices (where float32 matmuls may
@@ -106,9 +106,10 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
         # Laid out (partial, task, element) so one bmm yields every partial Gram at once:
         # a view of the deltas when they are the rows of one tensor in the working dtype
         # (TensorContext.stacked), else copies in a staging buffer. The products are the same.
-        # (On the CPU only: on a GPU, where the products are float64, no one has checked
-        # that strided rows give the staged bits.)
-        rows = _rows_of_one(flat) if on_cpu and flat[0].dtype == work else None
+        # (Float32 on the CPU only: float64 rows through strides gave other last bits than
+        # staged on an Intel avx512f CPU, and on a GPU no one has checked.)
+        rows = (_rows_of_one(flat) if on_cpu and work == torch.float32
+                and flat[0].dtype == work else None)
         buf = None if rows is not None else torch.empty(
             (min(per_block, n_partials), n, _PARTIAL), dtype=work, device=device)
         for first in range(0, n_partials, per_block):
