@@ -569,7 +569,9 @@ def _ties_merge(
     hi: int,
 ) -> None:
     """Elect and disjoint-merge flat inputs over entries [lo, hi) into ``out``, trimming
-    each chunk by its plan."""
+    each chunk by its plan. No weight may be 0 (:func:`ties` drops such members): the
+    clamp of the denominator to the smallest |w| relies on it, as does the choice of γ or
+    -γ per member."""
     xf0 = members[0][0]
     dtype, device = xf0.dtype, xf0.device
     c = max(1, min(_chunk_size(device), hi - lo))
