@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,12 +203,13 @@ def test_a_gpu_run_reads_into_pinned_memory_and_writes_the_cpu_bytes(
     make_models(dtype=dtype)
     cli.write("r.yaml", RECIPE.replace("OUT", "cpu"))
     cli.ok("run", "r.yaml", "--no-cache", "--device", "cpu")
-    read_into: list[bool] = []
+    read_into: list[tuple[str, bool]] = []
     get = Checkpoint.get
 
-    def recording(self, *args, **kwargs):
-        t = get(self, *args, **kwargs)
-        read_into.append(t.is_pinned())
+    def recording(self, name, *args, **kwargs):
+        t = get(self, name, *args, **kwargs)
+        if t.is_floating_point():
+            read_into.append((str(self.path), t.is_pinned()))
         return t
 
     def no_copy(self, *args, **kwargs):
@@ -216,13 +218,18 @@ def test_a_gpu_run_reads_into_pinned_memory_and_writes_the_cpu_bytes(
     monkeypatch.setattr(Checkpoint, "get", recording)
     monkeypatch.setattr(torch.Tensor, "pin_memory", no_copy)
     cli.write("g.yaml", RECIPE.replace("OUT", "gpu"))
-    for _ in range(2):  # computed and cached, then read from the cache
-        cli.ok("run", "g.yaml", "--device", "cuda", "--force")
-    assert read_into and all(read_into)
-    cpu, gpu = read_tensors(cli.root / "out-cpu"), read_tensors(cli.root / "out-gpu")
-    assert cpu.keys() == gpu.keys()
-    for name in cpu:
-        assert torch.equal(cpu[name].view(torch.uint8), gpu[name].view(torch.uint8)), name
+    cpu = read_tensors(cli.root / "out-cpu")
+    for run in range(2):  # TIES computed and cached, then read from the cache
+        read_into.clear()
+        res = cli.ok("run", "g.yaml", "--device", "cuda", "--force")
+        assert ("from cache: merged" in res.stdout) == (run == 1), res.stdout
+        assert read_into and all(pinned for _path, pinned in read_into), read_into
+        from_cache = [p for p, _ in read_into if ".tvrecipe" in Path(p).parts]
+        assert bool(from_cache) == (run == 1), read_into
+        gpu = read_tensors(cli.root / "out-gpu")
+        assert cpu.keys() == gpu.keys()
+        for name in cpu:
+            assert torch.equal(cpu[name].view(torch.uint8), gpu[name].view(torch.uint8)), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

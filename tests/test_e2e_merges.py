@@ -374,6 +374,12 @@ def test_the_similarity_pass_reads_a_sets_deltas_in_place_with_the_same_similari
     assert (pool.reused > 0) == pooled  # (a block's stack lent again to a later block)
     assert held == [0]  # (the similarity pass gave every map back)
     assert merged and all(rows is None for rows in merged)
+    # In float64 nothing is stacked: gram_update would stage such rows anyway.
+    calls.clear()
+    cli.write("r.yaml", (tmp_path / "r.yaml").read_text().replace(
+        "tvrecipe: 1\n", "tvrecipe: 1\nsettings: {compute_dtype: float64}\n"))
+    cli.ok("run", "r.yaml", "--device", "cpu")
+    assert [in_place for in_place, _ in calls] == [False] * 6
 
 
 def test_cluster_basis_with_explicit_k_and_member_reference(make_models, cli, tmp_path):

@@ -232,11 +232,11 @@ class TensorContext:
         the same products). Else None each, and the kernel makes its own: rows sharing one
         tensor could not be written in place by a later step. Also None for fewer than two
         members, or when ``like`` and ``others`` (the kernel's other inputs) are not all
-        tensors of one shape and dtype on the CPU."""
+        float32 tensors of one shape on the CPU (gram_update stages float64 rows)."""
         first = like[0] if like else None
         if not (self.step.name in self._evaluator.stack and len(like) > 1 and all(
                 isinstance(t, torch.Tensor) and t.shape == first.shape
-                and t.dtype == first.dtype and t.device.type == "cpu"
+                and t.dtype == torch.float32 and t.device.type == "cpu"
                 for t in [*like, *others])):
             return [None] * len(like)
         numel = first.numel()

@@ -101,6 +101,12 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+def _staged(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """What a GPU run reads a tensor into: pinned memory for a floating tensor (copied to the
+    GPU), the CPU's for an integer buffer (it stays there)."""
+    return (pinned if dtype.is_floating_point else fresh)(shape, dtype)
+
+
 class Runner:
     """Executes a compiled recipe tensor by tensor.
 
@@ -318,7 +324,7 @@ class Runner:
         """What a tensor read from disk is read into: page-locked memory in a GPU run (read
         straight where the copy to the GPU starts: a pageable buffer then ``pin_memory`` was
         one more copy of every input), else ``empty``, or the run's pool."""
-        return pinned if self.device.type == "cuda" else (empty or self.buffers.empty)
+        return _staged if self.device.type == "cuda" else (empty or self.buffers.empty)
 
     def _read_wide(self, ck: Any, tensor: str, span: tuple[int, int] | None,
                    alloc: Callable, widen: bool = True
