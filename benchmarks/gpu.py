@@ -13,8 +13,8 @@ tvrecipe's own reader straight into pinned memory (as a run does) while the main
 the one before to the device (non-blocking) and adds it in float32 there; then one
 synchronisation. That is reading and H2D copying overlapped, the least any GPU run of these
 recipes does. A second line gives the same loop reading through safetensors' memory map and
-pinning a copy (how GPU runs read before 2026-11-27). The table it prints is the GPU section of benchmarks/README.md. Without CUDA (and
-without `--device cpu`) it says so and exits 0.
+pinning a copy (how GPU runs read before 2026-11-27). The table it prints is the GPU section
+of benchmarks/README.md. Without CUDA (and without `--device cpu`) it says so and exits 0.
 """
 
 from __future__ import annotations
