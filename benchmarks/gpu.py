@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -96,6 +97,31 @@ def measure_floor(device: str, models: list[Path], reader: str = "tvrecipe") -> 
     return m
 
 
+def against(a: argparse.Namespace, todo: list[str], work: Path, ckpt: Path,
+            t_start: float) -> None:
+    """--against: each row on the device with this tree's tvrecipe and DIR's, alternated."""
+    other = str(a.against.resolve())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [other, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    where = subprocess.run([sys.executable, "-c", "import tvrecipe; print(tvrecipe.__file__)"],
+                           env=env, capture_output=True, text=True, cwd="/", check=False)
+    print(f"\nA/B on {a.device}: this tree against {where.stdout.strip() or where.stderr}")
+    for op in todo:
+        got: dict[str, list[str]] = {"this tree": [], other: []}
+        for _ in range(a.rounds):
+            for side, times in got.items():
+                if a.deadline and time.perf_counter() - t_start > a.deadline:
+                    break
+                recipe = work / f"{op}.yaml"
+                recipe.write_text(bench.recipe_text(op, ckpt, a.n, work / f"out-{op}"))
+                m = bench.run_tvrecipe(recipe, device=a.device,
+                                       env=env if side == other else None)
+                shutil.rmtree(work / f"out-{op}", ignore_errors=True)
+                times.append(f"exit {m.rc}" if m.rc else f"{m.extra.get('engine_s')}")
+        print(f"{op}: run s, this tree {', '.join(got['this tree']) or '–'}; "
+              f"{other}: {', '.join(got[other]) or '–'}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=list(bench.SIZES), default="large")
@@ -108,6 +134,11 @@ def main() -> None:
                    help="run only these of the rows on the device (the CPU runs them all)")
     p.add_argument("--deadline", type=float, default=0,
                    help="start no row after this many seconds (0: no limit)")
+    p.add_argument("--against", type=Path, metavar="DIR",
+                   help="also time each row on the device with the tvrecipe package in DIR "
+                        "(e.g. `git archive COMMIT tvrecipe | tar -x -C DIR`), alternated with "
+                        "this tree's, --rounds times each")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of each side with --against")
     p.add_argument("--floor-worker", help=argparse.SUPPRESS)
     p.add_argument("--floor-reader", default="tvrecipe", help=argparse.SUPPRESS)
     p.add_argument("models", nargs="*", type=Path, help=argparse.SUPPRESS)
@@ -167,6 +198,8 @@ def main() -> None:
                 print(f"{op} on {dev}: {m.wall:.2f} s wall, run {m.extra.get('engine_s')} s, "
                       f"peak RSS {m.peak_rss_mb:.0f} MB", flush=True)
     rows = [(op, on[op, a.device], on[op, "cpu"]) for op in todo]
+    if a.against:
+        against(a, todo, work, ckpt, t_start)
 
     print("\n" + floor_line)
     print(f"\n| row | {a.device} wall s | {a.device} run s | CPU wall s | CPU run s "

@@ -15,6 +15,10 @@
 #
 #   bash benchmarks/gpu_device.sh            # GPU tests, the rows (GPU, then CPU), the suite
 #   ROWS="sum ties dare" NO_CPU=1 bash benchmarks/gpu_device.sh
+#   AGAINST=ab-old ROWS="sum" NO_CPU=1 bash benchmarks/gpu_device.sh   # A/B against old code
+#
+# (AGAINST: a folder holding another commit's package, made here with `mkdir ab-old && git
+# archive COMMIT tvrecipe | tar -x -C ab-old`; untracked, so the device tool copies it.)
 #
 # It installs the wheels and tvrecipe (no dependencies fetched), runs the tests that need
 # CUDA, then `benchmarks/gpu.py --size large` for the rows (every row on the GPU, then on that
@@ -46,7 +50,7 @@ left=$(( LIMIT - SECONDS ))
 # shellcheck disable=SC2086
 timeout "$left" python3 benchmarks/gpu.py --size "${SIZE:-large}" \
   --deadline $(( left - ${RESERVE:-130} )) ${NO_CPU:+--no-cpu} ${ROWS:+--only $ROWS} \
-  ${DEVICE_ROWS:+--device-only $DEVICE_ROWS} 2>&1 \
+  ${DEVICE_ROWS:+--device-only $DEVICE_ROWS} ${AGAINST:+--against $AGAINST} 2>&1 \
   | tee "$OUT/gpu_rows.log"
 # The whole suite on a CUDA machine (`device: auto` picks the GPU there), in what time is left.
 left=$(( LIMIT - SECONDS ))

@@ -213,14 +213,16 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def measure(cmd: list[str], cwd: Path | None = None, poll: float = 0.05) -> Measured:
-    """Run ``cmd``; wall time, its own ``ru_maxrss`` and anon/file RSS by polling /proc."""
+def measure(cmd: list[str], cwd: Path | None = None, poll: float = 0.05,
+            env: dict[str, str] | None = None) -> Measured:
+    """Run ``cmd`` (in ``env``, else this process's environment); wall time, its own
+    ``ru_maxrss`` and anon/file RSS by polling /proc."""
     m = Measured(cmd)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.NamedTemporaryFile("r", suffix=".ru") as ru_file:
         t0 = time.perf_counter()
         p = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, ru_file.name, *cmd],
-                             cwd=cwd, stdout=out, stderr=err)
+                             cwd=cwd, stdout=out, stderr=err, env=env)
         peaks = {"RssAnon": 0, "RssFile": 0}
         stop = threading.Event()
 
@@ -265,13 +267,14 @@ def dir_mb(path: Path) -> float:
 
 
 def run_tvrecipe(recipe: Path, report: Path | None = None, cache: str = "off",
-                 device: str | None = None) -> Measured:
+                 device: str | None = None, env: dict[str, str] | None = None) -> Measured:
     """Time one `tvrecipe run RECIPE --force` (not -q: its last line carries the byte counts).
 
     ``cache``: ``off`` passes ``--no-cache`` (the merge alone); ``cold`` gives the run a fresh,
     empty ``--cache-dir`` (a first run with the default cache on), measured then deleted.
     The input-hash memo beside the recipe is left alone, so inputs are hashed once per set.
-    ``device`` is passed as ``--device`` (the recipes say ``cpu``).
+    ``device`` is passed as ``--device`` (the recipes say ``cpu``); ``env``: the child's
+    environment (another tvrecipe on its ``PYTHONPATH``, say).
     """
     exe = shutil.which("tvrecipe") or "tvrecipe"
     cmd = [exe, "run", str(recipe), "--force"]
@@ -285,7 +288,7 @@ def run_tvrecipe(recipe: Path, report: Path | None = None, cache: str = "off",
         cmd += ["--cache-dir", str(cache_dir)]
     if report is not None:
         cmd += ["--report", str(report)]
-    m = measure(cmd)
+    m = measure(cmd, env=env)
     hit = DONE_RE.search(m.stdout)
     if hit:
         m.extra.update(engine_s=float(hit.group(1)), read_mb=float(hit.group(3)),
