@@ -97,6 +97,16 @@ def measure_floor(device: str, models: list[Path], reader: str = "tvrecipe") -> 
     return m
 
 
+def run_row(op: str, device: str, work: Path, ckpt: Path, n: int,
+            env: dict[str, str] | None = None) -> bench.Measured:
+    """One row's `tvrecipe run` on ``device`` (in ``env``), its output removed after."""
+    recipe = work / f"{op}.yaml"
+    recipe.write_text(bench.recipe_text(op, ckpt, n, work / f"out-{op}"))
+    m = bench.run_tvrecipe(recipe, device=device, env=env)
+    shutil.rmtree(work / f"out-{op}", ignore_errors=True)
+    return m
+
+
 def against(a: argparse.Namespace, todo: list[str], work: Path, ckpt: Path,
             t_start: float) -> None:
     """--against: each row on the device with this tree's tvrecipe and DIR's, alternated."""
@@ -112,11 +122,7 @@ def against(a: argparse.Namespace, todo: list[str], work: Path, ckpt: Path,
             for side, times in got.items():
                 if a.deadline and time.perf_counter() - t_start > a.deadline:
                     break
-                recipe = work / f"{op}.yaml"
-                recipe.write_text(bench.recipe_text(op, ckpt, a.n, work / f"out-{op}"))
-                m = bench.run_tvrecipe(recipe, device=a.device,
-                                       env=env if side == other else None)
-                shutil.rmtree(work / f"out-{op}", ignore_errors=True)
+                m = run_row(op, a.device, work, ckpt, a.n, env if side == other else None)
                 times.append(f"exit {m.rc}" if m.rc else f"{m.extra.get('engine_s')}")
         print(f"{op}: run s, this tree {', '.join(got['this tree']) or '–'}; "
               f"{other}: {', '.join(got[other]) or '–'}", flush=True)
@@ -187,11 +193,7 @@ def main() -> None:
             if a.deadline and time.perf_counter() - t_start > a.deadline:
                 print(f"{op} on {dev}: not run (--deadline {a.deadline:.0f} s passed)")
                 continue
-            recipe = work / f"{op}.yaml"
-            recipe.write_text(bench.recipe_text(op, ckpt, a.n, work / f"out-{op}"))
-            m = bench.run_tvrecipe(recipe, device=dev)
-            shutil.rmtree(work / f"out-{op}", ignore_errors=True)
-            on[op, dev] = m
+            m = on[op, dev] = run_row(op, dev, work, ckpt, a.n)
             if m.rc:
                 print(f"{op} on {dev}: exit {m.rc}\n{m.stderr.strip()[-2000:]}", file=sys.stderr)
             else:

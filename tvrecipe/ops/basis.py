@@ -104,7 +104,7 @@ def gram_update(gram: torch.Tensor, deltas: Sequence[torch.Tensor]) -> None:
     if n_partials:
         per_block = max(1, (_BUFFER_CPU if on_cpu else _BUFFER_GPU) // (n * _PARTIAL))
         # Laid out (partial, task, element) so one bmm yields every partial Gram at once:
-        # a view of the deltas when they are the rows of one tensor in the working dtype
+        # a view of the deltas when they are float32 rows of one tensor
         # (TensorContext.stacked), else copies in a staging buffer. The products are the same.
         # (Float32 on the CPU only: float64 rows through strides gave other last bits than
         # staged on an Intel avx512f CPU, and on a GPU no one has checked.)
