@@ -76,9 +76,20 @@ def test_uniform_draws_match_the_whole_tensor_in_any_block_order(order):
     shape, rows = (8, 5), 2
     whole = torch.rand(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
     ev = StepEvaluator(0, {}, {})
+    asked = []
+
+    def seed() -> int:
+        asked.append(11)
+        return 11
+
+    starts, at = 0, None
     for b in order:
-        got = ev.uniform(("s", "m", "t"), 11, torch.Size((rows, 5)), b * rows * 5)
+        got = ev.uniform(("s", "m", "t"), seed, torch.Size((rows, 5)), b * rows * 5)
         assert torch.equal(got, whole[b * rows:(b + 1) * rows]), (order, b)
+        starts += at != b * rows * 5
+        at = (b + 1) * rows * 5
+    # The seed is derived only where the stream (re)starts, not for a block that continues it.
+    assert len(asked) == starts == {0: 1, 2: 4, 3: 3}[order[0]]
 
 
 @pytest.mark.gpu

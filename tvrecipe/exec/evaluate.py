@@ -218,7 +218,7 @@ class TensorContext:
         elsewhere (not the next one) replays the stream up to its first element.
         """
         return self._evaluator.uniform((self.step.name, member, self.tensor),
-                                       self.seed(member), shape,
+                                       lambda: self.seed(member), shape,
                                        (self.rows.start if self.rows else 0)
                                        * math.prod(shape[1:]))
 
@@ -327,12 +327,13 @@ class StepEvaluator:
         other._streams = {}
         return other
 
-    def uniform(self, key: tuple[str, str, str], seed: int, shape: torch.Size,
+    def uniform(self, key: tuple[str, str, str], seed: Callable[[], int], shape: torch.Size,
                 offset: int) -> torch.Tensor:
-        """Draws ``offset`` to ``offset + numel`` of the stream seeded with ``seed``."""
+        """Draws ``offset`` to ``offset + numel`` of the stream seeded with ``seed()`` (asked
+        for only when the stream starts: a row block that continues it needs no seed)."""
         gen, at = self._streams.pop(key, (None, 0))
         if gen is None or at != offset:
-            gen, at = torch.Generator(device="cpu").manual_seed(seed), 0
+            gen, at = torch.Generator(device="cpu").manual_seed(seed()), 0
             while at < offset:  # replay up to the block (never in a stream's usual order)
                 n = min(offset - at, 1 << 22)
                 torch.rand(n, generator=gen, dtype=torch.float32)

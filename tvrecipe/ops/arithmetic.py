@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -99,7 +100,18 @@ def _divisor(x: torch.Tensor, d: float) -> tuple[torch.Tensor, bool]:
     # product with its reciprocal (an ulp off at times), by a device tensor truly. Float16 and
     # bfloat16 divide in float32, as the CPU does for a number, and round once.
     half = x.dtype in (torch.float16, torch.bfloat16)
-    return torch.tensor(d, dtype=torch.float32 if half else x.dtype, device=x.device), half
+    dtype = torch.float32 if half else x.dtype
+    # (-0.0 == 0.0 as a cache key: a zero divisor is made each time, with its sign.)
+    made = _scalar(d, dtype, x.device) if d else torch.tensor(d, dtype=dtype, device=x.device)
+    return made, half
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar(d: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor holding ``d``, made once per value (only ever read: a divisor). DARE
+    divides every row block of every member: ``torch.tensor`` each time was a tenth of the
+    time its threads held the GIL on the large benchmark."""
+    return torch.tensor(d, dtype=dtype, device=device)
 
 
 def divide(x: torch.Tensor, d: float) -> torch.Tensor:

@@ -114,10 +114,19 @@ class _Trim(NamedTuple):
     tail: float
 
 
+_NP_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _below(t: float, dtype: torch.dtype) -> float:
-    """The largest value of ``dtype`` below the positive ``t`` (so |v| > result <=> |v| >= t)."""
-    tt = torch.tensor(t, dtype=dtype)
-    return torch.nextafter(tt, torch.zeros((), dtype=dtype)).item()
+    """The largest value of ``dtype`` below the positive ``t`` (so |v| > result <=> |v| >= t),
+    ``t`` being a value of ``dtype``: the bit pattern one less (numpy's, not torch's: one
+    call a search, and every call holds the GIL)."""
+    if dtype == torch.bfloat16:  # the upper half of a float32's bits
+        bits = np.array(t, dtype=np.float32).view(np.uint32) >> 16
+        return ((bits - 1) << 16).astype(np.uint32).view(np.float32).item()
+    as_float = _NP_FLOATS[dtype]
+    bits = np.array(t, dtype=as_float).view(f"u{dtype.itemsize}")
+    return (bits - 1).astype(bits.dtype).view(as_float).item()
 
 
 def _kth_direct(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor]:
@@ -270,16 +279,16 @@ def _kth_in_band(v: torch.Tensor, k: int) -> tuple[float, int, int, torch.Tensor
     lo = bottom << shift  # band: lo <= magnitude bits < hi
     hi = (top + 1) << shift if top < bins - 1 else magnitude + 1
     c = min(_SCAN_CHUNK, n)
-    mags = torch.empty(c, dtype=torch.int32)
-    mags_np = mags.numpy()
+    mags = np.empty(c, dtype=np.int32)
     rel = np.empty(c, dtype=np.int32)
     hit = np.empty(c, dtype=np.bool_)
+    bits = ints.numpy()
     above = 0
     parts, positions = [], []
     for s in range(0, n, c):
         L = min(c, n - s)
-        m, r, h = mags_np[:L], rel[:L], hit[:L]
-        torch.bitwise_and(ints[s : s + L], magnitude, out=mags[:L])
+        m, r, h = (mags, rel, hit) if L == c else (mags[:L], rel[:L], hit[:L])
+        np.bitwise_and(bits[s : s + L], magnitude, out=m)
         np.subtract(m, lo, out=r)  # no overflow: both lie in [0, 2**31)
         np.greater_equal(r, hi - lo, out=h)
         above += int(np.count_nonzero(h))
@@ -301,15 +310,18 @@ def _flatnonzero_sparse(h: np.ndarray) -> np.ndarray:
     that hold any, then the entries within those words. 0.10 against 0.22 ms for 512K
     entries 1% set (numpy's nonzero of a bool array scans entry by entry, of a compared
     one word by word). Where a quarter of the words or more hold one, numpy's own."""
+    # (Methods, not numpy's Python wrappers: each call is held under the GIL.)
     full = h.size // 8 * 8
     words = h[:full].view(np.uint64)
-    held = np.flatnonzero(words != 0)
+    held = (words != 0).nonzero()[0]  # (words.nonzero() itself is 4x slower)
     if 4 * held.size >= words.size:
-        return np.flatnonzero(h)
-    at = np.flatnonzero(words[held].view(np.bool_))
-    where = held[at >> 3] * 8 + (at & 7)
+        return h.nonzero()[0]
+    at = words[held].view(np.bool_).nonzero()[0]
+    where = held[at >> 3]
+    where <<= 3
+    where |= at & 7
     if full < h.size:
-        where = np.concatenate([where, full + np.flatnonzero(h[full:])])
+        where = np.concatenate([where, full + h[full:].nonzero()[0]])
     return where
 
 
@@ -362,11 +374,11 @@ def _apply_selection(xc: torch.Tensor, plan: _Trim | None, start: int,
     n = xc.numel()
     head = n if plan.cut is None else min(max(plan.cut - start, 0), n)
     # hardshrink is a single float->float pass; where()/mul with a bool mask is several
-    # times slower on CPU.
-    if head:
-        torch.ops.aten.hardshrink.out(xc[:head], plan.head, out=out[:head])
-    if head < n:
-        torch.ops.aten.hardshrink.out(xc[head:], plan.tail, out=out[head:])
+    # times slower on CPU. (Most chunks lie wholly on one side of the cut: one call.)
+    if head == n or head == 0:
+        return torch.hardshrink(xc, plan.head if head else plan.tail, out=out)
+    torch.hardshrink(xc[:head], plan.head, out=out[:head])
+    torch.hardshrink(xc[head:], plan.tail, out=out[head:])
     return out
 
 
@@ -582,31 +594,37 @@ def _ties_merge(
     # Per-chunk working set: the trimmed chunks of every input (read by both sweeps) and a
     # few accumulators; never an n_inputs x numel stack.
     n_trim = sum(plan is not None for plan in plans)
-    trimmed = torch.empty((n_trim, c), dtype=dtype, device=device)
-    total, gamma, num, tmp = buf(), buf(), buf(), buf()
-    votes = buf() if count_votes else None
-    den = buf() if normalize else None
+    rows = iter(torch.empty((n_trim, c), dtype=dtype, device=device).unbind(0))
+    trimmed = [None if plan is None else next(rows) for plan in plans]
+    count_buf = buf() if count_votes else None
+    den_buf = buf() if normalize else None
     any_negative = any(w < 0 for _, w in members)
-    neg_gamma = buf() if any_negative else None
+    neg_buf = buf() if any_negative else None
+    work = [buf(), buf(), buf(), buf(), count_buf, den_buf, neg_buf]
     # A nonempty agreeing set has den >= the smallest |w| (a sum of positive terms never
     # rounds below one of them), so clamping to it only changes den == 0, where num == 0.
     min_abs_w = min(abs(w) for _, w in members)
+    # Every view a chunk needs, made up front: on the CPU each Python call costs microseconds
+    # held under the GIL (more once a chunk's data has pushed the interpreter out of cache),
+    # and the math threads share that one lock (see ops/parallel.py).
+    ins = [xf[lo:hi].split(c) for xf, _ in members]
+    outs = out[lo:hi].split(c)
 
-    for s in range(lo, hi, c):
-        e = min(s + c, hi)
-        L = e - s
-        tot, gam, nu, tm = total[:L], gamma[:L], num[:L], tmp[:L]
-        vo = votes[:L] if votes is not None else None
+    for i, oc in enumerate(outs):
+        s = lo + i * c
+        L = oc.numel()
+        tot, gam, nu, tm, vo, den, neg_gamma = (
+            work if L == c else [None if b is None else b[:L] for b in work])
         # Sweep 1: trim each input's chunk and gather what the election needs.
         chunks = []
-        row = 0
-        for j, ((xf, w), plan) in enumerate(zip(members, plans)):
-            xc = xf[s:e]
+        for j, ((_, w), plan) in enumerate(zip(members, plans)):
+            xc = ins[j][i]
+            tj = trimmed[j]
             if plan is None:
                 tj = xc  # nothing to trim: read the input in place
             else:
-                tj = trimmed[row, :L]
-                row += 1
+                if L != c:
+                    tj = tj[:L]
                 _apply_selection(xc, plan, s, out=tj)
             chunks.append(tj)
             if j == 0:
@@ -631,11 +649,11 @@ def _ties_merge(
             vo.mul_(2.0).add_(tm)
             torch.sign(vo, out=gam)
         if neg_gamma is not None:
-            torch.neg(gam, out=neg_gamma[:L])
+            torch.neg(gam, out=neg_gamma)
         # Sweep 2: sum |c_i| and |w_i| over the inputs agreeing with γ. Every term is
         # non-negative, so there is no cancellation between the two sides.
         for j, (tj, (_, w)) in enumerate(zip(chunks, members)):
-            torch.mul(tj, gam if w > 0 else neg_gamma[:L], out=tm)
+            torch.mul(tj, gam if w > 0 else neg_gamma, out=tm)
             tm.relu_()  # γ·sign(w)·τ̂ > 0 exactly on A
             if j == 0:
                 torch.mul(tm, abs(w), out=nu)
@@ -644,13 +662,12 @@ def _ties_merge(
             if den is not None:
                 tm.sign_()
                 if j == 0:
-                    torch.mul(tm, abs(w), out=den[:L])
+                    torch.mul(tm, abs(w), out=den)
                 else:
-                    den[:L].add_(tm, alpha=abs(w))
-        oc = out[s:e]
+                    den.add_(tm, alpha=abs(w))
         torch.mul(nu, gam, out=oc)
         if den is not None:
-            oc.div_(den[:L].clamp_(min=min_abs_w))
+            oc.div_(den.clamp_(min=min_abs_w))
 
 
 # --------------------------------------------------------------------------------------
