@@ -16,7 +16,9 @@ those seconds outside imports, by part of the engine, and against task arithmeti
 On a machine of few cores the figure runs high: a thread the OS takes off its core while it
 holds the GIL still holds it. Compare rows of one run, or one commit against another
 (``--against DIR``, a package tree made with ``mkdir ab-old && git archive COMMIT tvrecipe |
-tar -x -C ab-old``: each round runs both, alternated).
+tar -x -C ab-old``: each round runs both, alternated). "This tree" is the tvrecipe that
+``python -m tvrecipe.cli`` imports outside the checkout (an editable install of it, say).
+Wall times are under the profiler, which stops the run at each sample.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 RUNS = HERE.parent / "bench-out" / "runs"
 RATE = 200  # samples per second
 
-# Parts of a run, by the innermost of these frames a sample holds (first match wins).
+# Parts of a run: a sample counts for the first part whose frames its stack holds. (Frames
+# named with their class, as py-spy 0.4.3 and later name them on Python 3.11 and later.)
 PARTS = (
     ("threshold searches", ("_kth_largest_abs", "_kth_direct")),
     ("TIES merge", ("_ties_merge",)),
@@ -53,9 +56,11 @@ def held(raw: Path) -> tuple[float, float, Counter]:
     py-spy's raw output (one line per stack: frames, then a count)."""
     run = imports = 0
     parts: Counter = Counter()
+    qualified = False
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         n = int(count)
+        qualified = qualified or "Runner." in stack
         if "importlib._bootstrap" in stack:
             imports += n
             continue
@@ -63,6 +68,9 @@ def held(raw: Path) -> tuple[float, float, Counter]:
         part = next((name for name, frames in PARTS
                      if any(f in stack for f in frames)), "the rest")
         parts[part] += n
+    if not qualified:
+        print("warning: py-spy named no frame with its class (it does from 0.4.3, on Python "
+              "3.11 and later): every sample falls in 'the rest'", file=sys.stderr)
     return run / RATE, imports / RATE, Counter({k: v / RATE for k, v in parts.items()})
 
 
@@ -76,8 +84,10 @@ def one(recipe: Path, pythonpath: str | None, tmp: Path) -> tuple[float, float, 
     t0 = time.perf_counter()
     # (From another folder: `python -m` puts the working folder first on sys.path, where a
     # checkout's own tvrecipe would shadow --against's.)
-    subprocess.run(cmd, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, check=False)
+    if done.returncode:
+        sys.exit(f"{recipe.name}: py-spy or the run failed:\n{done.stderr}")
     wall = time.perf_counter() - t0
     run, imports, parts = held(raw)
     return wall, run, imports, parts

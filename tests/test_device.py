@@ -5,6 +5,7 @@ The tests that need a GPU are marked ``gpu`` in their own files."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -83,6 +84,21 @@ def test_divide_rounds_as_the_cpu_divides_by_the_number(dtype):
         assert torch.equal(ops.divide(x, d), x / d), d
         y = x.clone()
         assert ops.divide_(y, d) is y and torch.equal(y, x / d), d
+
+
+def test_divide_by_a_signed_zero_and_after_inference_mode():
+    # The divisors are made once per value (a cache): -0.0 and 0.0 are one key there, so a
+    # zero is made each time with its sign; and one made under inference mode must not
+    # break a later call that autograd records.
+    x = torch.tensor([1.0, -2.0])
+    for _ in range(2):
+        assert ops.divide(x, 0.0).tolist() == [math.inf, -math.inf]
+        assert ops.divide(x, -0.0).tolist() == [-math.inf, math.inf]
+    with torch.inference_mode():
+        ops.divide(x, 0.7)
+    y = torch.ones(3, requires_grad=True)
+    ops.divide(y, 0.7).sum().backward()
+    assert torch.equal(y.grad, torch.ones(3) / torch.tensor(0.7))
 
 
 def test_random_sketches_and_draws_come_from_cpu_generators():

@@ -110,8 +110,10 @@ def _divisor(x: torch.Tensor, d: float) -> tuple[torch.Tensor, bool]:
 def _scalar(d: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 0-dim tensor holding ``d``, made once per value (only ever read: a divisor). DARE
     divides every row block of every member: ``torch.tensor`` each time was a tenth of the
-    time its threads held the GIL on the large benchmark."""
-    return torch.tensor(d, dtype=dtype, device=device)
+    time its threads held the GIL on the large benchmark. (Made outside inference mode, so
+    that a later call with autograd on can still use it.)"""
+    with torch.inference_mode(False):
+        return torch.tensor(d, dtype=dtype, device=device)
 
 
 def divide(x: torch.Tensor, d: float) -> torch.Tensor:
