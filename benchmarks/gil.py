@@ -1,14 +1,14 @@
 """How long each run holds Python's GIL: the floor that no number of cores goes below.
 
-    python benchmarks/run.py --size large --cache off     # writes bench-out/runs/large-n8/
     python benchmarks/gil.py [--size large] [--only sum ties dare] [--rounds 2]
                              [--against DIR]
 
 tvrecipe's math threads run torch and numpy kernels with the GIL released, but every Python
 line between two kernels (slicing a chunk, calling the next op) holds it, and only one
 thread at a time can. On a machine with many cores the threads then queue for the GIL: the
-seconds a run holds it bound its time from below, whatever the core count. This runs each
-recipe under ``py-spy record --gil`` (a sampling profiler, ``pip install py-spy``; without it
+seconds a run holds it bound its time from below, whatever the core count. This runs
+run.py's recipes (on the CPU, over its synthetic checkpoints, made if missing) under
+``py-spy record --gil`` (a sampling profiler, ``pip install py-spy``; without it
 this says so and exits 0), which samples only the thread that holds the GIL, and prints
 those seconds outside imports, by part of the engine, and against task arithmetic's (the
 ``sum`` recipe).
@@ -34,8 +34,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RUNS = HERE.parent / "bench-out" / "runs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # benchmarks/run.py: checkpoints and recipes
+
 RATE = 200  # samples per second
 
 # Parts of a run: a sample counts for the first part whose frames its stack holds. (Frames
@@ -104,17 +106,22 @@ def main() -> int:
     if shutil.which("py-spy") is None:
         print("py-spy is not installed (pip install py-spy): nothing measured")
         return 0
-    folder = RUNS / f"{a.size}-n{a.n}"
-    recipes = [folder / f"{name}.yaml" for name in a.only]
-    missing = [r for r in recipes if not r.exists()]
-    if missing:
-        print(f"no {missing[0].name} in {folder}: run `python benchmarks/run.py --size "
-              f"{a.size} --n {a.n} --cache off` first", file=sys.stderr)
+    rows = bench.OPS
+    unknown = [name for name in a.only if name not in rows]
+    if unknown:
+        print(f"unknown row {unknown[0]!r}; run.py's rows: {', '.join(rows)}",
+              file=sys.stderr)
         return 2
+    _cfg, ckpt = bench.ensure_checkpoints(a.size, a.n)
     trees = [("this tree", None)] + ([(a.against, str(Path(a.against).resolve()))]
                                      if a.against else [])
     got: dict[tuple[str, str], list] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        recipes = []
+        for name in a.only:
+            recipe = Path(tmp) / f"{name}.yaml"
+            recipe.write_text(bench.recipe_text(name, ckpt, a.n, Path(tmp) / f"out-{name}"))
+            recipes.append(recipe)
         for _ in range(a.rounds):
             for recipe in recipes:
                 for label, path in trees:

@@ -9,6 +9,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl pydantic pydantic-core annotated-types typing-inspection typing-extensions
+#   python3 -m pip download --no-deps -d .whl py-spy    # for GIL=..., see below
 #
 # (keep one version of each; pydantic-core must be the one that pydantic pins), then run
 # this script through the device tool with `carry: [".whl"]` and a timeout of 590 s:
@@ -16,6 +17,7 @@
 #   bash benchmarks/gpu_device.sh            # GPU tests, the rows (GPU, then CPU), the suite
 #   ROWS="sum ties dare" NO_CPU=1 bash benchmarks/gpu_device.sh
 #   AGAINST=ab-old ROWS="sum" NO_CPU=1 bash benchmarks/gpu_device.sh   # A/B against old code
+#   GIL="sum ties" ROWS=sum NO_CPU=1 bash benchmarks/gpu_device.sh   # + benchmarks/gil.py on the CPU
 #
 # (AGAINST: a folder holding another commit's package, made here with `mkdir ab-old && git
 # archive COMMIT tvrecipe | tar -x -C ab-old`; untracked, so the device tool copies it.)
@@ -32,7 +34,7 @@ mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { tail -20 "$OUT/install.log"; exit 1; }
@@ -52,6 +54,12 @@ timeout "$left" python3 benchmarks/gpu.py --size "${SIZE:-large}" \
   --deadline $(( left - ${RESERVE:-130} )) ${NO_CPU:+--no-cpu} ${ROWS:+--only $ROWS} \
   ${DEVICE_ROWS:+--device-only $DEVICE_ROWS} ${AGAINST:+--against $AGAINST} 2>&1 \
   | tee "$OUT/gpu_rows.log"
+# GIL: the seconds each CPU run of these rows holds the GIL on this machine's cores (py-spy).
+if [ -n "${GIL:-}" ]; then
+  # shellcheck disable=SC2086
+  timeout $(( LIMIT - SECONDS )) python3 benchmarks/gil.py --size "${SIZE:-large}" --rounds 1 \
+    --only $GIL ${AGAINST:+--against $AGAINST} 2>&1 | tee "$OUT/gil.log"
+fi
 # The whole suite on a CUDA machine (`device: auto` picks the GPU there), in what time is left.
 left=$(( LIMIT - SECONDS ))
 if [ "$left" -gt 30 ]; then
