@@ -24,7 +24,6 @@ Wall times are under the profiler, which stops the run at each sample.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -79,7 +78,7 @@ def held(raw: Path) -> tuple[float, float, Counter]:
 def one(recipe: Path, pythonpath: str | None, tmp: Path) -> tuple[float, float, float, Counter]:
     """(wall s, GIL s outside imports, GIL s importing, GIL s by part) of one run."""
     raw = tmp / "gil.txt"
-    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    env = bench.env_with_package(Path(pythonpath)) if pythonpath else None
     cmd = ["py-spy", "record", "--gil", "-r", str(RATE), "-f", "raw", "-o", str(raw), "--",
            sys.executable, "-m", "tvrecipe.cli", "run", str(recipe), "--no-cache", "--force",
            "-q"]

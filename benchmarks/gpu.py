@@ -111,8 +111,7 @@ def against(a: argparse.Namespace, todo: list[str], work: Path, ckpt: Path,
             t_start: float) -> None:
     """--against: each row on the device with this tree's tvrecipe and DIR's, alternated."""
     other = str(a.against.resolve())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [other, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = bench.env_with_package(a.against)
     where = subprocess.run([sys.executable, "-c", "import tvrecipe; print(tvrecipe.__file__)"],
                            env=env, capture_output=True, text=True, cwd="/", check=False)
     print(f"\nA/B on {a.device}: this tree against {where.stdout.strip() or where.stderr}")

@@ -266,6 +266,14 @@ def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
+def env_with_package(tree: Path) -> dict[str, str]:
+    """This process's environment with ``tree`` (a folder holding another commit's
+    ``tvrecipe`` package) first on ``PYTHONPATH``, ahead of what is there already (the
+    device machine's wheels, a stub hiding mergekit)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tree.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def run_tvrecipe(recipe: Path, report: Path | None = None, cache: str = "off",
                  device: str | None = None, env: dict[str, str] | None = None) -> Measured:
     """Time one `tvrecipe run RECIPE --force` (not -q: its last line carries the byte counts).
