@@ -596,11 +596,10 @@ def _ties_merge(
     n_trim = sum(plan is not None for plan in plans)
     rows = iter(torch.empty((n_trim, c), dtype=dtype, device=device).unbind(0))
     trimmed = [None if plan is None else next(rows) for plan in plans]
-    count_buf = buf() if count_votes else None
-    den_buf = buf() if normalize else None
     any_negative = any(w < 0 for _, w in members)
-    neg_buf = buf() if any_negative else None
-    work = [buf(), buf(), buf(), buf(), count_buf, den_buf, neg_buf]
+    # total, gamma, num, tmp, votes, den, -gamma (the last three only when used)
+    work = [buf(), buf(), buf(), buf(), buf() if count_votes else None,
+            buf() if normalize else None, buf() if any_negative else None]
     # A nonempty agreeing set has den >= the smallest |w| (a sum of positive terms never
     # rounds below one of them), so clamping to it only changes den == 0, where num == 0.
     min_abs_w = min(abs(w) for _, w in members)
