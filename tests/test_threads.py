@@ -247,3 +247,27 @@ def test_whole_tensor_streams_extract_members_on_the_math_threads(cli, tmp_path,
     seen.clear()
     cli.ok("run", "sum.yaml", "--no-cache", "--device", "cpu")
     assert seen and all(not t.startswith("tvrecipe-math") for t, _n in seen), seen
+
+
+def test_entrywise_work_is_cut_in_ranges_of_at_least_parallel_min(monkeypatch):
+    """A TIES merge cuts a tensor in one range per core, but none shorter than PARALLEL_MIN
+    entries (each range's calls hold the GIL: 16 short ranges queued for it), and gives the
+    same bytes however it is cut."""
+    from tvrecipe.ops import sparsify
+
+    cpu = torch.device("cpu")
+    m = parallel.PARALLEL_MIN
+    emulate(monkeypatch, 16)
+    assert [parallel.splits(n, cpu) for n in (m - 1, m, 4 * m, 4 * m + m - 1, 16 * m, 64 * m)
+            ] == [1, 1, 4, 4, 16, 16]
+    emulate(monkeypatch, 2)
+    assert [parallel.splits(n, cpu) for n in (m - 1, m, 2 * m, 64 * m)] == [1, 1, 2, 2]
+    assert parallel.splits(64 * m, torch.device("meta")) == 1  # (CPU work only)
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3 * m + 17, generator=g) for _ in range(3)]
+    seen = {}
+    for n in CORES:
+        emulate(monkeypatch, n)
+        seen[n] = digest(sparsify.ties(xs, density=0.3, weights=[1.0, -0.5, 2.0]))
+    assert len(set(seen.values())) == 1, seen

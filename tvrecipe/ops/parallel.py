@@ -71,8 +71,15 @@ def _worth_it(numel: int, device: torch.device) -> bool:
 
 def splits(numel: int, device: torch.device) -> int:
     """Into how many ranges to cut entrywise work on ``numel`` entries: one per core when
-    :func:`parallel_map` would run them in parallel, else 1."""
-    return cores() if _worth_it(numel, device) else 1
+    :func:`parallel_map` would run them in parallel, but none of fewer than
+    ``PARALLEL_MIN`` entries; else 1.
+
+    Each range costs Python calls, one per kernel, made holding the GIL that all the
+    threads share: cut in 16 ranges, a 1M-entry tensor's TIES merge made 4 times the calls
+    it makes in 2 (16 chunks instead of 4), each on a kernel a quarter as long (the large
+    benchmark's TIES: 1.8 times the merge's calls on 16 cores as on 2; the same with this).
+    """
+    return min(cores(), numel // PARALLEL_MIN) if _worth_it(numel, device) else 1
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, numel: int,

@@ -591,11 +591,11 @@ def _ties_merge(
     def buf() -> torch.Tensor:
         return torch.empty(c, dtype=dtype, device=device)
 
-    # Per-chunk working set: the trimmed chunks of every input (read by both sweeps) and a
-    # few accumulators; never an n_inputs x numel stack.
-    n_trim = sum(plan is not None for plan in plans)
-    rows = iter(torch.empty((n_trim, c), dtype=dtype, device=device).unbind(0))
-    trimmed = [None if plan is None else next(rows) for plan in plans]
+    # Per-chunk working set: the trimmed chunks of every input, rows of one stack (read by
+    # both sweeps; the second works on all of them at once), and a few accumulators; never
+    # an n_inputs x numel stack.
+    stack = torch.empty((len(members), c), dtype=dtype, device=device)
+    rows = stack.unbind(0)
     any_negative = any(w < 0 for _, w in members)
     # total, gamma, num, tmp, votes, den, -gamma (the last three only when used)
     work = [buf(), buf(), buf(), buf(), buf() if count_votes else None,
@@ -614,18 +614,12 @@ def _ties_merge(
         L = oc.numel()
         tot, gam, nu, tm, vo, den, neg_gamma = (
             work if L == c else [None if b is None else b[:L] for b in work])
-        # Sweep 1: trim each input's chunk and gather what the election needs.
-        chunks = []
+        trimmed = stack if L == c else stack[:, :L]
+        rs = rows if L == c else trimmed.unbind(0)
+        # Sweep 1: trim each input's chunk into its row and gather what the election needs.
         for j, ((_, w), plan) in enumerate(zip(members, plans)):
-            xc = ins[j][i]
-            tj = trimmed[j]
-            if plan is None:
-                tj = xc  # nothing to trim: read the input in place
-            else:
-                if L != c:
-                    tj = tj[:L]
-                _apply_selection(xc, plan, s, out=tj)
-            chunks.append(tj)
+            tj = rs[j]
+            _apply_selection(ins[j][i], plan, s, out=tj)  # (a copy when plan is None)
             if j == 0:
                 torch.mul(tj, w, out=tot)
             else:
@@ -647,23 +641,30 @@ def _ties_merge(
             torch.sign(tot, out=tm)
             vo.mul_(2.0).add_(tm)
             torch.sign(vo, out=gam)
-        if neg_gamma is not None:
+        # Sweep 2, on the rows at once (they are not read again): γ·sign(w_i)·τ̂_i,
+        # which is > 0 exactly on A, kept where positive, is |τ̂_i| on A and 0 elsewhere;
+        # then sum |c_i| and |w_i| over A. Every term is non-negative, so there is no
+        # cancellation between the two sides. (With a negative weight, row by row: -γ·τ̂_i,
+        # not -(γ·τ̂_i), which could differ in a NaN's sign bit.)
+        if neg_gamma is None:
+            torch.mul(trimmed, gam, out=trimmed)
+        else:
             torch.neg(gam, out=neg_gamma)
-        # Sweep 2: sum |c_i| and |w_i| over the inputs agreeing with γ. Every term is
-        # non-negative, so there is no cancellation between the two sides.
-        for j, (tj, (_, w)) in enumerate(zip(chunks, members)):
-            torch.mul(tj, gam if w > 0 else neg_gamma, out=tm)
-            tm.relu_()  # γ·sign(w)·τ̂ > 0 exactly on A
+            for j, (_, w) in enumerate(members):
+                torch.mul(rs[j], gam if w > 0 else neg_gamma, out=rs[j])
+        trimmed.relu_()
+        for j, (_, w) in enumerate(members):
             if j == 0:
-                torch.mul(tm, abs(w), out=nu)
+                torch.mul(rs[0], abs(w), out=nu)
             else:
-                nu.add_(tm, alpha=abs(w))
-            if den is not None:
-                tm.sign_()
+                nu.add_(rs[j], alpha=abs(w))
+        if den is not None:
+            trimmed.sign_()
+            for j, (_, w) in enumerate(members):
                 if j == 0:
-                    torch.mul(tm, abs(w), out=den)
+                    torch.mul(rs[0], abs(w), out=den)
                 else:
-                    den.add_(tm, alpha=abs(w))
+                    den.add_(rs[j], alpha=abs(w))
         torch.mul(nu, gam, out=oc)
         if den is not None:
             oc.div_(den.clamp_(min=min_abs_w))
