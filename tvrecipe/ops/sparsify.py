@@ -603,6 +603,7 @@ def _ties_merge(
     # A nonempty agreeing set has den >= the smallest |w| (a sum of positive terms never
     # rounds below one of them), so clamping to it only changes den == 0, where num == 0.
     min_abs_w = min(abs(w) for _, w in members)
+    unit = all(abs(w) == 1.0 for _, w in members)  # (the default weights)
     # Every view a chunk needs, made up front: on the CPU each Python call costs microseconds
     # held under the GIL (more once a chunk's data has pushed the interpreter out of cache),
     # and the math threads share that one lock (see ops/parallel.py).
@@ -659,12 +660,15 @@ def _ties_merge(
             else:
                 nu.add_(rs[j], alpha=abs(w))
         if den is not None:
-            trimmed.sign_()
-            for j, (_, w) in enumerate(members):
-                if j == 0:
-                    torch.mul(rs[0], abs(w), out=den)
-                else:
-                    den.add_(rs[j], alpha=abs(w))
+            trimmed.sign_()  # 1 on A, else 0 (sign(NaN) is 0)
+            if unit:  # (a sum of 0s and 1s is exact in any order)
+                torch.sum(trimmed, dim=0, out=den)
+            else:
+                for j, (_, w) in enumerate(members):
+                    if j == 0:
+                        torch.mul(rs[0], abs(w), out=den)
+                    else:
+                        den.add_(rs[j], alpha=abs(w))
         torch.mul(nu, gam, out=oc)
         if den is not None:
             oc.div_(den.clamp_(min=min_abs_w))
