@@ -489,6 +489,17 @@ def test_ties_preserves_dtype(dtype):
     torch.testing.assert_close(out, expect, rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [256, 300, 2100])
+def test_ties_of_many_agreeing_16_bit_inputs_rounds_both_sums_alike(dtype, n):
+    """The numerator and the count of agreeing inputs add up one input at a time in the
+    inputs' dtype, so they round alike (bf16 counts stop at 256, float16's at 2048) and n
+    equal inputs merge to their value: a count made in float32 would not stop there."""
+    xs = [torch.ones(5, dtype=dtype)] * n
+    assert torch.equal(ties(xs), torch.ones(5, dtype=dtype))
+    assert torch.equal(ties(xs, weights=[-1.0] * n), -torch.ones(5, dtype=dtype))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     data=st.data(),

@@ -563,8 +563,13 @@ def ties(
     # Each input's threshold, then each range of the (entrywise) merge, on its own thread.
     plans = list(parallel.parallel_map(plan, [xf for xf, _ in members], numel=n, device=device))
     out = torch.empty(n, dtype=dtype, device=device)
-    parts = parallel.splits(n, device)
-    bounds = [n * i // parts for i in range(parts + 1)]
+    # Ranges of whole chunks, so that every chunk covers the same entries however many
+    # ranges there are: torch writes a NaN's bits in 16-bit floats one way in its vector
+    # loop and another in the loop's tail, which moves with the chunk's edges.
+    c = _chunk_size(device)
+    chunks = -(-n // c)
+    parts = min(parallel.splits(n, device), chunks)
+    bounds = [min(n, chunks * i // parts * c) for i in range(parts + 1)]
     list(parallel.parallel_map(
         lambda i: _ties_merge(members, plans, majority == "count", normalize, out, bounds[i],
                               bounds[i + 1]), range(parts), numel=n, device=device))
@@ -603,7 +608,8 @@ def _ties_merge(
     # A nonempty agreeing set has den >= the smallest |w| (a sum of positive terms never
     # rounds below one of them), so clamping to it only changes den == 0, where num == 0.
     min_abs_w = min(abs(w) for _, w in members)
-    unit = all(abs(w) == 1.0 for _, w in members)  # (the default weights)
+    # The default weights; the counts then add exactly, to 256 in any float dtype.
+    unit = all(abs(w) == 1.0 for _, w in members) and len(members) <= 256
     # Every view a chunk needs, made up front: on the CPU each Python call costs microseconds
     # held under the GIL (more once a chunk's data has pushed the interpreter out of cache),
     # and the math threads share that one lock (see ops/parallel.py).
@@ -661,7 +667,7 @@ def _ties_merge(
                 nu.add_(rs[j], alpha=abs(w))
         if den is not None:
             trimmed.sign_()  # 1 on A, else 0 (sign(NaN) is 0)
-            if unit:  # (a sum of 0s and 1s is exact in any order)
+            if unit:  # (a sum of at most 256 0s and 1s is exact in any order)
                 torch.sum(trimmed, dim=0, out=den)
             else:
                 for j, (_, w) in enumerate(members):
