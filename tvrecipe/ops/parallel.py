@@ -76,8 +76,9 @@ def splits(numel: int, device: torch.device) -> int:
 
     Each range costs Python calls, one per kernel, made holding the GIL that all the
     threads share: cut in 16 ranges, a 1M-entry tensor's TIES merge made 4 times the calls
-    it makes in 2 (16 chunks instead of 4), each on a kernel a quarter as long (the large
-    benchmark's TIES: 1.8 times the merge's calls on 16 cores as on 2; the same with this).
+    it makes in 2 (16 chunks instead of 4), each on a kernel a quarter as long. On the
+    large benchmark TIES's math threads made 1.75 times the torch calls on 16 cores as on 2,
+    and 1.1 times with this (``benchmarks/calls.py``).
     """
     return min(cores(), numel // PARALLEL_MIN) if _worth_it(numel, device) else 1
 
