@@ -272,9 +272,10 @@ def test_entrywise_work_is_cut_in_ranges_of_at_least_parallel_min(monkeypatch):
         seen[n] = digest(sparsify.ties(xs, density=0.3, weights=[1.0, -0.5, 2.0]))
     assert len(set(seen.values())) == 1, seen
 
-    # NaNs in bfloat16 (--allow-nonfinite with a 16-bit compute dtype): torch writes a NaN's
-    # bits one way in a kernel's vector loop and another in its tail, so the ranges are cut
-    # at whole chunks, and every chunk covers the same entries on any number of cores.
+    # NaNs in bfloat16 (ops.ties called on 16-bit tensors; runs compute in float32 or 64):
+    # torch writes a NaN's bits one way in a kernel's vector loop and another in its tail,
+    # so the ranges are cut at whole chunks, and every chunk covers the same entries on any
+    # number of cores.
     xs = [torch.randn(3 * m + 5, generator=g).bfloat16() for _ in range(5)]
     for x in xs[::2]:
         x[::3] = float("nan")  # (so that some lie in every kernel's tail)

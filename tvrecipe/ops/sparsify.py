@@ -564,8 +564,8 @@ def ties(
     plans = list(parallel.parallel_map(plan, [xf for xf, _ in members], numel=n, device=device))
     out = torch.empty(n, dtype=dtype, device=device)
     # Ranges of whole chunks, so that every chunk covers the same entries however many
-    # ranges there are: torch writes a NaN's bits in 16-bit floats one way in its vector
-    # loop and another in the loop's tail, which moves with the chunk's edges.
+    # ranges there are: on 16-bit floats torch's vector loop and the loop's tail (which
+    # moves with a chunk's edges) can give other bits (a NaN's; in float16, some sums).
     c = _chunk_size(device)
     chunks = -(-n // c)
     parts = min(parallel.splits(n, device), chunks)
