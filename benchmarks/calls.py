@@ -85,23 +85,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="large")
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--only", nargs="*", default=["sum", "ties", "dare", "cluster_basis"])
+    p.add_argument("--only", nargs="*", choices=bench.OPS,
+                   default=["sum", "ties", "dare", "cluster_basis"])
     p.add_argument("--cores", nargs="*", type=int, default=[2, 16])
     p.add_argument("--against", help="a tvrecipe package tree to count beside this one")
     a = p.parse_args()
-    unknown = [name for name in a.only if name not in bench.OPS]
-    if unknown:
-        print(f"unknown row {unknown[0]!r}; run.py's rows: {', '.join(bench.OPS)}",
-              file=sys.stderr)
-        return 2
     _cfg, ckpt = bench.ensure_checkpoints(a.size, a.n)
     trees = [("this tree", ROOT)] + ([(a.against, Path(a.against))] if a.against else [])
     print("| recipe | tree | cores | " + " | ".join(COLUMNS) + " |")
     print("|---|---|---|" + "---|" * len(COLUMNS))
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.only:
-            recipe = Path(tmp) / f"{name}.yaml"
-            recipe.write_text(bench.recipe_text(name, ckpt, a.n, Path(tmp) / f"out-{name}"))
+            recipe = bench.write_recipe(Path(tmp), name, ckpt, a.n)
             for cores in a.cores:
                 for label, tree in trees:
                     got = count(recipe, cores, tree, Path(tmp))

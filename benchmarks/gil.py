@@ -98,29 +98,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="large")
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--only", nargs="*", default=["sum", "ties", "dare", "cluster_basis"])
+    p.add_argument("--only", nargs="*", choices=bench.OPS,
+                   default=["sum", "ties", "dare", "cluster_basis"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--against", help="a tvrecipe package tree to run beside this one")
     a = p.parse_args()
     if shutil.which("py-spy") is None:
         print("py-spy is not installed (pip install py-spy): nothing measured")
         return 0
-    rows = bench.OPS
-    unknown = [name for name in a.only if name not in rows]
-    if unknown:
-        print(f"unknown row {unknown[0]!r}; run.py's rows: {', '.join(rows)}",
-              file=sys.stderr)
-        return 2
     _cfg, ckpt = bench.ensure_checkpoints(a.size, a.n)
     trees = [("this tree", None)] + ([(a.against, str(Path(a.against).resolve()))]
                                      if a.against else [])
     got: dict[tuple[str, str], list] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        recipes = []
-        for name in a.only:
-            recipe = Path(tmp) / f"{name}.yaml"
-            recipe.write_text(bench.recipe_text(name, ckpt, a.n, Path(tmp) / f"out-{name}"))
-            recipes.append(recipe)
+        recipes = [bench.write_recipe(Path(tmp), name, ckpt, a.n) for name in a.only]
         for _ in range(a.rounds):
             for recipe in recipes:
                 for label, path in trees:

@@ -100,8 +100,7 @@ def measure_floor(device: str, models: list[Path], reader: str = "tvrecipe") -> 
 def run_row(op: str, device: str, work: Path, ckpt: Path, n: int,
             env: dict[str, str] | None = None) -> bench.Measured:
     """One row's `tvrecipe run` on ``device`` (in ``env``), its output removed after."""
-    recipe = work / f"{op}.yaml"
-    recipe.write_text(bench.recipe_text(op, ckpt, n, work / f"out-{op}"))
+    recipe = bench.write_recipe(work, op, ckpt, n)
     m = bench.run_tvrecipe(recipe, device=device, env=env)
     shutil.rmtree(work / f"out-{op}", ignore_errors=True)
     return m

@@ -101,6 +101,14 @@ def folder_mb(model: Path) -> float:
 
 
 # ---- recipes ---------------------------------------------------------------------------------
+def write_recipe(folder: Path, op: str, ckpt: Path, n: int) -> Path:
+    """The recipe for ``op`` written to ``folder/OP.yaml``, its output going to
+    ``folder/out-OP``."""
+    recipe = folder / f"{op}.yaml"
+    recipe.write_text(recipe_text(op, ckpt, n, folder / f"out-{op}"))
+    return recipe
+
+
 def recipe_text(op: str, ckpt: Path, n: int, out: Path) -> str:
     """The recipe for one benchmarked merge (absolute paths)."""
     fts = [f"ft{i}" for i in range(n)]

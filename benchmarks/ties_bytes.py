@@ -16,11 +16,14 @@ checkout this script is in).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # benchmarks/run.py: env_with_package
 
 GRID = r"""
 import hashlib, torch
@@ -52,11 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]  # (this checkout: its tvrecipe is "t
 
 
 def digest(tree: str | Path, cwd: str) -> str:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(tree).resolve())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    done = subprocess.run([sys.executable, "-c", GRID], env=env, cwd=cwd, text=True,
-                          capture_output=True, check=False)
+    done = subprocess.run([sys.executable, "-c", GRID], env=bench.env_with_package(Path(tree)),
+                          cwd=cwd, text=True, capture_output=True, check=False)
     if done.returncode:
         sys.exit(f"the grid failed ({tree}):\n{done.stderr}")
     return done.stdout.strip()
