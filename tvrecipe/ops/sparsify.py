@@ -14,6 +14,7 @@ import torch
 
 from tvrecipe.ops import parallel
 from tvrecipe.ops.arithmetic import divide
+from tvrecipe.ops.arithmetic import sum as weighted_sum
 
 __all__ = ["dare", "derive_seed", "prune", "ties", "trim", "trim_mask"]
 
@@ -610,9 +611,10 @@ def _ties_merge(
             buf() if normalize else None, buf() if any_negative else None]
     # A nonempty agreeing set has den >= the smallest |w| (a sum of positive terms never
     # rounds below one of them), so clamping to it only changes den == 0, where num == 0.
-    min_abs_w = min(abs(w) for _, w in members)
+    abs_w = [abs(w) for _, w in members]
+    min_abs_w = min(abs_w)
     # The default weights; the counts then add exactly, to 256 in any float dtype.
-    unit = all(abs(w) == 1.0 for _, w in members) and len(members) <= 256
+    unit = all(a == 1.0 for a in abs_w) and len(members) <= 256
     # Every view a chunk needs, made up front: on the CPU each Python call costs microseconds
     # held under the GIL (more once a chunk's data has pushed the interpreter out of cache),
     # and the math threads share that one lock (see ops/parallel.py).
@@ -662,21 +664,13 @@ def _ties_merge(
             # call for all of them (16 fewer calls a chunk for 8 inputs).
             torch.mul(trimmed, gam, out=trimmed)
             trimmed.relu_()
-            for j, (_, w) in enumerate(members):
-                if j == 0:
-                    torch.mul(rs[0], abs(w), out=nu)
-                else:
-                    nu.add_(rs[j], alpha=abs(w))
+            weighted_sum(rs, weights=abs_w, out=nu)
             if den is not None:
                 trimmed.sign_()  # 1 on A, else 0 (sign(NaN) is 0)
                 if unit:  # (a sum of at most 256 0s and 1s is exact in any order)
                     torch.sum(trimmed, dim=0, out=den)
                 else:
-                    for j, (_, w) in enumerate(members):
-                        if j == 0:
-                            torch.mul(rs[0], abs(w), out=den)
-                        else:
-                            den.add_(rs[j], alpha=abs(w))
+                    weighted_sum(rs, weights=abs_w, out=den)
         else:
             # One input at a time, through a buffer of one chunk: an input read in place
             # must not be written, and -γ·τ̂_i, not -(γ·τ̂_i), which could differ in a NaN's
