@@ -249,6 +249,48 @@ def test_whole_tensor_streams_extract_members_on_the_math_threads(cli, tmp_path,
     assert seen and all(not t.startswith("tvrecipe-math") for t, _n in seen), seen
 
 
+def test_row_wise_streams_read_on_the_math_threads_on_many_cores(cli, tmp_path, monkeypatch):
+    """Task arithmetic goes by row blocks, read on one thread while it computes; from
+    PARALLEL_READS_CORES cores on, each block's inputs are read on the math threads (one input
+    each), with the same bytes."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(4)
+    shape = (1024, 2048)  # two row blocks of CHUNK_ELEMENTS, each worth the math threads
+    base = {"w": torch.randn(shape, generator=g).bfloat16()}
+    save_model(tmp_path / "ckpt" / "base", base)
+    for name in "abc":
+        save_model(tmp_path / "ckpt" / name,
+                   {"w": (base["w"].float() + torch.randn(shape, generator=g)).bfloat16()})
+    cli.write("sum.yaml", "tvrecipe: 1\nmodels: {base: ckpt/base, a: ckpt/a, b: ckpt/b, "
+              "c: ckpt/c}\nsteps:\n  tv: {op: extract, base: base, finetuned: [a, b, c]}\n"
+              "  m: {op: sum, inputs: tv}\n"
+              "outputs:\n  m: {from: m, path: out/sum, dtype: float32}\n")
+    seen: list[str] = []
+    real = runner_mod.Runner._read_node
+
+    def spy(self, name, tensor, span, *a, **kw):
+        seen.append(threading.current_thread().name)
+        return real(self, name, tensor, span, *a, **kw)
+
+    monkeypatch.setattr(runner_mod.Runner, "_read_node", spy)
+    got = {}
+    for n in (2, runner_mod.PARALLEL_READS_CORES - 1, runner_mod.PARALLEL_READS_CORES, 16):
+        emulate(monkeypatch, n)
+        seen.clear()
+        cli.ok("run", "sum.yaml", "--no-cache", "--device", "cpu", "--force")
+        assert len(seen) == 2 * 4, seen  # (2 blocks of 4 models)
+        wide = n >= runner_mod.PARALLEL_READS_CORES
+        assert all(t.startswith("tvrecipe-math" if wide else "tvrecipe-read") for t in seen), (
+            n, seen)
+        got[n] = load_file(tmp_path / "out" / "sum" / "model.safetensors")["w"]
+    want = sum(load_file(tmp_path / "ckpt" / m / "model.safetensors")["w"].float()
+               - base["w"].float() for m in "abc")
+    assert all(torch.equal(t, want) for t in got.values())
+
+
 def test_entrywise_work_is_cut_in_ranges_of_at_least_parallel_min(monkeypatch):
     """A TIES merge cuts a tensor in one range per core, but none shorter than PARALLEL_MIN
     entries (each range's calls hold the GIL: 16 short ranges queued for it), and gives the

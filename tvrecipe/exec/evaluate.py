@@ -192,8 +192,9 @@ class TensorContext:
         a stream of whole tensors, large ones on the math threads. (For the members of one
         value, :meth:`map` maps them on the math threads in any stream.)
 
-        A row-wise stream keeps it on this thread: it is bound by reading, and the math
-        threads read its next blocks. A whole-tensor stream (TIES) left a core idle while
+        A row-wise stream keeps it on this thread: it is bound by reading, and its next
+        blocks are read meanwhile (by the math threads on many cores: PARALLEL_READS_CORES in
+        exec/runner.py). A whole-tensor stream (TIES) left a core idle while
         this thread subtracted eight bases one after the other (2 cores, large benchmark,
         medians of 4: TIES 14.45 → 13.68 s with the same bytes; task arithmetic was 5%
         slower with it).

@@ -74,6 +74,14 @@ DTYPES = {name: torch_dtype(st) for name, st in ST_DTYPES.items()}
 # 128 (benchmarks/README.md, "Iso-C on many cores").
 PAIR_BYTES = 32 << 20
 BATCH_BYTES = 32 << 20
+# From this many cores on, a row-wise stream reads each block's inputs on the math threads
+# too (Runner._read's ``parallel``), as a whole-tensor stream always does. On the 16-core
+# H200 machine (2026-11-27, large benchmark, `tvrecipe run` engine seconds, 3 alternated
+# rounds) task arithmetic ran 1.38-1.62 s that way against 1.78-1.91 s with one reading
+# thread, and cluster_basis (a row-wise Gram pass, then the merge) 2.58-2.84 against
+# 3.14-3.18 s; on 2 cores task arithmetic was 10% slower with them. Between 2 and 16 it
+# was not measured.
+PARALLEL_READS_CORES = 8
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -185,7 +193,7 @@ class Runner:
         torch casts both release the GIL), for streams whose compute is heavy enough to
         leave cores idle while one thread reads: TIES ran 12.6 s with one reading thread and
         11 s with parallel reads; task arithmetic, bound by reading, was 10% slower with them
-        (2 cores, benchmarks/run.py --size large).
+        (2 cores, benchmarks/run.py --size large), and faster on 16 (PARALLEL_READS_CORES).
         """
         span = None if rows is None else (rows.start, rows.stop)
         info = self.plan.tensors[tensor]
@@ -423,6 +431,7 @@ class Runner:
         # would hold two of them at once, and it is read when its turn comes instead (the
         # compute of a whole-tensor stream dwarfs a read from the page cache).
         ahead = in_flight(not heavy)
+        parallel_reads = heavy or cores() >= PARALLEL_READS_CORES  # (one input a thread)
         inputs = (sum(len(self.plan.models[m].parts) for m in models
                       if m in self.plan.models and m not in deferred)
                   + sum(len(self.cached[n][1]) for n in models if n in self.cached))
@@ -435,7 +444,7 @@ class Runner:
             t, info, rows = items[j]
             if heavy and size(info) * inputs > PREFETCH_BYTES:
                 return None
-            return pool.submit(self._read, models, t, rows, heavy, deferred, stored)
+            return pool.submit(self._read, models, t, rows, parallel_reads, deferred, stored)
 
         futures: deque = deque()
         # A fold stream of small tensors takes several at a time, the ones after the first
@@ -473,7 +482,7 @@ class Runner:
             t, _info, rows = items[j]
             future = futures.popleft()
             values = future.result() if future is not None else self._read(
-                models, t, rows, heavy, deferred, stored)
+                models, t, rows, parallel_reads, deferred, stored)
             if j + ahead < len(items):
                 futures.append(read_ahead(j + ahead))
             return values
