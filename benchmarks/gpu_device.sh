@@ -18,6 +18,8 @@
 #   ROWS="sum ties dare" NO_CPU=1 bash benchmarks/gpu_device.sh
 #   AGAINST=ab-old ROWS="sum" NO_CPU=1 bash benchmarks/gpu_device.sh   # A/B against old code
 #   GIL="sum ties" ROWS=sum NO_CPU=1 bash benchmarks/gpu_device.sh   # + benchmarks/gil.py on the CPU
+#   RUN="sum ties cluster_basis" ROWS=sum NO_CPU=1 RESERVE=0 bash benchmarks/gpu_device.sh
+#       # + benchmarks/run.py's table on that machine's CPU (--repeat ${REPEAT:-3}), first
 #
 # (AGAINST: a folder holding another commit's package, made here with `mkdir ab-old && git
 # archive COMMIT tvrecipe | tar -x -C ab-old`; untracked, so the device tool copies it.)
@@ -45,6 +47,14 @@ python3 -c "import torch, tvrecipe; print('torch', torch.__version__, 'cuda', to
 # The tests that skip without CUDA (marked gpu), with a budget of their own.
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests 2>&1 | tee "$OUT/tests.log" \
   | tail -8
+# RUN: benchmarks/run.py's rows on this machine's CPU, the issues' ratios on its cores (three
+# rows of three rounds, checkpoints made first, took about 160 s on the 16-core H200 machine,
+# whose Python started in 2.7-4.5 s).
+if [ -n "${RUN:-}" ]; then
+  # shellcheck disable=SC2086
+  timeout $(( ${LIMIT:-560} - SECONDS )) python3 benchmarks/run.py --size "${SIZE:-large}" \
+    --only $RUN --cache off --repeat "${REPEAT:-3}" 2>&1 | tee "$OUT/run.log" | tail -22
+fi
 # The rows on the GPU, then on this machine's CPU, against the floor of reading onto the GPU.
 # No row starts once LIMIT - RESERVE seconds of the script have passed; all ends by LIMIT.
 LIMIT=${LIMIT:-560}
