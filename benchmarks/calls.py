@@ -31,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # benchmarks/run.py: checkpoints and recipes
 
-ROOT = Path(__file__).resolve().parents[1]  # (this checkout: its tvrecipe is "this tree")
-
 CHILD = """\
 import collections, json, os, sys, threading
 n, recipe, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -83,15 +81,12 @@ def count(recipe: Path, cores: int, tree: Path, tmp: Path) -> dict[str, int]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="large")
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--only", nargs="*", choices=bench.OPS,
-                   default=["sum", "ties", "dare", "cluster_basis"])
+    bench.add_row_args(p)
     p.add_argument("--cores", nargs="*", type=int, default=[2, 16])
     p.add_argument("--against", help="a tvrecipe package tree to count beside this one")
     a = p.parse_args()
     _cfg, ckpt = bench.ensure_checkpoints(a.size, a.n)
-    trees = [("this tree", ROOT)] + ([(a.against, Path(a.against))] if a.against else [])
+    trees = [("this tree", bench.ROOT)] + ([(a.against, Path(a.against))] if a.against else [])
     print("| recipe | tree | cores | " + " | ".join(COLUMNS) + " |")
     print("|---|---|---|" + "---|" * len(COLUMNS))
     with tempfile.TemporaryDirectory() as tmp:

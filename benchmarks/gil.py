@@ -96,10 +96,7 @@ def one(recipe: Path, pythonpath: str | None, tmp: Path) -> tuple[float, float, 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="large")
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--only", nargs="*", choices=bench.OPS,
-                   default=["sum", "ties", "dare", "cluster_basis"])
+    bench.add_row_args(p)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--against", help="a tvrecipe package tree to run beside this one")
     a = p.parse_args()

@@ -101,6 +101,15 @@ def folder_mb(model: Path) -> float:
 
 
 # ---- recipes ---------------------------------------------------------------------------------
+def add_row_args(p: argparse.ArgumentParser) -> None:
+    """The options of a script that runs some of these recipes over the synthetic set:
+    ``--size``, ``--n`` and ``--only`` (default: sum, ties, dare, cluster_basis)."""
+    p.add_argument("--size", default="large")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--only", nargs="*", choices=OPS,
+                   default=["sum", "ties", "dare", "cluster_basis"])
+
+
 def write_recipe(folder: Path, op: str, ckpt: Path, n: int) -> Path:
     """The recipe for ``op`` written to ``folder/OP.yaml``, its output going to
     ``folder/out-OP``."""
@@ -692,22 +701,21 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
         m = results.get(op)
         if m is None or m.rc or not sum_wall:
             return "n/a"
+        def by_round(mine: list[float], sums: list[float]) -> str:
+            ratios = [x / s for x, s in zip(mine, sums)]
+            return ("by round " + ", ".join(f"{r:.2f}" for r in ratios)
+                    + f", median {statistics.median(ratios):.2f}×")
+
         text = f"{m.wall / sum_wall:.2f}×"
         mine, sums = m.extra.get("walls", []), ref.extra.get("walls", [])
         if op != "sum" and min(len(mine), len(sums)) >= 2:
             # The same round's sum ran next to it: the ratios a drifting machine moves least.
-            by_round = [w / s for w, s in zip(mine, sums)]
-            text += (" (fastest against fastest; by round "
-                     + ", ".join(f"{r:.2f}" for r in by_round)
-                     + f", median {statistics.median(by_round):.2f}×)")
+            text += f" (fastest against fastest; {by_round(mine, sums)})"
         # Without the fixed cost (interpreter, imports, recipe and lock: about the same in
         # every row), which a wall ratio shares between both sides.
         mine, sums = m.extra.get("engines", []), ref.extra.get("engines", [])
         if mine and sums and None not in mine + sums:
-            by_round = [e / s for e, s in zip(mine, sums)]
-            text += (f"; engine s {min(mine) / min(sums):.2f}× (by round "
-                     + ", ".join(f"{r:.2f}" for r in by_round)
-                     + f", median {statistics.median(by_round):.2f}×)")
+            text += f"; engine s {min(mine) / min(sums):.2f}× ({by_round(mine, sums)})"
         return text
 
     print(f"\nratios (cache {mode}):")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # benchmarks/run.py: env_with_package
+import run as bench  # benchmarks/run.py: ROOT, env_with_package
 
 GRID = r"""
 import hashlib, torch
@@ -51,9 +51,6 @@ print(cases, h.hexdigest(), S.__file__)
 """
 
 
-ROOT = Path(__file__).resolve().parents[1]  # (this checkout: its tvrecipe is "this tree")
-
-
 def digest(tree: str | Path, cwd: str) -> str:
     done = subprocess.run([sys.executable, "-c", GRID], env=bench.env_with_package(Path(tree)),
                           cwd=cwd, text=True, capture_output=True, check=False)
@@ -67,7 +64,7 @@ def main() -> int:
     p.add_argument("--against", help="a tvrecipe package tree to compare with")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        mine = digest(ROOT, tmp)
+        mine = digest(bench.ROOT, tmp)  # (this checkout: "this tree")
         print(f"this tree: {mine}")
         if not a.against:
             return 0
