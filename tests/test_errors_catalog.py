@@ -61,6 +61,8 @@ MESSAGE_FUNCTIONS = ("member_type",)
 # ``text`` is the message's constant pieces joined by "|" (what the failure message shows).
 ALLOWLIST = {
     "cli.py::": "the family header line `tvrecipe: <family>:` written before every error",
+    "cli.py:note: ": "`tvrecipe import`'s note before a setting mergekit ignores; catalogued "
+                     "as `ignored, as mergekit ignores it: ...`",
     "cli.py:  see `| --help`": "the last line of a usage error (`see `tvrecipe CMD --help``)",
     "cli.py:unknown op |; ": "`tvrecipe ops NAME` with an unknown op; catalogued as "
                              "`unknown op 'zzzzzz'; known ops: ...`",

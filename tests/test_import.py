@@ -104,6 +104,8 @@ def test_each_method_imports_to_a_recipe_that_validates(make_models, cli, method
         models = ("[{model: ./ckpt/a, parameters: {weight: 1}}, "
                   "{model: ./ckpt/b, parameters: {weight: 1}}]")
         params = "{density: 0.5}" if method in GTA_SPARSE else "{}"
+        if method == "linear":  # (mergekit merges base_model too: it needs a weight)
+            params = "{weight: 0.5}"
         if method == "model_stock":
             models = "[{model: ./ckpt/a}, {model: ./ckpt/b}]"
     cli.write("mk.yml", f"merge_method: {method}\nbase_model: ./ckpt/base\n"
@@ -131,7 +133,8 @@ def test_what_a_recipe_cannot_express_is_refused_and_located(cli):
         "tvrecipe: recipe error:",
         "mk.yml:1:1: merge_method: merge_method 'tie' is not imported (did you mean 'ties'?)",
         ("mk.yml:2:1: slices: 'slices' is not imported: layer slices (passthrough, "
-         "frankenmerges) are not expressible in a recipe"),
+         "frankenmerges) are not expressible in a recipe (a single slice whose sources all "
+         "span every layer is imported as models)"),
         ("mk.yml:4:1: tokenizer_source: tokenizer_source 'union' is not imported: only 'base' "
          "(the base model's files)"),
         "mk.yml:5:1: foo: unknown mergekit field 'foo'"]
@@ -210,3 +213,115 @@ def test_problems_of_the_method_and_of_the_models_come_together(cli):
         "mk.yml:1:1: merge_method: merge_method 'tiez' is not imported (did you mean 'ties'?)",
         ("mk.yml:3:5: models[0].model: './ckpt/a+./lora' names a model plus a LoRA adapter, "
          "which is not imported (merge the adapter into its model first)")]
+
+
+def test_what_mergekit_ignores_is_left_out_and_said(make_models, cli):
+    make_models(("math",))
+    write(cli, "mk.yml", """\
+        merge_method: slerp
+        base_model: ./ckpt/base
+        models:
+          - {model: ./ckpt/base}
+          - {model: ./ckpt/math, parameters: {t: 0.9, normalize: true}}
+        parameters: {t: 0.25, int8_mask: true}
+    """)
+    res = cli.ok("import", "mk.yml", "-o", "r.yaml")
+    notes = [
+        ("mk.yml:5:39: models[1].parameters.t: ignored, as mergekit ignores it: slerp's 't' is "
+         "config-wide: mergekit reads parameters.t only"),
+        ("mk.yml:5:47: models[1].parameters.normalize: ignored, as mergekit ignores it: slerp "
+         "does not read 'normalize'"),
+        ("mk.yml:6:23: parameters.int8_mask: ignored, as mergekit ignores it: slerp does not "
+         "read 'int8_mask'")]
+    assert res.err_lines == [f"note: {n}" for n in notes]
+    text = (cli.root / "r.yaml").read_text()
+    assert [line[2:] for line in text.splitlines()[2:5]] == notes
+    recipe = yaml.safe_load(text)
+    assert recipe["steps"] == {"model": {"op": "slerp", "a": "base", "b": "math", "t": 0.25}}
+
+
+@pytest.mark.parametrize("config, message", [
+    (("merge_method: ties\nbase_model: ./ckpt/base\nmodels:\n"
+     "  - {model: ./ckpt/math, parameters: {weight: 1, density: 0}}\n"),
+     ("mk.yml:4:50: models[0].parameters.density: density 0 is not above 0: mergekit drops "
+      "the whole task vector there, tvrecipe's ops keep at least one entry (leave the model "
+      "out (or give it a weight of 0) where it should add nothing)")),
+    (("merge_method: dare_linear\nbase_model: ./ckpt/base\nmodels:\n"
+     "  - {model: ./ckpt/math, parameters: {weight: 1}}\nparameters: {density: [0.5, 1.2]}\n"),
+     ("mk.yml:5:14: parameters.density: density gradient [0.5, 1.2] has a point outside "
+      "(0, 1], the densities tvrecipe's ops take (mergekit reads <= 0 as nothing kept, >= 1 "
+      "as everything) (keep its points in (0, 1]; 1 keeps a tensor whole)")),
+    (("merge_method: linear\nmodels: [{model: ./ckpt/math, parameters: {weight: 1}}]\n"
+     "dtype: bf16\n"),
+     ("mk.yml:3:1: dtype: dtype 'bf16' is not a dtype a merged model is written in (one of: "
+     "bfloat16, float16, float32, float64)")),
+    (("merge_method: linear\nbase_model: ./ckpt/base\n"
+     "models: [{model: ./ckpt/math, parameters: {weight: 1}}]\n"),
+     ("mk.yml:2:1: base_model: mergekit merges base_model './ckpt/base' as one more input of "
+      "linear, and the config gives it no 'weight' (list it among the models with a weight, "
+      "set parameters.weight, or drop base_model)")),
+    (("merge_method: slerp\nbase_model: ./ckpt/base\n"
+     "models: [{model: ./ckpt/math, parameters: {t: 0.5}}]\n"),
+     ("mk.yml:1:1: parameters: slerp needs a 't' parameter (set it config-wide: parameters: "
+     "{t: ...})")),
+])
+def test_settings_mergekit_reads_otherwise_are_refused(make_models, cli, config, message):
+    make_models(("math",))
+    cli.write("mk.yml", config)
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml").err_lines[1:] == [message]
+    assert not (cli.root / "r.yaml").exists()
+
+
+def test_dtype_names_as_mergekit_takes_them(make_models, cli, tmp_path):
+    make_models(("math",))
+    recipe = imported(cli, """
+        merge_method: task_arithmetic
+        base_model: ./ckpt/base
+        models: [{model: ./ckpt/math, parameters: {weight: 1}}]
+        dtype: torch.float64
+        out_dtype: torch.float16
+    """)
+    assert recipe["settings"] == {"compute_dtype": "float64"}
+    assert recipe["outputs"]["model"]["dtype"] == "float16"
+    cli.ok("run", "r.yaml")
+    assert {t.dtype for t in read_tensors(tmp_path / "merged").values()
+            if t.is_floating_point()} == {torch.float16}
+
+
+def test_a_slice_is_imported_only_when_it_spans_every_layer(make_models, cli):
+    ms = make_models(("math",))
+    for name in ("base", "math"):
+        (ms.path(name) / "config.json").write_text('{"num_hidden_layers": 2}')
+    whole = """\
+        slices:
+          - sources:
+              - {model: ./ckpt/base, layer_range: [0, 2]}
+              - {model: ./ckpt/math, layer_range: [0, LAST]}
+        merge_method: slerp
+        base_model: ./ckpt/base
+        parameters: {t: 0.5}
+    """
+    recipe = imported(cli, whole.replace("LAST", "2"))
+    assert recipe["steps"] == {"model": {"op": "slerp", "a": "base", "b": "math", "t": 0.5}}
+    write(cli, "mk.yml", whole.replace("LAST", "1"))
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1:] == [
+        ("mk.yml:1:1: slices: 'slices' is not imported: layer slices (passthrough, "
+         "frankenmerges) are not expressible in a recipe (a single slice whose sources all "
+         "span every layer is imported as models)")]
+
+
+def test_tokenizer_source_needs_one_vocabulary(make_models, cli):
+    ms = make_models(("math",))
+    for name, vocab in (("base", 64), ("math", 66)):
+        (ms.path(name) / "config.json").write_text(f'{{"vocab_size": {vocab}}}')
+    cli.write("mk.yml", "merge_method: task_arithmetic\nbase_model: ./ckpt/base\n"
+                        "models: [{model: ./ckpt/math, parameters: {weight: 1}}]\n"
+                        "tokenizer_source: base\n")
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml").err_lines[1:] == [
+        ("mk.yml:4:1: tokenizer_source: tokenizer_source is imported only for models that "
+         "share a vocabulary; their config.json vocab_size differ (./ckpt/base: 64, "
+         "./ckpt/math: 66), and mergekit re-maps embedding rows between tokenizers, which "
+         "tvrecipe does not (merge models with the base's vocabulary, or run this config in "
+         "mergekit)")]
+    (ms.path("math") / "config.json").write_text('{"vocab_size": 64}')
+    cli.ok("import", "mk.yml", "-o", "r.yaml")

@@ -175,6 +175,43 @@ DETERMINISTIC = {
         parameters: {normalize: true}
         dtype: float32
     """,
+    # mergekit merges a base_model it does not find among the models as one more input,
+    # weighed by the config-wide weight.
+    "linear-base-not-listed": """
+        merge_method: linear
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 0.3}}
+          - {model: ./ft1}
+        parameters: {weight: 0.5}
+        dtype: float32
+    """,
+    # The usual form of slerp configs: one slice spanning every layer of both models; and a
+    # per-model t, which mergekit ignores (t is config-wide).
+    "slerp-whole-slice": """
+        slices:
+          - sources:
+              - {model: ./base, layer_range: [0, 4]}
+              - {model: ./ft0, layer_range: [0, 4], parameters: {t: 0.9}}
+        merge_method: slerp
+        base_model: ./base
+        parameters:
+          t: [{filter: self_attn, value: [0, 0.5, 1]}, {value: 0.3}]
+        dtype: torch.float32
+    """,
+    # Rules without a catch-all: where none matches, mergekit's default density (1). A
+    # density of 1 or more keeps a tensor whole; 5e-1 (text to YAML 1.1) is a number.
+    "ties-density-rules-without-default": """
+        merge_method: ties
+        base_model: ./base
+        models:
+          - {model: ./ft0, parameters: {weight: 1.0, density: [{filter: mlp, value: 0.3}]}}
+          - {model: ./ft1, parameters: {weight: 0.5, density: 1.5}}
+          - {model: ./ft2, parameters: {weight: 0.7}}
+        parameters:
+          density: [{filter: self_attn, value: 5e-1}]
+        dtype: float32
+    """,
     "model_stock": """
         merge_method: model_stock
         base_model: ./base

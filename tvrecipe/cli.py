@@ -718,13 +718,15 @@ def schema() -> None:
 def import_(config: str, recipe: str, output_path: str | None, force: bool) -> None:
     """Write a recipe that computes what a mergekit CONFIG does (linear, slerp, task_arithmetic,
     ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
-    model_stock). Fields it cannot express are errors, never dropped."""
+    model_stock). Fields it cannot express are errors, never dropped; settings mergekit itself
+    ignores are left out with a note."""
     from tvrecipe.errors import OutputError, RecipeError
     from tvrecipe.importers.mergekit import import_mergekit
     target = Path(recipe)
     if target.exists() and not force:
         raise OutputError(f"{recipe} exists; pass --force to replace it")
-    text = import_mergekit(config, target, output_path)
+    notes: list = []
+    text = import_mergekit(config, target, output_path, notes)
     staging = target.with_name(f".{target.name}.importing")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.write_text(text)
@@ -739,6 +741,8 @@ def import_(config: str, recipe: str, output_path: str | None, force: bool) -> N
     os.replace(staging, target)
     click.echo(f"wrote {recipe}: {len(compiled.steps)} steps from {config}; run it with "
                f"`tvrecipe run {recipe}`")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 def _bundled_recipes() -> dict[str, str]:

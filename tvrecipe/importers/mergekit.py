@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,14 +39,29 @@ GTA = {
     "della_linear": _Method("della", False, False, True, (("epsilon", 0.15),)),
 }
 METHODS = (*GTA, "linear", "slerp", "model_stock")
-# Parameters mergekit reads per method (shared ones and per-model ones alike).
-_PARAMS = {
-    **{m: {"weight", "density", "normalize", "rescale", "lambda", "int8_mask",
-           *(k for k, _ in g.extra)} for m, g in GTA.items()},
-    "linear": {"weight", "normalize"},
+# Parameters mergekit reads per method: per model (a config-wide value is their default) and
+# config-wide only (mergekit ignores them under models[].parameters).
+_PER_MODEL = {
+    **{m: {"weight", "density", *(k for k, _ in g.extra)} for m, g in GTA.items()},
+    "linear": {"weight"},
+    "slerp": set(),
+    "model_stock": set(),
+}
+_SHARED_ONLY = {
+    **{m: {"normalize", "rescale", "lambda", "int8_mask"} for m in GTA},
+    "linear": {"normalize"},
     "slerp": {"t"},
     "model_stock": {"filter_wise"},
 }
+# Every parameter some method reads: one another method reads is ignored by mergekit, as the
+# importer does (and says); any other name is refused as a likely typo.
+_KNOWN_PARAMS = set().union(*_PER_MODEL.values(), *_SHARED_ONLY.values())
+# Parameters with a range, as tvrecipe's ops take them (mergekit's own is wider: see value()).
+_DENSITY_PARAMS = {"density"}
+# mergekit's dtype names (common.dtype_from_name) that a float model can be written in.
+_DTYPES = ("bfloat16", "float16", "float32", "float64")
+# What a model's config.json calls its number of layers (a full layer_range ends there).
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _UNSUPPORTED = {
     "slices": "layer slices (passthrough, frankenmerges) are not expressible in a recipe",
     "modules": "per-module configs are not expressible in a recipe",
@@ -65,6 +81,7 @@ class _Model:
     where: tuple
     parameters: dict[str, Any] = field(default_factory=dict)
     listed: bool = False   # the base model, listed among `models` too
+    order: int = 1 << 30   # its place among the models (a base_model not listed: after them)
 
 
 class _Importer:
@@ -76,17 +93,34 @@ class _Importer:
         self.recipe = recipe
         self.output_path = output_path
         self.problems: list[Problem] = []
+        self.ignored: list[Problem] = []
         self.names: set[str] = set()
+        self.dtypes: dict[str, str] = {}  # dtype, out_dtype: as tvrecipe names them
 
     def problem(self, where: tuple, message: str, hint: str | None = None) -> None:
         self.problems.append(self.smap.problem(where, message, hint))
         self.problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+
+    def ignore(self, where: tuple, why: str) -> None:
+        """A setting mergekit ignores: left out, as mergekit leaves it, and said (a comment
+        atop the recipe, a note from the command)."""
+        self.ignored.append(self.smap.problem(where, f"ignored, as mergekit ignores it: {why}"))
+        self.ignored.sort(key=lambda p: (p.line or 0, p.column or 0))
 
     # ---- values --------------------------------------------------------------------------
     def value(self, raw: Any, where: tuple) -> Any:
         """A mergekit parameter setting as a tvrecipe per-tensor value (None if invalid)."""
         if isinstance(raw, bool):
             return raw
+        if isinstance(raw, str):
+            # YAML 1.1 reads 5e-1 (no dot) as text; mergekit's pydantic takes it as a number.
+            try:
+                number = float(raw)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    raw = number
         if isinstance(raw, (int, float)):
             return raw
         if isinstance(raw, dict):
@@ -122,6 +156,75 @@ class _Importer:
         return None
 
     # ---- models --------------------------------------------------------------------------
+    def density(self, raw: Any, where: tuple) -> Any:
+        """:meth:`value` of a density, in the (0, 1] tvrecipe's ops take. mergekit keeps a
+        tensor whole at a density >= 1, as a density of 1 does, so such a number is written
+        1.0; one <= 0 (mergekit drops the whole delta) and a gradient with a point outside
+        (its points between would be outside too) are refused."""
+        value = self.value(raw, where)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value <= 0:
+                self.problem(where, f"density {value!r} is not above 0: mergekit drops the "
+                                    "whole task vector there, tvrecipe's ops keep at least "
+                                    "one entry", "leave the model out (or give it a weight "
+                                                 "of 0) where it should add nothing")
+                return None
+            return 1.0 if value >= 1 else value
+        if isinstance(value, list) and value and not is_rules(value):
+            if any(v <= 0 or v > 1 for v in value):
+                self.problem(where, f"density gradient {value!r} has a point outside (0, 1], "
+                                    "the densities tvrecipe's ops take (mergekit reads <= 0 "
+                                    "as nothing kept, >= 1 as everything)",
+                             "keep its points in (0, 1]; 1 keeps a tensor whole")
+                return None
+            return value
+        if is_rules(value):
+            out = []
+            for i, rule in enumerate(value):
+                one = self.density(rule["value"], (*where, i, "value"))
+                if one is None:
+                    return None
+                out.append({**rule, "value": one})
+            return out
+        return value
+
+    def same_vocabulary(self, models: list[_Model]) -> None:
+        """With ``tokenizer_source``, mergekit maps every model's embedding rows onto that
+        tokenizer's vocabulary; tvrecipe copies the base's tokenizer and merges the rows as
+        they are, which is the same only when every (local) model has the base's vocabulary."""
+        folder = self.recipe.resolve().parent
+        sizes = {m.path: _config(folder / m.path).get("vocab_size") for m in models}
+        known = {p: v for p, v in sizes.items() if isinstance(v, int)}
+        if len(set(known.values())) > 1:
+            said = ", ".join(f"{p}: {v}" for p, v in known.items())
+            self.problem(("tokenizer_source",),
+                         f"tokenizer_source is imported only for models that share a vocabulary; "
+                         f"their config.json vocab_size differ ({said}), and mergekit re-maps "
+                         "embedding rows between tokenizers, which tvrecipe does not",
+                         "merge models with the base's vocabulary, or run this config in "
+                         "mergekit")
+
+    def whole_slice(self, slices: Any) -> list[tuple[tuple, dict]] | None:
+        """The sources of a config's only slice as ``models`` entries (where, entry), when
+        every source spans all its model's layers ([0, n], n from its config.json), so the
+        slice is the models form (mergekit turns ``models`` into just such a slice): the
+        common form of slerp configs. None for any other slices."""
+        if not (isinstance(slices, list) and len(slices) == 1 and isinstance(slices[0], dict)
+                and set(slices[0]) == {"sources"} and isinstance(slices[0]["sources"], list)):
+            return None
+        out = []
+        for i, src in enumerate(slices[0]["sources"]):
+            if not (isinstance(src, dict) and set(src) <= {"model", "layer_range", "parameters"}
+                    and isinstance(src.get("model"), str)):
+                return None
+            span = src.get("layer_range")
+            layers = _layers(Path(src["model"]).expanduser())
+            if layers is None or span != [0, layers]:
+                return None
+            entry = {"model": src["model"], "parameters": src.get("parameters")}
+            out.append((("slices", 0, "sources", i), entry))
+        return out or None
+
     def model_path(self, raw: Any, where: tuple) -> str | None:
         if isinstance(raw, dict):
             if raw.get("lora"):
@@ -161,9 +264,18 @@ class _Importer:
         if not isinstance(data, dict):
             self.problem((), "a mergekit config is a YAML mapping")
             raise RecipeError(self.problems)
+        entries = [(("models", i), e) for i, e in enumerate(data.get("models") or [])]
         for key, why in _UNSUPPORTED.items():
-            if data.get(key):
-                self.problem((key,), f"'{key}' is not imported: {why}")
+            if not data.get(key):
+                continue
+            if key == "slices" and not entries:
+                whole = self.whole_slice(data[key])
+                if whole:
+                    entries = whole
+                    continue
+            hint = ("a single slice whose sources all span every layer is imported as models"
+                    if key == "slices" else None)
+            self.problem((key,), f"'{key}' is not imported: {why}", hint)
         known = {"models", "merge_method", "base_model", "dtype", "out_dtype", "parameters",
                  "tokenizer_source", "name", *_UNSUPPORTED}
         for key in data:
@@ -175,6 +287,15 @@ class _Importer:
             self.problem(("merge_method",), f"merge_method {method!r} is not imported",
                          did_you_mean(str(method), METHODS)
                          or "supported: " + ", ".join(METHODS))
+        for key in ("dtype", "out_dtype"):
+            raw = data.get(key)
+            name = raw[len("torch."):] if isinstance(raw, str) and raw.startswith("torch.") \
+                else raw
+            if name in _DTYPES:
+                self.dtypes[key] = name
+            elif raw is not None:
+                self.problem((key,), f"{key} {raw!r} is not a dtype a merged model is written in",
+                             "one of: " + ", ".join(_DTYPES))
         tok = data.get("tokenizer_source")
         if tok not in (None, "base"):
             self.problem(("tokenizer_source",), f"tokenizer_source {tok!r} is not imported: "
@@ -185,8 +306,7 @@ class _Importer:
             if path is not None:
                 base = _Model(self.name_for(path, "base"), path, ("base_model",))
         models: list[_Model] = []
-        for i, entry in enumerate(data.get("models") or []):
-            where = ("models", i)
+        for order, (where, entry) in enumerate(entries):
             if not isinstance(entry, dict) or "model" not in entry:
                 self.problem(where, "a models entry is {model: PATH, parameters: {...}}")
                 continue
@@ -198,21 +318,35 @@ class _Importer:
                 # mergekit lists the base among the models at times: an input of linear and
                 # slerp, never a task vector of its own.
                 base.parameters, base.listed, base.where = params, True, where
+                base.order = order
                 continue
-            models.append(_Model(self.name_for(path), path, where, params))
+            models.append(_Model(self.name_for(path), path, where, params, order=order))
         if not models and not self.problems:
             self.problem(("models",), "no models to merge")
+        if tok is not None and base is not None:
+            self.same_vocabulary([base, *models])
         shared = data.get("parameters") or {}
         if method not in METHODS:  # parameters are checked against a method's
             raise RecipeError(self.problems)
-        allowed = _PARAMS[method]
-        for where, params in [(("parameters",), shared)] + [
-                ((*m.where, "parameters"), m.parameters) for m in models]:
-            for key in params:
-                if key not in allowed:
+        per_model, shared_only = _PER_MODEL[method], _SHARED_ONLY[method]
+        allowed = per_model | shared_only
+        listed = models + ([base] if base is not None and base.listed else [])
+        for where, params, own in [(("parameters",), shared, False)] + [
+                ((*m.where, "parameters"), m.parameters, True) for m in listed]:
+            for key in list(params):
+                if own and key in shared_only:
+                    self.ignore((*where, key), f"{method}'s {key!r} is config-wide: mergekit "
+                                               f"reads parameters.{key} only")
+                elif key in allowed:
+                    continue
+                elif key in _KNOWN_PARAMS:
+                    self.ignore((*where, key), f"{method} does not read {key!r}")
+                else:
                     self.problem((*where, key), f"{method} has no parameter {key!r}",
                                  did_you_mean(key, allowed) or
                                  "its parameters: " + ", ".join(sorted(allowed)))
+                    continue
+                del params[key]
         if self.problems:
             raise RecipeError(self.problems)
         writer = _Writer(self, method, base, models, shared)
@@ -220,6 +354,22 @@ class _Importer:
         if self.problems:
             raise RecipeError(self.problems)
         return text
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    """A local model's config.json ({} if there is none, or it is not a JSON mapping)."""
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _layers(folder: Path) -> int | None:
+    """A local model's number of layers, from its config.json (None if not known)."""
+    config = _config(folder)
+    found = [config[k] for k in _LAYER_KEYS if isinstance(config.get(k), int)]
+    return found[0] if found else None
 
 
 def _beside(recipe: Path, path: Path) -> str:
@@ -236,6 +386,15 @@ def _falls_through(own: Any, shared: Any) -> Any:
     if is_rules(own) and "match" in own[-1] and shared is not None:
         return own + (shared if is_rules(shared) else [{"value": shared}])
     return own
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    """Rules that end without a catch-all, closed with the method's default: where none
+    matches, mergekit takes the default (density 1, gamma 0.01, ...). No default (a required
+    weight): left open, so the run names the tensor no rule matches, as mergekit fails."""
+    if default is not None and is_rules(value) and "match" in value[-1]:
+        return value + [{"value": default}]
+    return value
 
 
 def _fmt(value: Any) -> str:
@@ -264,9 +423,13 @@ class _Writer:
         self.shared = shared
         self.steps: list[tuple[str, str, str]] = []   # (name, flow mapping, comment)
 
+    def read(self, key: str, raw: Any, where: tuple) -> Any:
+        return (self.imp.density if key in _DENSITY_PARAMS else self.imp.value)(raw, where)
+
     def shared_value(self, key: str, default: Any) -> tuple[Any, str]:
         if key in self.shared:
-            return self.imp.value(self.shared[key], ("parameters", key)), f"parameters.{key}"
+            value = self.read(key, self.shared[key], ("parameters", key))
+            return _or_default(value, default), f"parameters.{key}"
         return default, f"mergekit's default for {self.method}"
 
     def per_model(self, key: str, default: Any, required: bool = False
@@ -276,12 +439,17 @@ class _Writer:
         values, sources = {}, set()
         for m in self.models:
             if key in m.parameters:
-                own = self.imp.value(m.parameters[key], (*m.where, "parameters", key))
-                values[m.name] = _falls_through(own, shared)
+                own = self.read(key, m.parameters[key], (*m.where, "parameters", key))
+                values[m.name] = _or_default(_falls_through(own, shared), default)
                 sources.add("models[].parameters")
             elif shared is not None:
-                values[m.name] = shared
+                values[m.name] = _or_default(shared, default)
                 sources.add("parameters")
+            elif required and m is self.base and not m.listed:
+                self.imp.problem(m.where, f"mergekit merges base_model {m.path!r} as one more "
+                                          f"input of {self.method}, and the config gives it no "
+                                          f"'{key}'", f"list it among the models with a {key}, "
+                                                      f"set parameters.{key}, or drop base_model")
             elif required:
                 self.imp.problem(m.where, f"model {m.path!r} has no '{key}' and the config "
                                           f"sets none for all models",
@@ -299,7 +467,10 @@ class _Writer:
         method = self.method
         names = [m.name for m in self.models]
         if method == "linear":
-            inputs = ([self.base] if self.base and self.base.listed else []) + self.models
+            # mergekit adds a base_model it does not find among the models as the last input
+            # (weighed by the config-wide weight); a listed one keeps its place.
+            inputs = sorted(self.models + ([self.base] if self.base else []),
+                            key=lambda m: m.order)
             self.models = inputs
             weights, src = self.per_model("weight", None, required=True)
             normalize, nsrc = self.shared_value("normalize", True)
@@ -312,12 +483,9 @@ class _Writer:
                                               f"model, got {len(self.models)} others")
                 return ""
             t, src = self.shared_value("t", None)
-            own = self.models[0].parameters.get("t")
-            if own is not None:
-                t = self.imp.value(own, (*self.models[0].where, "parameters", "t"))
-                src = "models[].parameters.t"
             if t is None:
-                self.imp.problem(("parameters",), "slerp needs a 't' parameter")
+                self.imp.problem(("parameters",), "slerp needs a 't' parameter",
+                                 "set it config-wide: parameters: {t: ...}")
                 return ""
             self.add("model", {"op": "slerp", "a": self.base.name, "b": names[0], "t": t},
                      f"t from {src}; t = 0 is base_model")
@@ -386,13 +554,14 @@ class _Writer:
                            "scale": lam}, f"θ₀ + λ·merged; λ: {lsrc}")
 
     def text(self) -> str:
-        imp, data = self.imp, self.imp.data
+        imp = self.imp
         rel_source = os.path.relpath(imp.source.resolve(), imp.recipe.resolve().parent)
         lines = [f"# Imported by `tvrecipe import` from the mergekit config {rel_source}",
                  f"# (merge_method: {self.method}). Values say in comments where they came from.",
+                 *(f"# {p}" for p in imp.ignored),
                  "tvrecipe: 1", f"name: {_fmt(imp.source.stem)}",
                  f"description: {_fmt('mergekit ' + self.method + ' merge')}"]
-        dtype = data.get("dtype")
+        dtype = imp.dtypes.get("dtype")
         compute = "float64" if dtype == "float64" else "float32"
         note = (f"  # mergekit dtype: {dtype}; tvrecipe computes in float32 or float64"
                 if dtype not in (None, "float32", "float64") else "")
@@ -409,9 +578,9 @@ class _Writer:
         for name, flow, comment in self.steps:
             lines.append(f"  {name + ':':<{width + 1}} {flow}")
             lines.append(f"  {'':<{width + 1}} # {comment}")
-        out_dtype = data.get("out_dtype") or dtype
+        out_dtype = imp.dtypes.get("out_dtype") or dtype
         out = {"from": "model", "path": self.output_path()}
-        if out_dtype in ("float32", "float16", "bfloat16", "float64"):
+        if out_dtype is not None:
             out["dtype"] = out_dtype
         if self.base is not None:
             out["copy_files_from"] = self.base.name
@@ -428,13 +597,15 @@ class _Writer:
 
 
 def import_mergekit(config: str | Path, recipe: str | Path,
-                    output_path: str | None = None) -> str:
+                    output_path: str | None = None, notes: list[Problem] | None = None) -> str:
     """The text of a recipe that computes what the mergekit ``config`` does.
 
     Args:
         config: A mergekit YAML config.
         recipe: Where the recipe will be written (paths in it are relative to its folder).
         output_path: The merged model's folder (default ``./merged`` beside the recipe).
+        notes: Given, the settings mergekit ignores (and so the recipe) are appended to it,
+            located in the config (the recipe says them in comments too).
 
     Raises:
         RecipeError: with every field that cannot be imported, located in the config.
@@ -443,4 +614,8 @@ def import_mergekit(config: str | Path, recipe: str | Path,
     data, smap, problems = load_yaml(config)
     if problems:
         raise RecipeError(problems)
-    return _Importer(data, smap, config, Path(recipe), output_path).run()
+    importer = _Importer(data, smap, config, Path(recipe), output_path)
+    text = importer.run()
+    if notes is not None:
+        notes.extend(importer.ignored)
+    return text
