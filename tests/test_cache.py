@@ -130,9 +130,11 @@ def test_cache_commands(tmp_path):
     assert "; 1 leftover file of interrupted runs" in _cli("cache", "du", str(recipe)).output
     assert _cli("cache", "gc", str(recipe)).output.strip() == "removed 1 file"
     assert not leftover.exists() and len(_entries(tmp_path)) == 1
-    _cli("cache", "clear", str(recipe))
-    assert _entries(tmp_path) == []
     cache = tmp_path / ".tvrecipe" / "cache"
+    files = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert _cli("cache", "clear", str(recipe)).output == (
+        f"cleared {cache}: removed {len(files)} files\n")
+    assert _entries(tmp_path) == [] and not cache.exists()
     assert _cli("cache", "ls", str(recipe)).output == f"cache is empty: {cache}\n"
     assert _cli("cache", "gc", str(recipe)).output == "removed 0 files\n"
 
@@ -311,3 +313,32 @@ def test_cache_files_skip_fsync_and_outputs_are_synced(tmp_path, monkeypatch):
     files = {Path(p).name for p in synced if p.endswith(".safetensors")}
     assert files == {"model.safetensors"}  # the output's file, still in its staging folder
     assert not any(".tvrecipe" in p for p in synced)
+
+
+def test_cache_clear_removes_only_what_a_cache_writes(tmp_path):
+    """Pointed at a folder that is not only a cache (a project's, by mistake), `cache clear`
+    refuses and removes nothing; a cache's own entries and temp files go, then its folders."""
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q", "--cache-dir", str(tmp_path / "cc")).exit_code == 0
+    entries = sorted((tmp_path / "cc").rglob("*"))
+    assert entries
+    for stray in (tmp_path / "cc" / "notes.txt", tmp_path / "cc" / entries[0].name / "x.py"):
+        stray.write_text("mine")
+        before = sorted((tmp_path / "cc").rglob("*"))
+        res = _cli("cache", "clear", "--cache-dir", str(tmp_path / "cc"))
+        assert res.exit_code == 4
+        assert res.output.splitlines()[-1] == (
+            f"  {tmp_path / 'cc'} is not only a tvrecipe cache: it holds {stray}, which no cache "
+            "writes; nothing was removed. Point --cache-dir (or TVRECIPE_CACHE) at the cache "
+            "folder itself, by default .tvrecipe/cache beside the recipe")
+        assert sorted((tmp_path / "cc").rglob("*")) == before
+        stray.unlink()
+    # A project folder, or a model's, given as the cache: its files stay.
+    for folder in (tmp_path, tmp_path / "c"):
+        res = _cli("cache", "clear", "--cache-dir", str(folder))
+        assert res.exit_code == 4 and "nothing was removed" in res.output
+    assert (tmp_path / "c" / "model.safetensors").is_file() and recipe.is_file()
+    res = _cli("cache", "clear", "--cache-dir", str(tmp_path / "cc"))
+    assert res.exit_code == 0 and not (tmp_path / "cc").exists()
+    assert _cli("cache", "clear", "--cache-dir", str(tmp_path / "cc")).output == (
+        f"cache is empty: {tmp_path / 'cc'}\n")

@@ -693,10 +693,13 @@ def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) 
 @_with_cache_opts
 @handle_errors
 def cache_clear(recipe: str | None, cache_dir: str | None) -> None:
-    """Remove the whole cache."""
+    """Remove every cache entry (a folder holding anything else is refused)."""
     tc = _cache_for(recipe, cache_dir)
-    tc.clear()
-    click.echo(f"cleared {tc.root}")
+    if not tc.root.is_dir():
+        click.echo(f"cache is empty: {tc.root}")
+        return
+    removed = tc.clear()
+    click.echo(f"cleared {tc.root}: removed {_plural(removed, 'file')}")
 
 
 @main.command()

@@ -5,20 +5,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tvrecipe.errors import InputError
+from tvrecipe.errors import InputError, OutputError
 from tvrecipe.store.checkpoint import Checkpoint, open_checkpoint
 from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec, tensor_digest, tensor_hasher
 
 SUFFIX = ".safetensors"
 MANIFEST = ".json"
+_SHARD = re.compile(r"[0-9a-f]{2}")  # an entry's folder: its key's first two hex digits
+
+
+def _written_here(name: str) -> bool:
+    """Whether a file of this name in a shard folder is one a cache writes."""
+    return (name.endswith((SUFFIX, MANIFEST)) and not name.startswith(".")) or (
+        name.startswith(".") and name.endswith(".tmp"))
 FORMAT = 4  # manifests of another format are misses (written by another tvrecipe version)
 
 
@@ -270,6 +277,40 @@ class TensorCache:
                     removed.append(e.path)
         return removed
 
-    def clear(self) -> None:
-        """Remove the whole cache folder."""
-        shutil.rmtree(self.root, ignore_errors=True)
+    def foreign(self) -> list[Path]:
+        """What the cache folder holds that no cache writes (a folder given by mistake: a
+        project's, a home): anything but shard folders of two hex digits holding entry files
+        (``.safetensors``, ``.json``) and temp files (``.*.tmp``)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and not p.is_symlink() and _SHARD.fullmatch(p.name):
+                out += [q for q in p.iterdir() if q.is_symlink() or not q.is_file()
+                        or not _written_here(q.name)]
+            else:
+                out.append(p)
+        return sorted(out)
+
+    def clear(self) -> int:
+        """Remove every entry and temp file, then the emptied shard folders and the cache
+        folder; the number of files removed. A folder holding anything else is not a cache:
+        :class:`OutputError` (naming what it holds), and nothing is removed."""
+        foreign = self.foreign()
+        if foreign:
+            shown = ", ".join(str(p) for p in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise OutputError(
+                f"{self.root} is not only a tvrecipe cache: it holds {shown}{more}, which no "
+                "cache writes; nothing was removed. Point --cache-dir (or TVRECIPE_CACHE) at "
+                "the cache folder itself, by default .tvrecipe/cache beside the recipe")
+        removed = 0
+        if not self.root.is_dir():
+            return removed
+        for shard in self.root.iterdir():
+            for q in shard.iterdir():
+                q.unlink(missing_ok=True)
+                removed += 1
+            shard.rmdir()
+        self.root.rmdir()
+        return removed
