@@ -333,10 +333,17 @@ def test_cache_clear_removes_only_what_a_cache_writes(tmp_path):
             "folder itself, by default .tvrecipe/cache beside the recipe")
         assert sorted((tmp_path / "cc").rglob("*")) == before
         stray.unlink()
-    # A project folder, or a model's, given as the cache: its files stay.
+    # A project folder, or a model's, given as the cache: its files stay (gc's too, however
+    # old they are), and nothing in them is listed as an entry.
+    old = time.time() - 90 * 86400
+    for f in (tmp_path / "c" / "model.safetensors", recipe):
+        os.utime(f, (old, old))
     for folder in (tmp_path, tmp_path / "c"):
-        res = _cli("cache", "clear", "--cache-dir", str(folder))
-        assert res.exit_code == 4 and "nothing was removed" in res.output
+        for command in (("clear",), ("gc", "--older-than", "1s")):
+            res = _cli("cache", *command, "--cache-dir", str(folder))
+            assert res.exit_code == 4 and "nothing was removed" in res.output, command
+        assert _cli("cache", "ls", "--cache-dir", str(folder)).output == (
+            f"cache is empty: {folder}\n")
     assert (tmp_path / "c" / "model.safetensors").is_file() and recipe.is_file()
     res = _cli("cache", "clear", "--cache-dir", str(tmp_path / "cc"))
     assert res.exit_code == 0 and not (tmp_path / "cc").exists()

@@ -240,12 +240,19 @@ class TensorCache:
         """Start writing the entry of ``key``."""
         return PendingEntry(self, key, slots, metadata)
 
+    def _shards(self) -> list[Path]:
+        """The entries' folders (two hex digits each)."""
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.iterdir()
+                if _SHARD.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+
     def entries(self) -> list[CacheEntry]:
         """Every complete entry, oldest use first."""
         out = []
-        if not self.root.is_dir():
-            return out
-        for manifest in self.root.glob(f"*/*{MANIFEST}"):
+        for manifest in (m for shard in self._shards() for m in shard.glob(f"*{MANIFEST}")):
+            if manifest.name.startswith("."):
+                continue
             key = manifest.name[: -len(MANIFEST)]
             size = sum(p.stat().st_size for p in manifest.parent.glob(f"{key}*{SUFFIX}"))
             out.append(CacheEntry(key, manifest, size, manifest.stat().st_mtime))
@@ -253,17 +260,18 @@ class TensorCache:
 
     def leftovers(self) -> list[Path]:
         """Temp files of runs that were killed, and slot files no manifest vouches for."""
-        if not self.root.is_dir():
-            return []
-        tmp = list(self.root.glob("*/.*.tmp"))
+        shards = self._shards()
+        tmp = [p for shard in shards for p in shard.glob(".*.tmp")]
         keys = {e.key for e in self.entries()}
-        orphan = [p for p in self.root.glob(f"*/*{SUFFIX}")
+        orphan = [p for shard in shards for p in shard.glob(f"*{SUFFIX}")
                   if p.name[: -len(SUFFIX)].split("~")[0] not in keys]
         return sorted(tmp + orphan)
 
     def gc(self, older_than_s: float | None = None, *, min_age_s: float = 3600) -> list[Path]:
         """Remove leftovers older than ``min_age_s`` (a live run may own younger ones) and,
-        with ``older_than_s``, entries unused for that long. Returns what was removed."""
+        with ``older_than_s``, entries unused for that long. Returns what was removed. A
+        folder holding anything a cache does not write is refused, as by :meth:`clear`."""
+        self._refuse_foreign()
         now = time.time()
         removed = []
         for p in self.leftovers():
@@ -292,10 +300,7 @@ class TensorCache:
                 out.append(p)
         return sorted(out)
 
-    def clear(self) -> int:
-        """Remove every entry and temp file, then the emptied shard folders and the cache
-        folder; the number of files removed. A folder holding anything else is not a cache:
-        :class:`OutputError` (naming what it holds), and nothing is removed."""
+    def _refuse_foreign(self) -> None:
         foreign = self.foreign()
         if foreign:
             shown = ", ".join(str(p) for p in foreign[:3])
@@ -304,6 +309,12 @@ class TensorCache:
                 f"{self.root} is not only a tvrecipe cache: it holds {shown}{more}, which no "
                 "cache writes; nothing was removed. Point --cache-dir (or TVRECIPE_CACHE) at "
                 "the cache folder itself, by default .tvrecipe/cache beside the recipe")
+
+    def clear(self) -> int:
+        """Remove every entry and temp file, then the emptied shard folders and the cache
+        folder; the number of files removed. A folder holding anything else is not a cache:
+        :class:`OutputError` (naming what it holds), and nothing is removed."""
+        self._refuse_foreign()
         removed = 0
         if not self.root.is_dir():
             return removed
