@@ -334,6 +334,34 @@ def test_report_in_a_missing_folder_is_an_output_error(cli, tmp_path):
     assert "nodir/report.json" in res.stderr
 
 
+def test_a_report_or_plot_never_overwrites_the_recipe_its_inputs_or_outputs(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    cli.ok("run", "r.yaml", "-q")
+    before = listing(tmp_path)
+    for path, what in [("ckpt/base/model.safetensors", "input 'base'"),
+                       ("ckpt/ft/new.json", "input 'ft'"), ("r.yaml", "the recipe"),
+                       ("r.yaml.lock", "its lock file"), ("out/model/rep.json", "output 'model'"),
+                       (".tvrecipe/hashes.json", "tvrecipe's folder")]:
+        res = cli.fails(4, "run", "r.yaml", "--force", "--report", path)
+        where = (tmp_path / path).resolve()
+        folder = where if path.startswith("r.yaml") else where.parent
+        assert res.err_lines[1:] == [f"--report {path} would overwrite {what} ({folder}); "
+                                     "write it elsewhere"]
+        if what != "tvrecipe's folder":
+            res = cli.fails(4, "inspect", "r.yaml", "tv", "--plot", path)
+            assert res.err_lines[1:] == [f"--plot {path} would overwrite {what} ({folder}); "
+                                         "write it elsewhere"]
+    assert listing(tmp_path) == before
+    res = cli.fails(4, "inspect", "r.yaml", "tv", "--plot", "nodir/x.png")
+    assert res.err_lines[1:] == ["--plot nodir/x.png: folder nodir does not exist; create it "
+                                 "or choose another path"]
+    res = cli.fails(4, "inspect", "r.yaml", "tv", "--plot", "x.safetensors")
+    assert res.err_lines[1:] == ["--plot x.safetensors: the plot is a PNG; name a .png file"]
+    cli.ok("run", "r.yaml", "--force", "-q", "--report", "rep.json")  # beside them: fine
+    cli.ok("run", "r.yaml", "--force", "-q", "--report", "rep.json")  # and again
+
+
 def test_engine_imports_pause_the_collector_then_freeze_what_they_loaded(monkeypatch):
     import gc
     import sys

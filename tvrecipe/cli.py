@@ -309,10 +309,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         from tvrecipe.exec import lockfile
     from tvrecipe.store.lock import lock_path
     compiled = _compile(recipe)
-    if report_path and not Path(report_path).resolve().parent.is_dir():
-        from tvrecipe.errors import OutputError
-        raise OutputError(f"--report {report_path}: folder {Path(report_path).parent} does not "
-                          "exist; create it or choose another path")
+    if report_path:
+        _check_side_file(compiled, report_path, "--report")
     memo = lockfile.hash_memo(compiled)
     state = lockfile.run_state(compiled, memo)
     has_lock = lock_path(compiled.loaded.path).is_file()
@@ -396,6 +394,32 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
 
 
+def _check_side_file(compiled, path: str, option: str) -> None:
+    """A file a command writes beside its outputs (``--report``, ``--plot``) must have a
+    folder, and must not be (or lie inside) the recipe, its lock, an input, an output or
+    tvrecipe's own folder: it would overwrite them (OutputError, before anything runs)."""
+    from tvrecipe.errors import OutputError
+    from tvrecipe.store.lock import lock_path
+    target = Path(path).resolve()
+    if not target.parent.is_dir():
+        raise OutputError(f"{option} {path}: folder {Path(path).parent} does not exist; create "
+                          "it or choose another path")
+    loaded = compiled.loaded
+    taken = [("the recipe", loaded.path), ("its lock file", lock_path(loaded.path)),
+             ("tvrecipe's folder", loaded.root / ".tvrecipe")]
+    taken += [(f"input '{name}'", loaded.resolve(m.path)) for name, m in compiled.models.items()]
+    taken += [(f"output '{name}'", loaded.resolve(spec.path))
+              for name, (spec, _res) in compiled.outputs.items()]
+    for what, where in taken:
+        where = getattr(where, "local", where)  # a URL: only a file:// one is here
+        if where is None:
+            continue
+        where = Path(where).resolve()
+        if target == where or where in target.parents:
+            raise OutputError(f"{option} {path} would overwrite {what} ({where}); write it "
+                              "elsewhere")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("step")
@@ -418,6 +442,11 @@ def inspect(recipe: str, step: str, as_json: bool, plot_path: str | None,
         from tvrecipe.exec.runner import RunOptions, inspect_step
     from tvrecipe.report import json_text, render_inspection
     compiled = _compile(recipe, (step.split(".")[0],))
+    if plot_path:
+        _check_side_file(compiled, plot_path, "--plot")
+        if Path(plot_path).suffix.lower() != ".png":
+            from tvrecipe.errors import OutputError
+            raise OutputError(f"--plot {plot_path}: the plot is a PNG; name a .png file")
     result = inspect_step(compiled, RunOptions(device=device, progress=sys.stderr.isatty()),
                           step)
     click.echo(json_text(result) if as_json
