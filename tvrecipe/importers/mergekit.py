@@ -121,13 +121,17 @@ class _Importer:
             else:
                 if math.isfinite(number):
                     raw = number
-        if isinstance(raw, (int, float)):
-            return raw
+        if isinstance(raw, (int, float)) or (
+                isinstance(raw, list) and raw and all(isinstance(v, (int, float))
+                                                      and not isinstance(v, bool) for v in raw)):
+            if not all(math.isfinite(v) for v in (raw if isinstance(raw, list) else [raw])):
+                self.problem(where, f"a parameter must be finite, got {raw!r}")
+                return None
+            if not isinstance(raw, list):
+                return raw
+            return raw[0] if len(raw) == 1 else list(raw)
         if isinstance(raw, dict):
             raw = [raw]  # mergekit accepts one bare rule
-        if isinstance(raw, list) and raw and all(isinstance(v, (int, float))
-                                                  and not isinstance(v, bool) for v in raw):
-            return raw[0] if len(raw) == 1 else list(raw)
         if isinstance(raw, list) and raw and all(isinstance(v, dict) for v in raw):
             rules = []
             for i, rule in enumerate(raw):
