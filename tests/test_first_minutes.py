@@ -80,9 +80,27 @@ def test_verbose_works_after_the_subcommand_too(recipe, cli):
     quiet = cli("run", "missing.yaml")
     assert quiet.exit_code == 2 and quiet.exception is None  # a message, no traceback
     for args in (("-v", "run", "missing.yaml"), ("run", "missing.yaml", "-v")):
-        res = cli(*args)
-        assert type(res.exception).__name__ == "RecipeError", args  # re-raised: a traceback
+        res = cli(*args)  # the traceback, then the same message and exit code
+        assert res.exit_code == 2, args
+        assert res.stderr.startswith("Traceback (most recent call last):\n"), args
+        assert res.stderr.endswith(quiet.stderr), args
+        assert "tvrecipe.errors.RecipeError: " in res.stderr, args
     cli.ok("run", "r.yaml", "-v", "-q")
+
+
+def test_a_bug_exits_70_with_or_without_verbose(recipe, cli, monkeypatch):
+    import tvrecipe.cli
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tvrecipe.cli, "_compile", broken)
+    quiet = cli("validate", "r.yaml")  # (cli.fails refuses an internal error)
+    assert quiet.exit_code == 70 and quiet.err_lines == ["tvrecipe: internal error: RuntimeError: boom", (
+        "this is a bug in tvrecipe; rerun with -v for the traceback and report it")]
+    loud = cli("validate", "r.yaml", "-v")
+    assert loud.exit_code == 70 and loud.stderr.startswith("Traceback (most recent call last):\n")
+    assert loud.stderr.endswith(quiet.stderr)
 
 
 def test_a_deleted_output_file_is_named_by_run_and_locked(recipe, cli, tmp_path):

@@ -58,20 +58,22 @@ def handle_errors(fn):
             _fail(exc)
             sys.exit(exc.exit_code)
         except TvrecipeError as exc:
-            if verbose:
-                raise
+            if verbose:  # the traceback, then the same message and exit code as without -v
+                import traceback
+                traceback.print_exc()
             _fail(exc)
             sys.exit(exc.exit_code)
         except click.exceptions.ClickException:
             raise
-        except Exception as exc:  # a bug: say so, and how to report it
+        except Exception as exc:  # noqa: BLE001 (a bug: say so, and how to report it)
             if _interrupt_inside(exc):
                 exc = Interrupted("interrupted; temporary outputs were removed, the cache is "
                                   "intact")
                 _fail(exc)
                 sys.exit(exc.exit_code)
             if verbose:
-                raise
+                import traceback
+                traceback.print_exc()
             click.echo(f"tvrecipe: internal error: {type(exc).__name__}: {exc}\n"
                        "  this is a bug in tvrecipe; rerun with -v for the traceback and report it",
                        err=True)
