@@ -140,7 +140,7 @@ def test_cache_commands(tmp_path):
 
 
 def _run_proc(recipe: Path, *extra: str) -> subprocess.Popen:
-    # -v: an unexpected error shows its traceback in the test's failure (exit 1, not 70).
+    # -v: an unexpected error shows its traceback in the test's failure.
     return subprocess.Popen([sys.executable, "-m", "tvrecipe.cli", "-v", "run", str(recipe),
                              "-q", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

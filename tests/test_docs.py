@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tvrecipe.spec.registry
 from tvrecipe.importers.mergekit import import_mergekit
 from tvrecipe.plan.graph import compile_recipe
 from tvrecipe.spec.load import load_recipe
@@ -181,3 +182,29 @@ def test_link_checker_sees_links_and_headings():
     assert slug("Caching, keys and the lock file") == "caching-keys-and-the-lock-file"
     line = "see [ops](ops.md#sum), `[not](a-link.md)` and ![img](x.png \"t\")"
     assert LINK.findall(re.sub(r"`[^`]*`", "", line)) == ["ops.md#sum", "x.png"]
+
+
+BUILTIN_OPS = sorted(tvrecipe.spec.registry.ops())
+
+
+@pytest.mark.parametrize("op", BUILTIN_OPS)
+def test_each_ops_example_compiles(op, tmp_path):
+    """The example `tvrecipe ops OP` and docs/ops.md show is a step that validates, among
+    the steps and models its names refer to."""
+    example = tvrecipe.spec.registry.op_class(op).example
+    name = example.split(":", 1)[0]
+    steps = {"tv": "{op: extract, base: base, finetuned: [math, code, toxic, a, b]}",
+             "sparse": "{op: prune, input: tv, density: 0.5}",
+             "basis": "{op: compress_basis, inputs: tv, m: 1}",
+             "novel": "{op: negate, input: tv.math}",
+             "merged": "{op: sum, inputs: tv}"}
+    steps[name] = example.split(":", 1)[1].strip()
+    models = ["base", "math", "code", "toxic", "a", "b", "code_model", "math_model"]
+    body = ("tvrecipe: 1\nmodels:\n" + "".join(f"  {m}: ./ckpt/{m}\n" for m in models)
+            + "steps:\n" + "".join(f"  {k}: {v}\n" for k, v in steps.items())
+            + "  final: {op: apply, base: base, delta: merged}\n"
+            + "outputs:\n  model: {from: final, path: ./out}\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(body, encoding="utf-8")
+    compiled = compile_recipe(load_recipe(path))
+    assert name in compiled.steps or name in compiled.unused, body

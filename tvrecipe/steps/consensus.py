@@ -36,7 +36,8 @@ class ConsensusStep(StepSpec):
     weighted: ClassVar = "inputs"
     per_tensor: ClassVar = ("weights",)
     kernel: ClassVar = "tvrecipe.ops:consensus_merge"
-    example: ClassVar = "merged: {op: consensus, inputs: sparse, weights: [0.6, 0.4]}"
+    example: ClassVar = ("merged: {op: consensus, inputs: [sparse.math, sparse.code], "
+                         "weights: [0.6, 0.4]}")
 
     def evaluate(self, ctx: Any) -> Any:
         xs = ctx.tensors("inputs")
