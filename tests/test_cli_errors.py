@@ -459,3 +459,31 @@ def test_a_boolean_seed_is_refused(cli, make_models):
         "outputs:\n  v: {from: tv, path: ./out/v}\n"))
     res = cli.fails(2, "validate", "r.yaml")
     assert res.err_lines[1] == "r.yaml:2:12: settings.seed: Input should be a valid integer, got True"
+
+
+def test_a_lock_that_cannot_be_written_stops_the_run_before_any_output(cli, tmp_path,
+                                                                       monkeypatch):
+    import errno
+
+    from tvrecipe.store import lock
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    (tmp_path / "r.yaml.lock").mkdir()
+    res = cli.fails(4, "run", "r.yaml")
+    assert res.err_lines[1:] == ["the lock file r.yaml.lock is a folder; remove it or move it "
+                                 "away, then run again (nothing was run)"]
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "r.yaml.lock").rmdir()
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(lock.tempfile, "mkstemp", read_only)
+        res = cli.fails(4, "run", "r.yaml")
+    assert res.err_lines[1:] == ["cannot write the lock file r.yaml.lock: Read-only file "
+                                 "system; check the permissions of . and the space on its disk "
+                                 "(nothing was run)"]
+    nothing_written(tmp_path)
+    cli.ok("run", "r.yaml", "-q")
+    assert (tmp_path / "r.yaml.lock").is_file()

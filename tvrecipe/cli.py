@@ -333,6 +333,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
         return
+    from tvrecipe.store.lock import check_writable
+    check_writable(lock_path(compiled.loaded.path))  # (not after the outputs are in place)
     # Output folders this recipe's lock says it wrote: unchanged ones are replaced without
     # --force; a changed one is refused, saying what changed, before anything runs.
     written = lockfile.written_outputs(compiled, memo) if has_lock else {}

@@ -52,6 +52,25 @@ def write_lock(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def check_writable(path: Path) -> None:
+    """Refuse a run whose lock could not be written once its outputs are in place: ``path``
+    is a folder, or its folder takes no new file (read-only, full). OutputError, naming the
+    lock file; nothing is written (the probe file is removed)."""
+    from tvrecipe.errors import OutputError
+    if path.is_dir():
+        raise OutputError(f"the lock file {path} is a folder; remove it or move it away, "
+                          "then run again (nothing was run)")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"cannot write the lock file {path}: {reason}; check the "
+                          f"permissions of {path.parent} and the space on its disk (nothing "
+                          "was run)") from exc
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def read_lock(path: Path) -> dict[str, Any]:
     """Read a lock file.
 
