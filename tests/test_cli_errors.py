@@ -346,16 +346,16 @@ def test_a_report_or_plot_never_overwrites_the_recipe_its_inputs_or_outputs(cli,
         res = cli.fails(4, "run", "r.yaml", "--force", "--report", path)
         where = (tmp_path / path).resolve()
         folder = where if path.startswith("r.yaml") else where.parent
-        assert res.err_lines[1:] == [f"--report {path} would overwrite {what} ({folder}); "
-                                     "write it elsewhere"]
+        assert res.err_lines[1:] == [(f"--report {path} would overwrite {what} ({folder}); "
+                                     "write it elsewhere")]
         if what != "tvrecipe's folder":
             res = cli.fails(4, "inspect", "r.yaml", "tv", "--plot", path)
-            assert res.err_lines[1:] == [f"--plot {path} would overwrite {what} ({folder}); "
-                                         "write it elsewhere"]
+            assert res.err_lines[1:] == [(f"--plot {path} would overwrite {what} ({folder}); "
+                                         "write it elsewhere")]
     assert listing(tmp_path) == before
     res = cli.fails(4, "inspect", "r.yaml", "tv", "--plot", "nodir/x.png")
-    assert res.err_lines[1:] == ["--plot nodir/x.png: folder nodir does not exist; create it "
-                                 "or choose another path"]
+    assert res.err_lines[1:] == [("--plot nodir/x.png: folder nodir does not exist; create it "
+                                 "or choose another path")]
     res = cli.fails(4, "inspect", "r.yaml", "tv", "--plot", "x.safetensors")
     assert res.err_lines[1:] == ["--plot x.safetensors: the plot is a PNG; name a .png file"]
     cli.ok("run", "r.yaml", "--force", "-q", "--report", "rep.json")  # beside them: fine
@@ -470,8 +470,8 @@ def test_a_lock_that_cannot_be_written_stops_the_run_before_any_output(cli, tmp_
     cli.write("r.yaml", simple())
     (tmp_path / "r.yaml.lock").mkdir()
     res = cli.fails(4, "run", "r.yaml")
-    assert res.err_lines[1:] == ["the lock file r.yaml.lock is a folder; remove it or move it "
-                                 "away, then run again (nothing was run)"]
+    assert res.err_lines[1:] == [("the lock file r.yaml.lock is a folder; remove it or move it "
+                                 "away, then run again (nothing was run)")]
     assert not (tmp_path / "out").exists()
     (tmp_path / "r.yaml.lock").rmdir()
 
@@ -481,9 +481,25 @@ def test_a_lock_that_cannot_be_written_stops_the_run_before_any_output(cli, tmp_
     with monkeypatch.context() as m:
         m.setattr(lock.tempfile, "mkstemp", read_only)
         res = cli.fails(4, "run", "r.yaml")
-    assert res.err_lines[1:] == ["cannot write the lock file r.yaml.lock: Read-only file "
+    assert res.err_lines[1:] == [("cannot write the lock file r.yaml.lock: Read-only file "
                                  "system; check the permissions of . and the space on its disk "
-                                 "(nothing was run)"]
+                                 "(nothing was run)")]
     nothing_written(tmp_path)
     cli.ok("run", "r.yaml", "-q")
     assert (tmp_path / "r.yaml.lock").is_file()
+
+
+def test_della_probabilities_outside_the_unit_interval_are_refused_by_validate(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple().replace(
+        "  model: {op: apply, base: base, delta: tv}",
+        "  d: {op: della, input: tv, density: 0.5, epsilon: 0.9}\n"
+        "  model: {op: apply, base: base, delta: d}"))
+    for command in ("validate", "run"):
+        res = cli.fails(2, command, "r.yaml")
+        assert res.err_lines[1:] == [
+            "r.yaml:7:3: steps.d: density ± epsilon must lie strictly inside (0, 1), got density "
+            "0.5 and epsilon 0.9 (take epsilon below 0.5)"]
+    nothing_written(tmp_path)
+    cli.write("r.yaml", (tmp_path / "r.yaml").read_text().replace("0.9", "0.4"))
+    cli.ok("run", "r.yaml", "-q")

@@ -264,6 +264,11 @@ def test_what_mergekit_ignores_is_left_out_and_said(make_models, cli):
       "models: [{model: ./ckpt/math, parameters: {weight: [1, .nan]}}]\nparameters: {lambda: .inf}\n"),
      ["mk.yml:3:44: models[0].parameters.weight: a parameter must be finite, got [1, nan]",
       "mk.yml:4:14: parameters.lambda: a parameter must be finite, got inf"]),
+    (("merge_method: della\nbase_model: ./ckpt/base\n"
+      "models: [{model: ./ckpt/math, parameters: {weight: 1, density: 0.5}}]\n"
+      "parameters: {epsilon: 0.6}\n"),
+     ("mk.yml:3:10: models[0]: della: density ± epsilon must lie strictly inside (0, 1), got "
+      "density 0.5 and epsilon 0.6 for './ckpt/math' (take epsilon below 0.5)")),
     (("merge_method: slerp\nbase_model: ./ckpt/base\n"
      "models: [{model: ./ckpt/math, parameters: {t: 0.5}}]\n"),
      ("mk.yml:1:1: parameters: slerp needs a 't' parameter (set it config-wide: parameters: "

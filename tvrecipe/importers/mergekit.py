@@ -535,6 +535,8 @@ class _Writer:
                 return f
 
             per = {n: sparsifier(n) for n in names}
+            if m.sparsify == "della":
+                self.della_range(per)
             comment = "; ".join([dsrc, *(s for _v, s in extra.values()),
                                  f"rescale: {rsrc} (mergekit's rescale keeps the L1 norm)"])
             if all(per[n] == per[names[0]] for n in names):
@@ -556,6 +558,19 @@ class _Writer:
                      f"Σ weight·τ; weights: {wsrc}")
         self.add("model", {"op": "apply", "base": self.base.name, "delta": "merged",
                            "scale": lam}, f"θ₀ + λ·merged; λ: {lsrc}")
+
+    def della_range(self, per: dict[str, dict[str, Any]]) -> None:
+        """DELLA's keep probabilities density ± epsilon lie in (0, 1) (mergekit stops on a
+        tensor where they do not): checked where both are numbers; said at the model."""
+        for model in self.models:
+            d, e = per[model.name]["density"], per[model.name]["epsilon"]
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                          for v in (d, e))
+            if numbers and d < 1 and (d + e >= 1 or d - e <= 0):
+                self.imp.problem(model.where, f"della: density ± epsilon must lie strictly "
+                                              f"inside (0, 1), got density {d!r} and epsilon "
+                                              f"{e!r} for {model.path!r}",
+                                 f"take epsilon below {min(d, 1 - d):g}")
 
     def text(self) -> str:
         imp = self.imp

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tvrecipe.spec import pertensor
 from tvrecipe.spec.kinds import TASK_VECTORS
@@ -38,6 +38,19 @@ class DellaStep(StepSpec):
     per_tensor: ClassVar = ("density", "epsilon")
     kernel: ClassVar = "tvrecipe.ops:della"
     example: ClassVar = "pruned: {op: della, input: tv, density: 0.4, epsilon: 0.1}"
+
+    @model_validator(mode="after")
+    def _inside_unit_interval(self) -> DellaStep:
+        # The keep probabilities density ± epsilon must lie in (0, 1) (mergekit's test, as
+        # the kernel's): checked here when both are numbers; gradients and rules, whose value
+        # depends on the tensor, as the run meets each tensor.
+        d, e = self.density, self.epsilon
+        if isinstance(d, (int, float)) and isinstance(e, (int, float)) and d < 1 and (
+                d + e >= 1 or d - e <= 0):
+            raise ValueError(
+                f"density ± epsilon must lie strictly inside (0, 1), got density {d!r} and "
+                f"epsilon {e!r} (take epsilon below {min(d, 1 - d):g})")
+        return self
 
     def evaluate(self, ctx: Any) -> Any:
         # Results go into the input tensors where nothing reads them later (ctx.map's reuse).
