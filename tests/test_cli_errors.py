@@ -498,8 +498,8 @@ def test_della_probabilities_outside_the_unit_interval_are_refused_by_validate(c
     for command in ("validate", "run"):
         res = cli.fails(2, command, "r.yaml")
         assert res.err_lines[1:] == [
-            "r.yaml:7:3: steps.d: density ± epsilon must lie strictly inside (0, 1), got density "
-            "0.5 and epsilon 0.9 (take epsilon below 0.5)"]
+            ("r.yaml:7:3: steps.d: density ± epsilon must lie strictly inside (0, 1), got density "
+            "0.5 and epsilon 0.9 (take epsilon below 0.5)")]
     nothing_written(tmp_path)
     cli.write("r.yaml", (tmp_path / "r.yaml").read_text().replace("0.9", "0.4"))
     cli.ok("run", "r.yaml", "-q")
