@@ -456,3 +456,25 @@ def test_cores_says_a_share_inside_share_cores():
     assert width(parallel) == whole
     assert list(parallel.parallel_map(lambda i: i * i, list(range(9)), numel=1 << 20,
                                       device=torch.device("cpu"))) == [i * i for i in range(9)]
+
+
+def test_a_local_cluster_takes_any_free_port_for_its_dashboard(models, cli, tmp_path):
+    """`--cluster local:N` with port 8787 (Dask's dashboard default) taken, as by another
+    cluster: no warning about the port (its dashboard takes any free one)."""
+    import socket
+    import warnings
+    recipe = write_recipe(tmp_path, models, *FAMILIES["cluster_basis"])
+    taken = socket.socket()
+    try:
+        taken.bind(("", 8787))
+        taken.listen()
+    except OSError:
+        pass  # (taken already, by someone else: the same case)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = cli.ok("run", recipe, "--no-cache", "-q", "--cluster", "local:1")
+    finally:
+        taken.close()
+    said = [str(w.message) for w in caught] + [res.stderr]
+    assert not [s for s in said if "8787" in s], said

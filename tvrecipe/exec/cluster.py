@@ -116,8 +116,10 @@ def connect(address: str) -> Any:
         if client is not None and client.status == "running":
             return client
         if kind == "local":
+            # (dashboard_address=None still serves the dashboard, on 8787, with a warning
+            # whenever that port is taken: any free port instead)
             cluster = distributed.LocalCluster(
-                n_workers=value, threads_per_worker=1, processes=True, dashboard_address=None,
+                n_workers=value, threads_per_worker=1, processes=True, dashboard_address=":0",
                 silence_logs=logging.ERROR)
             client = distributed.Client(cluster)
             # The workers import the executor (torch) now, with the cluster's start, rather
