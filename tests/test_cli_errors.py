@@ -503,3 +503,20 @@ def test_della_probabilities_outside_the_unit_interval_are_refused_by_validate(c
     nothing_written(tmp_path)
     cli.write("r.yaml", (tmp_path / "r.yaml").read_text().replace("0.9", "0.4"))
     cli.ok("run", "r.yaml", "-q")
+
+
+@pytest.mark.parametrize("text, why", [
+    ("- 1\n", "not a version-1 tvrecipe lock file"),
+    ("a: [\n", "unreadable lock file (while parsing a flow node)"),
+])
+def test_a_damaged_lock_is_replaced_by_run_force(cli, tmp_path, text, why):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    cli.ok("run", "r.yaml", "-q")
+    (tmp_path / "r.yaml.lock").write_text(text)
+    for command in (("run", "r.yaml"), ("verify", "r.yaml")):
+        res = cli.fails(6, *command)
+        assert res.err_lines[1:] == [(f"r.yaml.lock: {why}; `tvrecipe run --force` writes the "
+                                     "outputs and a new lock")]
+    cli.ok("run", "r.yaml", "--force", "-q")
+    cli.ok("verify", "r.yaml")

@@ -316,6 +316,12 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     memo = lockfile.hash_memo(compiled)
     state = lockfile.run_state(compiled, memo)
     has_lock = lock_path(compiled.loaded.path).is_file()
+    if has_lock and force and not locked:
+        from tvrecipe.store.lock import read_lock
+        try:
+            read_lock(lock_path(compiled.loaded.path))
+        except VerifyError:  # damaged: --force writes the outputs and a new lock
+            has_lock = False
     changes = lockfile.state_differences(compiled, state) if has_lock else None
     if locked:
         if changes is None:

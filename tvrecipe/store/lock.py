@@ -82,10 +82,12 @@ def read_lock(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise VerifyError(f"{path}: unreadable lock file ({exc}); rerun to recreate it") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VerifyError(f"{path}: unreadable lock file ({first}); `tvrecipe run --force` "
+                          "writes the outputs and a new lock") from None
     if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION:
-        raise VerifyError(f"{path}: not a version-{LOCK_VERSION} tvrecipe lock file; rerun "
-                          "`tvrecipe run` to recreate it")
+        raise VerifyError(f"{path}: not a version-{LOCK_VERSION} tvrecipe lock file; "
+                          "`tvrecipe run --force` writes the outputs and a new lock")
     return data
 
 
