@@ -256,6 +256,16 @@ def test_nan_input_is_refused_unless_allowed(cli, tmp_path):
     for k in FLOATING:
         if k != "lm_head.weight":
             assert torch.equal(got[k], ft[k])
+    # The lock and the released folder's tvrecipe.lock record it, so that recomputing lets
+    # the NaN through as the run did (a lock of a run without it does not say it).
+    assert "allow_nonfinite: true" in (tmp_path / "r.yaml.lock").read_text()
+    assert "allow_nonfinite: true" in (tmp_path / "out/model/tvrecipe.lock").read_text()
+    cli.ok("verify", "r.yaml", "--recompute")
+    cli.ok("verify", "out/model", "--recompute")
+    cli.write("r.yaml", simple())
+    cli.ok("run", "r.yaml", "--force", "-q")
+    assert "allow_nonfinite" not in (tmp_path / "r.yaml.lock").read_text()
+    assert "allow_nonfinite" not in (tmp_path / "out/model/tvrecipe.lock").read_text()
 
 
 def test_sha256_pin(cli, tmp_path):

@@ -362,7 +362,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
                          state=state, replaceable=replaceable, cluster=cluster,
                          committed=lambda paths, digests, where: lockfile.write_run_lock(
-                             compiled, state, paths, memo, digests, where))
+                             compiled, state, paths, memo, digests, where, allow_nonfinite))
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
     result = run_light(compiled, options)
     if result is None:
@@ -522,18 +522,20 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     except OSError as exc:
         from tvrecipe.store.output import output_oserror
         raise output_oserror(exc, work) from exc
+    from tvrecipe.store.lock import lock_path, read_lock
+    lock = read_lock(lock_path(compiled.loaded.path))
     try:
         folders = {name: tmp / name for name in compiled.outputs}
-        result = run_recipe(compiled, RunOptions(device=device, progress=sys.stderr.isatty(),
-                                                 targets=folders, cluster=cluster))
+        # (NaN or Inf in the inputs pass as they did for the run that wrote the lock)
+        result = run_recipe(compiled, RunOptions(
+            device=device, progress=sys.stderr.isatty(), targets=folders, cluster=cluster,
+            allow_nonfinite=lock.get("allow_nonfinite") is True))
         problems = lockfile.output_differences(compiled, HashMemo(None), folders)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if problems:
-        from tvrecipe.store.lock import lock_path, read_lock
         # (where the recompute ran: its workers, for a cluster run)
-        why = lockfile.machine_differences(read_lock(lock_path(compiled.loaded.path)),
-                                           result.machine)
+        why = lockfile.machine_differences(lock, result.machine)
         raise VerifyError("recomputing the outputs gave other bytes than the lock:\n"
                           + "\n".join(problems + why))
     click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock, and recomputing "
@@ -630,7 +632,8 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
     (name,) = compiled.outputs
     run_recipe(compiled, RunOptions(
         device=device, progress=sys.stderr.isatty(), targets={name: tmp / name},
-        state=state, source=release.Source(**data["built_from"]), cluster=cluster))
+        state=state, source=release.Source(**data["built_from"]), cluster=cluster,
+        allow_nonfinite=data.get("allow_nonfinite") is True))
     locked = dict(data["files"])
     got = tmp / name
     if moved:  # the card and recipe name the input paths: only the rest is compared

@@ -188,7 +188,8 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
 def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str, Path],
                    memo: HashMemo | None = None,
                    digests: dict[str, dict[str, str]] | None = None,
-                   where: dict[str, str] | None = None) -> Path:
+                   where: dict[str, str] | None = None,
+                   allow_nonfinite: bool = False) -> Path:
     """Write ``<recipe>.lock`` after a successful run.
 
     Args:
@@ -196,6 +197,8 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
             written: recorded in the memo so those files are not read again to hash them.
         where: Where the run computed (:func:`machine`, :func:`machines`); None: here, on
             the CPU.
+        allow_nonfinite: The run let NaN or Inf in its inputs through: recorded (only then),
+            so that ``verify --recompute`` lets them through too.
     """
     memo = memo or hash_memo(compiled)
     known = []
@@ -210,6 +213,8 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
                                "files": hash_tree(path, memo)}
                         for name, path in sorted(outputs.items())},
             "tool": tool_versions(), "machine": where or machine()}
+    if allow_nonfinite:
+        data["allow_nonfinite"] = True
     path = lock_path(compiled.loaded.path)
     write_lock(path, data)
     return path

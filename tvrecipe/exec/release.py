@@ -257,12 +257,15 @@ def model_card(compiled: Compiled, output: str, recipe_text: str,
 
 
 def write_release(compiled: Compiled, output: str, staging: Path, digests: dict[str, str],
-                  state: dict[str, Any], source: Source, tool: dict[str, str]) -> dict[str, str]:
+                  state: dict[str, Any], source: Source, tool: dict[str, str],
+                  allow_nonfinite: bool = False) -> dict[str, str]:
     """Write ``tvrecipe.yaml``, ``README.md`` and ``tvrecipe.lock`` into a staging folder.
 
     Args:
         digests: SHA-256 of the files already hashed as they were written (weights).
         state: ``lockfile.run_state`` of the run (input hashes and step keys).
+        allow_nonfinite: The run let NaN or Inf in its inputs through: recorded (only then),
+            so that ``verify --recompute`` lets them through too.
 
     Returns:
         SHA-256 of the three files and of every file in the folder, by relative path.
@@ -294,6 +297,8 @@ def write_release(compiled: Compiled, output: str, staging: Path, digests: dict[
              "built_from": {"file": source.file, "sha256": source.sha256},
              "inputs": inputs, "steps": {s: state["steps"][s] for s in steps},
              "files": hashes, "tool": tool}
+    if allow_nonfinite:
+        entry["allow_nonfinite"] = True
     data = yaml.safe_dump(entry, sort_keys=True, default_flow_style=False,
                           allow_unicode=True).encode("utf-8")
     (staging / LOCK_FILE).write_bytes(data)

@@ -304,7 +304,8 @@ class Output:
         state = self.options.state or lockfile.run_state(compiled)
         self.digests = write_release(compiled, self.name, self.folder.staging, self.digests,
                                      state, source_of(compiled, self.options),
-                                     lockfile.tool_versions(lockfile.RELEASE_TOOLS))
+                                     lockfile.tool_versions(lockfile.RELEASE_TOOLS),
+                                     self.options.allow_nonfinite)
 
 
 def written_members(kind: str, info: TensorInfo, value: Any) -> list[tuple[str, Any]]:
