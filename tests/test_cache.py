@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -349,3 +350,48 @@ def test_cache_clear_removes_only_what_a_cache_writes(tmp_path):
     assert res.exit_code == 0 and not (tmp_path / "cc").exists()
     assert _cli("cache", "clear", "--cache-dir", str(tmp_path / "cc")).output == (
         f"cache is empty: {tmp_path / 'cc'}\n")
+
+
+@pytest.mark.parametrize("where", ["start", "write", "commit"])
+def test_a_cache_that_cannot_be_written_costs_the_entry_not_the_run(tmp_path, monkeypatch,
+                                                                   where):
+    """A full or read-only cache: the run writes its outputs as without a cache, warns, and
+    leaves no entry (and no temp file) behind; the next run fills the cache."""
+    import errno
+
+    import tvrecipe.store.cache as cache_mod
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q", "--no-cache").exit_code == 0
+    want = load_file(str(tmp_path / "out" / "model.safetensors"))
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def fail(*_args, **_kwargs):
+        raise full
+
+    # (the cache module's own os and tempfile: the lock and the outputs write as usual)
+    if where == "start":
+        monkeypatch.setattr(cache_mod, "tempfile", SimpleNamespace(mkstemp=fail))
+    elif where == "write":
+        class Failing(cache_mod.SafetensorsStreamWriter):
+            def write(self, name, tensor):
+                if name == "w3":
+                    raise full
+                super().write(name, tensor)
+
+        monkeypatch.setattr(cache_mod, "SafetensorsStreamWriter", Failing)
+    else:
+        monkeypatch.setattr(cache_mod, "os", SimpleNamespace(**{**vars(os), "replace": fail}))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0, res.output
+    cache = tmp_path / ".tvrecipe" / "cache"
+    assert "tvrecipe: warning: could not write the cache entry ties-" in res.output
+    assert (f"in {cache} (No space left on device); the run goes on without caching it (a "
+            "writable --cache-dir, or --no-cache, avoids this)") in res.output
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert _entries(tmp_path) == []
+    assert [p for p in cache.rglob("*.tmp")] == []
+    monkeypatch.undo()
+    os.chdir(tmp_path)
+    assert _cli("run", str(recipe), "--force", "-q").exit_code == 0
+    assert len(_entries(tmp_path)) == 1

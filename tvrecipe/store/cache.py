@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tvrecipe.errors import InputError, OutputError
 from tvrecipe.store.checkpoint import Checkpoint, open_checkpoint
-from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec, tensor_digest, tensor_hasher
 
 SUFFIX = ".safetensors"
@@ -102,6 +101,7 @@ class PendingEntry:
         self.cache, self.key = cache, key
         self.tmp: dict[str, Path] = {}
         self.writers: dict[str, SafetensorsStreamWriter] = {}
+        self.failed = False
         folder = cache.manifest(key).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -114,18 +114,35 @@ class PendingEntry:
                 self.writers[slot] = SafetensorsStreamWriter(Path(tmp), specs, metadata,
                                                              digest="tensors", durable=False)
         except OSError as exc:
-            self.abort()
-            raise output_oserror(exc, folder) from exc
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        """A cache that cannot be written (read-only, full) costs the entry, not the run: the
+        partial files go, later writes are skipped, and the run's warnings say so."""
+        self.abort()
+        self.failed = True
+        reason = exc.strerror or str(exc)
+        self.cache.warnings.append(
+            f"could not write the cache entry {self.key} in {self.cache.root} ({reason}); "
+            "the run goes on without caching it (a writable --cache-dir, or --no-cache, "
+            "avoids this)")
 
     def write(self, slot: str, name: str, tensor) -> None:
         """Write the next tensor (or row block) of one slot."""
-        self.writers[slot].write(name, tensor)
+        if self.failed:
+            return
+        try:
+            self.writers[slot].write(name, tensor)
+        except OSError as exc:
+            self._fail(exc)
 
     def commit(self, info: Mapping[str, object]) -> None:
         """Close and move every slot file into place, then write the manifest.
 
         The manifest holds each tensor's checksum, taken as it was written.
         """
+        if self.failed:
+            return
         digests = {}
         try:
             for slot, writer in self.writers.items():
@@ -134,12 +151,16 @@ class PendingEntry:
                 os.replace(self.tmp[slot], self.cache.path(self.key, slot))
             manifest = self.cache.manifest(self.key)
             tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**info, "format": FORMAT, "tensors": digests},
-                                      sort_keys=True))
-            os.replace(tmp, manifest)
+            try:
+                tmp.write_text(json.dumps({**info, "format": FORMAT, "tensors": digests},
+                                          sort_keys=True))
+                os.replace(tmp, manifest)
+            finally:
+                tmp.unlink(missing_ok=True)
         except OSError as exc:
-            self.abort()
-            raise output_oserror(exc, self.cache.manifest(self.key)) from exc
+            # (slot files already moved into place, without a manifest, are leftovers that
+            # no run trusts: `cache gc` removes them)
+            self._fail(exc)
 
     def abort(self) -> None:
         """Drop the partial files."""
