@@ -283,6 +283,25 @@ def test_sha256_pin(cli, tmp_path):
     nothing_written(tmp_path, "out/bad", "bad.yaml")
 
 
+def test_a_vectors_folder_is_pinned_with_tvrecipe_hash(cli, tmp_path, make_models):
+    """`tvrecipe hash` of a vectors folder (several members and vectors.json) gives the digest
+    a run records for it, which a `sha256:` pin then matches."""
+    make_models(("math", "code"))
+    cli.write("lib.yaml", "tvrecipe: 1\nmodels: {base: ./ckpt/base, math: ./ckpt/math, "
+                          "code: ./ckpt/code}\nsteps:\n  tv: {op: extract, base: base, "
+                          "finetuned: [math, code]}\noutputs:\n  tv: {from: tv, path: ./lib}\n")
+    cli.ok("run", "lib.yaml", "-q")
+    digest = cli.ok("hash", "lib").stdout.strip()
+    use = ("tvrecipe: 1\nmodels:\n  base: ./ckpt/base\n  lib: {path: ./lib, kind: task_vector"
+           "PIN}\nsteps:\n  merged: {op: sum, inputs: lib}\n  model: {op: apply, base: base, "
+           "delta: merged}\noutputs:\n  model: {from: model, path: ./out/model}\n")
+    cli.write("use.yaml", use.replace("PIN", ""))
+    cli.ok("run", "use.yaml", "-q")
+    assert f"sha256: {digest}" in (tmp_path / "use.yaml.lock").read_text()
+    cli.write("use.yaml", use.replace("PIN", f", sha256: {digest}"))
+    cli.ok("run", "use.yaml", "--force", "-q")
+
+
 def test_pickle_only_folder_gets_conversion_advice(cli, tmp_path):
     checkpoints(tmp_path)
     pickled = tmp_path / "ckpt" / "pickled"

@@ -851,8 +851,14 @@ def ops_(name: str | None, markdown: bool) -> None:
 def hash_(path: str) -> None:
     """Print the content hash of a model, for a `sha256:` pin in a recipe (PATH may be a
     URL: s3://, gs://, hf://, https://, file://)."""
+    from tvrecipe.plan.graph import VECTORS_INDEX, _index_members
     from tvrecipe.store.checkpoint import open_checkpoint
     from tvrecipe.store.hashing import checkpoint_digest
+    index = Path(path) / VECTORS_INDEX
+    if index.is_file():  # a vectors folder (kind: task_vector): its members' files, as a run
+        click.echo(checkpoint_digest([Path(path) / f"{m}.safetensors"
+                                      for m in _index_members(index)]))
+        return
     with open_checkpoint(path) as ck:
         click.echo(checkpoint_digest(ck.files))
 
