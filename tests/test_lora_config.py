@@ -94,3 +94,14 @@ def test_a_lora_bias_is_not_dropped(adapter, cli, tmp_path):
         "tensor 'base_model.model.m.q.lora_B.bias' is a LoRA bias term; LoRA bias terms are "
         "not supported (merge such an adapter with peft's merge_and_unload and use the merged "
         "checkpoint)")
+
+
+def test_tvrecipe_hash_of_an_adapter_is_the_digest_a_run_records(adapter, cli, tmp_path):
+    """The pin of a `kind: lora` model covers its factors and its config (the scales)."""
+    adapter()
+    cli.ok("run", "r.yaml", "-q")
+    digest = cli.ok("hash", "ad").stdout.strip()
+    assert f"sha256: {digest}" in (tmp_path / "r.yaml.lock").read_text()
+    recipe = (tmp_path / "r.yaml").read_text()
+    cli.write("r.yaml", recipe.replace("kind: lora}", f"kind: lora, sha256: {digest}}}"))
+    cli.ok("run", "r.yaml", "--force", "-q")

@@ -854,10 +854,16 @@ def hash_(path: str) -> None:
     from tvrecipe.plan.graph import VECTORS_INDEX, _index_members
     from tvrecipe.store.checkpoint import open_checkpoint
     from tvrecipe.store.hashing import checkpoint_digest
+    from tvrecipe.store.lora import CONFIG_FILE, adapter_files
+    # The files a run hashes for the model: a vectors folder (kind: task_vector) its members',
+    # a peft adapter (kind: lora) its factors and its config (the scales).
     index = Path(path) / VECTORS_INDEX
-    if index.is_file():  # a vectors folder (kind: task_vector): its members' files, as a run
+    if index.is_file():
         click.echo(checkpoint_digest([Path(path) / f"{m}.safetensors"
                                       for m in _index_members(index)]))
+        return
+    if (Path(path) / CONFIG_FILE).is_file():
+        click.echo(checkpoint_digest(adapter_files(Path(path))))
         return
     with open_checkpoint(path) as ck:
         click.echo(checkpoint_digest(ck.files))
