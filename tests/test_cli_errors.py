@@ -549,3 +549,18 @@ def test_a_damaged_lock_is_replaced_by_run_force(cli, tmp_path, text, why):
                                      "outputs and a new lock")]
     cli.ok("run", "r.yaml", "--force", "-q")
     cli.ok("verify", "r.yaml")
+
+
+def test_outputs_that_nest_are_a_recipe_error(cli, tmp_path):
+    checkpoints(tmp_path)
+    recipe = simple() + "  tv: {from: tv, path: ./out/model/tv}\n"
+    cli.write("r.yaml", recipe)
+    for command in ("validate", "run"):
+        res = cli.fails(2, command, "r.yaml")
+        assert res.err_lines[1:] == [
+            (f"r.yaml:10:18: outputs.tv.path: output path './out/model/tv' nests with output "
+            f"'model''s: {tmp_path / 'out/model/tv'} lies inside {tmp_path / 'out/model'} "
+            "(write each output to a folder of its own, side by side)")]
+    nothing_written(tmp_path)
+    cli.write("r.yaml", recipe.replace("./out/model/tv", "./out/tv"))
+    cli.ok("run", "r.yaml", "-q")

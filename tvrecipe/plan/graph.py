@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,6 +423,18 @@ class _Compiler:
             if target in paths:
                 self.problem(("outputs", name, "path"),
                              f"output path {out.path!r} is also used by output {paths[target]!r}")
+            else:
+                # One output inside another's folder: replacing the outer one would delete
+                # the inner one, and the inner one cannot be written before the outer is.
+                for other, other_name in paths.items():
+                    inner, outer = ((target, other) if target.startswith(other + os.sep)
+                                    else (other, target) if other.startswith(target + os.sep)
+                                    else (None, None))
+                    if inner is not None:
+                        self.problem(("outputs", name, "path"),
+                                     f"output path {out.path!r} nests with output "
+                                     f"{other_name!r}'s: {inner} lies inside {outer}",
+                                     "write each output to a folder of its own, side by side")
             paths[target] = name
             if res is not None:
                 outputs[name] = (out, res)
