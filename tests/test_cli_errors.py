@@ -564,3 +564,14 @@ def test_outputs_that_nest_are_a_recipe_error(cli, tmp_path):
     nothing_written(tmp_path)
     cli.write("r.yaml", recipe.replace("./out/model/tv", "./out/tv"))
     cli.ok("run", "r.yaml", "-q")
+
+
+def test_an_output_in_tvrecipes_own_folder_is_a_recipe_error(cli, tmp_path):
+    checkpoints(tmp_path)
+    for path in ("./.tvrecipe", "./.tvrecipe/out"):
+        cli.write("r.yaml", simple(out=path))
+        res = cli.fails(2, "validate", "r.yaml")
+        assert res.err_lines[1:] == [
+            (f"r.yaml:9:24: outputs.model.path: output path {path!r} is in tvrecipe's own "
+             f"folder {tmp_path / '.tvrecipe'} (its cache and hash memo), which a run writes "
+             "and replaces (write the output elsewhere)")]

@@ -420,6 +420,12 @@ class _Compiler:
                              f"unknown model {out.copy_files_from!r}",
                              did_you_mean(out.copy_files_from, recipe.models))
             target = str(self.loaded.resolve(out.path).resolve())
+            own = str(self.loaded.root / ".tvrecipe")
+            if target == own or target.startswith(own + os.sep):
+                self.problem(("outputs", name, "path"),
+                             f"output path {out.path!r} is in tvrecipe's own folder {own} (its "
+                             "cache and hash memo), which a run writes and replaces",
+                             "write the output elsewhere")
             if target in paths:
                 self.problem(("outputs", name, "path"),
                              f"output path {out.path!r} is also used by output {paths[target]!r}")
