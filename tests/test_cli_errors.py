@@ -575,3 +575,11 @@ def test_an_output_in_tvrecipes_own_folder_is_a_recipe_error(cli, tmp_path):
             (f"r.yaml:9:24: outputs.model.path: output path {path!r} is in tvrecipe's own "
              f"folder {tmp_path / '.tvrecipe'} (its cache and hash memo), which a run writes "
              "and replaces (write the output elsewhere)")]
+
+
+def test_an_empty_model_path_is_a_recipe_error(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple(ft='""'))
+    res = cli.fails(2, "validate", "r.yaml")
+    assert res.err_lines[1:] == [("r.yaml:4:3: models.ft.path: a model path is empty; write the "
+                                 "folder or file of the model, relative to the recipe's folder")]

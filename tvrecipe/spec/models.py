@@ -79,6 +79,9 @@ class ModelSpec(Frozen):
     @field_validator("path")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a model path is empty; write the folder or file of the model, "
+                             "relative to the recipe's folder")
         scheme = url_scheme(v)
         known = known_schemes() if scheme is not None else None
         if known is not None and scheme not in known:
