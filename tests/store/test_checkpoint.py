@@ -201,6 +201,20 @@ def test_missing_shard_names_index_and_shard(tmp_path):
         open_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../other/model.safetensors", "sub/x.safetensors",
+                                   ".."])
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, shard):
+    index = write_sharded(tmp_path)
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = shard
+    index.write_text(json.dumps(data))
+    msg = (f"{index}: names shard {shard!r}, which is not a file name beside the index; a "
+           "sharded checkpoint's shards lie in its folder: regenerate the index")
+    with pytest.raises(InputError, match=exact(msg)):
+        open_checkpoint(tmp_path)
+
+
 def test_index_entry_not_in_its_shard(tmp_path):
     index = write_sharded(tmp_path)
     data = json.loads(index.read_text())

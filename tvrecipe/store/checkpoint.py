@@ -472,6 +472,12 @@ def _read_index(index: Path | RemotePath) -> tuple[list[Path], dict[str, str]]:
         raise InputError(f'{index}: no "weight_map" of tensor names to shard files; {_REDOWNLOAD}')
     shards = []
     for shard in sorted(set(weight_map.values())):
+        # A shard is a file beside its index (as Hugging Face writes them): never a path
+        # that leaves the folder (an absolute one, or one with a '..' or a subfolder).
+        if not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise InputError(
+                f"{index}: names shard {shard!r}, which is not a file name beside the index; "
+                "a sharded checkpoint's shards lie in its folder: regenerate the index")
         file = index.parent / shard
         if not file.is_file():
             raise InputError(
