@@ -335,3 +335,17 @@ def test_tokenizer_source_needs_one_vocabulary(make_models, cli):
          "mergekit)")]
     (ms.path("math") / "config.json").write_text('{"vocab_size": 64}')
     cli.ok("import", "mk.yml", "-o", "r.yaml")
+
+
+def test_hub_ids_are_read_from_the_hub_as_mergekit_reads_them(cli):
+    recipe = imported(cli, """
+        merge_method: task_arithmetic
+        base_model: mistralai/Mistral-7B-v0.1
+        models: [{model: org/ft@abc, parameters: {weight: 1}}]
+    """)
+    assert recipe["models"] == {"base": "hf://mistralai/Mistral-7B-v0.1", "ft_abc": "hf://org/ft@abc"}
+    text = (cli.root / "r.yaml").read_text()
+    assert ('base: "hf://mistralai/Mistral-7B-v0.1"  # base_model; a hub id, read from the Hub '
+            "(needs huggingface_hub; pin a revision with @REV, or write a local copy's folder)"
+            ) in text
+    cli.ok("validate", "r.yaml")

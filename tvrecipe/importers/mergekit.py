@@ -248,7 +248,7 @@ class _Importer:
         path = Path(raw).expanduser()
         if not path.is_absolute() and not (Path.cwd() / path).exists() and \
                 raw.count("/") == 1 and not raw.startswith("."):
-            return raw  # a hub id: kept as written, the recipe needs a local copy
+            return "hf://" + raw  # a hub id, as mergekit reads it: from the Hugging Face Hub
         return _beside(self.recipe, path)
 
     def name_for(self, path: str, wanted: str | None = None) -> str:
@@ -588,9 +588,11 @@ class _Writer:
         models = ([self.base] if self.base else []) + [
             m for m in self.models if m is not self.base]
         for m in models:
-            note = "  # base_model" if m is self.base else ""
-            if not m.path.startswith((".", "/")) and m.path.count("/") == 1:
-                note += "  # a hub id: download it and write its local folder here"
+            said = ["base_model"] if m is self.base else []
+            if m.path.startswith("hf://"):
+                said.append("a hub id, read from the Hub (needs huggingface_hub; pin a revision "
+                            "with @REV, or write a local copy's folder)")
+            note = f"  # {'; '.join(said)}" if said else ""
             lines.append(f"  {m.name}: {_fmt(m.path)}{note}")
         lines.append("steps:")
         width = max(len(n) for n, _f, _c in self.steps)
