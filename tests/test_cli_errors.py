@@ -583,3 +583,25 @@ def test_an_empty_model_path_is_a_recipe_error(cli, tmp_path):
     res = cli.fails(2, "validate", "r.yaml")
     assert res.err_lines[1:] == [("r.yaml:4:3: models.ft.path: a model path is empty; write the "
                                  "folder or file of the model, relative to the recipe's folder")]
+
+
+def test_a_checkpoint_declared_a_task_vector_is_warned_about(cli, tmp_path):
+    checkpoints(tmp_path)
+    (tmp_path / "ckpt" / "ft" / "config.json").write_text("{}")
+    recipe = ("tvrecipe: 1\nmodels:\n  base: ./ckpt/base\n  tvx: {path: PATH, kind: task_vector}\n"
+              "steps:\n  m: {op: apply, base: base, delta: tvx}\n"
+              "outputs:\n  m: {from: m, path: ./out/m}\n")
+    cli.write("r.yaml", recipe.replace("PATH", "./ckpt/ft"))
+    warning = ("warning: r.yaml:4:3: models.tvx: ./ckpt/ft holds a config.json and weights "
+               "tvrecipe did not write, as a fine-tuned checkpoint does, yet kind: task_vector "
+               "adds them whole as a delta; if it is a fine-tuned model, drop the kind and take "
+               "its task vector with {op: extract, base: ..., finetuned: [tvx]}")
+    assert cli.ok("validate", "r.yaml").err_lines == [warning]
+    assert cli.ok("run", "r.yaml", "-q").err_lines == [f"tvrecipe: {warning}"]
+    # A vector a run wrote (with the base's config.json copied beside it): no warning.
+    cli.write("tv.yaml", simple(out="./out/tv").replace("from: model", "from: tv").replace(
+        "path: ./out/tv}", "path: ./out/tv, copy_files_from: base}"))
+    cli.ok("run", "tv.yaml", "-q")
+    (tmp_path / "out" / "tv" / "config.json").write_text("{}")
+    cli.write("r.yaml", recipe.replace("PATH", "./out/tv"))
+    assert cli.ok("validate", "r.yaml").err_lines == []

@@ -222,6 +222,35 @@ def _rule_warnings(compiled) -> list[str]:
         plan.close()
 
 
+def _kind_warnings(compiled) -> list[str]:
+    """A `kind: task_vector` model that looks like a fine-tuned checkpoint (config.json
+    beside weights tvrecipe did not write) would be added whole, not as a delta: warn."""
+    from tvrecipe.errors import InputError, MissingPackage
+    from tvrecipe.plan.graph import VECTORS_INDEX
+    from tvrecipe.store.checkpoint import open_checkpoint
+    out = []
+    for name, model in compiled.models.items():
+        folder = compiled.loaded.resolve(model.path)
+        if (model.kind != "task_vector" or not isinstance(folder, Path)
+                or not (folder / "config.json").is_file()
+                or (folder / VECTORS_INDEX).is_file()):
+            continue
+        try:
+            with open_checkpoint(folder) as ck:
+                if "tvrecipe.version" in ck.metadata:  # a vector output of a run
+                    continue
+        except (InputError, MissingPackage):
+            continue  # (the run says what is wrong with it)
+        line, col = compiled.loaded.source.locate(("models", name))
+        where = f"{compiled.loaded.path.name}:{line}:{col}: " if line else ""
+        out.append(f"warning: {where}models.{name}: {model.path} holds a config.json and "
+                   "weights tvrecipe did not write, as a fine-tuned checkpoint does, yet "
+                   "kind: task_vector adds them whole as a delta; if it is a fine-tuned model, "
+                   f"drop the kind and take its task vector with {{op: extract, base: ..., "
+                   f"finetuned: [{name}]}}")
+    return out
+
+
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @handle_errors
@@ -246,7 +275,7 @@ def validate(recipes: tuple[str, ...]) -> None:
         note = f"; unused steps: {', '.join(compiled.unused)}" if compiled.unused else ""
         click.echo(f"{recipe}: ok ({len(compiled.steps)} steps, "
                    f"{len(compiled.outputs)} outputs{note})")
-        for warning in _rule_warnings(compiled):
+        for warning in _rule_warnings(compiled) + _kind_warnings(compiled):
             click.echo(warning, err=True)
     if failed:
         sys.exit(failed[0].exit_code)
@@ -313,6 +342,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     compiled = _compile(recipe)
     if report_path:
         _check_side_file(compiled, report_path, "--report")
+    for warning in _kind_warnings(compiled):
+        click.echo(f"tvrecipe: {warning}", err=True)
     memo = lockfile.hash_memo(compiled)
     state = lockfile.run_state(compiled, memo)
     has_lock = lock_path(compiled.loaded.path).is_file()
