@@ -61,6 +61,10 @@ MESSAGE_FUNCTIONS = ("member_type",)
 # ``text`` is the message's constant pieces joined by "|" (what the failure message shows).
 ALLOWLIST = {
     "cli.py::": "the family header line `tvrecipe: <family>:` written before every error",
+    "cli.py:tvrecipe: ": "`run` says a warning of `validate` after `tvrecipe: ` (the warning "
+                         "is catalogued: `... holds a config.json and weights ...`)",
+    "cli.py:warning: ": "the head of that warning, split at its location (`warning: r.yaml:4:3: "
+                        "models.tvx: ...`); the rest is catalogued",
     "cli.py:note: ": "`tvrecipe import`'s note before a setting mergekit ignores; catalogued "
                      "as `ignored, as mergekit ignores it: ...`",
     "cli.py:  see `| --help`": "the last line of a usage error (`see `tvrecipe CMD --help``)",
