@@ -605,3 +605,23 @@ def test_a_checkpoint_declared_a_task_vector_is_warned_about(cli, tmp_path):
     (tmp_path / "out" / "tv" / "config.json").write_text("{}")
     cli.write("r.yaml", recipe.replace("PATH", "./out/tv"))
     assert cli.ok("validate", "r.yaml").err_lines == []
+
+
+def test_a_task_vector_folder_not_written_yet_says_so(cli, tmp_path):
+    checkpoints(tmp_path)
+    recipe = ("tvrecipe: 1\nmodels:\n  base: ./ckpt/base\n  lib: {path: ./lib, kind: task_vector}"
+              "\nsteps:\n  m: {op: sum, inputs: INPUTS}\n  model: {op: apply, base: base, delta: m}"
+              "\noutputs:\n  model: {from: model, path: ./out/model}\n")
+    cli.write("r.yaml", recipe.replace("INPUTS", "[lib.b0, lib.b1]"))
+    res = cli.fails(2, "validate", "r.yaml")
+    assert res.err_lines[1:] == [
+        (f"r.yaml:6:{col}: steps.m.inputs[{i}]: 'lib' is a task_vector model whose folder ./lib "
+         "does not exist yet, so its members are not known (run the recipe that writes it first)")
+        for i, col in ((0, 25), (1, 33))]
+    cli.write("r.yaml", recipe.replace("INPUTS", "lib"))
+    cli.ok("validate", "r.yaml")
+    res = cli.fails(3, "run", "r.yaml")
+    assert res.err_lines[1:] == [
+        (f"model 'lib' (./lib): {tmp_path / 'lib'} does not exist yet; a task_vector folder is "
+        "the vector or vectors output of a recipe: run that recipe first (or check the path)")]
+    nothing_written(tmp_path)

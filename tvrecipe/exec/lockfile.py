@@ -150,6 +150,11 @@ def _model_files(compiled: Compiled, name: str) -> list[Path]:
             raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
         except MissingPackage as exc:
             raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
+    if (compiled.models[name].kind == "task_vector" and isinstance(path, Path)
+            and not path.exists()):
+        raise InputError(f"model {name!r} ({compiled.models[name].path}): {path} does not "
+                         "exist yet; a task_vector folder is the vector or vectors output of "
+                         "a recipe: run that recipe first (or check the path)")
     members = compiled.model_types[name].members
     if members:
         return [path / f"{m}.safetensors" for m in members]

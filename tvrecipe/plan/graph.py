@@ -221,6 +221,9 @@ class _Compiler:
         self.src = loaded.source
         self.problems: list[Problem] = []
         self.types: dict[str, ValueType | None] = {}
+        # task_vector models whose folder does not exist (yet): their kind and members are
+        # not known, which a mistake about them says (name -> path)
+        self.unwritten: dict[str, str] = {}
 
     def problem(self, path: tuple, message: str, hint: str | None = None) -> None:
         self.problems.append(self.src.problem(path, message, hint))
@@ -238,6 +241,9 @@ class _Compiler:
         for i, part in enumerate(rest):
             found = member_type(vt, part)
             if isinstance(found, str):
+                if head in self.unwritten:
+                    self.not_written(head, where)
+                    return None
                 message, _, hint = found.partition(" (")
                 self.problem(where, f"{'.'.join([head, *rest[:i]])!r} {message}",
                              hint[:-1] or None)
@@ -245,12 +251,20 @@ class _Compiler:
             vt = found
         return Resolved(text, head, tuple(rest), vt)
 
+    def not_written(self, name: str, where: tuple) -> None:
+        self.problem(where, f"{name!r} is a task_vector model whose folder "
+                            f"{self.unwritten[name]} does not exist yet, so its members are not "
+                            "known", "run the recipe that writes it first")
+
     def check_kind(self, step: str, spec: StepSpec, fld: str, res: Resolved, where: tuple
                    ) -> bool:
         allowed = spec.accepts[fld]
         op = spec.op
         if res.type.kind in allowed:
             return True
+        if res.node in self.unwritten:
+            self.not_written(res.node, where)
+            return False
         hint = None
         if res.type.kind == VECTORS and VECTOR in allowed:
             combine = _op_for("combine")
@@ -330,6 +344,9 @@ class _Compiler:
                 self.types[name] = _model_type(self.loaded, spec)
             except (InputError, MissingPackage) as exc:
                 raise about(exc, f"model {name!r} ({spec.path})") from None
+            folder = self.loaded.resolve(spec.path)
+            if spec.kind == "task_vector" and isinstance(folder, Path) and not folder.exists():
+                self.unwritten[name] = spec.path
             graph.add_node(name, kind="model")
         for name, spec in recipe.models.items():
             if spec.kind != "lora":
