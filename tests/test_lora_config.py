@@ -63,6 +63,41 @@ def test_config_fields_of_the_wrong_type(adapter, cli, tmp_path, config, message
     assert line.endswith(f"adapter_config.json: {message}"), line
 
 
+@pytest.mark.parametrize(("config", "message"), [
+    ({**CONFIG, "r": 0}, "r is 0; it must be a positive whole number (the rank of the factors)"),
+    ({**CONFIG, "r": "four"}, ("r is 'four'; it must be a positive whole number (the rank of the "
+                              "factors)")),
+    ({**CONFIG, "rank_pattern": {"q": 2.5}}, ("rank_pattern is {'q': 2.5}; it must map module "
+                                             "name patterns to positive whole numbers")),
+])
+def test_ranks_that_are_not_ranks(adapter, cli, tmp_path, config, message):
+    adapter(config=config)
+    line = _fails_everywhere(cli, tmp_path)
+    assert line.endswith(f"adapter_config.json: {message}"), line
+
+
+@pytest.mark.parametrize("config", [{**CONFIG, "r": 8}, {**CONFIG, "rank_pattern": {"q": 4}}])
+def test_a_rank_the_factors_do_not_have_is_refused(adapter, cli, tmp_path, config):
+    # The scale lora_alpha / r was taken with the factors' rank instead, silently.
+    adapter(config=config)
+    said = config.get("rank_pattern", {}).get("q", config["r"])
+    assert _fails_everywhere(cli, tmp_path).endswith(
+        f"module 'm.q' has factors of rank 2, but adapter_config.json gives it r = {said}, which "
+        "its scale lora_alpha / r is taken with (peft would not load it); fix r (or "
+        "rank_pattern), or save the adapter again")
+
+
+def test_integer_factors_and_an_empty_adapter_are_refused(adapter, cli, tmp_path):
+    adapter(tensors={k: v.to(torch.int32) for k, v in FACTORS.items()})
+    assert _fails_everywhere(cli, tmp_path).endswith(
+        "module 'm.q' has factors of dtype I32; LoRA factors are floating point (F16, BF16, F32, "
+        "F64)")
+    save_file({}, str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert _fails_everywhere(cli, tmp_path).endswith(
+        "the adapter holds no LoRA factors (lora_A/lora_B tensors) and no saved modules, so it "
+        "changes nothing; is adapter_model.safetensors the one peft saved?")
+
+
 def test_rank_zero_factors(adapter, cli, tmp_path):
     adapter(tensors={f"{P}m.q.lora_A.weight": torch.ones(0, 8),
                      f"{P}m.q.lora_B.weight": torch.ones(16, 0)})

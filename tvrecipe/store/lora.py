@@ -71,6 +71,10 @@ def _is_number(value: object) -> bool:
         and math.isfinite(value)
 
 
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _check_config(config: object, config_file: Path) -> None:
     """The fields of ``adapter_config.json`` the reader computes with: an InputError naming
     the field rather than a crash inside the arithmetic."""
@@ -80,6 +84,13 @@ def _check_config(config: object, config_file: Path) -> None:
     if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
         raise InputError(f"{config_file}: lora_alpha is {config['lora_alpha']!r}; it must be a "
                          "number")
+    if "r" in config and not _is_rank(config["r"]):
+        raise InputError(f"{config_file}: r is {config['r']!r}; it must be a positive whole "
+                         "number (the rank of the factors)")
+    ranks = config.get("rank_pattern") or {}
+    if not isinstance(ranks, dict) or not all(_is_rank(v) for v in ranks.values()):
+        raise InputError(f"{config_file}: rank_pattern is {ranks!r}; it must map module name "
+                         "patterns to positive whole numbers")
     patterns = config.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
         raise InputError(f"{config_file}: alpha_pattern is {patterns!r}; it must map module "
@@ -198,6 +209,17 @@ class LoraAdapter:
                 raise InputError(f"{self.path}: module {module!r} has rank-0 factors "
                                  f"{list(a_shape)} and {list(b_shape)}; leave the module out "
                                  "of the adapter instead")
+            said = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
+            if said is not None and said != r:
+                raise InputError(f"{self.path}: module {module!r} has factors of rank {r}, but "
+                                 f"adapter_config.json gives it r = {said}, which its scale "
+                                 "lora_alpha / r is taken with (peft would not load it); fix "
+                                 "r (or rank_pattern), or save the adapter again")
+            dtypes = {self.adapter.tensors[a].dtype, self.adapter.tensors[b].dtype}
+            if not all(d.startswith(("F", "BF")) for d in dtypes):
+                raise InputError(f"{self.path}: module {module!r} has factors of dtype "
+                                 f"{'/'.join(sorted(dtypes))}; LoRA factors are floating "
+                                 "point (F16, BF16, F32, F64)")
             transposed = embedding or fan_in_fan_out
             product = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
             if b_shape[1] != r or tuple(info.shape) != product:
@@ -209,6 +231,10 @@ class LoraAdapter:
                                    config.get("lora_alpha", 8))
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             self.factors[tensor] = _Factor(a, b, float(scale), transposed)
+        if not self.factors and not self.saved:
+            raise InputError(f"{self.path}: the adapter holds no LoRA factors (lora_A/lora_B "
+                             "tensors) and no saved modules, so it changes nothing; is "
+                             "adapter_model.safetensors the one peft saved?")
         both = set(self.factors) & set(self.saved)
         if both:
             raise InputError(f"{self.path}: {min(both)!r} is both a LoRA target and a saved "
