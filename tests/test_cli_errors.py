@@ -149,7 +149,7 @@ def test_validate_several_files_reports_all(cli, tmp_path):
     # validate reads no tensor data: the checkpoints need not exist.
     cli.write("good.yaml", simple())
     res = cli.fails(2, "validate", "many_mistakes.yaml", "good.yaml", "bad_references.yaml")
-    assert res.stdout.strip() == "good.yaml: ok (2 steps, 1 outputs)"
+    assert res.stdout.strip() == "good.yaml: ok (2 steps, 1 output)"
     lines = [line for line in res.err_lines if line != "tvrecipe: recipe error:"]
     lines = [BAD_REFERENCES[3] if line == CYCLE_OTHER_WAY else line for line in lines]
     assert lines == MANY_MISTAKES[1:] + BAD_REFERENCES[1:]
@@ -160,7 +160,7 @@ def test_validate_ok_lists_unused_steps(cli):
     cli.write("r.yaml", simple() .replace(
         "steps:\n", "steps:\n  spare: {op: negate, input: tv}\n"))
     res = cli.ok("validate", "r.yaml")
-    assert res.stdout.strip() == "r.yaml: ok (2 steps, 1 outputs; unused steps: spare)"
+    assert res.stdout.strip() == "r.yaml: ok (2 steps, 1 output; unused steps: spare)"
 
 
 @pytest.mark.parametrize("size", ["lots", "0"])

@@ -342,7 +342,9 @@ def test_random_valid_recipes_run_and_obey_the_algebra(plan: Plan):
         recipe.write_text(plan.text())
         code, out, err, exc = invoke("validate", str(recipe))
         assert (code, exc) == (0, None), plan.text() + err
-        assert f"ok ({len(plan.steps)} steps, {len(plan.outputs)} outputs)" in out
+        steps, outputs = len(plan.steps), len(plan.outputs)
+        assert (f"ok ({steps} step{'s' * (steps != 1)}, "
+                f"{outputs} output{'s' * (outputs != 1)})") in out
         code, out, err, exc = invoke("plan", str(recipe))
         assert (code, exc) == (0, None), plan.text() + err
         with mock.patch.object(runner_module, "CHUNK_ELEMENTS", plan.chunk):

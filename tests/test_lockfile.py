@@ -116,7 +116,7 @@ def test_verify_recompute_compares_fresh_bytes_and_cleans_up(tmp_path, monkeypat
     assert _cli("run", str(recipe), "-q").exit_code == 0
     res = _cli("verify", str(recipe), "--recompute")
     assert res.exit_code == 0, res.output
-    assert res.output == (f"{recipe}: ok, inputs, recipe and 1 outputs match the lock, and "
+    assert res.output == (f"{recipe}: ok, inputs, recipe and 1 output match the lock, and "
                           "recomputing them without the cache gave the same bytes\n")
     assert sorted(p.name for p in (tmp_path / ".tvrecipe").iterdir()) == ["cache", "hashes.json"]
 

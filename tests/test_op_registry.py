@@ -102,7 +102,7 @@ def expected(ms, limit: float, scale: float) -> dict[str, torch.Tensor]:
 def test_a_toy_op_runs_end_to_end_with_cache_and_lock(toy_ops, make_models, cli, tmp_path):
     ms = make_models(("math", "code"), scale=0.01)
     cli.write("r.yaml", RECIPE.format(models=ms.models_yaml(), limit=0.004, scale=1.0))
-    assert cli.ok("validate", "r.yaml").stdout == "r.yaml: ok (4 steps, 1 outputs)\n"
+    assert cli.ok("validate", "r.yaml").stdout == "r.yaml: ok (4 steps, 1 output)\n"
     plan = cli.ok("plan", "r.yaml").stdout
     assert "small          clip          tv -> vectors[math, code]" in plan
     assert "(plus cache entries of small, merged)" in plan

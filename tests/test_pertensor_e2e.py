@@ -141,7 +141,7 @@ def test_validate_warns_of_rules_that_match_no_tensor(cli, tmp_path):
     make(tmp_path)
     cli.write("r.yaml", RECIPE.format(b_weight='[{match: "typo", value: 1}, {value: 0.25}]'))
     res = cli.ok("validate", "r.yaml")
-    assert res.stdout == "r.yaml: ok (3 steps, 1 outputs)\n"
+    assert res.stdout == "r.yaml: ok (3 steps, 1 output)\n"
     assert res.stderr == ("warning: r.yaml:5:43: steps.merged.weights[b]: rule [0] matches no "
                           "tensor of the model\n")
     # Without the checkpoints there are no tensor names to check against: no warning.

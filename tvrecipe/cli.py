@@ -273,8 +273,8 @@ def validate(recipes: tuple[str, ...]) -> None:
             _fail(failed[-1])
             continue
         note = f"; unused steps: {', '.join(compiled.unused)}" if compiled.unused else ""
-        click.echo(f"{recipe}: ok ({len(compiled.steps)} steps, "
-                   f"{len(compiled.outputs)} outputs{note})")
+        click.echo(f"{recipe}: ok ({_plural(len(compiled.steps), 'step')}, "
+                   f"{_plural(len(compiled.outputs), 'output')}{note})")
         for warning in _rule_warnings(compiled) + _kind_warnings(compiled):
             click.echo(warning, err=True)
     if failed:
@@ -539,7 +539,7 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         raise VerifyError("does not match the lock:\n" + "\n".join(problems))
     n = len(compiled.outputs)
     if not recompute:
-        click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock")
+        click.echo(f"{recipe}: ok, inputs, recipe and {_plural(n, 'output')} match the lock")
         return
     import shutil
     import tempfile
@@ -569,8 +569,8 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         why = lockfile.machine_differences(lock, result.machine)
         raise VerifyError("recomputing the outputs gave other bytes than the lock:\n"
                           + "\n".join(problems + why))
-    click.echo(f"{recipe}: ok, inputs, recipe and {n} outputs match the lock, and recomputing "
-               "them without the cache gave the same bytes")
+    click.echo(f"{recipe}: ok, inputs, recipe and {_plural(n, 'output')} match the lock, and "
+               "recomputing them without the cache gave the same bytes")
 
 
 def _input_paths(options: tuple[str, ...]) -> dict[str, str]:
