@@ -14,7 +14,7 @@ import click
 
 from tvrecipe import __version__
 from tvrecipe.errors import Interrupted, TvrecipeError
-from tvrecipe.store.output import OutputFolder, deferred_interrupts
+from tvrecipe.store.output import InterruptAfter, OutputFolder, deferred_interrupts
 
 EXIT_BUG = 70
 
@@ -53,8 +53,11 @@ def handle_errors(fn):
         signal.signal(signal.SIGTERM, on_term)
         try:
             return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            exc = Interrupted("interrupted; temporary outputs were removed, the cache is intact")
+        except KeyboardInterrupt as stop:
+            exc = Interrupted(
+                "interrupted once the outputs and their lock were written (they are complete)"
+                if isinstance(stop, InterruptAfter) else
+                "interrupted; temporary outputs were removed, the cache is intact")
             _fail(exc)
             sys.exit(exc.exit_code)
         except TvrecipeError as exc:

@@ -135,6 +135,11 @@ def _sweep_dead_staging(parent: Path, name: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class InterruptAfter(KeyboardInterrupt):
+    """A Ctrl-C (or SIGTERM) that waited for a block that must not be split, and is raised
+    once it is done: what the block wrote (outputs and their lock) is in place."""
+
+
 @contextmanager
 def deferred_interrupts(drop: bool = False) -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block ends, then raise KeyboardInterrupt (or, with
@@ -153,7 +158,7 @@ def deferred_interrupts(drop: bool = False) -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if got and not drop:
-        raise KeyboardInterrupt
+        raise InterruptAfter
 
 
 class OutputFolder:
