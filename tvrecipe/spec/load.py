@@ -110,6 +110,16 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             message = f"{err['msg']}, got {err['input']!r}"
             expected = re.findall(r"'([^']*)'", err["msg"])
             hint = did_you_mean(err["input"], expected) if isinstance(err["input"], str) else None
+            if loc == ("compute_dtype",) and err["input"] in ("bfloat16", "float16"):
+                hint = (f"kernels compute in float32 or float64; to write {err['input']}, give "
+                        f"the output dtype: {err['input']}")
+        elif kind == "string_pattern_mismatch":  # (the pattern itself says little to a user)
+            field = loc[-1] if loc else None
+            info = model.model_fields.get(str(field)) if len(loc) == 1 else None
+            message = f"{err['input']!r} is not a valid {field}" if field else err["msg"]
+            hint = info.description if info is not None and info.description else None
+            if field == "sha256" and str(err["input"]).lower().startswith("sha256:"):
+                hint = "write the 64 hex digits alone, without 'sha256:'"
         elif kind == "value_error":  # our validators' messages already show the input
             message = err["msg"].removeprefix("Value error, ")
         else:
