@@ -131,6 +131,8 @@ def test_cache_commands(tmp_path):
     assert "; 1 leftover file of interrupted runs" in _cli("cache", "du", str(recipe)).output
     assert _cli("cache", "gc", str(recipe)).output.strip() == "removed 1 file"
     assert not leftover.exists() and len(_entries(tmp_path)) == 1
+    shards = list((tmp_path / ".tvrecipe" / "cache").iterdir())
+    assert shards and all(any(d.iterdir()) for d in shards)  # (a folder gc emptied goes too)
     cache = tmp_path / ".tvrecipe" / "cache"
     files = sorted(p for p in cache.rglob("*") if p.is_file())
     assert _cli("cache", "clear", str(recipe)).output == (

@@ -266,3 +266,11 @@ outputs:
     assert "from cache: merged" in res.stdout  # basis itself was not looked up
     second = json.loads((tmp_path / "second.json").read_text())
     assert second["basis"] == first["basis"]
+
+
+def test_a_bare_command_prints_its_help(cli):
+    for args in ((), ("cache",)):
+        res = cli(*args)
+        assert res.exit_code == 0 and res.stderr == "", args
+        assert res.stdout.startswith(f"Usage: tvrecipe {' '.join(args)}".rstrip() + " [OPTIONS]")
+        assert res.stdout.count("Usage:") == 1

@@ -300,6 +300,10 @@ def test_peft_output_mistakes_are_recipe_errors(cli, tmp_path):
     res = cli.fails(2, "validate", "b.yaml")
     assert ("outputs.adapter.format: `format: peft` writes one vector; 'tv' is a vectors "
             "(write one member (from: NAME.MEMBER) or combine the set with sum)") in res.stderr
+    cli.write("b2.yaml", OUT.replace("RANK", "rank: 4").replace("from: tv", "from: ft"))
+    res = cli.fails(2, "validate", "b2.yaml")
+    assert ("outputs.adapter.format: `format: peft` writes one vector; 'ft' is a checkpoint "
+            "(take its task vector first: {op: extract, base: ..., finetuned: ft})") in res.stderr
     cli.write("c.yaml", OUT.replace("format: peft, RANK", "rank: 4"))
     res = cli.fails(2, "validate", "c.yaml")
     assert ("`rank`, `full_tensors`, `base` and `base_model` are for `format: peft` outputs "

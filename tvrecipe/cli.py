@@ -114,14 +114,25 @@ class _Group(click.Group):
     def make_context(self, *args, **kwargs):
         try:
             return super().make_context(*args, **kwargs)
+        except _NO_ARGS as exc:  # bare `tvrecipe`: the help, exit 0
+            click.echo(exc.ctx.get_help())
+            exc.ctx.exit(0)
         except click.UsageError as exc:
             raise exc if isinstance(exc, _UsageError) else _UsageError(exc) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except _NO_ARGS as exc:  # bare `tvrecipe cache`: its help, exit 0
+            click.echo(exc.ctx.get_help())
+            exc.ctx.exit(0)
         except click.UsageError as exc:
             raise exc if isinstance(exc, _UsageError) else _UsageError(exc) from None
+
+
+# A group called without a command: click 8.2 on raises this usage error (before, it printed
+# the help and exited 0, as tvrecipe does again).
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _set_verbose(ctx: click.Context, _param, value: int) -> None:

@@ -424,6 +424,8 @@ class _Compiler:
                 self.problem(("outputs", name, "format"),
                              f"`format: peft` writes one vector; {out.from_!r} is a "
                              f"{res.type.kind}",
+                             "take its task vector first: {op: extract, base: ..., finetuned: "
+                             f"{out.from_}}}" if res.type.kind == CHECKPOINT else
                              "write one member (from: NAME.MEMBER) or combine the set with sum")
                 res = None
             if out.base is not None and (out.base not in recipe.models

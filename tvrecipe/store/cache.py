@@ -304,6 +304,9 @@ class TensorCache:
                 if now - e.used >= older_than_s:
                     self.remove(e.key)
                     removed.append(e.path)
+        for shard in self._shards():  # the folders emptied
+            with contextlib.suppress(OSError):  # (not empty: kept)
+                shard.rmdir()
         return removed
 
     def foreign(self) -> list[Path]:
