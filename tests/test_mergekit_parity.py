@@ -300,3 +300,25 @@ def test_the_recipe_reads_naturally_and_says_where_values_came_from(models, tmp_
     assert steps == ["tv", "sparse_ft0", "sparse_ft1", "sparse_ft2", "merged", "model"]
     assert "# density from models[].parameters" in recipe
     assert "{op: consensus, inputs: [sparse_ft0, sparse_ft1, sparse_ft2]" in recipe
+
+
+def test_the_config_says_the_dtype_the_weights_are_stored_in(models, tmp_path, monkeypatch,
+                                                             cli):
+    """As mergekit's: transformers loads a model in the config's torch_dtype ("auto")."""
+    mk, tv, _recipe = run_both(models, tmp_path, """
+        merge_method: task_arithmetic
+        base_model: ./base
+        models: [{model: ./ft0, parameters: {weight: 0.5}}]
+        dtype: float32
+        out_dtype: bfloat16
+    """, monkeypatch, cli)
+    assert {t.dtype for t in tv.values()} == {t.dtype for t in mk.values()} == {torch.bfloat16}
+    assert_parity(mk, tv, tol=1e-2)
+    configs = [json.loads((tmp_path / d / "config.json").read_text())
+               for d in ("mk-out", "tv-out")]
+    # (mergekit writes the config anew with transformers, whose newer versions call it dtype;
+    # tvrecipe copies the base's and sets the dtype its key names)
+    assert configs[0].get("dtype", configs[0].get("torch_dtype")) == "bfloat16"
+    assert configs[1]["torch_dtype"] == "bfloat16"
+    assert {k: v for k, v in configs[1].items() if k != "torch_dtype"} == {
+        k: v for k, v in CONFIG.items() if k != "torch_dtype"}

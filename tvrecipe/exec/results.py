@@ -21,7 +21,12 @@ from tvrecipe.plan.tensors import TensorPlan
 from tvrecipe.store.cache import TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size
 from tvrecipe.store.lora import AdapterError
-from tvrecipe.store.output import OutputFolder, copy_aux_files, deferred_interrupts
+from tvrecipe.store.output import (
+    OutputFolder,
+    copy_aux_files,
+    deferred_interrupts,
+    set_config_dtype,
+)
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
 
 # Recipe dtype names -> safetensors dtype strings.
@@ -295,6 +300,8 @@ class Output:
             src = compiled.loaded.resolve(compiled.models[source].path)
             if src.is_dir():
                 copy_aux_files(src, self.folder.staging)
+                if self.kind == CHECKPOINT and self.spec.dtype:
+                    set_config_dtype(self.folder.staging, self.spec.dtype)
         adapter = self.kind == VECTOR and self.spec.format == "peft"
         if (self.kind == CHECKPOINT or adapter) and self.spec.model_card is not False:
             self._release(compiled)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -343,6 +344,29 @@ def plan_aux_files(source: Path | RemotePath) -> AuxPlan:
             continue
         plan.copy.append(name)
     return plan
+
+
+def set_config_dtype(folder: Path, dtype: str) -> None:
+    """A copied ``config.json`` says the dtype the weights are stored in (``torch_dtype``, and
+    ``dtype`` where newer transformers write it), as mergekit's does: transformers loads with
+    it (``torch_dtype="auto"``). Only a JSON object that names a different dtype is
+    rewritten (keys in their order, indented by 2, as transformers writes it)."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # (none, or not ours to fix)
+    if not isinstance(config, dict):
+        return
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)]
+    if all(config[k] == dtype for k in keys):
+        return
+    for k in keys:
+        config[k] = dtype
+    try:
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise output_oserror(exc, path) from exc
 
 
 def copy_aux_files(source: Path | RemotePath, dest: Path) -> list[str]:
