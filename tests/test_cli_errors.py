@@ -625,3 +625,20 @@ def test_a_task_vector_folder_not_written_yet_says_so(cli, tmp_path):
         (f"model 'lib' (./lib): {tmp_path / 'lib'} does not exist yet; a task_vector folder is "
         "the vector or vectors output of a recipe: run that recipe first (or check the path)")]
     nothing_written(tmp_path)
+
+
+def test_a_union_field_gets_one_problem_naming_its_forms(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", "tvrecipe: 1\nmodels:\n  base: 5\n  m: ./ckpt/ft\n  c: ./ckpt/ft\n"
+                        "steps:\n  tv: {op: extract, base: base, finetuned: [m, c]}\n"
+                        "  s: {op: sum, inputs: tv, weights: abc}\n"
+                        "  b: {op: cluster_basis, inputs: tv, k: 1.5}\n"
+                        "  d: {op: decompose, inputs: tv, rank: {energy: 1.5}}\n"
+                        "outputs:\n  tv: {from: s, path: ./o}\n")
+    assert cli.fails(2, "validate", "r.yaml").err_lines[1:] == [
+        ("r.yaml:3:3: models.base: a model is a path, or a mapping such as {path: ./ckpt/x, kind: "
+        "task_vector}, got 5"),
+        ("r.yaml:8:28: steps.s.weights: Input should be a valid number, a valid list or a valid "
+        "dictionary, got 'abc'"),
+        "r.yaml:9:38: steps.b.k: Input should be a valid integer or 'auto', got 1.5",
+        "r.yaml:10:41: steps.d.rank.energy: Input should be less than or equal to 1, got 1.5"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,9 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             hint = ("a value that varies by tensor (a layer gradient or rules) is accepted by "
                     + ", ".join(f"'{f}'" for f in varying) if varying else
                     "this op takes no values that vary by tensor")
+        elif kind in ("model_type", "dict_type") and model is ModelSpec and not loc:
+            message = (f"a model is a path, or a mapping such as {{path: ./ckpt/x, kind: "
+                       f"task_vector}}, got {err['input']!r}")
         elif kind == "literal_error":
             message = f"{err['msg']}, got {err['input']!r}"
             expected = re.findall(r"'([^']*)'", err["msg"])
@@ -129,16 +132,53 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
         # A union's branch names (e.g. 'int', 'list[str]') are not keys the user wrote.
         clean = tuple(p for p in path if not _branch_only((p,)))
         problems.append(smap.problem(clean, message, hint))
-    # A union reports one error per branch: where a branch said something specific, the
-    # others' "Input should be a valid <type>" only add noise.
-    specific = {p.key_path for p in problems if not p.message.startswith("Input should be a valid")}
-    kept, seen = [], set()
+    return _one_per_union(problems)
+
+
+_EXPECTED = "Input should be "
+
+
+def _one_per_union(problems: list[Problem]) -> list[Problem]:
+    """A union reports one error per branch. Where a branch said something specific (here or
+    deeper in the value), the others' "Input should be a valid <type>" only add noise; where
+    the branches only say what they expected ("a valid number", "a valid list", "'auto'"),
+    one problem says all of it: ``Input should be 'auto' or a valid integer, got 1.5``."""
+    def generic(p: Problem) -> bool:
+        return p.message.startswith(_EXPECTED + "a valid")
+
+    def expected(p: Problem) -> bool:  # "Input should be <what>, got …" and nothing else
+        return p.message.startswith(_EXPECTED) and (generic(p) or p.message.startswith(
+            _EXPECTED + "'"))
+
+    def deeper(path: str | None) -> bool:
+        return path is not None and any(
+            q.key_path and q.key_path != path and q.key_path.startswith((path + ".", path + "["))
+            for q in problems)
+
+    by_path: dict[str | None, list[Problem]] = {}
     for p in problems:
-        if p.message.startswith("Input should be a valid") and p.key_path in specific:
-            continue
-        if (p.key_path, p.message) not in seen:
-            seen.add((p.key_path, p.message))
-            kept.append(p)
+        by_path.setdefault(p.key_path, []).append(p)
+    kept, seen = [], set()
+    for path, group in by_path.items():
+        if deeper(path):
+            group = [p for p in group if not generic(p)]
+        if any(not expected(p) for p in group):
+            group = [p for p in group if not generic(p)]
+        elif len(group) > 1:
+            wanted, got = [], ""
+            for p in group:
+                what, _, rest = p.message[len(_EXPECTED):].partition(", ")
+                if what not in wanted:
+                    wanted.append(what)
+                got = got or (rest[rest.rindex("got "):] if "got " in rest else "")
+            text = ", ".join(wanted[:-1]) + " or " + wanted[-1] if len(wanted) > 1 else wanted[0]
+            first = group[0]
+            group = [replace(first, message=f"{_EXPECTED}{text}"
+                                                        + (f", {got}" if got else ""))]
+        for p in group:
+            if (p.key_path, p.message) not in seen:
+                seen.add((p.key_path, p.message))
+                kept.append(p)
     return kept
 
 
