@@ -642,3 +642,16 @@ def test_a_union_field_gets_one_problem_naming_its_forms(cli, tmp_path):
         "dictionary, got 'abc'"),
         "r.yaml:9:38: steps.b.k: Input should be a valid integer or 'auto', got 1.5",
         "r.yaml:10:41: steps.d.rank.energy: Input should be less than or equal to 1, got 1.5"]
+
+
+def test_a_weights_file_or_a_missing_recipe_is_named_as_such(cli, tmp_path):
+    checkpoints(tmp_path)
+    res = cli.fails(2, "run", "ckpt/base/model.safetensors")
+    assert res.err_lines[1:] == [
+        ("ckpt/base/model.safetensors: this is safetensors weights, not a recipe (YAML text) (give "
+        "the recipe file, e.g. `tvrecipe run recipe.yaml`; a model's folder goes in the "
+        "recipe's models:)")]
+    for command in ("ls", "du", "gc", "clear"):
+        res = cli.fails(2, "cache", command, "typo.yaml")
+        assert res.err_lines[1:] == [("recipe file not found: typo.yaml (its cache is the one "
+                                     "beside it; --cache-dir names a cache folder directly)")]

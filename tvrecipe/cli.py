@@ -699,6 +699,10 @@ def cache() -> None:
 
 def _cache_for(recipe: str | None, cache_dir: str | None):
     from tvrecipe.store.cache import TensorCache
+    if recipe and not Path(recipe).is_file():  # (a typo would show another folder's cache)
+        from tvrecipe.errors import RecipeError
+        raise RecipeError(f"recipe file not found: {recipe} (its cache is the one beside it; "
+                          "--cache-dir names a cache folder directly)")
     base = Path(recipe).resolve().parent if recipe else Path.cwd()
     return TensorCache(_cache_root(base, cache_dir))
 

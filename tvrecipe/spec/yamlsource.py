@@ -108,6 +108,13 @@ def load_yaml(path: Path, display_name: str | None = None) -> tuple[Any, SourceM
         raise RecipeError(Problem(f"recipe file not found: {path}")) from None
     except OSError as exc:
         raise RecipeError(Problem(f"cannot read recipe: {exc.strerror}", file=name)) from None
+    if b"\0" in raw[:4096]:  # text has no NUL: a weights file or another binary file
+        what = ("safetensors weights" if Path(path).suffix == ".safetensors"
+                else "a binary file")
+        raise RecipeError(Problem(
+            f"this is {what}, not a recipe (YAML text)", file=name,
+            hint="give the recipe file, e.g. `tvrecipe run recipe.yaml`; a model's folder goes "
+                 "in the recipe's models:"))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
