@@ -349,3 +349,58 @@ def test_hub_ids_are_read_from_the_hub_as_mergekit_reads_them(cli):
             "(needs huggingface_hub; pin a revision with @REV, or write a local copy's folder)"
             ) in text
     cli.ok("validate", "r.yaml")
+
+
+def test_models_named_like_steps_or_listed_twice(make_models, cli):
+    """Folders named model, merged or tv take other names (the recipe's steps have those);
+    a model listed twice is refused, as mergekit refuses duplicate inputs."""
+    ms = make_models(("math",))
+    for name in ("model", "merged", "tv", "sparse_x"):
+        (ms.path("math").parent.parent / name).symlink_to(ms.path("math"))
+    recipe = imported(cli, """
+        merge_method: ties
+        base_model: ./ckpt/base
+        models:
+          - {model: ./model, parameters: {weight: 1, density: 0.5}}
+          - {model: ./merged, parameters: {weight: 1, density: 0.4}}
+          - {model: ./tv, parameters: {weight: 1, density: 0.5}}
+          - {model: ./sparse_x, parameters: {weight: 1, density: 0.5}}
+    """)
+    assert list(recipe["models"]) == ["base", "model_2", "merged_2", "tv_2", "m_sparse_x"]
+    cli.ok("validate", "r.yaml")
+    write(cli, "mk.yml", """\
+        merge_method: task_arithmetic
+        base_model: ./ckpt/base
+        models:
+          - {model: ./ckpt/math, parameters: {weight: 1}}
+          - {model: ./ckpt/math, parameters: {weight: 0.5}}
+    """)
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1:] == [
+        ("mk.yml:5:6: models[1].model: './ckpt/math' is listed twice; mergekit refuses duplicate "
+        "inputs (list it once, with the weight it should have)")]
+
+
+def test_a_whole_slice_needs_the_base_among_its_sources(make_models, cli):
+    ms = make_models(("math",))
+    for name in ("base", "math"):
+        (ms.path(name) / "config.json").write_text('{"num_hidden_layers": 2}')
+    config = """\
+        slices:
+          - sources:
+              - {model: ./ckpt/math, layer_range: [0, 2], parameters: {weight: 0.5}}
+            parameters: {lambda: 0.8}
+        merge_method: task_arithmetic
+        base_model: ./ckpt/base
+        parameters: {lambda: 0.3}
+    """
+    write(cli, "mk.yml", config)
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml").err_lines[1:] == [
+        ("mk.yml:2:5: slices[0].sources: base_model is not among the slice's sources: mergekit "
+        "adds it to a models list, not to a slice, and stops (add it to the sources with the "
+        "same layer_range)")]
+    recipe = imported(cli, config.replace(
+        "          - sources:\n",
+        "          - sources:\n              - {model: ./ckpt/base, layer_range: [0, 2]}\n"))
+    # (the slice's own parameters come before the config's)
+    assert recipe["steps"]["model"] == {"op": "apply", "base": "base", "delta": "merged",
+                                        "scale": 0.8}

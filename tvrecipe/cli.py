@@ -833,7 +833,7 @@ def import_(config: str, recipe: str, output_path: str | None, force: bool) -> N
         staging.unlink()
         raise
     os.replace(staging, target)
-    click.echo(f"wrote {recipe}: {len(compiled.steps)} steps from {config}; run it with "
+    click.echo(f"wrote {recipe}: {_plural(len(compiled.steps), 'step')} from {config}; run it with "
                f"`tvrecipe run {recipe}`")
     for note in notes:
         click.echo(f"note: {note}", err=True)

@@ -69,6 +69,8 @@ _UNSUPPORTED = {
     "chat_template": "chat templates are not written; copy one into the output by hand",
 }
 _NAME_RE = re.compile(r"[^A-Za-z0-9_\-]+")
+# The steps an imported recipe has (and sparse_MODEL): no model takes one of these names.
+_STEP_NAMES = ("tv", "sparse", "merged", "stock", "model")
 # Strings written without quotes: names, references and paths YAML reads back as the same text.
 _PLAIN = re.compile(r"^[A-Za-z_./][A-Za-z0-9_./\-]*$")
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
@@ -94,7 +96,8 @@ class _Importer:
         self.output_path = output_path
         self.problems: list[Problem] = []
         self.ignored: list[Problem] = []
-        self.names: set[str] = set()
+        self.names: set[str] = set(_STEP_NAMES)  # (a model named so gets model_2, ...)
+        self.slice_parameters: dict[str, Any] = {}
         self.dtypes: dict[str, str] = {}  # dtype, out_dtype: as tvrecipe names them
 
     def problem(self, where: tuple, message: str, hint: str | None = None) -> None:
@@ -138,7 +141,9 @@ class _Importer:
                 unknown = sorted(set(rule) - {"filter", "value"})
                 if unknown or "value" not in rule:
                     self.problem((*where, i), f"a conditional parameter has keys "
-                                              f"{sorted(rule)}", "write {filter: ..., value: ...}")
+                                              f"{sorted(rule)}", "write {filter: ..., value: ...}"
+                                 + ("; mergekit ignores 'pattern', so this rule would apply to "
+                                    "every tensor" if "pattern" in rule else ""))
                     return None
                 pattern = rule.get("filter")
                 value = self.value(rule["value"], (*where, i, "value"))
@@ -214,7 +219,9 @@ class _Importer:
         slice is the models form (mergekit turns ``models`` into just such a slice): the
         common form of slerp configs. None for any other slices."""
         if not (isinstance(slices, list) and len(slices) == 1 and isinstance(slices[0], dict)
-                and set(slices[0]) == {"sources"} and isinstance(slices[0]["sources"], list)):
+                and set(slices[0]) <= {"sources", "parameters"}
+                and isinstance(slices[0].get("sources"), list)
+                and isinstance(slices[0].get("parameters") or {}, dict)):
             return None
         out = []
         for i, src in enumerate(slices[0]["sources"]):
@@ -227,6 +234,9 @@ class _Importer:
                 return None
             entry = {"model": src["model"], "parameters": src.get("parameters")}
             out.append((("slices", 0, "sources", i), entry))
+        # The slice's own parameters come before the config's, for every tensor it covers:
+        # all of them here.
+        self.slice_parameters = dict(slices[0].get("parameters") or {})
         return out or None
 
     def model_path(self, raw: Any, where: tuple) -> str | None:
@@ -254,8 +264,8 @@ class _Importer:
     def name_for(self, path: str, wanted: str | None = None) -> str:
         stem = wanted or Path(path.rstrip("/")).name or "model"
         name = _NAME_RE.sub("_", stem).strip("_-") or "model"
-        if not re.match(r"[A-Za-z_]", name):
-            name = "m_" + name
+        if not re.match(r"[A-Za-z_]", name) or name.startswith("sparse_"):
+            name = "m_" + name  # (sparse_NAME is a step's name)
         base, i = name, 2
         while name in self.names:
             name, i = f"{base}_{i}", i + 1
@@ -310,6 +320,7 @@ class _Importer:
             if path is not None:
                 base = _Model(self.name_for(path, "base"), path, ("base_model",))
         models: list[_Model] = []
+        seen: dict[str, tuple] = {}
         for order, (where, entry) in enumerate(entries):
             if not isinstance(entry, dict) or "model" not in entry:
                 self.problem(where, "a models entry is {model: PATH, parameters: {...}}")
@@ -317,8 +328,14 @@ class _Importer:
             path = self.model_path(entry["model"], (*where, "model"))
             if path is None:
                 continue
+            if entry["model"] in seen:  # (mergekit tells inputs apart by the text written)
+                self.problem((*where, "model"), f"{entry['model']!r} is listed twice; mergekit "
+                                                "refuses duplicate inputs",
+                             "list it once, with the weight it should have")
+                continue
+            seen[entry["model"]] = where
             params = entry.get("parameters") or {}
-            if base is not None and path == base.path:
+            if base is not None and entry["model"] == data.get("base_model"):
                 # mergekit lists the base among the models at times: an input of linear and
                 # slerp, never a task vector of its own.
                 base.parameters, base.listed, base.where = params, True, where
@@ -327,9 +344,14 @@ class _Importer:
             models.append(_Model(self.name_for(path), path, where, params, order=order))
         if not models and not self.problems:
             self.problem(("models",), "no models to merge")
+        if "slices" in data and entries and base is not None and not base.listed:
+            self.problem(("slices", 0, "sources"), "base_model is not among the slice's "
+                                                   "sources: mergekit adds it to a models list, "
+                                                   "not to a slice, and stops",
+                         "add it to the sources with the same layer_range")
         if tok is not None and base is not None:
             self.same_vocabulary([base, *models])
-        shared = data.get("parameters") or {}
+        shared = {**(data.get("parameters") or {}), **self.slice_parameters}
         if method not in METHODS:  # parameters are checked against a method's
             raise RecipeError(self.problems)
         per_model, shared_only = _PER_MODEL[method], _SHARED_ONLY[method]
@@ -488,8 +510,9 @@ class _Writer:
                 return ""
             t, src = self.shared_value("t", None)
             if t is None:
-                self.imp.problem(("parameters",), "slerp needs a 't' parameter",
-                                 "set it config-wide: parameters: {t: ...}")
+                if "t" not in self.shared:  # (else its own problem was said)
+                    self.imp.problem(("parameters",), "slerp needs a 't' parameter",
+                                     "set it config-wide: parameters: {t: ...}")
                 return ""
             self.add("model", {"op": "slerp", "a": self.base.name, "b": names[0], "t": t},
                      f"t from {src}; t = 0 is base_model")
