@@ -374,10 +374,20 @@ def test_a_cache_that_cannot_be_written_costs_the_entry_not_the_run(tmp_path, mo
     if where == "start":
         monkeypatch.setattr(cache_mod, "tempfile", SimpleNamespace(mkstemp=fail))
     elif where == "write":
+        class Full:  # the entry's file, on a disk that fills at tensor w3
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, _data):
+                raise full
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
         class Failing(cache_mod.SafetensorsStreamWriter):
             def write(self, name, tensor):
-                if name == "w3":
-                    raise full
+                if name == "w3" and not isinstance(self._file, Full):
+                    self._file = Full(self._file)
                 super().write(name, tensor)
 
         monkeypatch.setattr(cache_mod, "SafetensorsStreamWriter", Failing)
@@ -397,3 +407,39 @@ def test_a_cache_that_cannot_be_written_costs_the_entry_not_the_run(tmp_path, mo
     os.chdir(tmp_path)
     assert _cli("run", str(recipe), "--force", "-q").exit_code == 0
     assert len(_entries(tmp_path)) == 1
+
+
+def test_a_read_only_cache_serves_its_entries(tmp_path, monkeypatch):
+    """A shared cache mounted read-only: its entries serve (their use is not recorded), and a
+    new step's entry is a warning, not a failure."""
+    import errno
+
+    import tvrecipe.store.cache as cache_mod
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    want = load_file(str(tmp_path / "out" / "model.safetensors"))
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    fake_os = SimpleNamespace(**{**vars(os), "utime": read_only, "replace": read_only})
+    monkeypatch.setattr(cache_mod, "os", fake_os)
+    monkeypatch.setattr(cache_mod, "tempfile", SimpleNamespace(mkstemp=read_only))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0, res.output
+    assert "from cache: merged" in res.output and "warning" not in res.output
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    recipe.write_text(RECIPE.replace("SCALE", "1.0").replace("density: 0.5", "density: 0.4"))
+    res = _cli("run", str(recipe))
+    assert res.exit_code == 0, res.output
+    assert "could not write the cache entry ties-" in res.output
+
+
+def test_cache_clear_through_a_link_empties_the_cache_and_keeps_the_link(tmp_path):
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q", "--cache-dir", str(tmp_path / "real")).exit_code == 0
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    res = _cli("cache", "clear", "--cache-dir", str(tmp_path / "link"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "link").is_symlink() and list((tmp_path / "real").iterdir()) == []

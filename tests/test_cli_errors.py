@@ -568,12 +568,14 @@ def test_outputs_that_nest_are_a_recipe_error(cli, tmp_path):
 
 def test_an_output_in_tvrecipes_own_folder_is_a_recipe_error(cli, tmp_path):
     checkpoints(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / ".tvrecipe").symlink_to(tmp_path / "elsewhere")  # (a link: where it leads)
     for path in ("./.tvrecipe", "./.tvrecipe/out"):
         cli.write("r.yaml", simple(out=path))
         res = cli.fails(2, "validate", "r.yaml")
         assert res.err_lines[1:] == [
             (f"r.yaml:9:24: outputs.model.path: output path {path!r} is in tvrecipe's own "
-             f"folder {tmp_path / '.tvrecipe'} (its cache and hash memo), which a run writes "
+             f"folder {tmp_path / 'elsewhere'} (its cache and hash memo), which a run writes "
              "and replaces (write the output elsewhere)")]
 
 
@@ -598,6 +600,11 @@ def test_a_checkpoint_declared_a_task_vector_is_warned_about(cli, tmp_path):
                "its task vector with {op: extract, base: ..., finetuned: [tvx]}")
     assert cli.ok("validate", "r.yaml").err_lines == [warning]
     assert cli.ok("run", "r.yaml", "-q").err_lines == [f"tvrecipe: {warning}"]
+    # A merged checkpoint tvrecipe wrote is no task vector either.
+    (tmp_path / "out" / "m" / "config.json").write_text("{}")
+    cli.write("r2.yaml", recipe.replace("PATH", "./out/m").replace("./out/m}", "./out/m2}"))
+    assert cli.ok("validate", "r2.yaml").err_lines == [
+        warning.replace("r.yaml", "r2.yaml").replace("./ckpt/ft", "./out/m")]
     # A vector a run wrote (with the base's config.json copied beside it): no warning.
     cli.write("tv.yaml", simple(out="./out/tv").replace("from: model", "from: tv").replace(
         "path: ./out/tv}", "path: ./out/tv, copy_files_from: base}"))
@@ -655,3 +662,15 @@ def test_a_weights_file_or_a_missing_recipe_is_named_as_such(cli, tmp_path):
         res = cli.fails(2, "cache", command, "typo.yaml")
         assert res.err_lines[1:] == [("recipe file not found: typo.yaml (its cache is the one "
                                      "beside it; --cache-dir names a cache folder directly)")]
+
+
+def test_a_value_not_of_its_form_names_the_field_and_the_form(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple().replace("tvrecipe: 1\n", "tvrecipe: 1\nsettings: {device: gpu}\n")
+              .replace("finetuned: ft}", 'finetuned: [ft, "f t"]}'))
+    assert cli.fails(2, "validate", "r.yaml").err_lines[1:] == [
+        ("r.yaml:2:12: settings.device: 'gpu' is not a valid value of 'device' (Where kernels "
+        "run: `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.)"),
+        ("r.yaml:7:49: steps.tv.finetuned[1]: 'f t' is not a valid value of 'finetuned' (a name "
+        "starts with a letter or '_' and uses letters, digits, '_' and '-'; a member is "
+        "NAME.MEMBER)")]

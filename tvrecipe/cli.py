@@ -77,9 +77,14 @@ def handle_errors(fn):
             if verbose:
                 import traceback
                 traceback.print_exc()
-            click.echo(f"tvrecipe: internal error: {type(exc).__name__}: {exc}\n"
-                       "  this is a bug in tvrecipe; rerun with -v for the traceback and report it",
-                       err=True)
+            if verbose:
+                click.echo(f"tvrecipe: internal error: {type(exc).__name__}: {exc}\n"
+                           "  this is a bug in tvrecipe; report it with the traceback above",
+                           err=True)
+            else:
+                click.echo(f"tvrecipe: internal error: {type(exc).__name__}: {exc}\n"
+                           "  this is a bug in tvrecipe; rerun with -v for the traceback and "
+                           "report it", err=True)
             sys.exit(EXIT_BUG)
         finally:
             # The command is over: a Ctrl-C now must not turn its exit into click's "Aborted!"
@@ -251,7 +256,7 @@ def _kind_warnings(compiled) -> list[str]:
             continue
         try:
             with open_checkpoint(folder) as ck:
-                if "tvrecipe.version" in ck.metadata:  # a vector output of a run
+                if ck.metadata.get("tvrecipe.kind") in ("vector", "vectors"):  # a run's
                     continue
         except (InputError, MissingPackage):
             continue  # (the run says what is wrong with it)
@@ -385,7 +390,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                        "(--force recomputes them)")
         return
     from tvrecipe.store.lock import check_writable
-    check_writable(lock_path(compiled.loaded.path))  # (not after the outputs are in place)
+    # (not after the outputs are in place; an up-to-date run in a read-only folder is fine)
+    check_writable(lock_path(compiled.loaded.path))
     # Output folders this recipe's lock says it wrote: unchanged ones are replaced without
     # --force; a changed one is refused, saying what changed, before anything runs.
     written = lockfile.written_outputs(compiled, memo) if has_lock else {}

@@ -215,6 +215,15 @@ def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, shard):
         open_checkpoint(tmp_path)
 
 
+def test_an_index_may_name_a_shard_with_dot_slash(tmp_path):
+    index = write_sharded(tmp_path)
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: "./" + v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with open_checkpoint(tmp_path) as ck:
+        assert sorted(ck.tensors) == sorted(data["weight_map"])
+
+
 def test_index_entry_not_in_its_shard(tmp_path):
     index = write_sharded(tmp_path)
     data = json.loads(index.read_text())

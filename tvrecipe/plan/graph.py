@@ -439,7 +439,7 @@ class _Compiler:
                              f"unknown model {out.copy_files_from!r}",
                              did_you_mean(out.copy_files_from, recipe.models))
             target = str(self.loaded.resolve(out.path).resolve())
-            own = str(self.loaded.root / ".tvrecipe")
+            own = str((self.loaded.root / ".tvrecipe").resolve())  # (a link: where it leads)
             if target == own or target.startswith(own + os.sep):
                 self.problem(("outputs", name, "path"),
                              f"output path {out.path!r} is in tvrecipe's own folder {own} (its "

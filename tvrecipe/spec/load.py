@@ -12,7 +12,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tvrecipe.errors import Problem, RecipeError
-from tvrecipe.spec.models import NAME_PATTERN, ModelSpec, OutputSpec, Recipe, Settings
+from tvrecipe.spec.models import (
+    NAME_PATTERN,
+    REF_PATTERN,
+    ModelSpec,
+    OutputSpec,
+    Recipe,
+    Settings,
+)
 from tvrecipe.spec.registry import ops, recipe_model
 from tvrecipe.spec.yamlsource import KeyPath, SourceMap, load_yaml
 from tvrecipe.store.remote import RemotePath, url_scheme
@@ -117,10 +124,16 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
                 hint = (f"kernels compute in float32 or float64; to write {err['input']}, give "
                         f"the output dtype: {err['input']}")
         elif kind == "string_pattern_mismatch":  # (the pattern itself says little to a user)
-            field = loc[-1] if loc else None
-            info = model.model_fields.get(str(field)) if len(loc) == 1 else None
-            message = f"{err['input']!r} is not a valid {field}" if field else err["msg"]
+            keys = [p for p in loc if isinstance(p, str) and not _branch_only((p,))]
+            field = keys[-1] if keys else None  # (an item of a list: the list's field)
+            info = model.model_fields.get(field) if len(keys) == 1 else None
+            message = (f"{err['input']!r} is not a valid value of '{field}'" if field
+                       else err["msg"])
             hint = info.description if info is not None and info.description else None
+            pattern = (err.get("ctx") or {}).get("pattern")
+            if pattern in (NAME_PATTERN, REF_PATTERN):
+                hint = ("a name starts with a letter or '_' and uses letters, digits, '_' and "
+                        "'-'" + ("; a member is NAME.MEMBER" if pattern == REF_PATTERN else ""))
             if field == "sha256" and str(err["input"]).lower().startswith("sha256:"):
                 hint = "write the 64 hex digits alone, without 'sha256:'"
         elif kind == "value_error":  # our validators' messages already show the input

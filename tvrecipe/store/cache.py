@@ -14,11 +14,22 @@ from pathlib import Path
 
 from tvrecipe.errors import InputError, OutputError
 from tvrecipe.store.checkpoint import Checkpoint, open_checkpoint
+from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec, tensor_digest, tensor_hasher
 
 SUFFIX = ".safetensors"
 MANIFEST = ".json"
 _SHARD = re.compile(r"[0-9a-f]{2}")  # an entry's folder: its key's first two hex digits
+
+
+def _os_error(exc: OSError | OutputError) -> OSError:
+    """The OSError behind a write failure (the stream writer wraps it in an OutputError);
+    an OutputError from anything else is not a disk's refusal: raised again."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc.__cause__, OSError):
+        return exc.__cause__
+    raise exc
 
 
 def _written_here(name: str) -> bool:
@@ -113,8 +124,8 @@ class PendingEntry:
                 # No fsync: an entry cut short by a crash fails its checksums and is recomputed.
                 self.writers[slot] = SafetensorsStreamWriter(Path(tmp), specs, metadata,
                                                              digest="tensors", durable=False)
-        except OSError as exc:
-            self._fail(exc)
+        except (OSError, OutputError) as exc:
+            self._fail(_os_error(exc))
 
     def _fail(self, exc: OSError) -> None:
         """A cache that cannot be written (read-only, full) costs the entry, not the run: the
@@ -133,8 +144,8 @@ class PendingEntry:
             return
         try:
             self.writers[slot].write(name, tensor)
-        except OSError as exc:
-            self._fail(exc)
+        except (OSError, OutputError) as exc:
+            self._fail(_os_error(exc))
 
     def commit(self, info: Mapping[str, object]) -> None:
         """Close and move every slot file into place, then write the manifest.
@@ -157,10 +168,10 @@ class PendingEntry:
                 os.replace(tmp, manifest)
             finally:
                 tmp.unlink(missing_ok=True)
-        except OSError as exc:
+        except (OSError, OutputError) as exc:
             # (slot files already moved into place, without a manifest, are leftovers that
             # no run trusts: `cache gc` removes them)
-            self._fail(exc)
+            self._fail(_os_error(exc))
 
     def abort(self) -> None:
         """Drop the partial files."""
@@ -236,7 +247,8 @@ class TensorCache:
                 slots[slot] = ck = open_checkpoint(path)
                 if set(ck.tensors) != set(digests):
                     raise InputError(f"{path.name}: its tensors differ from the manifest's")
-            os.utime(manifest)  # records use, for `cache gc --older-than`
+            with contextlib.suppress(OSError):  # (a read-only cache: its entries still serve)
+                os.utime(manifest)  # records use, for `cache gc --older-than`
             return info, slots, EntryCheck(key, info["tensors"])
         except (OSError, ValueError, KeyError, AttributeError, InputError) as exc:
             for ck in slots.values():
@@ -245,9 +257,11 @@ class TensorCache:
             return None
 
     def discard(self, key: str, warning: str) -> None:
-        """Remove a bad entry and record why in :attr:`warnings`."""
+        """Remove a bad entry and record why in :attr:`warnings` (a read-only cache keeps it:
+        it is recomputed all the same)."""
         self.warnings.append(warning)
-        self.remove(key)
+        with contextlib.suppress(OSError):
+            self.remove(key)
 
     def remove(self, key: str) -> None:
         """Delete an entry (manifest first, so it is never half trusted)."""
@@ -295,15 +309,20 @@ class TensorCache:
         self._refuse_foreign()
         now = time.time()
         removed = []
-        for p in self.leftovers():
-            if now - p.stat().st_mtime >= min_age_s:
-                p.unlink(missing_ok=True)
-                removed.append(p)
-        if older_than_s is not None:
-            for e in self.entries():
-                if now - e.used >= older_than_s:
-                    self.remove(e.key)
-                    removed.append(e.path)
+        try:
+            for p in self.leftovers():
+                with contextlib.suppress(FileNotFoundError):  # (gone meanwhile: a live run's)
+                    if now - p.stat().st_mtime >= min_age_s:
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+            if older_than_s is not None:
+                for e in self.entries():
+                    if now - e.used >= older_than_s:
+                        self.remove(e.key)
+                        removed.append(e.path)
+        except OSError as exc:
+            raise output_oserror(exc, Path(exc.filename or self.root), folder=self.root
+                                 ) from exc
         for shard in self._shards():  # the folders emptied
             with contextlib.suppress(OSError):  # (not empty: kept)
                 shard.rmdir()
@@ -318,8 +337,11 @@ class TensorCache:
         out = []
         for p in self.root.iterdir():
             if p.is_dir() and not p.is_symlink() and _SHARD.fullmatch(p.name):
-                out += [q for q in p.iterdir() if q.is_symlink() or not q.is_file()
-                        or not _written_here(q.name)]
+                # (a file a live run renames or removes meanwhile is still the cache's; an
+                # NFS client's .nfs* placeholder of a removed open file is nobody's to judge)
+                out += [q for q in p.iterdir() if not q.name.startswith(".nfs") and (
+                    not _written_here(q.name) or q.is_symlink()
+                    or (q.exists() and not q.is_file()))]
             else:
                 out.append(p)
         return sorted(out)
@@ -342,10 +364,19 @@ class TensorCache:
         removed = 0
         if not self.root.is_dir():
             return removed
-        for shard in self.root.iterdir():
-            for q in shard.iterdir():
-                q.unlink(missing_ok=True)
-                removed += 1
-            shard.rmdir()
-        self.root.rmdir()
+        try:
+            for shard in self._shards():
+                for q in shard.iterdir():
+                    if q.name.startswith(".nfs"):
+                        continue
+                    q.unlink(missing_ok=True)
+                    removed += 1
+                with contextlib.suppress(OSError):  # (a live run's new file, an .nfs one)
+                    shard.rmdir()
+            if not self.root.is_symlink():  # (a linked cache folder stays, emptied)
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()
+        except OSError as exc:
+            raise output_oserror(exc, Path(exc.filename or self.root), folder=self.root
+                                 ) from exc
         return removed

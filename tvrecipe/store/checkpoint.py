@@ -9,7 +9,7 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from tvrecipe.errors import InputError, about
@@ -474,7 +474,8 @@ def _read_index(index: Path | RemotePath) -> tuple[list[Path], dict[str, str]]:
     for shard in sorted(set(weight_map.values())):
         # A shard is a file beside its index (as Hugging Face writes them): never a path
         # that leaves the folder (an absolute one, or one with a '..' or a subfolder).
-        if not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+        parts = PurePosixPath(shard).parts  # ("./x" is x)
+        if len(parts) != 1 or parts[0] in (".", "..", "/") or "\\" in shard:
             raise InputError(
                 f"{index}: names shard {shard!r}, which is not a file name beside the index; "
                 "a sharded checkpoint's shards lie in its folder: regenerate the index")
