@@ -298,10 +298,15 @@ def test_dtype_names_as_mergekit_takes_them(make_models, cli, tmp_path):
             if t.is_floating_point()} == {torch.float16}
 
 
-def test_a_slice_is_imported_only_when_it_spans_every_layer(make_models, cli):
+def two_layers(make_models) -> None:
+    """A base and a fine-tune `math` whose config.json says they have 2 layers."""
     ms = make_models(("math",))
     for name in ("base", "math"):
         (ms.path(name) / "config.json").write_text('{"num_hidden_layers": 2}')
+
+
+def test_a_slice_is_imported_only_when_it_spans_every_layer(make_models, cli):
+    two_layers(make_models)
     whole = """\
         slices:
           - sources:
@@ -381,9 +386,7 @@ def test_models_named_like_steps_or_listed_twice(make_models, cli):
 
 
 def test_a_whole_slice_needs_the_base_among_its_sources(make_models, cli):
-    ms = make_models(("math",))
-    for name in ("base", "math"):
-        (ms.path(name) / "config.json").write_text('{"num_hidden_layers": 2}')
+    two_layers(make_models)
     config = """\
         slices:
           - sources:
