@@ -212,6 +212,18 @@ DETERMINISTIC = {
           density: [{filter: self_attn, value: 5e-1}]
         dtype: float32
     """,
+    # base_model written otherwise than its entry among the models: mergekit tells models
+    # apart by their text, so ./base is one more (zero) task vector, counted by normalize.
+    "task_arithmetic-base-spelled-otherwise": """
+        merge_method: task_arithmetic
+        base_model: base
+        models:
+          - {model: ./base, parameters: {weight: 1.0}}
+          - {model: ./ft0, parameters: {weight: 0.5}}
+          - {model: ./ft1, parameters: {weight: 0.5}}
+        parameters: {normalize: true}
+        dtype: float32
+    """,
     "model_stock": """
         merge_method: model_stock
         base_model: ./base
