@@ -407,3 +407,22 @@ def test_a_whole_slice_needs_the_base_among_its_sources(make_models, cli):
     # (the slice's own parameters come before the config's)
     assert recipe["steps"]["model"] == {"op": "apply", "base": "base", "delta": "merged",
                                         "scale": 0.8}
+
+
+def test_models_written_as_mappings(make_models, cli):
+    """mergekit's {model: {path: ...}} form: the base among the models is the base, and a
+    mapping listed twice is refused like a path (it was an internal error)."""
+    make_models(("math",))
+    config = """\
+        merge_method: task_arithmetic
+        base_model: {model: {path: ./ckpt/base}}
+        models:
+          - {model: {model: {path: ./ckpt/math}}, parameters: {weight: 1}}
+          - {model: {model: {path: ./ckpt/base}}}
+    """
+    assert list(imported(cli, config)["models"]) == ["base", "math"]
+    write(cli, "mk.yml", config.rstrip(" ") + "          - {model: {model: {path: ./ckpt/math}}}\n")
+    res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force")
+    assert res.err_lines[1:] == [
+        ("mk.yml:6:6: models[2].model: {'model': {'path': './ckpt/math'}} is listed twice; "
+        "mergekit refuses duplicate inputs (list it once, with the weight it should have)")]

@@ -328,14 +328,16 @@ class _Importer:
             path = self.model_path(entry["model"], (*where, "model"))
             if path is None:
                 continue
-            if entry["model"] in seen:  # (mergekit tells inputs apart by the text written)
+            # (mergekit tells inputs apart by what is written: a path's text)
+            text = json.dumps(entry["model"], sort_keys=True)
+            if text in seen:
                 self.problem((*where, "model"), f"{entry['model']!r} is listed twice; mergekit "
                                                 "refuses duplicate inputs",
                              "list it once, with the weight it should have")
                 continue
-            seen[entry["model"]] = where
+            seen[text] = where
             params = entry.get("parameters") or {}
-            if base is not None and entry["model"] == data.get("base_model"):
+            if base is not None and text == json.dumps(data.get("base_model"), sort_keys=True):
                 # mergekit lists the base among the models at times: an input of linear and
                 # slerp, never a task vector of its own.
                 base.parameters, base.listed, base.where = params, True, where
