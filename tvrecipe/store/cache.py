@@ -19,6 +19,7 @@ from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec, tensor_di
 
 SUFFIX = ".safetensors"
 MANIFEST = ".json"
+FORMAT = 4  # manifests of another format are misses (written by another tvrecipe version)
 _SHARD = re.compile(r"[0-9a-f]{2}")  # an entry's folder: its key's first two hex digits
 
 
@@ -36,7 +37,6 @@ def _written_here(name: str) -> bool:
     """Whether a file of this name in a shard folder is one a cache writes."""
     return (name.endswith((SUFFIX, MANIFEST)) and not name.startswith(".")) or (
         name.startswith(".") and name.endswith(".tmp"))
-FORMAT = 4  # manifests of another format are misses (written by another tvrecipe version)
 
 
 class CacheCorrupt(Exception):
