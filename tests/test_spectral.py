@@ -121,7 +121,7 @@ def test_iso_cts_keeps_the_common_subspace_and_a_flat_spectrum(make_models, cli,
         total = sum(xs)
         u, s, vh = np.linalg.svd(total, full_matrices=False)
         r, t = s.size, len(xs)
-        per_task = (r - int(0.5 * r)) // t
+        per_task = round((r - int(0.5 * r)) / t)  # (the reference's rounding, half to even)
         k = r - per_task * t
         us, vs, ss = [u[:, :k]], [vh[:k].T], [s[:k]]
         for x in xs:
@@ -171,7 +171,7 @@ def test_large_tensors_agree_with_the_exact_formulas(shape, flat):
     total = sum(xs)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     k = int(0.8 * r)
-    per = (r - k) // 8
+    per = round((r - k) / 8)
     k = r - per * 8
     us, vs, ss = [u[:, :k]], [vh[:k].T], [s[:k]]
     for x in xs:
@@ -246,3 +246,28 @@ def test_an_empty_matrix_passes_through(cli, make_models, tmp_path, step):
         assert set(got) == set(plain)
         for k in plain:
             assert torch.equal(got[k], plain[k]), k
+
+
+def test_iso_cts_rounds_the_task_directions_as_the_reference_does():
+    """k = int(common·r), then r − k rounded (half to even) to a multiple of T: r = 12, T = 4,
+    common 0.8 gives k = 8 and one direction per task (rounding down gave k = 12: Iso-C);
+    common 0.9 gives r − k = 2 → 0 per task, which is Iso-C."""
+    from tvrecipe.ops.spectral import iso
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(12, 20, generator=g, dtype=torch.float64) for _ in range(4)]
+    total = sum(xs)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    k, per = 8, 1
+    us, vs, ss = [u[:, :k]], [vh[:k].T], [s[:k]]
+    for x in xs:
+        ut, st, vht = torch.linalg.svd(x - u[:, :k] @ (u[:, :k].T @ x), full_matrices=False)
+        us.append(ut[:, :per])
+        vs.append(vht[:per].T)
+        ss.append(st[:per])
+    ref = (torch.from_numpy(polar(torch.cat(us, 1).numpy())) * torch.cat(ss).mean()
+           @ torch.from_numpy(polar(torch.cat(vs, 1).numpy())).T).numpy()
+    got = iso(xs, variant="cts", common=0.8).numpy()
+    assert np.abs(got - ref).max() <= 1e-9 * np.abs(ref).max()
+    c = iso(xs, variant="c").numpy()
+    assert np.abs(got - c).max() > 1e-3 * np.abs(c).max()
+    assert np.abs(iso(xs, variant="cts", common=0.9).numpy() - c).max() <= 1e-9 * np.abs(c).max()

@@ -332,8 +332,9 @@ def iso(inputs: Sequence[Input], *, variant: str = "c",
     """Iso-C and Iso-CTS (Marczak et al., 2025), on Δ_TA = Σ_t Δ_t = U·Σ·Vᵀ.
 
     ``c``: Δ = σ̄·U·Vᵀ, σ̄ the mean singular value of Δ_TA (a flat spectrum).
-    ``cts``: the top k singular vectors of Δ_TA (k = ⌊common·r⌋, lowered until r − k divides
-    by T) plus each task's top s = (r − k)/T singular vectors of its residual
+    ``cts``: the top k singular vectors of Δ_TA (k = ⌊common·r⌋, then r − k rounded to the
+    nearest multiple of T, as the reference implementation does) plus each task's top
+    s = (r − k)/T singular vectors of its residual
     Δ_t − U_k·U_kᵀ·Δ_t; the stacked U's and V's are replaced by their polar factors and every
     singular value by the mean of the stacked ones. Tensors that are not 2-D are averaged.
 
@@ -357,8 +358,11 @@ def iso(inputs: Sequence[Input], *, variant: str = "c",
     del total
     r = s.numel()
     t = len(xs)
+    # The reference implementation's split: the r - k task directions rounded (Python's
+    # round, half to even) to a multiple of T, so k moves up or down to the nearest k that
+    # leaves one; never more task directions than there are.
     k = int(common * r)
-    per_task = (r - k) // t
+    per_task = min(round((r - k) / t), r // t)
     k = min(r - per_task * t, u.shape[1])
     us, vs, ss = [u[:, :k]], [v[:, :k]], [s[:k]]
     if per_task:

@@ -27,15 +27,17 @@ class IsoStep(StepSpec):
     variant: Literal["c", "cts"] = Field("c", description="`c` (Iso-C) or `cts` (Iso-CTS).")
     common: float = Field(0.8, ge=0, le=1,
                           description="`cts` only: share of the rank kept for the common "
-                                      "subspace (lowered until the rest divides among tasks).")
+                                      "subspace (then moved to the nearest k whose rest "
+                                      "divides among the tasks).")
 
     accepts: ClassVar = {"inputs": TASK_VECTORS}
     independent: ClassVar = True
     returns: ClassVar = VECTOR
     cached: ClassVar = True
     # 3: Gram matrices summed over blocks, tasks one at a time. 4: every product and
-    # factorisation on one thread (same bytes on any core count).
-    version: ClassVar = 4
+    # factorisation on one thread (same bytes on any core count). 5: Iso-CTS's k rounded as
+    # the reference implementation does (it was rounded down, raising k).
+    version: ClassVar = 5
     folds: ClassVar = True
     kernel: ClassVar = "tvrecipe.ops.spectral:iso"
     example: ClassVar = "merged: {op: iso, inputs: tv, variant: cts}"

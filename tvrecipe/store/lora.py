@@ -61,7 +61,7 @@ class _Factor:
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
     """peft's rule: a pattern applies to a module whose name ends with it (after a dot)."""
     for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+        if re.fullmatch(rf"(.*\.)?({key})", module):  # (grouped: a key with | is one pattern)
             return value
     return default
 
@@ -296,7 +296,11 @@ class LoraAdapter:
 
 # Tensor names of input embeddings: peft adapts them as embeddings (factors the other way
 # round), so the adapter must say which they are.
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+# Tensors of nn.Embedding modules, which peft adapts with lora_embedding_A/B (a Linear's
+# factors there are dropped by peft, with a warning): input, position and token-type
+# embeddings under the names transformers gives them (embed_out, GPT-NeoX's head, is Linear).
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|wte|wpe|"
+                        r"[A-Za-z_]*embeddings?)\.weight$")
 
 
 class AdapterError(ValueError):
