@@ -252,6 +252,19 @@ def test_a_vector_written_as_an_adapter_merges_to_its_truncation(cli, tmp_path, 
         torch.testing.assert_close(back[k] + stored[k], merged[k], rtol=1e-5, atol=1e-7)
 
 
+def test_an_adapter_output_is_stored_in_its_dtype(cli, tmp_path):
+    finetuned(tmp_path)
+    cli.write("f.yaml", OUT.replace("RANK", "rank: 3"))
+    cli.ok("run", "f.yaml", "-q")
+    f32 = read_tensors(tmp_path / "out" / "adapter")
+    cli.write("b.yaml", OUT.replace("RANK", "rank: 3, dtype: bfloat16").replace(
+        "./out/adapter", "./out/adapter16"))
+    cli.ok("run", "b.yaml", "-q")
+    bf16 = read_tensors(tmp_path / "out" / "adapter16")
+    assert f32.keys() == bf16.keys() and {t.dtype for t in bf16.values()} == {torch.bfloat16}
+    assert all(torch.equal(bf16[k], f32[k].to(torch.bfloat16)) for k in f32)
+
+
 def test_an_adapter_forward_pass_agrees_with_the_merged_model(cli, tmp_path):
     _base, stored, ft = finetuned(tmp_path)
     cli.write("out.yaml", OUT.replace("RANK", "rank: 4"))
@@ -300,6 +313,15 @@ def test_peft_output_mistakes_are_recipe_errors(cli, tmp_path):
     res = cli.fails(2, "validate", "b.yaml")
     assert ("outputs.adapter.format: `format: peft` writes one vector; 'tv' is a vectors "
             "(write one member (from: NAME.MEMBER) or combine the set with sum)") in res.stderr
+    cli.write("b3.yaml", OUT.replace("RANK", "rank: true"))
+    res = cli.fails(2, "validate", "b3.yaml")
+    assert "outputs.adapter.rank: " in res.stderr and "got True" in res.stderr
+    cli.write("b4.yaml", OUT.replace("RANK", "rank: [{match: q_proj, value: 2}]"))
+    res = cli.fails(5, "run", "b4.yaml")
+    assert res.err_lines[0] == "tvrecipe: runtime error:"
+    assert res.err_lines[1].startswith("output 'adapter', tensor '")
+    assert res.err_lines[1].endswith("and the rules have no default; end the rules with a "
+                                     "default {value: ...}")
     cli.write("b2.yaml", OUT.replace("RANK", "rank: 4").replace("from: tv", "from: ft"))
     res = cli.fails(2, "validate", "b2.yaml")
     assert ("outputs.adapter.format: `format: peft` writes one vector; 'ft' is a checkpoint "

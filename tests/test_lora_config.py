@@ -140,3 +140,28 @@ def test_tvrecipe_hash_of_an_adapter_is_the_digest_a_run_records(adapter, cli, t
     recipe = (tmp_path / "r.yaml").read_text()
     cli.write("r.yaml", recipe.replace("kind: lora}", f"kind: lora, sha256: {digest}}}"))
     cli.ok("run", "r.yaml", "--force", "-q")
+
+
+def test_pattern_keys_match_as_peft_matches_them(adapter, cli, tmp_path):
+    # peft: re.match(rf"(.*\.)?({key})$", name): a key with | is one pattern (ungrouped, the
+    # alternative "zz" swallowed the prefix and "q" had to match the whole name).
+    adapter(config={**CONFIG, "alpha_pattern": {"zz|q": 2}})
+    cli.ok("run", "r.yaml", "-q")
+    from safetensors.torch import load_file
+    got = load_file(str(tmp_path / "out" / "m" / "model.safetensors"))
+    assert torch.equal(got["m.q.weight"], torch.full((16, 8), 2 * 2 / 2))  # B·A = 2, alpha/r = 1
+
+
+def test_embedding_tensors_are_written_as_peft_embedding_factors():
+    # peft adapts nn.Embedding modules with lora_embedding_A/B and drops Linear factors there.
+    from tvrecipe.store.lora import _EMBEDDING
+    embeddings = ["model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight",
+                  "bert.embeddings.word_embeddings.weight",
+                  "bert.embeddings.position_embeddings.weight",
+                  "bert.embeddings.token_type_embeddings.weight",
+                  "text_model.embeddings.position_embedding.weight",
+                  "model.decoder.embed_positions.weight", "gpt_neox.embed_in.weight"]
+    linear = ["lm_head.weight", "gpt_neox.embed_out.weight", "model.layers.0.mlp.up_proj.weight",
+              "bert.embeddings.LayerNorm.weight"]
+    assert [n for n in embeddings if not _EMBEDDING.search(n)] == []
+    assert [n for n in linear if _EMBEDDING.search(n)] == []

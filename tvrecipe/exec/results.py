@@ -208,19 +208,25 @@ class Output:
                 rank = spec.rank
             elif energy is None:  # a rank per tensor: a gradient or rules
 
-                def rank(tensor: str, value: Any = spec.rank) -> int:
-                    return max(1, round(value_at(value, tensor, plan.layers, default=None)))
+                def rank(tensor: str, value: Any = spec.rank, output: str = self.name) -> int:
+                    try:
+                        return max(1, round(value_at(value, tensor, plan.layers, default=None)))
+                    except LookupError as exc:  # rules without a default: as a step's
+                        raise ExecutionError(f"output {output!r}, tensor {tensor!r}: rank: "
+                                             f"{exc}; end the rules with a default "
+                                             "{value: ...}") from None
             base = spec.base_model or vector_base_id(self.compiled, res.node)
             full = None
             if spec.full_tensors == "save":
                 from tvrecipe.store.checkpoint import open_checkpoint
                 full = open_checkpoint(self.compiled.loaded.resolve(
                     self.compiled.models[spec.base].path))
-            self.dtypes = dict.fromkeys(plan.floating, "F32")
+            stored = out_dtype or "F32"  # (the factors, computed in float32, stored so)
+            self.dtypes = dict.fromkeys(plan.floating, stored)
             self.sizes = dict.fromkeys(plan.floating, 0)  # the factors' bytes come at close
             self.writers[""] = AdapterWriter(
                 self.folder.staging, {t: plan.tensors[t].shape for t in plan.floating},
-                rank, energy, base, meta, full_base=full)
+                rank, energy, base, meta, full_base=full, dtype=stored)
         else:
             dt = out_dtype or compute
             specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]

@@ -345,7 +345,7 @@ class OutputSpec(Frozen):
     format: Literal["safetensors", "peft"] = Field(
         "safetensors", description="`peft`: write a vector as a peft LoRA adapter folder "
                                    "(truncated SVD of each 2-D delta; needs `rank`).")
-    rank: Union[Annotated[int, Field(ge=1)], RankEnergy, PerTensorRank, None] = Field(  # noqa: UP007
+    rank: Union[Annotated[int, Field(ge=1, strict=True)], RankEnergy, PerTensorRank, None] = Field(  # noqa: UP007
         None, description="`format: peft` only: the LoRA rank of every tensor; "
                           "`{energy: 0.9}` for the fewest singular values holding that share "
                           "of each tensor's Σσ²; or a rank per tensor (rounded): "

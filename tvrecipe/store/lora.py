@@ -328,8 +328,9 @@ class AdapterWriter:
 
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], rank,
                  energy: float | None, base_model: str | None, metadata: dict[str, str],
-                 full_base: Checkpoint | None = None):
+                 full_base: Checkpoint | None = None, dtype: str = "F32"):
         self.folder = Path(folder)
+        self.dtype = dtype  # the factors' (and saved tensors') stored dtype
         self.full_base = full_base  # with it, tensors that are not 2-D are saved whole
         self.full: dict[str, object] = {}
         self.shapes = shapes
@@ -440,7 +441,7 @@ class AdapterWriter:
         factors = dict(sorted(self.factors.items()))
         writer = SafetensorsStreamWriter(
             self.folder / WEIGHTS_FILE,
-            [TensorSpec(k, "F32", tuple(v.shape)) for k, v in factors.items()],
+            [TensorSpec(k, self.dtype, tuple(v.shape)) for k, v in factors.items()],
             {**self.metadata, "format": "pt"})
         for k, v in factors.items():
             writer.write(k, v.to(torch.float32))
