@@ -299,3 +299,61 @@ def test_a_lock_names_the_packages_whose_versions_differ(tmp_path):
     earlier = {"tvrecipe": tool["tvrecipe"], "torch": tool["torch"], "python": "3.0.0"}
     assert not any("was written by" in line
                    for line in lockfile.machine_differences({"tool": earlier}, None))
+
+
+def test_a_renamed_recipe_is_a_change(tmp_path):
+    """The outputs record the recipe's file name: a renamed recipe (with its lock) writes
+    them again, so a recompute gives the lock's bytes."""
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    other = tmp_path / "other.yaml"
+    recipe.rename(other)
+    (tmp_path / "r.yaml.lock").rename(tmp_path / "other.yaml.lock")
+    res = _cli("verify", str(other))
+    assert res.exit_code == 6
+    assert "the recipe was renamed from r.yaml to other.yaml (the outputs record its file name)" \
+        in res.output
+    res = _cli("run", str(other))
+    assert res.exit_code == 0 and "up to date" not in res.output
+    assert _cli("verify", str(other), "--recompute").exit_code == 0
+
+
+def test_an_inputs_copied_files_are_part_of_what_a_run_depends_on(tmp_path):
+    """A checkpoint output copies its base's config and tokenizer files: a change to them is
+    not 'up to date', and the next run copies the new ones."""
+    recipe = _make(tmp_path)
+    (tmp_path / "base" / "config.json").write_text('{"vocab_size": 256}')
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    (tmp_path / "base" / "config.json").write_text('{"vocab_size": 512}')
+    for command in (("verify", str(recipe)), ("run", str(recipe), "--locked")):
+        res = _cli(*command)
+        assert res.exit_code == 6, command
+        assert ("input 'base' (./base): its non-weight files (config, tokenizer, …), which "
+                "outputs copy, changed") in res.output
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    assert (tmp_path / "out" / "config.json").read_text() == '{"vocab_size": 512}'
+    assert _cli("verify", str(recipe), "--recompute").exit_code == 0
+
+
+def test_the_order_of_a_sets_members_is_part_of_its_hash(tmp_path):
+    """A vectors folder's vectors.json lists its members in the set's order, which ops such as
+    decompose's chain depend on: reordering them is a changed input, not a cache hit."""
+    recipe = _make(tmp_path)
+    recipe.write_text(RECIPE.replace("  model: {from: model, path: ./out}",
+                                     "  model: {from: model, path: ./out}\n"
+                                     "  tv: {from: tv, path: ./lib}"))
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    use = tmp_path / "use.yaml"
+    use.write_text("tvrecipe: 1\nmodels:\n  base: ./base\n  lib: {path: ./lib, kind: task_vector}\n"
+                   "steps:\n  m: {op: sum, inputs: lib}\n  model: {op: apply, base: base, delta: m}"
+                   "\noutputs:\n  model: {from: model, path: ./out2}\n")
+    assert _cli("run", str(use), "-q").exit_code == 0
+    index = tmp_path / "lib" / "vectors.json"
+    data = __import__("json").loads(index.read_text())
+    data["members"] = data["members"][::-1]
+    index.write_text(__import__("json").dumps(data))
+    res = _cli("verify", str(use))
+    assert res.exit_code == 6 and "input 'lib' (./lib) changed" in res.output
+    digest = _cli("hash", str(tmp_path / "lib")).output.strip()
+    assert _cli("run", str(use), "-q").exit_code == 0
+    assert f"sha256: {digest}" in (tmp_path / "use.yaml.lock").read_text()

@@ -915,7 +915,7 @@ def hash_(path: str) -> None:
     index = Path(path) / VECTORS_INDEX
     if index.is_file():
         click.echo(checkpoint_digest([Path(path) / f"{m}.safetensors"
-                                      for m in _index_members(index)]))
+                                      for m in _index_members(index)] + [index]))
         return
     if (Path(path) / CONFIG_FILE).is_file():
         click.echo(checkpoint_digest(adapter_files(Path(path))))

@@ -10,7 +10,7 @@ from typing import Any
 
 from tvrecipe import __version__
 from tvrecipe.errors import InputError, MissingPackage, about
-from tvrecipe.plan.graph import Compiled
+from tvrecipe.plan.graph import VECTORS_INDEX, Compiled
 from tvrecipe.plan.keys import step_keys
 from tvrecipe.plan.tensors import needed_models
 from tvrecipe.store.checkpoint import open_checkpoint
@@ -156,8 +156,8 @@ def _model_files(compiled: Compiled, name: str) -> list[Path]:
                          "exist yet; a task_vector folder is the vector or vectors output of "
                          "a recipe: run that recipe first (or check the path)")
     members = compiled.model_types[name].members
-    if members:
-        return [path / f"{m}.safetensors" for m in members]
+    if members:  # (vectors.json too: its members' order is the set's, which ops depend on)
+        return [path / f"{m}.safetensors" for m in members] + [path / VECTORS_INDEX]
     try:
         with open_checkpoint(path) as ck:
             return list(ck.files)
@@ -165,6 +165,21 @@ def _model_files(compiled: Compiled, name: str) -> list[Path]:
         raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
     except MissingPackage as exc:  # a URL whose scheme needs a package
         raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
+
+
+def _copy_sources(compiled: Compiled) -> set[str]:
+    """The models whose non-weight files some output copies (``copy_files_from``, by default
+    a checkpoint output's base)."""
+    from tvrecipe.exec.results import base_model_of
+    from tvrecipe.spec.kinds import CHECKPOINT
+    out = set()
+    for spec, res in compiled.outputs.values():
+        source = spec.copy_files_from
+        if source is None and res.type.kind == CHECKPOINT:
+            source = base_model_of(compiled, res.node)
+        if source is not None:
+            out.add(source)
+    return out
 
 
 def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any]:
@@ -183,6 +198,17 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
         except (InputError, MissingPackage) as exc:
             raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
         inputs[name] = {"path": compiled.models[name].path, "sha256": digests[name]}
+    # The non-weight files (config, tokenizer, ...) outputs copy from a model: not in its
+    # hash (they change no tensor, and no step's key), but a change to them is a change to
+    # those outputs.
+    for name in sorted(_copy_sources(compiled) & set(inputs)):
+        folder = compiled.loaded.resolve(compiled.models[name].path)
+        if not isinstance(folder, Path) or not folder.is_dir():
+            continue  # (a URL's are read as they are; a file has none)
+        from tvrecipe.store.output import plan_aux_files
+        files = [folder / f for f in plan_aux_files(folder).copy]
+        if files:
+            inputs[name]["files_sha256"] = checkpoint_digest(files, memo=memo)
     keys = step_keys(compiled, digests)
     return {"recipe": {"file": compiled.loaded.path.name,
                        "sha256": compiled.loaded.text_sha256},
@@ -231,6 +257,9 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     lines = []
     if lock.get("recipe", {}).get("sha256") != state["recipe"]["sha256"]:
         lines.append(f"the recipe {compiled.loaded.path.name} changed since the lock was written")
+    elif lock.get("recipe", {}).get("file") != state["recipe"]["file"]:
+        lines.append(f"the recipe was renamed from {lock.get('recipe', {}).get('file')} to "
+                     f"{state['recipe']['file']} (the outputs record its file name)")
     old_inputs = lock.get("inputs", {})
     for name in sorted(set(old_inputs) | set(state["inputs"])):
         old, new = old_inputs.get(name), state["inputs"].get(name)
@@ -241,6 +270,9 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
         elif old.get("sha256") != new["sha256"]:
             lines.append(f"input {name!r} ({new['path']}) changed: sha256 {new['sha256'][:12]}…, "
                          f"locked {str(old.get('sha256'))[:12]}…")
+        elif old.get("files_sha256") != new.get("files_sha256"):
+            lines.append(f"input {name!r} ({new['path']}): its non-weight files (config, "
+                         "tokenizer, …), which outputs copy, changed")
     same_sources = not lines
     old_steps = lock.get("steps", {})
     for name, key in state["steps"].items():

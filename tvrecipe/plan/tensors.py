@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tvrecipe.errors import InputError, MissingPackage, TvrecipeError, about
-from tvrecipe.plan.graph import CHECKPOINT, VECTORS, Compiled, CompiledStep, lora_base
+from tvrecipe.plan.graph import (
+    CHECKPOINT,
+    VECTORS,
+    VECTORS_INDEX,
+    Compiled,
+    CompiledStep,
+    lora_base,
+)
 from tvrecipe.spec.pertensor import layer_counts
 from tvrecipe.store.checkpoint import Checkpoint, RemoteCheckpoint, TensorInfo, open_checkpoint
 from tvrecipe.store.hashing import checkpoint_digest
@@ -138,7 +145,9 @@ def _open(compiled: Compiled, name: str) -> ModelHandle:
     handle = ModelHandle(name, vt.kind, path, parts)
     if spec.sha256:
         try:
-            got = checkpoint_digest(handle.files())
+            # (a set's vectors.json too, as the lock hashes it: its members' order counts)
+            index = [path / VECTORS_INDEX] if vt.kind == VECTORS else []
+            got = checkpoint_digest(handle.files() + index)
         except (InputError, MissingPackage) as exc:
             handle.close()
             raise about(exc, where) from None
