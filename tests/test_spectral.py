@@ -168,21 +168,11 @@ def test_large_tensors_agree_with_the_exact_formulas(shape, flat):
     got = tsv_merge(xs).numpy()
     assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
     # Iso-CTS with the residual formed explicitly and a full SVD of it
-    total = sum(xs)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    k = int(0.8 * r)
-    per = round((r - k) / 8)
-    k = r - per * 8
-    us, vs, ss = [u[:, :k]], [vh[:k].T], [s[:k]]
-    for x in xs:
-        ut, st, vht = torch.linalg.svd(x - u[:, :k] @ (u[:, :k].T @ x), full_matrices=False)
-        us.append(ut[:, :per])
-        vs.append(vht[:per].T)
-        ss.append(st[:per])
-    ref = (torch.from_numpy(polar(torch.cat(us, 1).numpy())) * torch.cat(ss).mean()
-           @ torch.from_numpy(polar(torch.cat(vs, 1).numpy())).T).numpy()
+    per = round((r - int(0.8 * r)) / 8)
+    ref = iso_cts_reference(xs, r - per * 8, per)
     got = iso(xs, variant="cts").numpy()
     assert np.abs(got - ref).max() <= 1e-9 * np.abs(ref).max()
+    u, s, vh = torch.linalg.svd(sum(xs), full_matrices=False)
     # Iso-C weighs every direction alike, the weakest too, and those come from the Gram
     # matrix: float64 resolves singular values down to about 1e-8 of the largest
     want_c = ((u * s.mean()) @ vh).numpy()
@@ -248,6 +238,20 @@ def test_an_empty_matrix_passes_through(cli, make_models, tmp_path, step):
             assert torch.equal(got[k], plain[k]), k
 
 
+def iso_cts_reference(xs: list[torch.Tensor], k: int, per: int) -> np.ndarray:
+    """Iso-CTS in float64 from full SVDs: the top k directions of the sum, each task's top
+    ``per`` of its residual, polar factors, every singular value their mean."""
+    u, s, vh = torch.linalg.svd(sum(xs), full_matrices=False)
+    us, vs, ss = [u[:, :k]], [vh[:k].T], [s[:k]]
+    for x in xs:
+        ut, st, vht = torch.linalg.svd(x - u[:, :k] @ (u[:, :k].T @ x), full_matrices=False)
+        us.append(ut[:, :per])
+        vs.append(vht[:per].T)
+        ss.append(st[:per])
+    return (torch.from_numpy(polar(torch.cat(us, 1).numpy())) * torch.cat(ss).mean()
+            @ torch.from_numpy(polar(torch.cat(vs, 1).numpy())).T).numpy()
+
+
 def test_iso_cts_rounds_the_task_directions_as_the_reference_does():
     """k = int(common·r), then r − k rounded (half to even) to a multiple of T: r = 12, T = 4,
     common 0.8 gives k = 8 and one direction per task (rounding down gave k = 12: Iso-C);
@@ -255,17 +259,7 @@ def test_iso_cts_rounds_the_task_directions_as_the_reference_does():
     from tvrecipe.ops.spectral import iso
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(12, 20, generator=g, dtype=torch.float64) for _ in range(4)]
-    total = sum(xs)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    k, per = 8, 1
-    us, vs, ss = [u[:, :k]], [vh[:k].T], [s[:k]]
-    for x in xs:
-        ut, st, vht = torch.linalg.svd(x - u[:, :k] @ (u[:, :k].T @ x), full_matrices=False)
-        us.append(ut[:, :per])
-        vs.append(vht[:per].T)
-        ss.append(st[:per])
-    ref = (torch.from_numpy(polar(torch.cat(us, 1).numpy())) * torch.cat(ss).mean()
-           @ torch.from_numpy(polar(torch.cat(vs, 1).numpy())).T).numpy()
+    ref = iso_cts_reference(xs, 8, 1)
     got = iso(xs, variant="cts", common=0.8).numpy()
     assert np.abs(got - ref).max() <= 1e-9 * np.abs(ref).max()
     c = iso(xs, variant="c").numpy()
