@@ -906,22 +906,20 @@ def ops_(name: str | None, markdown: bool) -> None:
 def hash_(path: str) -> None:
     """Print the content hash of a model, for a `sha256:` pin in a recipe (PATH may be a
     URL: s3://, gs://, hf://, https://, file://)."""
+    from tvrecipe.exec.lockfile import hashed_files
     from tvrecipe.plan.graph import VECTORS_INDEX, _index_members
-    from tvrecipe.store.checkpoint import open_checkpoint
     from tvrecipe.store.hashing import checkpoint_digest
-    from tvrecipe.store.lora import CONFIG_FILE, adapter_files
-    # The files a run hashes for the model: a vectors folder (kind: task_vector) its members',
-    # a peft adapter (kind: lora) its factors and its config (the scales).
+    from tvrecipe.store.lora import CONFIG_FILE
+    # The files a run hashes for the model, of the kind its folder shows: a vectors folder
+    # (kind: task_vector) by its vectors.json, a peft adapter (kind: lora) by its config.
     index = Path(path) / VECTORS_INDEX
     if index.is_file():
-        click.echo(checkpoint_digest([Path(path) / f"{m}.safetensors"
-                                      for m in _index_members(index)] + [index]))
-        return
-    if (Path(path) / CONFIG_FILE).is_file():
-        click.echo(checkpoint_digest(adapter_files(Path(path))))
-        return
-    with open_checkpoint(path) as ck:
-        click.echo(checkpoint_digest(ck.files))
+        files = hashed_files(Path(path), "task_vector", _index_members(index))
+    elif (Path(path) / CONFIG_FILE).is_file():
+        files = hashed_files(Path(path), "lora")
+    else:
+        files = hashed_files(path, "checkpoint")
+    click.echo(checkpoint_digest(files))
 
 
 def _verbose_everywhere(group: click.Group) -> None:

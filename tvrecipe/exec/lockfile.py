@@ -16,6 +16,7 @@ from tvrecipe.plan.tensors import needed_models
 from tvrecipe.store.checkpoint import open_checkpoint
 from tvrecipe.store.hashing import HashMemo, checkpoint_digest
 from tvrecipe.store.lock import diff_hashes, hash_tree, lock_path, read_lock, write_lock
+from tvrecipe.store.remote import RemotePath
 
 
 def _version(package: str) -> str:
@@ -140,46 +141,44 @@ def hash_memo(compiled: Compiled) -> HashMemo:
     return HashMemo(compiled.loaded.root / ".tvrecipe" / "hashes.json")
 
 
-def _model_files(compiled: Compiled, name: str) -> list[Path]:
-    path = compiled.loaded.resolve(compiled.models[name].path)
-    if compiled.models[name].kind == "lora":  # the factors, and the config's scales
+def hashed_files(path: Path | RemotePath, kind: str,
+                 members: tuple[str, ...] | None = None) -> list[Path]:
+    """The files a model's content hash covers: a LoRA adapter's factors and its config (the
+    scales); a vectors set's members and its vectors.json (their order is the set's, which
+    ops depend on); a checkpoint's or vector's weight files.
+
+    Raises:
+        InputError, MissingPackage: The files cannot be found or read.
+    """
+    if kind == "lora":
         from tvrecipe.store.lora import adapter_files
-        try:
-            return adapter_files(path)
-        except InputError as exc:
-            raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
-        except MissingPackage as exc:
-            raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
-    if (compiled.models[name].kind == "task_vector" and isinstance(path, Path)
-            and not path.exists()):
-        raise InputError(f"model {name!r} ({compiled.models[name].path}): {path} does not "
+        return adapter_files(path)
+    if members:
+        return [path / f"{m}.safetensors" for m in members] + [path / VECTORS_INDEX]
+    with open_checkpoint(path) as ck:
+        return list(ck.files)
+
+
+def _model_files(compiled: Compiled, name: str) -> list[Path]:
+    spec = compiled.models[name]
+    path = compiled.loaded.resolve(spec.path)
+    if spec.kind == "task_vector" and isinstance(path, Path) and not path.exists():
+        raise InputError(f"model {name!r} ({spec.path}): {path} does not "
                          "exist yet; a task_vector folder is the vector or vectors output of "
                          "a recipe: run that recipe first (or check the path)")
-    members = compiled.model_types[name].members
-    if members:  # (vectors.json too: its members' order is the set's, which ops depend on)
-        return [path / f"{m}.safetensors" for m in members] + [path / VECTORS_INDEX]
     try:
-        with open_checkpoint(path) as ck:
-            return list(ck.files)
+        return hashed_files(path, spec.kind, compiled.model_types[name].members)
     except InputError as exc:
-        raise InputError(f"model {name!r} ({compiled.models[name].path}): {exc}") from None
+        raise InputError(f"model {name!r} ({spec.path}): {exc}") from None
     except MissingPackage as exc:  # a URL whose scheme needs a package
-        raise about(exc, f"model {name!r} ({compiled.models[name].path})") from None
+        raise about(exc, f"model {name!r} ({spec.path})") from None
 
 
 def _copy_sources(compiled: Compiled) -> set[str]:
-    """The models whose non-weight files some output copies (``copy_files_from``, by default
-    a checkpoint output's base)."""
-    from tvrecipe.exec.results import base_model_of
-    from tvrecipe.spec.kinds import CHECKPOINT
-    out = set()
-    for spec, res in compiled.outputs.values():
-        source = spec.copy_files_from
-        if source is None and res.type.kind == CHECKPOINT:
-            source = base_model_of(compiled, res.node)
-        if source is not None:
-            out.add(source)
-    return out
+    """The models whose non-weight files some output copies."""
+    from tvrecipe.exec.results import copy_source
+    return {m for spec, res in compiled.outputs.values()
+            if (m := copy_source(compiled, spec, res)) is not None}
 
 
 def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any]:

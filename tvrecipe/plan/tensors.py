@@ -68,8 +68,11 @@ class ModelHandle:
     parts: dict[str, Checkpoint]      # "" for checkpoint / vector; member names for vectors
 
     def files(self) -> list[Path]:
-        """Every weight file of this input."""
-        return [f for ck in self.parts.values() for f in ck.files]
+        """The files this input's content hash covers (as the lock's, exec/lockfile.py
+        hashed_files): its weight files (an adapter's config too), and a set's vectors.json
+        (its members' order is the set's)."""
+        index = [self.path / VECTORS_INDEX] if self.kind == VECTORS else []
+        return [f for ck in self.parts.values() for f in ck.files] + index
 
     def close(self) -> None:
         """Close every open file."""
@@ -145,9 +148,7 @@ def _open(compiled: Compiled, name: str) -> ModelHandle:
     handle = ModelHandle(name, vt.kind, path, parts)
     if spec.sha256:
         try:
-            # (a set's vectors.json too, as the lock hashes it: its members' order counts)
-            index = [path / VECTORS_INDEX] if vt.kind == VECTORS else []
-            got = checkpoint_digest(handle.files() + index)
+            got = checkpoint_digest(handle.files())
         except (InputError, MissingPackage) as exc:
             handle.close()
             raise about(exc, where) from None
