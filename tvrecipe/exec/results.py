@@ -16,8 +16,9 @@ from typing import Any
 from tvrecipe import __version__
 from tvrecipe.errors import ExecutionError, InputError
 from tvrecipe.exec.release import Source, write_release
-from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep
+from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, Resolved
 from tvrecipe.plan.tensors import TensorPlan
+from tvrecipe.spec.models import OutputSpec
 from tvrecipe.store.cache import TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size
 from tvrecipe.store.lora import AdapterError
@@ -299,9 +300,7 @@ class Output:
             text = (json_text(index) + "\n").encode("utf-8")
             (self.folder.staging / "vectors.json").write_bytes(text)
             self.digests["vectors.json"] = hashlib.sha256(text).hexdigest()
-        source = self.spec.copy_files_from
-        if source is None and self.kind == CHECKPOINT:
-            source = base_model_of(compiled, self.res.node)
+        source = copy_source(compiled, self.spec, self.res)
         if source is not None:
             src = compiled.loaded.resolve(compiled.models[source].path)
             if src.is_dir():
@@ -328,6 +327,14 @@ def written_members(kind: str, info: TensorInfo, value: Any) -> list[tuple[str, 
     items = {"": value} if kind in (CHECKPOINT, VECTOR) else value
     return [(m, t) for m, t in items.items()
             if t is not None and (kind == CHECKPOINT or info.is_floating)]
+
+
+def copy_source(compiled: Compiled, spec: OutputSpec, res: Resolved) -> str | None:
+    """The model whose non-weight files (config, tokenizer) an output copies:
+    ``copy_files_from``, by default a checkpoint output's base."""
+    if spec.copy_files_from is None and res.type.kind == CHECKPOINT:
+        return base_model_of(compiled, res.node)
+    return spec.copy_files_from
 
 
 def base_model_of(compiled: Compiled, node: str) -> str | None:
