@@ -357,3 +357,48 @@ def test_the_order_of_a_sets_members_is_part_of_its_hash(tmp_path):
     digest = _cli("hash", str(tmp_path / "lib")).output.strip()
     assert _cli("run", str(use), "-q").exit_code == 0
     assert f"sha256: {digest}" in (tmp_path / "use.yaml.lock").read_text()
+
+
+def test_locked_in_a_fresh_checkout_makes_the_outputs_and_keeps_the_lock(tmp_path):
+    # A clone has the recipe and its lock but not the (ignored) outputs: --locked makes them,
+    # checks them against the lock and leaves the lock's bytes alone.
+    import shutil
+    recipe = _make(tmp_path)
+    recipe.write_text(RECIPE + "  vectors: {from: tv, path: ./vec}\n")
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    lock = (tmp_path / "r.yaml.lock").read_bytes()
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "out")  # one output gone, the other there and unchanged
+    res = _cli("run", str(recipe), "--locked", "--no-cache")
+    assert res.exit_code == 0, res.output
+    assert "wrote model:" in res.output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    assert (tmp_path / "r.yaml.lock").read_bytes() == lock
+    assert _cli("verify", str(recipe)).exit_code == 0
+    assert "up to date" in _cli("run", str(recipe), "--locked").output
+
+
+def test_locked_refuses_outputs_that_come_out_other_than_the_lock(tmp_path):
+    import shutil
+
+    import yaml
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    path = tmp_path / "r.yaml.lock"
+    data = yaml.safe_load(path.read_text())
+    files = data["outputs"]["model"]["files"]
+    real = files["model.safetensors"]
+    files["model.safetensors"] = "0" * 64  # as if the lock's run had computed other bytes
+    path.write_text(yaml.safe_dump(data))
+    lock = path.read_bytes()
+    shutil.rmtree(tmp_path / "out")
+    res = _cli("run", str(recipe), "--locked")
+    assert res.exit_code == 6
+    lines = res.output.splitlines()
+    assert lines[:3] == [
+        "tvrecipe: verify error:",
+        "  --locked, but the outputs this run made differ from the lock, so none was written:",
+        (f"  ./out/model.safetensors: content differs from the lock (sha256 {real[:12]}…, "
+        "locked 000000000000…)")]
+    assert not (tmp_path / "out").exists()  # nothing moved into place, no staging left
+    assert path.read_bytes() == lock

@@ -341,7 +341,9 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
                    "beside the recipe).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write cached step results.")
 @click.option("--locked", is_flag=True,
-              help="Refuse to run when the recipe or inputs differ from the lock file.")
+              help="Refuse to run when the recipe or inputs differ from the lock file; "
+                   "outputs not there yet are made and must match the lock, which stays as "
+                   "it is.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_cluster_option("Run the tensor work on a Dask cluster: tcp://HOST:PORT (a scheduler whose "
                  "workers see the inputs and the staging folder) or local:N (N worker "
@@ -380,11 +382,15 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         if changes:
             raise VerifyError("--locked, but the run would differ from the lock:\n"
                               + "\n".join(changes))
-    damaged = lockfile.output_differences(compiled, memo) if has_lock else []
+    # Outputs not there (a fresh checkout) are made; under --locked they must come out as
+    # locked (checked before they are moved into place), while one that is there but differs
+    # from the lock was changed by hand and needs --force.
+    absent = lockfile.absent_outputs(compiled) if has_lock else set()
+    damaged = lockfile.output_differences(compiled, memo, skip=absent) if has_lock else []
     if locked and damaged and not force:
         raise VerifyError("--locked, but the outputs differ from the lock (--force writes them "
                           "again):\n" + "\n".join(damaged))
-    if changes == [] and not force and not damaged:
+    if changes == [] and not force and not damaged and not absent:
         if not quiet:
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
@@ -409,11 +415,19 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     from tvrecipe.store.cache import TensorCache
     progress = not quiet and sys.stderr.isatty()
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
+    if locked:  # the lock stays as it is; the outputs must match it
+        def committed(paths, digests, _where):
+            lockfile.remember_digests(paths, digests, memo)
+    else:
+        def committed(paths, digests, where):
+            lockfile.write_run_lock(compiled, state, paths, memo, digests, where,
+                                    allow_nonfinite)
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
                          state=state, replaceable=replaceable, cluster=cluster,
-                         committed=lambda paths, digests, where: lockfile.write_run_lock(
-                             compiled, state, paths, memo, digests, where, allow_nonfinite))
+                         committed=committed,
+                         check_staged=(lambda staged, where: _check_locked_outputs(
+                             compiled, staged, where)) if locked else None)
     # A rerun that only applies cached deltas runs in numpy, without importing torch.
     result = run_light(compiled, options)
     if result is None:
@@ -453,6 +467,19 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
              else "")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}{where}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
+
+
+def _check_locked_outputs(compiled, staged: dict, where: dict) -> None:
+    """``run --locked``: the outputs just made (still in their staging folders) must be, file
+    for file, as the lock says; else nothing is moved into place (VerifyError)."""
+    from tvrecipe.errors import VerifyError
+    from tvrecipe.exec import lockfile
+    from tvrecipe.store.lock import lock_path, read_lock
+    lines = lockfile.staged_differences(compiled, staged)
+    if lines:
+        why = lockfile.machine_differences(read_lock(lock_path(compiled.loaded.path)), where)
+        raise VerifyError("--locked, but the outputs this run made differ from the lock, so "
+                          "none was written:\n" + "\n".join(lines + why))
 
 
 def _check_side_file(compiled, path: str, option: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -231,13 +232,7 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
             so that ``verify --recompute`` lets them through too.
     """
     memo = memo or hash_memo(compiled)
-    known = []
-    for name, files in (digests or {}).items():
-        for rel, digest in files.items():
-            path = (outputs[name] / rel).resolve()
-            known.append((str(path), path.stat(), digest))
-    if known:
-        memo.put_many(known)
+    remember_digests(outputs, digests, memo)
     data = {**state,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
                                "files": hash_tree(path, memo)}
@@ -248,6 +243,42 @@ def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str,
     path = lock_path(compiled.loaded.path)
     write_lock(path, data)
     return path
+
+
+def remember_digests(folders: dict[str, Path], digests: dict[str, dict[str, str]] | None,
+                     memo: HashMemo) -> None:
+    """Record in ``memo`` the SHA-256 of files hashed as they were written (per output, by
+    path in its folder ``folders[name]``), so that they are not read again to hash them."""
+    known = []
+    for name, files in (digests or {}).items():
+        for rel, digest in files.items():
+            path = (folders[name] / rel).resolve()
+            known.append((str(path), path.stat(), digest))
+    if known:
+        memo.put_many(known)
+
+
+def staged_differences(compiled: Compiled,
+                       staged: dict[str, tuple[Path, dict[str, str]]]) -> list[str]:
+    """How outputs a run has written but not yet moved into place differ from the lock
+    (``run --locked`` making outputs that are not there, as in a fresh checkout): per
+    output, its staging folder and the digests of the files hashed as written. Empty when
+    every output is, file for file, as locked."""
+    locked = read_lock(lock_path(compiled.loaded.path)).get("outputs", {})
+    memo = HashMemo(None)
+    remember_digests({name: folder for name, (folder, _d) in staged.items()},
+                     {name: digests for name, (_f, digests) in staged.items()}, memo)
+    lines = []
+    for name, (folder, _digests) in staged.items():
+        expected = (locked.get(name) or {}).get("files") or {}
+        lines += diff_hashes(expected, hash_tree(folder, memo), compiled.outputs[name][0].path)
+    return lines
+
+
+def absent_outputs(compiled: Compiled) -> set[str]:
+    """Outputs whose path does not exist (not made yet here, as in a fresh checkout)."""
+    return {name for name, (spec, _res) in compiled.outputs.items()
+            if not os.path.lexists(compiled.loaded.resolve(spec.path))}
 
 
 def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
@@ -333,7 +364,8 @@ def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[st
 
 
 def output_differences(compiled: Compiled, memo: HashMemo | None = None,
-                       folders: dict[str, Path] | None = None) -> list[str]:
+                       folders: dict[str, Path] | None = None,
+                       skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """How the outputs on disk differ from the lock (empty when they match byte for byte).
 
     Args:
@@ -341,12 +373,15 @@ def output_differences(compiled: Compiled, memo: HashMemo | None = None,
             ``HashMemo(None)`` to read every byte again.
         folders: Output name -> folder to check instead of the recipe's path (a recomputed
             copy); differences are then reported under ``recomputed <path>``.
+        skip: Outputs not to check.
     """
     memo = memo or hash_memo(compiled)
     lock = read_lock(lock_path(compiled.loaded.path))
     lines = []
     locked = lock.get("outputs", {})
     for name, (spec, _res) in compiled.outputs.items():
+        if name in skip:
+            continue
         target = (folders or {}).get(name) or compiled.loaded.resolve(spec.path)
         label = f"recomputed {spec.path}" if folders else spec.path
         if name not in locked:

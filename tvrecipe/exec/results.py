@@ -64,14 +64,22 @@ class RunOptions:
     # ``cuda (GPU name)``, and the CPU; a cluster run's names its workers'), for the lock.
     committed: Callable[[dict[str, Path], dict[str, dict[str, str]], dict[str, str]],
                         None] | None = None
+    # Called before anything is moved into place, with each output's staging folder and the
+    # digests of its files hashed as written, and where the run computed; raising refuses
+    # the outputs (run --locked: they must come out as the lock says).
+    check_staged: Callable[[dict[str, tuple[Path, dict[str, str]]], dict[str, str]],
+                           None] | None = None
 
 
 def commit_outputs(outputs: dict[str, Output], options: RunOptions,
                    where: dict[str, str]) -> dict[str, Path]:
-    """Rename every output into place and call ``options.committed`` (with ``where``, where
-    the run computed), as one step: an interrupt that lands meanwhile takes effect after it,
+    """Check the outputs (``options.check_staged``), then rename every output into place and
+    call ``options.committed`` (with ``where``, where the run computed), as one step: an interrupt that lands meanwhile takes effect after it,
     so the outputs and the lock agree (all old or all new) and no moved-aside previous
     output is left behind."""
+    if options.check_staged is not None:
+        options.check_staged({n: (o.folder.staging, o.digests) for n, o in outputs.items()},
+                             where)
     with deferred_interrupts():
         paths = {name: o.folder.commit() for name, o in outputs.items()}
         if options.committed is not None:
