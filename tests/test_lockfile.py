@@ -192,6 +192,7 @@ def test_a_changed_recipe_replaces_the_output_its_lock_wrote_without_force(tmp_p
     # The lock says this recipe wrote ./out and it is unchanged since: a rerun after a changed
     # coefficient replaces it without --force. A hand-edited output, or a folder the lock does
     # not list, still needs --force, and such a refused run writes nothing.
+    import yaml
     from safetensors.torch import load_file
     recipe = _make(tmp_path)
     assert _cli("run", str(recipe), "-q").exit_code == 0
@@ -217,6 +218,18 @@ def test_a_changed_recipe_replaces_the_output_its_lock_wrote_without_force(tmp_p
     assert (tmp_path / "r.yaml.lock").read_bytes() == lock_before
     assert _cli("run", str(recipe), "-q", "--force").exit_code == 0
     assert not (tmp_path / "out" / "notes.txt").exists()
+
+    # An output renamed in the recipe still owns the folder its lock entry names.
+    recipe.write_text(RECIPE.replace("weights: 0.5", "weights: 0.75")
+                      .replace("  model: {from: model", "  merged: {from: model"))
+    res = _cli("run", str(recipe), "-q")
+    assert res.exit_code == 0, res.output
+    assert "merged" in yaml.safe_load((tmp_path / "r.yaml.lock").read_text())["outputs"]
+    (tmp_path / "out" / "notes.txt").write_text("mine\n")  # ... and not a changed one
+    recipe.write_text(RECIPE.replace("  model: {from: model", "  renamed: {from: model"))
+    res = _cli("run", str(recipe), "-q")
+    assert res.exit_code == 4 and "./out/notes.txt: not in the lock" in res.output
+    (tmp_path / "out" / "notes.txt").unlink()
 
     # Another recipe's lock owns nothing here.
     other = tmp_path / "other.yaml"

@@ -339,12 +339,12 @@ def _listed(items: list[str]) -> str:
 
 
 def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, list[str]]:
-    """Outputs whose folder exists at the path this recipe's lock says it wrote them to, each
-    with how it differs from the lock (empty when every file's hash is as locked, no file more
-    or less).
+    """Outputs whose folder exists at a path this recipe's lock says it wrote (under the
+    output's name, or another name: an output renamed in the recipe), each with how it
+    differs from the lock (empty when every file's hash is as locked, no file more or less).
 
-    An unchanged one may be replaced by a rerun without ``--force``; a changed one, a folder
-    the lock does not list, or one at another path in the lock still needs ``--force``.
+    An unchanged one may be replaced by a rerun without ``--force``; a changed one, or a
+    folder the lock does not list, still needs ``--force``.
     """
     path = lock_path(compiled.loaded.path)
     if not path.is_file():
@@ -353,10 +353,13 @@ def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[st
     locked = read_lock(path).get("outputs", {})
     written = {}
     for name, (spec, _res) in compiled.outputs.items():
-        entry = locked.get(name)
         target = compiled.loaded.resolve(spec.path)
-        if (entry is None or not target.exists()
-                or compiled.loaded.resolve(entry.get("path", "")) != target):
+        # (the lock's entry of that name, else one for the same path: an output renamed in
+        # the recipe still owns the folder it wrote)
+        entries = [locked.get(name)] + [e for n, e in sorted(locked.items()) if n != name]
+        entry = next((e for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)
+                      and compiled.loaded.resolve(e["path"]) == target), None)
+        if entry is None or not target.exists():
             continue
         got = hash_tree(target, memo) if target.is_dir() else {}
         written[name] = diff_hashes(entry.get("files") or {}, got, spec.path)
