@@ -478,3 +478,16 @@ def test_a_local_cluster_takes_any_free_port_for_its_dashboard(models, cli, tmp_
         taken.close()
     said = [str(w.message) for w in caught] + [res.stderr]
     assert not [s for s in said if "8787" in s], said
+
+
+@pytest.mark.parametrize("target", ["recipe", "folder"])
+def test_verify_recompute_closes_the_local_cluster_it_started(target, models, cli, tmp_path):
+    """As `run` does: the console script ends with os._exit (no atexit), so a local:N
+    cluster left open would leak its worker processes' semaphores."""
+    from tvrecipe.exec import cluster
+    recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
+    cli.ok("run", recipe, "-q")
+    res = cli.ok("verify", recipe if target == "recipe" else "out/model", "--recompute",
+                 "--cluster", "local:1")
+    assert "same bytes" in res.stdout
+    assert not cluster._OWNED and "local:1" not in cluster._CLIENTS

@@ -433,11 +433,8 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     if result is None:
         with _importing("tvrecipe.exec.runner"):
             from tvrecipe.exec.runner import run_recipe  # torch: not for no-ops
-        try:
+        with _closing_clients(cluster):
             result = run_recipe(compiled, options)
-        finally:
-            if cluster and "tvrecipe.exec.cluster" in sys.modules:  # a local:N cluster stops
-                sys.modules["tvrecipe.exec.cluster"].close_clients()
     for warning in cache.warnings if cache else ():
         click.echo(f"tvrecipe: warning: {warning}", err=True)
     if report_path:
@@ -467,6 +464,17 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
              else "")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}{where}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
+
+
+@contextlib.contextmanager
+def _closing_clients(cluster: str | None):
+    """Around a run on ``cluster``: its Dask clients are closed after it (a local:N cluster's
+    worker processes stop before the command exits, with nothing left to warn about)."""
+    try:
+        yield
+    finally:
+        if cluster and "tvrecipe.exec.cluster" in sys.modules:
+            sys.modules["tvrecipe.exec.cluster"].close_clients()
 
 
 def _check_locked_outputs(compiled, staged: dict, where: dict) -> None:
@@ -570,7 +578,8 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         from tvrecipe.exec.cluster_address import require_dask
         require_dask()
     if Path(recipe).is_dir():
-        _verify_folder(Path(recipe), recompute, device, _input_paths(inputs), cluster)
+        with _closing_clients(cluster if recompute else None):
+            _verify_folder(Path(recipe), recompute, device, _input_paths(inputs), cluster)
         return
     if inputs and Path(recipe).is_file():
         raise RecipeError(f"--input is for a released output folder; {recipe} is a recipe: "
@@ -605,9 +614,10 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     try:
         folders = {name: tmp / name for name in compiled.outputs}
         # (NaN or Inf in the inputs pass as they did for the run that wrote the lock)
-        result = run_recipe(compiled, RunOptions(
-            device=device, progress=sys.stderr.isatty(), targets=folders, cluster=cluster,
-            allow_nonfinite=lock.get("allow_nonfinite") is True))
+        with _closing_clients(cluster):
+            result = run_recipe(compiled, RunOptions(
+                device=device, progress=sys.stderr.isatty(), targets=folders, cluster=cluster,
+                allow_nonfinite=lock.get("allow_nonfinite") is True))
         problems = lockfile.output_differences(compiled, HashMemo(None), folders)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
