@@ -534,15 +534,26 @@ def test_della_probabilities_outside_the_unit_interval_are_refused_by_validate(c
     cli.ok("run", "r.yaml", "-q")
 
 
+def _digest_as_number(lock: str) -> str:
+    import re
+    return re.sub(r"(\n  sha256: )[0-9a-f]{64}", r"\g<1>123456", lock, count=1)
+
+
 @pytest.mark.parametrize("text, why", [
     ("- 1\n", "not a version-1 tvrecipe lock file"),
     ("a: [\n", "unreadable lock file (while parsing a flow node)"),
+    # (a digest of digits alone, as YAML reads it unquoted: a number)
+    (_digest_as_number, ("recipe.sha256 should be text, got 123456 (edited by hand, or "
+                        "damaged)")),
+    (lambda lock: lock.replace("\nsteps:\n", "\nsteps:\n- a\nx:\n"),
+     "steps should be a mapping, got ['a'] (edited by hand, or damaged)"),
 ])
 def test_a_damaged_lock_is_replaced_by_run_force(cli, tmp_path, text, why):
     checkpoints(tmp_path)
     cli.write("r.yaml", simple())
     cli.ok("run", "r.yaml", "-q")
-    (tmp_path / "r.yaml.lock").write_text(text)
+    lock = tmp_path / "r.yaml.lock"
+    lock.write_text(text if isinstance(text, str) else text(lock.read_text()))
     for command in (("run", "r.yaml"), ("verify", "r.yaml")):
         res = cli.fails(6, *command)
         assert res.err_lines[1:] == [(f"r.yaml.lock: {why}; `tvrecipe run --force` writes the "

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -139,6 +141,12 @@ def test_verify_folder_checks_every_file_against_the_lock_it_carries(make_models
                                        "lock (sha256 ")
     assert res.err_lines[3:] == ["out/model/notes.txt: not in the lock",
                                  "out/model/tokenizer_config.json: missing"]
+
+    lock = folder / "tvrecipe.lock"  # a digest YAML reads as a number: said, not a crash
+    lock.write_text(re.sub(r"(\n  config.json: )[0-9a-f]{64}", r"\g<1>123456", lock.read_text()))
+    res = cli.fails(6, "verify", "out/model")
+    assert res.err_lines[1:] == [(f"{Path('out/model/tvrecipe.lock')}: files.config.json should "
+                                 "be text, got 123456: not the lock tvrecipe wrote")]
 
 
 def test_verify_recompute_rebuilds_the_folder_from_its_own_recipe(make_models, cli, tmp_path):

@@ -325,6 +325,10 @@ def read_release(folder: Path) -> dict[str, Any]:
     if (not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION
             or not isinstance(data.get("files"), dict)):
         raise VerifyError(f"{path}: not a version-{LOCK_VERSION} tvrecipe output lock")
+    from tvrecipe.store.lock import lock_shape_problem
+    wrong = lock_shape_problem(data)
+    if wrong:
+        raise VerifyError(f"{path}: {wrong}: not the lock tvrecipe wrote")
     return data
 
 

@@ -88,7 +88,46 @@ def read_lock(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION:
         raise VerifyError(f"{path}: not a version-{LOCK_VERSION} tvrecipe lock file; "
                           "`tvrecipe run --force` writes the outputs and a new lock")
+    wrong = lock_shape_problem(data)
+    if wrong:
+        raise VerifyError(f"{path}: {wrong} (edited by hand, or damaged); `tvrecipe run "
+                          "--force` writes the outputs and a new lock")
     return data
+
+
+# Where a lock (a recipe's, or the one an output folder carries) holds text: the digests,
+# paths, step keys and versions tvrecipe wrote. ``*`` is any name.
+_TEXT_FIELDS = (("recipe", "file"), ("recipe", "sha256"), ("built_from", "file"),
+                ("built_from", "sha256"), ("inputs", "*", "path"), ("inputs", "*", "sha256"),
+                ("inputs", "*", "files_sha256"), ("outputs", "*", "path"),
+                ("outputs", "*", "files", "*"), ("files", "*"), ("steps", "*"), ("tool", "*"),
+                ("machine", "*"))
+
+
+def lock_shape_problem(data: dict[str, Any]) -> str | None:
+    """What in a lock's data is not of the shape tvrecipe writes (a digest that YAML reads
+    as a number, a section that is not a mapping), or None."""
+    def walk(value: Any, fields: tuple[str, ...], where: str) -> str | None:
+        if not fields:
+            if value is None or isinstance(value, str):
+                return None
+            return f"{where} should be text, got {value!r}"
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            return f"{where} should be a mapping, got {value!r}"
+        keys = list(value) if fields[0] == "*" else [fields[0]] if fields[0] in value else []
+        for key in keys:
+            wrong = walk(value[key], fields[1:], f"{where}.{key}" if where else str(key))
+            if wrong:
+                return wrong
+        return None
+
+    for fields in _TEXT_FIELDS:
+        wrong = walk(data, fields, "")
+        if wrong:
+            return wrong
+    return None
 
 
 def diff_hashes(expected: dict[str, str], got: dict[str, str], where: str) -> list[str]:
