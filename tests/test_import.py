@@ -133,8 +133,10 @@ def test_what_a_recipe_cannot_express_is_refused_and_located(cli):
         "tvrecipe: recipe error:",
         "mk.yml:1:1: merge_method: merge_method 'tie' is not imported (did you mean 'ties'?)",
         ("mk.yml:2:1: slices: 'slices' is not imported: layer slices (passthrough, "
-         "frankenmerges) are not expressible in a recipe (a single slice whose sources all "
-         "span every layer is imported as models)"),
+         "frankenmerges) are not expressible in a recipe (the number of layers of 'a' is not "
+         "known here (it needs a local folder whose config.json gives num_hidden_layers; a hub "
+         "id is not read), so whether layer_range [0, 4] spans them all cannot be told: give "
+         "its folder, or write the config with `models:`)"),
         ("mk.yml:4:1: tokenizer_source: tokenizer_source 'union' is not imported: only 'base' "
          "(the base model's files)"),
         "mk.yml:5:1: foo: unknown mergekit field 'foo'"]
@@ -321,8 +323,16 @@ def test_a_slice_is_imported_only_when_it_spans_every_layer(make_models, cli):
     write(cli, "mk.yml", whole.replace("LAST", "1"))
     assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1:] == [
         ("mk.yml:1:1: slices: 'slices' is not imported: layer slices (passthrough, "
-         "frankenmerges) are not expressible in a recipe (a single slice whose sources all "
-         "span every layer is imported as models)")]
+         "frankenmerges) are not expressible in a recipe ('./ckpt/math' has 2 layers and the "
+         "slice takes layer_range [0, 1]: only [0, 2] (all of them) is imported, as models)")]
+    # A hub id's layers are not read (no network): said, with the two ways out.
+    write(cli, "mk.yml", whole.replace("./ckpt/math", "org/math").replace("LAST", "2"))
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1:] == [
+        ("mk.yml:1:1: slices: 'slices' is not imported: layer slices (passthrough, "
+         "frankenmerges) are not expressible in a recipe (the number of layers of 'org/math' "
+         "is not known here (it needs a local folder whose config.json gives "
+         "num_hidden_layers; a hub id is not read), so whether layer_range [0, 2] spans them "
+         "all cannot be told: give its folder, or write the config with `models:`)")]
 
 
 def test_tokenizer_source_needs_one_vocabulary(make_models, cli):

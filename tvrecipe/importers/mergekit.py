@@ -98,6 +98,7 @@ class _Importer:
         self.ignored: list[Problem] = []
         self.names: set[str] = set(_STEP_NAMES)  # (a model named so gets model_2, ...)
         self.slice_parameters: dict[str, Any] = {}
+        self.slice_why: str | None = None  # why a slice is not read as models
         self.dtypes: dict[str, str] = {}  # dtype, out_dtype: as tvrecipe names them
 
     def problem(self, where: tuple, message: str, hint: str | None = None) -> None:
@@ -230,7 +231,17 @@ class _Importer:
                 return None
             span = src.get("layer_range")
             layers = _layers(Path(src["model"]).expanduser())
-            if layers is None or span != [0, layers]:
+            if layers is None:
+                self.slice_why = (
+                    f"the number of layers of {src['model']!r} is not known here (it needs a "
+                    "local folder whose config.json gives num_hidden_layers; a hub id is not "
+                    f"read), so whether layer_range {span} spans them all cannot be told: give "
+                    "its folder, or write the config with `models:`")
+                return None
+            if span != [0, layers]:
+                self.slice_why = (f"{src['model']!r} has {layers} layers and the slice takes "
+                                  f"layer_range {span}: only [0, {layers}] (all of them) is "
+                                  "imported, as models")
                 return None
             entry = {"model": src["model"], "parameters": src.get("parameters")}
             out.append((("slices", 0, "sources", i), entry))
@@ -287,8 +298,8 @@ class _Importer:
                 if whole:
                     entries = whole
                     continue
-            hint = ("a single slice whose sources all span every layer is imported as models"
-                    if key == "slices" else None)
+            hint = ((self.slice_why or "a single slice whose sources all "
+                     "span every layer is imported as models") if key == "slices" else None)
             self.problem((key,), f"'{key}' is not imported: {why}", hint)
         known = {"models", "merge_method", "base_model", "dtype", "out_dtype", "parameters",
                  "tokenizer_source", "name", *_UNSUPPORTED}
