@@ -436,3 +436,17 @@ def test_models_written_as_mappings(make_models, cli):
     assert res.err_lines[1:] == [
         ("mk.yml:6:6: models[2].model: {'model': {'path': './ckpt/math'}} is listed twice; "
         "mergekit refuses duplicate inputs (list it once, with the weight it should have)")]
+
+
+def test_a_mergekit_config_given_to_run_says_how_to_import_it(make_models, cli):
+    make_models(("math",))
+    cli.write("mk.yml", "merge_method: ties\nbase_model: ./ckpt/base\n"
+                        "models: [{model: ./ckpt/math, parameters: {weight: 1, density: 0.5}}]\n")
+    for command in ("run", "validate", "plan"):
+        assert cli.fails(2, command, "mk.yml").err_lines == [
+            "tvrecipe: recipe error:",
+            ("mk.yml:1:1: merge_method: this is a mergekit config, not a tvrecipe recipe "
+             "(convert it once with `tvrecipe import mk.yml -o mk.recipe.yaml`, then run "
+             "mk.recipe.yaml: its comments say what each mergekit field became)")]
+    cli.ok("import", "mk.yml", "-o", "mk.recipe.yaml")
+    cli.ok("run", "mk.recipe.yaml", "-q")

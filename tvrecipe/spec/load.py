@@ -227,6 +227,16 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
         problems.append(smap.problem((), f"a recipe must be a YAML mapping, got {got}",
                                      "start from a bundled recipe: `tvrecipe new --list`, then `tvrecipe new NAME > my.yaml`"))
         return None
+    if "tvrecipe" not in data and "merge_method" in data:
+        # A mergekit config given where a recipe goes: one problem, and how to convert it.
+        from pathlib import PurePath
+        given = PurePath(smap.file)
+        recipe = given.with_name(f"{given.stem}.recipe.yaml")
+        problems.append(smap.problem(
+            ("merge_method",), "this is a mergekit config, not a tvrecipe recipe",
+            f"convert it once with `tvrecipe import {given} -o {recipe}`, then run {recipe}: "
+            "its comments say what each mergekit field became"))
+        return None
     top = _field_names(Recipe)
     for key in data:
         if key not in top:
