@@ -415,3 +415,27 @@ def test_locked_refuses_outputs_that_come_out_other_than_the_lock(tmp_path):
         "locked 000000000000…)")]
     assert not (tmp_path / "out").exists()  # nothing moved into place, no staging left
     assert path.read_bytes() == lock
+
+
+def test_verify_recompute_of_a_basis_with_k_auto(tmp_path):
+    # cluster_basis with k: auto knows its members only once it ran; the released folder's
+    # own lock records the step keys as the recipe's lock does (taken before the run), so
+    # the recompute gives the same bytes, its tvrecipe.lock included.
+    recipe = _make(tmp_path)
+    recipe.write_text(RECIPE.replace(
+        "  merged: {op: sum, inputs: tv, weights: 0.5}",
+        "  basis: {op: cluster_basis, inputs: tv, k: auto}\n"
+        "  merged: {op: sum, inputs: basis, weights: 0.5}") + "settings: {device: cpu}\n")
+    assert _cli("run", str(recipe), "-q", "--no-cache").exit_code == 0
+    res = _cli("verify", str(recipe), "--recompute")
+    assert res.exit_code == 0, res.output
+    assert _cli("verify", str(tmp_path / "out")).exit_code == 0
+
+    # The same through the Python API, which takes no state from the caller.
+    from tvrecipe.exec.runner import RunOptions, run_recipe
+    from tvrecipe.plan.graph import compile_recipe
+    from tvrecipe.spec.load import load_recipe
+    run_recipe(compile_recipe(load_recipe(recipe)),
+               RunOptions(targets={"model": tmp_path / "again"}))
+    assert ((tmp_path / "again" / "tvrecipe.lock").read_bytes()
+            == (tmp_path / "out" / "tvrecipe.lock").read_bytes())

@@ -589,7 +589,8 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     from tvrecipe.store.hashing import HashMemo
     compiled = _compile(recipe)
     memo = lockfile.hash_memo(compiled)
-    problems = lockfile.state_differences(compiled, lockfile.run_state(compiled, memo))
+    state = lockfile.run_state(compiled, memo)
+    problems = lockfile.state_differences(compiled, state)
     problems += lockfile.output_differences(compiled, HashMemo(None))
     if problems:
         raise VerifyError("does not match the lock:\n" + "\n".join(problems))
@@ -617,7 +618,7 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         with _closing_clients(cluster):
             result = run_recipe(compiled, RunOptions(
                 device=device, progress=sys.stderr.isatty(), targets=folders, cluster=cluster,
-                allow_nonfinite=lock.get("allow_nonfinite") is True))
+                state=state, allow_nonfinite=lock.get("allow_nonfinite") is True))
         problems = lockfile.output_differences(compiled, HashMemo(None), folders)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

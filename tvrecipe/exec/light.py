@@ -40,6 +40,7 @@ from tvrecipe.exec.results import (
     nonfinite_input,
     output_metadata,
     progress_bar,
+    with_state,
 )
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
 from tvrecipe.plan.tensors import TensorPlan, build_tensor_plan, in_flight, rows_per_block
@@ -338,4 +339,6 @@ def run_light(compiled: Compiled, options: RunOptions) -> RunResult | None:
             base model, a file that cannot be written, ...); no output is left half-written.
     """
     applies = _applies(compiled, options)
-    return None if applies is None else _LightRun(compiled, options, applies).run()
+    if applies is None:
+        return None
+    return _LightRun(compiled, with_state(compiled, options), applies).run()

@@ -71,6 +71,28 @@ class RunOptions:
                            None] | None = None
 
 
+def releases(compiled: Compiled, output: str) -> bool:
+    """Whether an output carries its model card, recipe and lock entry (a checkpoint, or a
+    peft adapter, unless ``model_card: false``)."""
+    spec, res = compiled.outputs[output]
+    kind = res.type.kind
+    return ((kind == CHECKPOINT or (kind == VECTOR and spec.format == "peft"))
+            and spec.model_card is not False)
+
+
+def with_state(compiled: Compiled, options: RunOptions) -> RunOptions:
+    """``options`` with the run state (input hashes, step keys) that a released output's
+    lock entry records, taken now, before the run: once a step such as ``cluster_basis``
+    with ``k: auto`` has run, its members are known and the keys after it would differ from
+    the recipe's lock."""
+    if options.state is not None or not any(releases(compiled, n) for n in compiled.outputs):
+        return options
+    from dataclasses import replace
+
+    from tvrecipe.exec import lockfile
+    return replace(options, state=lockfile.run_state(compiled))
+
+
 def commit_outputs(outputs: dict[str, Output], options: RunOptions,
                    where: dict[str, str]) -> dict[str, Path]:
     """Check the outputs (``options.check_staged``), then rename every output into place and
@@ -315,13 +337,12 @@ class Output:
                 copy_aux_files(src, self.folder.staging)
                 if self.kind == CHECKPOINT and self.spec.dtype:
                     set_config_dtype(self.folder.staging, self.spec.dtype)
-        adapter = self.kind == VECTOR and self.spec.format == "peft"
-        if (self.kind == CHECKPOINT or adapter) and self.spec.model_card is not False:
+        if releases(compiled, self.name):
             self._release(compiled)
 
     def _release(self, compiled: Compiled) -> None:
         from tvrecipe.exec import lockfile
-        state = self.options.state or lockfile.run_state(compiled)
+        state = self.options.state  # (with_state: taken before the run)
         self.digests = write_release(compiled, self.name, self.folder.staging, self.digests,
                                      state, source_of(compiled, self.options),
                                      lockfile.tool_versions(lockfile.RELEASE_TOOLS),

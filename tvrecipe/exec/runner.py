@@ -33,6 +33,7 @@ from tvrecipe.exec.results import (
     nonfinite_input,
     output_metadata,
     progress_bar,
+    with_state,
 )
 from tvrecipe.exec.slots import from_slots, slot_names, to_slots
 from tvrecipe.ops.parallel import cores
@@ -1014,10 +1015,11 @@ def run_recipe(compiled: Compiled, options: RunOptions | None = None) -> RunResu
     A cache entry found corrupt while it is read is removed and the run starts again without
     it (the interrupted attempt committed nothing); the warning lands in ``cache.warnings``.
     """
+    options = with_state(compiled, options or RunOptions())
     with _command():
         while True:
             try:
-                if options is not None and options.cluster:  # Dask: imported only then
+                if options.cluster:  # Dask: imported only then
                     from tvrecipe.exec.cluster import ClusterRunner
                     return ClusterRunner(compiled, options).run()
                 return Runner(compiled, options).run()
