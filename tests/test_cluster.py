@@ -8,6 +8,7 @@ a worker come back as the local run's; a worker killed mid-run costs nothing but
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -339,6 +340,9 @@ def test_address_and_recipe_mistakes(models, cli, tmp_path, monkeypatch):
     res = cli.fails(2, "run", "s.yaml")
     assert "s.yaml:9:21: settings.cluster: unknown field 'cluster'" in res.stderr
     assert "where a recipe runs is not part of the recipe" in res.stderr
+    res = cli.fails(2, "verify", recipe, "--cluster", "local:2")  # (hashes need no cluster)
+    assert "--cluster runs --recompute on a cluster; without --recompute, verify only hashes " \
+           "files here: add --recompute, or leave --cluster out" in res.stderr
     monkeypatch.setitem(sys.modules, "distributed", None)  # not installed
     res = cli.fails(7, "run", recipe, "--cluster", "local:2")
     assert "pip install 'tvrecipe[cluster]'" in res.stderr
@@ -491,3 +495,139 @@ def test_verify_recompute_closes_the_local_cluster_it_started(target, models, cl
                  "--cluster", "local:1")
     assert "same bytes" in res.stdout
     assert not cluster._OWNED and "local:1" not in cluster._CLIENTS
+
+
+def _listener(reply: bytes | None):
+    """A TCP port on localhost whose server answers each connection with ``reply`` (None:
+    never answers, as an HTTP server waits for a request), until closed."""
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply is not None:
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    class Listener:
+        address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+
+        def close(self):  # (the connections too: a client still waiting on one then ends)
+            server.close()
+            for conn in held:
+                conn.close()
+
+    return Listener()
+
+
+def test_an_address_that_is_not_a_working_scheduler_is_said(models, cli, tmp_path,
+                                                             monkeypatch):
+    """Nothing listening, a server that never answers (the dashboard's HTTP port), one that
+    answers what Dask cannot read, a scheduler without workers: each a runtime error that
+    says what to check, in seconds, never a hang nor an internal error."""
+    import socket
+
+    from distributed import LocalCluster
+    monkeypatch.setattr(cluster_mod, "CONNECT_TIMEOUT", "1s")
+    recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    res = cli.fails(5, "run", recipe, "--cluster", f"tcp://127.0.0.1:{port}")
+    assert res.err_lines[1].startswith(f"cannot reach the Dask scheduler at tcp://127.0.0.1:"
+                                       f"{port} (")
+    not_dask = ("a Dask scheduler's address (`dask scheduler` prints it; port 8786 by "
+                "default, not the dashboard's 8787)?")
+    silent = _listener(None)
+    address = silent.address
+    try:
+        res = cli.fails(5, "run", recipe, "--cluster", address)
+    finally:
+        silent.close()
+    assert res.err_lines[1] == (f"no Dask scheduler answered at {address} within 1 s: is "
+                                f"{address} {not_dask}")
+    noisy = _listener(b"\xff" * 64)
+    address = noisy.address
+    try:
+        res = cli.fails(5, "run", recipe, "--cluster", address)
+    finally:
+        noisy.close()
+    assert res.err_lines[1] == (f"what answers at {address} is not a Dask scheduler: is "
+                                f"{address} {not_dask}")
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
+        address = empty.scheduler_address
+        res = cli.fails(5, "run", recipe, "--cluster", address)
+    assert res.err_lines[1] == (f"the Dask scheduler at {address} has no workers (waited 1 s): "
+                                f"start some with `dask worker {address}`")
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_a_worker_does_not_see_is_said_as_such(models, address, cli, tmp_path,
+                                                    monkeypatch):
+    """A cache folder, an input or a staging folder that a worker does not see at the
+    client's path: said as that, naming the worker or the setting, not as a corrupt cache
+    entry, a missing input or a bad output path."""
+    from types import SimpleNamespace
+
+    from tvrecipe.errors import InputError
+    recipe = write_recipe(tmp_path, models, *FAMILIES["sparsify"])
+    cli.ok("run", recipe, "-q")
+    # The cache: workers are sent a folder they do not have (as if mounted elsewhere).
+    real = cluster_mod.ClusterRunner._job
+    monkeypatch.setattr(cluster_mod.ClusterRunner, "_job", lambda self, w: dataclasses.replace(
+        real(self, w), cache_root=str(tmp_path / "elsewhere")))
+    res = cli.fails(5, "run", recipe, "--force", "--cluster", address)
+    assert res.err_lines[1].startswith(f"the cache folder {tmp_path / 'elsewhere'} is not there "
+                                       "on worker tcp://")
+    assert res.err_lines[1].endswith(
+        ": workers read cached steps from it, so every worker must see it at the same path "
+        "(pass --cache-dir with a folder the client and all workers share, or --no-cache)")
+    assert "corrupt" not in res.stderr
+    monkeypatch.setattr(cluster_mod.ClusterRunner, "_job", real)
+
+    # An input a worker cannot open, where this machine can.
+    runner = SimpleNamespace(workers={}, _machines=[], bytes_read=0, reports={}, kept={})
+    lost = cluster_mod.GroupResult("tcp://10.0.0.7:4000", 0.0, 0, error=(
+        "InputError", ("model 'base' (./base): no such file or folder; check the path to the "
+                      "checkpoint")))
+    with pytest.raises(InputError) as caught:
+        cluster_mod.ClusterRunner._take(runner, lost)
+    assert str(caught.value).endswith("\n(on worker tcp://10.0.0.7:4000: every worker must see "
+                                      "the inputs at the paths this machine does)")
+
+    # TVRECIPE_STAGING naming a file, not a folder.
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("TVRECIPE_STAGING", str(tmp_path / "afile"))
+    res = cli.fails(4, "run", recipe, "--force", "--no-cache", "--cluster", address)
+    assert res.err_lines[1] == (
+        f"cannot make the run's staging folder in {tmp_path / 'afile'} (TVRECIPE_STAGING): "
+        "File exists; set TVRECIPE_STAGING to a folder that the client and every worker share "
+        "and can write")
+
+
+def test_a_killed_clients_staging_folder_goes_with_the_next_run(models, address, cli, tmp_path):
+    import subprocess
+
+    from tvrecipe.store.output import _staging_prefix
+    recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # (a process id no process has now)
+    parent = tmp_path / ".tvrecipe" / "cluster"
+    left = parent / f"{_staging_prefix('run', pid=gone.pid)}0123456789ab"
+    left.mkdir(parents=True)
+    (left / "001-00000.bin").write_bytes(b"\0" * 1024)
+    other = parent / ".run.tmp-otherhost-1-0123456789ab"  # another machine's: a day's grace
+    other.mkdir()
+    cli.ok("run", recipe, "-q", "--no-cache", "--cluster", address)
+    assert sorted(p.name for p in parent.iterdir()) == [other.name]

@@ -574,6 +574,10 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     rebuilds it from its own tvrecipe.yaml.
     """
     from tvrecipe.errors import RecipeError, VerifyError
+    if cluster and not recompute:
+        raise click.UsageError("--cluster runs --recompute on a cluster; without --recompute, "
+                               "verify only hashes files here: add --recompute, or leave "
+                               "--cluster out")
     if cluster and recompute:
         from tvrecipe.exec.cluster_address import require_dask
         require_dask()

@@ -124,18 +124,81 @@ def connect(address: str) -> Any:
             client = distributed.Client(cluster)
             # The workers import the executor (torch) now, with the cluster's start, rather
             # than in the run's first tasks.
-            client.run(importlib.import_module, __name__)
+            # (a worker lost meanwhile is restarted by its nanny and imports it in its first
+            # task: nothing to stop the run for)
+            with contextlib.suppress(Exception):
+                client.run(importlib.import_module, __name__)
         else:
-            try:
-                client = distributed.Client(value, timeout=CONNECT_TIMEOUT)
-            except (OSError, TimeoutError) as exc:
-                raise ExecutionError(
-                    f"cannot reach the Dask scheduler at {value} ({exc}); start one with "
-                    f"`dask scheduler` and workers with `dask worker {value}`, or run on this "
-                    "machine with --cluster local:N") from None
+            client = _remote_client(distributed, value)
         _CLIENTS[address] = client
         _OWNED.add(address)
     return client
+
+
+def _remote_client(distributed: Any, address: str) -> Any:
+    """A client of the scheduler at ``address`` (``tcp://host:port``) that has a worker.
+
+    Raises:
+        ExecutionError: nothing listens there, what listens is not a Dask scheduler (no
+            answer in time, or bytes Dask cannot read), or the scheduler has no worker.
+    """
+    seconds = float(CONNECT_TIMEOUT.rstrip("s"))
+    start_one = (f"start one with `dask scheduler` and workers with `dask worker {address}`, "
+                 "or run on this machine with --cluster local:N")
+    not_dask = (f"is {address} a Dask scheduler's address (`dask scheduler` prints it; port "
+                "8786 by default, not the dashboard's 8787)?")
+    host, _sep, port = address.removeprefix("tcp://").rpartition(":")
+    answer = _first_bytes((host.strip("[]"), int(port)), seconds, address, start_one)
+    # Dask's own timeout covers the connection, not the handshake that follows it, so a
+    # server that never answers (the dashboard's HTTP port, say) would hold the run forever:
+    # a Dask server speaks first, its handshake a message of a few hundred bytes (framed by
+    # its length in 8 bytes, little-endian). (The scheduler logs this look as a connection
+    # "closed before handshake completed", at INFO.)
+    if not answer:
+        raise ExecutionError(f"no Dask scheduler answered at {address} within {seconds:.0f} s: "
+                             f"{not_dask}")
+    if len(answer) < 8 or int.from_bytes(answer[:8], "little") > 1 << 26:
+        raise ExecutionError(f"what answers at {address} is not a Dask scheduler: {not_dask}")
+    try:
+        client = distributed.Client(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ExecutionError(f"cannot reach the Dask scheduler at {address} ({exc}); "
+                             f"{start_one}") from None
+    except Exception as exc:  # noqa: BLE001 (a server that answered like Dask, then not)
+        raise ExecutionError(f"cannot talk to a Dask scheduler at {address} "
+                             f"({type(exc).__name__}: {exc}): {not_dask}") from None
+    try:
+        client.wait_for_workers(1, timeout=seconds)
+    except (OSError, TimeoutError):
+        with contextlib.suppress(Exception):
+            client.close()
+        raise ExecutionError(f"the Dask scheduler at {address} has no workers (waited "
+                             f"{seconds:.0f} s): start some with `dask worker {address}`") from None
+    return client
+
+
+def _first_bytes(where: tuple[str, int], seconds: float, address: str, fix: str) -> bytes:
+    """What a server at ``where`` sends first, unasked, within ``seconds`` (b"" if nothing).
+
+    Raises:
+        ExecutionError: nothing listens there, or the host is unknown (said at once, not
+            after Dask's timeout).
+    """
+    import socket
+    try:
+        conn = socket.create_connection(where, timeout=seconds)
+    except OSError as exc:
+        raise ExecutionError(f"cannot reach the Dask scheduler at {address} ({exc}); "
+                             f"{fix}") from None
+    with conn:
+        got = b""
+        with contextlib.suppress(OSError):  # (a timeout: nothing said)
+            while len(got) < 8:
+                more = conn.recv(8 - len(got))
+                if not more:
+                    break
+                got += more
+        return got
 
 
 @atexit.register
@@ -388,6 +451,12 @@ class _WorkerRunner(Runner):
         self.kept = {step: dict(states) for step, states in kept.items()}
         self.plan = _plan(job)
         if job.cached:
+            if not Path(job.cache_root).is_dir():
+                raise ExecutionError(
+                    f"the cache folder {job.cache_root} is not there on worker "
+                    f"{_worker_name()}: workers read cached steps from it, so every worker must "
+                    "see it at the same path (pass --cache-dir with a folder the client and "
+                    "all workers share, or --no-cache)")
             cache = TensorCache(Path(job.cache_root))
             for name, key in job.cached.items():
                 hit = cache.lookup(key, job.allow_nonfinite)
@@ -507,6 +576,15 @@ def _stage(runner: _WorkerRunner, job: Job, index: int, spec: dict) -> tuple[lis
                             recs.append(put(("c", name, slot), t, compute, True))
                 items.append((tensor, recs))
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename not in (None, str(tmp), str(path)):
+            raise
+        from tvrecipe.errors import OutputError
+        raise OutputError(f"cannot write the staging file {path} on worker {_worker_name()}: "
+                          f"{exc.strerror or exc}; free space there, or set TVRECIPE_STAGING "
+                          "to a folder with room that the client and every worker share"
+                          ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -574,10 +652,11 @@ class ClusterRunner(Runner):
         return lockfile.machines([super()._where(), *self._machines])
 
     def _make_staging(self) -> Path:
-        """The run's staging folder, ``run-<id>`` in ``$TVRECIPE_STAGING``, else in
-        ``.tvrecipe/cluster/`` beside the recipe (for ``verify --recompute``, which writes into
-        a temporary folder: in that folder): the client and every worker must see it at that
-        path. Leftovers of killed runs older than a day are removed."""
+        """The run's staging folder, ``.run.tmp-<host>-<pid>-<id>`` in ``$TVRECIPE_STAGING``,
+        else in ``.tvrecipe/cluster/`` beside the recipe (for ``verify --recompute``, which
+        writes into a temporary folder: in that folder): the client and every worker must
+        see it at that path. Leftovers of killed runs are removed: those of this host whose
+        process is gone, and any older than a day."""
         chosen = os.environ.get("TVRECIPE_STAGING")
         targets = sorted((self.options.targets or {}).values())
         if chosen:
@@ -586,17 +665,24 @@ class ClusterRunner(Runner):
             parent = Path(targets[0]).parent / ".tvrecipe-cluster"
         else:
             parent = self.compiled.loaded.root / ".tvrecipe" / "cluster"
+        from tvrecipe.store.output import _staging_prefix, _sweep_dead_staging
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            for old in parent.glob("run-*"):
+            # A killed client's folder: at once where it ran on this host (its process is
+            # gone), else once a day old (another host's, or before 0.2.1: run-<id>).
+            _sweep_dead_staging(parent, "run")
+            for old in [*parent.glob("run-*"), *parent.glob(".run.tmp-*")]:
                 with contextlib.suppress(OSError):
                     if time.time() - old.stat().st_mtime > 86400:
                         shutil.rmtree(old, ignore_errors=True)
-            folder = parent / f"run-{self.run_id}"
+            folder = parent / f"{_staging_prefix('run')}{self.run_id}"
             folder.mkdir()
         except OSError as exc:
-            from tvrecipe.store.output import output_oserror
-            raise output_oserror(exc, parent) from exc
+            from tvrecipe.errors import OutputError
+            where = f"{parent} (TVRECIPE_STAGING)" if chosen else str(parent)
+            raise OutputError(f"cannot make the run's staging folder in {where}: "
+                              f"{exc.strerror or exc}; set TVRECIPE_STAGING to a folder that "
+                              "the client and every worker share and can write") from None
         return folder.resolve()
 
     def _whole_model_pass(self, step: CompiledStep) -> None:
@@ -683,6 +769,11 @@ class ClusterRunner(Runner):
                         f"and again ({exc}); nothing was committed: check the workers' memory "
                         "and logs, and run again") from None
                 except FutureCancelledError as exc:
+                    if self.client.status != "running":  # (it lost its scheduler)
+                        raise ExecutionError(
+                            f"lost the connection to the Dask scheduler of "
+                            f"{self.options.cluster} (client {self.client.status}); nothing "
+                            "was committed: check the scheduler, and run again") from None
                     raise ExecutionError(f"a task of this run was cancelled on the Dask cluster "
                                          f"({exc}); nothing was committed") from None
                 bar.update(groups[i][1])
@@ -719,6 +810,10 @@ class ClusterRunner(Runner):
             raise CacheCorrupt(*result.corrupt)
         if result.error is not None:
             name, message = result.error
+            if name == "InputError" and "no such file or folder" in message:
+                # (this machine read that input's headers when it planned the run)
+                message += (f"\n(on worker {result.worker}: every worker must see the inputs "
+                            "at the paths this machine does)")
             raise _ERRORS.get(name, ExecutionError)(message)
         _merge(self.reports, result.reports)
         for step, states in result.kept.items():
