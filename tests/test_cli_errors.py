@@ -534,6 +534,13 @@ def test_della_probabilities_outside_the_unit_interval_are_refused_by_validate(c
     cli.ok("run", "r.yaml", "-q")
 
 
+def _edited(lock: str, edit) -> str:
+    import yaml
+    data = yaml.safe_load(lock)
+    edit(data)
+    return yaml.safe_dump(data)
+
+
 def _digest_as_number(lock: str) -> str:
     import re
     return re.sub(r"(\n  sha256: )[0-9a-f]{64}", r"\g<1>123456", lock, count=1)
@@ -547,6 +554,10 @@ def _digest_as_number(lock: str) -> str:
                         "damaged)")),
     (lambda lock: lock.replace("\nsteps:\n", "\nsteps:\n- a\nx:\n"),
      "steps should be a mapping, got ['a'] (edited by hand, or damaged)"),
+    (lambda lock: _edited(lock, lambda d: d["outputs"]["model"].update(files=None)),
+     "outputs.model.files is empty (edited by hand, or damaged)"),
+    (lambda lock: _edited(lock, lambda d: d["recipe"].update(sha256=None)),
+     "recipe.sha256 should be text, got nothing (edited by hand, or damaged)"),
 ])
 def test_a_damaged_lock_is_replaced_by_run_force(cli, tmp_path, text, why):
     checkpoints(tmp_path)

@@ -439,3 +439,35 @@ def test_verify_recompute_of_a_basis_with_k_auto(tmp_path):
                RunOptions(targets={"model": tmp_path / "again"}))
     assert ((tmp_path / "again" / "tvrecipe.lock").read_bytes()
             == (tmp_path / "out" / "tvrecipe.lock").read_bytes())
+
+
+def test_locked_makes_outputs_in_an_empty_folder_and_as_the_lock_let_nan_in(tmp_path):
+    # A checkout that made the output folder (mkdir -p out) counts as one without outputs;
+    # and --locked repeats the locked run's --allow-nonfinite, which its outputs record.
+    import math
+    import shutil
+
+    from safetensors.torch import load_file
+    recipe = _make(tmp_path)
+    w = load_file(str(tmp_path / "a" / "model.safetensors"))
+    w["n"][0] = math.nan
+    save_file(w, str(tmp_path / "a" / "model.safetensors"))
+    assert _cli("run", str(recipe), "-q", "--allow-nonfinite").exit_code == 0
+    lock = (tmp_path / "r.yaml.lock").read_bytes()
+    shutil.rmtree(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    res = _cli("run", str(recipe), "--locked", "-q")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r.yaml.lock").read_bytes() == lock
+    assert _cli("verify", str(recipe)).exit_code == 0
+
+    shutil.rmtree(tmp_path / "out")
+    assert _cli("run", str(recipe), "-q", "--force").exit_code == 3  # (NaN: refused)
+    assert _cli("run", str(recipe), "-q", "--force", "--allow-nonfinite").exit_code == 0
+    data = (tmp_path / "r.yaml.lock").read_text().replace("allow_nonfinite: true\n", "")
+    (tmp_path / "r.yaml.lock").write_text(data)  # as if locked by a run without the option
+    res = _cli("run", str(recipe), "--locked", "--allow-nonfinite")
+    assert res.exit_code == 6
+    assert res.output.splitlines()[1] == (
+        "  --locked, but the lock was written by a run without --allow-nonfinite (which "
+        "refused NaN and Inf in its inputs): leave the option out to repeat it")

@@ -382,6 +382,14 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         if changes:
             raise VerifyError("--locked, but the run would differ from the lock:\n"
                               + "\n".join(changes))
+        # As the locked run did: its released folders record whether it let NaN and Inf in.
+        from tvrecipe.store.lock import read_lock
+        was = read_lock(lock_path(compiled.loaded.path)).get("allow_nonfinite") is True
+        if allow_nonfinite and not was:
+            raise VerifyError("--locked, but the lock was written by a run without "
+                              "--allow-nonfinite (which refused NaN and Inf in its inputs): "
+                              "leave the option out to repeat it")
+        allow_nonfinite = was
     # Outputs not there (a fresh checkout) are made; under --locked they must come out as
     # locked (checked before they are moved into place), while one that is there but differs
     # from the lock was changed by hand and needs --force.
@@ -396,8 +404,10 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                        "(--force recomputes them)")
         return
     from tvrecipe.store.lock import check_writable
-    # (not after the outputs are in place; an up-to-date run in a read-only folder is fine)
-    check_writable(lock_path(compiled.loaded.path))
+    # (not after the outputs are in place; an up-to-date run in a read-only folder is fine,
+    # and so is --locked, which leaves the lock as it is)
+    if not locked:
+        check_writable(lock_path(compiled.loaded.path))
     # Output folders this recipe's lock says it wrote: unchanged ones are replaced without
     # --force; a changed one is refused, saying what changed, before anything runs.
     written = lockfile.written_outputs(compiled, memo) if has_lock else {}

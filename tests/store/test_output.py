@@ -44,11 +44,26 @@ def test_commit_renames_staging_into_place(tmp_path):
 def test_existing_target_refused_without_force(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
+    (target / "mine.txt").write_text("x")
     with pytest.raises(
         OutputError, match=exact(f"output {target} exists; pass --force to replace it")
     ):
         OutputFolder(target)
     assert leftovers(tmp_path) == []
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(OutputError, match="exists; pass --force"):
+        OutputFolder(tmp_path / "link")  # (a dangling link is no empty folder)
+
+
+def test_an_empty_folder_is_replaced_without_force(tmp_path):
+    # Nothing to lose: a checkout's `mkdir -p out/model` before its first run.
+    target = tmp_path / "out"
+    target.mkdir()
+    folder = OutputFolder(target)
+    (folder.staging / "w.txt").write_text("new")
+    assert folder.commit() == target
+    assert (target / "w.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_force_replaces_and_removes_old(tmp_path):

@@ -17,6 +17,7 @@ from tvrecipe.plan.tensors import needed_models
 from tvrecipe.store.checkpoint import open_checkpoint
 from tvrecipe.store.hashing import HashMemo, checkpoint_digest
 from tvrecipe.store.lock import diff_hashes, hash_tree, lock_path, read_lock, write_lock
+from tvrecipe.store.output import empty_folder
 from tvrecipe.store.remote import RemotePath
 
 
@@ -276,9 +277,14 @@ def staged_differences(compiled: Compiled,
 
 
 def absent_outputs(compiled: Compiled) -> set[str]:
-    """Outputs whose path does not exist (not made yet here, as in a fresh checkout)."""
+    """Outputs not made yet here (as in a fresh checkout): their path does not exist, or is
+    an empty folder."""
     return {name for name, (spec, _res) in compiled.outputs.items()
-            if not os.path.lexists(compiled.loaded.resolve(spec.path))}
+            if _absent(compiled.loaded.resolve(spec.path))}
+
+
+def _absent(target: Path) -> bool:
+    return not os.path.lexists(target) or empty_folder(target)
 
 
 def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
@@ -359,7 +365,7 @@ def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[st
         entries = [locked.get(name)] + [e for n, e in sorted(locked.items()) if n != name]
         entry = next((e for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)
                       and compiled.loaded.resolve(e["path"]) == target), None)
-        if entry is None or not target.exists():
+        if entry is None or _absent(target):
             continue
         got = hash_tree(target, memo) if target.is_dir() else {}
         written[name] = diff_hashes(entry.get("files") or {}, got, spec.path)

@@ -108,12 +108,14 @@ def lock_shape_problem(data: dict[str, Any]) -> str | None:
     """What in a lock's data is not of the shape tvrecipe writes (a digest that YAML reads
     as a number, a section that is not a mapping), or None."""
     def walk(value: Any, fields: tuple[str, ...], where: str) -> str | None:
+        # (only keys that are there are walked: a field an older lock lacks is no problem,
+        # but one left empty is, as tvrecipe never writes one empty)
         if not fields:
-            if value is None or isinstance(value, str):
+            if isinstance(value, str):
                 return None
-            return f"{where} should be text, got {value!r}"
+            return f"{where} should be text, got {'nothing' if value is None else repr(value)}"
         if value is None:
-            return None
+            return f"{where} is empty"
         if not isinstance(value, dict):
             return f"{where} should be a mapping, got {value!r}"
         keys = list(value) if fields[0] == "*" else [fields[0]] if fields[0] in value else []

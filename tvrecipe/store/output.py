@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -76,7 +77,29 @@ def _fsync_dir(path: Path) -> None:
 
 # Staging folders of this process not yet committed or removed (see OutputFolder.abort_all).
 _LIVE_STAGING: set[Path] = set()
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def _host_id() -> str:
+    """This machine and process-id namespace, for the staging folders' names: hostname, boot
+    id and pid namespace, so that two containers of one hostname (their process ids are not
+    each other's) never take each other's live folder for a dead run's."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+_HOST = _host_id()
+
+
+def empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a link) with nothing in it: an output may replace it
+    without --force, as there is nothing to lose (a checkout's ``mkdir -p out/model``)."""
+    try:
+        return (not os.path.islink(path) and os.path.isdir(path)
+                and next(os.scandir(path), None) is None)
+    except OSError:
+        return False
 
 
 def _host_prefix(name: str) -> str:
@@ -197,7 +220,7 @@ class OutputFolder:
                     f"output {self.target} {relation} the input {p}; writing it could destroy "
                     "the input: choose an output path outside every input"
                 )
-        if os.path.lexists(self.target) and not force:
+        if os.path.lexists(self.target) and not force and not empty_folder(self.target):
             raise OutputError(f"output {self.target} exists; pass --force to replace it")
         parent = self.target.parent
         # The folders made for it (out/, out/sub/): an aborted output removes them again.
@@ -227,7 +250,7 @@ class OutputFolder:
         try:
             _fsync_tree(self.staging)
             if os.path.lexists(self.target):
-                if not self.force:
+                if not self.force and not empty_folder(self.target):
                     raise OutputError(f"output {self.target} exists; pass --force to replace it")
                 aside = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=parent))
                 os.rename(self.target, aside / self.target.name)
