@@ -95,9 +95,11 @@ _HOST = _host_id()
 def empty_folder(path: Path) -> bool:
     """Whether ``path`` is a folder (not a link) with nothing in it: an output may replace it
     without --force, as there is nothing to lose (a checkout's ``mkdir -p out/model``)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
     try:
-        return (not os.path.islink(path) and os.path.isdir(path)
-                and next(os.scandir(path), None) is None)
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
     except OSError:
         return False
 
