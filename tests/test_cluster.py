@@ -549,22 +549,15 @@ def test_an_address_that_is_not_a_working_scheduler_is_said(models, cli, tmp_pat
                                        f"{port} (")
     not_dask = ("a Dask scheduler's address (`dask scheduler` prints it; port 8786 by "
                 "default, not the dashboard's 8787)?")
-    silent = _listener(None)
-    address = silent.address
-    try:
-        res = cli.fails(5, "run", recipe, "--cluster", address)
-    finally:
-        silent.close()
-    assert res.err_lines[1] == (f"no Dask scheduler answered at {address} within 1 s: is "
-                                f"{address} {not_dask}")
-    noisy = _listener(b"\xff" * 64)
-    address = noisy.address
-    try:
-        res = cli.fails(5, "run", recipe, "--cluster", address)
-    finally:
-        noisy.close()
-    assert res.err_lines[1] == (f"what answers at {address} is not a Dask scheduler: is "
-                                f"{address} {not_dask}")
+    for reply, said in ((None, "no Dask scheduler answered at {} within 1 s"),
+                        (b"\xff" * 64, "what answers at {} is not a Dask scheduler")):
+        server = _listener(reply)
+        try:
+            res = cli.fails(5, "run", recipe, "--cluster", server.address)
+        finally:
+            server.close()
+        assert res.err_lines[1] == (f"{said.format(server.address)}: is {server.address} "
+                                    f"{not_dask}")
     with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
         address = empty.scheduler_address
         res = cli.fails(5, "run", recipe, "--cluster", address)
