@@ -104,6 +104,9 @@ _TEXT_FIELDS = (("recipe", "file"), ("recipe", "sha256"), ("built_from", "file")
                 ("machine", "*"))
 
 
+_OPTIONAL = ("tool", "machine")
+
+
 def lock_shape_problem(data: dict[str, Any]) -> str | None:
     """What in a lock's data is not of the shape tvrecipe writes (a digest that YAML reads
     as a number, a section that is not a mapping), or None."""
@@ -114,8 +117,8 @@ def lock_shape_problem(data: dict[str, Any]) -> str | None:
             if isinstance(value, str):
                 return None
             return f"{where} should be text, got {'nothing' if value is None else repr(value)}"
-        if value is None:
-            return f"{where} is empty"
+        if value is None:  # (tool and machine only inform: a lock may go without them)
+            return None if where in _OPTIONAL else f"{where} is empty"
         if not isinstance(value, dict):
             return f"{where} should be a mapping, got {value!r}"
         keys = list(value) if fields[0] == "*" else [fields[0]] if fields[0] in value else []
