@@ -265,15 +265,10 @@ def staged_differences(compiled: Compiled,
     (``run --locked`` making outputs that are not there, as in a fresh checkout): per
     output, its staging folder and the digests of the files hashed as written. Empty when
     every output is, file for file, as locked."""
-    locked = read_lock(lock_path(compiled.loaded.path)).get("outputs", {})
     memo = HashMemo(None)
-    remember_digests({name: folder for name, (folder, _d) in staged.items()},
-                     {name: digests for name, (_f, digests) in staged.items()}, memo)
-    lines = []
-    for name, (folder, _digests) in staged.items():
-        expected = (locked.get(name) or {}).get("files") or {}
-        lines += diff_hashes(expected, hash_tree(folder, memo), compiled.outputs[name][0].path)
-    return lines
+    folders = {name: folder for name, (folder, _d) in staged.items()}
+    remember_digests(folders, {name: digests for name, (_f, digests) in staged.items()}, memo)
+    return output_differences(compiled, memo, folders, prefix="")
 
 
 def absent_outputs(compiled: Compiled) -> set[str]:
@@ -374,15 +369,18 @@ def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[st
 
 def output_differences(compiled: Compiled, memo: HashMemo | None = None,
                        folders: dict[str, Path] | None = None,
-                       skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+                       skip: set[str] | frozenset[str] = frozenset(),
+                       prefix: str = "recomputed ") -> list[str]:
     """How the outputs on disk differ from the lock (empty when they match byte for byte).
 
     Args:
         memo: Hash memo to use; ``None`` uses the one beside the recipe. Pass
             ``HashMemo(None)`` to read every byte again.
         folders: Output name -> folder to check instead of the recipe's path (a recomputed
-            copy); differences are then reported under ``recomputed <path>``.
+            copy); differences are then reported under ``<prefix><path>``.
         skip: Outputs not to check.
+        prefix: What ``folders`` hold: ``recomputed`` copies, or ``""`` for the outputs of
+            this run not yet moved into place (``run --locked``).
     """
     memo = memo or hash_memo(compiled)
     lock = read_lock(lock_path(compiled.loaded.path))
@@ -392,7 +390,7 @@ def output_differences(compiled: Compiled, memo: HashMemo | None = None,
         if name in skip:
             continue
         target = (folders or {}).get(name) or compiled.loaded.resolve(spec.path)
-        label = f"recomputed {spec.path}" if folders else spec.path
+        label = f"{prefix}{spec.path}" if folders else spec.path
         if name not in locked:
             lines.append(f"output {name!r} is not in the lock")
             continue

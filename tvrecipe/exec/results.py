@@ -96,9 +96,9 @@ def with_state(compiled: Compiled, options: RunOptions) -> RunOptions:
 def commit_outputs(outputs: dict[str, Output], options: RunOptions,
                    where: dict[str, str]) -> dict[str, Path]:
     """Check the outputs (``options.check_staged``), then rename every output into place and
-    call ``options.committed`` (with ``where``, where the run computed), as one step: an interrupt that lands meanwhile takes effect after it,
-    so the outputs and the lock agree (all old or all new) and no moved-aside previous
-    output is left behind."""
+    call ``options.committed`` (with ``where``, where the run computed), as one step: an
+    interrupt that lands meanwhile takes effect after it, so the outputs and the lock agree
+    (all old or all new) and no moved-aside previous output is left behind."""
     if options.check_staged is not None:
         options.check_staged({n: (o.folder.staging, o.digests) for n, o in outputs.items()},
                              where)
