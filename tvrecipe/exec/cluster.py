@@ -143,12 +143,19 @@ def _remote_client(distributed: Any, address: str) -> Any:
             answer in time, or bytes Dask cannot read), or the scheduler has no worker.
     """
     seconds = float(CONNECT_TIMEOUT.rstrip("s"))
-    start_one = (f"start one with `dask scheduler` and workers with `dask worker {address}`, "
-                 "or run on this machine with --cluster local:N")
     not_dask = (f"is {address} a Dask scheduler's address (`dask scheduler` prints it; port "
                 "8786 by default, not the dashboard's 8787)?")
     host, _sep, port = address.removeprefix("tcp://").rpartition(":")
-    answer = _first_bytes((host.strip("[]"), int(port)), seconds, address, start_one)
+
+    def unreachable(exc: BaseException) -> ExecutionError:
+        return ExecutionError(f"cannot reach the Dask scheduler at {address} ({exc}); start one "
+                              f"with `dask scheduler` and workers with `dask worker {address}`, "
+                              "or run on this machine with --cluster local:N")
+
+    try:  # (a refused port or an unknown host is said at once, not after Dask's timeout)
+        answer = _first_bytes((host.strip("[]"), int(port)), seconds)
+    except OSError as exc:
+        raise unreachable(exc) from None
     # Dask's own timeout covers the connection, not the handshake that follows it, so a
     # server that never answers (the dashboard's HTTP port, say) would hold the run forever:
     # a Dask server speaks first, its handshake a message of a few hundred bytes (framed by
@@ -162,8 +169,7 @@ def _remote_client(distributed: Any, address: str) -> Any:
     try:
         client = distributed.Client(address, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
-        raise ExecutionError(f"cannot reach the Dask scheduler at {address} ({exc}); "
-                             f"{start_one}") from None
+        raise unreachable(exc) from None
     except Exception as exc:  # noqa: BLE001 (a server that answered like Dask, then not)
         raise ExecutionError(f"cannot talk to a Dask scheduler at {address} "
                              f"({type(exc).__name__}: {exc}): {not_dask}") from None
@@ -177,20 +183,14 @@ def _remote_client(distributed: Any, address: str) -> Any:
     return client
 
 
-def _first_bytes(where: tuple[str, int], seconds: float, address: str, fix: str) -> bytes:
+def _first_bytes(where: tuple[str, int], seconds: float) -> bytes:
     """What a server at ``where`` sends first, unasked, within ``seconds`` (b"" if nothing).
 
     Raises:
-        ExecutionError: nothing listens there, or the host is unknown (said at once, not
-            after Dask's timeout).
+        OSError: nothing listens there, or the host is unknown.
     """
     import socket
-    try:
-        conn = socket.create_connection(where, timeout=seconds)
-    except OSError as exc:
-        raise ExecutionError(f"cannot reach the Dask scheduler at {address} ({exc}); "
-                             f"{fix}") from None
-    with conn:
+    with socket.create_connection(where, timeout=seconds) as conn:
         got = b""
         with contextlib.suppress(OSError):  # (a timeout: nothing said)
             while len(got) < 8:
