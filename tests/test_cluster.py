@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -560,10 +561,51 @@ def test_an_address_that_is_not_a_working_scheduler_is_said(models, cli, tmp_pat
                                     f"{not_dask}")
     with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
         address = empty.scheduler_address
+        monkeypatch.setenv("TVRECIPE_WAIT_WORKERS", "abc")
         res = cli.fails(5, "run", recipe, "--cluster", address)
-    assert res.err_lines[1] == (f"the Dask scheduler at {address} has no workers (waited 1 s): "
-                                f"start some with `dask worker {address}`")
+        assert res.err_lines[1] == ("TVRECIPE_WAIT_WORKERS='abc' is not a number of seconds: "
+                                    "set it to how long a run waits for the scheduler's first "
+                                    "worker (0: as long as it takes), or unset it for 20 s")
+        monkeypatch.setenv("TVRECIPE_WAIT_WORKERS", "1.5")
+        started = time.monotonic()
+        res = cli.fails(5, "run", recipe, "--cluster", address)
+        assert 1.5 <= time.monotonic() - started
+    assert res.err_lines[1] == (f"the Dask scheduler at {address} has no workers (waited 1.5 s): "
+                                f"start some with `dask worker {address}`, or wait longer for "
+                                "them with TVRECIPE_WAIT_WORKERS=SECONDS")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_that_joins_late_is_waited_for(models, cli, tmp_path, monkeypatch):
+    """Workers of a batch queue join minutes after the scheduler starts:
+    TVRECIPE_WAIT_WORKERS sets how long a run waits for the first, beyond the default."""
+    import subprocess
+    import threading
+
+    from distributed import LocalCluster
+    monkeypatch.setattr(cluster_mod, "WAIT_WORKERS", 0.5)
+    monkeypatch.setenv("TVRECIPE_WAIT_WORKERS", "120")
+    recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
+    cli.ok("run", recipe, "-q", "--no-cache")
+    local = snapshot(tmp_path / "out")
+    workers: list[subprocess.Popen] = []
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
+        address = empty.scheduler_address
+        # (a process of its own, started from a timer: nothing here touches Dask's loop)
+        late = threading.Timer(2.0, lambda: workers.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+             "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        late.start()
+        try:
+            started = time.monotonic()
+            cli.ok("run", recipe, "-q", "--no-cache", "--force", "--cluster", address)
+            assert time.monotonic() - started > 2.0
+        finally:
+            late.join()
+            for worker in workers:
+                worker.kill()
+                worker.wait()
+    assert snapshot(tmp_path / "out") == local
 
 
 def test_what_a_worker_does_not_see_is_said_as_such(models, address, cli, tmp_path,

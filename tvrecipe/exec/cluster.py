@@ -86,6 +86,9 @@ TASKS_PER_WORKER = 4
 # rescheduled by Dask itself (distributed.scheduler.allowed-failures).
 RETRIES = 2
 CONNECT_TIMEOUT = "20s"
+# How long a run waits for a `tcp://` scheduler's first worker, in seconds, unless
+# $TVRECIPE_WAIT_WORKERS says (workers of a batch queue may join minutes later).
+WAIT_WORKERS = 20.0
 # Called on the client with (pass label, group index, result) as each task's result arrives
 # (tests use it to kill a worker mid-run).
 TASK_DONE_HOOKS: list[Any] = []
@@ -143,6 +146,7 @@ def _remote_client(distributed: Any, address: str) -> Any:
             answer in time, or bytes Dask cannot read), or the scheduler has no worker.
     """
     seconds = float(CONNECT_TIMEOUT.rstrip("s"))
+    wait = _wait_workers()  # (a mistake in it is said before anything connects)
     not_dask = (f"is {address} a Dask scheduler's address (`dask scheduler` prints it; port "
                 "8786 by default, not the dashboard's 8787)?")
     host, _sep, port = address.removeprefix("tcp://").rpartition(":")
@@ -174,13 +178,35 @@ def _remote_client(distributed: Any, address: str) -> Any:
         raise ExecutionError(f"cannot talk to a Dask scheduler at {address} "
                              f"({type(exc).__name__}: {exc}): {not_dask}") from None
     try:
-        client.wait_for_workers(1, timeout=seconds)
+        client.wait_for_workers(1, timeout=wait or None)
     except (OSError, TimeoutError):
         with contextlib.suppress(Exception):
             client.close()
         raise ExecutionError(f"the Dask scheduler at {address} has no workers (waited "
-                             f"{seconds:.0f} s): start some with `dask worker {address}`") from None
+                             f"{wait:g} s): start some with `dask worker {address}`, or wait "
+                             "longer for them with TVRECIPE_WAIT_WORKERS=SECONDS") from None
     return client
+
+
+def _wait_workers() -> float:
+    """Seconds to wait for a scheduler's first worker: $TVRECIPE_WAIT_WORKERS, else
+    ``WAIT_WORKERS``; 0 waits as long as it takes.
+
+    Raises:
+        ExecutionError: the variable is not a number of seconds.
+    """
+    text = os.environ.get("TVRECIPE_WAIT_WORKERS", "").strip()
+    if not text:
+        return WAIT_WORKERS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ExecutionError(f"TVRECIPE_WAIT_WORKERS={text!r} is not a number of seconds: set "
+                             "it to how long a run waits for the scheduler's first worker "
+                             "(0: as long as it takes), or unset it for 20 s")
+    return seconds
 
 
 def _first_bytes(where: tuple[str, int], seconds: float) -> bytes:
