@@ -647,8 +647,8 @@ def test_what_a_worker_does_not_see_is_said_as_such(models, address, cli, tmp_pa
     res = cli.fails(4, "run", recipe, "--force", "--no-cache", "--cluster", address)
     assert res.err_lines[1] == (
         f"cannot make the run's staging folder in {tmp_path / 'afile'} (TVRECIPE_STAGING): "
-        "File exists; set TVRECIPE_STAGING to a folder that the client and every worker share "
-        "and can write")
+        "it is a file, not a folder; set TVRECIPE_STAGING to a folder that the client and "
+        "every worker share and can write")
 
 
 def test_a_killed_clients_staging_folder_goes_with_the_next_run(models, address, cli, tmp_path):

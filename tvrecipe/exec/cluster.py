@@ -706,8 +706,12 @@ class ClusterRunner(Runner):
         except OSError as exc:
             from tvrecipe.errors import OutputError
             where = f"{parent} (TVRECIPE_STAGING)" if chosen else str(parent)
+            why = exc.strerror or str(exc)
+            with contextlib.suppress(OSError):  # (mkdir's "File exists" says it badly)
+                if parent.exists() and not parent.is_dir():
+                    why = "it is a file, not a folder"
             raise OutputError(f"cannot make the run's staging folder in {where}: "
-                              f"{exc.strerror or exc}; set TVRECIPE_STAGING to a folder that "
+                              f"{why}; set TVRECIPE_STAGING to a folder that "
                               "the client and every worker share and can write") from None
         return folder.resolve()
 
