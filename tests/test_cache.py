@@ -125,6 +125,12 @@ def test_cache_commands(tmp_path):
     leftover = tmp_path / ".tvrecipe" / "cache" / "ab" / ".ties-x.123.tmp"
     leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(b"partial")
+    young = leftover.with_name(".ties-y.124.tmp")
+    young.write_bytes(b"partial")
+    assert _cli("cache", "gc", str(recipe)).output == (
+        "removed 0 files; kept 2 temp files under an hour old (a run may still be writing "
+        "them: gc removes them once they are an hour old)\n")
+    young.unlink()
     old = time.time() - 7200
     os.utime(leftover, (old, old))
     assert "1 entry, " in _cli("cache", "du", str(recipe)).output

@@ -834,8 +834,11 @@ def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) 
             raise click.BadParameter("use a number and a unit: 30d, 12h, 90m, 45s",
                                      param_hint="'--older-than'")
         seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
-    removed = _cache_for(recipe, cache_dir).gc(seconds)
-    click.echo(f"removed {_plural(len(removed), 'file')}")
+    young: list[Path] = []
+    removed = _cache_for(recipe, cache_dir).gc(seconds, kept=young)
+    kept = (f"; kept {_plural(len(young), 'temp file')} under an hour old (a run may still be "
+            "writing them: gc removes them once they are an hour old)") if young else ""
+    click.echo(f"removed {_plural(len(removed), 'file')}{kept}")
 
 
 @cache.command("clear")

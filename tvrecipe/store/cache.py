@@ -302,10 +302,12 @@ class TensorCache:
                   if p.name[: -len(SUFFIX)].split("~")[0] not in keys]
         return sorted(tmp + orphan)
 
-    def gc(self, older_than_s: float | None = None, *, min_age_s: float = 3600) -> list[Path]:
-        """Remove leftovers older than ``min_age_s`` (a live run may own younger ones) and,
-        with ``older_than_s``, entries unused for that long. Returns what was removed. A
-        folder holding anything a cache does not write is refused, as by :meth:`clear`."""
+    def gc(self, older_than_s: float | None = None, *, min_age_s: float = 3600,
+           kept: list[Path] | None = None) -> list[Path]:
+        """Remove leftovers older than ``min_age_s`` (a live run may own younger ones; those
+        are appended to ``kept``) and, with ``older_than_s``, entries unused for that long.
+        Returns what was removed. A folder holding anything a cache does not write is
+        refused, as by :meth:`clear`."""
         self._refuse_foreign()
         now = time.time()
         removed = []
@@ -315,6 +317,8 @@ class TensorCache:
                     if now - p.stat().st_mtime >= min_age_s:
                         p.unlink(missing_ok=True)
                         removed.append(p)
+                    elif kept is not None:
+                        kept.append(p)
             if older_than_s is not None:
                 for e in self.entries():
                     if now - e.used >= older_than_s:
