@@ -155,7 +155,13 @@ def test_bundled_recipes_list_and_print(cli, tmp_path):
     names = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
     listed = cli.ok("new", "--list").stdout.splitlines()
     assert [line.split()[0] for line in listed] == names
-    assert listed[names.index("ties")].split(None, 1)[1].startswith("TIES merging (Yadav et al.")
+    # Each recipe's first sentence, whole, though its comment runs over lines.
+    assert listed[names.index("ties")].split(None, 1)[1] == (
+        "TIES merging (Yadav et al., NeurIPS 2023): trim to the top 20% per tensor, elect "
+        "signs, average the agreeing entries; scale the merged vector with apply.")
+    assert listed[names.index("assign_new_task")].split(None, 1)[1] == (
+        "Task-vector bases: a new task is served by its most similar basis vector (cosine "
+        "over the whole model).")
     text = cli.ok("new", "ties").stdout
     source = (REPO / "recipes" / "ties.yaml").read_text()
     assert text == "".join(line for line in source.splitlines(keepends=True)

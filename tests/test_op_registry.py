@@ -224,6 +224,8 @@ def test_a_toy_op_is_in_the_schema_and_the_reference(toy_ops, cli):
     listing = cli.ok("ops").stdout
     assert re.search(r"^clip +input: vector or vectors → same kind as its input$", listing,
                      re.MULTILINE)
+    names = [line.split()[0] for line in listing.splitlines()[::2]]
+    assert names == sorted(names) and "rebuild" in names  # by name, a plugin's among them
     entry = cli.ok("ops", "clip").stdout
     assert entry.splitlines()[:7] == [
         "## `clip`", "",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -921,8 +923,11 @@ def new(name: str | None, list_: bool) -> None:
     if list_ or name is None:
         width = max(map(len, bundled))
         for key, text in bundled.items():
-            about = next((line[1:].strip() for line in text.splitlines()
-                          if line.startswith("#") and "$schema" not in line), "")
+            # The first sentence of the recipe's opening comment (it runs over lines).
+            lines = [line for line in text.splitlines() if "$schema" not in line]
+            head = " ".join(line[1:].strip() for line in
+                            itertools.takewhile(lambda ln: ln.startswith("#"), lines))
+            about = re.split(r"(?<=[.!?])\s", head, maxsplit=1)[0]
             click.echo(f"{key:<{width}}  {about}")
         if name is None and not list_:
             click.echo("\nprint one with `tvrecipe new NAME > my.yaml`")

@@ -88,7 +88,7 @@ def reference() -> str:
 
 
 def listing() -> str:
-    """One line per op, for the terminal."""
+    """Two lines per op, by name, for the terminal."""
     width = max(len(n) for n in ops())
     return "\n".join(f"{n:<{width}}  {takes_gives(c)}\n{'':<{width}}  {c.summary()}"
-                     for n, c in ops().items())
+                     for n, c in sorted(ops().items()))
