@@ -194,3 +194,29 @@ def test_a_rule_gives_each_tensor_the_result_of_its_own_value(cli, tmp_path):
     assert attn and any(not torch.equal(low[n], high[n]) for n in attn)
     for n, t in mixed.items():
         assert torch.equal(t, low[n] if "self_attn" in n else high[n]), n
+
+
+def test_rules_need_not_cover_integer_buffers(cli, tmp_path):
+    """A vector holds one delta per floating tensor: rules that cover every floating tensor
+    are enough, though an integer buffer matches none of them (it comes from the base)."""
+    models = make(tmp_path)
+    ids = torch.arange(6, dtype=torch.int64)
+    for name, tensors in models.items():
+        save_model(tmp_path / "ckpt" / name, {**tensors, "model.position_ids": ids})
+    cli.write("r.yaml", """\
+        tvrecipe: 1
+        models: {base: ./ckpt/base, a: ./ckpt/a, b: ./ckpt/b}
+        steps:
+          tv: {op: extract, base: base, finetuned: [a, b]}
+          merged: {op: sum, inputs: tv, weights: [[{match: weight, value: 2}]]}
+          model: {op: apply, base: base, delta: merged}
+        outputs:
+          model: {from: model, path: ./out/model, dtype: float32}
+        """)
+    cli.ok("run", "r.yaml")
+    out = read_tensors(tmp_path / "out" / "model")
+    assert torch.equal(out["model.position_ids"], ids)
+    base, a, b = models["base"], models["a"], models["b"]
+    for name in NAMES:
+        want = base[name] + (2 * (a[name] - base[name]) + 2 * (b[name] - base[name]))
+        torch.testing.assert_close(out[name], want, rtol=0, atol=1e-6)

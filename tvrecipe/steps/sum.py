@@ -38,11 +38,12 @@ class SumStep(StepSpec):
     zero_inputs: ClassVar = True
 
     def evaluate(self, ctx: Any) -> Any:
-        xs, weights = ctx.tensors("inputs"), ctx.weights
+        xs = ctx.tensors("inputs")
+        if all(x is None for x in xs):  # (an integer buffer: no vector holds it, and the
+            return None                 # weights' rules need not cover it)
+        weights = ctx.weights
         nodes = [e.ref.node for e in ctx.entries("inputs")]
         # A None entry is an exact zero (an adapter's uncovered tensor): it adds nothing.
         kept = [(x, w, n) for x, w, n in zip(xs, weights, nodes) if x is not None]
-        if not kept:
-            return None
         xs, weights, nodes = (list(c) for c in zip(*kept))
         return ctx.kernel(xs, weights=weights, out=ctx.scratch(nodes[0], xs[0], xs[1:]))
