@@ -491,3 +491,21 @@ def test_rows_per_block():
     assert rows_per_block((100, 10), 7) == 1
     assert rows_per_block((100, 3), 7) == 2
     assert rows_per_block((), 7) is None
+
+
+def test_a_linear_checkpoint_copies_its_first_inputs_config_and_tokenizer(make_models, cli,
+                                                                         tmp_path):
+    """As mergekit's without a base model: the merged checkpoint loads with the usual
+    libraries, from the first input's config and tokenizer."""
+    ms = make_models(TASKS)
+    (ms.path("code") / "tokenizer_config.json").write_text('{"model_max_length": 32}\n')
+    steps = "  soup: {op: linear, inputs: [code, math], weights: [0.5, 0.5]}\n"
+    outs = "  soup: {from: soup, path: ./out/soup, dtype: float32}\n"
+    cli.write("r.yaml", recipe(ms, steps, outs))
+    cli.ok("run", "r.yaml")
+    soup = tmp_path / "out" / "soup"
+    for name in ("config.json", "tokenizer_config.json"):
+        assert (soup / name).read_bytes() == (ms.path("code") / name).read_bytes()
+    got = read_tensors(soup)
+    for k in FLOATING:
+        close(got[k], (ms.weights["code"][k] + ms.weights["math"][k]) / 2, k)

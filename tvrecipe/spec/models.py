@@ -341,7 +341,8 @@ class OutputSpec(Frozen):
         "5GB", description="Largest shard, e.g. `2GB`, `500MB`, `1.5GiB`, or bytes.")
     copy_files_from: Name | None = Field(
         None, description="A model whose non-weight files (config, tokenizer) are copied. "
-                          "Default for checkpoints: the base of the checkpoint.")
+                          "Default for checkpoints: the model it derives from (`apply`'s `base`, "
+                          "`slerp`'s `a`, `linear`'s first input).")
     format: Literal["safetensors", "peft"] = Field(
         "safetensors", description="`peft`: write a vector as a peft LoRA adapter folder "
                                    "(truncated SVD of each 2-D delta; needs `rank`).")

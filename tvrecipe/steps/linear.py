@@ -30,6 +30,9 @@ class LinearStep(StepSpec):
     returns: ClassVar = CHECKPOINT
     execution: ClassVar = ROWWISE
     weighted: ClassVar = "inputs"
+    # A checkpoint output copies the first input's config and tokenizer, as mergekit's does
+    # without a base model.
+    base_field: ClassVar = "inputs"
     per_tensor: ClassVar = ("weights",)
     kernel: ClassVar = "tvrecipe.ops:linear"
     example: ClassVar = "soup: {op: linear, inputs: [a, b], weights: [0.7, 0.3]}"
