@@ -233,6 +233,27 @@ def test_a_cycle_hides_no_other_problem_behind_unknown_references(recipe, cli):
         "math)")]
 
 
+def test_an_unknown_reference_is_matched_against_every_name(recipe, cli):
+    """Steps are typed in dependency order; a typo's candidates are still every model and
+    step of the recipe (but the step itself)."""
+    cli.write("typo.yaml", """\
+        tvrecipe: 1
+        models: {base: ./ckpt/base, math: ./ckpt/math}
+        steps:
+          model: {op: apply, base: base, delta: merged_}
+          tv: {op: extract, base: base, finetuned: [math]}
+          merged: {op: sum, inputs: [tv]}
+          other: {op: scale, input: zzz, factor: 2}
+        outputs:
+          o: {from: model, path: ./out/x}
+        """)
+    res = cli.fails(2, "validate", "typo.yaml")
+    assert res.err_lines[1:] == [
+        "typo.yaml:4:34: steps.model.delta: unknown reference 'merged_' (did you mean 'merged'?)",
+        ("typo.yaml:7:22: steps.other.input: unknown reference 'zzz' (known names: base, math, "
+         "merged, model, tv)")]
+
+
 def test_counts_in_messages_are_in_words(recipe, cli):
     cli.write("w.yaml", """\
         tvrecipe: 1

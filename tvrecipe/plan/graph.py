@@ -231,9 +231,12 @@ class _Compiler:
     def resolve(self, text: str, where: tuple) -> Resolved | None:
         head, *rest = text.split(".")
         if head not in self.types:
+            # (steps are typed in dependency order: a typo's candidates are every name)
+            names = {*self.types, *self.recipe.models, *self.recipe.steps}
+            if where[:1] == ("steps",):
+                names.discard(where[1])  # (not itself)
             self.problem(where, f"unknown reference {text!r}",
-                         did_you_mean(head, self.types) or
-                         "known names: " + ", ".join(sorted(self.types)))
+                         did_you_mean(head, names) or "known names: " + ", ".join(sorted(names)))
             return None
         vt = self.types[head]
         if vt is None:  # depends on a broken or cyclic step: already reported
