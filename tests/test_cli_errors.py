@@ -673,6 +673,20 @@ def test_a_union_field_gets_one_problem_naming_its_forms(cli, tmp_path):
         "r.yaml:10:41: steps.d.rank.energy: Input should be less than or equal to 1, got 1.5"]
 
 
+def test_a_boolean_is_no_number_nor_a_format_version(cli, tmp_path):
+    """YAML's true equals 1 in Python: `weights: true` ran as weight 1 and `tvrecipe: true`
+    as version 1, though `factor: true` was refused."""
+    checkpoints(tmp_path)
+    cli.write("r.yaml", "tvrecipe: true\nmodels:\n  base: ./ckpt/base\n  m: ./ckpt/ft\n"
+                        "steps:\n  tv: {op: extract, base: base, finetuned: [m]}\n"
+                        "  s: {op: sum, inputs: tv, weights: true}\n"
+                        "  t: {op: sum, inputs: tv, weights: '1e-3'}\n"
+                        "outputs:\n  tv: {from: s, path: ./o}\n")
+    assert cli.fails(2, "validate", "r.yaml").err_lines[1:] == [
+        "r.yaml:1:1: tvrecipe: unsupported format version true (this tvrecipe reads 'tvrecipe: 1')",
+        "r.yaml:7:28: steps.s.weights: expected a number, got true"]
+
+
 def test_a_weights_file_or_a_missing_recipe_is_named_as_such(cli, tmp_path):
     checkpoints(tmp_path)
     res = cli.fails(2, "run", "ckpt/base/model.safetensors")

@@ -246,8 +246,9 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
     if "tvrecipe" not in data:
         problems.append(smap.problem((), "missing 'tvrecipe:' format version",
                                      "add 'tvrecipe: 1' as the first line"))
-    elif version not in SUPPORTED_VERSIONS:
-        problems.append(smap.problem(("tvrecipe",), f"unsupported format version {version!r}",
+    elif isinstance(version, bool) or version not in SUPPORTED_VERSIONS:  # (true == 1)
+        shown = str(version).lower() if isinstance(version, bool) else repr(version)
+        problems.append(smap.problem(("tvrecipe",), f"unsupported format version {shown}",
                                      "this tvrecipe reads 'tvrecipe: 1'"))
     valid: dict[str, dict] = {"models": {}, "steps": {}, "outputs": {}, "broken": {}}
     if "settings" in data and data["settings"] is not None:
