@@ -281,6 +281,8 @@ def test_rule_instances_and_optional_fields_validate():
     ([{"value": [0, float("nan")]}], ("weight", 0, "value", 1), "Input should be a finite number"),
     (True, ("weight",), "Value error, expected a number, got true"),
     ([0, False], ("weight",), "Value error, expected numbers, got [0, False]"),
+    ([[1, 2]], ("weight",), "Value error, expected numbers, got [[1, 2]]"),  # (no "constant")
+    ([[]], ("weight",), "Value error, expected numbers, got [[]]"),
     ([0.5, {"value": 1}], ("weight",), ("Value error, a list mixes numbers and rules: write either "
                                        "a layer gradient [first, ..., last] or rules "
                                        "[{match: PATTERN, value: V}, ...]")),

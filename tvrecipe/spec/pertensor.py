@@ -77,7 +77,7 @@ def _check_scalar_or_gradient(value: Any) -> Any:
         if any(isinstance(v, Mapping) for v in value):
             raise ValueError("a rule's value is a number or a layer gradient, not rules "
                              "(rules do not nest)")
-        if any(isinstance(v, bool) for v in value):
+        if any(isinstance(v, (bool, list, tuple)) for v in value):
             raise ValueError(f"expected numbers, got {_yaml(value)}")
         if not value:
             raise ValueError("a layer gradient needs at least 2 values, got []")
