@@ -63,6 +63,17 @@ def test_inspect_refuses_a_checkpoint(make_models, cli):
     assert "'model' is a checkpoint: inspect shows" in res.stderr
 
 
+def test_an_unknown_name_is_matched_against_every_step(make_models, cli):
+    """Steps no output needs (parts) are inspectable, so they are among the names offered."""
+    ms = make_models(CLUSTER_TASKS, deltas=planted_clusters())
+    cli.write("r.yaml", _cluster_recipe(ms))
+    res = cli.fails(2, "inspect", "r.yaml", "part")
+    assert res.err_lines[1:] == ["no step or model named 'part'; did you mean 'parts'?"]
+    res = cli.fails(2, "inspect", "r.yaml", "nope")
+    assert res.err_lines[1:] == [("no step or model named 'nope'; known: base, "
+                                  + ", ".join(CLUSTER_TASKS) + ", tv, basis, parts, merged, model")]
+
+
 def test_plot_writes_a_png(make_models, cli, tmp_path):
     pytest.importorskip("matplotlib")
     ms = make_models(CLUSTER_TASKS, deltas=planted_clusters())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -185,6 +186,14 @@ def test_a_moved_folder_rebuilds_with_inputs_given_where_they_are(make_models, c
                                  "NAME=PATH for each one that is not where tvrecipe.yaml says "
                                  "(its pinned sha256 makes sure it is the same model)")
 
+    # Only some inputs given: the others are looked for where the folder's recipe says,
+    # relative to the folder (not to the temporary copy of the recipe), and named so.
+    res = cli.fails(3, "verify", "download/a/b/math", "--recompute", "--input", "base=ckpt/base")
+    assert ".tvrecipe-verify" not in res.stderr
+    released = yaml.safe_load((tmp_path / "download/a/b/math/tvrecipe.yaml").read_text())
+    math = os.path.normpath(tmp_path / "download/a/b/math" / released["models"]["math"]["path"])
+    assert math in res.stderr
+
     res = cli.ok("verify", "download/a/b/math", "--recompute", *INPUTS)
     assert res.stdout.endswith("gave the same bytes (README.md and tvrecipe.yaml aside: they "
                                "name the original input paths)\n")
@@ -214,6 +223,17 @@ def test_model_card_false_writes_none_of_the_three(make_models, cli, tmp_path):
     assert res.err_lines[1] == ("out/model is a folder without tvrecipe.lock: `tvrecipe verify` "
                                 "takes a recipe file, or a checkpoint output folder written with "
                                 "its model card (an output without `model_card: false`)")
+
+
+def test_card_front_matter_on_an_output_that_gets_no_card_is_refused(make_models, cli):
+    """rank or base_model on a plain output are errors; so is the card's front matter on a
+    vector output, which gets no card (it was ignored)."""
+    project(make_models, cli, "  vectors: {from: tv, path: ./out/v, model_card: {license: mit}}\n"
+                              "  one: {from: tv.math, path: ./out/m, model_card: false}\n")
+    res = cli.fails(2, "validate", "r.yaml")
+    assert [line.split(": ", 1)[1] for line in res.err_lines[1:]] == [
+        ("outputs.vectors.model_card: a model card is written for checkpoint and `format: peft` "
+         "outputs only, and 'tv' is a vectors set (remove model_card: this output gets no card)")]
 
 
 def test_card_front_matter_from_the_recipe_or_the_base_config(make_models, cli, tmp_path):

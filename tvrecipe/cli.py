@@ -711,6 +711,14 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
                 raise RecipeError(f"--input {name}=...: {recipe} has no model {name!r}; it has "
                                   f"{', '.join(doc.get('models', {}))}")
             doc["models"][name]["path"] = path
+        # The others, where the folder's recipe says (a relative path is relative to it, not
+        # to the temporary folder this copy is written into).
+        from tvrecipe.store.remote import url_scheme
+        here = recipe.parent.resolve()
+        for name, spec in doc.get("models", {}).items():
+            given = spec.get("path") if isinstance(spec, dict) else None
+            if name not in moved and isinstance(given, str) and url_scheme(given) is None:
+                spec["path"] = os.path.normpath(here / Path(given).expanduser())
         recipe = tmp / release.RECIPE_FILE
         recipe.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     try:

@@ -605,8 +605,11 @@ class Runner:
         text = node
         node, *selector = text.split(".")
         if node not in self.compiled.steps and node not in self.compiled.models:
-            raise RecipeError(f"no step or model named {node!r}; known: "
-                              + ", ".join([*self.compiled.models, *self.compiled.steps]))
+            from tvrecipe.spec.load import did_you_mean
+            recipe = self.compiled.loaded.recipe  # (every step: those no output needs too)
+            names = [*recipe.models, *recipe.steps]
+            raise RecipeError(f"no step or model named {node!r}; "
+                              + (did_you_mean(node, names) or "known: " + ", ".join(names)))
         vt = self.compiled.type_of(node)
         for part in selector:  # a dotted reference: tv.math, parts.unique, parts.unique.a
             vt = member_type(vt, part)

@@ -431,6 +431,13 @@ class _Compiler:
                              f"{out.from_}}}" if res.type.kind == CHECKPOINT else
                              "write one member (from: NAME.MEMBER) or combine the set with sum")
                 res = None
+            if (res is not None and not isinstance(out.model_card, bool)
+                    and out.format != "peft" and res.type.kind != CHECKPOINT):
+                what = "a vectors set" if res.type.kind == VECTORS else f"a {res.type.kind}"
+                self.problem(("outputs", name, "model_card"),
+                             f"a model card is written for checkpoint and `format: peft` "
+                             f"outputs only, and {out.from_!r} is {what}",
+                             "remove model_card: this output gets no card")
             if out.base is not None and (out.base not in recipe.models
                                          or recipe.models[out.base].kind != "checkpoint"):
                 self.problem(("outputs", name, "base"),
