@@ -120,3 +120,21 @@ def test_model_path_shorthand_validates_against_the_schema(schema):
         data = yaml.safe_load(recipe.read_text())
         errors = [e.message for e in validator.iter_errors(data)]
         assert not errors, f"{recipe.name}: {errors}"
+
+
+def test_names_the_validator_refuses_the_schema_refuses(schema):
+    """Model, step and output names (and an extract's finetuned keys) are names: an editor
+    marks `9code` or `co.de` as validate does."""
+    from tvrecipe.spec.models import NAME_PATTERN
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(schema)
+    good = {"tvrecipe": 1, "models": {"base": "./b", "code": "./c"},
+            "steps": {"tv": {"op": "extract", "base": "base", "finetuned": {"code": "code"}}},
+            "outputs": {"tv": {"from": "tv", "path": "./o"}}}
+    assert [e.message for e in validator.iter_errors(good)] == []
+    for where in ("models", "steps", "outputs"):
+        for name in ("9code", "co.de"):
+            bad = json.loads(json.dumps(good))
+            bad[where][name] = bad[where].pop(next(iter(bad[where])))
+            assert [e.message for e in validator.iter_errors(bad)] == [
+                f"'{name}' does not match any of the regexes: {NAME_PATTERN!r}"]
