@@ -92,7 +92,8 @@ def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
         floating = len(plan.floating)
         lines += ["", (f"tensors: {len(plan.tensors)} ({floating} floating) from model "
                       f"{plan.reference!r}; inputs: {', '.join(plan.models)}"),
-                  f"estimated peak working memory: {human(est['peak_bytes'])}"]
+                  (f"estimated peak working memory: {human(est['peak_bytes'])} (the tensors "
+                   "in flight, estimated from above; Python and torch add about 250 MB)")]
         for name, handle in plan.models.items():
             adapter = handle.parts.get("")
             covered = getattr(adapter, "covered", None)
