@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import snapshot
 from tvrecipe.cli import main
 
 RECIPE = """\
@@ -449,3 +450,34 @@ def test_cache_clear_through_a_link_empties_the_cache_and_keeps_the_link(tmp_pat
     res = _cli("cache", "clear", "--cache-dir", str(tmp_path / "link"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "link").is_symlink() and list((tmp_path / "real").iterdir()) == []
+
+
+def test_renamed_models_find_their_cached_steps_under_the_new_names(tmp_path):
+    """An entry's key is its inputs' content in order, not their names: after renaming the
+    fine-tunes (and the mapping that weighs them), a cached set is read under the new names
+    (it raised KeyError: 'x' as an internal error)."""
+    _make(tmp_path)
+    text = """\
+tvrecipe: 1
+models: {base: ./base, A: ./a, B: ./b}
+steps:
+  tv: {op: extract, base: base, finetuned: [A, B]}
+  sparse: {op: prune, input: tv, density: 0.5}
+  merged: {op: consensus, inputs: sparse, weights: {A: 1, B: 0.5}}
+  model: {op: apply, base: base, delta: merged}
+outputs:
+  model: {from: model, path: ./out}
+  sparse: {from: sparse, path: ./sparse}
+"""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.replace("A", "first").replace("B", "second"))
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    recipe.write_text(text.replace("A", "x").replace("B", "y"))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0, res.output
+    assert "from cache: sparse" in res.output
+    cached = snapshot(tmp_path / "out"), snapshot(tmp_path / "sparse")
+    assert sorted(cached[1]) == ["vectors.json", "x.safetensors", "y.safetensors"]
+    res = _cli("run", str(recipe), "--force", "--no-cache")
+    assert res.exit_code == 0, res.output
+    assert (snapshot(tmp_path / "out"), snapshot(tmp_path / "sparse")) == cached

@@ -35,7 +35,7 @@ from tvrecipe.exec.results import (
     progress_bar,
     with_state,
 )
-from tvrecipe.exec.slots import from_slots, slot_names, to_slots
+from tvrecipe.exec.slots import from_slots, renamed, slot_names, to_slots
 from tvrecipe.ops.parallel import cores
 from tvrecipe.plan.graph import (
     CHECKPOINT,
@@ -299,6 +299,8 @@ class Runner:
                 # Its inputs were checked when it was computed (lookup skips entries of runs
                 # that allowed non-finite inputs unless this run does too).
                 got[slot] = self._load(t, f"cache of {name!r}", tensor, check=False)
+            members = self.compiled.steps[name].type.members
+            got = renamed(got, manifest["kind"], manifest.get("members"), members)
             return from_slots(got, manifest["kind"]), 0
         handle = self.plan.models[name]
         got = {}
