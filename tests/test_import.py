@@ -151,15 +151,15 @@ def test_parameters_are_checked_against_the_method(make_models, cli):
         models:
           - model: ./ckpt/math
             parameters: {density: 0.5, wieght: 1}
-          - model: ./ckpt/code+./lora
+          - model: ./ckpt/code+./a+./b
             parameters: {weight: 1}
     """)
     res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml")
     assert res.err_lines[1:] == [
         ("mk.yml:5:32: models[0].parameters.wieght: ties has no parameter 'wieght' (did you "
          "mean 'weight'?)"),
-        ("mk.yml:6:5: models[1].model: './ckpt/code+./lora' names a model plus a LoRA "
-         "adapter, which is not imported (merge the adapter into its model first)")]
+        ("mk.yml:6:5: models[1].model: './ckpt/code+./a+./b' is not MODEL+ADAPTER (one '+', a "
+         "path on each side)")]
     write(cli, "mk.yml", """\
         merge_method: ties
         base_model: ./ckpt/base
@@ -209,12 +209,12 @@ def test_an_existing_recipe_is_kept_unless_forced(make_models, cli):
 
 
 def test_problems_of_the_method_and_of_the_models_come_together(cli):
-    cli.write("mk.yml", "merge_method: tiez\nmodels:\n  - model: ./ckpt/a+./lora\n")
+    cli.write("mk.yml", "merge_method: tiez\nmodels:\n  - model: ./ckpt/a+\n")
     res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml")
     assert res.err_lines[1:] == [
         "mk.yml:1:1: merge_method: merge_method 'tiez' is not imported (did you mean 'ties'?)",
-        ("mk.yml:3:5: models[0].model: './ckpt/a+./lora' names a model plus a LoRA adapter, "
-         "which is not imported (merge the adapter into its model first)")]
+        ("mk.yml:3:5: models[0].model: './ckpt/a+' is not MODEL+ADAPTER (one '+', a path on "
+         "each side)")]
 
 
 def test_what_mergekit_ignores_is_left_out_and_said(make_models, cli):
@@ -450,3 +450,56 @@ def test_a_mergekit_config_given_to_run_says_how_to_import_it(make_models, cli):
              "mk.recipe.yaml: its comments say what each mergekit field became)")]
     cli.ok("import", "mk.yml", "-o", "mk.recipe.yaml")
     cli.ok("run", "mk.recipe.yaml", "-q")
+
+
+def _adapter(folder, seed: int, alpha: float = 4.0) -> dict[str, torch.Tensor]:
+    """A peft LoRA adapter (r 2) of the test models' q_proj and down_proj; returns each
+    targeted tensor's (alpha/r)·B·A."""
+    import json
+
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": alpha,
+        "target_modules": ["q_proj", "down_proj"]}))
+    g = torch.Generator().manual_seed(seed)
+    factors, deltas = {}, {}
+    for module, (rows, cols) in (("self_attn.q_proj", (8, 8)), ("mlp.down_proj", (8, 12))):
+        a, b = 0.1 * torch.randn(2, cols, generator=g), 0.1 * torch.randn(rows, 2, generator=g)
+        prefix = f"base_model.model.model.layers.0.{module}"
+        factors[f"{prefix}.lora_A.weight"], factors[f"{prefix}.lora_B.weight"] = a, b
+        deltas[f"model.layers.0.{module}.weight"] = (alpha / 2) * (b @ a)
+    save_file(factors, str(folder / "adapter_model.safetensors"))
+    return deltas
+
+
+def test_a_model_with_a_lora_adapter_is_merged_with_it_first(make_models, cli):
+    """mergekit's MODEL+ADAPTER (and {model: ..., lora: ...}): the adapter merged into its
+    model (peft's merge_and_unload), then the merge, as mergekit does."""
+    ms = make_models(("math", "code"))
+    on_math = _adapter(cli.root / "lora_math", 1)
+    on_base = _adapter(cli.root / "lora_base", 2)
+    recipe = imported(cli, """
+        merge_method: task_arithmetic
+        base_model: ./ckpt/base+./lora_base
+        models:
+          - {model: ./ckpt/math+./lora_math, parameters: {weight: 0.5}}
+          - {model: {model: {path: ./ckpt/code}}, parameters: {weight: 0.3}}
+        dtype: float32
+    """)
+    assert recipe["models"] == {
+        "base": "./ckpt/base", "base_lora": {"path": "./lora_base", "kind": "lora", "base": "base"},
+        "math": "./ckpt/math", "math_lora": {"path": "./lora_math", "kind": "lora", "base": "math"},
+        "code": "./ckpt/code"}
+    assert recipe["steps"]["base_with_lora"] == {"op": "apply", "base": "base",
+                                                 "delta": "base_lora"}
+    assert recipe["steps"]["tv"]["base"] == "base_with_lora"
+    assert recipe["steps"]["tv"]["finetuned"] == ["math_with_lora", "code"]
+    assert recipe["outputs"]["model"]["copy_files_from"] == "base"
+    cli.ok("run", "r.yaml", "-q")
+    got = read_tensors(cli.root / "merged")
+    base, math, code = (ms.f32(n) for n in ("base", "math", "code"))
+    for k in FLOATING:
+        b = base[k] + on_base.get(k, 0)
+        want = b + 0.5 * (math[k] + on_math.get(k, 0) - b) + 0.3 * (code[k] - b)
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)

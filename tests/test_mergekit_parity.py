@@ -334,3 +334,52 @@ def test_the_config_says_the_dtype_the_weights_are_stored_in(models, tmp_path, m
     assert configs[1]["torch_dtype"] == "bfloat16"
     assert {k: v for k, v in configs[1].items() if k != "torch_dtype"} == {
         k: v for k, v in CONFIG.items() if k != "torch_dtype"}
+
+
+def test_a_lora_adapter_on_a_model_is_merged_as_mergekit_merges_it(models, tmp_path,
+                                                                   monkeypatch, cli):
+    """`MODEL+ADAPTER`: mergekit merges the adapter into its model with peft
+    (merge_and_unload) before the merge; the imported recipe applies it as a `kind: lora`
+    task vector."""
+    peft = pytest.importorskip("peft")
+    adapter = models / "lora0"
+    if not adapter.exists():
+        adapter.mkdir()
+        g = torch.Generator().manual_seed(5)
+        (adapter / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+            "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"], "bias": "none",
+            "peft_version": peft.__version__}))
+        factors = {}
+        for i in range(LAYERS):
+            for module, (rows, cols) in (("self_attn.q_proj", (HIDDEN, HIDDEN)),
+                                         ("mlp.down_proj", (HIDDEN, INTER))):
+                prefix = f"base_model.model.model.layers.{i}.{module}"
+                factors[f"{prefix}.lora_A.weight"] = 0.1 * torch.randn(4, cols, generator=g)
+                factors[f"{prefix}.lora_B.weight"] = 0.1 * torch.randn(rows, 4, generator=g)
+        save_file(factors, str(adapter / "adapter_model.safetensors"))
+    monkeypatch.chdir(models)
+    text = textwrap.dedent("""
+        merge_method: task_arithmetic
+        base_model: ./base
+        models:
+          - {model: ./ft0+./lora0, parameters: {weight: 0.7}}
+          - {model: ./ft1, parameters: {weight: 0.4}}
+        dtype: float32
+    """)
+    (tmp_path / "mk.yml").write_text(text)
+    run_merge(MergeConfiguration.model_validate(__import__("yaml").safe_load(text)),
+              str(tmp_path / "mk-out"),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
+                           lazy_unpickle=False, random_seed=0,
+                           lora_merge_cache=str(tmp_path / "lora-cache"),
+                           lora_merge_dtype="float32"))
+    cli.ok("import", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "r.yaml"),
+           "--output-path", str(tmp_path / "tv-out"))
+    cli.ok("run", str(tmp_path / "r.yaml"), "-q")
+    mk, tv = read_tensors(tmp_path / "mk-out"), read_tensors(tmp_path / "tv-out")
+    assert_parity(mk, tv)
+    # (and the adapter mattered: without it, q_proj would be task arithmetic of the plain models)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    base, ft0, ft1 = (read_tensors(models / n)[q] for n in ("base", "ft0", "ft1"))
+    assert float((tv[q] - (base + 0.7 * (ft0 - base) + 0.4 * (ft1 - base))).abs().max()) > 1e-3

@@ -84,6 +84,17 @@ class _Model:
     parameters: dict[str, Any] = field(default_factory=dict)
     listed: bool = False   # the base model, listed among `models` too
     order: int = 1 << 30   # its place among the models (a base_model not listed: after them)
+    # `MODEL+ADAPTER`: the adapter's path; then ``name`` is the step that merges it into the
+    # checkpoint model ``checkpoint`` (mergekit merges it first, with peft), through the
+    # `kind: lora` model ``adapter``.
+    lora: str | None = None
+    checkpoint: str | None = None
+    adapter: str | None = None
+
+    @property
+    def files(self) -> str:
+        """The model whose config and tokenizer the output copies."""
+        return self.checkpoint or self.name
 
 
 class _Importer:
@@ -250,27 +261,52 @@ class _Importer:
         self.slice_parameters = dict(slices[0].get("parameters") or {})
         return out or None
 
-    def model_path(self, raw: Any, where: tuple) -> str | None:
+    def model_ref(self, raw: Any, where: tuple) -> tuple[str, str | None] | None:
+        """The model's path as the recipe writes it, and its LoRA adapter's (``MODEL+ADAPTER``,
+        or ``{model: ..., lora: ...}``, as mergekit's ModelReference reads them), or None."""
+        lora: Any = None
         if isinstance(raw, dict):
-            if raw.get("lora"):
-                self.problem((*where, "lora"), "LoRA adapters in mergekit configs are not "
-                                               "imported", "merge the adapter into its model "
-                                                           "first, or list the merged model")
-                return None
+            lora = raw.get("lora")
+            if isinstance(lora, dict):
+                lora = lora.get("path")
             raw = raw.get("model", {}).get("path") if isinstance(raw.get("model"), dict) \
                 else raw.get("model") or raw.get("path")
         if not isinstance(raw, str) or not raw:
             self.problem(where, f"a model must be a path, got {raw!r}")
             return None
-        if "+" in raw and not Path(raw).exists():
-            self.problem(where, f"{raw!r} names a model plus a LoRA adapter, which is not "
-                                "imported", "merge the adapter into its model first")
+        if lora is None and "+" in raw and not Path(raw).exists():
+            parts = raw.split("+")
+            if len(parts) != 2 or not all(parts):
+                self.problem(where, f"{raw!r} is not MODEL+ADAPTER (one '+', a path on each "
+                                    "side)")
+                return None
+            raw, lora = parts
+        if lora is not None and (not isinstance(lora, str) or not lora):
+            self.problem((*where, "lora"), f"a LoRA adapter must be a path, got {lora!r}")
             return None
+        return self._path(raw), (self._path(lora) if lora is not None else None)
+
+    def _path(self, raw: str) -> str:
         path = Path(raw).expanduser()
         if not path.is_absolute() and not (Path.cwd() / path).exists() and \
                 raw.count("/") == 1 and not raw.startswith("."):
             return "hf://" + raw  # a hub id, as mergekit reads it: from the Hugging Face Hub
         return _beside(self.recipe, path)
+
+    def model(self, raw: Any, where: tuple, at: tuple, wanted: str | None = None
+              ) -> _Model | None:
+        """The input ``raw`` (at ``at`` in the config) of the entry at ``where`` names; with a
+        LoRA adapter, the names of its checkpoint, its adapter and the step that merges them."""
+        ref = self.model_ref(raw, at)
+        if ref is None:
+            return None
+        path, lora = ref
+        if lora is None:
+            return _Model(self.name_for(path, wanted), path, where)
+        checkpoint = self.name_for(path, wanted)
+        adapter = self.name_for(f"{checkpoint}_lora")
+        return _Model(self.name_for(f"{checkpoint}_with_lora"), path, where, lora=lora,
+                      checkpoint=checkpoint, adapter=adapter)
 
     def name_for(self, path: str, wanted: str | None = None) -> str:
         stem = wanted or Path(path.rstrip("/")).name or "model"
@@ -327,17 +363,12 @@ class _Importer:
                                                 "only 'base' (the base model's files)")
         base = None
         if data.get("base_model") is not None:
-            path = self.model_path(data["base_model"], ("base_model",))
-            if path is not None:
-                base = _Model(self.name_for(path, "base"), path, ("base_model",))
+            base = self.model(data["base_model"], ("base_model",), ("base_model",), "base")
         models: list[_Model] = []
         seen: dict[str, tuple] = {}
         for order, (where, entry) in enumerate(entries):
             if not isinstance(entry, dict) or "model" not in entry:
                 self.problem(where, "a models entry is {model: PATH, parameters: {...}}")
-                continue
-            path = self.model_path(entry["model"], (*where, "model"))
-            if path is None:
                 continue
             # (mergekit tells inputs apart by what is written: a path's text)
             text = json.dumps(entry["model"], sort_keys=True)
@@ -354,7 +385,11 @@ class _Importer:
                 base.parameters, base.listed, base.where = params, True, where
                 base.order = order
                 continue
-            models.append(_Model(self.name_for(path), path, where, params, order=order))
+            model = self.model(entry["model"], where, (*where, "model"))
+            if model is None:
+                continue
+            model.parameters, model.order = params, order
+            models.append(model)
         if not models and not self.problems:
             self.problem(("models",), "no models to merge")
         if "slices" in data and entries and base is not None and not base.listed:
@@ -504,6 +539,11 @@ class _Writer:
 
     def write(self) -> str:
         method = self.method
+        for m in [*([self.base] if self.base else []), *self.models]:
+            if m.lora is not None:
+                self.add(m.name, {"op": "apply", "base": m.checkpoint, "delta": m.adapter},
+                         f"{m.checkpoint} with its LoRA adapter merged in, as mergekit does "
+                         "first (peft's merge_and_unload: θ + (α/r)·B·A)")
         names = [m.name for m in self.models]
         if method == "linear":
             # mergekit adds a base_model it does not find among the models as the last input
@@ -623,13 +663,18 @@ class _Writer:
         lines += ["settings:", f"  compute_dtype: {compute}{note}", "models:"]
         models = ([self.base] if self.base else []) + [
             m for m in self.models if m is not self.base]
+        hub = ("a hub id, read from the Hub (needs huggingface_hub; pin a revision with @REV, "
+               "or write a local copy's folder)")
         for m in models:
             said = ["base_model"] if m is self.base else []
             if m.path.startswith("hf://"):
-                said.append("a hub id, read from the Hub (needs huggingface_hub; pin a revision "
-                            "with @REV, or write a local copy's folder)")
+                said.append(hub)
             note = f"  # {'; '.join(said)}" if said else ""
-            lines.append(f"  {m.name}: {_fmt(m.path)}{note}")
+            lines.append(f"  {m.files}: {_fmt(m.path)}{note}")
+            if m.lora is not None:
+                adapter = {"path": m.lora, "kind": "lora", "base": m.checkpoint}
+                note = f"  # {hub}" if m.lora.startswith("hf://") else ""
+                lines.append(f"  {m.adapter}: {_fmt(adapter)}{note}")
         lines.append("steps:")
         width = max(len(n) for n, _f, _c in self.steps)
         for name, flow, comment in self.steps:
@@ -640,9 +685,9 @@ class _Writer:
         if out_dtype is not None:
             out["dtype"] = out_dtype
         if self.base is not None:
-            out["copy_files_from"] = self.base.name
+            out["copy_files_from"] = self.base.files
         elif self.models:
-            out["copy_files_from"] = self.models[0].name
+            out["copy_files_from"] = self.models[0].files
         note = "  # dtype: out_dtype, else dtype; files (config, tokenizer) from base_model"
         lines += ["outputs:", f"  model: {_fmt(out)}{note}"]
         return "\n".join(lines) + "\n"
