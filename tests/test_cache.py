@@ -481,3 +481,39 @@ outputs:
     res = _cli("run", str(recipe), "--force", "--no-cache")
     assert res.exit_code == 0, res.output
     assert (snapshot(tmp_path / "out"), snapshot(tmp_path / "sparse")) == cached
+
+
+def test_renamed_tasks_are_renamed_in_cached_reports_and_what_reads_them(tmp_path):
+    """A cached cluster_basis or compress_basis report names the tasks it was computed
+    from; rebuild reads its decoder by task name (it raised KeyError after a rename)."""
+    _make(tmp_path)
+    text = """\
+tvrecipe: 1
+models: {base: ./base, A: ./a, B: ./b, C: ./c}
+steps:
+  tv: {op: extract, base: base, finetuned: [A, B, C]}
+  basis: {op: cluster_basis, inputs: tv, k: 2}
+  comp: {op: compress_basis, inputs: tv, m: 2}
+  back: {op: rebuild, basis: comp}
+outputs:
+  basis: {from: basis, path: ./basis}
+  back: {from: back, path: ./back}
+"""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    first = _cli("run", str(recipe))
+    assert first.exit_code == 0, first.output
+    recipe.write_text(text.replace("A", "x").replace("B", "y"))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0, res.output
+    assert "from cache: comp, basis" in res.output
+    report = sorted(ln for ln in res.output.splitlines() if ln.startswith(("  b", "comp ")))
+    assert report == sorted(ln.replace("A", "x").replace("B", "y")
+                            for ln in first.output.splitlines()
+                            if ln.startswith(("  b", "comp ")))
+    assert any("x" in ln for ln in report)
+    assert sorted(snapshot(tmp_path / "back")) == ["C.safetensors", "vectors.json",
+                                                   "x.safetensors", "y.safetensors"]
+    cached = snapshot(tmp_path / "basis"), snapshot(tmp_path / "back")
+    assert _cli("run", str(recipe), "--force", "--no-cache").exit_code == 0
+    assert (snapshot(tmp_path / "basis"), snapshot(tmp_path / "back")) == cached

@@ -712,13 +712,25 @@ class Runner:
                 continue
             self.cached[name] = hit
             if hit[0].get("report"):
-                self.reports[name] = hit[0]["report"]
+                self.reports[name] = self._renamed_report(name, hit[0]["report"])
             # The reports of the steps it was computed from (a cluster_basis's clusters under
             # a cached sum): that run had them, and so does this one.
             for upstream, report in (hit[0].get("upstream_reports") or {}).items():
-                self.reports.setdefault(upstream, report)
+                if upstream not in self.reports:
+                    self.reports[upstream] = self._renamed_report(upstream, report)
         if any(n in self._open_members for n in self.cached):
             self._recompile()
+
+    def _renamed_report(self, name: str, report: Any) -> Any:
+        """A cached report under this recipe's names of the step's inputs (its ``tasks``, as
+        computed: they correspond by position, an entry's key being their content)."""
+        step = self.compiled.steps.get(name)
+        if step is None or not isinstance(report, dict) or "tasks" not in report:
+            return report
+        now = [e.name for e in step.entries.get("inputs", [])]
+        if len(now) != len(report["tasks"]) or now == report["tasks"]:
+            return report
+        return step.spec.renamed_report(report, dict(zip(report["tasks"], now)))
 
     def _start_cache_entries(self, steps: list[CompiledStep],
                              metadata: dict[str, str]) -> dict[str, PendingEntry]:

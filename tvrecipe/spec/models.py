@@ -301,6 +301,13 @@ class StepSpec(Frozen):
         None (the default) for other ops."""
         return None
 
+    def renamed_report(self, report: dict, names: dict[str, str]) -> dict:
+        """This step's report (from a cache entry) with its inputs' names replaced as
+        ``names`` says (old -> new: the recipe renamed them since; an entry's key is their
+        content, not their names). Override where the report names them (by default it
+        does not)."""
+        return report
+
     def inspection(self, report: dict) -> dict | None:
         """What ``tvrecipe inspect`` shows of this step from its whole-model report, or None
         to show its value (a cosine matrix of a set, a decomposition's ranks)."""
