@@ -323,9 +323,9 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
         if (lock_path(compiled.loaded.path).is_file()
                 and not lockfile.state_differences(compiled, state)
                 and not lockfile.output_differences(compiled, memo)):
+            # (then the plan, as --force would run it)
             click.echo(f"{recipe}: up to date: inputs, recipe and outputs match the lock, so "
-                       "`tvrecipe run` does nothing (--force recomputes them)")
-            return
+                       "`tvrecipe run` does nothing (--force recomputes them, as below)\n")
         tc = TensorCache(_cache_root(compiled.loaded.root, cache_dir))
         status = run_status(compiled, {n for n, k in state["steps"].items() if tc.usable(k)})
     click.echo(render_plan(compiled, fmt, status))
