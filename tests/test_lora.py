@@ -91,6 +91,38 @@ def test_llama_adapters_read_as_peft_merges_them(cli, tmp_path, case):
     assert_deltas(run_vector(cli, tmp_path, case), want)
 
 
+def test_saved_embedding_layers_count_over_another_checkpoint(cli, tmp_path):
+    """peft saves an adapted embedding's own weights (`.base_layer.`) and loads them over the
+    model's: over a checkpoint other than the adapter's base, the delta is s·B·A plus their
+    difference (mergekit's `ft+adapter` merges so); over its own base, s·B·A alone."""
+    make_adapter(tmp_path, "emb", llama, r=3, lora_alpha=5,
+                 target_modules=["embed_tokens", "lm_head", "k_proj"])
+    assert any(".base_layer." in k for k in load_file(str(tmp_path / "emb" /
+                                                             "adapter_model.safetensors")))
+    ft = llama()
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ft.save_pretrained(tmp_path / "ft")
+    ft_sd = {k: v.clone() for k, v in ft.state_dict().items()}
+    merged = peft.PeftModel.from_pretrained(ft, str(tmp_path / "emb")).merge_and_unload()
+    stored = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    want = {k: merged.state_dict()[k] - ft_sd[k] for k in stored}
+    cli.write("r.yaml", """\
+        tvrecipe: 1
+        models:
+          base: ./base
+          ft: ./ft
+          emb: {path: ./emb, kind: lora, base: ft}
+        outputs:
+          v: {from: emb, path: ./out/v}
+        """)
+    cli.ok("run", "r.yaml", "-q")
+    got = read_tensors(tmp_path / "out" / "v")
+    assert_deltas(got, want)
+    assert float((want["model.embed_tokens.weight"]).abs().max()) > 0
+
+
 def test_fan_in_fan_out_conv1d_adapters(cli, tmp_path):
     want = make_adapter(tmp_path, "gpt", gpt2, r=4, lora_alpha=6, fan_in_fan_out=True,
                         target_modules=["c_attn", "c_fc"])

@@ -4,7 +4,10 @@ For each target module the delta is ΔW = s · B·A with s = lora_alpha / r (lor
 with ``use_rslora``), r and lora_alpha per module from ``rank_pattern`` / ``alpha_pattern``;
 transposed for ``fan_in_fan_out`` layers (GPT-2's Conv1D) and for embeddings, whose factors
 peft stores the other way round. A ``modules_to_save`` tensor is a full copy of the module:
-its delta is that copy minus the base. Every other floating tensor of the base has delta 0.
+its delta is that copy minus the base. So is a layer's own weight saved beside its factors
+(``.base_layer.``, as peft saves embedding layers), which peft loads over the model's: its
+difference from the base is added to s·B·A (0 over the checkpoint the adapter was made on).
+Every other floating tensor of the base has delta 0.
 
 Deltas are formed one tensor (or row block) at a time, when read, in float32.
 """
@@ -141,6 +144,7 @@ class LoraAdapter:
         self.files = [*self.adapter.files, config_file]
         self.factors: dict[str, _Factor] = {}
         self.saved: dict[str, str] = {}  # base tensor -> adapter tensor (modules_to_save)
+        self.layers: dict[str, str] = {}  # base tensor -> adapter tensor (`.base_layer.`)
         self._map(config)
         self.tensors: dict[str, TensorInfo] = {
             t: TensorInfo(t, "F32", info.shape, info.file, info.offset, info.nbytes, info.start)
@@ -166,7 +170,15 @@ class LoraAdapter:
                                      "one adapter per file")
                 modules[m[1]][m[2]] = name
             elif ".base_layer." in key:
-                continue  # the base's own weights, saved beside embedding adapters
+                # The layer's own weights, saved beside an embedding adapter: peft loads them
+                # over the model's, so over another checkpoint they count too (below).
+                tensor = key.replace(".base_layer.", ".")
+                info = self.base.tensors.get(tensor)
+                if info is None or tuple(info.shape) != tuple(self.adapter.tensors[name].shape):
+                    raise InputError(f"{self.path}: saved layer {name!r} matches no tensor of "
+                                     f"the base of its shape (looked for {tensor!r}); is this "
+                                     "adapter for another base model?")
+                self.layers[tensor] = name
             elif "lora_magnitude_vector" in key:
                 raise InputError(f"{self.path}: tensor {name!r} is a DoRA magnitude; DoRA is not "
                                  "supported")
@@ -235,6 +247,9 @@ class LoraAdapter:
             raise InputError(f"{self.path}: the adapter holds no LoRA factors (lora_A/lora_B "
                              "tensors) and no saved modules, so it changes nothing; is "
                              "adapter_model.safetensors the one peft saved?")
+        for tensor, name in self.layers.items():
+            if tensor not in self.factors:  # (its layer only: a copy, as a saved module)
+                self.saved.setdefault(tensor, name)
         both = set(self.factors) & set(self.saved)
         if both:
             raise InputError(f"{self.path}: {min(both)!r} is both a LoRA target and a saved "
@@ -272,7 +287,12 @@ class LoraAdapter:
                     delta = a_rows.t() @ b.t()
                 else:
                     delta = (b if rows is None else b[rows[0]:rows[1]]) @ a
-            return delta.mul_(factor.scale).reshape(shape)
+            delta = delta.mul_(factor.scale).reshape(shape)
+            layer = self.layers.get(name)
+            if layer is not None:  # (exactly 0 over the checkpoint the adapter was made on)
+                delta += (self.adapter.get(layer, rows).to(device=device, dtype=torch.float32)
+                          - self.base.get(name, rows).to(device=device, dtype=torch.float32))
+            return delta
         saved = self.saved.get(name)
         if saved is not None:
             return (self.adapter.get(saved, rows).to(device=device, dtype=torch.float32)
@@ -283,7 +303,11 @@ class LoraAdapter:
         """Bytes read from disk to form tensor ``name``'s delta."""
         factor = self.factors.get(name)
         if factor is not None:
-            return self.adapter.tensors[factor.a].nbytes + self.adapter.tensors[factor.b].nbytes
+            layer = self.layers.get(name)
+            extra = (self.adapter.tensors[layer].nbytes + self.base.tensors[name].nbytes
+                     if layer is not None else 0)
+            return (self.adapter.tensors[factor.a].nbytes + self.adapter.tensors[factor.b].nbytes
+                    + extra)
         saved = self.saved.get(name)
         if saved is not None:
             return self.adapter.tensors[saved].nbytes + self.base.tensors[name].nbytes
