@@ -452,68 +452,86 @@ def test_cache_clear_through_a_link_empties_the_cache_and_keeps_the_link(tmp_pat
     assert (tmp_path / "link").is_symlink() and list((tmp_path / "real").iterdir()) == []
 
 
-def test_renamed_models_find_their_cached_steps_under_the_new_names(tmp_path):
-    """An entry's key is its inputs' content in order, not their names: after renaming the
-    fine-tunes (and the mapping that weighs them), a cached set is read under the new names
-    (it raised KeyError: 'x' as an internal error)."""
+def test_renamed_or_swapped_task_names_are_new_keys(tmp_path):
+    """A task vector's name decides what bytes a run gives: a selection (tv.x), a random
+    op's draws (seeded by member name), the files of a vectors output, a report's names.
+    So extract's key covers the names: a rename or a swap of a mapping's names recomputes
+    (a cached set under the old names raised KeyError; dare's cached masks were drawn for
+    the old names; a swap reused a merge of the other task)."""
     _make(tmp_path)
     text = """\
 tvrecipe: 1
-models: {base: ./base, A: ./a, B: ./b}
+models: {base: ./base, a: ./a, b: ./b, c: ./c}
 steps:
-  tv: {op: extract, base: base, finetuned: [A, B]}
-  sparse: {op: prune, input: tv, density: 0.5}
-  merged: {op: consensus, inputs: sparse, weights: {A: 1, B: 0.5}}
-  model: {op: apply, base: base, delta: merged}
-outputs:
-  model: {from: model, path: ./out}
-  sparse: {from: sparse, path: ./sparse}
-"""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(text.replace("A", "first").replace("B", "second"))
-    assert _cli("run", str(recipe), "-q").exit_code == 0
-    recipe.write_text(text.replace("A", "x").replace("B", "y"))
-    res = _cli("run", str(recipe), "--force")
-    assert res.exit_code == 0, res.output
-    assert "from cache: sparse" in res.output
-    cached = snapshot(tmp_path / "out"), snapshot(tmp_path / "sparse")
-    assert sorted(cached[1]) == ["vectors.json", "x.safetensors", "y.safetensors"]
-    res = _cli("run", str(recipe), "--force", "--no-cache")
-    assert res.exit_code == 0, res.output
-    assert (snapshot(tmp_path / "out"), snapshot(tmp_path / "sparse")) == cached
-
-
-def test_renamed_tasks_are_renamed_in_cached_reports_and_what_reads_them(tmp_path):
-    """A cached cluster_basis or compress_basis report names the tasks it was computed
-    from; rebuild reads its decoder by task name (it raised KeyError after a rename)."""
-    _make(tmp_path)
-    text = """\
-tvrecipe: 1
-models: {base: ./base, A: ./a, B: ./b, C: ./c}
-steps:
-  tv: {op: extract, base: base, finetuned: [A, B, C]}
+  tv: {op: extract, base: base, finetuned: {X: a, Y: b, Z: c}}
+  drop: {op: dare, input: tv, density: 0.5}
+  merged: {op: sum, inputs: [drop.X, drop.Y], weights: [1.0, 0.25]}
   basis: {op: cluster_basis, inputs: tv, k: 2}
   comp: {op: compress_basis, inputs: tv, m: 2}
   back: {op: rebuild, basis: comp}
+  model: {op: apply, base: base, delta: merged}
 outputs:
+  model: {from: model, path: ./out}
+  drop: {from: drop, path: ./drop}
   basis: {from: basis, path: ./basis}
   back: {from: back, path: ./back}
 """
     recipe = tmp_path / "r.yaml"
+    folders = ("out", "drop", "basis", "back")
     recipe.write_text(text)
-    first = _cli("run", str(recipe))
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    for edit in ({"X": "x", "Y": "y"},                      # a rename
+                 {"X: a, Y: b": "X: b, Y: a"}):             # a swap of the names
+        edited = text
+        for old, new in edit.items():
+            edited = edited.replace(old, new)
+        recipe.write_text(edited)
+        res = _cli("run", str(recipe), "--force")
+        assert res.exit_code == 0, res.output
+        assert "from cache:" not in res.output
+        cached = [snapshot(tmp_path / f) for f in folders]
+        fresh = _cli("run", str(recipe), "--force", "--no-cache")
+        assert fresh.exit_code == 0, fresh.output
+        assert [snapshot(tmp_path / f) for f in folders] == cached
+        assert res.output.splitlines()[:-1] == fresh.output.splitlines()[:-1]  # the reports
+        names = {"X": "x", "Y": "y"}.get if "X" in edit else (lambda k: k)
+        assert sorted(snapshot(tmp_path / "drop")) == sorted(
+            [f"{names('X')}.safetensors", f"{names('Y')}.safetensors", "Z.safetensors",
+             "vectors.json"])
+        recipe.write_text(text)  # (and back: the first run's entries serve again)
+        again = _cli("run", str(recipe), "--force")
+        assert "from cache: " in again.output
+
+
+@pytest.mark.parametrize("settings", ["", "settings: {compute_dtype: float64}\n"])
+def test_a_renamed_step_keeps_its_report_under_a_cache_hit_below_it(tmp_path, settings):
+    """A cached step keeps the reports of the steps it was computed from; they come back
+    under this recipe's names of those steps (found by key), not the names they had. (The
+    apply over the cached sum runs in numpy at float32, in torch at float64.)"""
+    _make(tmp_path)
+    text = settings + """\
+tvrecipe: 1
+models: {base: ./base, a: ./a, b: ./b, c: ./c}
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b, c]}
+  parts: {op: decompose, inputs: tv, rank: 2}
+  merged: {op: sum, inputs: [parts.unique.a, parts.shared]}
+  model: {op: apply, base: base, delta: merged}
+outputs:
+  model: {from: model, path: ./out}
+"""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    first = _cli("run", str(recipe), "--report", str(tmp_path / "first.json"))
     assert first.exit_code == 0, first.output
-    recipe.write_text(text.replace("A", "x").replace("B", "y"))
-    res = _cli("run", str(recipe), "--force")
+    recipe.write_text(text.replace("parts", "pp"))
+    res = _cli("run", str(recipe), "--force", "--report", str(tmp_path / "second.json"))
     assert res.exit_code == 0, res.output
-    assert "from cache: comp, basis" in res.output
-    report = sorted(ln for ln in res.output.splitlines() if ln.startswith(("  b", "comp ")))
-    assert report == sorted(ln.replace("A", "x").replace("B", "y")
-                            for ln in first.output.splitlines()
-                            if ln.startswith(("  b", "comp ")))
-    assert any("x" in ln for ln in report)
-    assert sorted(snapshot(tmp_path / "back")) == ["C.safetensors", "vectors.json",
-                                                   "x.safetensors", "y.safetensors"]
-    cached = snapshot(tmp_path / "basis"), snapshot(tmp_path / "back")
-    assert _cli("run", str(recipe), "--force", "--no-cache").exit_code == 0
-    assert (snapshot(tmp_path / "basis"), snapshot(tmp_path / "back")) == cached
+    assert "from cache: merged" in res.output
+    import json
+    first_report = json.loads((tmp_path / "first.json").read_text())
+    second_report = json.loads((tmp_path / "second.json").read_text())
+    assert "parts" not in second_report and second_report["pp"] == first_report["parts"]
+    said = [ln for ln in first.output.splitlines() if ln.startswith("parts (decompose)")]
+    assert said and [ln for ln in res.output.splitlines() if ln.startswith("pp (decompose)")] \
+        == [ln.replace("parts", "pp", 1) for ln in said]

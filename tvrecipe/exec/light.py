@@ -40,6 +40,7 @@ from tvrecipe.exec.results import (
     nonfinite_input,
     output_metadata,
     progress_bar,
+    upstream_reports,
     with_state,
 )
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, Compiled, CompiledStep
@@ -211,7 +212,8 @@ class _LightRun:
             written = self._stream(outputs)
             reports = {}
             for d, (m, _s, _c) in self.cached.items():
-                reports.update(m.get("upstream_reports") or {})  # as the torch executor does
+                # (as the torch executor does)
+                reports.update(upstream_reports(m, self.options.keys or {}))
                 if m.get("report"):
                     reports[d] = m["report"]
             for o in outputs.values():

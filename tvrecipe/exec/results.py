@@ -405,6 +405,22 @@ def cache_hits(compiled: Compiled, lookup: Callable[[str, CompiledStep], Any]) -
     return hits
 
 
+def upstream_reports(manifest: dict, keys: dict[str, str]) -> dict[str, Any]:
+    """The reports a cache entry kept of the steps it was computed from, under this recipe's
+    names of those steps: found by their keys, as a step renamed since has a new name and
+    the same key. (An entry written before the keys were kept: by name, where this recipe
+    has a step of that name and key unknown, else left out.)"""
+    reports = manifest.get("upstream_reports") or {}
+    kept = manifest.get("upstream_keys")
+    if not isinstance(kept, dict):
+        return {n: r for n, r in reports.items() if n in keys}
+    names: dict[str, list[str]] = {}
+    for name, key in keys.items():
+        names.setdefault(key, []).append(name)
+    return {now: report for old, report in reports.items()
+            for now in names.get(kept.get(old), [])}
+
+
 def source_of(compiled: Compiled, options: RunOptions) -> Source:
     """The recipe a run's outputs name: the one run, unless the options name another."""
     return options.source or Source(compiled.loaded.path.name, compiled.loaded.text_sha256)

@@ -33,9 +33,10 @@ from tvrecipe.exec.results import (
     nonfinite_input,
     output_metadata,
     progress_bar,
+    upstream_reports,
     with_state,
 )
-from tvrecipe.exec.slots import from_slots, renamed, slot_names, to_slots
+from tvrecipe.exec.slots import from_slots, slot_names, to_slots
 from tvrecipe.ops.parallel import cores
 from tvrecipe.plan.graph import (
     CHECKPOINT,
@@ -299,8 +300,6 @@ class Runner:
                 # Its inputs were checked when it was computed (lookup skips entries of runs
                 # that allowed non-finite inputs unless this run does too).
                 got[slot] = self._load(t, f"cache of {name!r}", tensor, check=False)
-            members = self.compiled.steps[name].type.members
-            got = renamed(got, manifest["kind"], manifest.get("members"), members)
             return from_slots(got, manifest["kind"]), 0
         handle = self.plan.models[name]
         got = {}
@@ -712,25 +711,13 @@ class Runner:
                 continue
             self.cached[name] = hit
             if hit[0].get("report"):
-                self.reports[name] = self._renamed_report(name, hit[0]["report"])
+                self.reports[name] = hit[0]["report"]
             # The reports of the steps it was computed from (a cluster_basis's clusters under
             # a cached sum): that run had them, and so does this one.
-            for upstream, report in (hit[0].get("upstream_reports") or {}).items():
-                if upstream not in self.reports:
-                    self.reports[upstream] = self._renamed_report(upstream, report)
+            for upstream, report in upstream_reports(hit[0], keys).items():
+                self.reports.setdefault(upstream, report)
         if any(n in self._open_members for n in self.cached):
             self._recompile()
-
-    def _renamed_report(self, name: str, report: Any) -> Any:
-        """A cached report under this recipe's names of the step's inputs (its ``tasks``, as
-        computed: they correspond by position, an entry's key being their content)."""
-        step = self.compiled.steps.get(name)
-        if step is None or not isinstance(report, dict) or "tasks" not in report:
-            return report
-        now = [e.name for e in step.entries.get("inputs", [])]
-        if len(now) != len(report["tasks"]) or now == report["tasks"]:
-            return report
-        return step.spec.renamed_report(report, dict(zip(report["tasks"], now)))
 
     def _start_cache_entries(self, steps: list[CompiledStep],
                              metadata: dict[str, str]) -> dict[str, PendingEntry]:
@@ -810,9 +797,11 @@ class Runner:
         vt = self.compiled.steps[name].type
         upstream = {n: self.reports[n] for n in nx.ancestors(self.compiled.graph, name)
                     if self.reports.get(n)}
+        keys = self.options.keys or {}
         return {"kind": vt.kind, "members": list(vt.members) if vt.members else None,
                 "step": name, "report": self.reports.get(name),
                 "upstream_reports": dict(sorted(upstream.items())) or None,
+                "upstream_keys": {n: keys[n] for n in sorted(upstream) if n in keys} or None,
                 "allow_nonfinite": self.options.allow_nonfinite}
 
     # ---- main ------------------------------------------------------------------------------

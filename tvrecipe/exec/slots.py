@@ -46,23 +46,3 @@ def from_slots(slots: dict[str, Any], kind: str) -> Any:
         part, member = slot.split(".", 1)
         value[part][member] = t
     return value
-
-
-def renamed(slots: dict[str, Any], kind: str, old: list[str] | None,
-            new: tuple[str, ...] | None) -> dict[str, Any]:
-    """A cached value's slots under the members' names in this recipe. An entry's key is
-    its content (the inputs' hashes in order, not their names), so a recipe whose models or
-    members were renamed since finds it under the old names: the members correspond by
-    position."""
-    if not old or not new or list(old) == list(new) or len(old) != len(new):
-        return slots
-    to = dict(zip(old, new))
-    if kind == VECTORS:
-        return {to.get(s, s): t for s, t in slots.items()}
-    if kind == DECOMPOSITION:
-        out = {}
-        for slot, t in slots.items():
-            part, member = slot.split(".", 1)
-            out[f"{part}.{to.get(member, member)}"] = t
-        return out
-    return slots

@@ -39,6 +39,11 @@ def step_keys(compiled: Compiled, model_digests: dict[str, str]) -> dict[str, st
                   for fld, refs in step.refs.items()}
         payload = {"params": step.spec.params(), "inputs": inputs,
                    "weights": step.weights, "compute_dtype": settings.compute_dtype}
+        if step.spec.names_members and step.type.members:
+            # The names the recipe gives the task vectors: a later step selects them by name
+            # (tv.math), a random one seeds each member's draws with it, outputs are files
+            # named after them. (The inputs above are contents, which a rename keeps.)
+            payload["members"] = list(step.type.members)
         if step.spec.seeded:
             payload["seed"] = settings.seed
             payload["step"] = name  # random masks derive from the step name (methods.md)

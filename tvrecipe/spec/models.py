@@ -168,6 +168,9 @@ class StepSpec(Frozen):
             changes.
         seeded: The op is random (or seeds a clustering): its key includes the recipe's seed
             and the step's name, from which its generators derive.
+        names_members: The op names the members of the set it returns after what the recipe
+            writes (``extract``'s fine-tunes), not after its inputs' content: its key
+            includes those names, which later steps select, seed and write files by.
         weighted: The list field whose entries the ``weights`` field weighs, or None.
         base_field: For an op that makes a checkpoint, the reference field naming the
             checkpoint it derives from (non-weight files are copied from there).
@@ -196,6 +199,7 @@ class StepSpec(Frozen):
     independent: ClassVar[bool] = False
     version: ClassVar[int] = 1
     seeded: ClassVar[bool] = False
+    names_members: ClassVar[bool] = False
     weighted: ClassVar[str | None] = None
     base_field: ClassVar[str | None] = None
     numpy_rerun: ClassVar[bool] = False
@@ -300,13 +304,6 @@ class StepSpec(Frozen):
         (:func:`tvrecipe.exec.spectra.spectra`: ``excluded`` patterns, directions ``k``);
         None (the default) for other ops."""
         return None
-
-    def renamed_report(self, report: dict, names: dict[str, str]) -> dict:
-        """This step's report (from a cache entry) with its inputs' names replaced as
-        ``names`` says (old -> new: the recipe renamed them since; an entry's key is their
-        content, not their names). Override where the report names them (by default it
-        does not)."""
-        return report
 
     def inspection(self, report: dict) -> dict | None:
         """What ``tvrecipe inspect`` shows of this step from its whole-model report, or None

@@ -77,10 +77,6 @@ class ClusterBasisStep(StepSpec):
                       for j, members in enumerate(clustering.members)}})
         return clustering
 
-    def renamed_report(self, report: dict, names: dict[str, str]) -> dict:
-        return {**report, "tasks": [names.get(t, t) for t in report["tasks"]],
-                "basis": {b: [names.get(t, t) for t in ts] for b, ts in report["basis"].items()}}
-
     def by_rows(self) -> bool:
         return self.merge != "ties"
 

@@ -102,11 +102,6 @@ class CompressBasisStep(StepSpec):
             out["mean"] = combine(xs, [1.0 / len(xs)] * len(xs))
         return out
 
-    def renamed_report(self, report: dict, names: dict[str, str]) -> dict:
-        return {**report, "tasks": [names.get(t, t) for t in report["tasks"]],
-                **{k: {names.get(t, t): v for t, v in report[k].items()}
-                   for k in ("decoder", "relative_error")}}
-
     def inspection(self, report: dict) -> dict:
         return {"kind": "compressed basis", "members": report["tasks"],
                 "cosine": report["similarity"], "rebuild_error": report["relative_error"],
