@@ -503,3 +503,57 @@ def test_a_model_with_a_lora_adapter_is_merged_with_it_first(make_models, cli):
         b = base[k] + on_base.get(k, 0)
         want = b + 0.5 * (math[k] + on_math.get(k, 0) - b) + 0.3 * (code[k] - b)
         torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+
+
+def test_lora_references_in_every_form_mergekit_reads(make_models, cli):
+    """Two spellings of one reference are one input (the base listed among the models in the
+    other form; a duplicate in the other form); revisions of the mapping form are kept; a
+    slice's MODEL+ADAPTER source counts its model's layers; an adapter mapping without a
+    path is refused."""
+    import json
+    ms = make_models(("math",))
+    for name in ("base", "math"):
+        (ms.path(name) / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    _adapter(cli.root / "ad", 3)
+    recipe = imported(cli, """
+        merge_method: task_arithmetic
+        base_model: {model: ./ckpt/base, lora: ./ad}
+        models:
+          - {model: ./ckpt/base+./ad, parameters: {weight: 1.0}}
+          - {model: ./ckpt/math, parameters: {weight: 0.5}}
+        parameters: {normalize: true}
+    """)
+    assert recipe["steps"]["tv"] == {"op": "extract", "base": "base_with_lora",
+                                     "finetuned": ["math"]}
+    write(cli, "mk.yml", """\
+        merge_method: linear
+        models:
+          - {model: ./ckpt/math+./ad, parameters: {weight: 1}}
+          - {model: {model: {path: ./ckpt/math}, lora: {path: ./ad}}, parameters: {weight: 1}}
+          - {model: {model: ./ckpt/base, lora: {revision: main}}, parameters: {weight: 1}}
+    """)
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1:] == [
+        ("mk.yml:4:6: models[1].model: {'model': {'path': './ckpt/math'}, 'lora': {'path': "
+         "'./ad'}} is listed twice; mergekit refuses duplicate inputs (list it once, with the "
+         "weight it should have)"),
+        ("mk.yml:5:34: models[2].model.lora: a LoRA adapter must be a path, got "
+         "{'revision': 'main'}")]
+    recipe = imported(cli, """
+        merge_method: linear
+        models:
+          - {model: {model: {path: org/ft, revision: abc}, lora: {path: org/ad, revision: v1}},
+             parameters: {weight: 1}}
+    """, "--force")
+    assert [m if isinstance(m, str) else m["path"] for m in recipe["models"].values()] == [
+        "hf://org/ft@abc", "hf://org/ad@v1"]
+    recipe = imported(cli, """
+        merge_method: slerp
+        base_model: ./ckpt/base+./ad
+        slices:
+          - sources:
+              - {model: ./ckpt/base+./ad, layer_range: [0, 1]}
+              - {model: ./ckpt/math, layer_range: [0, 1]}
+        parameters: {t: 0.5}
+    """, "--force")
+    assert recipe["steps"]["model"] == {"op": "slerp", "a": "base_with_lora", "b": "math",
+                                        "t": 0.5}

@@ -241,10 +241,11 @@ class _Importer:
                     and isinstance(src.get("model"), str)):
                 return None
             span = src.get("layer_range")
-            layers = _layers(Path(src["model"]).expanduser())
+            layers = _layers(Path(_split(src["model"])[0]).expanduser())
             if layers is None:
                 self.slice_why = (
-                    f"the number of layers of {src['model']!r} is not known here (it needs a "
+                    f"the number of layers of {_split(src['model'])[0]!r} is not known here "
+                    "(it needs a "
                     "local folder whose config.json gives num_hidden_layers; a hub id is not "
                     f"read), so whether layer_range {span} spans them all cannot be told: give "
                     "its folder, or write the config with `models:`")
@@ -264,27 +265,19 @@ class _Importer:
     def model_ref(self, raw: Any, where: tuple) -> tuple[str, str | None] | None:
         """The model's path as the recipe writes it, and its LoRA adapter's (``MODEL+ADAPTER``,
         or ``{model: ..., lora: ...}``, as mergekit's ModelReference reads them), or None."""
-        lora: Any = None
-        if isinstance(raw, dict):
-            lora = raw.get("lora")
-            if isinstance(lora, dict):
-                lora = lora.get("path")
-            raw = raw.get("model", {}).get("path") if isinstance(raw.get("model"), dict) \
-                else raw.get("model") or raw.get("path")
-        if not isinstance(raw, str) or not raw:
-            self.problem(where, f"a model must be a path, got {raw!r}")
+        text = _reference(raw)
+        if text is None:
+            lora = raw.get("lora") if isinstance(raw, dict) else None
+            if lora is not None and _reference(raw.get("model")) is not None:
+                self.problem((*where, "lora"), f"a LoRA adapter must be a path, got {lora!r}")
+            else:
+                self.problem(where, f"a model must be a path, got {raw!r}")
             return None
-        if lora is None and "+" in raw and not Path(raw).exists():
-            parts = raw.split("+")
-            if len(parts) != 2 or not all(parts):
-                self.problem(where, f"{raw!r} is not MODEL+ADAPTER (one '+', a path on each "
-                                    "side)")
-                return None
-            raw, lora = parts
-        if lora is not None and (not isinstance(lora, str) or not lora):
-            self.problem((*where, "lora"), f"a LoRA adapter must be a path, got {lora!r}")
+        model, lora = _split(text)
+        if lora is not None and not (model and lora and "+" not in lora):
+            self.problem(where, f"{text!r} is not MODEL+ADAPTER (one '+', a path on each side)")
             return None
-        return self._path(raw), (self._path(lora) if lora is not None else None)
+        return self._path(model), (self._path(lora) if lora is not None else None)
 
     def _path(self, raw: str) -> str:
         path = Path(raw).expanduser()
@@ -370,8 +363,9 @@ class _Importer:
             if not isinstance(entry, dict) or "model" not in entry:
                 self.problem(where, "a models entry is {model: PATH, parameters: {...}}")
                 continue
-            # (mergekit tells inputs apart by what is written: a path's text)
-            text = json.dumps(entry["model"], sort_keys=True)
+            # (mergekit tells inputs apart by their reference: a path's text, whichever form
+            # writes it)
+            text = _reference(entry["model"]) or json.dumps(entry["model"], sort_keys=True)
             if text in seen:
                 self.problem((*where, "model"), f"{entry['model']!r} is listed twice; mergekit "
                                                 "refuses duplicate inputs",
@@ -379,7 +373,7 @@ class _Importer:
                 continue
             seen[text] = where
             params = entry.get("parameters") or {}
-            if base is not None and text == json.dumps(data.get("base_model"), sort_keys=True):
+            if base is not None and text == _reference(data.get("base_model")):
                 # mergekit lists the base among the models at times: an input of linear and
                 # slerp, never a task vector of its own.
                 base.parameters, base.listed, base.where = params, True, where
@@ -452,6 +446,38 @@ def _beside(recipe: Path, path: Path) -> str:
     absolute = path if path.is_absolute() else Path.cwd() / path
     rel = os.path.relpath(absolute, recipe.resolve().parent)
     return rel if rel.startswith("..") or os.path.isabs(rel) else "./" + rel
+
+
+def _reference(raw: Any) -> str | None:
+    """A model reference as one text, as mergekit reads its forms: ``PATH``, ``PATH@REV``,
+    ``MODEL+ADAPTER``, ``{model: MODEL, lora: ADAPTER}``, ``{path: PATH, revision: REV}``
+    for either; None if it is none of them. (Two spellings of one model are one text.)"""
+    def path(value: Any) -> str | None:
+        if isinstance(value, str):
+            return value or None
+        if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
+            rev = value.get("revision")
+            return value["path"] + (f"@{rev}" if isinstance(rev, str) and rev else "")
+        return None
+
+    if not isinstance(raw, dict) or "path" in raw:
+        return path(raw)
+    model = path(raw.get("model"))
+    if model is None:
+        return None
+    if raw.get("lora") is None:
+        return model
+    lora = path(raw["lora"])
+    return None if lora is None else f"{model}+{lora}"
+
+
+def _split(text: str) -> tuple[str, str | None]:
+    """``MODEL+ADAPTER`` as (model, adapter); a text with no '+' (or a local path that has
+    one) as (text, None). More than one '+' leaves them in the adapter's part."""
+    if "+" not in text or Path(text).exists():
+        return text, None
+    model, _sep, lora = text.partition("+")
+    return model, lora
 
 
 def _falls_through(own: Any, shared: Any) -> Any:
