@@ -225,6 +225,33 @@ def test_model_card_false_writes_none_of_the_three(make_models, cli, tmp_path):
                                 "its model card (an output without `model_card: false`)")
 
 
+def test_a_folder_locked_by_another_tvrecipe_is_judged_by_its_bytes(make_models, cli, tmp_path):
+    """Another tvrecipe may derive step keys otherwise (0.2.1 put task names in extract's)
+    and give the same bytes: verify --recompute compares the bytes. With the same tvrecipe,
+    other keys mean the recipe computes otherwise, and are said at once."""
+    import tvrecipe
+    project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    lock_file = tmp_path / "out" / "model" / "tvrecipe.lock"
+    lock = yaml.safe_load(lock_file.read_text())
+    lock["steps"]["tv"] = "extract-0000000000000000"
+    lock["tool"]["tvrecipe"] = "0.2.0"
+    lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+    res = cli.ok("verify", "out/model", "--recompute")
+    assert "gave the same bytes" in res.stdout
+    lock["tool"]["tvrecipe"] = tvrecipe.__version__
+    lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+    res = cli.fails(6, "verify", "out/model", "--recompute")
+    assert res.err_lines[1:3] == [
+        "out/model/tvrecipe.yaml no longer computes what tvrecipe.lock records:",
+        f"step 'tv': key {lockfile_key(tmp_path)}, locked extract-0000000000000000"]
+
+
+def lockfile_key(root) -> str:
+    """The key the recipe's lock gives step tv."""
+    return yaml.safe_load((root / "r.yaml.lock").read_text())["steps"]["tv"]
+
+
 def test_card_front_matter_on_an_output_that_gets_no_card_is_refused(make_models, cli):
     """rank or base_model on a plain output are errors; so is the card's front matter on a
     vector output, which gets no card (it was ignored)."""

@@ -734,7 +734,10 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
                 f"folder was built from {str(locked_inputs.get(m, {}).get('sha256'))[:12]}…"
                 for m, e in state["inputs"].items()
                 if locked_inputs.get(m, {}).get("sha256") != e["sha256"]]
-    if not problems:  # same inputs, yet other steps: another tvrecipe version computes otherwise
+    if not problems and not lockfile._tools(data.get("tool"), ("tvrecipe",))[0]:
+        # Same inputs, yet other steps, and the same tvrecipe: the recipe computes otherwise.
+        # (Another tvrecipe may derive its keys otherwise, as 0.2.1 does with task names, and
+        # still give the same bytes: those are compared below.)
         problems = [f"step {s!r}: key {k}, locked {locked_steps.get(s)}"
                     for s, k in state["steps"].items() if locked_steps.get(s) != k]
     if problems:
