@@ -129,8 +129,8 @@ def test_cache_commands(tmp_path):
     young = leftover.with_name(".ties-y.124.tmp")
     young.write_bytes(b"partial")
     assert _cli("cache", "gc", str(recipe)).output == (
-        "removed 0 files; kept 2 temp files under an hour old (a run may still be writing "
-        "them: gc removes them once they are an hour old)\n")
+        "removed 0 files; kept 2 leftover files under an hour old (a run may still be "
+        "writing them: gc removes them once they are an hour old)\n")
     young.unlink()
     old = time.time() - 7200
     os.utime(leftover, (old, old))
@@ -535,3 +535,32 @@ outputs:
     said = [ln for ln in first.output.splitlines() if ln.startswith("parts (decompose)")]
     assert said and [ln for ln in res.output.splitlines() if ln.startswith("pp (decompose)")] \
         == [ln.replace("parts", "pp", 1) for ln in said]
+
+
+def test_a_renamed_step_listed_whole_is_a_new_key_where_it_names_members(tmp_path):
+    """A step listed whole among a set-making step's inputs names an entry (compress_basis's
+    tasks, rebuild's members): renaming it recomputes (it raised KeyError in rebuild)."""
+    _make(tmp_path)
+    text = """\
+tvrecipe: 1
+models: {base: ./base, a: ./a, b: ./b}
+steps:
+  one: {op: extract, base: base, finetuned: a}
+  two: {op: extract, base: base, finetuned: b}
+  comp: {op: compress_basis, inputs: [one, two], m: 1}
+  back: {op: rebuild, basis: comp}
+  total: {op: sum, inputs: [one, two]}
+outputs:
+  back: {from: back, path: ./back}
+  total: {from: total, path: ./total}
+"""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    recipe.write_text(text.replace("one", "uno"))
+    res = _cli("run", str(recipe), "--force")
+    assert res.exit_code == 0, res.output
+    assert "from cache: total" in res.output  # (a sum names nothing after its inputs)
+    assert "comp" not in res.output.split("from cache:")[-1]
+    assert sorted(snapshot(tmp_path / "back")) == ["two.safetensors", "uno.safetensors",
+                                                   "vectors.json"]

@@ -681,10 +681,15 @@ def test_a_boolean_is_no_number_nor_a_format_version(cli, tmp_path):
                         "steps:\n  tv: {op: extract, base: base, finetuned: [m]}\n"
                         "  s: {op: sum, inputs: tv, weights: true}\n"
                         "  t: {op: sum, inputs: tv, weights: '1e-3'}\n"
+                        "  b: {op: cluster_basis, inputs: tv, k: true}\n"
+                        "  d: {op: decompose, inputs: tv, rank: true}\n"
+                        "  p: {op: ties, inputs: tv, normalize: false}\n"
                         "outputs:\n  tv: {from: s, path: ./o}\n")
     assert cli.fails(2, "validate", "r.yaml").err_lines[1:] == [
         "r.yaml:1:1: tvrecipe: unsupported format version true (this tvrecipe reads 'tvrecipe: 1')",
-        "r.yaml:7:28: steps.s.weights: expected a number, got true"]
+        "r.yaml:7:28: steps.s.weights: expected a number, got true",
+        "r.yaml:9:38: steps.b.k: expected a number, got true",
+        "r.yaml:10:34: steps.d.rank: expected a number, got true"]
 
 
 def test_a_weights_file_or_a_missing_recipe_is_named_as_such(cli, tmp_path):

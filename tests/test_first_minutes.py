@@ -128,7 +128,7 @@ def test_plan_reads_the_lock(recipe, cli, tmp_path):
     res = cli.ok("plan", "r.yaml")
     head, plan = res.stdout.split("\n\n", 1)
     assert head == ("r.yaml: up to date: inputs, recipe and outputs match the lock, so "
-                    "`tvrecipe run` does nothing (--force recomputes them, as below)")
+                    "`tvrecipe run` does nothing (--force writes them again, as below)")
     # ... and the plan --force would run: the cached steps from the cache.
     assert "estimated peak working memory" in plan and "a run computes 2 of 3 steps" in plan
     path = tmp_path / "r.yaml"

@@ -325,7 +325,7 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
                 and not lockfile.output_differences(compiled, memo)):
             # (then the plan, as --force would run it)
             click.echo(f"{recipe}: up to date: inputs, recipe and outputs match the lock, so "
-                       "`tvrecipe run` does nothing (--force recomputes them, as below)\n")
+                       "`tvrecipe run` does nothing (--force writes them again, as below)\n")
         tc = TensorCache(_cache_root(compiled.loaded.root, cache_dir))
         status = run_status(compiled, {n for n, k in state["steps"].items() if tc.usable(k)})
     click.echo(render_plan(compiled, fmt, status))
@@ -734,7 +734,7 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
                 f"folder was built from {str(locked_inputs.get(m, {}).get('sha256'))[:12]}…"
                 for m, e in state["inputs"].items()
                 if locked_inputs.get(m, {}).get("sha256") != e["sha256"]]
-    if not problems and not lockfile._tools(data.get("tool"), ("tvrecipe",))[0]:
+    if not problems and not lockfile.changed_tools(data.get("tool"), ("tvrecipe",))[0]:
         # Same inputs, yet other steps, and the same tvrecipe: the recipe computes otherwise.
         # (Another tvrecipe may derive its keys otherwise, as 0.2.1 does with task names, and
         # still give the same bytes: those are compared below.)
@@ -849,8 +849,8 @@ def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) 
         seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
     young: list[Path] = []
     removed = _cache_for(recipe, cache_dir).gc(seconds, kept=young)
-    kept = (f"; kept {_plural(len(young), 'temp file')} under an hour old (a run may still be "
-            "writing them: gc removes them once they are an hour old)") if young else ""
+    kept = (f"; kept {_plural(len(young), 'leftover file')} under an hour old (a run may still "
+            "be writing them: gc removes them once they are an hour old)") if young else ""
     click.echo(f"removed {_plural(len(removed), 'file')}{kept}")
 
 

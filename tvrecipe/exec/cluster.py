@@ -205,7 +205,7 @@ def _wait_workers() -> float:
     if not (seconds >= 0 and math.isfinite(seconds)):
         raise ExecutionError(f"TVRECIPE_WAIT_WORKERS={text!r} is not a number of seconds: set "
                              "it to how long a run waits for the scheduler's first worker "
-                             "(0: as long as it takes), or unset it for 20 s")
+                             f"(0: as long as it takes), or unset it for {WAIT_WORKERS:g} s")
     return seconds
 
 

@@ -93,7 +93,7 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
     (``here`` None) only the versions are compared."""
     lines = []
     tool = lock.get("tool")
-    locked_tools, tools = _tools(tool)
+    locked_tools, tools = changed_tools(tool)
     if locked_tools:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
@@ -310,7 +310,7 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
         if old_steps.get(name) != key:
             lines.append(f"step {name!r} changed (key {key}, locked {old_steps.get(name)})")
     # (Step keys move with an op's version, which comes with tvrecipe, or a plugin's torch.)
-    locked_tools, tools = _tools(lock.get("tool"), ("tvrecipe", "torch"))
+    locked_tools, tools = changed_tools(lock.get("tool"), ("tvrecipe", "torch"))
     if same_sources and lines and locked_tools:
         # Same recipe and inputs, other step keys: an op's version moved with the tools.
         lines.append(
@@ -321,7 +321,7 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _tools(locked: object, packages: tuple[str, ...] = PACKAGES) -> tuple[str, str]:
+def changed_tools(locked: object, packages: tuple[str, ...] = PACKAGES) -> tuple[str, str]:
     """Those of ``packages`` whose versions in a lock's ``tool`` entry differ from this
     installation's, as the lock records them and as installed (``tvrecipe X and torch Y``,
     ``torch X, numpy Y and scikit-learn Z``); two empty strings when none differs. Only the

@@ -362,18 +362,20 @@ def copy_source(compiled: Compiled, spec: OutputSpec, res: Resolved) -> str | No
     """The model whose non-weight files (config, tokenizer) an output copies:
     ``copy_files_from``, by default a checkpoint output's base."""
     if spec.copy_files_from is None and res.type.kind == CHECKPOINT:
-        return base_model_of(compiled, res.node)
+        return base_model_of(compiled, res.node, files=True)
     return spec.copy_files_from
 
 
-def base_model_of(compiled: Compiled, node: str) -> str | None:
+def base_model_of(compiled: Compiled, node: str, files: bool = False) -> str | None:
     """The checkpoint model an output checkpoint derives from (follows each op's ``base_field``,
-    such as ``apply``'s ``base``)."""
+    such as ``apply``'s ``base``); with ``files``, where its non-weight files come from (also
+    through a ``files_field``: ``linear``'s first input)."""
     while node in compiled.steps:
-        step = compiled.steps[node]
-        if step.spec.base_field is None:
+        spec = compiled.steps[node].spec
+        field_ = spec.base_field or (spec.files_field if files else None)
+        if field_ is None:
             return None
-        node = step.refs[step.spec.base_field][0].node
+        node = compiled.steps[node].refs[field_][0].node
     return node if node in compiled.models else None
 
 

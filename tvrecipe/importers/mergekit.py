@@ -237,14 +237,15 @@ class _Importer:
             return None
         out = []
         for i, src in enumerate(slices[0]["sources"]):
-            if not (isinstance(src, dict) and set(src) <= {"model", "layer_range", "parameters"}
-                    and isinstance(src.get("model"), str)):
+            reference = _reference(src.get("model")) if isinstance(src, dict) else None
+            if reference is None or not set(src) <= {"model", "layer_range", "parameters"}:
                 return None
             span = src.get("layer_range")
-            layers = _layers(Path(_split(src["model"])[0]).expanduser())
+            model = _split(reference)[0]
+            layers = _layers(Path(model).expanduser())
             if layers is None:
                 self.slice_why = (
-                    f"the number of layers of {_split(src['model'])[0]!r} is not known here "
+                    f"the number of layers of {model!r} is not known here "
                     "(it needs a "
                     "local folder whose config.json gives num_hidden_layers; a hub id is not "
                     f"read), so whether layer_range {span} spans them all cannot be told: give "

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from tvrecipe.plan.graph import Compiled, lora_base
+from tvrecipe.plan.graph import DECOMPOSITION, VECTORS, Compiled, lora_base
 
 
 def canonical(obj: Any) -> str:
@@ -33,17 +33,23 @@ def step_keys(compiled: Compiled, model_digests: dict[str, str]) -> dict[str, st
         if compiled.models[name].kind == "lora":
             base = lora_base(compiled.models, name)
             # 2: B·A formed on one thread (the same bytes on any number of cores)
-            keys[name] = node_key("lora", 2, {"adapter": keys[name], "base": keys[base]})
+            # 3: a layer saved beside its factors (.base_layer.) counts over another base
+            keys[name] = node_key("lora", 3, {"adapter": keys[name], "base": keys[base]})
     for name, step in compiled.steps.items():
         inputs = {fld: [[keys[r.node], list(r.selector)] for r in refs]
                   for fld, refs in step.refs.items()}
         payload = {"params": step.spec.params(), "inputs": inputs,
                    "weights": step.weights, "compute_dtype": settings.compute_dtype}
-        if step.spec.names_members and step.type.members:
-            # The names the recipe gives the task vectors: a later step selects them by name
-            # (tv.math), a random one seeds each member's draws with it, outputs are files
-            # named after them. (The inputs above are contents, which a rename keeps.)
-            payload["members"] = list(step.type.members)
+        if step.type.kind in (VECTORS, DECOMPOSITION) or step.spec.whole_model:
+            # The names of its entries, which its members and reports are named after: a
+            # later step selects them by name (tv.math), a random one seeds each member's
+            # draws with it, outputs are files named after them, a rebuild reads its decoder
+            # by them. (The inputs above are contents, which a rename keeps.) A set whose
+            # members a whole-model pass names (k: auto) counts by its reference's text.
+            payload["names"] = {
+                fld: ([e.name for e in step.entries[fld]] if step.entries.get(fld) is not None
+                      else [r.text for r in refs])
+                for fld, refs in step.refs.items()}
         if step.spec.seeded:
             payload["seed"] = settings.seed
             payload["step"] = name  # random masks derive from the step name (methods.md)

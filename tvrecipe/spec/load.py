@@ -7,7 +7,7 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -220,6 +220,11 @@ def _check_mapping(value: Any, prefix: KeyPath, what: str, smap: SourceMap,
     return value
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a boolean (anywhere in a union or Annotated)."""
+    return annotation is bool or any(_takes_bool(a) for a in get_args(annotation))
+
+
 def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe | None:
     """Validate parsed YAML against the recipe models, appending every problem found."""
     if not isinstance(data, dict):
@@ -277,7 +282,15 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
                 (*where, "op"), f"unknown op {op!r}",
                 did_you_mean(op, known) or "known ops: " + ", ".join(known)))
         else:
-            ok = _validate(known[op], spec, where, smap, problems)
+            cls = known[op]
+            # YAML's true is 1 to Python: a field that takes no boolean refuses one (pydantic
+            # would read `k: true` as 1).
+            booleans = [k for k, v in spec.items() if isinstance(v, bool) and k in
+                        cls.model_fields and not _takes_bool(cls.model_fields[k].annotation)]
+            for k in booleans:
+                problems.append(smap.problem((*where, k), "expected a number, got "
+                                             + str(spec[k]).lower()))
+            ok = None if booleans else _validate(cls, spec, where, smap, problems)
             if ok is not None:
                 valid["steps"][name] = ok
                 continue

@@ -168,12 +168,12 @@ class StepSpec(Frozen):
             changes.
         seeded: The op is random (or seeds a clustering): its key includes the recipe's seed
             and the step's name, from which its generators derive.
-        names_members: The op names the members of the set it returns after what the recipe
-            writes (``extract``'s fine-tunes), not after its inputs' content: its key
-            includes those names, which later steps select, seed and write files by.
         weighted: The list field whose entries the ``weights`` field weighs, or None.
         base_field: For an op that makes a checkpoint, the reference field naming the
             checkpoint it derives from (non-weight files are copied from there).
+        files_field: For an op that makes a checkpoint from several with none as its base
+            (``linear``), the field whose first reference its non-weight files are copied
+            from.
         numpy_rerun: The op computes ``base + scale·delta`` with the fields of those names,
             rounded twice, so that a rerun over a cached delta may run in numpy (exec.light).
         per_tensor: Parameters that may vary by tensor (a layer gradient or match rules, see
@@ -199,9 +199,9 @@ class StepSpec(Frozen):
     independent: ClassVar[bool] = False
     version: ClassVar[int] = 1
     seeded: ClassVar[bool] = False
-    names_members: ClassVar[bool] = False
     weighted: ClassVar[str | None] = None
     base_field: ClassVar[str | None] = None
+    files_field: ClassVar[str | None] = None
     numpy_rerun: ClassVar[bool] = False
     per_tensor: ClassVar[tuple[str, ...]] = ()
     kernel: ClassVar[str] = ""

@@ -28,7 +28,6 @@ class ExtractStep(StepSpec):
     execution: ClassVar = ROWWISE
     defers: ClassVar = "finetuned"
     stored: ClassVar = ("base",)
-    names_members: ClassVar = True  # (after the models, or the keys of a mapping)
     suggested_for: ClassVar = "task_vector"
     kernel: ClassVar = "tvrecipe.ops:extract"
     example: ClassVar = "tv: {op: extract, base: base, finetuned: [math, code]}"

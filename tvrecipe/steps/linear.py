@@ -31,8 +31,8 @@ class LinearStep(StepSpec):
     execution: ClassVar = ROWWISE
     weighted: ClassVar = "inputs"
     # A checkpoint output copies the first input's config and tokenizer, as mergekit's does
-    # without a base model.
-    base_field: ClassVar = "inputs"
+    # without a base model (a soup has no base model for its card, though).
+    files_field: ClassVar = "inputs"
     per_tensor: ClassVar = ("weights",)
     kernel: ClassVar = "tvrecipe.ops:linear"
     example: ClassVar = "soup: {op: linear, inputs: [a, b], weights: [0.7, 0.3]}"

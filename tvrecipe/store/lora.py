@@ -243,13 +243,13 @@ class LoraAdapter:
                                    config.get("lora_alpha", 8))
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             self.factors[tensor] = _Factor(a, b, float(scale), transposed)
+        for tensor, name in self.layers.items():
+            if tensor not in self.factors:  # (its layer only: a copy, as a saved module)
+                self.saved.setdefault(tensor, name)
         if not self.factors and not self.saved:
             raise InputError(f"{self.path}: the adapter holds no LoRA factors (lora_A/lora_B "
                              "tensors) and no saved modules, so it changes nothing; is "
                              "adapter_model.safetensors the one peft saved?")
-        for tensor, name in self.layers.items():
-            if tensor not in self.factors:  # (its layer only: a copy, as a saved module)
-                self.saved.setdefault(tensor, name)
         both = set(self.factors) & set(self.saved)
         if both:
             raise InputError(f"{self.path}: {min(both)!r} is both a LoRA target and a saved "
