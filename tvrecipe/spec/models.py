@@ -39,8 +39,7 @@ PerTensorDensity = pertensor.per_tensor(gt=0.0, le=1.0)
 PerTensorRank = pertensor.per_tensor(ge=1.0)
 # A ``weights`` field: one number for all, one value per entry of the weighted list, or a
 # mapping by member; each value a number, a layer gradient or match rules.
-Weights = (Annotated[float, BeforeValidator(pertensor.check_scalar)]
-           | list[PerTensor] | dict[str, PerTensor] | None)
+Weights = float | list[PerTensor] | dict[str, PerTensor] | None
 
 
 class Frozen(BaseModel):

@@ -59,17 +59,11 @@ def _shape(value: Any) -> str:
 # ValueError and AssertionError into validation errors.
 
 
-def check_scalar(value: Any) -> Any:
-    """Not a boolean: pydantic would read true as 1.0, and a boolean weight is almost surely
-    a mistake. (A numeric string is a number: PyYAML reads `1e-3`, with no dot, as a string.)"""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {str(value).lower()}")  # noqa: TRY004
-    return value
-
-
 def _check_scalar_or_gradient(value: Any) -> Any:
     """Shape errors with messages that say what to write instead."""
-    check_scalar(value)
+    if isinstance(value, bool):
+        # pydantic would read true as 1.0: a boolean weight is almost surely a mistake.
+        raise ValueError(f"expected a number, got {str(value).lower()}")  # noqa: TRY004
     if isinstance(value, Mapping):
         raise ValueError(  # noqa: TRY004
             "a rule's value is a number or a layer gradient, not a mapping (rules do not nest)")

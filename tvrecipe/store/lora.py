@@ -290,28 +290,29 @@ class LoraAdapter:
             delta = delta.mul_(factor.scale).reshape(shape)
             layer = self.layers.get(name)
             if layer is not None:  # (exactly 0 over the checkpoint the adapter was made on)
-                delta += (self.adapter.get(layer, rows).to(device=device, dtype=torch.float32)
-                          - self.base.get(name, rows).to(device=device, dtype=torch.float32))
+                delta += self._copy_delta(layer, name, rows, device)
             return delta
         saved = self.saved.get(name)
         if saved is not None:
-            return (self.adapter.get(saved, rows).to(device=device, dtype=torch.float32)
-                    - self.base.get(name, rows).to(device=device, dtype=torch.float32))
+            return self._copy_delta(saved, name, rows, device)
         return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def _copy_delta(self, copy: str, name: str, rows: tuple[int, int] | None, device):
+        """A copy of base tensor ``name`` saved in the adapter (tensor ``copy``), minus the
+        base's, in float32."""
+        import torch
+        return (self.adapter.get(copy, rows).to(device=device, dtype=torch.float32)
+                - self.base.get(name, rows).to(device=device, dtype=torch.float32))
 
     def factor_bytes(self, name: str) -> int:
         """Bytes read from disk to form tensor ``name``'s delta."""
+        copy = self.layers.get(name) or self.saved.get(name)
+        nbytes = (self.adapter.tensors[copy].nbytes + self.base.tensors[name].nbytes
+                  if copy is not None else 0)
         factor = self.factors.get(name)
         if factor is not None:
-            layer = self.layers.get(name)
-            extra = (self.adapter.tensors[layer].nbytes + self.base.tensors[name].nbytes
-                     if layer is not None else 0)
-            return (self.adapter.tensors[factor.a].nbytes + self.adapter.tensors[factor.b].nbytes
-                    + extra)
-        saved = self.saved.get(name)
-        if saved is not None:
-            return self.adapter.tensors[saved].nbytes + self.base.tensors[name].nbytes
-        return 0
+            nbytes += self.adapter.tensors[factor.a].nbytes + self.adapter.tensors[factor.b].nbytes
+        return nbytes
 
     def close(self) -> None:
         self.adapter.close()
