@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import run as bench  # benchmarks/run.py: checkpoints, recipes, measuring a child
 
 # Rows whose compute a GPU may change (run.py's names).
-ROWS = ["sum", "ties", "dare", "cluster_basis", "decompose", "decompose_mix", "breadcrumbs",
+ROWS = ["sum", "ties", "dare", "cluster_basis", "cluster_basis_reuse", "decompose", "decompose_mix", "breadcrumbs",
         "model_stock", "compress_pca", "compress_ae", "iso_c", "tsv_merge", "iso_cts"]
 
 

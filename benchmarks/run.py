@@ -38,11 +38,12 @@ SIZES = {
     "xl": {"hidden": 1536, "layers": 16, "vocab": 32000},
 }
 SHARD = "256MB"  # input shard size: real checkpoints are sharded, so read through the index
-OPS = ["sum", "ties", "dare", "cluster_basis", "decompose", "decompose_mix",
+OPS = ["sum", "ties", "dare", "cluster_basis", "cluster_basis_reuse", "decompose", "decompose_mix",
        "linear", "slerp", "breadcrumbs", "della", "model_stock",
        "tsv_merge", "iso_c", "iso_cts", "compress_pca", "compress_ae"]
 LABELS = {"sum": "task arithmetic (sum + apply)", "ties": "TIES d=0.2 + apply",
           "dare": "DARE d=0.3 + sum + apply", "cluster_basis": "cluster_basis k=auto → vectors",
+          "cluster_basis_reuse": "the same, run --reuse-memory 16GB",
           "decompose": "decompose rank 16 → unique vectors",
           "decompose_mix": "decompose rank 16 → sum of unique parts + apply",
           "linear": "linear (weights 1…n, normalized)", "slerp": "slerp base→ft0 t=[0, 0.5, 1]",
@@ -53,6 +54,8 @@ LABELS = {"sum": "task arithmetic (sum + apply)", "ties": "TIES d=0.2 + apply",
           "iso_cts": "iso cts + apply",
           "compress_pca": "compress_basis pca m=4 + sum of atoms + apply",
           "compress_ae": "compress_basis autoencoder m=4 + sum + apply"}
+# Options a row's `tvrecipe run` adds (the recipe is the row's name without the suffix).
+FLAGS = {"cluster_basis_reuse": ["--reuse-memory", "16GB"]}
 # The spectral and basis rows (issue #16: each ≤ 4× sum's time, ≤ 2× its peak RSS).
 SPECTRAL = ["decompose", "decompose_mix", "tsv_merge", "iso_c", "iso_cts", "compress_pca", "compress_ae"]
 APPLY_SCALE = 0.3  # the first three rows; the mergekit-equivalent rows below apply with scale 1
@@ -119,7 +122,9 @@ def write_recipe(folder: Path, op: str, ckpt: Path, n: int) -> Path:
 
 
 def recipe_text(op: str, ckpt: Path, n: int, out: Path) -> str:
-    """The recipe for one benchmarked merge (absolute paths)."""
+    """The recipe for one benchmarked merge (absolute paths); a row that differs only by
+    its run's options (``FLAGS``) has the recipe of the row it is named after."""
+    op = op.removesuffix("_reuse")
     fts = [f"ft{i}" for i in range(n)]
     if op == "slerp":
         fts = fts[:1]  # base and ft0 only
@@ -302,7 +307,7 @@ def run_tvrecipe(recipe: Path, report: Path | None = None, cache: str = "off",
     environment (another tvrecipe on its ``PYTHONPATH``, say).
     """
     exe = shutil.which("tvrecipe") or "tvrecipe"
-    cmd = [exe, "run", str(recipe), "--force"]
+    cmd = [exe, "run", str(recipe), "--force", *FLAGS.get(recipe.stem, [])]
     if device is not None:
         cmd += ["--device", device]
     cache_dir = recipe.with_name(f"cache-{recipe.stem}")
@@ -724,6 +729,8 @@ def print_ratios(mode: str, results: dict[str, Measured], floor: Measured,
     print(f"- TIES / sum: {ratio('ties')}")
     print(f"- DARE / sum: {ratio('dare')}")
     print(f"- similarity pass (cluster_basis) / sum: {ratio('cluster_basis')}")
+    if "cluster_basis_reuse" in results:
+        print(f"- cluster_basis, run --reuse-memory 16GB / sum: {ratio('cluster_basis_reuse')}")
     cb = reports.get("cluster_basis", {}).get("basis")
     if isinstance(cb, dict) and isinstance(cb.get("basis"), dict):
         print(f"  (cluster_basis chose k={len(cb['basis'])}: {json.dumps(cb['basis'])})")

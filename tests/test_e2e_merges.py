@@ -518,3 +518,35 @@ def test_large_whole_tensors_are_read_in_turn_not_ahead(make_models, cli, tmp_pa
     in_turn = {k for k, name in threads.items() if not name.startswith("tvrecipe-read")}
     assert in_turn == {k for k in threads if math.prod(shapes[k]) * 12 > 100}
     assert set(threads) - in_turn, "no tensor was small enough to be read ahead"
+
+
+def test_cluster_basis_refuses_a_k_for_task_vectors_with_nothing_in_common(make_models, cli,
+                                                                           tmp_path):
+    # Each task changes a tensor of its own (or opposes another): no positive cosine between
+    # any two, so k: 2 would group them arbitrarily (scikit-learn's labels for such a graph
+    # were not repeatable). Refused after the similarity pass, nothing written; k: auto runs.
+    names = ["a", "b", "c"]
+    own = dict(zip(names, ["model.layers.0.self_attn.q_proj.weight", "lm_head.weight",
+                           "model.layers.0.self_attn.q_proj.weight"]))
+    deltas = {}
+    for i, name in enumerate(names):
+        deltas[name] = {k: torch.zeros(s) for k, s in SHAPES.items()}
+        sign = -1.0 if i == 2 else 1.0  # c opposes a
+        deltas[name][own[name]] = sign * torch.full(SHAPES[own[name]], 0.01)
+    ms = make_models(names, deltas=deltas)
+    steps = ("  tv: {op: extract, base: base, finetuned: [a, b, c]}\n"
+             "  basis: {op: cluster_basis, inputs: tv, k: 2}\n")
+    cli.write("r.yaml", recipe(ms, steps, "  basis: {from: basis, path: ./out/basis}\n"))
+    res = cli.fails(5, "run", "r.yaml")
+    assert res.err_lines == [
+        "tvrecipe: runtime error:",
+        ("step 'basis' (cluster_basis), whole-model pass: k=2, but no two of the 3 task "
+         "vectors have a positive cosine similarity (they are orthogonal or opposed), so there "
+         "is nothing to cluster them by and any grouping would be arbitrary: use k: 1 (one "
+         "basis vector of all), k: 3 (each task alone) or k: auto (which gives 1 here)")]
+    assert not (tmp_path / "out").exists()
+    cli.write("r.yaml", recipe(ms, steps.replace("k: 2", "k: auto"),
+                               "  basis: {from: basis, path: ./out/basis}\n"))
+    cli.ok("run", "r.yaml")
+    assert sorted(p.name for p in (tmp_path / "out" / "basis").glob("*.safetensors")) == [
+        "b0.safetensors"]

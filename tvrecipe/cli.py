@@ -160,6 +160,16 @@ def _device_option(help_text: str):
     return click.option("--device", callback=_check_device, help=help_text)
 
 
+def _check_size(_ctx, _param, value: str) -> int:
+    from tvrecipe.store.writer import parse_size
+    if str(value).strip() == "0":
+        return 0
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _check_cluster(_ctx, _param, value: str | None) -> str | None:
     if value is None:
         return None
@@ -350,10 +360,18 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
 @_cluster_option("Run the tensor work on a Dask cluster: tcp://HOST:PORT (a scheduler whose "
                  "workers see the inputs and the staging folder) or local:N (N worker "
                  "processes here). Same bytes as a local run; needs 'tvrecipe[cluster]'.")
+@click.option("--reuse-memory", "reuse_memory", default="0", show_default=True,
+              envvar="TVRECIPE_REUSE_MEMORY", callback=_check_size, metavar="SIZE",
+              help="Memory (e.g. 8GB) that a local run's similarity pass (cluster_basis, "
+                   "model_stock…) may fill with the task vectors it computed, so that the merge "
+                   "pass takes them instead of reading and computing them again. Same bytes; "
+                   "0 (the default) streams. Faster only where fresh memory costs less than "
+                   "reading again: on the 2-core benchmark box it was slower (benchmarks/"
+                   "README.md).")
 @handle_errors
 def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         report_path: str | None, cache_dir: str | None, no_cache: bool, locked: bool,
-        quiet: bool, cluster: str | None) -> None:
+        quiet: bool, cluster: str | None, reuse_memory: int) -> None:
     """Run a recipe and write its outputs (atomically: all or nothing per output)."""
     from tvrecipe.errors import VerifyError
     if cluster:
@@ -437,7 +455,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
                          state=state, replaceable=replaceable, cluster=cluster,
-                         committed=committed,
+                         committed=committed, reuse_memory=reuse_memory,
                          check_staged=(lambda staged, where: _check_locked_outputs(
                              compiled, staged, where)) if locked else None)
     # A rerun that only applies cached deltas runs in numpy, without importing torch.

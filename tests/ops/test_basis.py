@@ -342,6 +342,28 @@ def test_special_cases():
     assert cluster(s, k=4).labels == (0, 1, 2, 3)
 
 
+def test_unrelated_tasks_refuse_a_k_between_1_and_n():
+    # No positive similarity between any two tasks (orthogonal or opposed): scikit-learn's
+    # labels for such a graph changed from one call to the next in one process, so a k
+    # between 1 and n is refused; 1, n and auto are answered.
+    s = np.array([[1.0, -0.2, 0.0, -0.01], [-0.2, 1.0, -0.3, 0.0],
+                  [0.0, -0.3, 1.0, -0.5], [-0.01, 0.0, -0.5, 1.0]])
+    for k in (2, 3):
+        with pytest.raises(ValueError) as err:
+            cluster(s, k=k)
+        assert str(err.value) == (
+            f"k={k}, but no two of the 4 task vectors have a positive cosine similarity (they "
+            "are orthogonal or opposed), so there is nothing to cluster them by and any "
+            "grouping would be arbitrary: use k: 1 (one basis vector of all), k: 4 (each task "
+            "alone) or k: auto (which gives 1 here)")
+    assert cluster(s, k=1).members == ((0, 1, 2, 3),)
+    assert cluster(s, k=4).members == ((0,), (1,), (2,), (3,))
+    assert cluster(s, k="auto").members == ((0, 1, 2, 3),)
+    # One positive pair is an edge: clustered, and the same labels every time.
+    s[0, 1] = s[1, 0] = 0.4
+    assert {cluster(s, k=2).members for _ in range(5)} == {cluster(s, k=2).members}
+
+
 @pytest.mark.parametrize("k", [0, -1, 4])
 def test_k_out_of_range_message(k):
     with pytest.raises(
@@ -377,6 +399,10 @@ def test_clustering_is_a_renumbered_partition(data, n):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     s = np.clip(x @ x.T, -1, 1)
     k = data.draw(st.sampled_from(["auto", *range(1, n + 1)]))
+    if k != "auto" and 1 < k < n and (s - np.diag(np.diag(s)) <= 0).all():
+        with pytest.raises(ValueError, match="no two of the"):
+            cluster(s, k=k)  # (no edge to cluster by: test_unrelated_tasks_refuse_a_k_between)
+        return
     result = cluster(s, k=k)
     assert sorted(t for m in result.members for t in m) == list(range(n))
     assert result.k == len(result.members)

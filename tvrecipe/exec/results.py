@@ -58,6 +58,10 @@ class RunOptions:
     # Where to run: a Dask scheduler address (``tcp://host:8786``) or ``local:N``; None runs
     # in this process. Never part of the recipe: it changes no key and no byte of output.
     cluster: str | None = None
+    # Bytes a whole-model pass may keep of the blocks it computed (task vectors) for the merge
+    # pass, which then neither reads nor computes them again (0: none; see Runner.carry).
+    # Changes no byte of output.
+    reuse_memory: int = 0
     # Called with the output paths and their files' digests right after the outputs are
     # renamed into place, in the same step that Ctrl-C cannot split (the CLI writes the lock).
     # Also given where the run computed (lockfile.machine's record: the device, ``cpu`` or

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -158,6 +158,15 @@ class Runner:
         self.chunk = CHUNK_ELEMENTS
         # Large tensors read or converted whole (embeddings) reuse their memory.
         self.buffers = BufferPool()
+        # Blocks a whole-model pass computed that the merge pass would compute again
+        # ((node, tensor, rows) -> value), kept within ``carry_budget`` bytes
+        # (options.reuse_memory); the merge pass takes them instead of reading and computing
+        # them again (see _carry_nodes).
+        self.carry: dict[tuple[str, str, tuple[int, int] | None], Any] = {}
+        self.carry_budget = self.options.reuse_memory
+        self.carry_bytes = 0
+        self._carry_lock = threading.Lock()
+        self._later: list[CompiledStep] | None = None  # the merge pass's steps, as planned
 
     # ---- reading ---------------------------------------------------------------------------
     def _load(self, t: torch.Tensor, where: str, tensor: str, check: bool = True,
@@ -394,12 +403,16 @@ class Runner:
                 yield tensor, info, None
 
     def _stream(self, steps: list[CompiledStep], want: list[str], label: str,
-                stack: bool = False) -> Iterator[tuple[str, TensorInfo, dict[str, Any]]]:
+                stack: bool = False, carry: frozenset[str] = frozenset()
+                ) -> Iterator[tuple[str, TensorInfo, dict[str, Any]]]:
         """Evaluate ``steps`` for every tensor, yielding the values of ``want``.
 
         The next tensor's inputs are read on a background thread while this one computes.
         ``stack``: a whole-model pass's stream: the sets it yields are made as rows of one
-        tensor where it goes by row blocks (TensorContext.stacked).
+        tensor where it goes by row blocks (TensorContext.stacked). ``carry``: nodes of
+        ``want`` whose blocks are kept for the merge pass, within the budget (``self.carry``);
+        a block found kept is taken instead of being computed, and the steps and models only
+        it needed are neither run nor read for that block.
         """
         uses: Counter[str] = Counter()
         for s in steps:
@@ -442,11 +455,37 @@ class Runner:
         def size(info: TensorInfo) -> int:  # (bytes of a whole tensor in the compute dtype)
             return math.prod(info.shape) * width
 
+        by_name = {s.name: s for s in steps}
+        subsets: dict[frozenset[str], tuple[list[CompiledStep], list[str]]] = {}
+
+        def needed(j: int) -> tuple[list[CompiledStep], list[str], frozenset[str]]:
+            """The steps to run and the models to read for item ``j``, and its kept nodes
+            (those found in ``self.carry``)."""
+            if not self.carry:
+                return steps, models, frozenset()
+            t, _info, rows = items[j]
+            span = None if rows is None else (rows.start, rows.stop)
+            kept = frozenset(n for n in by_name if (n, t, span) in self.carry)
+            if kept not in subsets:
+                need: set[str] = set()
+                todo = list(want)
+                while todo:
+                    n = todo.pop()
+                    if n in need:
+                        continue
+                    need.add(n)
+                    if n in by_name and n not in kept:
+                        todo.extend(r.node for refs in by_name[n].refs.values() for r in refs)
+                subsets[kept] = ([s for s in steps if s.name in need and s.name not in kept],
+                                 [m for m in models if m in need])
+            return (*subsets[kept], kept)
+
         def read_ahead(j: int):
             t, info, rows = items[j]
             if heavy and size(info) * inputs > PREFETCH_BYTES:
                 return None
-            return pool.submit(self._read, models, t, rows, parallel_reads, deferred, stored)
+            return pool.submit(self._read, needed(j)[1], t, rows, parallel_reads, deferred,
+                               stored)
 
         futures: deque = deque()
         # A fold stream of small tensors takes several at a time, the ones after the first
@@ -466,9 +505,10 @@ class Runner:
             return size(info) < PAIR_BYTES
 
         def evaluate(ev: StepEvaluator, values: dict[str, Any], tensor: str,
-                     info: TensorInfo, rows: slice | None) -> dict[str, Any]:
+                     info: TensorInfo, rows: slice | None, run: list[CompiledStep] = steps
+                     ) -> dict[str, Any]:
             remaining = Counter(uses)
-            for s in steps:
+            for s in run:
                 values[s.name] = ev(s, values, tensor, rows)
                 for refs in s.refs.values():
                     for r in refs:
@@ -477,6 +517,8 @@ class Runner:
                             values.pop(r.node, None)
             block = (info.shape if rows is None
                      else (rows.stop - rows.start, *info.shape[1:]))
+            if carry and info.is_floating:
+                self._keep(carry, values, tensor, rows)
             return {w: self._zero_fill(values[w], info, block) for w in want}
 
         def take(j: int) -> dict[str, Any]:
@@ -484,10 +526,19 @@ class Runner:
             t, _info, rows = items[j]
             future = futures.popleft()
             values = future.result() if future is not None else self._read(
-                models, t, rows, parallel_reads, deferred, stored)
+                needed(j)[1], t, rows, parallel_reads, deferred, stored)
             if j + ahead < len(items):
                 futures.append(read_ahead(j + ahead))
             return values
+
+        def start(j: int) -> tuple[dict[str, Any], list[CompiledStep]]:
+            """Tensor ``j``'s values (read, and its kept blocks taken) and the steps to run."""
+            run, _models, kept = needed(j)
+            values = take(j)
+            if kept:
+                t, _info, rows = items[j]
+                values.update(self._take_kept(kept, t, rows))
+            return values, run
 
         side = (ThreadPoolExecutor(max_workers=len(twins), thread_name_prefix="tvrecipe-side",
                                    initializer=one_thread) if twins else None)
@@ -501,7 +552,7 @@ class Runner:
                         if beside:
                             out = beside.popleft().result()
                         else:
-                            values = take(i)
+                            values, run = start(i)
                             if deferred:
                                 # A stream that folds its tasks in one at a time is there to
                                 # hold little: what earlier tensors left free (pool maps,
@@ -515,9 +566,10 @@ class Runner:
                                     if not small(items[j][1]) or (j > i + 1
                                                                   and batch >= BATCH_BYTES):
                                         break
-                                    beside.append(side.submit(evaluate, twin, take(j),
-                                                              *items[j]))
-                            out = evaluate(evaluator, values, tensor, info, rows)
+                                    got, run_j = start(j)
+                                    beside.append(side.submit(evaluate, twin, got, *items[j],
+                                                              run_j))
+                            out = evaluate(evaluator, values, tensor, info, rows, run)
                             values = None
                         yield tensor, info, out
                         out = None  # (the consumer's now)
@@ -561,6 +613,50 @@ class Runner:
         if isinstance(value, dict):
             return {k: self._zero_fill(v, info, block) for k, v in value.items()}
         return value
+
+    # ---- blocks kept from a whole-model pass for the merge pass --------------------------
+    def _carry_nodes(self, upstream: list[CompiledStep], want: list[str]) -> frozenset[str]:
+        """The nodes of a whole-model pass's stream (``upstream`` computing ``want``) whose
+        blocks to keep for the merge pass: those the merge pass computes again, when both
+        passes walk the same blocks (both row-wise or both whole tensors) and every step of the
+        stream keeps nothing from one block to the next (``independent``), so a kept block's
+        steps may be skipped there."""
+        later = self._later
+        if self.carry_budget <= 0 or later is None:
+            return frozenset()
+        if rowwise(upstream) != rowwise(later) or not all(s.spec.independent
+                                                         for s in upstream):
+            return frozenset()
+        names = {s.name for s in upstream} & {s.name for s in later}
+        return frozenset(n for n in want if n in names)
+
+    def _keep(self, nodes: frozenset[str], values: dict[str, Any], tensor: str,
+              rows: slice | None) -> None:
+        """Keep the blocks of ``nodes`` in ``values`` while the budget allows (one with a
+        missing member, which leaves the stream as zeros, is not kept: inside a stream it
+        stays None)."""
+        span = None if rows is None else (rows.start, rows.stop)
+        for node in sorted(nodes):
+            value = values.get(node)
+            leaves = list(_leaves(value))
+            if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+                continue
+            nbytes = _storage_bytes(leaves)
+            with self._carry_lock:
+                if self.carry_bytes + nbytes <= self.carry_budget:
+                    self.carry[(node, tensor, span)] = value
+                    self.carry_bytes += nbytes
+
+    def _take_kept(self, nodes: frozenset[str], tensor: str, rows: slice | None
+                   ) -> dict[str, Any]:
+        """The kept blocks of ``nodes`` for one block, no longer kept."""
+        span = None if rows is None else (rows.start, rows.stop)
+        got = {}
+        with self._carry_lock:
+            for node in nodes:
+                got[node] = value = self.carry.pop((node, tensor, span))
+                self.carry_bytes -= _storage_bytes(_leaves(value))
+        return got
 
     # ---- whole-model passes ----------------------------------------------------------------
     def _upstream(self, node: str) -> list[CompiledStep]:
@@ -818,6 +914,9 @@ class Runner:
         pending: dict[str, PendingEntry] = {}
         try:
             self._lookup_cache()
+            if self.carry_budget:
+                self._later = self._to_compute(
+                    [res.node for _spec, res in self.compiled.outputs.values()])
             # Not the cached steps, nor those that only feed cached steps.
             passes += [f"similarity:{name}" for name in self._whole_model_passes(
                 lambda: {s.name for s in self._to_compute(
@@ -848,6 +947,8 @@ class Runner:
                 raise output_oserror(exc, Path(exc.filename or ".")) from exc
             raise
         finally:
+            self.carry.clear()
+            self.carry_bytes = 0
             self.plan.close()
             for _m, slots, _c in self.cached.values():
                 for ck in slots.values():
@@ -856,6 +957,22 @@ class Runner:
                          time.perf_counter() - start, self.bytes_read, written, passes,
                          self.cache_hits, {n: o.digests for n, o in outputs.items()},
                          {n: o.report for n, o in outputs.items() if o.report}, machine=where)
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    """Every tensor (or None) in a value, however nested."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the memory the tensors hold (views of one storage, such as a stack's rows,
+    count it once)."""
+    return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                for t in tensors}.values())
 
 
 _WIDEN_CHUNK = 1 << 19  # entries (chunks of the conversion stay in cache)
@@ -963,8 +1080,9 @@ class PassContext:
         steps are row-wise (computing whatever upstream steps they need)."""
         runner = self._runner
         want = sorted({e.ref.node for e in entries})
-        with closing(runner._stream(runner._upstream(self.step.name), want,
-                                    f"{label} ({self.step.name})", stack=True)) as stream:
+        upstream = runner._upstream(self.step.name)
+        with closing(runner._stream(upstream, want, f"{label} ({self.step.name})", stack=True,
+                                    carry=runner._carry_nodes(upstream, want))) as stream:
             for tensor, info, values in stream:
                 if info.is_floating:
                     fn(tensor, [entry_value(values, e) for e in entries])

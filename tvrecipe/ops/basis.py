@@ -277,7 +277,9 @@ def cluster(
     (mutually orthogonal or opposed tasks: nothing to cluster by; k = n keeps each alone),
     and when the graph has more than K connected components (no gap in range). A lone task
     has no affinity inside its own cluster, so one outlier comes out alone, but several may
-    share a cluster or join a group. Pass k explicitly in such cases.
+    share a cluster or join a group. Pass k explicitly in such cases. An explicit
+    1 < k < n with the affinity 0 off the diagonal is refused (ValueError): such a graph
+    has no edge to cluster by, and scikit-learn's labels for it are not even repeatable.
 
     Args:
         similarity: n × n symmetric similarity (torch tensor, numpy array or nested lists),
@@ -293,7 +295,8 @@ def cluster(
 
     Raises:
         ValueError: If ``similarity`` is not a finite symmetric square matrix, k is out of
-            range or a string other than ``"auto"``, or k_max < 1.
+            range or a string other than ``"auto"``, k_max < 1, or 1 < k < n is asked of
+            tasks without a positive similarity between any two.
         TypeError: If k is neither an integer nor a string.
     """
     import numpy as np
@@ -328,6 +331,14 @@ def cluster(
             raise TypeError(f"k must be a positive integer or 'auto', got {k!r}") from None
         if not 1 <= k_eff <= n:
             raise ValueError(f"k={k_eff} is out of range for n={n} tasks: need 1 <= k <= {n}")
+        if 1 < k_eff < n and not graph.any():
+            # scikit-learn's embedding of a graph without edges is undefined: its labels
+            # changed from one call to the next, in one process (scikit-learn 1.9.1).
+            raise ValueError(
+                f"k={k_eff}, but no two of the {n} task vectors have a positive cosine "
+                "similarity (they are orthogonal or opposed), so there is nothing to cluster "
+                "them by and any grouping would be arbitrary: use k: 1 (one basis vector of "
+                f"all), k: {n} (each task alone) or k: auto (which gives 1 here)")
 
     if raw is not None:
         pass  # k: auto, already clustered for its step 2
