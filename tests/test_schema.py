@@ -138,3 +138,28 @@ def test_names_the_validator_refuses_the_schema_refuses(schema):
             bad[where][name] = bad[where].pop(next(iter(bad[where])))
             assert [e.message for e in validator.iter_errors(bad)] == [
                 f"'{name}' does not match any of the regexes: {NAME_PATTERN!r}"]
+
+
+@pytest.mark.parametrize(("where", "value", "ok"), [
+    ("k", 2, True), ("k", "auto", True), ("k", 0, False), ("k", 4097, False),
+    ("shard_size", "2GB", True), ("shard_size", " 1.5GiB ", True), ("shard_size", 4096, True),
+    ("shard_size", 0, False), ("shard_size", "2 bananas", False), ("shard_size", "-1GB", False),
+])
+def test_sizes_and_k_the_validator_refuses_the_schema_refuses(schema, cli, where, value, ok):
+    """cluster_basis's k and an output's shard_size: an editor marks what validate refuses
+    (the schema bounds the numbers and patterns the texts of their unions)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(schema)
+    data = {"tvrecipe": 1, "models": {"base": "./b", "a": "./a", "c": "./c"},
+            "steps": {"tv": {"op": "extract", "base": "base", "finetuned": ["a", "c"]},
+                      "basis": {"op": "cluster_basis", "inputs": "tv"}},
+            "outputs": {"basis": {"from": "basis", "path": "./o"}}}
+    if where == "k":
+        data["steps"]["basis"]["k"] = value
+    else:
+        data["outputs"]["basis"]["shard_size"] = value
+    errors = [e.message for e in validator.iter_errors(data)]
+    assert (errors == []) == ok, errors
+    cli.write("r.yaml", yaml.safe_dump(data))
+    res = cli("validate", "r.yaml")
+    assert (res.exit_code == 0) == ok, res.stderr

@@ -342,7 +342,8 @@ class OutputSpec(Frozen):
         None, description="Dtype of floating tensors on disk. Default: the base checkpoint's "
                           "dtype for checkpoints, the compute dtype for task vectors.")
     shard_size: Union[int, str] = Field(  # noqa: UP007
-        "5GB", description="Largest shard, e.g. `2GB`, `500MB`, `1.5GiB`, or bytes.")
+        "5GB", description="Largest shard, e.g. `2GB`, `500MB`, `1.5GiB`, or bytes.",
+        json_schema_extra={"minimum": 1, "pattern": _SIZE_RE})  # (numbers, strings)
     copy_files_from: Name | None = Field(
         None, description="A model whose non-weight files (config, tokenizer) are copied. "
                           "Default for checkpoints: the model it derives from (`apply`'s `base`, "

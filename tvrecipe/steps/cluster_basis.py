@@ -23,7 +23,8 @@ class ClusterBasisStep(StepSpec):
     k: int | Literal["auto"] = Field(
         "auto", description="Number of basis vectors, or `auto`: the largest eigengap of the "
         "normalised Laplacian after the first, kept if its clusters are at least twice as "
-        "similar inside as across, else 1 (see docs/methods.md).")
+        "similar inside as across, else 1 (see docs/methods.md).",
+        json_schema_extra={"minimum": 1, "maximum": MAX_K})  # (they bound numbers only)
     k_max: int | None = Field(None, ge=1, description="Upper bound for `k: auto`.")
     merge: Literal["mean", "sum", "ties"] = Field("mean", description="Merge inside a cluster.")
     density: PerTensorDensity = Field(
