@@ -163,3 +163,27 @@ def test_sizes_and_k_the_validator_refuses_the_schema_refuses(schema, cli, where
     cli.write("r.yaml", yaml.safe_dump(data))
     res = cli("validate", "r.yaml")
     assert (res.exit_code == 0) == ok, res.stderr
+
+
+@pytest.mark.parametrize(("fields", "ok"), [
+    ({"format": "peft", "rank": 8}, True),
+    ({"format": "peft", "rank": {"energy": 0.9}, "base_model": "org/m"}, True),
+    ({"format": "peft", "rank": 8, "full_tensors": "save", "base": "base"}, True),
+    ({"rank": None}, True),
+    ({"format": "peft"}, False),  # no rank
+    ({"rank": 8}, False),  # rank on a safetensors output
+    ({"format": "safetensors", "base_model": "org/m"}, False),
+    ({"full_tensors": "save", "base": "base"}, False),
+    ({"format": "peft", "rank": 8, "full_tensors": "save"}, False),  # save without base
+])
+def test_peft_fields_the_validator_refuses_the_schema_refuses(schema, cli, fields, ok):
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(schema)
+    data = {"tvrecipe": 1, "models": {"base": "./b", "a": "./a"},
+            "steps": {"tv": {"op": "extract", "base": "base", "finetuned": "a"}},
+            "outputs": {"tv": {"from": "tv", "path": "./o", **fields}}}
+    errors = [e.message for e in validator.iter_errors(data)]
+    assert (errors == []) == ok, errors
+    cli.write("r.yaml", yaml.safe_dump(data))
+    res = cli("validate", "r.yaml")
+    assert (res.exit_code == 0) == ok, res.stderr

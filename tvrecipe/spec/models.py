@@ -373,8 +373,18 @@ class OutputSpec(Frozen):
                           "model card), `tvrecipe.yaml` (this output's recipe, inputs pinned by hash) and "
                           "`tvrecipe.lock` (its lock entry) into the folder; `false` writes "
                           "none of them; a mapping sets the card's front matter.")
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False,
+        # _peft_fields's rules, for editors (JSON Schema's if/then/else).
+        json_schema_extra={"allOf": [
+            {"if": {"properties": {"format": {"const": "peft"}}, "required": ["format"]},
+             "then": {"required": ["rank"]},
+             "else": {"properties": {"rank": {"type": "null"}, "base": {"type": "null"},
+                                     "base_model": {"type": "null"},
+                                     "full_tensors": {"const": "drop"}}}},
+            {"if": {"properties": {"full_tensors": {"const": "save"}},
+                    "required": ["full_tensors"]},
+             "then": {"required": ["base"]}}]})
 
     @model_validator(mode="after")
     def _peft_fields(self) -> OutputSpec:
