@@ -187,3 +187,22 @@ def test_peft_fields_the_validator_refuses_the_schema_refuses(schema, cli, field
     cli.write("r.yaml", yaml.safe_dump(data))
     res = cli("validate", "r.yaml")
     assert (res.exit_code == 0) == ok, res.stderr
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    (0.5, True), ([0.2, 0.8], True), (1.5, False), (0, False), ([0.2, 1.2], False),
+])
+def test_rule_values_out_of_the_fields_range_the_schema_refuses(schema, cli, value, ok):
+    """A per-tensor rule's value is bounded as its field is (ties' density in (0, 1])."""
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(schema)
+    rules = [{"match": "mlp", "value": value}, {"value": 0.3}]
+    data = {"tvrecipe": 1, "models": {"base": "./b", "a": "./a", "c": "./c"},
+            "steps": {"tv": {"op": "extract", "base": "base", "finetuned": ["a", "c"]},
+                      "m": {"op": "ties", "inputs": "tv", "density": rules}},
+            "outputs": {"m": {"from": "m", "path": "./o"}}}
+    errors = [e.message for e in validator.iter_errors(data)]
+    assert (errors == []) == ok, errors
+    cli.write("r.yaml", yaml.safe_dump(data))
+    res = cli("validate", "r.yaml")
+    assert (res.exit_code == 0) == ok, res.stderr

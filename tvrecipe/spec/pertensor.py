@@ -184,6 +184,22 @@ def _bounds_checker(bounds: dict[str, float]) -> Any:
     return check
 
 
+_JSON_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum",
+                "le": "maximum"}
+
+
+def _bounded_rules_schema(bounds: dict[str, float]) -> Any:
+    """The JSON schema of a bounded field's rule list: each rule's value (a number or each
+    number of a gradient) within the field's bounds, as the validator checks them."""
+    number = {"type": "number", **{_JSON_BOUNDS[k]: v for k, v in bounds.items()}}
+    value = {"oneOf": [number, {"type": "array", "items": number, "minItems": 2}]}
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["items"] = {"allOf": [schema["items"], {"properties": {"value": value}}]}
+
+    return extra
+
+
 @functools.cache
 def per_tensor(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
                le: float | None = None) -> Any:
@@ -202,7 +218,8 @@ def per_tensor(*, gt: float | None = None, ge: float | None = None, lt: float | 
     number = _number(**bounds)
     rules: Any = Annotated[list[Rule], Field(min_length=1), AfterValidator(_check_rule_order)]
     if bounds:
-        rules = Annotated[rules, AfterValidator(_bounds_checker(bounds))]
+        rules = Annotated[rules, AfterValidator(_bounds_checker(bounds)),
+                          Field(json_schema_extra=_bounded_rules_schema(bounds))]
     scalar = Annotated[number, Tag(_NUMBER)]
     gradient = Annotated[list[number], Field(min_length=2), Tag(_GRADIENT)]
     return Annotated[scalar | gradient | Annotated[rules, Tag(_RULES)], Discriminator(_shape),
