@@ -140,6 +140,24 @@ def test_names_the_validator_refuses_the_schema_refuses(schema):
                 f"'{name}' does not match any of the regexes: {NAME_PATTERN!r}"]
 
 
+def _schema_and_validate_agree(schema: dict, cli, data: dict, ok: bool) -> None:
+    """The schema accepts ``data`` exactly when `tvrecipe validate` does (``ok``)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(data)]
+    assert (errors == []) == ok, errors
+    cli.write("r.yaml", yaml.safe_dump(data))
+    res = cli("validate", "r.yaml")
+    assert (res.exit_code == 0) == ok, res.stderr
+
+
+def _two_tasks(step: dict) -> dict:
+    """A recipe of two task vectors and one step ``m`` over them, written out."""
+    return {"tvrecipe": 1, "models": {"base": "./b", "a": "./a", "c": "./c"},
+            "steps": {"tv": {"op": "extract", "base": "base", "finetuned": ["a", "c"]},
+                      "m": {"inputs": "tv", **step}},
+            "outputs": {"m": {"from": "m", "path": "./o"}}}
+
+
 @pytest.mark.parametrize(("where", "value", "ok"), [
     ("k", 2, True), ("k", "auto", True), ("k", 0, False), ("k", 4097, False),
     ("shard_size", "2GB", True), ("shard_size", " 1.5GiB ", True), ("shard_size", 4096, True),
@@ -148,21 +166,12 @@ def test_names_the_validator_refuses_the_schema_refuses(schema):
 def test_sizes_and_k_the_validator_refuses_the_schema_refuses(schema, cli, where, value, ok):
     """cluster_basis's k and an output's shard_size: an editor marks what validate refuses
     (the schema bounds the numbers and patterns the texts of their unions)."""
-    jsonschema = pytest.importorskip("jsonschema")
-    validator = jsonschema.Draft202012Validator(schema)
-    data = {"tvrecipe": 1, "models": {"base": "./b", "a": "./a", "c": "./c"},
-            "steps": {"tv": {"op": "extract", "base": "base", "finetuned": ["a", "c"]},
-                      "basis": {"op": "cluster_basis", "inputs": "tv"}},
-            "outputs": {"basis": {"from": "basis", "path": "./o"}}}
+    data = _two_tasks({"op": "cluster_basis"})
     if where == "k":
-        data["steps"]["basis"]["k"] = value
+        data["steps"]["m"]["k"] = value
     else:
-        data["outputs"]["basis"]["shard_size"] = value
-    errors = [e.message for e in validator.iter_errors(data)]
-    assert (errors == []) == ok, errors
-    cli.write("r.yaml", yaml.safe_dump(data))
-    res = cli("validate", "r.yaml")
-    assert (res.exit_code == 0) == ok, res.stderr
+        data["outputs"]["m"]["shard_size"] = value
+    _schema_and_validate_agree(schema, cli, data, ok)
 
 
 @pytest.mark.parametrize(("fields", "ok"), [
@@ -177,16 +186,10 @@ def test_sizes_and_k_the_validator_refuses_the_schema_refuses(schema, cli, where
     ({"format": "peft", "rank": 8, "full_tensors": "save"}, False),  # save without base
 ])
 def test_peft_fields_the_validator_refuses_the_schema_refuses(schema, cli, fields, ok):
-    jsonschema = pytest.importorskip("jsonschema")
-    validator = jsonschema.Draft202012Validator(schema)
     data = {"tvrecipe": 1, "models": {"base": "./b", "a": "./a"},
             "steps": {"tv": {"op": "extract", "base": "base", "finetuned": "a"}},
             "outputs": {"tv": {"from": "tv", "path": "./o", **fields}}}
-    errors = [e.message for e in validator.iter_errors(data)]
-    assert (errors == []) == ok, errors
-    cli.write("r.yaml", yaml.safe_dump(data))
-    res = cli("validate", "r.yaml")
-    assert (res.exit_code == 0) == ok, res.stderr
+    _schema_and_validate_agree(schema, cli, data, ok)
 
 
 @pytest.mark.parametrize(("value", "ok"), [
@@ -194,15 +197,5 @@ def test_peft_fields_the_validator_refuses_the_schema_refuses(schema, cli, field
 ])
 def test_rule_values_out_of_the_fields_range_the_schema_refuses(schema, cli, value, ok):
     """A per-tensor rule's value is bounded as its field is (ties' density in (0, 1])."""
-    jsonschema = pytest.importorskip("jsonschema")
-    validator = jsonschema.Draft202012Validator(schema)
     rules = [{"match": "mlp", "value": value}, {"value": 0.3}]
-    data = {"tvrecipe": 1, "models": {"base": "./b", "a": "./a", "c": "./c"},
-            "steps": {"tv": {"op": "extract", "base": "base", "finetuned": ["a", "c"]},
-                      "m": {"op": "ties", "inputs": "tv", "density": rules}},
-            "outputs": {"m": {"from": "m", "path": "./o"}}}
-    errors = [e.message for e in validator.iter_errors(data)]
-    assert (errors == []) == ok, errors
-    cli.write("r.yaml", yaml.safe_dump(data))
-    res = cli("validate", "r.yaml")
-    assert (res.exit_code == 0) == ok, res.stderr
+    _schema_and_validate_agree(schema, cli, _two_tasks({"op": "ties", "density": rules}), ok)
