@@ -62,13 +62,19 @@ def map_vectors(value: Value, fn: Callable[[torch.Tensor, str], torch.Tensor],
     return {m: done.get(m) for m in value}
 
 
+def leaves(value: Value) -> Iterator[Any]:
+    """Every leaf of a value (or of a dict of values), however nested: tensors, and the
+    None of a missing member."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from leaves(v)
+    else:
+        yield value
+
+
 def _tensors_in(value: Value) -> Iterator[torch.Tensor]:
     """Every tensor in a value (or in a dict of values), however nested."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors_in(v)
+    return (t for t in leaves(value) if isinstance(t, torch.Tensor))
 
 
 class TensorContext:

@@ -21,7 +21,7 @@ from tvrecipe.errors import ExecutionError
 from tvrecipe.exec import lockfile
 from tvrecipe.exec.allocator import trim
 from tvrecipe.exec.buffers import BufferPool, fresh, pinned
-from tvrecipe.exec.evaluate import StepEvaluator, entry_value, select
+from tvrecipe.exec.evaluate import StepEvaluator, entry_value, leaves, select
 from tvrecipe.exec.results import (
     ST_DTYPES,
     Output,
@@ -159,10 +159,10 @@ class Runner:
         # Large tensors read or converted whole (embeddings) reuse their memory.
         self.buffers = BufferPool()
         # Blocks a whole-model pass computed that the merge pass would compute again
-        # ((node, tensor, rows) -> value), kept within ``carry_budget`` bytes
-        # (options.reuse_memory); the merge pass takes them instead of reading and computing
-        # them again (see _carry_nodes).
-        self.carry: dict[tuple[str, str, tuple[int, int] | None], Any] = {}
+        # ((node, tensor, rows) -> (value, bytes it holds)), kept within ``carry_budget``
+        # bytes (options.reuse_memory); the merge pass takes them instead of reading and
+        # computing them again (see _carry_nodes).
+        self.carry: dict[tuple[str, str, tuple[int, int] | None], tuple[Any, int]] = {}
         self.carry_budget = self.options.reuse_memory
         self.carry_bytes = 0
         self._carry_lock = threading.Lock()
@@ -638,13 +638,13 @@ class Runner:
         span = None if rows is None else (rows.start, rows.stop)
         for node in sorted(nodes):
             value = values.get(node)
-            leaves = list(_leaves(value))
-            if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            tensors = list(leaves(value))
+            if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
                 continue
-            nbytes = _storage_bytes(leaves)
+            nbytes = _storage_bytes(tensors)
             with self._carry_lock:
                 if self.carry_bytes + nbytes <= self.carry_budget:
-                    self.carry[(node, tensor, span)] = value
+                    self.carry[(node, tensor, span)] = value, nbytes
                     self.carry_bytes += nbytes
 
     def _take_kept(self, nodes: frozenset[str], tensor: str, rows: slice | None
@@ -654,8 +654,8 @@ class Runner:
         got = {}
         with self._carry_lock:
             for node in nodes:
-                got[node] = value = self.carry.pop((node, tensor, span))
-                self.carry_bytes -= _storage_bytes(_leaves(value))
+                got[node], nbytes = self.carry.pop((node, tensor, span))
+                self.carry_bytes -= nbytes
         return got
 
     # ---- whole-model passes ----------------------------------------------------------------
@@ -957,15 +957,6 @@ class Runner:
                          time.perf_counter() - start, self.bytes_read, written, passes,
                          self.cache_hits, {n: o.digests for n, o in outputs.items()},
                          {n: o.report for n, o in outputs.items() if o.report}, machine=where)
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    """Every tensor (or None) in a value, however nested."""
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
-    else:
-        yield value
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
