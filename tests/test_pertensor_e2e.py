@@ -174,6 +174,26 @@ outputs:
          "op takes no values that vary by tensor)")]
 
 
+def test_a_list_where_one_reference_belongs_says_so(cli, tmp_path):
+    make(tmp_path)
+    cli.write("r.yaml", """\
+tvrecipe: 1
+models: {base: ./ckpt/base, a: ./ckpt/a, b: ./ckpt/b}
+steps:
+  tv: {op: extract, base: base, finetuned: [a, b]}
+  neg: {op: negate, input: [tv.a, tv.b]}
+  model: {op: apply, base: [base, a], delta: neg}
+outputs:
+  m: {from: model, path: ./out/m}
+""")
+    res = cli.fails(2, "validate", "r.yaml")
+    hint = ("(name one model, step or member (STEP.MEMBER); to use several, combine them in a "
+            "step first (e.g. sum) and name that step)")
+    assert res.err_lines[1:] == [
+        f"r.yaml:5:21: steps.neg.input: 'input' takes one reference, not a list {hint}",
+        f"r.yaml:6:22: steps.model.base: 'base' takes one reference, not a list {hint}"]
+
+
 def test_a_rule_gives_each_tensor_the_result_of_its_own_value(cli, tmp_path):
     # decompose's threshold by rule: each tensor's parts are byte for byte those of a run with
     # that tensor's value for everything.

@@ -113,6 +113,13 @@ def _convert(exc: ValidationError, prefix: KeyPath, model: type[BaseModel],
             hint = ("a value that varies by tensor (a layer gradient or rules) is accepted by "
                     + ", ".join(f"'{f}'" for f in varying) if varying else
                     "this op takes no values that vary by tensor")
+        elif (isinstance(err.get("input"), list) and hasattr(model, "accepts")
+              and kind == "string_type" and len(loc) == 1 and loc[0] in model.accepts):
+            # (a field that takes a list of references accepts one, so its errors name items)
+            field = loc[0]
+            message = f"'{field}' takes one reference, not a list"
+            hint = ("name one model, step or member (STEP.MEMBER); to use several, combine "
+                    "them in a step first (e.g. sum) and name that step")
         elif kind in ("model_type", "dict_type") and model is ModelSpec and not loc:
             message = (f"a model is a path, or a mapping such as {{path: ./ckpt/x, kind: "
                        f"task_vector}}, got {err['input']!r}")
