@@ -6,6 +6,7 @@ compares what tvrecipe reads with ``merge_and_unload()`` minus the base, in floa
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -282,6 +283,39 @@ def test_a_vector_written_as_an_adapter_merges_to_its_truncation(cli, tmp_path, 
     back = read_tensors(tmp_path / "out" / "back")
     for k in back:
         torch.testing.assert_close(back[k] + stored[k], merged[k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_gpt2_adapter_output_factors_conv1d_layers_as_peft_applies_them(cli, tmp_path):
+    # GPT-2's Conv1D layers store W as (in, out); peft adapts them with fan_in_fan_out,
+    # ΔW = (B·A)ᵀ. Plain factors would not load where W is not square (c_attn, c_fc) and
+    # would be applied transposed where it is (attn.c_proj).
+    base = gpt2()
+    base.save_pretrained(tmp_path / "base")
+    stored = load_file(str(tmp_path / "base" / "model.safetensors"))
+    gen = torch.Generator().manual_seed(5)
+    ft = {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in stored.items()}
+    (tmp_path / "ft").mkdir()
+    from safetensors.torch import save_file
+    save_file(ft, str(tmp_path / "ft" / "model.safetensors"))
+    # (the vocabulary is 48, so every full-rank delta is kept exactly at rank 48)
+    cli.write("out.yaml", OUT.replace("RANK", "rank: 48"))
+    res = cli.ok("run", "out.yaml")
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    merged = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "out" / "adapter"
+                                            ).merge_and_unload().state_dict()
+    adapted = [k for k, v in stored.items() if v.dim() == 2 and "wpe" not in k]
+    assert any(k.endswith("attn.c_proj.weight") for k in adapted)
+    for k in adapted:
+        torch.testing.assert_close(merged[k], ft[k], rtol=0, atol=1e-5)
+    # what the adapter cannot carry is said, with its share of the vector
+    left = [k for k, v in stored.items() if v.dim() != 2]
+    delta = {k: (ft[k] - stored[k]).double() for k in stored}
+    share = (sum(float(delta[k].square().sum()) for k in left)
+             / sum(float(d.square().sum()) for d in delta.values())) ** 0.5
+    assert (f"relative error 0.0000 (Frobenius, of the 2-D deltas); left out {len(left)} "
+            f"tensors that are not 2-D (norms, biases), {share:.4f} of the vector's norm, "
+            "where peft keeps the base's") in res.stdout
 
 
 def test_an_adapter_output_is_stored_in_its_dtype(cli, tmp_path):

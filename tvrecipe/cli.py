@@ -482,12 +482,13 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         click.echo(f"wrote {name}: {path}")
         adapter = result.output_reports.get(name)
         if adapter:
-            ranks = [t["rank"] for t in adapter["tensors"].values()]
+            ranks = [t["rank"] for t in adapter["tensors"].values() if t["rank"]]
             left = (f"; left out {len(adapter['left_out'])} tensors that are not 2-D (norms, "
-                    "biases)") if adapter["left_out"] else ""
+                    f"biases), {adapter['left_out_share']:.4f} of the vector's norm, where "
+                    "peft keeps the base's") if adapter["left_out"] else ""
             click.echo(f"  peft adapter: {adapter['modules']} modules, rank "
                        f"{min(ranks, default=0)}-{max(ranks, default=0)}, relative error "
-                       f"{adapter['relative_error']:.4f} (Frobenius, all tensors){left}")
+                       f"{adapter['relative_error']:.4f} (Frobenius, of the 2-D deltas){left}")
     if result.cache_hits:
         click.echo(f"from cache: {', '.join(result.cache_hits)}")
     where = (f" (cluster {cluster}, {len(result.workers)} workers)" if result.workers

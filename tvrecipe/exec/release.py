@@ -148,8 +148,14 @@ def _base_model_id(compiled: Compiled, output: str) -> str | None:
 
 
 def vector_base_id(compiled: Compiled, node: str) -> str | None:
-    """The Hub id of the checkpoint a vector's deltas are over: the ``base`` of the nearest
-    ``extract`` (or adapter) upstream, where its config.json names a Hub id."""
+    """The Hub id of the checkpoint a vector's deltas are over (:func:`vector_base`), where
+    its config.json names one."""
+    return hub_id(compiled, vector_base(compiled, node))
+
+
+def vector_base(compiled: Compiled, node: str) -> str | None:
+    """The checkpoint model a vector's deltas are over: the ``base`` of the nearest
+    ``extract`` (or adapter) upstream; None when there is none."""
     from tvrecipe.plan.graph import lora_base
 
     stack, seen = [node], set()
@@ -160,33 +166,41 @@ def vector_base_id(compiled: Compiled, node: str) -> str | None:
         seen.add(n)
         if n in compiled.models:
             if compiled.models[n].kind == "lora":
-                return hub_id(compiled, lora_base(compiled.models, n))
+                return lora_base(compiled.models, n)
             continue
         step = compiled.steps.get(n)
         if step is None:
             continue
         base = step.refs.get("base")
         if base and base[0].node in compiled.models:
-            return hub_id(compiled, base[0].node)
+            return base[0].node
         stack.extend(r.node for refs in step.refs.values() for r in refs)
     return None
 
 
-def hub_id(compiled: Compiled, model: str | None) -> str | None:
-    """A checkpoint model's Hub id, from ``_name_or_path`` in its config.json."""
+def model_config(compiled: Compiled, model: str | None) -> dict[str, Any]:
+    """A checkpoint model's config.json; {} when it has none that can be read."""
     import json
 
+    if model is None or model not in compiled.models:
+        return {}
+    try:
+        config = compiled.loaded.resolve(compiled.models[model].path) / "config.json"
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError, TvrecipeError):  # unreadable, or unreachable
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def hub_id(compiled: Compiled, model: str | None) -> str | None:
+    """A checkpoint model's Hub id, from ``_name_or_path`` in its config.json."""
     if model is None or model not in compiled.models:
         return None
     path = compiled.models[model].path
     hub = re.match(r"^hf://([A-Za-z0-9][\w.-]*/[\w.-]+?)(@[^/]*)?/?$", path)
     if hub:  # a Hub repository itself (not a dataset or a file in it)
         return hub[1]
-    config = compiled.loaded.resolve(path) / "config.json"
-    try:
-        name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path", "")
-    except (OSError, ValueError, AttributeError, TvrecipeError):  # unreadable, or unreachable
-        return None
+    name = model_config(compiled, model).get("_name_or_path", "")
     if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists():
         return name
     return None

@@ -233,10 +233,10 @@ class Output:
                                                 shard_size=parse_size(spec.shard_size),
                                                 metadata={**meta, "format": "pt"})
         elif self.kind == VECTOR and spec.format == "peft":
-            from tvrecipe.exec.release import vector_base_id
+            from tvrecipe.exec.release import model_config, vector_base, vector_base_id
             from tvrecipe.spec.models import RankEnergy
             from tvrecipe.spec.pertensor import value_at
-            from tvrecipe.store.lora import AdapterWriter
+            from tvrecipe.store.lora import AdapterWriter, conv1d_layers
             rank: Any = None
             energy = spec.rank.energy if isinstance(spec.rank, RankEnergy) else None
             if isinstance(spec.rank, int):
@@ -259,9 +259,13 @@ class Output:
             stored = out_dtype or "F32"  # (the factors, computed in float32, stored so)
             self.dtypes = dict.fromkeys(plan.floating, stored)
             self.sizes = dict.fromkeys(plan.floating, 0)  # the factors' bytes come at close
+            # (GPT-2's Conv1D layers, known by the base's architecture, get peft's
+            # fan_in_fan_out factors)
+            arch = model_config(self.compiled, vector_base(self.compiled, res.node))
             self.writers[""] = AdapterWriter(
                 self.folder.staging, {t: plan.tensors[t].shape for t in plan.floating},
-                rank, energy, base, meta, full_base=full, dtype=stored)
+                rank, energy, base, meta, full_base=full, dtype=stored,
+                conv1d=conv1d_layers(arch.get("model_type")))
         else:
             dt = out_dtype or compute
             specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]

@@ -326,6 +326,20 @@ class LoraAdapter:
 # embeddings under the names transformers gives them (embed_out, GPT-NeoX's head, is Linear).
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|wte|wpe|"
                         r"[A-Za-z_]*embeddings?)\.weight$")
+# The architectures (config.json ``model_type``) whose layers of these names are
+# transformers' Conv1D, which stores a weight as (in, out), the transpose of a Linear's;
+# peft adapts them with ``fan_in_fan_out``. (gpt_bigcode and Qwen's first models use the
+# same names for plain Linear layers, so the name alone does not tell.)
+_CONV1D_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+_CONV1D_LAYER = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+
+
+def conv1d_layers(model_type: object):
+    """For a checkpoint of ``model_type`` (its config.json's), a test of whether a tensor
+    is the weight of a Conv1D layer; None when the architecture has none."""
+    if model_type not in _CONV1D_TYPES:
+        return None
+    return lambda name: bool(_CONV1D_LAYER.search(name))
 
 
 class AdapterError(ValueError):
@@ -353,8 +367,10 @@ class AdapterWriter:
 
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], rank,
                  energy: float | None, base_model: str | None, metadata: dict[str, str],
-                 full_base: Checkpoint | None = None, dtype: str = "F32"):
+                 full_base: Checkpoint | None = None, dtype: str = "F32", conv1d=None):
         self.folder = Path(folder)
+        self.conv1d = conv1d  # name -> whether it is a Conv1D weight, (in, out); or None
+        self.fan_in_fan_out = False  # a Conv1D layer was adapted
         self.dtype = dtype  # the factors' (and saved tensors') stored dtype
         self.full_base = full_base  # with it, tensors that are not 2-D are saved whole
         self.full: dict[str, object] = {}
@@ -370,6 +386,8 @@ class AdapterWriter:
         self.sha256: dict[Path, str] = {}
         self._sq_err = 0.0
         self._sq_norm = 0.0
+        self._sq_left = 0.0  # of the deltas left out (the adapter does not carry them)
+        self._sq_full: dict[str, float] = {}  # of each delta saved whole
 
     def write(self, name: str, t) -> None:
         shape = self.shapes[name]
@@ -377,6 +395,7 @@ class AdapterWriter:
         if not lora and (self.full_base is None or name not in self.full_base.tensors):
             if name not in self.skipped:
                 self.skipped.append(name)
+            self._sq_left += float(t.double().square().sum())  # (a block at a time)
             return
         whole = self._blocks.add(name, t.reshape(-1, *shape[1:]), shape[0] if shape else 1)
         if whole is None:
@@ -386,6 +405,7 @@ class AdapterWriter:
             self._factor(name, whole)
         else:  # saved whole: base + delta
             self.full[name] = self.full_base.get(name).float() + whole.float().cpu()
+            self._sq_full[name] = float(whole.double().square().sum())
 
     def _factor(self, name: str, delta) -> None:
         from tvrecipe.ops import all_finite, derive_seed
@@ -393,7 +413,10 @@ class AdapterWriter:
 
         module = name.removesuffix(".weight")
         embedding = bool(_EMBEDDING.search(name))
-        work = delta.float().T if embedding else delta.float()
+        # peft's ΔW is B·A for a Linear, (B·A)ᵀ for an embedding and for a Conv1D layer
+        # (fan_in_fan_out): factor the transpose of those.
+        conv1d = not embedding and self.conv1d is not None and self.conv1d(name)
+        work = delta.float().T if embedding or conv1d else delta.float()
         if not all_finite(work):
             raise AdapterError(
                 f"tensor {name!r} holds NaN or Inf (let in by --allow-nonfinite?), and a "
@@ -416,6 +439,7 @@ class AdapterWriter:
         else:
             self.factors[f"{key}.lora_A.weight"] = a.contiguous()
             self.factors[f"{key}.lora_B.weight"] = b.contiguous()
+            self.fan_in_fan_out |= conv1d
         self.ranks[module] = r
 
     def close(self) -> None:
@@ -440,6 +464,7 @@ class AdapterWriter:
         for module, names in sorted(saved.items()):
             if module in self.ranks:
                 self.skipped.extend(names)
+                self._sq_left += sum(self._sq_full[name] for name in names)
                 continue
             for name in names:
                 self.factors[f"base_model.model.{name}"] = self.full[name].contiguous()
@@ -452,7 +477,7 @@ class AdapterWriter:
             "peft_type": "LORA", "base_model_name_or_path": self.base_model,
             "r": rank, "lora_alpha": rank, "target_modules": sorted(self.ranks),
             "rank_pattern": differs, "alpha_pattern": dict(differs),
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": self.fan_in_fan_out,
             "use_rslora": False, "use_dora": False,
             "modules_to_save": saved_modules or None,
             "init_lora_weights": True, "inference_mode": True, "task_type": None,
@@ -473,6 +498,8 @@ class AdapterWriter:
         writer.close()
         self.sha256[writer.path] = writer.sha256
         total = (self._sq_err ** 0.5 / self._sq_norm ** 0.5) if self._sq_norm else 0.0
+        whole = self._sq_norm + self._sq_left
         self.summary = {"format": "peft", "tensors": self.report, "relative_error": total,
                         "left_out": sorted(self.skipped), "modules": len(self.ranks),
+                        "left_out_share": (self._sq_left / whole) ** 0.5 if whole else 0.0,
                         "saved_whole": [n for m in saved_modules for n in saved[m]]}
