@@ -192,3 +192,51 @@ def test_slerp_streams_in_row_blocks_with_whole_tensor_angles(make_models, cli, 
         close(got[k], slerp(a[k], b[k], t=t), k)
         close(same[k], a[k], k)
     assert torch.equal(got[INT_BUFFER], ms.weights["math"][INT_BUFFER])
+
+
+def test_floating_buffers_are_kept_from_the_reference_not_merged(cli, tmp_path):
+    # Older transformers saved rotary inverse frequencies and GPT-2's attention mask beside the
+    # weights. They are no weights: a linear merge whose weights add up to 1.2 scaled them by
+    # 1.2, and a task vector carried a fine-tune's own (say, another rope_theta). Now every
+    # op keeps the reference model's (linear's first input, else the base), stored as it is.
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    names = ["base", "a", "b"]
+    inv = {n: 1.0 / (10000.0 + 1000.0 * i) ** (torch.arange(0, 8, 2).float() / 8)
+           for i, n in enumerate(names)}
+    mask = torch.tril(torch.ones(1, 1, 4, 4))
+    weights = {}
+    w0 = torch.randn(8, 8, generator=gen)
+    for i, n in enumerate(names):
+        weights[n] = {"model.layers.0.self_attn.q_proj.weight": w0 + 0.01 * i * torch.randn(
+                          8, 8, generator=gen),
+                      "model.layers.0.self_attn.rotary_emb.inv_freq": inv[n],
+                      "h.0.attn.bias": mask.clone(), "h.0.attn.masked_bias": torch.tensor(-1e4)}
+        (tmp_path / n).mkdir()
+        save_file(weights[n], str(tmp_path / n / "model.safetensors"))
+    cli.write("r.yaml", """\
+tvrecipe: 1
+models: {base: ./base, a: ./a, b: ./b}
+steps:
+  soup: {op: linear, inputs: [a, b], weights: [0.3, 0.9], normalize: false}
+  tv: {op: extract, base: base, finetuned: [a, b]}
+  merged: {op: ties, inputs: tv, density: 0.5}
+  model: {op: apply, base: base, delta: merged}
+  sl: {op: slerp, a: a, b: b, t: 0.5}
+outputs:
+  soup: {from: soup, path: ./out/soup, dtype: bfloat16}
+  model: {from: model, path: ./out/model}
+  sl: {from: sl, path: ./out/sl}
+  tv: {from: tv, path: ./out/tv}
+""")
+    cli.ok("run", "r.yaml", "-q")
+    q, rot = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"
+    soup = read_tensors(tmp_path / "out" / "soup")
+    close(soup[q].float(), (0.3 * weights["a"][q] + 0.9 * weights["b"][q]).bfloat16().float(), q)
+    for out, ref in (("soup", "a"), ("model", "base"), ("sl", "a")):
+        got = read_tensors(tmp_path / "out" / out)
+        for k in (rot, "h.0.attn.bias", "h.0.attn.masked_bias"):
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], weights[ref][k]), (out, k)
+    for task in ("a", "b"):
+        assert set(read_tensors(tmp_path / "out" / "tv" / f"{task}.safetensors")) == {q}

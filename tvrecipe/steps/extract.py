@@ -23,6 +23,9 @@ class ExtractStep(StepSpec):
                     "models) or a mapping `{member: model}` (a set with those member names).")
 
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "finetuned": frozenset({CHECKPOINT})}
+    # 2: the floating buffers of checkpoint.BUFFERS (rotary inv_freq, GPT-2's mask) are
+    # kept from the reference model, not merged
+    version: ClassVar = 2
     independent: ClassVar = True
     returns: ClassVar = "vector (one model) or vectors (a list or mapping)"
     execution: ClassVar = ROWWISE

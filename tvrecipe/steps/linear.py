@@ -26,6 +26,9 @@ class LinearStep(StepSpec):
                                               "default).")
 
     accepts: ClassVar = {"inputs": frozenset({CHECKPOINT})}
+    # 2: the floating buffers of checkpoint.BUFFERS (rotary inv_freq, GPT-2's mask) are
+    # kept from the reference model, not merged
+    version: ClassVar = 2
     independent: ClassVar = True
     returns: ClassVar = CHECKPOINT
     execution: ClassVar = ROWWISE

@@ -26,6 +26,9 @@ class SlerpStep(StepSpec):
     accepts: ClassVar = {"a": frozenset({CHECKPOINT, VECTOR}),
                          "b": frozenset({CHECKPOINT, VECTOR})}
     base_field: ClassVar = "a"
+    # 2: the floating buffers of checkpoint.BUFFERS (rotary inv_freq, GPT-2's mask) are
+    # kept from the reference model, not merged
+    version: ClassVar = 2
     per_tensor: ClassVar = ("t",)
     # The angle of each tensor comes from a whole-model pass that accumulates ‖a‖², ‖b‖² and
     # ⟨a, b⟩ over row blocks; c_a·a + c_b·b then streams by rows, so neither model is held

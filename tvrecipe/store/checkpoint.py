@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -133,8 +134,19 @@ class TensorInfo:
 
     @property
     def is_floating(self) -> bool:
-        """Whether the dtype is a real floating-point type (``F*`` or ``BF16``)."""
-        return self.dtype.startswith("F") or self.dtype == "BF16"
+        """Whether this is a weight to merge: a real floating-point type (``F*`` or ``BF16``)
+        and not a buffer that a model computes from its config (:data:`BUFFERS`), which
+        is kept from the reference model as an integer buffer is."""
+        return (self.dtype.startswith("F") or self.dtype == "BF16") and not BUFFERS.search(
+            self.name)
+
+
+# Floating buffers that older transformers saved beside the weights and that a model rebuilds
+# from its config: rotary embeddings' inverse frequencies, GPT-2's causal mask and its fill
+# value. They are no weights: merged as weights, a weighted sum that does not add up to 1
+# would scale them. mergekit leaves them out of its output; tvrecipe keeps the reference
+# model's, unchanged.
+BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 
 
 def _corrupt(file: Path | RemotePath, what: str) -> InputError:
