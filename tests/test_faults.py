@@ -518,8 +518,25 @@ def test_dtype_kind_mismatch(cli, tmp_path, model, dtype, other):
     assert input_error(cli, tmp_path) == [
         "the inputs' tensors do not line up:",
         f"tensor '{name}' is {dtype} in model '{model}' but {other} in 'base'",
-        ("(task arithmetic needs the same architecture in every input: check that every model "
-        "is a fine-tune of the same base)")]
+        ("(merging needs the same tensors in every input: check that every model is a "
+         "fine-tune of the same base)")]
+
+
+def test_an_output_layer_in_some_models_only_points_at_tied_embeddings(cli, tmp_path):
+    base = checkpoints(tmp_path)
+    ft = finetune(base, 2)
+    del ft["lm_head.weight"]  # a fine-tune that ties its output layer to its embeddings
+    save_model(tmp_path / "ckpt" / "tied", ft)
+    cli.write("r.yaml", simple(ft="./ckpt/tied"))
+    assert input_error(cli, tmp_path) == [
+        "the inputs' tensors do not line up:",
+        "tensor 'lm_head.weight' is missing from model 'ft' (present in 'base')",
+        ("('lm_head.weight' in some models only: a model whose config ties its output layer to "
+         "its input embeddings (tie_word_embeddings) stores none, and tvrecipe does not stand "
+         "the embeddings in for it (mergekit does): save the tied model with its output layer "
+         "written out, or merge only tied models)"),
+        ("(merging needs the same tensors in every input: check that every model is a "
+         "fine-tune of the same base)")]
 
 
 @pytest.mark.parametrize("link_to, out, relation", [

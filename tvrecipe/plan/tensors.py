@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from tvrecipe.store.lora import LoraAdapter
 from tvrecipe.store.remote import RemotePath
 
 MAX_LISTED = 12
+# An output layer's weight, which a model with tied embeddings does not store.
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
 # Row blocks of about 1 Mi elements (4 MiB in float32): the blocks of one tensor across a few
 # inputs stay in the last-level cache between the steps that use them. Task arithmetic of 8
 # fine-tunes (220M parameters, 2-core benchmark machine) ran 1.9-2.2 s with these blocks and
@@ -202,6 +205,7 @@ def build_tensor_plan(compiled: Compiled) -> TensorPlan:
         reference = next((n for n in names if models[n].kind == CHECKPOINT), names[0])
         ref_tensors = next(iter(models[reference].parts.values())).tensors
         problems: list[str] = []
+        heads = set()  # output layers present in some models only
         for name, handle in models.items():
             for member, ck in handle.parts.items():
                 label = f"model {name!r}" + (f" member {member!r}" if member else "")
@@ -218,16 +222,23 @@ def build_tensor_plan(compiled: Compiled) -> TensorPlan:
                         problems.append(f"tensor {t!r} is {other.dtype} in {label} but "
                                         f"{info.dtype} in {reference!r}")
                 extra = [t for t in ck.tensors if t not in ref_tensors]
+                heads.update(t for t in ck.tensors.keys() ^ ref_tensors.keys() if _HEAD.search(t))
                 for t in extra:
                     problems.append(f"tensor {t!r} is in {label} but not in {reference!r}")
         if problems:
             shown = problems[:MAX_LISTED]
             more = len(problems) - len(shown)
             tail = f"\n  ... and {more} more" if more else ""
+            head = next((t for t in heads if any(repr(t) in p for p in problems)), None)
+            why = (f"\n  ({head!r} in some models only: a model whose config ties its output "
+                   "layer to its input embeddings (tie_word_embeddings) stores none, and "
+                   "tvrecipe does not stand the embeddings in for it (mergekit does): save "
+                   "the tied model with its output layer written out, or merge only tied "
+                   "models)") if head else ""
             raise InputError(
-                "the inputs' tensors do not line up:\n  " + "\n  ".join(shown) + tail +
-                "\n  (task arithmetic needs the same architecture in every input: check that "
-                "every model is a fine-tune of the same base)")
+                "the inputs' tensors do not line up:\n  " + "\n  ".join(shown) + tail + why +
+                "\n  (merging needs the same tensors in every input: check that every model "
+                "is a fine-tune of the same base)")
     except BaseException:
         for m in models.values():
             m.close()
