@@ -300,6 +300,34 @@ def test_dtype_names_as_mergekit_takes_them(make_models, cli, tmp_path):
             if t.is_floating_point()} == {torch.float16}
 
 
+def test_inputs_stored_in_different_float_dtypes_are_written_as_mergekit_promotes_them(
+        make_models, cli, tmp_path):
+    # Without dtype, mergekit adds the tensors as stored: float16 with bfloat16 promotes to
+    # float32, which it writes. tvrecipe would write the base's dtype (float16).
+    make_models(("math",), dtype=torch.float16)
+    make_models(("code",), dtype=torch.bfloat16, folder="other")
+    recipe = imported(cli, """
+        merge_method: task_arithmetic
+        base_model: ./ckpt/base
+        models:
+          - {model: ./ckpt/math, parameters: {weight: 0.5}}
+          - {model: ./other/code, parameters: {weight: 0.5}}
+    """)
+    assert recipe["outputs"]["model"]["dtype"] == "float32"
+    assert ("# dtype: the inputs are stored in BF16 and F16 and no dtype is given, so "
+            "mergekit's sums promote to float32") in (tmp_path / "r.yaml").read_text()
+    cli.ok("run", "r.yaml")
+    assert {t.dtype for t in read_tensors(tmp_path / "merged").values()
+            if t.is_floating_point()} == {torch.float32}
+    # one dtype throughout: the base's, as before
+    recipe = imported(cli, """
+        merge_method: task_arithmetic
+        base_model: ./ckpt/base
+        models: [{model: ./ckpt/math, parameters: {weight: 0.5}}]
+    """, "--force")
+    assert "dtype" not in recipe["outputs"]["model"]
+
+
 def two_layers(make_models) -> None:
     """A base and a fine-tune `math` whose config.json says they have 2 layers."""
     ms = make_models(("math",))

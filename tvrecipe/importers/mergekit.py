@@ -434,6 +434,25 @@ def _config(folder: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _float_dtypes(folders: list[Path]) -> set[str]:
+    """The floating dtypes (safetensors names) the tensors of these local models are stored
+    in, from their headers; a model that cannot be read counts for none."""
+    from tvrecipe.errors import TvrecipeError
+    from tvrecipe.store.checkpoint import open_checkpoint
+
+    found: set[str] = set()
+    for folder in folders:
+        try:
+            ck = open_checkpoint(folder)
+        except (OSError, ValueError, TvrecipeError):
+            continue
+        try:
+            found.update(i.dtype for i in ck.tensors.values() if i.is_floating)
+        finally:
+            ck.close()
+    return found
+
+
 def _layers(folder: Path) -> int | None:
     """A local model's number of layers, from its config.json (None if not known)."""
     config = _config(folder)
@@ -709,13 +728,25 @@ class _Writer:
             lines.append(f"  {'':<{width + 1}} # {comment}")
         out_dtype = imp.dtypes.get("out_dtype") or dtype
         out = {"from": "model", "path": self.output_path()}
+        note = "  # dtype: out_dtype, else dtype; files (config, tokenizer) from base_model"
+        if out_dtype is None:
+            # No dtype: mergekit adds the tensors as stored, and torch promotes a mix of
+            # float types (float16 with bfloat16 gives float32), where tvrecipe would write
+            # the base's dtype.
+            stored = _float_dtypes([imp.recipe.resolve().parent / m.path for m in models
+                                    if not m.path.startswith("hf://")])
+            if len(stored) > 1:
+                out_dtype = "float64" if "F64" in stored else "float32"
+                *rest, last = sorted(stored)
+                note = (f"  # dtype: the inputs are stored in {', '.join(rest)} and {last} "
+                        f"and no dtype is given, so mergekit's sums promote to {out_dtype}; "
+                        "files (config, tokenizer) from base_model")
         if out_dtype is not None:
             out["dtype"] = out_dtype
         if self.base is not None:
             out["copy_files_from"] = self.base.files
         elif self.models:
             out["copy_files_from"] = self.models[0].files
-        note = "  # dtype: out_dtype, else dtype; files (config, tokenizer) from base_model"
         lines += ["outputs:", f"  model: {_fmt(out)}{note}"]
         return "\n".join(lines) + "\n"
 
