@@ -549,6 +549,8 @@ def _digest_as_number(lock: str) -> str:
 @pytest.mark.parametrize("text, why", [
     ("- 1\n", "not a version-1 tvrecipe lock file"),
     ("a: [\n", "unreadable lock file (while parsing a flow node)"),
+    (b"lock_version: \xe9\n", ("unreadable lock file ('utf-8' codec can't decode byte 0xe9 in "
+                                "position 14: invalid continuation byte)")),
     # (a digest of digits alone, as YAML reads it unquoted: a number)
     (_digest_as_number, ("recipe.sha256 should be text, got 123456 (edited by hand, or "
                         "damaged)")),
@@ -564,7 +566,10 @@ def test_a_damaged_lock_is_replaced_by_run_force(cli, tmp_path, text, why):
     cli.write("r.yaml", simple())
     cli.ok("run", "r.yaml", "-q")
     lock = tmp_path / "r.yaml.lock"
-    lock.write_text(text if isinstance(text, str) else text(lock.read_text()))
+    if isinstance(text, bytes):  # (not UTF-8)
+        lock.write_bytes(text)
+    else:
+        lock.write_text(text if isinstance(text, str) else text(lock.read_text()))
     for command in (("run", "r.yaml"), ("verify", "r.yaml")):
         res = cli.fails(6, *command)
         assert res.err_lines[1:] == [(f"r.yaml.lock: {why}; `tvrecipe run --force` writes the "

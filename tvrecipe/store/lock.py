@@ -81,7 +81,7 @@ def read_lock(path: Path) -> dict[str, Any]:
         raise VerifyError(f"no lock file {path}; run `tvrecipe run` first to create it")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise VerifyError(f"{path}: unreadable lock file ({first}); `tvrecipe run --force` "
                           "writes the outputs and a new lock") from None
