@@ -267,7 +267,7 @@ def test_ctrl_c_while_committing_leaves_new_outputs_and_their_lock(cli, tmp_path
 
     with monkeypatch.context() as m:
         if where == "writing the lock":
-            m.setattr(lockfile, "write_run_lock", ctrl_c(lockfile.write_run_lock))
+            m.setattr(lockfile, "stage_run_lock", ctrl_c(lockfile.stage_run_lock))
         else:
             m.setattr(output_module.shutil, "rmtree", ctrl_c(output_module.shutil.rmtree))
         res = cli.fails(130, "run", "r.yaml", "--no-cache")
@@ -404,6 +404,36 @@ def test_full_disk_while_writing(cli, tmp_path, monkeypatch, budget):
     FullDisk.full = False
     cli.ok("run", "r.yaml")
     assert (tmp_path / "out" / "model" / "model.safetensors.index.json").is_file()
+
+
+def test_a_lock_that_cannot_be_written_replaces_no_output(cli, tmp_path, monkeypatch):
+    # The recipe's disk fills up between the check before the run and the lock: the lock is
+    # written (beside its place) before any output is renamed, so nothing is replaced and
+    # outputs and lock stay as they were.
+    from tvrecipe.exec import lockfile
+
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    cli.ok("run", "r.yaml", "-q")
+    before = snapshot(tmp_path / "out")
+    lock = (tmp_path / "r.yaml.lock").read_bytes()
+    cli.write("r.yaml", simple().replace("delta: tv}", "delta: tv, scale: 0.5}"))
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(lockfile, "write_lock_temp", full)
+        res = cli.fails(4, "run", "r.yaml")
+    assert res.err_lines == ["tvrecipe: output error:", (
+        f"cannot write the lock file r.yaml.lock: No space left on device; check the space on "
+        f"its disk and the permissions of {tmp_path} (no output was replaced)")]
+    assert snapshot(tmp_path / "out") == before
+    assert (tmp_path / "r.yaml.lock").read_bytes() == lock
+    assert not list((tmp_path / "out").glob(".model.*"))
+    cli.ok("run", "r.yaml", "-q")  # space again: the run replaces the output, with its lock
+    cli.ok("verify", "r.yaml")
+    assert snapshot(tmp_path / "out") != before
 
 
 # ---- 3. permission denied -------------------------------------------------------------------

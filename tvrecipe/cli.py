@@ -446,12 +446,12 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     progress = not quiet and sys.stderr.isatty()
     cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
     if locked:  # the lock stays as it is; the outputs must match it
-        def committed(paths, digests, _where):
-            lockfile.remember_digests(paths, digests, memo)
+        def committed(_staged, digests, _where):
+            return lockfile.StagedLock(None, None, memo, digests)
     else:
-        def committed(paths, digests, where):
-            lockfile.write_run_lock(compiled, state, paths, memo, digests, where,
-                                    allow_nonfinite)
+        def committed(staged, digests, where):
+            return lockfile.stage_run_lock(compiled, state, staged, memo, digests, where,
+                                           allow_nonfinite)
     options = RunOptions(force=force, device=device, progress=progress,
                          allow_nonfinite=allow_nonfinite, cache=cache, keys=state["steps"],
                          state=state, replaceable=replaceable, cluster=cluster,

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from tvrecipe import __version__
-from tvrecipe.errors import InputError, MissingPackage, about
+from tvrecipe.errors import InputError, MissingPackage, OutputError, about
 from tvrecipe.plan.graph import VECTORS_INDEX, Compiled
 from tvrecipe.plan.keys import step_keys
 from tvrecipe.plan.tensors import needed_models
 from tvrecipe.store.checkpoint import open_checkpoint
-from tvrecipe.store.hashing import HashMemo, checkpoint_digest
-from tvrecipe.store.lock import diff_hashes, hash_tree, lock_path, read_lock, write_lock
+from tvrecipe.store.hashing import HashMemo, checkpoint_digest, sha256_file
+from tvrecipe.store.lock import diff_hashes, hash_tree, lock_path, read_lock, write_lock_temp
 from tvrecipe.store.output import empty_folder
 from tvrecipe.store.remote import RemotePath
 
@@ -217,33 +217,76 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
             "steps": {n: keys[n] for n in compiled.steps}}
 
 
-def write_run_lock(compiled: Compiled, state: dict[str, Any], outputs: dict[str, Path],
+class StagedLock:
+    """A run's lock, written beside the lock file before the outputs are renamed into place:
+    :meth:`commit` moves it there once they are, :meth:`discard` drops it when they are not
+    (so outputs and lock stay all old or all new, even on a full disk)."""
+
+    def __init__(self, tmp: Path | None, path: Path | None, memo: HashMemo,
+                 digests: dict[str, dict[str, str]] | None):
+        self.tmp, self.path, self.memo, self.digests = tmp, path, memo, digests
+
+    def commit(self, outputs: dict[str, Path]) -> None:
+        """The outputs are in place (``outputs``: their folders): the lock goes too, and the
+        memo learns the digests of their files, hashed as they were written (a memo that
+        cannot be saved is only slower)."""
+        if self.tmp is not None:
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+        remember_digests(outputs, self.digests, self.memo)
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
+def stage_run_lock(compiled: Compiled, state: dict[str, Any], staged: dict[str, Path],
                    memo: HashMemo | None = None,
                    digests: dict[str, dict[str, str]] | None = None,
                    where: dict[str, str] | None = None,
-                   allow_nonfinite: bool = False) -> Path:
-    """Write ``<recipe>.lock`` after a successful run.
+                   allow_nonfinite: bool = False) -> StagedLock:
+    """Write ``<recipe>.lock`` of a successful run to a temporary file beside it, before its
+    outputs are moved into place; :meth:`StagedLock.commit` then renames it.
 
     Args:
+        staged: Each output's staging folder (its files as they will be in place).
         digests: Per output, SHA-256 of files by path in its folder, hashed as they were
-            written: recorded in the memo so those files are not read again to hash them.
+            written (the other files, small ones such as the model card, are read here).
         where: Where the run computed (:func:`machine`, :func:`machines`); None: here, on
             the CPU.
         allow_nonfinite: The run let NaN or Inf in its inputs through: recorded (only then),
             so that ``verify --recompute`` lets them through too.
+
+    Raises:
+        OutputError: The lock cannot be written (a full or read-only disk): nothing is left.
     """
     memo = memo or hash_memo(compiled)
-    remember_digests(outputs, digests, memo)
+    known = digests or {}
+
+    def files(name: str, folder: Path) -> dict[str, str]:
+        out = {}
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                rel = str(p.relative_to(folder))
+                out[rel] = known.get(name, {}).get(rel) or sha256_file(p)
+        return out
+
     data = {**state,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
-                               "files": hash_tree(path, memo)}
-                        for name, path in sorted(outputs.items())},
+                               "files": files(name, folder)}
+                        for name, folder in sorted(staged.items())},
             "tool": tool_versions(), "machine": where or machine()}
     if allow_nonfinite:
         data["allow_nonfinite"] = True
     path = lock_path(compiled.loaded.path)
-    write_lock(path, data)
-    return path
+    try:
+        tmp = write_lock_temp(path, data)
+    except OSError as exc:
+        raise OutputError(f"cannot write the lock file {path}: "
+                          f"{exc.strerror or exc}; check the space on its disk and the "
+                          f"permissions of {path.resolve().parent} (no output was replaced)") from exc
+    return StagedLock(tmp, path, memo, digests)
 
 
 def remember_digests(folders: dict[str, Path], digests: dict[str, dict[str, str]] | None,

@@ -62,12 +62,14 @@ class RunOptions:
     # pass, which then neither reads nor computes them again (0: none; see Runner.carry).
     # Changes no byte of output.
     reuse_memory: int = 0
-    # Called with the output paths and their files' digests right after the outputs are
-    # renamed into place, in the same step that Ctrl-C cannot split (the CLI writes the lock).
-    # Also given where the run computed (lockfile.machine's record: the device, ``cpu`` or
-    # ``cuda (GPU name)``, and the CPU; a cluster run's names its workers'), for the lock.
+    # Called with the outputs' staging folders and their files' digests just before the
+    # outputs are renamed into place, in the same step that Ctrl-C cannot split; returns
+    # what to commit once they are in place, or to discard if they are not (the CLI stages
+    # the lock: lockfile.StagedLock). Also given where the run computed (lockfile.machine's
+    # record: the device, ``cpu`` or ``cuda (GPU name)``, and the CPU; a cluster run's names
+    # its workers'), for the lock.
     committed: Callable[[dict[str, Path], dict[str, dict[str, str]], dict[str, str]],
-                        None] | None = None
+                        Any] | None = None
     # Called before anything is moved into place, with each output's staging folder and the
     # digests of its files hashed as written, and where the run computed; raising refuses
     # the outputs (run --locked: they must come out as the lock says).
@@ -107,9 +109,19 @@ def commit_outputs(outputs: dict[str, Output], options: RunOptions,
         options.check_staged({n: (o.folder.staging, o.digests) for n, o in outputs.items()},
                              where)
     with deferred_interrupts():
-        paths = {name: o.folder.commit() for name, o in outputs.items()}
-        if options.committed is not None:
-            options.committed(paths, {n: o.digests for n, o in outputs.items()}, where)
+        # (the lock is written first, beside its place: a disk that takes no lock stops the
+        # run here, with every previous output still in place)
+        lock = None if options.committed is None else options.committed(
+            {n: o.folder.staging for n, o in outputs.items()},
+            {n: o.digests for n, o in outputs.items()}, where)
+        try:
+            paths = {name: o.folder.commit() for name, o in outputs.items()}
+        except BaseException:
+            if lock is not None:
+                lock.discard()
+            raise
+        if lock is not None:
+            lock.commit(paths)
     return paths
 
 

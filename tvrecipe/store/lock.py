@@ -35,8 +35,11 @@ def _umask_mode() -> int:
 _FILE_MODE = _umask_mode()  # what open() would give a new file: 0644 under the usual umask
 
 
-def write_lock(path: Path, data: dict[str, Any]) -> None:
-    """Write the lock atomically (temp + rename), keys sorted, so reruns give the same bytes."""
+def write_lock_temp(path: Path, data: dict[str, Any]) -> Path:
+    """Write the lock ``path`` will hold to a temporary file beside it (keys sorted, so reruns
+    give the same bytes), and return that file: renaming it into place then needs no space
+    (a full disk stops the writing, before anything is replaced). Nothing is left behind
+    when the writing fails."""
     text = yaml.safe_dump({"lock_version": LOCK_VERSION, **data}, sort_keys=True,
                           default_flow_style=False, allow_unicode=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,10 +49,12 @@ def write_lock(path: Path, data: dict[str, Any]) -> None:
             os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
 
 
 def check_writable(path: Path) -> None:
