@@ -72,6 +72,27 @@ def test_verify_fails_after_one_byte_changes(tmp_path):
     assert "./out/model.safetensors: content differs from the lock" in res.output
 
 
+def test_verify_recompute_hashes_the_inputs_in_full(tmp_path):
+    # An input edited in place with its size, inode and mtime kept (rsync --inplace -t) is not
+    # seen by the memo, as documented; --recompute reads every input anyway, and hashes them
+    # in full, so it names the input instead of blaming the machine for other bytes.
+    import os
+    recipe = _make(tmp_path)
+    _cli("run", str(recipe), "-q")
+    f = tmp_path / "a" / "model.safetensors"
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x40
+    with open(f, "r+b") as h:
+        h.write(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_ino == st.st_ino and f.stat().st_size == st.st_size
+    assert _cli("verify", str(recipe)).exit_code == 0  # (the memo's limit)
+    res = _cli("verify", str(recipe), "--recompute")
+    assert res.exit_code == 6
+    assert "input 'a' (./a) changed: sha256 " in res.output
+
+
 def test_locked_refuses_changed_input_and_names_it(tmp_path):
     recipe = _make(tmp_path)
     _cli("run", str(recipe), "-q")
