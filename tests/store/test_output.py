@@ -265,6 +265,28 @@ def test_new_run_sweeps_staging_of_dead_runs_only(tmp_path):
     folder.abort()
 
 
+def test_new_run_sweeps_previous_outputs_moved_aside_by_dead_runs(tmp_path):
+    # A run SIGKILLed while replacing an output leaves the previous one moved aside (a full
+    # copy): after the swap, the next run removes it; between the two renames (no output in
+    # place), it goes back in place first, as the lock still describes it.
+    def aside(name: str, pid: int) -> Path:
+        path = tmp_path / f"{output._aside_prefix(name, pid)}abcd"
+        (path / name).mkdir(parents=True)
+        (path / name / "model.safetensors").write_bytes(b"previous " + name.encode())
+        return path
+
+    done, mid, live = aside("done", _dead_pid()), aside("mid", _dead_pid()), aside("done", os.getppid())
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "model.safetensors").write_bytes(b"new")
+    OutputFolder(tmp_path / "done", force=True).abort()
+    assert not done.exists() and live.exists()  # (a live run's is its own business)
+    assert (tmp_path / "done" / "model.safetensors").read_bytes() == b"new"
+    with pytest.raises(OutputError, match="exists; pass --force"):  # the previous one is back
+        OutputFolder(tmp_path / "mid")
+    assert not mid.exists()
+    assert (tmp_path / "mid" / "model.safetensors").read_bytes() == b"previous mid"
+
+
 def test_abort_all_removes_uncommitted_staging(tmp_path):
     a, b = OutputFolder(tmp_path / "a"), OutputFolder(tmp_path / "b")
     b.commit()

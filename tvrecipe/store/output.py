@@ -148,16 +148,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _aside_prefix(name: str, pid: int | None = None) -> str:
+    # (host and process, as a staging folder's: see _staging_prefix)
+    return f".{name}.old-{_HOST}-{os.getpid() if pid is None else pid}-"
+
+
+def _dead(prefix: str, path: Path) -> bool:
+    """Whether ``path`` (named ``prefix`` + PID + ``-``…) is a folder of a run on this host
+    that no longer exists."""
+    pid_text = path.name[len(prefix):].split("-", 1)[0]
+    return pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
+
+
 def _sweep_dead_staging(parent: Path, name: str) -> None:
-    """Removes staging folders for ``name`` left by runs on this host that no longer exist."""
-    prefix = _host_prefix(name)
+    """Removes the folders for output ``name`` left by runs on this host that no longer exist
+    (SIGKILL, a power cut): staging folders, and the folders a previous output was moved
+    aside into while a new one took its place. Where such a run died between those two
+    renames, its previous output goes back in place first (no output there, and the lock,
+    written after the renames, still describes that one)."""
+    staging, aside = _host_prefix(name), f".{name}.old-{_HOST}-"
     try:
-        entries = [p for p in parent.iterdir() if p.name.startswith(prefix)]
+        entries = [p for p in parent.iterdir() if p.name.startswith((staging, aside))]
     except OSError:
         return
     for path in entries:
-        pid_text = path.name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+        if path.name.startswith(staging):
+            if _dead(staging, path):
+                shutil.rmtree(path, ignore_errors=True)
+        elif _dead(aside, path):
+            kept, target = path / name, parent / name
+            if os.path.lexists(kept) and not os.path.lexists(target):
+                try:
+                    os.rename(kept, target)
+                except OSError:
+                    continue  # (kept where it is, rather than lost)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -222,14 +246,15 @@ class OutputFolder:
                     f"output {self.target} {relation} the input {p}; writing it could destroy "
                     "the input: choose an output path outside every input"
                 )
+        parent = self.target.parent
+        if os.path.isdir(parent):  # (first: a dead run's previous output may go back)
+            _sweep_dead_staging(parent, self.target.name)
         if os.path.lexists(self.target) and not force and not empty_folder(self.target):
             raise OutputError(f"output {self.target} exists; pass --force to replace it")
-        parent = self.target.parent
         # The folders made for it (out/, out/sub/): an aborted output removes them again.
         self._made = [p for p in (parent, *parent.parents) if not os.path.lexists(p)]
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            _sweep_dead_staging(parent, self.target.name)
             self.staging = _make_staging(parent, self.target.name)
         except OSError as exc:
             # The hint names the folder that refused the staging folder.
@@ -254,7 +279,8 @@ class OutputFolder:
             if os.path.lexists(self.target):
                 if not self.force and not empty_folder(self.target):
                     raise OutputError(f"output {self.target} exists; pass --force to replace it")
-                aside = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=parent))
+                aside = Path(tempfile.mkdtemp(prefix=_aside_prefix(self.target.name),
+                                              dir=parent))
                 os.rename(self.target, aside / self.target.name)
             try:
                 os.rename(self.staging, self.target)
