@@ -436,6 +436,31 @@ def test_a_lock_that_cannot_be_written_replaces_no_output(cli, tmp_path, monkeyp
     assert snapshot(tmp_path / "out") != before
 
 
+def test_ctrl_c_while_cache_entries_are_opened_leaves_no_temp_file(cli, tmp_path, monkeypatch):
+    base = base_weights(0)
+    for i, name in enumerate(("base", "a", "b")):
+        save_model(tmp_path / "ckpt" / name, base if name == "base" else finetune(base, i))
+    cli.write("r.yaml", FULL_RECIPE.replace(  # (two cached steps: sum and ties)
+        "  model: {op: apply", "  t: {op: ties, inputs: tv, density: 0.5}\n  model: {op: apply"
+        ) + "  t: {from: t, path: ./out/t}\n")
+    real = TensorCache.pending
+    opened = []
+
+    def pending(self, *args, **kwargs):
+        if opened:  # the second entry: Ctrl-C, the first one open
+            raise KeyboardInterrupt
+        opened.append(real(self, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(TensorCache, "pending", pending)
+    cli.fails(130, "run", "r.yaml")
+    assert opened and not opened[0].failed
+    cache = TensorCache(tmp_path / ".tvrecipe" / "cache")
+    assert cache.leftovers() == [] and cache.entries() == []
+    nothing_written(tmp_path)
+    nothing_written(tmp_path, "out/t")
+
+
 # ---- 3. permission denied -------------------------------------------------------------------
 
 

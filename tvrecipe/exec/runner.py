@@ -815,14 +815,15 @@ class Runner:
         if any(n in self._open_members for n in self.cached):
             self._recompile()
 
-    def _start_cache_entries(self, steps: list[CompiledStep],
-                             metadata: dict[str, str]) -> dict[str, PendingEntry]:
+    def _start_cache_entries(self, steps: list[CompiledStep], metadata: dict[str, str],
+                             entries: dict[str, PendingEntry]) -> None:
+        """Open the cache entries this run writes, into ``entries`` (the caller's, so that an
+        interrupt while opening them leaves every opened one there to abort)."""
         cache, keys = self.options.cache, self.options.keys
         if cache is None or keys is None:
-            return {}
+            return
         specs = [TensorSpec(t, st_dtype(self.compute), self.plan.tensors[t].shape)
                  for t in self.plan.floating]
-        entries = {}
         for step in steps:
             if step.spec.factored:
                 continue  # its kept states are written once the run has them (_commit_kept)
@@ -831,7 +832,6 @@ class Runner:
                 entries[step.name] = cache.pending(
                     keys[step.name], dict.fromkeys(slots, specs),
                     {**metadata, "tvrecipe.step": step.name, "tvrecipe.key": keys[step.name]})
-        return entries
 
     def _merge_pass(self, steps: list[CompiledStep], want: list[str],
                     outputs: dict[str, Output], pending: dict[str, PendingEntry]) -> int:
@@ -926,7 +926,7 @@ class Runner:
                 outputs[name] = Output(name, self.compiled, self.plan, self.options,
                                        st_dtype(self.compute), metadata)
             steps = self._to_compute([o.res.node for o in outputs.values()])
-            pending = self._start_cache_entries(steps, metadata)
+            self._start_cache_entries(steps, metadata, pending)
             want = sorted({o.res.node for o in outputs.values()} | set(pending))
             written = self._merge_pass(steps, want, outputs, pending)
             passes.append("merge")

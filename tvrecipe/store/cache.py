@@ -126,6 +126,9 @@ class PendingEntry:
                                                              digest="tensors", durable=False)
         except (OSError, OutputError) as exc:
             self._fail(_os_error(exc))
+        except BaseException:  # Ctrl-C while opening: no caller holds this entry to abort it
+            self.abort()
+            raise
 
     def _fail(self, exc: OSError) -> None:
         """A cache that cannot be written (read-only, full) costs the entry, not the run: the
