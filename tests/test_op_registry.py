@@ -335,3 +335,12 @@ def test_a_kernel_is_resolved_safely_from_several_threads_at_once(tmp_path, monk
     for t in threads:
         t.join()
     assert errors == [] and got == [42] * 8
+
+
+def test_the_reference_lists_the_values_a_choice_field_allows():
+    from tvrecipe.spec.reference import entry
+    lines = {line.split(" | ")[0]: line for name in ("ties", "prune", "cluster_basis")
+             for line in entry(ops()[name]).splitlines() if line.startswith("| `")}
+    assert lines["| `majority`"].endswith("One of `total`, `count`. |")
+    assert lines["| `by`"].endswith("Only `magnitude`. |")
+    assert "One of" not in lines["| `k`"]  # (an int or 'auto': its description says so)

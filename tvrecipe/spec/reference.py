@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -47,6 +48,18 @@ def _default(info: FieldInfo) -> str:
     return "`" + json.dumps(value, ensure_ascii=False) + "`"
 
 
+def _choices(annotation: Any) -> list[Any]:
+    """The values a ``Literal`` field (optional or not) allows; [] for any other (a union
+    with a number, such as ``k: int | 'auto'``, says its words in its description)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    if get_origin(annotation) in (Union, types.UnionType):
+        branches = [a for a in get_args(annotation) if a is not type(None)]
+        if all(get_origin(a) is Literal for a in branches):
+            return [v for a in branches for v in get_args(a)]
+    return []
+
+
 def _facts(cls: type[StepSpec]) -> list[str]:
     facts = [f"streams by {'rows' if cls.execution == ROWWISE else 'tensor'}"]
     if cls.whole_model:
@@ -75,6 +88,10 @@ def entry(cls: type[StepSpec]) -> str:
         desc: Any = info.description or ""
         if field in cls.accepts:
             desc = f"{desc} Takes {_kinds(cls.accepts[field])}.".strip()
+        choices = [f"`{c}`" for c in _choices(info.annotation)]
+        if choices:
+            desc = (f"{desc} " + (f"One of {', '.join(choices)}." if len(choices) > 1
+                                  else f"Only {choices[0]}.")).strip()
         desc = desc.replace("|", "\\|")  # a table cell
         lines.append(f"| `{field}` | {_default(info)} | {desc} |")
     return "\n".join(lines) + "\n"
