@@ -165,3 +165,8 @@ def test_the_cli_option_and_its_environment_variable(models, cli, monkeypatch):
     monkeypatch.setenv("TVRECIPE_REUSE_MEMORY", "2GB")
     cli.ok("run", path, "--no-cache", "--force", "-q")
     assert seen == [3 << 29, 0, 2_000_000_000]
+    monkeypatch.setenv("TVRECIPE_REUSE_MEMORY", "lots")  # the message says where it came from
+    res = cli.fails(2, "run", path, "--no-cache", "--force", "-q")
+    assert ("Invalid value for '--reuse-memory': invalid size 'lots': write a number of bytes "
+            "with an optional unit, such as 4096, 500MB, 2GB or 1.5GiB (from the environment "
+            "variable TVRECIPE_REUSE_MEMORY)") in res.stderr

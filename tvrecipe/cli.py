@@ -160,14 +160,19 @@ def _device_option(help_text: str):
     return click.option("--device", callback=_check_device, help=help_text)
 
 
-def _check_size(_ctx, _param, value: str) -> int:
+def _check_size(ctx, param, value: str) -> int:
+    from click.core import ParameterSource
+
     from tvrecipe.store.writer import parse_size
     if str(value).strip() == "0":
         return 0
     try:
         return parse_size(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        source = ctx.get_parameter_source(param.name)
+        where = (f" (from the environment variable {param.envvar})"
+                 if source == ParameterSource.ENVIRONMENT else "")
+        raise click.BadParameter(f"{exc}{where}") from None
 
 
 def _check_cluster(_ctx, _param, value: str | None) -> str | None:
@@ -367,7 +372,7 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
                    "pass takes them instead of reading and computing them again. Same bytes; "
                    "0 (the default) streams. Faster only where fresh memory costs less than "
                    "reading again: on the 2-core benchmark box it was slower (benchmarks/"
-                   "README.md).")
+                   "README.md). Also read from TVRECIPE_REUSE_MEMORY.")
 @handle_errors
 def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         report_path: str | None, cache_dir: str | None, no_cache: bool, locked: bool,
