@@ -93,7 +93,8 @@ def _text(compiled: Compiled, status: dict[str, str] | None = None) -> str:
         lines += ["", (f"tensors: {len(plan.tensors)} ({floating} floating) from model "
                       f"{plan.reference!r}; inputs: {', '.join(plan.models)}"),
                   (f"estimated peak working memory: {human(est['peak_bytes'])} (the tensors "
-                   "in flight, estimated from above; Python and torch add about 250 MB)")]
+                   "in flight, roughly; Python, torch and the run's buffers add about "
+                   "250-600 MB, the most where a step makes a whole-model pass first)")]
         for name, handle in plan.models.items():
             adapter = handle.parts.get("")
             covered = getattr(adapter, "covered", None)
