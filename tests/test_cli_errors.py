@@ -720,3 +720,21 @@ def test_a_value_not_of_its_form_names_the_field_and_the_form(cli, tmp_path):
         ("r.yaml:7:49: steps.tv.finetuned[1]: 'f t' is not a valid value of 'finetuned' (a name "
         "starts with a letter or '_' and uses letters, digits, '_' and '-'; a member is "
         "NAME.MEMBER)")]
+
+
+@pytest.mark.parametrize("cache_dir, message", [
+    ("out/model/cache", "the cache folder {root}/out/model/cache lies inside output 'model' "
+     "({root}/out/model), which a run replaces whole"),
+    ("out", "output 'model' ({root}/out/model) lies inside the cache folder {root}/out, which "
+     "holds the cache"),
+])
+def test_a_cache_folder_that_nests_with_an_output_is_refused(cli, tmp_path, cache_dir, message):
+    # (a cache inside an output made the run refuse the output it had just created, and
+    # --force then deleted the cache)
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    res = cli.fails(4, "run", "r.yaml", "--cache-dir", cache_dir)
+    assert res.err_lines[1:] == [message.format(root=tmp_path.resolve()) + (
+        ": choose a --cache-dir (or TVRECIPE_CACHE) outside every output (nothing was run)")]
+    assert not (tmp_path / "out").exists()
+    nothing_written(tmp_path)

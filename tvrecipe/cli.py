@@ -449,7 +449,11 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     from tvrecipe.report import render_reports
     from tvrecipe.store.cache import TensorCache
     progress = not quiet and sys.stderr.isatty()
-    cache = None if no_cache else TensorCache(_cache_root(compiled.loaded.root, cache_dir))
+    cache = None
+    if not no_cache:
+        root = _cache_root(compiled.loaded.root, cache_dir)
+        _cache_apart_from_outputs(compiled, root)
+        cache = TensorCache(root)
     if locked:  # the lock stays as it is; the outputs must match it
         def committed(_staged, digests, _where):
             return lockfile.StagedLock(None, None, memo, digests)
@@ -500,6 +504,24 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
              else "")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}{where}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
+
+
+def _cache_apart_from_outputs(compiled, root: Path) -> None:
+    """A cache folder inside an output (which a run replaces whole) or holding one (which
+    ``cache clear`` then refuses) is refused before anything runs."""
+    from tvrecipe.errors import OutputError
+    cache = root.resolve()
+    for name, (spec, _res) in compiled.outputs.items():
+        out = Path(compiled.loaded.resolve(spec.path)).resolve()
+        if out == cache or out in cache.parents or cache in out.parents:
+            inner, outer = (f"the cache folder {cache}", f"output {name!r} ({out})")
+            if cache in out.parents:
+                inner, outer = outer, inner
+            raise OutputError(f"{inner} lies inside {outer}, which "
+                              + ("a run replaces whole" if inner.startswith("the cache")
+                                 else "holds the cache")
+                              + ": choose a --cache-dir (or TVRECIPE_CACHE) outside every "
+                              "output (nothing was run)")
 
 
 @contextlib.contextmanager
