@@ -723,10 +723,10 @@ def test_a_value_not_of_its_form_names_the_field_and_the_form(cli, tmp_path):
 
 
 @pytest.mark.parametrize("cache_dir, message", [
-    ("out/model/cache", "the cache folder {root}/out/model/cache lies inside output 'model' "
-     "({root}/out/model), which a run replaces whole"),
-    ("out", "output 'model' ({root}/out/model) lies inside the cache folder {root}/out, which "
-     "holds the cache"),
+    ("out/model/cache", ("the cache folder {root}/out/model/cache lies inside output 'model' "
+     "({root}/out/model), which a run replaces whole")),
+    ("out", ("output 'model' ({root}/out/model) lies inside the cache folder {root}/out, which "
+     "holds the cache")),
 ])
 def test_a_cache_folder_that_nests_with_an_output_is_refused(cli, tmp_path, cache_dir, message):
     # (a cache inside an output made the run refuse the output it had just created, and
@@ -738,3 +738,29 @@ def test_a_cache_folder_that_nests_with_an_output_is_refused(cli, tmp_path, cach
         ": choose a --cache-dir (or TVRECIPE_CACHE) outside every output (nothing was run)")]
     assert not (tmp_path / "out").exists()
     nothing_written(tmp_path)
+
+
+def test_a_quoted_format_version_says_to_unquote_it(cli):
+    cli.write("r.yaml", 'tvrecipe: "1"\nmodels: {}\noutputs: {}\n')
+    assert cli.fails(2, "validate", "r.yaml").err_lines[1] == (
+        "r.yaml:1:1: tvrecipe: unsupported format version '1' (the version is a number: write "
+        "it without quotes, 'tvrecipe: 1')")
+
+
+def test_verify_of_a_lock_that_is_a_folder_says_so(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    (tmp_path / "r.yaml.lock").mkdir()
+    assert cli.fails(6, "verify", "r.yaml").err_lines[1:] == [
+        ("the lock file r.yaml.lock is a folder; remove it or move it away, then `tvrecipe run` "
+        "writes the lock")]
+
+
+def test_an_output_under_a_file_says_the_file_is_in_the_way(cli, tmp_path):
+    checkpoints(tmp_path)
+    cli.write("r.yaml", simple())
+    (tmp_path / "out").write_text("notes")
+    assert cli.fails(4, "run", "r.yaml").err_lines[1:] == [
+        (f"cannot write {tmp_path}/out: {tmp_path}/out is a file, not a folder; move that file "
+        "away or write the output elsewhere")]
+    assert (tmp_path / "out").read_text() == "notes"

@@ -260,8 +260,11 @@ def validate_data(data: Any, smap: SourceMap, problems: list[Problem]) -> Recipe
                                      "add 'tvrecipe: 1' as the first line"))
     elif isinstance(version, bool) or version not in SUPPORTED_VERSIONS:  # (true == 1)
         shown = str(version).lower() if isinstance(version, bool) else repr(version)
+        hint = ("this tvrecipe reads 'tvrecipe: 1'" if str(version) not in
+                {str(v) for v in SUPPORTED_VERSIONS} else
+                "the version is a number: write it without quotes, 'tvrecipe: 1'")
         problems.append(smap.problem(("tvrecipe",), f"unsupported format version {shown}",
-                                     "this tvrecipe reads 'tvrecipe: 1'"))
+                                     hint))
     valid: dict[str, dict] = {"models": {}, "steps": {}, "outputs": {}, "broken": {}}
     if "settings" in data and data["settings"] is not None:
         _validate(Settings, data["settings"], ("settings",), smap, problems)

@@ -82,6 +82,9 @@ def read_lock(path: Path) -> dict[str, Any]:
     Raises:
         VerifyError: it is missing, unreadable or of another version.
     """
+    if path.is_dir():
+        raise VerifyError(f"the lock file {path} is a folder; remove it or move it away, then "
+                          "`tvrecipe run` writes the lock")
     if not path.is_file():
         raise VerifyError(f"no lock file {path}; run `tvrecipe run` first to create it")
     try:

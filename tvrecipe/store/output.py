@@ -41,6 +41,12 @@ def output_oserror(exc: OSError, path: Path, folder: Path | None = None) -> Outp
         folder: The folder whose permissions to check (default: ``path``'s parent).
     """
     reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder must be
+        blocker = next((p for p in (path, *path.parents)
+                        if os.path.lexists(p) and not os.path.isdir(p)), None)
+        if blocker is not None:
+            return OutputError(f"cannot write {path}: {blocker} is a file, not a folder; "
+                               "move that file away or write the output elsewhere")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space on that disk or write the output elsewhere"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
