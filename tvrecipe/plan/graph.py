@@ -455,6 +455,19 @@ class _Compiler:
                              f"output path {out.path!r} is in tvrecipe's own folder {own} (its "
                              "cache and hash memo), which a run writes and replaces",
                              "write the output elsewhere")
+            for model, spec in recipe.models.items():  # (run checks again, through links)
+                place = self.loaded.resolve(spec.path)
+                if not isinstance(place, Path):
+                    continue  # a URL
+                where_in = str(place.resolve())
+                relation = ("is" if target == where_in else
+                            "is inside" if target.startswith(where_in + os.sep) else
+                            "contains" if where_in.startswith(target + os.sep) else None)
+                if relation is not None:
+                    self.problem(("outputs", name, "path"),
+                                 f"output path {out.path!r} {relation} the input {model!r} "
+                                 f"({spec.path}); writing it could destroy the input",
+                                 "choose an output path outside every input")
             if target in paths:
                 self.problem(("outputs", name, "path"),
                              f"output path {out.path!r} is also used by output {paths[target]!r}")
