@@ -242,6 +242,24 @@ def test_what_mergekit_ignores_is_left_out_and_said(make_models, cli):
     assert recipe["steps"] == {"model": {"op": "slerp", "a": "base", "b": "math", "t": 0.25}}
 
 
+def test_a_listed_base_models_own_parameters_are_said_to_weigh_nothing(make_models, cli):
+    # A task-vector method takes base_model as the origin: its parameters weigh nothing
+    # (mergekit and tvrecipe alike); the importer says so, as for other ignored settings.
+    make_models(("math",))
+    write(cli, "mk.yml", """\
+        merge_method: ties
+        base_model: ./ckpt/base
+        models:
+          - {model: ./ckpt/base, parameters: {weight: 0.8, density: 0.5}}
+          - {model: ./ckpt/math, parameters: {weight: 1, density: 0.5}}
+    """)
+    res = cli.ok("import", "mk.yml", "-o", "r.yaml")
+    assert res.err_lines == [
+        (f"note: mk.yml:4:{col}: models[0].parameters.{key}: ignored, as mergekit ignores it: "
+         f"ties merges the models' differences from base_model, so base_model's own {key!r} "
+         "weighs nothing") for key, col in (("weight", 39), ("density", 52))]
+
+
 @pytest.mark.parametrize("config, message", [
     (("merge_method: ties\nbase_model: ./ckpt/base\nmodels:\n"
      "  - {model: ./ckpt/math, parameters: {weight: 1, density: 0}}\n"),
@@ -410,6 +428,8 @@ def test_models_named_like_steps_or_listed_twice(make_models, cli):
           - {model: ./sparse_x, parameters: {weight: 1, density: 0.5}}
     """)
     assert list(recipe["models"]) == ["base", "model_2", "merged_2", "tv_2", "m_sparse_x"]
+    # (./merged, the default output, is an input here: the output takes the next free name)
+    assert recipe["outputs"]["model"]["path"] == "./merged_2"
     cli.ok("validate", "r.yaml")
     write(cli, "mk.yml", """\
         merge_method: task_arithmetic

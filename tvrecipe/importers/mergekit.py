@@ -416,6 +416,13 @@ class _Importer:
                                  "its parameters: " + ", ".join(sorted(allowed)))
                     continue
                 del params[key]
+        if base is not None and base.listed and method not in ("linear", "slerp"):
+            # (the task-vector methods take the base as the origin, never as an input)
+            for key in list(base.parameters):
+                self.ignore((*base.where, "parameters", key),
+                            f"{method} merges the models' differences from base_model, so "
+                            f"base_model's own {key!r} weighs nothing")
+                del base.parameters[key]
         if self.problems:
             raise RecipeError(self.problems)
         writer = _Writer(self, method, base, models, shared)
@@ -751,9 +758,20 @@ class _Writer:
         return "\n".join(lines) + "\n"
 
     def output_path(self) -> str:
-        if self.imp.output_path is None:
-            return "./merged"
-        return _beside(self.imp.recipe, Path(self.imp.output_path).expanduser())
+        if self.imp.output_path is not None:
+            return _beside(self.imp.recipe, Path(self.imp.output_path).expanduser())
+        # ./merged, or the first ./merged_N that is no input and overlaps none (a model
+        # folder may be called merged)
+        folder = self.imp.recipe.resolve().parent
+        inputs = [os.path.realpath(folder / p) for m in [*self.models, self.base] if m
+                  for p in (m.path, m.lora) if p and not p.startswith("hf://")]
+        for n in range(1, 1000):
+            name = "./merged" if n == 1 else f"./merged_{n}"
+            out = os.path.realpath(folder / name)
+            if not any(out == i or out.startswith(i + os.sep) or i.startswith(out + os.sep)
+                       for i in inputs):
+                return name
+        return "./merged"  # pragma: no cover
 
 
 def import_mergekit(config: str | Path, recipe: str | Path,
