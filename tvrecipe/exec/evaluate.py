@@ -18,7 +18,7 @@ from tvrecipe.ops.basis import ROW_ALIGN
 from tvrecipe.plan.graph import CompiledStep, Entry, Resolved
 from tvrecipe.spec.pertensor import value_at
 from tvrecipe.spec.registry import kernel
-from tvrecipe.store.checkpoint import BUFFERS
+from tvrecipe.store.checkpoint import is_buffer
 
 Value = Any  # Tensor | None | dict[str, Tensor | None] | dict[str, dict[str, Tensor | None]]
 
@@ -166,9 +166,9 @@ class TensorContext:
 
     def floating(self, value: Value) -> bool:
         """True for a floating-point tensor that is a weight: buffers (integer ones, and the
-        floating ones of :data:`~tvrecipe.store.checkpoint.BUFFERS`) are never merged."""
+        floating ones of :data:`tvrecipe.store.checkpoint.BUFFERS`) are never merged."""
         return (isinstance(value, torch.Tensor) and value.is_floating_point()
-                and not BUFFERS.search(self.tensor))
+                and not is_buffer(self.tensor))
 
     # ---- helpers ---------------------------------------------------------------------------
     def kernel(self, *args: Any, **kwargs: Any) -> Any:
