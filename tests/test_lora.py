@@ -318,6 +318,34 @@ def test_a_gpt2_adapter_output_factors_conv1d_layers_as_peft_applies_them(cli, t
             "where peft keeps the base's") in res.stdout
 
 
+def test_a_gpt2_adapter_with_conv1d_and_linear_layers_reads_back_as_written(cli, tmp_path):
+    # The config's fan_in_fan_out is one flag for the adapter; peft decides by each layer's
+    # type, and so does the reader where the base's config.json names the architecture: a
+    # Linear head beside Conv1D layers is not read transposed.
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=48, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                  num_labels=16, pad_token_id=0)
+    transformers.GPT2ForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    stored = load_file(str(tmp_path / "base" / "model.safetensors"))
+    gen = torch.Generator().manual_seed(5)
+    ft = {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in stored.items()}
+    (tmp_path / "ft").mkdir()
+    from safetensors.torch import save_file
+    save_file(ft, str(tmp_path / "ft" / "model.safetensors"))
+    cli.write("out.yaml", OUT.replace("RANK", "rank: 48"))
+    cli.ok("run", "out.yaml", "-q")
+    assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text()
+                      )["fan_in_fan_out"] is True
+    cli.write("back.yaml", "tvrecipe: 1\nmodels:\n  base: ./base\n  ad: {path: ./out/adapter, "
+                           "kind: lora, base: base}\noutputs:\n  v: {from: ad, path: ./out/back}\n")
+    cli.ok("run", "back.yaml", "-q")
+    got = read_tensors(tmp_path / "out" / "back")
+    assert got["score.weight"].shape == (16, 16)  # (square: a transposed read would not fail)
+    for k, v in got.items():
+        if stored[k].dim() == 2:
+            torch.testing.assert_close(v, ft[k] - stored[k], rtol=0, atol=1e-5, msg=k)
+
+
 def test_an_adapter_output_is_stored_in_its_dtype(cli, tmp_path):
     finetuned(tmp_path)
     cli.write("f.yaml", OUT.replace("RANK", "rank: 3"))

@@ -273,7 +273,8 @@ class Output:
             self.sizes = dict.fromkeys(plan.floating, 0)  # the factors' bytes come at close
             # (GPT-2's Conv1D layers, known by the base's architecture, get peft's
             # fan_in_fan_out factors)
-            arch = model_config(self.compiled, vector_base(self.compiled, res.node))
+            arch = model_config(self.compiled,
+                                spec.base or vector_base(self.compiled, res.node))
             self.writers[""] = AdapterWriter(
                 self.folder.staging, {t: plan.tensors[t].shape for t in plan.floating},
                 rank, energy, base, meta, full_base=full, dtype=stored,

@@ -301,7 +301,7 @@ class Runner:
             got = {}
             for slot, ck in slots.items():
                 info = ck.tensors.get(tensor)
-                if info is None:
+                if info is None or not info.is_floating:  # (a buffer: 0.2.1 cached some)
                     got[slot] = None
                     continue
                 t = ck.get(tensor, span, empty=self._into(None))

@@ -457,6 +457,7 @@ class _Compiler:
                              "write the output elsewhere")
             for model, spec in recipe.models.items():  # (run checks again, through links)
                 place = self.loaded.resolve(spec.path)
+                place = getattr(place, "local", place)  # (a file:// URL: its local path)
                 if not isinstance(place, Path):
                     continue  # a URL
                 where_in = str(place.resolve())

@@ -36,8 +36,8 @@ class ApplyStep(StepSpec):
 
     def evaluate(self, ctx: Any) -> Any:
         base, delta = ctx.one("base"), ctx.one("delta")
-        if delta is None or not base.is_floating_point():
-            return base  # integer buffers are copied from the base
+        if delta is None or not ctx.floating(base):
+            return base  # buffers (integer, or rebuilt from the config) are the base's
         # (A base read as stored, 16-bit, is added piece by piece into the delta.)
         out = ctx.scratch(ctx.node("delta"), delta, [base] if base.dtype == delta.dtype else [])
         if out is None:

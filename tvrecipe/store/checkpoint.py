@@ -141,17 +141,18 @@ class TensorInfo:
 
 
 # Floating buffers that older transformers saved beside the weights and that a model rebuilds
-# from its config: rotary embeddings' inverse frequencies, GPT-2's causal mask and its fill
-# value. They are no weights: merged as weights, a weighted sum that does not add up to 1
+# from its config: rotary embeddings' inverse frequencies (``rotary_emb.inv_freq``,
+# ChatGLM's ``rotary_pos_emb.inv_freq``), the attention masks' fill values (``masked_bias``:
+# GPT-2, GPT-Neo, GPT-NeoX) and GPT-2's causal masks (``attn.bias``, ``crossattention.bias``). They are no weights: merged as weights, a weighted sum that does not add up to 1
 # would scale them. mergekit leaves them out of its output; tvrecipe keeps the reference
 # model's, unchanged.
-BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+BUFFERS = re.compile(r"(^|\.)(inv_freq|masked_bias|(attn|crossattention)\.bias)$")
 
 
 def is_buffer(name: str) -> bool:
     """Whether tensor ``name`` is one of :data:`BUFFERS` (the engine asks for every tensor
     and block: the suffix test first, a tenth of the pattern's time)."""
-    return name.endswith(("inv_freq", "attn.bias", "attn.masked_bias")) and bool(
+    return name.endswith(("inv_freq", "masked_bias", "attn.bias", "crossattention.bias")) and bool(
         BUFFERS.search(name))
 
 

@@ -152,6 +152,9 @@ class LoraAdapter:
 
     def _map(self, config: dict) -> None:
         fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        # As peft decides: by the layer's type where the base's architecture says it (a
+        # GPT-2's Conv1D layers transposed, its Linear ones not), else by the config's flag.
+        conv1d = conv1d_layers(_model_type(self.base))
         rslora = bool(config.get("use_rslora"))
         names = list(self.adapter.tensors)
         modules: dict[str, dict[str, str]] = {}
@@ -232,7 +235,7 @@ class LoraAdapter:
                 raise InputError(f"{self.path}: module {module!r} has factors of dtype "
                                  f"{'/'.join(sorted(dtypes))}; LoRA factors are floating "
                                  "point (F16, BF16, F32, F64)")
-            transposed = embedding or fan_in_fan_out
+            transposed = embedding or (conv1d(tensor) if conv1d is not None else fan_in_fan_out)
             product = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
             if b_shape[1] != r or tuple(info.shape) != product:
                 raise InputError(f"{self.path}: module {module!r}: factors {list(b_shape)} x "
@@ -332,6 +335,18 @@ _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|wte|wpe|"
 # same names for plain Linear layers, so the name alone does not tell.)
 _CONV1D_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 _CONV1D_LAYER = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+
+
+def _model_type(checkpoint: Checkpoint) -> object:
+    """The ``model_type`` in the config.json beside a local checkpoint; None if none."""
+    path = getattr(checkpoint, "path", None)
+    if not isinstance(path, Path):
+        return None
+    try:
+        folder = path if path.is_dir() else path.parent
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def conv1d_layers(model_type: object):
@@ -498,7 +513,8 @@ class AdapterWriter:
         writer.close()
         self.sha256[writer.path] = writer.sha256
         total = (self._sq_err ** 0.5 / self._sq_norm ** 0.5) if self._sq_norm else 0.0
-        whole = self._sq_norm + self._sq_left
+        whole = self._sq_norm + self._sq_left + sum(  # (and what is saved whole, exactly)
+            self._sq_full[n] for m in saved_modules for n in saved[m])
         self.summary = {"format": "peft", "tensors": self.report, "relative_error": total,
                         "left_out": sorted(self.skipped), "modules": len(self.ranks),
                         "left_out_share": (self._sq_left / whole) ** 0.5 if whole else 0.0,
