@@ -231,9 +231,10 @@ def test_bad_adapters_are_located_errors_and_write_nothing(cli, tmp_path):
 # ---- out: a vector written as a peft adapter -----------------------------------------------
 
 
-def finetuned(tmp_path, scale: float = 0.02):
-    """A base (tiny Llama, saved by transformers) and a dense fine-tune of it."""
-    base = llama()
+def finetuned(tmp_path, scale: float = 0.02, model=llama):
+    """A base (tiny Llama unless ``model`` makes another, saved by transformers) and a dense
+    fine-tune of it."""
+    base = model()
     base.save_pretrained(tmp_path / "base")
     stored = load_file(str(tmp_path / "base" / "model.safetensors"))
     gen = torch.Generator().manual_seed(5)
@@ -289,14 +290,7 @@ def test_a_gpt2_adapter_output_factors_conv1d_layers_as_peft_applies_them(cli, t
     # GPT-2's Conv1D layers store W as (in, out); peft adapts them with fan_in_fan_out,
     # ΔW = (B·A)ᵀ. Plain factors would not load where W is not square (c_attn, c_fc) and
     # would be applied transposed where it is (attn.c_proj).
-    base = gpt2()
-    base.save_pretrained(tmp_path / "base")
-    stored = load_file(str(tmp_path / "base" / "model.safetensors"))
-    gen = torch.Generator().manual_seed(5)
-    ft = {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in stored.items()}
-    (tmp_path / "ft").mkdir()
-    from safetensors.torch import save_file
-    save_file(ft, str(tmp_path / "ft" / "model.safetensors"))
+    _base, stored, ft = finetuned(tmp_path, model=gpt2)
     # (the vocabulary is 48, so every full-rank delta is kept exactly at rank 48)
     cli.write("out.yaml", OUT.replace("RANK", "rank: 48"))
     res = cli.ok("run", "out.yaml")
@@ -322,16 +316,13 @@ def test_a_gpt2_adapter_with_conv1d_and_linear_layers_reads_back_as_written(cli,
     # The config's fan_in_fan_out is one flag for the adapter; peft decides by each layer's
     # type, and so does the reader where the base's config.json names the architecture: a
     # Linear head beside Conv1D layers is not read transposed.
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=48, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-                                  num_labels=16, pad_token_id=0)
-    transformers.GPT2ForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
-    stored = load_file(str(tmp_path / "base" / "model.safetensors"))
-    gen = torch.Generator().manual_seed(5)
-    ft = {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in stored.items()}
-    (tmp_path / "ft").mkdir()
-    from safetensors.torch import save_file
-    save_file(ft, str(tmp_path / "ft" / "model.safetensors"))
+    def classifier():
+        torch.manual_seed(0)
+        return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+            vocab_size=48, n_embd=16, n_layer=1, n_head=2, n_positions=32, num_labels=16,
+            pad_token_id=0))
+
+    _base, stored, ft = finetuned(tmp_path, model=classifier)
     cli.write("out.yaml", OUT.replace("RANK", "rank: 48"))
     cli.ok("run", "out.yaml", "-q")
     assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text()
