@@ -510,12 +510,14 @@ def _cache_apart_from_outputs(compiled, root: Path) -> None:
     """A cache folder inside an output (which a run replaces whole) or holding one (which
     ``cache clear`` then refuses) is refused before anything runs."""
     from tvrecipe.errors import OutputError
+    from tvrecipe.store.output import overlap
     cache = root.resolve()
     for name, (spec, _res) in compiled.outputs.items():
         out = Path(compiled.loaded.resolve(spec.path)).resolve()
-        if out == cache or out in cache.parents or cache in out.parents:
+        relation = overlap(cache, out)
+        if relation is not None:
             inner, outer = (f"the cache folder {cache}", f"output {name!r} ({out})")
-            if cache in out.parents:
+            if relation == "contains":
                 inner, outer = outer, inner
             raise OutputError(f"{inner} lies inside {outer}, which "
                               + ("a run replaces whole" if inner.startswith("the cache")
@@ -554,6 +556,7 @@ def _check_side_file(compiled, path: str, option: str) -> None:
     tvrecipe's own folder: it would overwrite them (OutputError, before anything runs)."""
     from tvrecipe.errors import OutputError
     from tvrecipe.store.lock import lock_path
+    from tvrecipe.store.output import overlap
     target = Path(path).resolve()
     if not target.parent.is_dir():
         raise OutputError(f"{option} {path}: folder {Path(path).parent} does not exist; create "
@@ -569,7 +572,7 @@ def _check_side_file(compiled, path: str, option: str) -> None:
         if where is None:
             continue
         where = Path(where).resolve()
-        if target == where or where in target.parents:
+        if overlap(target, where) in ("is", "is inside"):
             raise OutputError(f"{option} {path} would overwrite {what} ({where}); write it "
                               "elsewhere")
 

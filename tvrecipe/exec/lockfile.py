@@ -15,7 +15,7 @@ from tvrecipe.plan.graph import VECTORS_INDEX, Compiled
 from tvrecipe.plan.keys import step_keys
 from tvrecipe.plan.tensors import needed_models
 from tvrecipe.store.checkpoint import open_checkpoint
-from tvrecipe.store.hashing import HashMemo, checkpoint_digest, sha256_file
+from tvrecipe.store.hashing import HashMemo, checkpoint_digest
 from tvrecipe.store.lock import diff_hashes, hash_tree, lock_path, read_lock, write_lock_temp
 from tvrecipe.store.output import empty_folder
 from tvrecipe.store.remote import RemotePath
@@ -263,18 +263,9 @@ def stage_run_lock(compiled: Compiled, state: dict[str, Any], staged: dict[str, 
     """
     memo = memo or hash_memo(compiled)
     known = digests or {}
-
-    def files(name: str, folder: Path) -> dict[str, str]:
-        out = {}
-        for p in sorted(folder.rglob("*")):
-            if p.is_file():
-                rel = str(p.relative_to(folder))
-                out[rel] = known.get(name, {}).get(rel) or sha256_file(p)
-        return out
-
     data = {**state,
             "outputs": {name: {"path": compiled.outputs[name][0].path,
-                               "files": files(name, folder)}
+                               "files": hash_tree(folder, known=known.get(name))}
                         for name, folder in sorted(staged.items())},
             "tool": tool_versions(), "machine": where or machine()}
     if allow_nonfinite:

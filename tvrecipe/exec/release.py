@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from tvrecipe import __version__
-from tvrecipe.errors import TvrecipeError, VerifyError
+from tvrecipe.errors import VerifyError
 from tvrecipe.plan.graph import Compiled
 from tvrecipe.store.lock import LOCK_VERSION
 from tvrecipe.store.remote import url_scheme
@@ -180,16 +180,11 @@ def vector_base(compiled: Compiled, node: str) -> str | None:
 
 def model_config(compiled: Compiled, model: str | None) -> dict[str, Any]:
     """A checkpoint model's config.json; {} when it has none that can be read."""
-    import json
+    from tvrecipe.store.checkpoint import folder_config
 
     if model is None or model not in compiled.models:
         return {}
-    try:
-        config = compiled.loaded.resolve(compiled.models[model].path) / "config.json"
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, AttributeError, TvrecipeError):  # unreadable, or unreachable
-        return {}
-    return data if isinstance(data, dict) else {}
+    return folder_config(compiled.loaded.resolve(compiled.models[model].path))
 
 
 def hub_id(compiled: Compiled, model: str | None) -> str | None:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tvrecipe.errors import Problem, RecipeError
+from tvrecipe.errors import Problem, RecipeError, TvrecipeError
 from tvrecipe.spec.load import did_you_mean
 from tvrecipe.spec.pertensor import GLOB_CHARS, is_rules
 from tvrecipe.spec.yamlsource import SourceMap, load_yaml
+from tvrecipe.store.checkpoint import folder_config, open_checkpoint
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class _Importer:
         tokenizer's vocabulary; tvrecipe copies the base's tokenizer and merges the rows as
         they are, which is the same only when every (local) model has the base's vocabulary."""
         folder = self.recipe.resolve().parent
-        sizes = {m.path: _config(folder / m.path).get("vocab_size") for m in models}
+        sizes = {m.path: folder_config(folder / m.path).get("vocab_size") for m in models}
         known = {p: v for p, v in sizes.items() if isinstance(v, int)}
         if len(set(known.values())) > 1:
             said = ", ".join(f"{p}: {v}" for p, v in known.items())
@@ -432,21 +433,9 @@ class _Importer:
         return text
 
 
-def _config(folder: Path) -> dict[str, Any]:
-    """A local model's config.json ({} if there is none, or it is not a JSON mapping)."""
-    try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _float_dtypes(folders: list[Path]) -> set[str]:
     """The floating dtypes (safetensors names) the tensors of these local models are stored
     in, from their headers; a model that cannot be read counts for none."""
-    from tvrecipe.errors import TvrecipeError
-    from tvrecipe.store.checkpoint import open_checkpoint
-
     found: set[str] = set()
     for folder in folders:
         try:
@@ -462,7 +451,7 @@ def _float_dtypes(folders: list[Path]) -> set[str]:
 
 def _layers(folder: Path) -> int | None:
     """A local model's number of layers, from its config.json (None if not known)."""
-    config = _config(folder)
+    config = folder_config(folder)
     found = [config[k] for k in _LAYER_KEYS if isinstance(config.get(k), int)]
     return found[0] if found else None
 
@@ -762,14 +751,14 @@ class _Writer:
             return _beside(self.imp.recipe, Path(self.imp.output_path).expanduser())
         # ./merged, or the first ./merged_N that is no input and overlaps none (a model
         # folder may be called merged)
+        from tvrecipe.store.output import overlap
+
         folder = self.imp.recipe.resolve().parent
-        inputs = [os.path.realpath(folder / p) for m in [*self.models, self.base] if m
+        inputs = [folder / p for m in [*self.models, self.base] if m
                   for p in (m.path, m.lora) if p and not p.startswith("hf://")]
         for n in range(1, 1000):
             name = "./merged" if n == 1 else f"./merged_{n}"
-            out = os.path.realpath(folder / name)
-            if not any(out == i or out.startswith(i + os.sep) or i.startswith(out + os.sep)
-                       for i in inputs):
+            if not any(overlap(folder / name, i) for i in inputs):
                 return name
         return "./merged"  # pragma: no cover
 

@@ -15,6 +15,7 @@ from tvrecipe.spec.kinds import CHECKPOINT, DECOMPOSITION, VECTOR, VECTORS, Valu
 from tvrecipe.spec.load import LoadedRecipe, did_you_mean, load_recipe
 from tvrecipe.spec.models import ModelSpec, OutputSpec, StepSpec
 from tvrecipe.spec.registry import ops
+from tvrecipe.store.output import overlap
 
 __all__ = ["CHECKPOINT", "DECOMPOSITION", "VECTOR", "VECTORS", "Compiled", "CompiledStep",
            "Entry", "Resolved", "TypeContext", "ValueType", "compile_recipe", "load_and_compile"]
@@ -450,7 +451,7 @@ class _Compiler:
                              did_you_mean(out.copy_files_from, recipe.models))
             target = str(self.loaded.resolve(out.path).resolve())
             own = str((self.loaded.root / ".tvrecipe").resolve())  # (a link: where it leads)
-            if target == own or target.startswith(own + os.sep):
+            if overlap(Path(target), Path(own)) in ("is", "is inside"):
                 self.problem(("outputs", name, "path"),
                              f"output path {out.path!r} is in tvrecipe's own folder {own} (its "
                              "cache and hash memo), which a run writes and replaces",
@@ -460,10 +461,7 @@ class _Compiler:
                 place = getattr(place, "local", place)  # (a file:// URL: its local path)
                 if not isinstance(place, Path):
                     continue  # a URL
-                where_in = str(place.resolve())
-                relation = ("is" if target == where_in else
-                            "is inside" if target.startswith(where_in + os.sep) else
-                            "contains" if where_in.startswith(target + os.sep) else None)
+                relation = overlap(Path(target), place)
                 if relation is not None:
                     self.problem(("outputs", name, "path"),
                                  f"output path {out.path!r} {relation} the input {model!r} "

@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from tvrecipe.errors import InputError, about
+from tvrecipe.errors import InputError, TvrecipeError, about
 from tvrecipe.store.remote import HEAD_BYTES, RemotePath, as_path
 
 if TYPE_CHECKING:
@@ -141,19 +141,30 @@ class TensorInfo:
 
 
 # Floating buffers that older transformers saved beside the weights and that a model rebuilds
-# from its config: rotary embeddings' inverse frequencies (``rotary_emb.inv_freq``,
-# ChatGLM's ``rotary_pos_emb.inv_freq``), the attention masks' fill values (``masked_bias``:
-# GPT-2, GPT-Neo, GPT-NeoX) and GPT-2's causal masks (``attn.bias``, ``crossattention.bias``). They are no weights: merged as weights, a weighted sum that does not add up to 1
-# would scale them. mergekit leaves them out of its output; tvrecipe keeps the reference
-# model's, unchanged.
-BUFFERS = re.compile(r"(^|\.)(inv_freq|masked_bias|(attn|crossattention)\.bias)$")
+# from its config, by the end of their names: rotary embeddings' inverse frequencies
+# (``rotary_emb.inv_freq``, ChatGLM's ``rotary_pos_emb.inv_freq``), the attention masks'
+# fill values (``masked_bias``: GPT-2, GPT-Neo, GPT-NeoX) and GPT-2's causal masks
+# (``attn.bias``, ``crossattention.bias``). They are no weights: merged as weights, a
+# weighted sum that does not add up to 1 would scale them. mergekit leaves them out of its
+# output; tvrecipe keeps the reference model's, unchanged.
+_BUFFER_ENDS = ("inv_freq", "masked_bias", "attn.bias", "crossattention.bias")
+BUFFERS = re.compile(r"(^|\.)(" + "|".join(map(re.escape, _BUFFER_ENDS)) + r")$")
 
 
 def is_buffer(name: str) -> bool:
     """Whether tensor ``name`` is one of :data:`BUFFERS` (the engine asks for every tensor
     and block: the suffix test first, a tenth of the pattern's time)."""
-    return name.endswith(("inv_freq", "masked_bias", "attn.bias", "crossattention.bias")) and bool(
-        BUFFERS.search(name))
+    return name.endswith(_BUFFER_ENDS) and bool(BUFFERS.search(name))
+
+
+def folder_config(folder: Path | RemotePath) -> dict:
+    """The config.json of a model folder as a mapping; {} when there is none that can be read
+    (or it is not a JSON object)."""
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TvrecipeError):  # unreadable, or unreachable
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _corrupt(file: Path | RemotePath, what: str) -> InputError:

@@ -20,10 +20,17 @@ def lock_path(recipe: Path) -> Path:
     return recipe.with_name(recipe.name + ".lock")
 
 
-def hash_tree(folder: Path, memo: HashMemo | None = None) -> dict[str, str]:
-    """SHA-256 of every file under ``folder``, by relative path (sorted)."""
-    return {str(p.relative_to(folder)): sha256_file(p, memo=memo)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+def hash_tree(folder: Path, memo: HashMemo | None = None,
+              known: dict[str, str] | None = None) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by relative path (sorted); ``known`` gives
+    the digests of files already hashed (as they were written), which are not read."""
+    known = known or {}
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(folder))
+            out[rel] = known.get(rel) or sha256_file(p, memo=memo)
+    return out
 
 
 def _umask_mode() -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tvrecipe.errors import InputError
-from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from tvrecipe.store.checkpoint import Checkpoint, TensorInfo, folder_config, open_checkpoint
 from tvrecipe.store.remote import RemotePath, as_path
 from tvrecipe.store.writer import RowBlocks
 
@@ -342,11 +342,7 @@ def _model_type(checkpoint: Checkpoint) -> object:
     path = getattr(checkpoint, "path", None)
     if not isinstance(path, Path):
         return None
-    try:
-        folder = path if path.is_dir() else path.parent
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return folder_config(path if path.is_dir() else path.parent).get("model_type")
 
 
 def conv1d_layers(model_type: object):

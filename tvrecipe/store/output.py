@@ -98,6 +98,14 @@ def _host_id() -> str:
 _HOST = _host_id()
 
 
+def overlap(path: Path, other: Path) -> str | None:
+    """Where ``path`` lies against ``other`` once both are resolved (links followed):
+    ``"is"``, ``"is inside"``, ``"contains"``, or None when neither holds the other."""
+    a, b = Path(path).resolve(), Path(other).resolve()
+    return ("is" if a == b else "is inside" if b in a.parents else
+            "contains" if a in b.parents else None)
+
+
 def empty_folder(path: Path) -> bool:
     """Whether ``path`` is a folder (not a link) with nothing in it: an output may replace it
     without --force, as there is nothing to lose (a checkout's ``mkdir -p out/model``)."""
@@ -238,16 +246,13 @@ class OutputFolder:
         self.target = Path(target)
         self.force = force
         self.committed = False
-        resolved = self.target.resolve()
         for p in protected:
             if isinstance(p, RemotePath):  # only a file:// URL can be where outputs go
                 p = p.local
                 if p is None:
                     continue
-            p_res = Path(p).resolve()
-            if resolved == p_res or p_res in resolved.parents or resolved in p_res.parents:
-                relation = "is inside" if p_res in resolved.parents else "is"
-                relation = "contains" if resolved in p_res.parents else relation
+            relation = overlap(self.target, p)
+            if relation is not None:
                 raise OutputError(
                     f"output {self.target} {relation} the input {p}; writing it could destroy "
                     "the input: choose an output path outside every input"
