@@ -654,12 +654,12 @@ def test_what_a_worker_does_not_see_is_said_as_such(models, address, cli, tmp_pa
 def test_a_killed_clients_staging_folder_goes_with_the_next_run(models, address, cli, tmp_path):
     import subprocess
 
-    from tvrecipe.store.output import _staging_prefix
+    from tvrecipe.store.output import staging_prefix
     recipe = write_recipe(tmp_path, models, *FAMILIES["model_stock"])
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # (a process id no process has now)
     parent = tmp_path / ".tvrecipe" / "cluster"
-    left = parent / f"{_staging_prefix('run', pid=gone.pid)}0123456789ab"
+    left = parent / f"{staging_prefix('run', pid=gone.pid)}0123456789ab"
     left.mkdir(parents=True)
     (left / "001-00000.bin").write_bytes(b"\0" * 1024)
     other = parent / ".run.tmp-otherhost-1-0123456789ab"  # another machine's: a day's grace

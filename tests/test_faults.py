@@ -436,6 +436,44 @@ def test_a_lock_that_cannot_be_written_replaces_no_output(cli, tmp_path, monkeyp
     assert snapshot(tmp_path / "out") != before
 
 
+def test_an_output_that_cannot_go_in_puts_the_others_back(cli, tmp_path, monkeypatch):
+    # Two outputs: the first is in place when the second's rename fails. The first one's
+    # previous folder goes back, so outputs and lock stay all old, and a rerun replaces both.
+    base = base_weights(0)
+    for i, name in enumerate(("base", "a", "b")):
+        save_model(tmp_path / "ckpt" / name, base if name == "base" else finetune(base, i))
+    cli.write("r.yaml", FULL_RECIPE)
+    cli.ok("run", "r.yaml", "-q")
+    before = {n: snapshot(tmp_path / "out" / n) for n in ("model", "vectors")}
+    lock = (tmp_path / "r.yaml.lock").read_bytes()
+    cli.write("r.yaml", FULL_RECIPE.replace("a: 0.5, b: 0.5", "a: 0.25, b: 0.5"))
+    real = os.rename
+    swapped = []
+
+    def rename(src, dst):
+        src, dst = Path(src), Path(dst)
+        if dst == tmp_path / "out" / "vectors" and ".tmp-" in src.name:
+            raise OSError(errno.EACCES, "Permission denied")
+        if dst == tmp_path / "out" / "model" and ".tmp-" in src.name:
+            swapped.append(dst)
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(output_module.os, "rename", rename)
+        res = cli.fails(4, "run", "r.yaml", "--force")
+    assert swapped  # (the model went in first, then came out again)
+    out = tmp_path / "out"
+    assert res.err_lines == ["tvrecipe: output error:", (
+        f"cannot write {out / 'vectors'}: Permission denied; check the permissions of {out} "
+        "or write the output elsewhere")]
+    assert {n: snapshot(tmp_path / "out" / n) for n in ("model", "vectors")} == before
+    assert (tmp_path / "r.yaml.lock").read_bytes() == lock
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model", "vectors"]
+    cli.ok("run", "r.yaml", "--force", "-q")
+    assert snapshot(tmp_path / "out" / "model") != before["model"]
+    cli.ok("verify", "r.yaml")
+
+
 def test_ctrl_c_while_cache_entries_are_opened_leaves_no_temp_file(cli, tmp_path, monkeypatch):
     base = base_weights(0)
     for i, name in enumerate(("base", "a", "b")):

@@ -377,7 +377,7 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
 def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         report_path: str | None, cache_dir: str | None, no_cache: bool, locked: bool,
         quiet: bool, cluster: str | None, reuse_memory: int) -> None:
-    """Run a recipe and write its outputs (atomically: all or nothing per output)."""
+    """Run a recipe and write its outputs (atomically: all or nothing)."""
     from tvrecipe.errors import VerifyError
     if cluster:
         from tvrecipe.exec.cluster_address import require_dask

@@ -253,9 +253,9 @@ def _dead_pid() -> int:
 
 def test_new_run_sweeps_staging_of_dead_runs_only(tmp_path):
     # A SIGKILLed run cannot clean up; the next run for the same output removes its folder.
-    dead = tmp_path / f"{output._staging_prefix('out', _dead_pid())}abcd"
-    live = tmp_path / f"{output._staging_prefix('out', os.getppid())}abcd"
-    other = tmp_path / f"{output._staging_prefix('other', _dead_pid())}abcd"
+    dead = tmp_path / f"{output.staging_prefix('out', _dead_pid())}abcd"
+    live = tmp_path / f"{output.staging_prefix('out', os.getppid())}abcd"
+    other = tmp_path / f"{output.staging_prefix('other', _dead_pid())}abcd"
     for p in (dead, live, other):
         p.mkdir()
         (p / "model.safetensors").write_bytes(b"partial")
@@ -293,3 +293,19 @@ def test_abort_all_removes_uncommitted_staging(tmp_path):
     OutputFolder.abort_all()
     assert not a.staging.exists() and (tmp_path / "b").is_dir()
     assert leftovers(tmp_path) == []
+
+
+def test_a_staged_lock_of_a_dead_run_is_removed_by_the_next_lock(tmp_path):
+    # A run SIGKILLed between writing its lock beside the lock file and renaming it leaves
+    # that file: the next lock written there removes it (a live run's stays).
+    from tvrecipe.store.lock import write_lock_temp
+
+    lock = tmp_path / "r.yaml.lock"
+    dead = tmp_path / f"{output.staging_prefix(lock.name, _dead_pid())}abcd.tmp"
+    live = tmp_path / f"{output.staging_prefix(lock.name, os.getppid())}abcd.tmp"
+    for path in (dead, live):
+        path.write_text("lock_version: 1\n")
+    tmp = write_lock_temp(lock, {"steps": {}})
+    assert tmp.name.startswith(output.staging_prefix(lock.name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, tmp.name])
+    assert tmp.read_text() == "lock_version: 1\nsteps: {}\n"

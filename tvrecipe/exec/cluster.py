@@ -691,17 +691,17 @@ class ClusterRunner(Runner):
             parent = Path(targets[0]).parent / ".tvrecipe-cluster"
         else:
             parent = self.compiled.loaded.root / ".tvrecipe" / "cluster"
-        from tvrecipe.store.output import _staging_prefix, _sweep_dead_staging
+        from tvrecipe.store.output import staging_prefix, sweep_dead_staging
         try:
             parent.mkdir(parents=True, exist_ok=True)
             # A killed client's folder: at once where it ran on this host (its process is
             # gone), else once a day old (another host's, or before 0.2.1: run-<id>).
-            _sweep_dead_staging(parent, "run")
+            sweep_dead_staging(parent, "run")
             for old in [*parent.glob("run-*"), *parent.glob(".run.tmp-*")]:
                 with contextlib.suppress(OSError):
                     if time.time() - old.stat().st_mtime > 86400:
                         shutil.rmtree(old, ignore_errors=True)
-            folder = parent / f"{_staging_prefix('run')}{self.run_id}"
+            folder = parent / f"{staging_prefix('run')}{self.run_id}"
             folder.mkdir()
         except OSError as exc:
             from tvrecipe.errors import OutputError

@@ -114,14 +114,26 @@ def commit_outputs(outputs: dict[str, Output], options: RunOptions,
         lock = None if options.committed is None else options.committed(
             {n: o.folder.staging for n, o in outputs.items()},
             {n: o.digests for n, o in outputs.items()}, where)
+        # Every output in place with its previous one kept aside, then the lock, then the
+        # previous ones go: one that cannot go in puts the others' previous outputs back.
+        swapped: list[Output] = []
         try:
-            paths = {name: o.folder.commit() for name, o in outputs.items()}
+            for o in outputs.values():
+                o.folder.swap()
+                swapped.append(o)
         except BaseException:
-            if lock is not None:
-                lock.discard()
+            try:
+                for o in reversed(swapped):
+                    o.folder.unswap()
+            finally:
+                if lock is not None:
+                    lock.discard()
             raise
+        paths = {name: o.folder.target for name, o in outputs.items()}
         if lock is not None:
             lock.commit(paths)
+        for o in swapped:
+            o.folder.finish()
     return paths
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from tvrecipe.errors import VerifyError
 from tvrecipe.store.hashing import HashMemo, sha256_file
+from tvrecipe.store.output import staging_prefix, sweep_dead_staging
 
 LOCK_VERSION = 1
 
@@ -49,7 +50,9 @@ def write_lock_temp(path: Path, data: dict[str, Any]) -> Path:
     when the writing fails."""
     text = yaml.safe_dump({"lock_version": LOCK_VERSION, **data}, sort_keys=True,
                           default_flow_style=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # (named by host and process, as staging folders are: a dead run's is removed here)
+    sweep_dead_staging(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=staging_prefix(path.name), suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); a lock is meant to be read and committed.
         if hasattr(os, "fchmod"):

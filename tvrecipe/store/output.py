@@ -122,7 +122,7 @@ def _host_prefix(name: str) -> str:
     return f".{name}.tmp-{_HOST}-"
 
 
-def _staging_prefix(name: str, pid: int | None = None) -> str:
+def staging_prefix(name: str, pid: int | None = None) -> str:
     # The host and process are in the name so a later run can tell a dead run's leftovers
     # (after SIGKILL or a power cut) from a live run's folder.
     return f"{_host_prefix(name)}{os.getpid() if pid is None else pid}-"
@@ -135,7 +135,7 @@ def _make_staging(parent: Path, name: str) -> Path:
     unregistered folder behind.
     """
     for _ in range(100):
-        path = parent / (_staging_prefix(name) + secrets.token_hex(4))
+        path = parent / (staging_prefix(name) + secrets.token_hex(4))
         _LIVE_STAGING.add(path)
         try:
             path.mkdir()  # default mode: the usual permissions of a new folder
@@ -163,7 +163,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _aside_prefix(name: str, pid: int | None = None) -> str:
-    # (host and process, as a staging folder's: see _staging_prefix)
+    # (host and process, as a staging folder's: see staging_prefix)
     return f".{name}.old-{_HOST}-{os.getpid() if pid is None else pid}-"
 
 
@@ -174,10 +174,10 @@ def _dead(prefix: str, path: Path) -> bool:
     return pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
 
 
-def _sweep_dead_staging(parent: Path, name: str) -> None:
+def sweep_dead_staging(parent: Path, name: str) -> None:
     """Removes the folders for output ``name`` left by runs on this host that no longer exist
-    (SIGKILL, a power cut): staging folders, and the folders a previous output was moved
-    aside into while a new one took its place. Where such a run died between those two
+    (SIGKILL, a power cut): staging folders (a staged lock file, for a lock), and the folders
+    a previous output was moved aside into while a new one took its place. Where such a run died between those two
     renames, its previous output goes back in place first (no output there, and the lock,
     written after the renames, still describes that one)."""
     staging, aside = _host_prefix(name), f".{name}.old-{_HOST}-"
@@ -188,7 +188,10 @@ def _sweep_dead_staging(parent: Path, name: str) -> None:
     for path in entries:
         if path.name.startswith(staging):
             if _dead(staging, path):
-                shutil.rmtree(path, ignore_errors=True)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:  # (a staged file: a lock)
+                    path.unlink(missing_ok=True)
         elif _dead(aside, path):
             kept, target = path / name, parent / name
             if os.path.lexists(kept) and not os.path.lexists(target):
@@ -246,6 +249,7 @@ class OutputFolder:
         self.target = Path(target)
         self.force = force
         self.committed = False
+        self._aside: Path | None = None  # the previous output, between swap() and finish()
         for p in protected:
             if isinstance(p, RemotePath):  # only a file:// URL can be where outputs go
                 p = p.local
@@ -259,7 +263,7 @@ class OutputFolder:
                 )
         parent = self.target.parent
         if os.path.isdir(parent):  # (first: a dead run's previous output may go back)
-            _sweep_dead_staging(parent, self.target.name)
+            sweep_dead_staging(parent, self.target.name)
         if os.path.lexists(self.target) and not force and not empty_folder(self.target):
             raise OutputError(f"output {self.target} exists; pass --force to replace it")
         # The folders made for it (out/, out/sub/): an aborted output removes them again.
@@ -281,6 +285,14 @@ class OutputFolder:
             OutputError: The rename failed (the previous output, if any, is left in place),
                 or the target appeared meanwhile and ``force`` is off.
         """
+        self.swap()
+        self.finish()
+        return self.target
+
+    def swap(self) -> Path:
+        """Puts the staged folder in place, keeping the previous output aside until
+        :meth:`finish` drops it or :meth:`unswap` puts it back (so that several outputs go in
+        all or none). Raises as :meth:`commit`."""
         if self.committed:
             return self.target
         parent = self.target.parent
@@ -302,11 +314,41 @@ class OutputFolder:
         except OSError as exc:
             raise output_oserror(exc, self.target) from exc
         self.committed = True
+        self._aside = aside
         _LIVE_STAGING.discard(self.staging)
         _fsync_dir(parent)
+        return self.target
+
+    def finish(self) -> None:
+        """After :meth:`swap`: the previous output, kept aside, goes."""
+        aside, self._aside = self._aside, None
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-        return self.target
+
+    def unswap(self) -> None:
+        """Undoes :meth:`swap` (another output could not go in): the new folder goes back
+        to staging, to be aborted, and the previous output, if any, back in place.
+
+        Raises:
+            OutputError: The previous output could not be put back (where it is is said).
+        """
+        if not self.committed:
+            return
+        aside, self._aside = self._aside, None
+        try:
+            _LIVE_STAGING.add(self.staging)
+            os.rename(self.target, self.staging)
+        except OSError as exc:
+            _LIVE_STAGING.discard(self.staging)
+            if aside is None:
+                return  # (the new output stays: there was nothing there before)
+            raise OutputError(
+                f"cannot put the previous {self.target} back: {exc.strerror or exc}; it was "
+                f"kept at {aside / self.target.name}: move it back by hand") from exc
+        self.committed = False
+        if aside is not None:
+            self._restore(aside, OSError("another output could not be written"))
+        _fsync_dir(self.target.parent)
 
     def _restore(self, aside: Path, exc: BaseException) -> None:
         # Put the previous output back before reporting, so a failure never loses it.
