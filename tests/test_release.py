@@ -83,9 +83,9 @@ def test_checkpoint_outputs_carry_card_pinned_recipe_and_lock_entry(make_models,
         assert entry["recipe"] == {"file": "tvrecipe.yaml", "sha256": sha(folder / "tvrecipe.yaml")}
         assert entry["built_from"] == {"file": "r.yaml", "sha256": sha(tmp_path / "r.yaml")}
         assert entry["output"] == name
-        # tvrecipe, torch and Python: the recipe's lock also records numpy and scikit-learn,
-        # which would make a rebuild's lock differ after an upgrade of either.
-        assert entry["tool"] == {k: main_lock["tool"][k] for k in ("tvrecipe", "torch", "python")}
+        # tvrecipe and torch: the recipe's lock also records numpy and scikit-learn,
+        # and Python, which would make a rebuild's lock differ after an upgrade of either.
+        assert entry["tool"] == {k: main_lock["tool"][k] for k in ("tvrecipe", "torch")}
         assert {"numpy", "scikit-learn"} <= set(main_lock["tool"])
         for m, e in entry["inputs"].items():
             assert e["sha256"] == main_lock["inputs"][m]["sha256"] == digests[m]
@@ -297,3 +297,149 @@ def test_a_rerun_after_a_change_writes_a_card_that_verifies(make_models, cli, tm
     assert new in pinned
     cli.ok("verify", "out/model", "--recompute")
     cli.ok("verify", "r.yaml")
+
+
+# ---- what a published folder carries (a user's audit, 2026-11-28) ----------------------------
+
+
+def test_the_base_files_a_release_must_not_carry_are_left_out_and_named(make_models, cli,
+                                                                         tmp_path):
+    # The base's weights in other formats (a merge would publish them unmerged), its own card
+    # and release files, its code and sub-folders are not copied; `run` names each, and why.
+    ms, _ = project(make_models, cli, OUTPUTS.replace("path: ./out/copy}",
+                                                      "path: ./out/copy, model_card: false}"))
+    base = ms.path("base")
+    for name in ("model.onnx", "64.tflite", "rust_model.ot", "pytorch_model.bin"):
+        (base / name).write_bytes(b"unmerged")
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# The base\n")
+    (base / "tvrecipe.lock").write_text("lock_version: 1\n")
+    (base / "modeling_x.py").write_text("import os\n")
+    (base / "tokenizer").mkdir()
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {
+        "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+    res = cli.ok("run", "r.yaml")
+    for name in ("model", "copy"):
+        files = sorted(p.name for p in (tmp_path / "out" / name).iterdir())
+        assert not {"model.onnx", "64.tflite", "rust_model.ot", "pytorch_model.bin",
+                    "modeling_x.py", "tokenizer"} & set(files)
+        assert ("README.md" in files) == (name == "model")  # (its own card, not the base's)
+        assert (tmp_path / "out" / name / "tvrecipe.lock").exists() == (name == "model")
+    lines = res.stdout.splitlines()
+    at = lines.index(f"wrote copy: {tmp_path / 'out' / 'copy'}")
+    assert lines[at + 1:at + 9] == [
+        "  left out 64.tflite: weights of base in another format, not the merged ones",
+        "  left out README.md: describes base, not this output",
+        "  left out model.onnx: weights of base in another format, not the merged ones",
+        ("  left out modeling_x.py: code: copy it yourself if you trust it; config.json's "
+         "auto_map needs it to load the model"),
+        "  left out pytorch_model.bin: weights of base in another format, not the merged ones",
+        "  left out rust_model.ot: weights of base in another format, not the merged ones",
+        "  left out tokenizer/: a folder: copy it yourself if the model needs it",
+        "  left out tvrecipe.lock: describes base, not this output"]
+    at = lines.index(f"wrote model: {tmp_path / 'out' / 'model'}")
+    assert not any("README.md" in line or "tvrecipe.lock" in line for line in lines[at:at + 8])
+    cli.ok("verify", "r.yaml")
+    cli.ok("verify", "out/model")
+
+
+def test_a_release_takes_the_base_license_and_names_no_local_folder(make_models, cli,
+                                                                     tmp_path):
+    ms, _ = project(make_models, cli, "  model: {from: model, path: ./out/model}\n")
+    base = ms.path("base")
+    (base / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\n"
+                                    "license_link: LICENSE\ntags: [x]\n---\n# Base\n")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path":
+                                                  "/home/alice/private/tiny-base"}))
+    # The models named by absolute paths: the release says where they are from the folder.
+    recipe = (tmp_path / "r.yaml").read_text().replace("./ckpt/", f"{tmp_path}/ckpt/")
+    cli.write("r.yaml", recipe)
+    cli.ok("run", "r.yaml", "-q")
+    out = tmp_path / "out" / "model"
+    card = (out / "README.md").read_text()
+    assert front_matter(card) == {"license": "other", "license_name": "tiny-license",
+                                  "license_link": "LICENSE", "library_name": "transformers",
+                                  "tags": ["merge", "tvrecipe", "task-vectors"]}
+    for name in ("README.md", "tvrecipe.yaml", "tvrecipe.lock", "config.json"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text and "/home/alice" not in text, name
+    assert yaml.safe_load((out / "tvrecipe.yaml").read_text())["models"]["base"]["path"] == \
+        "../../ckpt/base"
+    assert "_name_or_path" not in json.loads((out / "config.json").read_text())
+    # The license is the recipe's own when it says one; a change of the base's card is a
+    # change of the inputs (the card takes the license from it).
+    cli.ok("verify", "r.yaml")
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    res = cli.fails(6, "verify", "r.yaml")
+    assert "base" in res.stderr
+    cli.write("r.yaml", recipe.replace("path: ./out/model}", "path: ./out/model, model_card: "
+                                     "{license: other, license_name: mine, license_link: "
+                                     "https://example.org/l}}"))
+    cli.ok("run", "r.yaml", "-q")
+    assert front_matter((out / "README.md").read_text())["license_name"] == "mine"
+
+
+def test_the_card_names_the_merged_models_the_same_from_any_folder(make_models, cli, tmp_path,
+                                                                  monkeypatch):
+    # Hub ids from a Hugging Face cache folder's name and from _name_or_path (where it names
+    # no path beside the recipe); where the run starts from does not change the card.
+    ms = make_models(("math", "code"))
+    cache = tmp_path / "hub" / "models--org--math-ft" / "snapshots" / "abc123"
+    shutil.copytree(ms.path("math"), cache)
+    config = json.loads((ms.path("base") / "config.json").read_text())
+    (ms.path("base") / "config.json").write_text(json.dumps({**config,
+                                                             "_name_or_path": "org/base"}))
+    (ms.path("code") / "config.json").write_text(json.dumps({**config,
+                                                             "_name_or_path": "ckpt/code"}))
+    cli.write("r.yaml", """\
+        tvrecipe: 1
+        models: {base: ./ckpt/base, math: ./hub/models--org--math-ft/snapshots/abc123,
+                  code: ./ckpt/code}
+        steps:
+          m: {op: linear, inputs: [base, math, code]}
+        outputs:
+          model: {from: m, path: ./out/model}
+        """)
+    cli.ok("run", "r.yaml", "-q")
+    card = (tmp_path / "out" / "model" / "README.md").read_bytes()
+    assert front_matter(card.decode())["base_model"] == ["org/base", "org/math-ft"]
+    monkeypatch.chdir("/")
+    cli.ok("run", str(tmp_path / "r.yaml"), "-q", "--force")
+    assert (tmp_path / "out" / "model" / "README.md").read_bytes() == card
+    cli.ok("verify", str(tmp_path / "out" / "model"), "--recompute")
+
+
+def test_a_hub_download_of_a_release_verifies(make_models, cli, tmp_path):
+    # A Hub repository has a .gitattributes, and `hf download --local-dir` adds .cache/.
+    project(make_models, cli, "  model: {from: model, path: ./out/model}\n")
+    cli.ok("run", "r.yaml", "-q")
+    dl = tmp_path / "dl"
+    shutil.copytree(tmp_path / "out" / "model", dl)
+    (dl / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (dl / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (dl / ".cache" / "huggingface" / "download" / "model.safetensors.metadata").write_text("x")
+    cli.ok("verify", "dl")
+    (dl / "extra.json").write_text("{}")  # (a file that is not hidden still counts)
+    assert "dl/extra.json: not in the lock" in cli.fails(6, "verify", "dl").stderr
+
+
+def test_vector_files_say_their_format_and_sets_take_no_shard_size(make_models, cli, tmp_path):
+    from safetensors import safe_open
+
+    project(make_models, cli, "  vectors: {from: tv, path: ./out/vectors}\n"
+                              "  math: {from: tv.math, path: ./out/math, shard_size: 2000}\n")
+    cli.ok("run", "r.yaml", "-q")
+    files = [*(tmp_path / "out" / "vectors").glob("*.safetensors"),
+             *(tmp_path / "out" / "math").glob("*.safetensors")]
+    assert len(files) > 4
+    for f in files:
+        with safe_open(str(f), "pt") as g:
+            assert g.metadata()["format"] == "pt"
+    project(make_models, cli, "  vectors: {from: tv, path: ./out/vectors, shard_size: 2GB}\n",
+            name="s.yaml")
+    res = cli.fails(2, "validate", "s.yaml")
+    assert res.err_lines[1].endswith(
+        "outputs.vectors.shard_size: shard_size applies to checkpoint and vector outputs; 'tv' "
+        "is a vectors set, written one file per member (remove shard_size, or write members "
+        "one by one (from: tv.MEMBER), which are sharded)")

@@ -487,8 +487,11 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         return
     for text in render_reports(compiled, result.reports):
         click.echo(text)
+    from tvrecipe.exec.results import left_out_files
     for name, path in result.outputs.items():
         click.echo(f"wrote {name}: {path}")
+        for file, why in left_out_files(compiled, name).items():
+            click.echo(f"  left out {file}: {why}")
         adapter = result.output_reports.get(name)
         if adapter:
             ranks = [t["rank"] for t in adapter["tensors"].values() if t["rank"]]

@@ -192,8 +192,15 @@ def make_model_folder(root: Path) -> Path:
         "model.safetensors.index.json",
         "pytorch_model.bin",
         "x.gguf",
+        "model.onnx",
+        "model.onnx_data",
+        "64.tflite",
+        "rust_model.ot",
+        "flax_model.msgpack",
     ):
         (src / name).write_text("weights")
+    for name in ("README.md", "tvrecipe.yaml", "tvrecipe.lock"):  # (the model's own card)
+        (src / name).write_text("---\nlicense: mit\n---\n")
     (src / "modeling_custom.py").write_text("import os")
     (src / ".gitattributes").write_text("lfs")
     (src / "subdir").mkdir()
@@ -216,9 +223,15 @@ def test_copy_aux_files(tmp_path):
     assert (dest / "inner.json").read_text() == "config.json"
     assert not (dest / "inner.json").is_symlink()
     plan = plan_aux_files(src)
+    other = "weights of model in another format, not the merged ones"
+    card = "describes model, not this output"
     assert plan.skipped == {
         "leak.txt": f"symlink to {tmp_path / 'secret.txt'}, outside {src}",
-        "modeling_custom.py": "code file: copy it yourself if you trust it",
+        "modeling_custom.py": "code: copy it yourself if you trust it",
+        "subdir/": "a folder: copy it yourself if the model needs it",
+        **dict.fromkeys(["pytorch_model.bin", "x.gguf", "model.onnx", "model.onnx_data",
+                         "64.tflite", "rust_model.ot", "flax_model.msgpack"], other),
+        **dict.fromkeys(["README.md", "tvrecipe.yaml", "tvrecipe.lock"], card),
     }
 
 

@@ -36,8 +36,9 @@ PACKAGES = ("tvrecipe", "torch", "numpy", "scikit-learn")
 
 # What a released folder's own lock records: the versions the lock of a rebuild must repeat
 # byte for byte (numpy's and scikit-learn's stay in the recipe's lock, beside the machine, so
-# that another numpy does not make a rebuild of an unclustered merge differ).
-RELEASE_TOOLS = ("tvrecipe", "torch", "python")
+# that another numpy does not make a rebuild of an unclustered merge differ; Python's too,
+# which computes none of the bytes: a patch release must not fail a rebuild).
+RELEASE_TOOLS = ("tvrecipe", "torch")
 
 
 def tool_versions(names: tuple[str, ...] | None = None) -> dict[str, str]:
@@ -97,13 +98,6 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
     if locked_tools:
         lines.append(f"the lock was written by {locked_tools} and this is {tools}; another "
                      "version may compute an op differently: install the locked versions")
-    python = tool.get("python") if isinstance(tool, dict) else None
-    if here is not None and python and str(python) != platform.python_version():
-        # (the weights do not depend on it, but a checkpoint output's own lock records it)
-        lines.append(f"the lock was written under Python {python} and this is Python "
-                     f"{platform.python_version()}: a checkpoint output's tvrecipe.lock records "
-                     "the Python version, so that file differs (the weights do not depend on "
-                     f"it); recompute under Python {python} to repeat it")
     locked = lock.get("machine") if here else None
     if not (isinstance(locked, dict) and isinstance(locked.get("device"), str)
             and isinstance(locked.get("cpu"), str)):
@@ -202,12 +196,18 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
     # The non-weight files (config, tokenizer, ...) outputs copy from a model: not in its
     # hash (they change no tensor, and no step's key), but a change to them is a change to
     # those outputs.
-    for name in sorted(_copy_sources(compiled) & set(inputs)):
+    # (and the model card whose license a release takes)
+    from tvrecipe.exec.release import CARD_FILE, license_source
+    copied = _copy_sources(compiled)
+    carded = {license_source(compiled, o) for o in compiled.outputs} - {None}
+    for name in sorted((copied | carded) & set(inputs)):
         folder = compiled.loaded.resolve(compiled.models[name].path)
         if not isinstance(folder, Path) or not folder.is_dir():
             continue  # (a URL's are read as they are; a file has none)
         from tvrecipe.store.output import plan_aux_files
-        files = [folder / f for f in plan_aux_files(folder).copy]
+        files = [folder / f for f in plan_aux_files(folder).copy] if name in copied else []
+        if name in carded and (folder / CARD_FILE).is_file():
+            files = sorted([*files, folder / CARD_FILE])
         if files:
             inputs[name]["files_sha256"] = checkpoint_digest(files, memo=memo)
     keys = step_keys(compiled, digests)
@@ -428,7 +428,7 @@ def output_differences(compiled: Compiled, memo: HashMemo | None = None,
         if name not in locked:
             lines.append(f"output {name!r} is not in the lock")
             continue
-        got = hash_tree(target, memo) if target.is_dir() else {}
+        got = hash_tree(target, memo, hidden=False) if target.is_dir() else {}
         if not got:
             lines.append(f"output {name!r}: {label} is missing")
             continue

@@ -74,11 +74,15 @@ def needed_by(compiled: Compiled, output: str) -> tuple[list[str], list[str]]:
 
 
 def _relative(compiled: Compiled, path: str, folder: Path) -> str:
-    """A recipe's model path as seen from ``folder`` (absolute paths and URLs stay as they
-    are)."""
-    if url_scheme(path) is not None or Path(path).expanduser().is_absolute():
+    """A recipe's model path as seen from ``folder``, absolute and ``~`` paths too (a release
+    names no home folder or mount point); URLs stay as they are, and so does a path on
+    another drive, which has no relative form."""
+    if url_scheme(path) is not None:
         return path
-    rel = os.path.relpath(compiled.loaded.resolve(path), folder)
+    try:
+        rel = os.path.relpath(compiled.loaded.resolve(path), folder)
+    except ValueError:  # (Windows: another drive)
+        return path
     return PurePosixPath(Path(rel)).as_posix()
 
 
@@ -147,6 +151,18 @@ def _base_model_id(compiled: Compiled, output: str) -> str | None:
     return hub_id(compiled, base_model_of(compiled, compiled.outputs[output][1].node))
 
 
+def _merged_ids(compiled: Compiled, output: str) -> str | list[str] | None:
+    """The Hub ids of the checkpoints a checkpoint output is made of, its base first: one
+    id, or a list (how the Hub shows a merge's parents, as mergekit's cards list them)."""
+    ids = [i for i in [_base_model_id(compiled, output)] if i]
+    for m in needed_by(compiled, output)[0]:
+        if compiled.models[m].kind == "checkpoint":
+            i = hub_id(compiled, m)
+            if i and i not in ids:
+                ids.append(i)
+    return ids[0] if len(ids) == 1 else ids or None
+
+
 def vector_base_id(compiled: Compiled, node: str) -> str | None:
     """The Hub id of the checkpoint a vector's deltas are over (:func:`vector_base`), where
     its config.json names one."""
@@ -188,17 +204,70 @@ def model_config(compiled: Compiled, model: str | None) -> dict[str, Any]:
 
 
 def hub_id(compiled: Compiled, model: str | None) -> str | None:
-    """A checkpoint model's Hub id, from ``_name_or_path`` in its config.json."""
+    """A checkpoint model's Hub id: its ``hf://`` URL's repository, else the repository of
+    the Hugging Face cache folder it is in (``models--ORG--NAME/snapshots/REV``), else
+    ``_name_or_path`` in its config.json when that has the form of one and is no path from
+    a folder on the way to the model (not from where the run starts, nor the recipe: the
+    card must be the same bytes wherever the recipe is run from, and rebuilt)."""
     if model is None or model not in compiled.models:
         return None
     path = compiled.models[model].path
     hub = re.match(r"^hf://([A-Za-z0-9][\w.-]*/[\w.-]+?)(@[^/]*)?/?$", path)
     if hub:  # a Hub repository itself (not a dataset or a file in it)
         return hub[1]
+    where = compiled.loaded.resolve(path)
+    if isinstance(where, Path):
+        parts = where.parts
+        for i, part in enumerate(parts[:-2]):
+            cached = re.fullmatch(r"models--([A-Za-z0-9][\w.-]*?)--([\w.-]+)", part)
+            if cached and parts[i + 1] == "snapshots":
+                return f"{cached[1]}/{cached[2]}"
     name = model_config(compiled, model).get("_name_or_path", "")
-    if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists():
-        return name
-    return None
+    if not (isinstance(name, str) and _HUB_ID.match(name)) or not isinstance(where, Path):
+        return None
+    # (a path from a folder on the way to the model: where transformers saved it from)
+    folder = where.resolve()
+    if any(os.path.lexists(up / name) for up in (folder, *folder.parents)):
+        return None
+    return name
+
+
+_LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def license_source(compiled: Compiled, output: str) -> str | None:
+    """The model whose card's license a released output takes by default: the one it copies
+    files from (an adapter: its base); None for an output that writes no card."""
+    from tvrecipe.exec.results import copy_source, releases
+
+    if not releases(compiled, output):
+        return None
+    spec, res = compiled.outputs[output]
+    model = (spec.base or vector_base(compiled, res.node) if spec.format == "peft"
+             else copy_source(compiled, spec, res))
+    return model if model in compiled.models else None
+
+
+def base_license(compiled: Compiled, output: str) -> dict[str, str]:
+    """The license fields of the front matter of the README.md of :func:`license_source`: a
+    release under the base's license says so. {} when there is none."""
+    model = license_source(compiled, output)
+    if model is None:
+        return {}
+    folder = compiled.loaded.resolve(compiled.models[model].path)
+    try:
+        text = (folder / CARD_FILE).read_text(encoding="utf-8") if isinstance(folder, Path) \
+            else ""
+    except (OSError, UnicodeDecodeError):
+        return {}
+    match = re.match(r"---\r?\n(.*?)\r?\n---\r?\n", text, re.DOTALL)
+    try:
+        front = yaml.safe_load(match[1]) if match else None
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(front, dict) or not isinstance(front.get("license"), str):
+        return {}
+    return {k: front[k] for k in _LICENSE_KEYS if isinstance(front.get(k), str)}
 
 
 def _step_line(name: str, raw_step: dict[str, Any], compiled: Compiled) -> str:
@@ -223,11 +292,12 @@ def model_card(compiled: Compiled, output: str, recipe_text: str,
     adapter = spec.format == "peft"
     base = options.get("base_model") or (
         spec.base_model or vector_base_id(compiled, compiled.outputs[output][1].node)
-        if adapter else _base_model_id(compiled, output))
+        if adapter else _merged_ids(compiled, output))
     if base:
         front["base_model"] = base
-    if options.get("license"):
-        front["license"] = options["license"]
+    licensing = ({k: options[k] for k in _LICENSE_KEYS if options.get(k)}
+                 if options.get("license") else base_license(compiled, output))
+    front.update(licensing)
     library = options.get("library_name") or (
         "peft" if adapter else "transformers" if "config.json" in files else None)
     if library:
@@ -346,6 +416,6 @@ def folder_differences(folder: Path, locked: dict[str, str], label: str) -> list
     from tvrecipe.store.hashing import HashMemo
     from tvrecipe.store.lock import diff_hashes, hash_tree
 
-    got = hash_tree(folder, HashMemo(None)) if folder.is_dir() else {}
+    got = hash_tree(folder, HashMemo(None), hidden=False) if folder.is_dir() else {}
     got.pop(LOCK_FILE, None)
     return diff_hashes(locked, got, label)

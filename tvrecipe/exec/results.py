@@ -23,10 +23,12 @@ from tvrecipe.store.cache import TensorCache
 from tvrecipe.store.checkpoint import TensorInfo, dtype_size
 from tvrecipe.store.lora import AdapterError
 from tvrecipe.store.output import (
+    MODEL_CARD_FILES,
     OutputFolder,
     copy_aux_files,
     deferred_interrupts,
-    set_config_dtype,
+    fix_copied_config,
+    plan_aux_files,
 )
 from tvrecipe.store.writer import CheckpointWriter, SafetensorsStreamWriter, TensorSpec, parse_size
 
@@ -260,7 +262,7 @@ class Output:
             from tvrecipe.exec.release import model_config, vector_base, vector_base_id
             from tvrecipe.spec.models import RankEnergy
             from tvrecipe.spec.pertensor import value_at
-            from tvrecipe.store.lora import AdapterWriter, conv1d_layers
+            from tvrecipe.store.lora import AdapterWriter, conv1d_layers, peft_task_type
             rank: Any = None
             energy = spec.rank.energy if isinstance(spec.rank, RankEnergy) else None
             if isinstance(spec.rank, int):
@@ -274,7 +276,9 @@ class Output:
                         raise ExecutionError(f"output {output!r}, tensor {tensor!r}: rank: "
                                              f"{exc}; end the rules with a default "
                                              "{value: ...}") from None
-            base = spec.base_model or vector_base_id(self.compiled, res.node)
+            card = spec.model_card.base_model if hasattr(spec.model_card, "base_model") else None
+            base = (spec.base_model or (card[0] if isinstance(card, list) and card else card)
+                    or vector_base_id(self.compiled, res.node))
             full = None
             if spec.full_tensors == "save":
                 from tvrecipe.store.checkpoint import open_checkpoint
@@ -290,7 +294,7 @@ class Output:
             self.writers[""] = AdapterWriter(
                 self.folder.staging, {t: plan.tensors[t].shape for t in plan.floating},
                 rank, energy, base, meta, full_base=full, dtype=stored,
-                conv1d=conv1d_layers(arch.get("model_type")))
+                conv1d=conv1d_layers(arch.get("model_type")), task_type=peft_task_type(arch))
         else:
             dt = out_dtype or compute
             specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]
@@ -301,11 +305,11 @@ class Output:
                 if m:
                     self.writers[m] = SafetensorsStreamWriter(
                         self.folder.staging / f"{m}.safetensors", specs,
-                        {**meta, "tvrecipe.member": m})
+                        {**meta, "format": "pt", "tvrecipe.member": m})
                 else:
                     self.writers[m] = CheckpointWriter(self.folder.staging, specs,
                                                        shard_size=parse_size(spec.shard_size),
-                                                       metadata=meta)
+                                                       metadata={**meta, "format": "pt"})
 
     def write(self, tensor: str, info: TensorInfo, value: Any) -> int:
         written = 0
@@ -368,8 +372,8 @@ class Output:
             src = compiled.loaded.resolve(compiled.models[source].path)
             if src.is_dir():
                 copy_aux_files(src, self.folder.staging)
-                if self.kind == CHECKPOINT and self.spec.dtype:
-                    set_config_dtype(self.folder.staging, self.spec.dtype)
+                fix_copied_config(self.folder.staging,
+                                  self.spec.dtype if self.kind == CHECKPOINT else None)
         if releases(compiled, self.name):
             self._release(compiled)
 
@@ -389,6 +393,29 @@ def written_members(kind: str, info: TensorInfo, value: Any) -> list[tuple[str, 
     items = {"": value} if kind in (CHECKPOINT, VECTOR) else value
     return [(m, t) for m, t in items.items()
             if t is not None and (kind == CHECKPOINT or info.is_floating)]
+
+
+def left_out_files(compiled: Compiled, output: str) -> dict[str, str]:
+    """The files of the model an output copies files from that it leaves out, each with the
+    reason (weights in other formats, code, its model card, folders): what a run says, so
+    that a release does not lose them unseen. {} when it copies from no local folder."""
+    from tvrecipe.store.checkpoint import folder_config
+
+    spec, res = compiled.outputs[output]
+    source = copy_source(compiled, spec, res)
+    if source is None:
+        return {}
+    folder = compiled.loaded.resolve(compiled.models[source].path)
+    if not isinstance(folder, Path) or not folder.is_dir():
+        return {}
+    skipped = plan_aux_files(folder).skipped
+    if "auto_map" in folder_config(folder):  # (transformers loads the model through it)
+        skipped = {n: (f"{why}; config.json's auto_map needs it to load the model"
+                       if n.endswith(".py") else why) for n, why in skipped.items()}
+    if releases(compiled, output):  # (written anew)
+        for name in MODEL_CARD_FILES:
+            skipped.pop(name, None)
+    return skipped
 
 
 def copy_source(compiled: Compiled, spec: OutputSpec, res: Resolved) -> str | None:

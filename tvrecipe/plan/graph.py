@@ -439,6 +439,16 @@ class _Compiler:
                              f"a model card is written for checkpoint and `format: peft` "
                              f"outputs only, and {out.from_!r} is {what}",
                              "remove model_card: this output gets no card")
+            if (res is not None and "shard_size" in out.model_fields_set
+                    and (res.type.kind == VECTORS or out.format == "peft")):
+                what = ("a vectors set, written one file per member" if out.format != "peft"
+                        else "a peft adapter, written as one adapter_model.safetensors")
+                self.problem(("outputs", name, "shard_size"),
+                             f"shard_size applies to checkpoint and vector outputs; "
+                             f"{out.from_!r} is {what}",
+                             "remove shard_size" if out.format == "peft" else
+                             "remove shard_size, or write members one by one "
+                             f"(from: {out.from_}.MEMBER), which are sharded")
             if out.base is not None and (out.base not in recipe.models
                                          or recipe.models[out.base].kind != "checkpoint"):
                 self.problem(("outputs", name, "base"),

@@ -67,7 +67,9 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-_BRANCHES = {"int", "str", "float", "bool", "literal['auto']", "EnergyRank"}
+# (and the models a field takes besides a plain value: a union names its branch by class)
+_BRANCHES = {"int", "str", "float", "bool", "literal['auto']", "EnergyRank", "ModelCardSpec",
+             "RankEnergy"}
 
 
 def _branch_only(loc: tuple) -> bool:

@@ -318,7 +318,14 @@ class ModelCardSpec(Frozen):
                           "the base checkpoint's `_name_or_path` in its config.json, when that "
                           "is a Hub id.")
     license: str | None = Field(None, description="License id for the front matter, e.g. "
-                                                  "`apache-2.0`.")
+                                                  "`apache-2.0`, or `other` with "
+                                                  "`license_name` and `license_link`. Default: "
+                                                  "the base's, from its README.md's front "
+                                                  "matter.")
+    license_name: str | None = Field(None, description="With `license: other`: the license's "
+                                                       "short name, as the Hub takes it.")
+    license_link: str | None = Field(None, description="With `license: other`: the license "
+                                                       "file's name (`LICENSE`) or URL.")
     library_name: str | None = Field(
         None, description="Default: `transformers` when the folder has a config.json.")
     tags: list[str] = Field(default_factory=list,

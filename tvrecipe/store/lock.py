@@ -22,14 +22,19 @@ def lock_path(recipe: Path) -> Path:
 
 
 def hash_tree(folder: Path, memo: HashMemo | None = None,
-              known: dict[str, str] | None = None) -> dict[str, str]:
+              known: dict[str, str] | None = None, hidden: bool = True) -> dict[str, str]:
     """SHA-256 of every file under ``folder``, by relative path (sorted); ``known`` gives
-    the digests of files already hashed (as they were written), which are not read."""
+    the digests of files already hashed (as they were written), which are not read. Without
+    ``hidden``, files and folders whose name starts with a dot are left out: no output has
+    them, and verifying one must not fail on a `.gitattributes` or `.cache/` that a Hub
+    upload or download adds."""
     known = known or {}
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             rel = str(p.relative_to(folder))
+            if not hidden and any(part.startswith(".") for part in Path(rel).parts):
+                continue
             out[rel] = known.get(rel) or sha256_file(p, memo=memo)
     return out
 

@@ -29,7 +29,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # What this reader refuses, by adapter_config.json key: (value that is fine, what it is).
-_UNSUPPORTED = {"use_dora": (False, "DoRA"), "bias": ("none", "bias training"),
+# (``bias`` "lora_only" and "all" are read: peft saves those biases whole, base + delta.)
+_UNSUPPORTED = {"use_dora": (False, "DoRA"),
                 "lora_bias": (False, "LoRA bias terms"), "use_qalora": (False, "QA-LoRA"),
                 "target_parameters": (None, "LoRA on parameters"),
                 "trainable_token_indices": (None, "trainable tokens"),
@@ -353,6 +354,24 @@ def conv1d_layers(model_type: object):
     return lambda name: bool(_CONV1D_LAYER.search(name))
 
 
+# peft's task types by the head a transformers architecture names (config.json's
+# ``architectures``), which AutoPeftModel picks its auto class by.
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+               ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+               ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+
+
+def peft_task_type(config: dict) -> str | None:
+    """peft's ``task_type`` for a model of this config.json: by its architecture's head, an
+    encoder-decoder's ``ForConditionalGeneration`` a SEQ_2_SEQ_LM; None when it does not
+    tell (peft then loads the adapter with PeftModel, not AutoPeftModel)."""
+    names = config.get("architectures")
+    name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
+    if name.endswith("ForConditionalGeneration") and config.get("is_encoder_decoder") is True:
+        return "SEQ_2_SEQ_LM"
+    return next((task for head, task in _TASK_TYPES if name.endswith(head)), None)
+
+
 class AdapterError(ValueError):
     """The vector cannot be written as a peft adapter (a delta with NaN or Inf, which has no
     singular value decomposition, or no nonzero 2-D delta at all)."""
@@ -373,12 +392,14 @@ class AdapterWriter:
         rank: A rank for every tensor, or None with ``energy``.
         energy: Keep, per tensor, the fewest singular values holding this share of Σσ².
         base_model: ``base_model_name_or_path`` for the config.
+        task_type: peft's ``task_type`` for the config (:func:`peft_task_type`).
         metadata: safetensors header metadata (provenance).
     """
 
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], rank,
                  energy: float | None, base_model: str | None, metadata: dict[str, str],
-                 full_base: Checkpoint | None = None, dtype: str = "F32", conv1d=None):
+                 full_base: Checkpoint | None = None, dtype: str = "F32", conv1d=None,
+                 task_type: str | None = None):
         self.folder = Path(folder)
         self.conv1d = conv1d  # name -> whether it is a Conv1D weight, (in, out); or None
         self.fan_in_fan_out = False  # a Conv1D layer was adapted
@@ -388,6 +409,7 @@ class AdapterWriter:
         self.shapes = shapes
         self.rank, self.energy = rank, energy
         self.base_model = base_model
+        self.task_type = task_type
         self.metadata = metadata
         self.factors: dict[str, object] = {}
         self.ranks: dict[str, int] = {}
@@ -467,18 +489,27 @@ class AdapterWriter:
                 "no 2-D tensor of this vector is nonzero (is a fine-tune equal to its base?), "
                 "so the adapter would adapt no module, and peft cannot load that: write the "
                 "vector with format: safetensors")
-        # A module is saved whole (modules_to_save) when none of its tensors is a LoRA target:
-        # a Linear's bias beside its adapted weight is left out instead.
+        # A module is saved whole (modules_to_save) when none of its tensors is a LoRA target;
+        # a Linear's bias beside its adapted weight is saved as peft's bias "lora_only" saves
+        # it (`.base_layer.bias`, base + delta: peft loads it over the model's).
         saved: dict[str, list[str]] = {}
+        biases: list[str] = []  # of adapted modules
         for name in self.full:
             saved.setdefault(name.rsplit(".", 1)[0], []).append(name)
         for module, names in sorted(saved.items()):
             if module in self.ranks:
-                self.skipped.extend(names)
-                self._sq_left += sum(self._sq_full[name] for name in names)
+                for name in names:
+                    if name == f"{module}.bias":
+                        self.factors[f"base_model.model.{module}.base_layer.bias"] = \
+                            self.full[name].contiguous()
+                        biases.append(name)
+                    else:
+                        self.skipped.append(name)
+                        self._sq_left += self._sq_full[name]
                 continue
             for name in names:
                 self.factors[f"base_model.model.{name}"] = self.full[name].contiguous()
+        whole_names = [n for m in sorted(saved) if m not in self.ranks for n in saved[m]] + biases
         saved_modules = sorted(m for m in saved if m not in self.ranks)
         top = max(self.ranks.values(), default=0)
         rank = self.rank if isinstance(self.rank, int) else top
@@ -488,10 +519,11 @@ class AdapterWriter:
             "peft_type": "LORA", "base_model_name_or_path": self.base_model,
             "r": rank, "lora_alpha": rank, "target_modules": sorted(self.ranks),
             "rank_pattern": differs, "alpha_pattern": dict(differs),
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": self.fan_in_fan_out,
+            "lora_dropout": 0.0, "bias": "lora_only" if biases else "none",
+            "fan_in_fan_out": self.fan_in_fan_out,
             "use_rslora": False, "use_dora": False,
             "modules_to_save": saved_modules or None,
-            "init_lora_weights": True, "inference_mode": True, "task_type": None,
+            "init_lora_weights": True, "inference_mode": True, "task_type": self.task_type,
         }
         text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
         (self.folder / CONFIG_FILE).write_bytes(text)
@@ -510,8 +542,8 @@ class AdapterWriter:
         self.sha256[writer.path] = writer.sha256
         total = (self._sq_err ** 0.5 / self._sq_norm ** 0.5) if self._sq_norm else 0.0
         whole = self._sq_norm + self._sq_left + sum(  # (and what is saved whole, exactly)
-            self._sq_full[n] for m in saved_modules for n in saved[m])
+            self._sq_full[n] for n in whole_names)
         self.summary = {"format": "peft", "tensors": self.report, "relative_error": total,
                         "left_out": sorted(self.skipped), "modules": len(self.ranks),
                         "left_out_share": (self._sq_left / whole) ** 0.5 if whole else 0.0,
-                        "saved_whole": [n for m in saved_modules for n in saved[m]]}
+                        "saved_whole": whole_names}

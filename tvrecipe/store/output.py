@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,7 +28,13 @@ if TYPE_CHECKING:
 
 __all__ = ["AuxPlan", "OutputFolder", "copy_aux_files", "output_oserror", "plan_aux_files"]
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# Weights in every format a model folder ships them in (PyTorch, TensorFlow, Flax, GGUF, ONNX,
+# TFLite, Rust, numpy, Core ML, Keras, NeMo): a copy would publish the base's unmerged weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                   ".ggml", ".onnx", ".onnx_data", ".tflite", ".ot", ".npz", ".npy", ".pb",
+                   ".mlmodel", ".keras", ".joblib", ".pkl", ".pickle", ".nemo")
+# The files that describe one model and not another: the card, and a tvrecipe release's own.
+MODEL_CARD_FILES = ("README.md", "tvrecipe.yaml", "tvrecipe.lock")
 # Code a model ships for trust_remote_code: copying it would spread code the user never read.
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".dylib", ".dll", ".sh", ".exe")
 
@@ -410,9 +417,10 @@ def _inside(path: Path, root: Path) -> bool:
 def plan_aux_files(source: Path | RemotePath) -> AuxPlan:
     """Lists the non-weight files of a model folder (config, tokenizer, ...) to copy.
 
-    Weights, hidden files, folders, code files and symlinks pointing outside the folder are
-    left out; code files and outside symlinks are reported in ``skipped``. A folder at a URL
-    has no links.
+    Weights (in any format), hidden files, folders, code files, the folder's model card (and a
+    tvrecipe release's own files) and symlinks pointing outside the folder are left out; all
+    but hidden files and safetensors weights are reported in ``skipped``, with the reason. A
+    folder at a URL has no links.
 
     Raises:
         InputError: ``source`` is not a folder.
@@ -434,27 +442,44 @@ def plan_aux_files(source: Path | RemotePath) -> AuxPlan:
     plan = AuxPlan()
     for entry in sorted(source.iterdir(), key=lambda p: p.name):
         name = entry.name
-        if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+        if name.startswith("."):
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            if not name.endswith((".safetensors", ".safetensors.index.json")):
+                plan.skipped[name] = f"weights of {source.name} in another format, not the merged ones"
+            continue
+        if name in MODEL_CARD_FILES:
+            plan.skipped[name] = f"describes {source.name}, not this output"
             continue
         if not remote and entry.is_symlink():
             real = entry.resolve()
             if not (_inside(real, root) or (blobs is not None and _inside(real, blobs))):
                 plan.skipped[name] = f"symlink to {real}, outside {source}"
                 continue
+        if entry.is_dir():
+            plan.skipped[name + "/"] = "a folder: copy it yourself if the model needs it"
+            continue
         if not entry.is_file():
             continue
         if name.endswith(CODE_SUFFIXES):
-            plan.skipped[name] = "code file: copy it yourself if you trust it"
+            plan.skipped[name] = "code: copy it yourself if you trust it"
             continue
         plan.copy.append(name)
     return plan
 
 
-def set_config_dtype(folder: Path, dtype: str) -> None:
+# ``_name_or_path`` values that are a place on some machine, not a Hub id: absolute, home,
+# relative with a dot, or a Windows path. (transformers 4 saved where a model was loaded from.)
+_LOCAL_NAME = re.compile(r"^([/~.\\]|[A-Za-z]:)|/.*/")
+
+
+def fix_copied_config(folder: Path, dtype: str | None) -> None:
     """A copied ``config.json`` says the dtype the weights are stored in (``torch_dtype``, and
     ``dtype`` where newer transformers write it), as mergekit's does: transformers loads with
-    it (``torch_dtype="auto"``). Only a JSON object that names a different dtype is
-    rewritten (keys in their order, indented by 2, as transformers writes it)."""
+    it (``torch_dtype="auto"``); and its ``_name_or_path``, where it names a folder on the
+    machine the model was saved on (``/home/…``), goes: a release names no one's folders. Only
+    a JSON object that needs either is rewritten (keys in their order, indented by 2, as
+    transformers writes it)."""
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -462,11 +487,15 @@ def set_config_dtype(folder: Path, dtype: str) -> None:
         return  # (none, or not ours to fix)
     if not isinstance(config, dict):
         return
-    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)]
-    if all(config[k] == dtype for k in keys):
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)] if dtype else []
+    local = isinstance(config.get("_name_or_path"), str) and bool(
+        _LOCAL_NAME.search(config["_name_or_path"]))
+    if all(config[k] == dtype for k in keys) and not local:
         return
     for k in keys:
         config[k] = dtype
+    if local:
+        del config["_name_or_path"]
     try:
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
