@@ -335,7 +335,7 @@ def test_a_gpt2_adapter_output_factors_conv1d_layers_as_peft_applies_them(cli, t
     share = (sum(float(delta[k].square().sum()) for k in left)
              / sum(float(d.square().sum()) for d in delta.values())) ** 0.5
     assert (f"relative error 0.0000 (Frobenius, of the 2-D deltas); left out {len(left)} "
-            f"tensors that are not 2-D (norms, biases), {share:.4f} of the vector's norm, "
+            f"nonzero tensors that are not 2-D (norms, biases), {share:.4f} of the vector's norm, "
             "where peft keeps the base's") in res.stdout
 
 
@@ -736,3 +736,112 @@ def test_an_all_zero_vector_is_no_adapter(cli, tmp_path, rank):
         "fine-tune equal to its base?), so the adapter would adapt no module, and peft cannot "
         "load that: write the vector with format: safetensors")
     assert not (tmp_path / "out").exists()  # no adapter, no staging, not even the out/ made
+
+
+# ---- adapters as peft users publish them (a user's audit, 2026-11-28) -----------------------
+
+
+def test_adapters_over_a_base_peft_changes_at_init_are_refused(cli, tmp_path):
+    # PiSSA and OLoRA move the base's principal part into the factors, again when peft loads
+    # the adapter: s·B·A over this base is not what peft merges (0.94x and 2.47x off).
+    for init in ("pissa", "olora"):
+        make_adapter(tmp_path, init, llama, r=2, target_modules=["q_proj"])
+        cfg_file = tmp_path / init / "adapter_config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()),
+                                        "init_lora_weights": init}))
+        cli.write("r.yaml", f"tvrecipe: 1\nmodels: {{base: ./base, ad: {{path: ./{init}, "
+                            "kind: lora}}\noutputs:\n  v: {from: ad, path: ./out/v}\n")
+        res = cli.fails(3, "run", "r.yaml")
+        assert (f"adapter_config.json: init_lora_weights {init!r} takes part of the base's "
+                "weights into the factors when peft loads the adapter") in res.stderr
+
+
+def test_a_saved_copy_of_a_tied_input_embedding_is_refused(cli, tmp_path):
+    # peft unties them (the head keeps the base's embedding); a checkpoint that stays tied
+    # would give the head the new embedding.
+    def tied():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24,
+                                       num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(cfg)
+
+    make_adapter(tmp_path, "chat", tied, r=2, target_modules=["q_proj"],
+                 modules_to_save=["embed_tokens"])
+    assert "lm_head.weight" not in load_file(str(tmp_path / "base" / "model.safetensors"))
+    cli.write("r.yaml", "tvrecipe: 1\nmodels: {base: ./base, ad: {path: ./chat, kind: lora}}\n"
+                        "outputs:\n  v: {from: ad, path: ./out/v}\n")
+    res = cli.fails(3, "validate", "r.yaml")
+    assert ("saves a copy of the input embedding 'model.embed_tokens.weight' of a model whose "
+            "output head is tied to it (the base stores no lm_head.weight); peft unties the "
+            "two") in " ".join(res.stderr.split())
+
+
+def test_an_adapter_saved_as_pickle_says_how_to_convert_it(cli, tmp_path):
+    make_adapter(tmp_path, "old", llama, r=2, target_modules=["q_proj"])
+    weights = tmp_path / "old" / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), tmp_path / "old" / "adapter_model.bin")
+    weights.unlink()
+    cli.write("r.yaml", "tvrecipe: 1\nmodels: {base: ./base, ad: {path: ./old, kind: lora}}\n"
+                        "outputs:\n  v: {from: ad, path: ./out/v}\n")
+    said = " ".join(cli.fails(3, "run", "r.yaml").stderr.split())
+    assert "holds only pickled weights (adapter_model.bin); tvrecipe never unpickles" in said
+    assert "torch.load('adapter_model.bin', weights_only=True)" in said
+
+
+def test_fan_in_fan_out_is_ignored_where_the_architecture_has_no_conv1d(cli, tmp_path):
+    # peft sets the flag back to False on a Linear layer: a Llama's square q_proj is not
+    # transposed whatever a hand-edited config says.
+    want = make_adapter(tmp_path, "flag", llama, r=2, target_modules=["q_proj", "o_proj"])
+    cfg_file = tmp_path / "flag" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "fan_in_fan_out": True}))
+    assert_deltas(run_vector(cli, tmp_path, "flag"), want)
+
+
+def test_saved_modules_in_every_key_layout_peft_writes_read_alike(cli, tmp_path):
+    # A modules_to_save copy saved as `X.weight`, as `X.modules_to_save.weight` (no adapter
+    # name) beside the plain one, or with the original module too (a resized vocabulary):
+    # the copy counts, the original module does not.
+    from safetensors.torch import save_file
+
+    want = make_adapter(tmp_path, "plain", llama, r=2, target_modules=["q_proj"],
+                        modules_to_save=["lm_head"])
+    tensors = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    head = "base_model.model.lm_head.weight"
+    assert head in tensors
+    base_head = load_file(str(tmp_path / "base" / "model.safetensors"))["lm_head.weight"]
+    (tmp_path / "layouts").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "plain", tmp_path / "layouts" / "named")
+    save_file({**tensors, "base_model.model.lm_head.modules_to_save.weight": tensors[head].clone(),
+               "base_model.model.lm_head.original_module.weight": base_head},
+              str(tmp_path / "layouts" / "named" / "adapter_model.safetensors"))
+    cli.write("r.yaml", "tvrecipe: 1\nmodels: {base: ./base, ad: {path: ./layouts/named, "
+                        "kind: lora}}\noutputs:\n  v: {from: ad, path: ./out/v}\n")
+    cli.ok("run", "r.yaml", "-q")
+    got = read_tensors(tmp_path / "out" / "v")
+    assert_deltas(got, want)
+    assert float(got["lm_head.weight"].abs().max()) > 0
+
+
+def test_t5_shared_embeddings_are_written_as_embedding_factors(cli, tmp_path):
+    # peft adapts nn.Embedding layers with lora_embedding_A/B; T5's `shared` and
+    # `relative_attention_bias` are embeddings under other names (Linear factors were
+    # dropped by peft: their whole delta lost).
+    def t5():
+        torch.manual_seed(0)
+        cfg = transformers.T5Config(vocab_size=48, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                                    num_heads=2, decoder_start_token_id=0)
+        return transformers.T5ForConditionalGeneration(cfg)
+
+    _base, stored, ft = finetuned(tmp_path, model=t5)
+    cli.write("out.yaml", OUT.replace("RANK", "rank: 48"))
+    cli.ok("run", "out.yaml", "-q")
+    keys = set(load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors")))
+    assert "base_model.model.shared.lora_embedding_A" in keys
+    merged = peft.PeftModel.from_pretrained(t5(), tmp_path / "out" / "adapter"
+                                            ).merge_and_unload().state_dict()
+    for k in ("shared.weight",
+              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"):
+        scale = float((ft[k] - stored[k]).abs().max())
+        assert float((merged[k] - ft[k]).abs().max()) <= 1e-5 * scale, k

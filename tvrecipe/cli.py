@@ -495,9 +495,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         adapter = result.output_reports.get(name)
         if adapter:
             ranks = [t["rank"] for t in adapter["tensors"].values() if t["rank"]]
-            left = (f"; left out {len(adapter['left_out'])} tensors that are not 2-D (norms, "
-                    f"biases), {adapter['left_out_share']:.4f} of the vector's norm, where "
-                    "peft keeps the base's") if adapter["left_out"] else ""
+            left = (f"; left out {len(adapter['left_out'])} nonzero tensors that are not 2-D "
+                    f"(norms, biases), {adapter['left_out_share']:.4f} of the vector's norm, "
+                    "where peft keeps the base's") if adapter["left_out"] else ""
             click.echo(f"  peft adapter: {adapter['modules']} modules, rank "
                        f"{min(ranks, default=0)}-{max(ranks, default=0)}, relative error "
                        f"{adapter['relative_error']:.4f} (Frobenius, of the 2-D deltas){left}")

@@ -29,6 +29,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # What this reader refuses, by adapter_config.json key: (value that is fine, what it is).
+# LoRA initialisations that move part of the base's weights into the factors (peft does it
+# again when it loads the adapter): such an adapter is over the residual base, not this one.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # (``bias`` "lora_only" and "all" are read: peft saves those biases whole, base + delta.)
 _UNSUPPORTED = {"use_dora": (False, "DoRA"),
                 "lora_bias": (False, "LoRA bias terms"), "use_qalora": (False, "QA-LoRA"),
@@ -45,6 +48,15 @@ def adapter_files(path: Path | RemotePath) -> list[Path]:
         InputError: either is missing.
     """
     files = [as_path(path) / WEIGHTS_FILE, as_path(path) / CONFIG_FILE]
+    pickled = as_path(path) / "adapter_model.bin"
+    if files[1].is_file() and not files[0].is_file() and pickled.is_file():
+        raise InputError(
+            f"{path}: holds only pickled weights (adapter_model.bin); tvrecipe never unpickles "
+            "files, since unpickling can run arbitrary code. Convert it once, where you trust "
+            "it: python -c \"import torch; from safetensors.torch import save_file; "
+            "save_file(torch.load('adapter_model.bin', weights_only=True), "
+            "'adapter_model.safetensors', metadata={'format': 'pt'})\" (in the adapter "
+            "folder)")
     for f in reversed(files):  # the config first: without it, it is no adapter at all
         if not f.is_file():
             raise InputError(f"{path}: no {f.name}; a `kind: lora` model is a peft adapter "
@@ -135,6 +147,14 @@ class LoraAdapter:
         if config.get("peft_type", "LORA") != "LORA":
             raise InputError(f"{config_file}: peft_type {config.get('peft_type')!r}; only LoRA "
                              "adapters can be read")
+        init = config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise InputError(
+                f"{config_file}: init_lora_weights {init!r} takes part of the base's weights "
+                "into the factors when peft loads the adapter, so the adapter is over a base "
+                "peft changes, not over this one; save it again with peft's "
+                "path_initial_model_for_weight_conversion (a plain LoRA of rank 2r), or merge "
+                "it with peft's merge_and_unload and use the merged checkpoint")
         for key, (fine, what) in _UNSUPPORTED.items():
             value = config.get(key, fine)
             if value != fine and value not in (None, False, [], {}):
@@ -155,7 +175,11 @@ class LoraAdapter:
         fan_in_fan_out = bool(config.get("fan_in_fan_out"))
         # As peft decides: by the layer's type where the base's architecture says it (a
         # GPT-2's Conv1D layers transposed, its Linear ones not), else by the config's flag.
-        conv1d = conv1d_layers(_model_type(self.base))
+        model_type = _model_type(self.base)
+        conv1d = conv1d_layers(model_type)
+        if conv1d is None and model_type is not None:  # (peft ignores the flag on a Linear)
+            def conv1d(name: str) -> bool:
+                return False
         rslora = bool(config.get("use_rslora"))
         names = list(self.adapter.tensors)
         modules: dict[str, dict[str, str]] = {}
@@ -186,8 +210,14 @@ class LoraAdapter:
             elif "lora_magnitude_vector" in key:
                 raise InputError(f"{self.path}: tensor {name!r} is a DoRA magnitude; DoRA is not "
                                  "supported")
+            elif ".original_module." in key:
+                continue  # (the base's own module, which a modules_to_save copy stands in for)
             else:  # modules_to_save: a full copy of the module's tensor
-                tensor = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+                tensor = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.[^.]+$)", "", key)
+                if tensor == key and f"{_PREFIX}{tensor}" in names and any(
+                        n.startswith(f"{_PREFIX}{tensor.rsplit('.', 1)[0]}.modules_to_save.")
+                        for n in names):
+                    continue  # (saved beside its copy, as peft saves a resized embedding)
                 if tensor not in self.base.tensors:
                     raise InputError(f"{self.path}: saved module tensor {name!r} matches no "
                                      f"tensor of the base (looked for {tensor!r}); is this "
@@ -197,6 +227,13 @@ class LoraAdapter:
                     raise InputError(f"{self.path}: saved module tensor {name!r} has shape "
                                      f"{list(got)}, but the base's {tensor!r} is "
                                      f"{list(want)}; is this adapter for another base model?")
+                if _INPUT_EMBEDDING.search(tensor) and _tied_head(self.base):
+                    raise InputError(
+                        f"{self.path}: saves a copy of the input embedding {tensor!r} of a "
+                        "model whose output head is tied to it (the base stores no "
+                        "lm_head.weight); peft unties the two, the head keeping the base's "
+                        "embedding, which a task vector over the tied tensor cannot say: merge "
+                        "the adapter with peft's merge_and_unload and use the merged checkpoint")
                 if tensor in self.saved:
                     raise InputError(f"{self.path}: tensors {self.saved[tensor]!r} and "
                                      f"{name!r} are both saved copies of {tensor!r}; keep one "
@@ -328,8 +365,11 @@ class LoraAdapter:
 # Tensors of nn.Embedding modules, which peft adapts with lora_embedding_A/B (a Linear's
 # factors there are dropped by peft, with a warning): input, position and token-type
 # embeddings under the names transformers gives them (embed_out, GPT-NeoX's head, is Linear).
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|wte|wpe|"
-                        r"[A-Za-z_]*embeddings?)\.weight$")
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|wte|wpe|shared|"
+                        r"relative_attention_bias|[A-Za-z_]*embeddings?)\.weight$")
+# The input embedding an output head may be tied to (T5 and BART call it ``shared``).
+_INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|shared)"
+                              r"\.weight$")
 # The architectures (config.json ``model_type``) whose layers of these names are
 # transformers' Conv1D, which stores a weight as (in, out), the transpose of a Linear's;
 # peft adapts them with ``fan_in_fan_out``. (gpt_bigcode and Qwen's first models use the
@@ -338,12 +378,29 @@ _CONV1D_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transform
 _CONV1D_LAYER = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
 
 
-def _model_type(checkpoint: Checkpoint) -> object:
-    """The ``model_type`` in the config.json beside a local checkpoint; None if none."""
+def _config(checkpoint: Checkpoint) -> dict:
+    """The config.json beside a local checkpoint; {} if none."""
     path = getattr(checkpoint, "path", None)
     if not isinstance(path, Path):
-        return None
-    return folder_config(path if path.is_dir() else path.parent).get("model_type")
+        return {}
+    return folder_config(path if path.is_dir() else path.parent)
+
+
+def _tied_head(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint is a language model whose output head is its input embedding:
+    no ``lm_head.weight`` stored, and a config.json that does not untie them."""
+    config = _config(checkpoint)
+    names = config.get("architectures")
+    head = (isinstance(names, list) and bool(names) and isinstance(names[0], str)
+            and names[0].endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM",
+                                   "ForConditionalGeneration", "ForSeq2SeqLM")))
+    return (head and "lm_head.weight" not in checkpoint.tensors
+            and config.get("tie_word_embeddings", True) is not False)
+
+
+def _model_type(checkpoint: Checkpoint) -> object:
+    """The ``model_type`` in the config.json beside a local checkpoint; None if none."""
+    return _config(checkpoint).get("model_type")
 
 
 def conv1d_layers(model_type: object):
@@ -426,9 +483,10 @@ class AdapterWriter:
         shape = self.shapes[name]
         lora = len(shape) == 2 and min(shape) > 0
         if not lora and (self.full_base is None or name not in self.full_base.tensors):
-            if name not in self.skipped:
+            sq = float(t.double().square().sum())  # (a block at a time)
+            if sq > 0 and name not in self.skipped:  # (a zero delta loses nothing)
                 self.skipped.append(name)
-            self._sq_left += float(t.double().square().sum())  # (a block at a time)
+            self._sq_left += sq
             return
         whole = self._blocks.add(name, t.reshape(-1, *shape[1:]), shape[0] if shape else 1)
         if whole is None:
@@ -503,7 +561,7 @@ class AdapterWriter:
                         self.factors[f"base_model.model.{module}.base_layer.bias"] = \
                             self.full[name].contiguous()
                         biases.append(name)
-                    else:
+                    elif self._sq_full[name] > 0:
                         self.skipped.append(name)
                         self._sq_left += self._sq_full[name]
                 continue
