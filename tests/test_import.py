@@ -242,6 +242,32 @@ def test_what_mergekit_ignores_is_left_out_and_said(make_models, cli):
     assert recipe["steps"] == {"model": {"op": "slerp", "a": "base", "b": "math", "t": 0.25}}
 
 
+def test_parameters_written_beside_model_are_said_to_be_ignored(make_models, cli):
+    # `density:` and `weight:` beside `model:` (not under parameters:) are dropped by
+    # mergekit unread; the importer says so instead of dropping them silently.
+    make_models(("math", "code"))
+    write(cli, "mk.yml", """\
+        merge_method: ties
+        base_model: ./ckpt/base
+        parameters: {weight: 1.0, density: 1.0}
+        models:
+          - model: ./ckpt/math
+            density: 0.2
+          - {model: ./ckpt/code}
+    """)
+    res = cli.ok("import", "mk.yml", "-o", "r.yaml")
+    assert res.err_lines == [(
+        "note: mk.yml:6:5: models[0].density: ignored, as mergekit ignores it: 'density' beside "
+        "'model' is not one of its parameters (write it under parameters: to have it read)")]
+    write(cli, "ns.yml", """\
+        merge_method: nuslerp
+        models: [{model: ./ckpt/math}, {model: ./ckpt/code}]
+    """)
+    res = cli.fails(2, "import", "ns.yml", "-o", "n.yaml")
+    assert "merge_method 'nuslerp' is not imported (supported: task_arithmetic," in res.stderr
+    assert "did you mean" not in res.stderr
+
+
 def test_a_listed_base_models_own_parameters_are_said_to_weigh_nothing(make_models, cli):
     # A task-vector method takes base_model as the origin: its parameters weigh nothing
     # (mergekit and tvrecipe alike); the importer says so, as for other ignored settings.

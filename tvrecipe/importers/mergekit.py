@@ -56,6 +56,9 @@ _SHARED_ONLY = {
 }
 # Every parameter some method reads: one another method reads is ignored by mergekit, as the
 # importer does (and says); any other name is refused as a likely typo.
+# mergekit's methods the importer does not write (a near name is no typo of a supported one).
+_OTHER_METHODS = {"nuslerp", "multislerp", "sce", "karcher", "passthrough", "arcee_fusion",
+                  "nearswap"}
 _KNOWN_PARAMS = set().union(*_PER_MODEL.values(), *_SHARED_ONLY.values())
 # Parameters with a range, as tvrecipe's ops take them (mergekit's own is wider: see value()).
 _DENSITY_PARAMS = {"density"}
@@ -340,9 +343,10 @@ class _Importer:
                              did_you_mean(key, known))
         method = data.get("merge_method")
         if method not in METHODS:
+            # (nuslerp and multislerp are other algorithms than slerp, not its misspellings)
+            near = None if method in _OTHER_METHODS else did_you_mean(str(method), METHODS)
             self.problem(("merge_method",), f"merge_method {method!r} is not imported",
-                         did_you_mean(str(method), METHODS)
-                         or "supported: " + ", ".join(METHODS))
+                         near or "supported: " + ", ".join(METHODS))
         for key in ("dtype", "out_dtype"):
             raw = data.get(key)
             name = raw[len("torch."):] if isinstance(raw, str) and raw.startswith("torch.") \
@@ -374,6 +378,10 @@ class _Importer:
                              "list it once, with the weight it should have")
                 continue
             seen[text] = where
+            for key in sorted(set(entry) - {"model", "parameters"}, key=str):
+                # (mergekit's model entries have no other field: it drops them unread)
+                self.ignore((*where, key), f"{key!r} beside 'model' is not one of its "
+                            f"parameters (write it under parameters: to have it read)")
             params = entry.get("parameters") or {}
             if base is not None and text == _reference(data.get("base_model")):
                 # mergekit lists the base among the models at times: an input of linear and
