@@ -125,7 +125,7 @@ def test_what_a_recipe_cannot_express_is_refused_and_located(cli):
         merge_method: tie
         slices:
           - sources: [{model: a, layer_range: [0, 4]}]
-        tokenizer_source: union
+        tokenizer_source: ./other
         foo: 1
     """)
     res = cli.fails(2, "import", "mk.yml", "-o", "r.yaml")
@@ -137,8 +137,10 @@ def test_what_a_recipe_cannot_express_is_refused_and_located(cli):
          "known here (it needs a local folder whose config.json gives num_hidden_layers; a hub "
          "id is not read), so whether layer_range [0, 4] spans them all cannot be told: give "
          "its folder, or write the config with `models:`)"),
-        ("mk.yml:4:1: tokenizer_source: tokenizer_source 'union' is not imported: only 'base' "
-         "(the base model's files)"),
+        ("mk.yml:4:1: tokenizer_source: tokenizer source './other' is not imported: only "
+         "'base', 'union' or the base model itself, over models that share the base's "
+         "vocabulary (the output takes the base's tokenizer files) (run this config in "
+         "mergekit to take another model's tokenizer)"),
         "mk.yml:5:1: foo: unknown mergekit field 'foo'"]
     assert not (cli.root / "r.yaml").exists()
 
@@ -422,6 +424,20 @@ def test_tokenizer_source_needs_one_vocabulary(make_models, cli):
          "mergekit)")]
     (ms.path("math") / "config.json").write_text('{"vocab_size": 64}')
     cli.ok("import", "mk.yml", "-o", "r.yaml")
+    # One vocabulary: a union of the tokenizers, the base model named by its path and
+    # mergekit's newer `tokenizer: {source: ...}` all give the base's tokenizer.
+    base_recipe = (cli.root / "r.yaml").read_text()
+    for line in ("tokenizer_source: union", "tokenizer_source: ./ckpt/base",
+                 "tokenizer: {source: base}", "tokenizer: {source: union}"):
+        cli.write("mk.yml", "merge_method: task_arithmetic\nbase_model: ./ckpt/base\n"
+                            "models: [{model: ./ckpt/math, parameters: {weight: 1}}]\n"
+                            f"{line}\n")
+        cli.ok("import", "mk.yml", "-o", "r.yaml", "--force")
+        assert (cli.root / "r.yaml").read_text() == base_recipe, line
+    (ms.path("math") / "config.json").write_text('{"vocab_size": 66}')
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1].startswith(
+        "mk.yml:4:13: tokenizer.source: tokenizer_source is imported only for models that "
+        "share a vocabulary")
 
 
 def test_hub_ids_are_read_from_the_hub_as_mergekit_reads_them(cli):

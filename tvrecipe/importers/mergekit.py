@@ -70,7 +70,9 @@ _UNSUPPORTED = {
     "slices": "layer slices (passthrough, frankenmerges) are not expressible in a recipe",
     "modules": "per-module configs are not expressible in a recipe",
     "tokenizer": "tokenizer surgery is not supported; merge models that share a vocabulary",
-    "chat_template": "chat templates are not written; copy one into the output by hand",
+    "chat_template": "chat templates are not written: the output keeps the chat template "
+                     "of the model its tokenizer files come from (remove the line to keep "
+                     "that one, or copy another into the output by hand)",
 }
 _NAME_RE = re.compile(r"[^A-Za-z0-9_\-]+")
 # The steps an imported recipe has (and sparse_MODEL): no model takes one of these names.
@@ -213,7 +215,7 @@ class _Importer:
             return out
         return value
 
-    def same_vocabulary(self, models: list[_Model]) -> None:
+    def same_vocabulary(self, models: list[_Model], where: tuple) -> None:
         """With ``tokenizer_source``, mergekit maps every model's embedding rows onto that
         tokenizer's vocabulary; tvrecipe copies the base's tokenizer and merges the rows as
         they are, which is the same only when every (local) model has the base's vocabulary."""
@@ -222,7 +224,7 @@ class _Importer:
         known = {p: v for p, v in sizes.items() if isinstance(v, int)}
         if len(set(known.values())) > 1:
             said = ", ".join(f"{p}: {v}" for p, v in known.items())
-            self.problem(("tokenizer_source",),
+            self.problem(where,
                          f"tokenizer_source is imported only for models that share a vocabulary; "
                          f"their config.json vocab_size differ ({said}), and mergekit re-maps "
                          "embedding rows between tokenizers, which tvrecipe does not",
@@ -324,8 +326,13 @@ class _Importer:
             self.problem((), "a mergekit config is a YAML mapping")
             raise RecipeError(self.problems)
         entries = [(("models", i), e) for i, e in enumerate(data.get("models") or [])]
+        tok, tok_where = data.get("tokenizer_source"), ("tokenizer_source",)
         for key, why in _UNSUPPORTED.items():
             if not data.get(key):
+                continue
+            if key == "tokenizer" and isinstance(data[key], dict) and set(data[key]) == {"source"}:
+                # (mergekit's newer spelling of tokenizer_source, with no tokens to add)
+                tok, tok_where = data[key]["source"], ("tokenizer", "source")
                 continue
             if key == "slices" and not entries:
                 whole = self.whole_slice(data[key])
@@ -356,10 +363,13 @@ class _Importer:
             elif raw is not None:
                 self.problem((key,), f"{key} {raw!r} is not a dtype a merged model is written in",
                              "one of: " + ", ".join(_DTYPES))
-        tok = data.get("tokenizer_source")
-        if tok not in (None, "base"):
-            self.problem(("tokenizer_source",), f"tokenizer_source {tok!r} is not imported: "
-                                                "only 'base' (the base model's files)")
+        if tok not in (None, "base", "union") and (
+                _reference(tok) is None or _reference(tok) != _reference(data.get("base_model"))):
+            self.problem(tok_where, f"tokenizer source {tok!r} is not imported: only 'base', "
+                                    "'union' or the base model itself, over models that share "
+                                    "the base's vocabulary (the output takes the base's "
+                                    "tokenizer files)",
+                         "run this config in mergekit to take another model's tokenizer")
         base = None
         if data.get("base_model") is not None:
             base = self.model(data["base_model"], ("base_model",), ("base_model",), "base")
@@ -402,7 +412,7 @@ class _Importer:
                                                    "not to a slice, and stops",
                          "add it to the sources with the same layer_range")
         if tok is not None and base is not None:
-            self.same_vocabulary([base, *models])
+            self.same_vocabulary([base, *models], tok_where)
         shared = {**(data.get("parameters") or {}), **self.slice_parameters}
         if method not in METHODS:  # parameters are checked against a method's
             raise RecipeError(self.problems)
