@@ -4,6 +4,7 @@ parity with its outputs is tests/test_mergekit_parity.py)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -181,7 +182,24 @@ def test_parameters_are_checked_against_the_method(make_models, cli):
 @pytest.mark.parametrize("config, message", [
     (("merge_method: slerp\nbase_model: ./ckpt/base\nmodels: [{model: ./ckpt/math}, "
      "{model: ./ckpt/code}]\nparameters: {t: 0.5}\n"),
-     "mk.yml:3:1: models: slerp needs a base_model and exactly one other model, got 2 others"),
+     ("mk.yml:3:1: models: slerp needs a base_model and exactly one other model; the config "
+      "has 2 other models (name one of the two models base_model (slerp's t runs from it, at "
+      "0, to the other, at 1))")),
+    (("merge_method: slerp\nslices:\n  - sources:\n    - {model: ./ckpt/math, layer_range: "
+      "[0, 2]}\n    - {model: ./ckpt/code, layer_range: [0, 2]}\nparameters: {t: 0.5}\n"),
+     ("mk.yml:2:1: slices: slerp needs a base_model and exactly one other model; the config "
+      "has no base_model (name one of the two models base_model (slerp's t runs from it, at "
+      "0, to the other, at 1))")),
+    (("merge_method: task_arithmetic\nbase_model: ./ckpt/base\nslices:\n  - sources:\n    - "
+      "{model: ./ckpt/base, layer_range: [0, 2]}\n"),
+     ("mk.yml:5:7: slices[0].sources[0]: no models to merge: the only model is base_model, so "
+      "the merge is the base itself (use the base model as it is (a `MODEL+ADAPTER` base: a "
+      "recipe that applies the adapter, as `tvrecipe import` writes for one among other "
+      "models))")),
+    ("a: 1\n---\nb: 2\n",
+     ("mk.yml:2:1: this file holds several YAML documents (separated by ---); it is read as "
+      "one (split it into one file per document (a mergekit-multi file: one config per "
+      "file))")),
     ("merge_method: ties\nmodels: [{model: ./ckpt/math, parameters: {weight: 1}}]\n",
      ("mk.yml:1:1: merge_method: ties needs a base_model (task vectors are each model minus "
       "the base)")),
@@ -190,7 +208,11 @@ def test_parameters_are_checked_against_the_method(make_models, cli):
       "numbers (a gradient) or a list of {filter, value} rules, got 'abc'")),
 ])
 def test_bad_method_inputs(make_models, cli, config, message):
-    make_models(("math", "code"))
+    ms = make_models(("math", "code"))
+    for name in ("base", "math", "code"):  # (2 layers: a slice of [0, 2] is the whole model)
+        config_file = ms.path(name) / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                           "num_hidden_layers": 2}))
     cli.write("mk.yml", config)
     assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml").err_lines[1:] == [message]
 

@@ -405,7 +405,15 @@ class _Importer:
             model.parameters, model.order = params, order
             models.append(model)
         if not models and not self.problems:
-            self.problem(("models",), "no models to merge")
+            where = ("models",) if "models" in data else ("slices",) if "slices" in data else ()
+            if base is not None and base.listed:
+                self.problem(base.where, "no models to merge: the only model is base_model, "
+                                         "so the merge is the base itself",
+                             "use the base model as it is (a `MODEL+ADAPTER` base: a recipe "
+                             "that applies the adapter, as `tvrecipe import` writes for one "
+                             "among other models)")
+            else:
+                self.problem(where, "no models to merge")
         if "slices" in data and entries and base is not None and not base.listed:
             self.problem(("slices", 0, "sources"), "base_model is not among the slice's "
                                                    "sources: mergekit adds it to a models list, "
@@ -618,8 +626,15 @@ class _Writer:
                                "normalize": normalize}, f"{src}; normalize: {nsrc}")
         elif method == "slerp":
             if self.base is None or len(self.models) != 1:
-                self.imp.problem(("models",), "slerp needs a base_model and exactly one other "
-                                              f"model, got {len(self.models)} others")
+                data = self.imp.data
+                where = ("models",) if "models" in data else ("slices",) if "slices" in data \
+                    else ()
+                got = ("no base_model" if self.base is None else
+                       f"{len(self.models)} other models")
+                self.imp.problem(where, "slerp needs a base_model and exactly one other "
+                                        f"model; the config has {got}",
+                                 "name one of the two models base_model (slerp's t runs from "
+                                 "it, at 0, to the other, at 1)")
                 return ""
             t, src = self.shared_value("t", None)
             if t is None:
