@@ -845,3 +845,59 @@ def test_t5_shared_embeddings_are_written_as_embedding_factors(cli, tmp_path):
               "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"):
         scale = float((ft[k] - stored[k]).abs().max())
         assert float((merged[k] - ft[k]).abs().max()) <= 1e-5 * scale, k
+
+
+def test_a_gpt2_base_stored_bare_takes_adapters_of_the_model_with_its_head(cli, tmp_path):
+    # The Hub's GPT-2 checkpoints store `h.0.…`, not `transformer.h.0.…`; peft adapts
+    # GPT2LMHeadModel, whose names have the prefix: adapters go both ways over such a base.
+    from safetensors.torch import save_file
+
+    _base, stored, ft = finetuned(tmp_path, model=gpt2)
+    want = {k.removeprefix("transformer."): v for k, v in
+            make_adapter(tmp_path, "lm", gpt2, r=2, target_modules=["c_attn"],
+                         fan_in_fan_out=True).items() if k != "lm_head.weight"}
+    bare = {k.removeprefix("transformer."): v for k, v in stored.items() if k != "lm_head.weight"}
+    for name, tensors in (("base", bare), ("ft", {k.removeprefix("transformer."): v
+                                                   for k, v in ft.items()
+                                                   if k != "lm_head.weight"})):
+        (tmp_path / name / "model.safetensors").unlink()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    cli.write("out.yaml", OUT.replace("RANK", "rank: 48"))
+    cli.ok("run", "out.yaml", "-q")
+    keys = set(load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors")))
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
+    model = gpt2()
+    model.load_state_dict({**{f"transformer.{k}": v for k, v in bare.items()},
+                           "lm_head.weight": bare["wte.weight"]}, strict=False)
+    merged = peft.PeftModel.from_pretrained(model, tmp_path / "out" / "adapter"
+                                            ).merge_and_unload().state_dict()
+    k = "transformer.h.0.attn.c_attn.weight"
+    scale = float((ft[k] - stored[k]).abs().max())
+    assert float((merged[k] - ft[k]).abs().max()) <= 1e-5 * scale
+    # The other way: an adapter made on GPT2LMHeadModel, read over the bare base.
+    got = run_vector(cli, tmp_path, "lm")
+    assert_deltas({k: v for k, v in got.items() if k in want}, want)
+
+
+def test_an_adapter_with_a_head_the_base_lacks_says_which(cli, tmp_path):
+    # A sequence-classification adapter (its `score` head saved whole) over a causal LM:
+    # the message names the head, not only "another base model".
+    make_adapter(tmp_path, "ok", llama, r=2, target_modules=["q_proj"])
+
+    def classifier():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, num_labels=3, pad_token_id=0)
+        return transformers.LlamaForSequenceClassification(cfg)
+
+    torch.manual_seed(1)
+    model = peft.get_peft_model(classifier(), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["score"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "cls")
+    cli.write("r.yaml", "tvrecipe: 1\nmodels: {base: ./base, ad: {path: ./cls, kind: lora}}\n"
+                        "outputs:\n  v: {from: ad, path: ./out/v}\n")
+    said = " ".join(cli.fails(3, "validate", "r.yaml").stderr.split())
+    assert ("matches no tensor of the base (looked for 'score.weight'); the base has no module "
+            "'score' at all: is this adapter for a model with another head (a classification "
+            "head over a language model?), or for another base model?") in said

@@ -262,7 +262,12 @@ class Output:
             from tvrecipe.exec.release import model_config, vector_base, vector_base_id
             from tvrecipe.spec.models import RankEnergy
             from tvrecipe.spec.pertensor import value_at
-            from tvrecipe.store.lora import AdapterWriter, conv1d_layers, peft_task_type
+            from tvrecipe.store.lora import (
+                AdapterWriter,
+                bare_prefix,
+                conv1d_layers,
+                peft_task_type,
+            )
             rank: Any = None
             energy = spec.rank.energy if isinstance(spec.rank, RankEnergy) else None
             if isinstance(spec.rank, int):
@@ -294,7 +299,8 @@ class Output:
             self.writers[""] = AdapterWriter(
                 self.folder.staging, {t: plan.tensors[t].shape for t in plan.floating},
                 rank, energy, base, meta, full_base=full, dtype=stored,
-                conv1d=conv1d_layers(arch.get("model_type")), task_type=peft_task_type(arch))
+                conv1d=conv1d_layers(arch.get("model_type")), task_type=peft_task_type(arch),
+                prefix=bare_prefix(arch, plan.tensors))
         else:
             dt = out_dtype or compute
             specs = [TensorSpec(t, dt, plan.tensors[t].shape) for t in plan.floating]

@@ -183,8 +183,17 @@ class LoraAdapter:
         rslora = bool(config.get("use_rslora"))
         names = list(self.adapter.tensors)
         modules: dict[str, dict[str, str]] = {}
+        # A base stored as the bare model (the Hub's GPT-2: `h.0.…`, not `transformer.h.0.…`)
+        # under an adapter made on the model with its head: the adapter's names drop the
+        # first part that no base tensor starts with.
+        roots = {t.split(".", 1)[0] for t in self.base.tensors}
+
+        def bare(key: str) -> str:
+            head, _, rest = key.partition(".")
+            return rest if head not in roots and rest.split(".", 1)[0] in roots else key
+
         for name in names:
-            key = name.removeprefix(_PREFIX)
+            key = bare(name.removeprefix(_PREFIX))
             m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                              r"(?:\.[^.]+)?(?:\.weight)?", key)
             if m and key.endswith(".bias"):
@@ -220,8 +229,8 @@ class LoraAdapter:
                     continue  # (saved beside its copy, as peft saves a resized embedding)
                 if tensor not in self.base.tensors:
                     raise InputError(f"{self.path}: saved module tensor {name!r} matches no "
-                                     f"tensor of the base (looked for {tensor!r}); is this "
-                                     "adapter for another base model?")
+                                     f"tensor of the base (looked for {tensor!r}); "
+                                     f"{self._absent(tensor)}")
                 got, want = self.adapter.tensors[name].shape, self.base.tensors[tensor].shape
                 if tuple(got) != tuple(want):
                     raise InputError(f"{self.path}: saved module tensor {name!r} has shape "
@@ -250,8 +259,7 @@ class LoraAdapter:
             info = self.base.tensors.get(tensor)
             if info is None:
                 raise InputError(f"{self.path}: adapter module {module!r} has no tensor "
-                                 f"{tensor!r} in the base; is this adapter for another base "
-                                 "model?")
+                                 f"{tensor!r} in the base; {self._absent(tensor)}")
             a_shape, b_shape = self.adapter.tensors[a].shape, self.adapter.tensors[b].shape
             if len(a_shape) != 2 or len(b_shape) != 2:
                 raise InputError(f"{self.path}: module {module!r} has factors of shapes "
@@ -295,6 +303,19 @@ class LoraAdapter:
         if both:
             raise InputError(f"{self.path}: {min(both)!r} is both a LoRA target and a saved "
                              "module")
+
+    def _absent(self, tensor: str) -> str:
+        """Why the base may lack a tensor an adapter names, as the end of an InputError."""
+        if tensor == "lm_head.weight" and _tied_head(self.base):
+            return ("the base ties its output head to its input embedding (it stores no "
+                    "lm_head.weight), and peft unties them to adapt or save the head apart: "
+                    "merge the adapter with peft's merge_and_unload and use the merged "
+                    "checkpoint")
+        if tensor.split(".", 1)[0] not in {t.split(".", 1)[0] for t in self.base.tensors}:
+            return (f"the base has no module {tensor.rsplit('.', 1)[0]!r} at all: is this "
+                    "adapter for a model with another head (a classification head over a "
+                    "language model?), or for another base model?")
+        return "is this adapter for another base model?"
 
     def covers(self, name: str) -> bool:
         """Whether the delta of tensor ``name`` may be nonzero (else it is exactly 0, and the
@@ -403,6 +424,17 @@ def _model_type(checkpoint: Checkpoint) -> object:
     return _config(checkpoint).get("model_type")
 
 
+def bare_prefix(config: dict, names) -> str:
+    """The prefix the model peft loads an adapter on gives the tensor names of a base stored
+    as its bare model: ``transformer.`` for a GPT-2-like base saved without it (as the Hub's
+    GPT-2 checkpoints are), else ""."""
+    if config.get("model_type") in _CONV1D_TYPES and not any(
+            n.startswith("transformer.") for n in names) and any(
+            n.startswith("h.") for n in names):
+        return "transformer."
+    return ""
+
+
 def conv1d_layers(model_type: object):
     """For a checkpoint of ``model_type`` (its config.json's), a test of whether a tensor
     is the weight of a Conv1D layer; None when the architecture has none."""
@@ -456,7 +488,7 @@ class AdapterWriter:
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], rank,
                  energy: float | None, base_model: str | None, metadata: dict[str, str],
                  full_base: Checkpoint | None = None, dtype: str = "F32", conv1d=None,
-                 task_type: str | None = None):
+                 task_type: str | None = None, prefix: str = ""):
         self.folder = Path(folder)
         self.conv1d = conv1d  # name -> whether it is a Conv1D weight, (in, out); or None
         self.fan_in_fan_out = False  # a Conv1D layer was adapted
@@ -467,6 +499,7 @@ class AdapterWriter:
         self.rank, self.energy = rank, energy
         self.base_model = base_model
         self.task_type = task_type
+        self.prefix = prefix  # before each module name (a bare base under a model with a head)
         self.metadata = metadata
         self.factors: dict[str, object] = {}
         self.ranks: dict[str, int] = {}
@@ -502,7 +535,7 @@ class AdapterWriter:
         from tvrecipe.ops import all_finite, derive_seed
         from tvrecipe.ops.lowrank import lora_factors
 
-        module = name.removesuffix(".weight")
+        module = self.prefix + name.removesuffix(".weight")
         embedding = bool(_EMBEDDING.search(name))
         # peft's ΔW is B·A for a Linear, (B·A)ᵀ for an embedding and for a Conv1D layer
         # (fan_in_fan_out): factor the transpose of those.
@@ -553,11 +586,11 @@ class AdapterWriter:
         saved: dict[str, list[str]] = {}
         biases: list[str] = []  # of adapted modules
         for name in self.full:
-            saved.setdefault(name.rsplit(".", 1)[0], []).append(name)
+            saved.setdefault(self.prefix + name.rsplit(".", 1)[0], []).append(name)
         for module, names in sorted(saved.items()):
             if module in self.ranks:
                 for name in names:
-                    if name == f"{module}.bias":
+                    if self.prefix + name == f"{module}.bias":
                         self.factors[f"base_model.model.{module}.base_layer.bias"] = \
                             self.full[name].contiguous()
                         biases.append(name)
@@ -566,7 +599,7 @@ class AdapterWriter:
                         self._sq_left += self._sq_full[name]
                 continue
             for name in names:
-                self.factors[f"base_model.model.{name}"] = self.full[name].contiguous()
+                self.factors[f"base_model.model.{self.prefix}{name}"] = self.full[name].contiguous()
         whole_names = [n for m in sorted(saved) if m not in self.ranks for n in saved[m]] + biases
         saved_modules = sorted(m for m in saved if m not in self.ranks)
         top = max(self.ranks.values(), default=0)
