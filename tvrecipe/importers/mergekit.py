@@ -439,6 +439,8 @@ class _Importer:
                     self.ignore((*where, key), f"{method} does not read {key!r}")
                 else:
                     self.problem((*where, key), f"{method} has no parameter {key!r}",
+                                 f"{key} is a top-level field of the config, not a parameter"
+                                 if key in ("dtype", "out_dtype", "tokenizer_source") else
                                  did_you_mean(key, allowed) or
                                  "its parameters: " + ", ".join(sorted(allowed)))
                     continue
@@ -757,7 +759,10 @@ class _Writer:
             lines.append(f"  {'':<{width + 1}} # {comment}")
         out_dtype = imp.dtypes.get("out_dtype") or dtype
         out = {"from": "model", "path": self.output_path()}
-        note = "  # dtype: out_dtype, else dtype; files (config, tokenizer) from base_model"
+        files = ("files (config, tokenizer) from base_model" if self.base is not None else
+                 f"files (config, tokenizer) from {self.models[0].name}, the first model"
+                 if self.models else "")
+        note = f"  # dtype: out_dtype, else dtype; {files}"
         if out_dtype is None:
             # No dtype: mergekit adds the tensors as stored, and torch promotes a mix of
             # float types (float16 with bfloat16 gives float32), where tvrecipe would write
@@ -769,7 +774,7 @@ class _Writer:
                 *rest, last = sorted(stored)
                 note = (f"  # dtype: the inputs are stored in {', '.join(rest)} and {last} "
                         f"and no dtype is given, so mergekit's sums promote to {out_dtype}; "
-                        "files (config, tokenizer) from base_model")
+                        f"{files}")
         if out_dtype is not None:
             out["dtype"] = out_dtype
         if self.base is not None:
