@@ -74,15 +74,12 @@ def needed_by(compiled: Compiled, output: str) -> tuple[list[str], list[str]]:
 
 
 def _relative(compiled: Compiled, path: str, folder: Path) -> str:
-    """A recipe's model path as seen from ``folder``, absolute and ``~`` paths too (a release
-    names no home folder or mount point); URLs stay as they are, and so does a path on
-    another drive, which has no relative form."""
-    if url_scheme(path) is not None:
+    """A recipe's model path as seen from ``folder``; absolute paths and URLs stay as they
+    are (as a relative path from the folder, an absolute one would change when the project
+    moves, and so would the release's bytes)."""
+    if url_scheme(path) is not None or Path(path).expanduser().is_absolute():
         return path
-    try:
-        rel = os.path.relpath(compiled.loaded.resolve(path), folder)
-    except ValueError:  # (Windows: another drive)
-        return path
+    rel = os.path.relpath(compiled.loaded.resolve(path), folder)
     return PurePosixPath(Path(rel)).as_posix()
 
 
