@@ -111,8 +111,10 @@ class Plan:
             body = ", ".join(f"{k}: {v}" for k, v in spec.items())
             lines.append(f"  {name}: {{{body}}}")
         lines.append("outputs:")
-        for name, src, _kind in self.outputs:
-            extra = f", shard_size: {self.shard_size}" if self.shard_size else ""
+        for name, src, kind in self.outputs:
+            # (a set's members are not sharded, and validate refuses a shard_size there)
+            extra = (f", shard_size: {self.shard_size}" if self.shard_size and kind != VECTORS
+                     else "")
             lines.append(f"  {name}: {{from: {src}, path: ./out/{name}{extra}}}")
         return "\n".join(lines) + "\n"
 
