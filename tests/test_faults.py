@@ -474,6 +474,38 @@ def test_an_output_that_cannot_go_in_puts_the_others_back(cli, tmp_path, monkeyp
     cli.ok("verify", "r.yaml")
 
 
+def test_a_lock_that_cannot_be_renamed_into_place_takes_the_outputs_back(cli, tmp_path,
+                                                                          monkeypatch):
+    # Every output is in place when the lock's rename fails: they go back out, and their
+    # previous folders back in, so outputs and lock stay all old.
+    base = base_weights(0)
+    for i, name in enumerate(("base", "a", "b")):
+        save_model(tmp_path / "ckpt" / name, base if name == "base" else finetune(base, i))
+    cli.write("r.yaml", FULL_RECIPE)
+    cli.ok("run", "r.yaml", "-q")
+    before = {n: snapshot(tmp_path / "out" / n) for n in ("model", "vectors")}
+    lock = (tmp_path / "r.yaml.lock").read_bytes()
+    cli.write("r.yaml", FULL_RECIPE.replace("a: 0.5, b: 0.5", "a: 0.25, b: 0.5"))
+    from tvrecipe.exec import lockfile
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "r.yaml.lock":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(lockfile.os, "replace", replace)
+        res = cli.fails(4, "run", "r.yaml", "--force")
+    assert res.err_lines == ["tvrecipe: output error:", (
+        "cannot write the lock file r.yaml.lock: Input/output error; check the "
+        f"permissions of {tmp_path} (no output was replaced)")]
+    assert {n: snapshot(tmp_path / "out" / n) for n in ("model", "vectors")} == before
+    assert (tmp_path / "r.yaml.lock").read_bytes() == lock
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model", "vectors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".r.yaml")) == []
+
+
 def test_ctrl_c_while_cache_entries_are_opened_leaves_no_temp_file(cli, tmp_path, monkeypatch):
     base = base_weights(0)
     for i, name in enumerate(("base", "a", "b")):

@@ -460,6 +460,13 @@ def test_tokenizer_source_needs_one_vocabulary(make_models, cli):
     assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1].startswith(
         "mk.yml:4:13: tokenizer.source: tokenizer_source is imported only for models that "
         "share a vocabulary")
+    # With no base_model (linear), the models' vocabularies are checked all the same.
+    cli.write("mk.yml", "merge_method: linear\nmodels: [{model: ./ckpt/base, parameters: "
+                        "{weight: 1}}, {model: ./ckpt/math, parameters: {weight: 1}}]\n"
+                        "tokenizer_source: union\n")
+    assert cli.fails(2, "import", "mk.yml", "-o", "r.yaml", "--force").err_lines[1].startswith(
+        "mk.yml:3:1: tokenizer_source: tokenizer_source is imported only for models that "
+        "share a vocabulary")
 
 
 def test_hub_ids_are_read_from_the_hub_as_mergekit_reads_them(cli):

@@ -656,7 +656,11 @@ def test_an_adapter_output_loads_with_auto_peft_model(cli, tmp_path):
     from tvrecipe.store.lora import peft_task_type
     assert peft_task_type({"architectures": ["GPT2LMHeadModel"]}) == "CAUSAL_LM"
     assert peft_task_type({"architectures": ["T5ForConditionalGeneration"],
-                           "is_encoder_decoder": True}) == "SEQ_2_SEQ_LM"
+                           "model_type": "t5", "is_encoder_decoder": True}) == "SEQ_2_SEQ_LM"
+    assert peft_task_type({"architectures": ["WhisperForConditionalGeneration"],
+                           "model_type": "whisper", "is_encoder_decoder": True}) is None
+    assert peft_task_type({"architectures": ["T5WithLMHeadModel"],
+                           "model_type": "t5"}) == "SEQ_2_SEQ_LM"
     assert peft_task_type({"architectures": ["LlavaForConditionalGeneration"]}) is None
     assert peft_task_type({"architectures": ["BertForSequenceClassification"]}) == "SEQ_CLS"
     assert peft_task_type({}) is None

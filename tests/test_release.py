@@ -385,14 +385,23 @@ def test_a_release_takes_the_base_license_and_names_no_local_folder(make_models,
     # The license is the recipe's own when it says one; a change of the base's card is a
     # change of the inputs (the card takes the license from it).
     cli.ok("verify", "r.yaml")
-    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    readme = (base / "README.md").read_text()
+    (base / "README.md").write_text(readme + "More about the base.\n")  # (prose: no change)
+    cli.ok("verify", "r.yaml")
+    (base / "README.md").write_text("\ufeff---\nlicense: apache-2.0\n---")  # (BOM, no newline)
     res = cli.fails(6, "verify", "r.yaml")
-    assert "base" in res.stderr
+    assert (f"input 'base' ({base.relative_to(tmp_path).as_posix()}): the license in its "
+            "README.md, which a release's model card takes, changed") in " ".join(
+        res.stderr.split()).replace("./", "")
+    cli.ok("run", "r.yaml", "-q")
+    assert front_matter((out / "README.md").read_text())["license"] == "apache-2.0"
     cli.write("r.yaml", recipe.replace("path: ./out/model}", "path: ./out/model, model_card: "
                                      "{license: other, license_name: mine, license_link: "
                                      "https://example.org/l}}"))
     cli.ok("run", "r.yaml", "-q")
     assert front_matter((out / "README.md").read_text())["license_name"] == "mine"
+    (base / "README.md").write_text("---\nlicense: mit\n---\n")  # (the recipe's own wins)
+    cli.ok("verify", "r.yaml")
 
 
 def test_the_card_names_the_merged_models_the_same_from_any_folder(make_models, cli, tmp_path,
@@ -421,6 +430,15 @@ def test_the_card_names_the_merged_models_the_same_from_any_folder(make_models, 
     assert front_matter(card.decode())["base_model"] == ["org/base", "org/math-ft"]
     monkeypatch.chdir("/")
     cli.ok("run", str(tmp_path / "r.yaml"), "-q", "--force")
+    # A folder named as its own Hub id (`hf download org/code --local-dir models/org/code`).
+    shutil.copytree(ms.path("code"), tmp_path / "models" / "org" / "code")
+    config_file = tmp_path / "models" / "org" / "code" / "config.json"
+    config_file.write_text(json.dumps({**config, "_name_or_path": "org/code"}))
+    named = (tmp_path / "r.yaml").read_text().replace("code: ./ckpt/code", "code: ./models/org/code")
+    cli.write("n.yaml", named.replace("./out/model", "./out/named"))
+    cli.ok("run", str(tmp_path / "n.yaml"), "-q")
+    assert front_matter((tmp_path / "out" / "named" / "README.md").read_text())[
+        "base_model"] == ["org/base", "org/math-ft", "org/code"]
     assert (tmp_path / "out" / "model" / "README.md").read_bytes() == card
     cli.ok("verify", str(tmp_path / "out" / "model"), "--recompute")
 

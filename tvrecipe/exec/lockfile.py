@@ -196,20 +196,21 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
     # The non-weight files (config, tokenizer, ...) outputs copy from a model: not in its
     # hash (they change no tensor, and no step's key), but a change to them is a change to
     # those outputs.
-    # (and the model card whose license a release takes)
-    from tvrecipe.exec.release import CARD_FILE, license_source
-    copied = _copy_sources(compiled)
-    carded = {license_source(compiled, o) for o in compiled.outputs} - {None}
-    for name in sorted((copied | carded) & set(inputs)):
+    for name in sorted(_copy_sources(compiled) & set(inputs)):
         folder = compiled.loaded.resolve(compiled.models[name].path)
         if not isinstance(folder, Path) or not folder.is_dir():
             continue  # (a URL's are read as they are; a file has none)
         from tvrecipe.store.output import plan_aux_files
-        files = [folder / f for f in plan_aux_files(folder).copy] if name in copied else []
-        if name in carded and (folder / CARD_FILE).is_file():
-            files = sorted([*files, folder / CARD_FILE])
+        files = [folder / f for f in plan_aux_files(folder).copy]
         if files:
             inputs[name]["files_sha256"] = checkpoint_digest(files, memo=memo)
+    # The license a release's card takes from a model's README: a change to it is a change
+    # to those outputs (the README's other text is not).
+    from tvrecipe.exec.release import license_source, model_license
+    for name in sorted({license_source(compiled, o) for o in compiled.outputs} - {None}):
+        licensing = model_license(compiled, name) if name in inputs else {}
+        if licensing:
+            inputs[name]["license"] = licensing
     keys = step_keys(compiled, digests)
     return {"recipe": {"file": compiled.loaded.path.name,
                        "sha256": compiled.loaded.text_sha256},
@@ -231,7 +232,13 @@ class StagedLock:
         memo learns the digests of their files, hashed as they were written (a memo that
         cannot be saved is only slower)."""
         if self.tmp is not None:
-            os.replace(self.tmp, self.path)
+            try:
+                os.replace(self.tmp, self.path)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write the lock file {self.path}: {exc.strerror or exc}; check "
+                    f"the permissions of {self.path.resolve().parent} (no output was "
+                    "replaced)") from exc
             self.tmp = None
         remember_digests(outputs, self.digests, self.memo)
 
@@ -338,6 +345,9 @@ def state_differences(compiled: Compiled, state: dict[str, Any]) -> list[str]:
         elif old.get("files_sha256") != new.get("files_sha256"):
             lines.append(f"input {name!r} ({new['path']}): its non-weight files (config, "
                          "tokenizer, …), which outputs copy, changed")
+        elif old.get("license") != new.get("license"):
+            lines.append(f"input {name!r} ({new['path']}): the license in its README.md, "
+                         "which a release's model card takes, changed")
     same_sources = not lines
     old_steps = lock.get("steps", {})
     for name, key in state["steps"].items():

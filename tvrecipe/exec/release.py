@@ -224,7 +224,9 @@ def hub_id(compiled: Compiled, model: str | None) -> str | None:
         return None
     # (a path from a folder on the way to the model: where transformers saved it from)
     folder = where.resolve()
-    if any(os.path.lexists(up / name) for up in (folder, *folder.parents)):
+    # (the model's own folder named as its Hub id, `hf download --local-dir org/name`, is one)
+    if any(os.path.lexists(up / name) and (up / name).resolve() != folder
+           for up in (folder, *folder.parents)):
         return None
     return name
 
@@ -233,31 +235,29 @@ _LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
 def license_source(compiled: Compiled, output: str) -> str | None:
-    """The model whose card's license a released output takes by default: the one it copies
-    files from (an adapter: its base); None for an output that writes no card."""
+    """The model whose card's license a released output takes: the one it copies files
+    from (an adapter: its base); None for an output that writes no card, or whose
+    ``model_card`` gives the license itself."""
     from tvrecipe.exec.results import copy_source, releases
 
-    if not releases(compiled, output):
-        return None
     spec, res = compiled.outputs[output]
+    if not releases(compiled, output) or _card_options(spec).get("license"):
+        return None
     model = (spec.base or vector_base(compiled, res.node) if spec.format == "peft"
              else copy_source(compiled, spec, res))
     return model if model in compiled.models else None
 
 
-def base_license(compiled: Compiled, output: str) -> dict[str, str]:
-    """The license fields of the front matter of the README.md of :func:`license_source`: a
-    release under the base's license says so. {} when there is none."""
-    model = license_source(compiled, output)
-    if model is None:
-        return {}
+def model_license(compiled: Compiled, model: str) -> dict[str, str]:
+    """The license fields (``license``, ``license_name``, ``license_link``) of the front
+    matter of a local model folder's README.md; {} when it has none."""
     folder = compiled.loaded.resolve(compiled.models[model].path)
     try:
-        text = (folder / CARD_FILE).read_text(encoding="utf-8") if isinstance(folder, Path) \
-            else ""
+        text = (folder / CARD_FILE).read_text(encoding="utf-8-sig") \
+            if isinstance(folder, Path) else ""
     except (OSError, UnicodeDecodeError):
         return {}
-    match = re.match(r"---\r?\n(.*?)\r?\n---\r?\n", text, re.DOTALL)
+    match = re.match(r"\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.DOTALL)
     try:
         front = yaml.safe_load(match[1]) if match else None
     except yaml.YAMLError:
@@ -265,6 +265,13 @@ def base_license(compiled: Compiled, output: str) -> dict[str, str]:
     if not isinstance(front, dict) or not isinstance(front.get("license"), str):
         return {}
     return {k: front[k] for k in _LICENSE_KEYS if isinstance(front.get(k), str)}
+
+
+def base_license(compiled: Compiled, output: str) -> dict[str, str]:
+    """The license fields a released output's card takes from its :func:`license_source`:
+    a release under the base's license says so. {} when there are none."""
+    model = license_source(compiled, output)
+    return {} if model is None else model_license(compiled, model)
 
 
 def _step_line(name: str, raw_step: dict[str, Any], compiled: Compiled) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tvrecipe import __version__
-from tvrecipe.errors import ExecutionError, InputError
+from tvrecipe.errors import ExecutionError, InputError, OutputError
 from tvrecipe.exec.release import Source, write_release
 from tvrecipe.plan.graph import CHECKPOINT, VECTOR, VECTORS, Compiled, CompiledStep, Resolved
 from tvrecipe.plan.tensors import TensorPlan
@@ -119,24 +119,36 @@ def commit_outputs(outputs: dict[str, Output], options: RunOptions,
         # Every output in place with its previous one kept aside, then the lock, then the
         # previous ones go: one that cannot go in puts the others' previous outputs back.
         swapped: list[Output] = []
+        paths = {name: o.folder.target for name, o in outputs.items()}
         try:
             for o in outputs.values():
                 o.folder.swap()
                 swapped.append(o)
-        except BaseException:
-            try:
-                for o in reversed(swapped):
-                    o.folder.unswap()
-            finally:
-                if lock is not None:
-                    lock.discard()
+            if lock is not None:
+                lock.commit(paths)
+        except BaseException as exc:
+            if lock is not None:
+                lock.discard()
+            _take_back(swapped, exc)
             raise
-        paths = {name: o.folder.target for name, o in outputs.items()}
-        if lock is not None:
-            lock.commit(paths)
         for o in swapped:
             o.folder.finish()
     return paths
+
+
+def _take_back(swapped: list[Output], cause: BaseException) -> None:
+    """Undo the swaps of a commit that failed (``cause``), the last first: every one is
+    tried, and those that could not be undone are named together (with where each previous
+    output was kept), so that none is lost unsaid."""
+    kept = []
+    for o in reversed(swapped):
+        try:
+            o.folder.unswap()
+        except OutputError as exc:
+            kept.append(str(exc))
+    if kept:
+        raise OutputError(f"{cause}; then putting the previous outputs back failed: "
+                          + "; ".join(kept)) from cause
 
 
 def abort_outputs(outputs: dict[str, Output]) -> None:

@@ -54,11 +54,11 @@ _SHARED_ONLY = {
     "slerp": {"t"},
     "model_stock": {"filter_wise"},
 }
-# Every parameter some method reads: one another method reads is ignored by mergekit, as the
-# importer does (and says); any other name is refused as a likely typo.
 # mergekit's methods the importer does not write (a near name is no typo of a supported one).
 _OTHER_METHODS = {"nuslerp", "multislerp", "sce", "karcher", "passthrough", "arcee_fusion",
                   "nearswap"}
+# Every parameter some method reads: one another method reads is ignored by mergekit, as the
+# importer does (and says); any other name is refused as a likely typo.
 _KNOWN_PARAMS = set().union(*_PER_MODEL.values(), *_SHARED_ONLY.values())
 # Parameters with a range, as tvrecipe's ops take them (mergekit's own is wider: see value()).
 _DENSITY_PARAMS = {"density"}
@@ -419,8 +419,8 @@ class _Importer:
                                                    "sources: mergekit adds it to a models list, "
                                                    "not to a slice, and stops",
                          "add it to the sources with the same layer_range")
-        if tok is not None and base is not None:
-            self.same_vocabulary([base, *models], tok_where)
+        if tok is not None:  # (the base's, or with none the first model's, vocabulary)
+            self.same_vocabulary([*([base] if base is not None else []), *models], tok_where)
         shared = {**(data.get("parameters") or {}), **self.slice_parameters}
         if method not in METHODS:  # parameters are checked against a method's
             raise RecipeError(self.problems)

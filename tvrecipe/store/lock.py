@@ -122,7 +122,8 @@ def read_lock(path: Path) -> dict[str, Any]:
 # paths, step keys and versions tvrecipe wrote. ``*`` is any name.
 _TEXT_FIELDS = (("recipe", "file"), ("recipe", "sha256"), ("built_from", "file"),
                 ("built_from", "sha256"), ("inputs", "*", "path"), ("inputs", "*", "sha256"),
-                ("inputs", "*", "files_sha256"), ("outputs", "*", "path"),
+                ("inputs", "*", "files_sha256"), ("inputs", "*", "license", "*"),
+                ("outputs", "*", "path"),
                 ("outputs", "*", "files", "*"), ("files", "*"), ("steps", "*"), ("tool", "*"),
                 ("machine", "*"))
 

@@ -31,7 +31,7 @@ _PREFIX = "base_model.model."
 # What this reader refuses, by adapter_config.json key: (value that is fine, what it is).
 # LoRA initialisations that move part of the base's weights into the factors (peft does it
 # again when it loads the adapter): such an adapter is over the residual base, not this one.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # (``bias`` "lora_only" and "all" are read: peft saves those biases whole, base + delta.)
 _UNSUPPORTED = {"use_dora": (False, "DoRA"),
                 "lora_bias": (False, "LoRA bias terms"), "use_qalora": (False, "QA-LoRA"),
@@ -222,7 +222,11 @@ class LoraAdapter:
             elif ".original_module." in key:
                 continue  # (the base's own module, which a modules_to_save copy stands in for)
             else:  # modules_to_save: a full copy of the module's tensor
-                tensor = re.sub(r"\.modules_to_save(\.[^.]+)?(?=\.[^.]+$)", "", key)
+                # (`X.modules_to_save.ADAPTER.P` or `X.modules_to_save.P`, P maybe nested:
+                # the form the base has)
+                forms = [re.sub(r"\.modules_to_save\.[^.]+\.", ".", key, count=1),
+                         key.replace(".modules_to_save.", ".", 1)]
+                tensor = next((f for f in forms if f in self.base.tensors), forms[0])
                 if tensor == key and f"{_PREFIX}{tensor}" in names and any(
                         n.startswith(f"{_PREFIX}{tensor.rsplit('.', 1)[0]}.modules_to_save.")
                         for n in names):
@@ -428,7 +432,10 @@ def bare_prefix(config: dict, names) -> str:
     """The prefix the model peft loads an adapter on gives the tensor names of a base stored
     as its bare model: ``transformer.`` for a GPT-2-like base saved without it (as the Hub's
     GPT-2 checkpoints are), else ""."""
-    if config.get("model_type") in _CONV1D_TYPES and not any(
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
+    head = arch.endswith("LMHeadModel") or "For" in arch  # (not GPT2Model: the bare model)
+    if head and config.get("model_type") in _CONV1D_TYPES and not any(
             n.startswith("transformer.") for n in names) and any(
             n.startswith("h.") for n in names):
         return "transformer."
@@ -445,19 +452,29 @@ def conv1d_layers(model_type: object):
 
 # peft's task types by the head a transformers architecture names (config.json's
 # ``architectures``), which AutoPeftModel picks its auto class by.
+# The model types transformers' AutoModelForSeq2SeqLM takes (an encoder-decoder such as
+# Whisper's ForConditionalGeneration is not one: peft's SEQ_2_SEQ_LM breaks its forward).
+_SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus",
+                            "pegasus_x", "marian", "blenderbot", "blenderbot-small", "m2m_100",
+                            "led", "plbart", "fsmt", "prophetnet", "xlm-prophetnet", "nllb-moe",
+                            "bigbird_pegasus", "switch_transformers", "mvp", "bert-generation",
+                            "encoder-decoder"})
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
                ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
                ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
 
 
 def peft_task_type(config: dict) -> str | None:
-    """peft's ``task_type`` for a model of this config.json: by its architecture's head, an
-    encoder-decoder's ``ForConditionalGeneration`` a SEQ_2_SEQ_LM; None when it does not
-    tell (peft then loads the adapter with PeftModel, not AutoPeftModel)."""
+    """peft's ``task_type`` for a model of this config.json: by its architecture's head, a
+    text encoder-decoder's (T5, BART, ...) SEQ_2_SEQ_LM; None when it does not tell (peft
+    then loads the adapter with PeftModel, not AutoPeftModel)."""
     names = config.get("architectures")
     name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
-    if name.endswith("ForConditionalGeneration") and config.get("is_encoder_decoder") is True:
+    if config.get("model_type") in _SEQ2SEQ_TYPES and name.endswith(
+            ("ForConditionalGeneration", "LMHeadModel", "ForSeq2SeqLM")):
         return "SEQ_2_SEQ_LM"
+    if name.endswith("ForConditionalGeneration"):
+        return None  # (a vision or speech model: peft's task types fit none of them)
     return next((task for head, task in _TASK_TYPES if name.endswith(head)), None)
 
 

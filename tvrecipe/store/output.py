@@ -348,10 +348,20 @@ class OutputFolder:
         except OSError as exc:
             _LIVE_STAGING.discard(self.staging)
             if aside is None:
-                return  # (the new output stays: there was nothing there before)
+                raise OutputError(
+                    f"cannot take the new {self.target} out again: {exc.strerror or exc}; "
+                    "it stays, without a lock that records it") from exc
+            # Out of the aside folder, so that no later run's sweep takes it for a dead run's
+            # leftover and removes it.
+            kept = aside / self.target.name
+            moved = self.target.parent / f"{self.target.name}.previous-{secrets.token_hex(4)}"
+            with contextlib.suppress(OSError):
+                os.rename(kept, moved)
+                kept = moved
+                aside.rmdir()
             raise OutputError(
                 f"cannot put the previous {self.target} back: {exc.strerror or exc}; it was "
-                f"kept at {aside / self.target.name}: move it back by hand") from exc
+                f"kept at {kept}: move it back by hand") from exc
         self.committed = False
         if aside is not None:
             self._restore(aside, OSError("another output could not be written"))
