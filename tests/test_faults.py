@@ -436,9 +436,9 @@ def test_a_lock_that_cannot_be_written_replaces_no_output(cli, tmp_path, monkeyp
     assert snapshot(tmp_path / "out") != before
 
 
-def test_an_output_that_cannot_go_in_puts_the_others_back(cli, tmp_path, monkeypatch):
-    # Two outputs: the first is in place when the second's rename fails. The first one's
-    # previous folder goes back, so outputs and lock stay all old, and a rerun replaces both.
+def _run_two_outputs_then_edit(cli, tmp_path) -> tuple[dict, bytes]:
+    """Run a recipe of two outputs, then edit it: the outputs' files and the lock as the
+    first run left them."""
     base = base_weights(0)
     for i, name in enumerate(("base", "a", "b")):
         save_model(tmp_path / "ckpt" / name, base if name == "base" else finetune(base, i))
@@ -447,6 +447,13 @@ def test_an_output_that_cannot_go_in_puts_the_others_back(cli, tmp_path, monkeyp
     before = {n: snapshot(tmp_path / "out" / n) for n in ("model", "vectors")}
     lock = (tmp_path / "r.yaml.lock").read_bytes()
     cli.write("r.yaml", FULL_RECIPE.replace("a: 0.5, b: 0.5", "a: 0.25, b: 0.5"))
+    return before, lock
+
+
+def test_an_output_that_cannot_go_in_puts_the_others_back(cli, tmp_path, monkeypatch):
+    # Two outputs: the first is in place when the second's rename fails. The first one's
+    # previous folder goes back, so outputs and lock stay all old, and a rerun replaces both.
+    before, lock = _run_two_outputs_then_edit(cli, tmp_path)
     real = os.rename
     swapped = []
 
@@ -478,14 +485,7 @@ def test_a_lock_that_cannot_be_renamed_into_place_takes_the_outputs_back(cli, tm
                                                                           monkeypatch):
     # Every output is in place when the lock's rename fails: they go back out, and their
     # previous folders back in, so outputs and lock stay all old.
-    base = base_weights(0)
-    for i, name in enumerate(("base", "a", "b")):
-        save_model(tmp_path / "ckpt" / name, base if name == "base" else finetune(base, i))
-    cli.write("r.yaml", FULL_RECIPE)
-    cli.ok("run", "r.yaml", "-q")
-    before = {n: snapshot(tmp_path / "out" / n) for n in ("model", "vectors")}
-    lock = (tmp_path / "r.yaml.lock").read_bytes()
-    cli.write("r.yaml", FULL_RECIPE.replace("a: 0.5, b: 0.5", "a: 0.25, b: 0.5"))
+    before, lock = _run_two_outputs_then_edit(cli, tmp_path)
     from tvrecipe.exec import lockfile
     real = os.replace
 
