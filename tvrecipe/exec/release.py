@@ -136,7 +136,8 @@ def pinned_recipe(compiled: Compiled, output: str, digests: dict[str, str]) -> s
                             default_flow_style=None, width=100)
 
 
-def _card_options(spec: Any) -> dict[str, Any]:
+def card_options(spec: Any) -> dict[str, Any]:
+    """An output's ``model_card`` mapping as set (``true``, ``false``: {})."""
     card = spec.model_card
     return card.model_dump(exclude_none=True) if hasattr(card, "model_dump") else {}
 
@@ -241,7 +242,7 @@ def license_source(compiled: Compiled, output: str) -> str | None:
     from tvrecipe.exec.results import copy_source, releases
 
     spec, res = compiled.outputs[output]
-    if not releases(compiled, output) or _card_options(spec).get("license"):
+    if not releases(compiled, output) or card_options(spec).get("license"):
         return None
     model = (spec.base or vector_base(compiled, res.node) if spec.format == "peft"
              else copy_source(compiled, spec, res))
@@ -290,7 +291,7 @@ def model_card(compiled: Compiled, output: str, recipe_text: str,
                inputs: dict[str, dict[str, str]], files: list[str]) -> str:
     """The ``README.md`` of one checkpoint output."""
     spec, _res = compiled.outputs[output]
-    options = _card_options(spec)
+    options = card_options(spec)
     raw = yaml.safe_load(recipe_text)
     front: dict[str, Any] = {}
     adapter = spec.format == "peft"

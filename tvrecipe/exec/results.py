@@ -271,7 +271,12 @@ class Output:
                                                 shard_size=parse_size(spec.shard_size),
                                                 metadata={**meta, "format": "pt"})
         elif self.kind == VECTOR and spec.format == "peft":
-            from tvrecipe.exec.release import model_config, vector_base, vector_base_id
+            from tvrecipe.exec.release import (
+                card_options,
+                model_config,
+                vector_base,
+                vector_base_id,
+            )
             from tvrecipe.spec.models import RankEnergy
             from tvrecipe.spec.pertensor import value_at
             from tvrecipe.store.lora import (
@@ -293,7 +298,7 @@ class Output:
                         raise ExecutionError(f"output {output!r}, tensor {tensor!r}: rank: "
                                              f"{exc}; end the rules with a default "
                                              "{value: ...}") from None
-            card = spec.model_card.base_model if hasattr(spec.model_card, "base_model") else None
+            card = card_options(spec).get("base_model")
             base = (spec.base_model or (card[0] if isinstance(card, list) and card else card)
                     or vector_base_id(self.compiled, res.node))
             full = None

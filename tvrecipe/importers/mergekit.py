@@ -215,6 +215,11 @@ class _Importer:
             return out
         return value
 
+    def models_key(self) -> tuple:
+        """Where the config lists its models: ``models:``, else ``slices:`` (the top if
+        neither)."""
+        return next(((k,) for k in ("models", "slices") if k in self.data), ())
+
     def same_vocabulary(self, models: list[_Model], where: tuple) -> None:
         """With ``tokenizer_source``, mergekit maps every model's embedding rows onto that
         tokenizer's vocabulary; tvrecipe copies the base's tokenizer and merges the rows as
@@ -405,7 +410,6 @@ class _Importer:
             model.parameters, model.order = params, order
             models.append(model)
         if not models and not self.problems:
-            where = ("models",) if "models" in data else ("slices",) if "slices" in data else ()
             if base is not None and base.listed:
                 self.problem(base.where, "no models to merge: the only model is base_model, "
                                          "so the merge is the base itself",
@@ -413,7 +417,7 @@ class _Importer:
                              "that applies the adapter, as `tvrecipe import` writes for one "
                              "among other models)")
             else:
-                self.problem(where, "no models to merge")
+                self.problem(self.models_key(), "no models to merge")
         if "slices" in data and entries and base is not None and not base.listed:
             self.problem(("slices", 0, "sources"), "base_model is not among the slice's "
                                                    "sources: mergekit adds it to a models list, "
@@ -628,13 +632,10 @@ class _Writer:
                                "normalize": normalize}, f"{src}; normalize: {nsrc}")
         elif method == "slerp":
             if self.base is None or len(self.models) != 1:
-                data = self.imp.data
-                where = ("models",) if "models" in data else ("slices",) if "slices" in data \
-                    else ()
                 got = ("no base_model" if self.base is None else
                        f"{len(self.models)} other models")
-                self.imp.problem(where, "slerp needs a base_model and exactly one other "
-                                        f"model; the config has {got}",
+                self.imp.problem(self.imp.models_key(), "slerp needs a base_model and "
+                                 f"exactly one other model; the config has {got}",
                                  "name one of the two models base_model (slerp's t runs from "
                                  "it, at 0, to the other, at 1)")
                 return ""

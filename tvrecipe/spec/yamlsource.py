@@ -131,17 +131,15 @@ def load_yaml(path: Path, display_name: str | None = None) -> tuple[Any, SourceM
         mark = exc.problem_mark or exc.context_mark
         what = exc.problem or "invalid YAML"
         ctx = f" ({exc.context})" if exc.context else ""
+        message, hint = (f"YAML syntax error: {what}{ctx}",
+                         "check indentation, colons and quotes around this spot")
         if "another document" in what:  # (several `---` documents: not a syntax error)
-            raise RecipeError(Problem(
-                "this file holds several YAML documents (separated by ---); it is read as one",
-                file=name, line=mark.line + 1 if mark else None,
-                column=mark.column + 1 if mark else None,
-                hint="split it into one file per document (a mergekit-multi file: one config "
-                     "per file)")) from None
+            message = ("this file holds several YAML documents (separated by ---); it is "
+                       "read as one")
+            hint = "split it into one file per document (a mergekit-multi file: one config per file)"
         raise RecipeError(Problem(
-            f"YAML syntax error: {what}{ctx}", file=name,
-            line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
-            hint="check indentation, colons and quotes around this spot")) from None
+            message, file=name, line=mark.line + 1 if mark else None,
+            column=mark.column + 1 if mark else None, hint=hint)) from None
     except yaml.reader.ReaderError as exc:
         line, col = _line_col(text, exc.position)
         raise RecipeError(Problem(

@@ -192,8 +192,12 @@ class LoraAdapter:
             head, _, rest = key.partition(".")
             return rest if head not in roots and rest.split(".", 1)[0] in roots else key
 
-        for name in names:
-            key = bare(name.removeprefix(_PREFIX))
+        keys = {name: bare(name.removeprefix(_PREFIX)) for name in names}
+        # Modules with a modules_to_save copy: peft saves a resized embedding's plain layer
+        # beside it, which the copy stands in for.
+        copied = {k.split(".modules_to_save.", 1)[0] for k in keys.values()
+                  if ".modules_to_save." in k}
+        for name, key in keys.items():
             m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                              r"(?:\.[^.]+)?(?:\.weight)?", key)
             if m and key.endswith(".bias"):
@@ -227,9 +231,7 @@ class LoraAdapter:
                 forms = [re.sub(r"\.modules_to_save\.[^.]+\.", ".", key, count=1),
                          key.replace(".modules_to_save.", ".", 1)]
                 tensor = next((f for f in forms if f in self.base.tensors), forms[0])
-                if tensor == key and f"{_PREFIX}{tensor}" in names and any(
-                        n.startswith(f"{_PREFIX}{tensor.rsplit('.', 1)[0]}.modules_to_save.")
-                        for n in names):
+                if tensor == key and tensor.rsplit(".", 1)[0] in copied:
                     continue  # (saved beside its copy, as peft saves a resized embedding)
                 if tensor not in self.base.tensors:
                     raise InputError(f"{self.path}: saved module tensor {name!r} matches no "
@@ -411,14 +413,18 @@ def _config(checkpoint: Checkpoint) -> dict:
     return folder_config(path if path.is_dir() else path.parent)
 
 
+def _architecture(config: dict) -> str:
+    """The model class a config.json names first (``architectures``); "" if none."""
+    names = config.get("architectures")
+    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
+
+
 def _tied_head(checkpoint: Checkpoint) -> bool:
     """Whether the checkpoint is a language model whose output head is its input embedding:
     no ``lm_head.weight`` stored, and a config.json that does not untie them."""
     config = _config(checkpoint)
-    names = config.get("architectures")
-    head = (isinstance(names, list) and bool(names) and isinstance(names[0], str)
-            and names[0].endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM",
-                                   "ForConditionalGeneration", "ForSeq2SeqLM")))
+    head = _architecture(config).endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM",
+                                           "ForConditionalGeneration", "ForSeq2SeqLM"))
     return (head and "lm_head.weight" not in checkpoint.tensors
             and config.get("tie_word_embeddings", True) is not False)
 
@@ -432,8 +438,7 @@ def bare_prefix(config: dict, names) -> str:
     """The prefix the model peft loads an adapter on gives the tensor names of a base stored
     as its bare model: ``transformer.`` for a GPT-2-like base saved without it (as the Hub's
     GPT-2 checkpoints are), else ""."""
-    archs = config.get("architectures")
-    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
+    arch = _architecture(config)
     head = arch.endswith("LMHeadModel") or "For" in arch  # (not GPT2Model: the bare model)
     if head and config.get("model_type") in _CONV1D_TYPES and not any(
             n.startswith("transformer.") for n in names) and any(
@@ -450,8 +455,6 @@ def conv1d_layers(model_type: object):
     return lambda name: bool(_CONV1D_LAYER.search(name))
 
 
-# peft's task types by the head a transformers architecture names (config.json's
-# ``architectures``), which AutoPeftModel picks its auto class by.
 # The model types transformers' AutoModelForSeq2SeqLM takes (an encoder-decoder such as
 # Whisper's ForConditionalGeneration is not one: peft's SEQ_2_SEQ_LM breaks its forward).
 _SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus",
@@ -459,6 +462,8 @@ _SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "umt5", "longt5", "bart", "mbart", "peg
                             "led", "plbart", "fsmt", "prophetnet", "xlm-prophetnet", "nllb-moe",
                             "bigbird_pegasus", "switch_transformers", "mvp", "bert-generation",
                             "encoder-decoder"})
+# peft's task types by the head a transformers architecture names (config.json's
+# ``architectures``), which AutoPeftModel picks its auto class by.
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
                ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
                ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
@@ -468,8 +473,7 @@ def peft_task_type(config: dict) -> str | None:
     """peft's ``task_type`` for a model of this config.json: by its architecture's head, a
     text encoder-decoder's (T5, BART, ...) SEQ_2_SEQ_LM; None when it does not tell (peft
     then loads the adapter with PeftModel, not AutoPeftModel)."""
-    names = config.get("architectures")
-    name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
+    name = _architecture(config)
     if config.get("model_type") in _SEQ2SEQ_TYPES and name.endswith(
             ("ForConditionalGeneration", "LMHeadModel", "ForSeq2SeqLM")):
         return "SEQ_2_SEQ_LM"

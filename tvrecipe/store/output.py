@@ -184,9 +184,9 @@ def _dead(prefix: str, path: Path) -> bool:
 def sweep_dead_staging(parent: Path, name: str) -> None:
     """Removes the folders for output ``name`` left by runs on this host that no longer exist
     (SIGKILL, a power cut): staging folders (a staged lock file, for a lock), and the folders
-    a previous output was moved aside into while a new one took its place. Where such a run died between those two
-    renames, its previous output goes back in place first (no output there, and the lock,
-    written after the renames, still describes that one)."""
+    a previous output was moved aside into while a new one took its place. Where such a run
+    died between those two renames, its previous output goes back in place first (no output
+    there, and the lock, written after the renames, still describes that one)."""
     staging, aside = _host_prefix(name), f".{name}.old-{_HOST}-"
     try:
         entries = [p for p in parent.iterdir() if p.name.startswith((staging, aside))]
