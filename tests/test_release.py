@@ -404,6 +404,42 @@ def test_a_release_takes_the_base_license_and_names_no_local_folder(make_models,
     cli.ok("verify", "r.yaml")
 
 
+def test_a_release_of_models_under_other_licenses_must_say_its_own(make_models, cli,
+                                                                    tmp_path):
+    # The card takes the base's license only where no merged model's README names another:
+    # a fine-tune under another license (or a licensed fine-tune of a base with none) makes
+    # the run stop before it reads a weight, at the output's line, until the recipe says
+    # the release's license.
+    ms, _ = project(make_models, cli, "  model: {from: model, path: ./out/model}\n")
+    recipe = (tmp_path / "r.yaml").read_text()
+    line = recipe.splitlines().index("  model: {from: model, path: ./out/model}") + 1
+    (ms.path("base") / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Base\n")
+    (ms.path("code") / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    (ms.path("toxic") / "README.md").write_text("# no front matter\n")
+    cli.ok("run", "r.yaml", "-q")  # (the same license, or none said: the base's)
+    assert front_matter((tmp_path / "out/model/README.md").read_text())["license"] == \
+        "apache-2.0"
+    (ms.path("math") / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: llama3.1\n---\n")
+    for command in ("run", "plan", "verify"):
+        res = cli.fails(2, command, "r.yaml")
+        assert (f"r.yaml:{line}:3: outputs.model: the model card would take the license of "
+                "'base' (apache-2.0, from its README.md), but 'math''s README.md names other "
+                "(llama3.1): a merge is bound by the license of every model in it (say the "
+                "release's license in the output's `model_card: {license: …}` (or write no "
+                "card: `model_card: false`))") in " ".join(res.stderr.split()), command
+    (ms.path("base") / "README.md").unlink()
+    res = cli.fails(2, "run", "r.yaml")
+    assert "of 'base' (its README.md names none), but 'math''s README.md names" in " ".join(
+        res.stderr.split())
+    cli.write("r.yaml", recipe.replace("path: ./out/model}",
+                                       "path: ./out/model, model_card: {license: other, "
+                                       "license_name: llama3.1}}"))
+    cli.ok("run", "r.yaml", "-q")
+    assert front_matter((tmp_path / "out/model/README.md").read_text())["license_name"] == \
+        "llama3.1"
+
+
 def test_the_card_names_the_merged_models_the_same_from_any_folder(make_models, cli, tmp_path,
                                                                   monkeypatch):
     # Hub ids from a Hugging Face cache folder's name and from _name_or_path (where it names

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
-from functools import cache
+from functools import cache, partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from tvrecipe import __version__
-from tvrecipe.errors import InputError, MissingPackage, OutputError, about
+from tvrecipe.errors import InputError, MissingPackage, OutputError, RecipeError, about
 from tvrecipe.plan.graph import VECTORS_INDEX, Compiled
 from tvrecipe.plan.keys import step_keys
 from tvrecipe.plan.tensors import needed_models
@@ -206,7 +206,10 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
             inputs[name]["files_sha256"] = checkpoint_digest(files, memo=memo)
     # The license a release's card takes from a model's README: a change to it is a change
     # to those outputs (the README's other text is not).
-    from tvrecipe.exec.release import license_source, model_license
+    from tvrecipe.exec.release import license_conflict, license_source, model_license
+    conflicts = [c for c in map(partial(license_conflict, compiled), compiled.outputs) if c]
+    if conflicts:
+        raise RecipeError(conflicts)
     for name in sorted({license_source(compiled, o) for o in compiled.outputs} - {None}):
         licensing = model_license(compiled, name) if name in inputs else {}
         if licensing:

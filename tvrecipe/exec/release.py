@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from tvrecipe import __version__
-from tvrecipe.errors import VerifyError
+from tvrecipe.errors import Problem, VerifyError
 from tvrecipe.plan.graph import Compiled
 from tvrecipe.store.lock import LOCK_VERSION
 from tvrecipe.store.remote import url_scheme
@@ -266,6 +266,35 @@ def model_license(compiled: Compiled, model: str) -> dict[str, str]:
     if not isinstance(front, dict) or not isinstance(front.get("license"), str):
         return {}
     return {k: front[k] for k in _LICENSE_KEYS if isinstance(front.get(k), str)}
+
+
+def license_conflict(compiled: Compiled, output: str) -> Problem | None:
+    """Why a released output's card cannot take its :func:`license_source`'s license: another
+    model merged into it names another license in its README (a merge is bound by each of
+    its models' licenses, so the card must not say the base's alone). None when they agree,
+    or when the other models' READMEs name none."""
+    source = license_source(compiled, output)
+    if source is None:
+        return None
+    mine = model_license(compiled, source)
+    for model in needed_by(compiled, output)[0]:
+        theirs = model_license(compiled, model) if model != source else {}
+        if theirs and _license_text(theirs) != _license_text(mine):
+            said = f"{_license_text(mine)}, from its README.md" if mine else \
+                "its README.md names none"
+            return compiled.loaded.source.problem(
+                ("outputs", output),
+                f"the model card would take the license of {source!r} ({said}), but "
+                f"{model!r}'s README.md names {_license_text(theirs)}: a merge is bound by "
+                "the license of every model in it",
+                hint="say the release's license in the output's `model_card: {license: …}` "
+                     "(or write no card: `model_card: false`)")
+    return None
+
+
+def _license_text(fields: dict[str, str]) -> str:
+    name = fields.get("license", "")
+    return f"{name} ({fields['license_name']})" if fields.get("license_name") else name
 
 
 def base_license(compiled: Compiled, output: str) -> dict[str, str]:
