@@ -158,6 +158,11 @@ def test_verify_recompute_compares_fresh_bytes_and_cleans_up(tmp_path, monkeypat
                          "  recomputing the outputs gave other bytes than the lock:"]
     assert lines[2].startswith("  recomputed ./out/model.safetensors: content differs from the "
                                "lock (sha256 ")
+    # ... and says how: one ulp (2^-24 at the largest |w| 0.904) on every entry
+    assert lines[2].endswith("…): 2 of 2 tensors differ; the most, 'n': max |Δ| 5.96e-08 (its "
+                             "largest |w| 0.904) in 3 of 3 entries")
+    assert lines[3].startswith("  recomputed ./out/tvrecipe.lock: content differs from the lock")
+    assert ': first at line 6: recomputed "model.safetensors: ' in lines[3]
     # Same versions, device and CPU as the lock: nothing explains it.
     assert lines[-1] == (
         "  the versions, device and CPU are those of the run that wrote the lock; if that run "

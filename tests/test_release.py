@@ -192,7 +192,22 @@ def test_verify_recompute_rebuilds_the_folder_from_its_own_recipe(make_models, c
     assert res.err_lines[1] == ("rebuilding out/math from its tvrecipe.yaml gave other bytes than "
                                 "its tvrecipe.lock:")
     assert res.err_lines[2].startswith("recomputed out/math/model.safetensors: content differs")
+    assert res.err_lines[2].endswith(  # (another output's float32 weights put in its place)
+        "…): 7 of 8 tensors differ; the most, 'lm_head.weight': bfloat16 [16, 8] against locked "
+        "float32 [16, 8]")
     assert len(res.err_lines) == 3
+    # The same tensors with other metadata: said so.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    cli.ok("run", "r.yaml", "-q", "--force")
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(weights), weights, metadata={**metadata, "note": "re-saved"})
+    entry = yaml.safe_load((folder / "tvrecipe.lock").read_text())
+    entry["files"]["model.safetensors"] = sha(weights)
+    (folder / "tvrecipe.lock").write_text(yaml.safe_dump(entry))
+    res = cli.fails(6, "verify", "out/math", "--recompute")
+    assert res.err_lines[2].endswith("…): every tensor is equal; the metadata differs (note)")
 
 
 def test_a_moved_folder_rebuilds_with_inputs_given_where_they_are(make_models, cli, tmp_path):

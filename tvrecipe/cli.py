@@ -810,7 +810,7 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
         for f in (release.CARD_FILE, release.RECIPE_FILE):
             locked.pop(f, None)
             (got / f).unlink(missing_ok=True)
-    problems = release.folder_differences(got, locked, f"recomputed {folder}")
+    problems = release.folder_differences(got, locked, f"recomputed {folder}", folder)
     if problems:
         raise VerifyError(f"rebuilding {folder} from its {release.RECIPE_FILE} gave other bytes "
                           f"than its {release.LOCK_FILE}:\n"

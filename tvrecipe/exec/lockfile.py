@@ -445,5 +445,8 @@ def output_differences(compiled: Compiled, memo: HashMemo | None = None,
         if not got:
             lines.append(f"output {name!r}: {label} is missing")
             continue
-        lines += diff_hashes(locked[name]["files"], got, label)
+        # (a recomputed copy is compared with the output in place, where that has the
+        # locked bytes: to say what differs)
+        compare = (target, compiled.loaded.resolve(spec.path)) if folders else None
+        lines += diff_hashes(locked[name]["files"], got, label, compare)
     return lines

@@ -445,11 +445,13 @@ def read_release(folder: Path) -> dict[str, Any]:
     return data
 
 
-def folder_differences(folder: Path, locked: dict[str, str], label: str) -> list[str]:
-    """How the files of a folder (its own lock file aside) differ from ``locked``."""
+def folder_differences(folder: Path, locked: dict[str, str], label: str,
+                       reference: Path | None = None) -> list[str]:
+    """How the files of a folder (its own lock file aside) differ from ``locked``; with
+    ``reference`` (a folder with the locked bytes), how each differing file differs."""
     from tvrecipe.store.hashing import HashMemo
     from tvrecipe.store.lock import diff_hashes, hash_tree
 
     got = hash_tree(folder, HashMemo(None), hidden=False) if folder.is_dir() else {}
     got.pop(LOCK_FILE, None)
-    return diff_hashes(locked, got, label)
+    return diff_hashes(locked, got, label, None if reference is None else (folder, reference))

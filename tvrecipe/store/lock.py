@@ -159,8 +159,15 @@ def lock_shape_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
-def diff_hashes(expected: dict[str, str], got: dict[str, str], where: str) -> list[str]:
-    """Human lines for every file that is missing, extra or different."""
+def diff_hashes(expected: dict[str, str], got: dict[str, str], where: str,
+                compare: tuple[Path, Path] | None = None) -> list[str]:
+    """Human lines for every file that is missing, extra or different.
+
+    Args:
+        compare: (the folder of ``got``, a folder whose files may hold the locked bytes):
+            where a file of the second has them, a differing file says how it differs (the
+            tensors, or only the metadata; a text file's first changed line).
+    """
     lines = []
     for name in sorted(set(expected) | set(got)):
         if name not in got:
@@ -168,6 +175,21 @@ def diff_hashes(expected: dict[str, str], got: dict[str, str], where: str) -> li
         elif name not in expected:
             lines.append(f"{where}/{name}: not in the lock")
         elif expected[name] != got[name]:
+            how = _how_it_differs(compare, name, expected[name])
             lines.append(f"{where}/{name}: content differs from the lock "
-                         f"(sha256 {got[name][:12]}…, locked {expected[name][:12]}…)")
+                         f"(sha256 {got[name][:12]}…, locked {expected[name][:12]}…)"
+                         + (f": {how}" if how else ""))
     return lines
+
+
+def _how_it_differs(compare: tuple[Path, Path] | None, name: str, locked: str) -> str | None:
+    if compare is None:
+        return None
+    from tvrecipe.store.compare import describe_difference
+    here, reference = compare[0] / name, compare[1] / name
+    try:
+        if not reference.is_file() or sha256_file(reference) != locked:
+            return None
+    except OSError:
+        return None
+    return describe_difference(here, reference)
