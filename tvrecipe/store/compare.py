@@ -66,12 +66,11 @@ def _safetensors_difference(got: Path, locked: Path) -> str:
                 continue
             # (float32 keeps a float32 gap exact, at half float64's memory on an embedding)
             wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-            xf, yf = x.to(wide), y.to(wide)
-            gap = (xf - yf).abs().nan_to_num(nan=float("inf"))
-            scale = float(yf.abs().nan_to_num(nan=0.0, posinf=0.0).max()) if y.numel() else 0.0
-            count = int((_bits(x).view(x.numel(), -1) != _bits(y).view(y.numel(), -1))
-                        .any(dim=1).sum()) if x.numel() else 0
-            worst = float(gap.max())
+            xf, yf = x.to(wide).reshape(-1), y.to(wide).reshape(-1)
+            unequal = (_bits(x).view(x.numel(), -1) != _bits(y).view(y.numel(), -1)).any(dim=1)
+            gap = (xf - yf)[unequal].abs().nan_to_num(nan=float("inf"))  # (NaN against a number)
+            scale = float(yf.abs().nan_to_num(nan=0.0, posinf=0.0).max())
+            count, worst = int(unequal.sum()), float(gap.max())
             differ.append((worst / scale if scale else worst, name,
                            (f"max |Δ| {worst:.3g} (its largest |w| {scale:.3g}) in "
                             f"{count} of {x.numel()} entries")))
