@@ -322,3 +322,27 @@ def test_a_staged_lock_of_a_dead_run_is_removed_by_the_next_lock(tmp_path):
     assert tmp.name.startswith(output.staging_prefix(lock.name))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, tmp.name])
     assert tmp.read_text() == "lock_version: 1\nsteps: {}\n"
+
+
+def test_a_copied_config_is_fixed_in_its_sub_configs_too(tmp_path):
+    # A composite model (text + vision) loads each part with its sub-config's dtype: each says
+    # the output's; a local _name_or_path goes at every level, a Hub id stays.
+    import json
+
+    from tvrecipe.store.output import fix_copied_config
+    config = {"model_type": "llava", "torch_dtype": "float32", "_name_or_path": "/home/a/x",
+              "text_config": {"torch_dtype": "float32", "_name_or_path": "./ckpt/text",
+                              "hidden_size": 8},
+              "vision_config": {"dtype": "float16", "_name_or_path": "org/vision"},
+              "layers": [{"torch_dtype": "float32"}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    fix_copied_config(tmp_path, "bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "model_type": "llava", "torch_dtype": "bfloat16",
+        "text_config": {"torch_dtype": "bfloat16", "hidden_size": 8},
+        "vision_config": {"dtype": "bfloat16", "_name_or_path": "org/vision"},
+        "layers": [{"torch_dtype": "float32"}]}  # (not a sub-config: as it was)
+    before = (tmp_path / "config.json").read_bytes()
+    fix_copied_config(tmp_path, "bfloat16")  # (nothing to fix: not rewritten)
+    fix_copied_config(tmp_path, None)
+    assert (tmp_path / "config.json").read_bytes() == before

@@ -487,29 +487,39 @@ def fix_copied_config(folder: Path, dtype: str | None) -> None:
     """A copied ``config.json`` says the dtype the weights are stored in (``torch_dtype``, and
     ``dtype`` where newer transformers write it), as mergekit's does: transformers loads with
     it (``torch_dtype="auto"``); and its ``_name_or_path``, where it names a folder on the
-    machine the model was saved on (``/home/…``), goes: a release names no one's folders. Only
-    a JSON object that needs either is rewritten (keys in their order, indented by 2, as
-    transformers writes it)."""
+    machine the model was saved on (``/home/…``), goes: a release names no one's folders. The
+    same in every sub-config it nests. Only a JSON object that needs either is rewritten (keys
+    in their order, indented by 2, as transformers writes it)."""
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return  # (none, or not ours to fix)
-    if not isinstance(config, dict):
+    if not isinstance(config, dict) or not _fix_config(config, dtype):
         return
-    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)] if dtype else []
-    local = isinstance(config.get("_name_or_path"), str) and bool(
-        _LOCAL_NAME.search(config["_name_or_path"]))
-    if all(config[k] == dtype for k in keys) and not local:
-        return
-    for k in keys:
-        config[k] = dtype
-    if local:
-        del config["_name_or_path"]
     try:
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise output_oserror(exc, path) from exc
+
+
+def _fix_config(config: dict, dtype: str | None) -> bool:
+    """Sets the dtype keys and drops a local ``_name_or_path`` in a config and in the
+    sub-configs it nests (``text_config``, ``vision_config``, …: a composite model loads each
+    part with its own); True when anything changed."""
+    changed = False
+    for k in ("torch_dtype", "dtype"):
+        if dtype and isinstance(config.get(k), str) and config[k] != dtype:
+            config[k] = dtype
+            changed = True
+    name = config.get("_name_or_path")
+    if isinstance(name, str) and _LOCAL_NAME.search(name):
+        del config["_name_or_path"]
+        changed = True
+    for value in config.values():
+        if isinstance(value, dict):
+            changed = _fix_config(value, dtype) or changed
+    return changed
 
 
 def copy_aux_files(source: Path | RemotePath, dest: Path) -> list[str]:
