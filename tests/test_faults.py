@@ -751,3 +751,48 @@ def test_a_failed_write_stops_the_reads_ahead(cli, tmp_path, monkeypatch):
     assert len(reads) == n, "reads went on after the command returned"
     assert late == []
     nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["before the lock", "after the lock"])
+def test_a_run_killed_between_its_outputs_and_its_lock_is_undone_by_the_next(cli, tmp_path,
+                                                                             where):
+    # SIGKILL (or a power cut) once every output is in place: before the lock goes in, the
+    # next run puts the previous outputs back (the lock describes them); after it, the new
+    # outputs stay and their previous folders go. Either way outputs and lock agree again.
+    before, lock = _run_two_outputs_then_edit(cli, tmp_path)
+    edited = (tmp_path / "r.yaml").read_text()
+    hook = ("lockfile.StagedLock.commit" if where == "before the lock"
+            else "output.OutputFolder.finish")
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from tvrecipe.exec import lockfile\n"
+        "from tvrecipe.store import output\n"
+        f"{hook} = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from tvrecipe.cli import main\n"
+        "sys.argv = ['tvrecipe', 'run', 'r.yaml', '--force', '-q']\n"
+        "main()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, timeout=300,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) != []  # (asides)
+    new = {n: snapshot(out / n) for n in ("model", "vectors")}
+    assert new != before  # (every output went in)
+    if where == "before the lock":
+        assert (tmp_path / "r.yaml.lock").read_bytes() == lock
+        cli.write("r.yaml", FULL_RECIPE)  # (the recipe the lock and the previous outputs are of)
+        res = cli.ok("run", "r.yaml")
+        assert "up to date" in res.stdout, res.stdout
+        assert {n: snapshot(out / n) for n in ("model", "vectors")} == before
+        cli.write("r.yaml", edited)
+    else:
+        assert (tmp_path / "r.yaml.lock").read_bytes() != lock
+        res = cli.ok("run", "r.yaml")
+        assert "up to date" in res.stdout, res.stdout
+        assert {n: snapshot(out / n) for n in ("model", "vectors")} == new
+    assert sorted(p.name for p in out.iterdir()) == ["model", "vectors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".r.yaml")) == []
+    cli.ok("run", "r.yaml", "-q")
+    cli.ok("verify", "r.yaml")

@@ -390,6 +390,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         _check_side_file(compiled, report_path, "--report")
     for warning in _kind_warnings(compiled):
         click.echo(f"tvrecipe: {warning}", err=True)
+    lockfile.sweep_dead_runs(compiled)
     memo = lockfile.hash_memo(compiled)
     state = lockfile.run_state(compiled, memo)
     has_lock = lock_path(compiled.loaded.path).is_file()

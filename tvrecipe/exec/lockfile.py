@@ -251,6 +251,21 @@ class StagedLock:
             self.tmp = None
 
 
+def sweep_dead_runs(compiled: Compiled) -> None:
+    """Clears what runs of this recipe killed on this host left (SIGKILL, a power cut) before
+    the lock is compared with the outputs: every output's staging and aside folders (one
+    killed between its outputs and its lock gets its previous outputs back), then the lock's
+    staged file, whose presence told the outputs that the lock never went in."""
+    from tvrecipe.store.output import sweep_dead_staging
+    for spec, _res in compiled.outputs.values():
+        target = compiled.loaded.resolve(spec.path)
+        if isinstance(target, Path) and target.parent.is_dir():
+            sweep_dead_staging(target.parent, target.name)
+    path = lock_path(compiled.loaded.path)
+    if path.parent.is_dir():
+        sweep_dead_staging(path.parent, path.name)
+
+
 def stage_run_lock(compiled: Compiled, state: dict[str, Any], staged: dict[str, Path],
                    memo: HashMemo | None = None,
                    digests: dict[str, dict[str, str]] | None = None,

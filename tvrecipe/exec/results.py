@@ -122,7 +122,7 @@ def commit_outputs(outputs: dict[str, Output], options: RunOptions,
         paths = {name: o.folder.target for name, o in outputs.items()}
         try:
             for o in outputs.values():
-                o.folder.swap()
+                o.folder.swap(None if lock is None else lock.tmp)
                 swapped.append(o)
             if lock is not None:
                 lock.commit(paths)

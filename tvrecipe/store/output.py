@@ -181,12 +181,27 @@ def _dead(prefix: str, path: Path) -> bool:
     return pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
 
 
+_PENDING = ".lock-pending"  # in an aside folder: the staged lock that must go in after it
+
+
+def _lock_pending(aside: Path) -> bool:
+    """Whether the run that made ``aside`` staged a lock that never went into place."""
+    try:
+        staged = (aside / _PENDING).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(staged) and os.path.lexists(staged)
+
+
 def sweep_dead_staging(parent: Path, name: str) -> None:
     """Removes the folders for output ``name`` left by runs on this host that no longer exist
     (SIGKILL, a power cut): staging folders (a staged lock file, for a lock), and the folders
     a previous output was moved aside into while a new one took its place. Where such a run
     died between those two renames, its previous output goes back in place first (no output
-    there, and the lock, written after the renames, still describes that one)."""
+    there, and the lock, written after the renames, still describes that one); where it died
+    after its outputs went in but before its lock did, its new output goes and the previous
+    one comes back (the lock describes that one). A lock's own dead staged file must be swept
+    after its outputs' (:func:`tvrecipe.exec.lockfile.sweep_dead_runs`)."""
     staging, aside = _host_prefix(name), f".{name}.old-{_HOST}-"
     try:
         entries = [p for p in parent.iterdir() if p.name.startswith((staging, aside))]
@@ -201,6 +216,15 @@ def sweep_dead_staging(parent: Path, name: str) -> None:
                     path.unlink(missing_ok=True)
         elif _dead(aside, path):
             kept, target = path / name, parent / name
+            if _lock_pending(path) and os.path.lexists(target):
+                # It died after its output went in, before its lock did (the staged lock is
+                # still there): the new output goes, so that outputs and lock agree again.
+                try:
+                    trash = Path(tempfile.mkdtemp(prefix=staging_prefix(name), dir=parent))
+                    os.rename(target, trash / name)
+                except OSError:
+                    continue  # (both kept, rather than one lost)
+                shutil.rmtree(trash, ignore_errors=True)
             if os.path.lexists(kept) and not os.path.lexists(target):
                 try:
                     os.rename(kept, target)
@@ -296,21 +320,27 @@ class OutputFolder:
         self.finish()
         return self.target
 
-    def swap(self) -> Path:
+    def swap(self, lock: Path | None = None) -> Path:
         """Puts the staged folder in place, keeping the previous output aside until
         :meth:`finish` drops it or :meth:`unswap` puts it back (so that several outputs go in
-        all or none). Raises as :meth:`commit`."""
+        all or none). ``lock``: the staged lock file that goes in after the outputs; a run
+        killed before it does leaves that in the aside folder, and the next run's
+        :func:`sweep_dead_staging` puts the previous output back. Raises as :meth:`commit`."""
         if self.committed:
             return self.target
         parent = self.target.parent
         aside: Path | None = None
         try:
             _fsync_tree(self.staging)
-            if os.path.lexists(self.target):
-                if not self.force and not empty_folder(self.target):
-                    raise OutputError(f"output {self.target} exists; pass --force to replace it")
+            exists = os.path.lexists(self.target)
+            if exists and not self.force and not empty_folder(self.target):
+                raise OutputError(f"output {self.target} exists; pass --force to replace it")
+            if exists or lock is not None:
                 aside = Path(tempfile.mkdtemp(prefix=_aside_prefix(self.target.name),
                                               dir=parent))
+            if lock is not None:
+                (aside / _PENDING).write_text(str(Path(lock).absolute()), encoding="utf-8")
+            if exists:
                 os.rename(self.target, aside / self.target.name)
             try:
                 os.rename(self.staging, self.target)
@@ -347,7 +377,9 @@ class OutputFolder:
             os.rename(self.target, self.staging)
         except OSError as exc:
             _LIVE_STAGING.discard(self.staging)
-            if aside is None:
+            if aside is None or not os.path.lexists(aside / self.target.name):
+                if aside is not None:
+                    shutil.rmtree(aside, ignore_errors=True)
                 raise OutputError(
                     f"cannot take the new {self.target} out again: {exc.strerror or exc}; "
                     "it stays, without a lock that records it") from exc
@@ -370,7 +402,9 @@ class OutputFolder:
     def _restore(self, aside: Path, exc: BaseException) -> None:
         # Put the previous output back before reporting, so a failure never loses it.
         try:
-            os.rename(aside / self.target.name, self.target)
+            if os.path.lexists(aside / self.target.name):  # (none: the output was new)
+                os.rename(aside / self.target.name, self.target)
+            (aside / _PENDING).unlink(missing_ok=True)
             aside.rmdir()
         except OSError:
             raise OutputError(
