@@ -215,7 +215,9 @@ def test_floating_buffers_are_kept_from_the_reference_not_merged(cli, tmp_path):
                       "h.0.attn.bias": mask.clone(), "h.0.attn.masked_bias": torch.tensor(-1e4),
                       "h.0.crossattention.bias": mask.clone(),
                       "gpt_neox.layers.0.attention.masked_bias": torch.tensor(-1e9),
-                      "transformer.rotary_pos_emb.inv_freq": inv[n] * 2}
+                      "transformer.rotary_pos_emb.inv_freq": inv[n] * 2,
+                      # (a real bias of a module named attn: merged, as 1-D, not a mask)
+                      "blocks.0.attn.bias": torch.randn(8, generator=gen)}
         (tmp_path / n).mkdir()
         save_file(weights[n], str(tmp_path / n / "model.safetensors"))
     cli.write("r.yaml", """\
@@ -236,7 +238,9 @@ outputs:
     cli.ok("run", "r.yaml", "-q")
     q, rot = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"
     soup = read_tensors(tmp_path / "out" / "soup")
-    close(soup[q].float(), (0.3 * weights["a"][q] + 0.9 * weights["b"][q]).bfloat16().float(), q)
+    for k in (q, "blocks.0.attn.bias"):
+        close(soup[k].float(), (0.3 * weights["a"][k] + 0.9 * weights["b"][k]).bfloat16().float(),
+              k)
     for out, ref in (("soup", "a"), ("model", "base"), ("sl", "a")):
         got = read_tensors(tmp_path / "out" / out)
         for k in (rot, "h.0.attn.bias", "h.0.attn.masked_bias", "h.0.crossattention.bias",
@@ -244,7 +248,8 @@ outputs:
                   "transformer.rotary_pos_emb.inv_freq"):
             assert got[k].dtype == torch.float32 and torch.equal(got[k], weights[ref][k]), (out, k)
     for task in ("a", "b"):
-        assert set(read_tensors(tmp_path / "out" / "tv" / f"{task}.safetensors")) == {q}
+        assert set(read_tensors(tmp_path / "out" / "tv" / f"{task}.safetensors")) == {
+            q, "blocks.0.attn.bias"}
 
 
 def test_a_cached_result_that_merged_a_buffer_is_not_read_for_it(cli, tmp_path, monkeypatch):
@@ -274,8 +279,8 @@ outputs:
   m: {{from: m, path: ./out/m}}
 """)
         with monkeypatch.context() as m:  # as 0.2.1 did: the buffer merged, and cached
-            m.setattr(checkpoint_module, "is_buffer", lambda name: False)
-            m.setattr(evaluate_module, "is_buffer", lambda name: False)
+            m.setattr(checkpoint_module, "is_buffer", lambda name, ndim: False)
+            m.setattr(evaluate_module, "is_buffer", lambda name, ndim: False)
             cli.ok("run", "r.yaml", "-q", "--force")
         assert not torch.equal(read_tensors(tmp_path / "out" / "m")["h.0.attn.bias"], mask)
         cli.ok("run", "r.yaml", "-q", "--force")

@@ -265,3 +265,27 @@ def test_iso_cts_rounds_the_task_directions_as_the_reference_does():
     c = iso(xs, variant="c").numpy()
     assert np.abs(got - c).max() > 1e-3 * np.abs(c).max()
     assert np.abs(iso(xs, variant="cts", common=0.9).numpy() - c).max() <= 1e-9 * np.abs(c).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_iso_cts_of_low_rank_tasks_raises_no_rounding_noise(dtype):
+    """Tasks of rank 3 (LoRA-like): every direction of each lies in Δ_TA's top k = 9, so the
+    residuals Δ_t − U_k·U_kᵀ·Δ_t are rounding noise only. The flat spectrum must not raise
+    that noise to σ̄: the result has Δ_TA's rank and column space, and σ̄ is the mean over
+    all r = 48 values (zeros included), as the reference's. Before, 9 noise directions got
+    σ̄ too (rank 18, half the energy outside every task's columns)."""
+    from tvrecipe.ops.spectral import iso
+    g = torch.Generator().manual_seed(3)
+    xs = [(torch.randn(64, 3, generator=g, dtype=torch.float64)
+           @ torch.randn(3, 48, generator=g, dtype=torch.float64) / 10).to(dtype)
+          for _ in range(3)]
+    out = iso(xs, variant="cts", common=0.8).double()
+    total = sum(x.double() for x in xs)
+    u, s, _ = torch.linalg.svd(total)
+    sigma = torch.linalg.svdvals(out)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (sigma > tol * sigma[0]).sum() == 9
+    expected = s[:9].sum() / 48  # (the mean of all 48, zeros included)
+    assert torch.allclose(sigma[:9], expected.expand(9), rtol=tol)
+    outside = out - u[:, :9] @ (u[:, :9].mT @ out)
+    assert outside.norm() <= tol * out.norm()

@@ -168,7 +168,7 @@ class TensorContext:
         """True for a floating-point tensor that is a weight: buffers (integer ones, and the
         floating ones of :data:`tvrecipe.store.checkpoint.BUFFERS`) are never merged."""
         return (isinstance(value, torch.Tensor) and value.is_floating_point()
-                and not is_buffer(self.tensor))
+                and not is_buffer(self.tensor, value.dim()))
 
     # ---- helpers ---------------------------------------------------------------------------
     def kernel(self, *args: Any, **kwargs: Any) -> Any:

@@ -184,13 +184,14 @@ def _rows_times_(a: torch.Tensor, m: torch.Tensor, out: torch.Tensor | None = No
     return out
 
 
-def _task_svd(x: torch.Tensor, k: int, out: torch.Tensor | None = None
+def _task_svd(x: torch.Tensor, k: int, out: torch.Tensor | None = None, floor: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U (m × k), σ (k), V (n × k) of ``x``'s top k singular triplets (fewer when ``x`` has
-    a lower rank), exact: from :func:`_spectrum`. A randomised SVD was tried and dropped: for
-    the slowly decaying spectra of real task vectors its top r/T vectors were far off (a
-    relative error of 0.4 to 0.9 in TSV-M's result for σ_i = 0.98^i with 2 power passes)."""
-    u, s, v = _spectrum(x, top=k, out=out)
+    a lower rank, or fewer σ² above ``floor``), exact: from :func:`_spectrum`. A randomised
+    SVD was tried and dropped: for the slowly decaying spectra of real task vectors its top
+    r/T vectors were far off (a relative error of 0.4 to 0.9 in TSV-M's result for
+    σ_i = 0.98^i with 2 power passes)."""
+    u, s, v = _spectrum(x, top=k, out=out, floor=floor)
     return u, s[:u.shape[1]], v
 
 
@@ -260,10 +261,12 @@ def _isometry(us: list[torch.Tensor], vs: list[torch.Tensor], sigma: torch.Tenso
 SPECTRUM_BLOCK = 1 << 20
 
 
-def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_eigh(a: torch.Tensor, floor: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """σ (all r, descending) of ``a`` and the eigenvectors q (float64, by columns) of its
-    smaller Gram matrix for the σ above the rounding floor, with those σ (float64): the
-    right singular vectors of a tall ``a``, the left ones of a wide one.
+    smaller Gram matrix for the σ above the rounding floor (and σ² above ``floor``), with
+    those σ (float64): the right singular vectors of a tall ``a``, the left ones of a wide
+    one.
 
     The Gram matrix is summed over float64 pieces of ``a`` along its longer side, in order
     (:func:`_gram`): no float64 copy of ``a`` is held."""
@@ -273,12 +276,12 @@ def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         lam, q = torch.linalg.eigh(gram)
     lam, q = lam.flip(0), q.flip(1)
     sigma = lam.clamp_min(0.0).sqrt()
-    keep = _spanned(lam, gram.shape[0])
+    keep = _spanned(lam, gram.shape[0]) & (lam > floor)
     return sigma, q[:, keep], sigma[keep]
 
 
-def _spectrum(a: torch.Tensor, top: int | None = None, out: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _spectrum(a: torch.Tensor, top: int | None = None, out: torch.Tensor | None = None,
+              floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, σ (descending), V of ``a`` (m × n) from the eigendecomposition of the smaller Gram
     matrix (float64, :func:`_gram_eigh`): all r = min(m, n) singular values, and the
     singular vectors of the ones above the rounding floor (σ = 0 has no defined vectors),
@@ -287,7 +290,7 @@ def _spectrum(a: torch.Tensor, top: int | None = None, out: torch.Tensor | None 
     when given (max(m, n) rows, at least as many columns as vectors are kept).
     """
     wide = a.shape[0] <= a.shape[1]
-    sigma, q, kept = _gram_eigh(a)
+    sigma, q, kept = _gram_eigh(a, floor)
     if top is not None:
         q, kept = q[:, :top], kept[:top]
     other = (out[:, :q.shape[1]] if out is not None else
@@ -342,7 +345,11 @@ def iso(inputs: Sequence[Input], *, variant: str = "c",
     when Δ_TA's left singular vectors span the whole column space, each residual is
     U_rest·(U_restᵀ·Δ_t) with U_rest the other r − k of them, and its SVD is that of the
     small U_restᵀ·Δ_t. Only directions with a nonzero singular value are used (σ̄ averages
-    all r values, zeros included), so the result has Δ_TA's row and column spaces.
+    all r values, zeros included), so the result has Δ_TA's row and column spaces. A
+    residual direction counts as zero below the rounding of the residual's making:
+    σ² ≤ 16·size·ε²·‖Δ_t‖²_F, ε that of the compute dtype (a task whose directions all lie
+    in U_k has a residual of rounding noise only, which the flat spectrum would otherwise
+    raise to σ̄).
     """
     xs = _check(inputs, "iso")
     if xs[0].dim() != 2 or xs[0].numel() == 0:  # (an empty matrix has no spectrum)
@@ -364,6 +371,8 @@ def iso(inputs: Sequence[Input], *, variant: str = "c",
     k = int(common * r)
     per_task = min(round((r - k) / t), r // t)
     k = min(r - per_task * t, u.shape[1])
+    # (σ̄: the mean over the r = k + T·per_task values of the reference, directions left
+    # out, at zero or at the rounding floor, counted as zeros)
     us, vs, ss = [u[:, :k]], [v[:, :k]], [s[:k]]
     if per_task:
         for ut, st, vt in _residual_svds(xs, u, k, per_task):
@@ -371,7 +380,7 @@ def iso(inputs: Sequence[Input], *, variant: str = "c",
             vs.append(vt)
             ss.append(st)
     del u, v
-    return _isometry(us, vs, torch.cat(ss).mean())
+    return _isometry(us, vs, torch.cat(ss).sum() / r)
 
 
 def _residual_svds(xs: list[Input], u: torch.Tensor, k: int, per_task: int) -> list[tuple]:
@@ -383,14 +392,16 @@ def _residual_svds(xs: list[Input], u: torch.Tensor, k: int, per_task: int) -> l
 
         def residual_svd(_i: int, x: torch.Tensor, _own: bool) -> tuple:
             # Δ_t − U_k·U_kᵀ·Δ_t = U_rest·(U_restᵀ·Δ_t): the SVD of a (m − k) × n matrix
+            floor = _residual_floor(x)
             small = _rows_times_(rest.mT, x, out=x.new_empty(rest.shape[1], x.shape[1]))
-            w, st, vt = _task_svd(small, per_task)
+            w, st, vt = _task_svd(small, per_task, floor=floor)
             return _rows_times_(rest, w, out=w.new_empty(rest.shape[0], w.shape[1])), st, vt
     else:
         uk = u[:, :k]
 
         def residual_svd(_i: int, x: torch.Tensor, own: bool) -> tuple:
             # Δ_t − U_k·(U_kᵀ·Δ_t), into Δ_t (a copy of it unless it is ours), by rows
+            floor = _residual_floor(x)
             x = x if own else x.clone()
             p = _rows_times_(uk.mT, x, out=x.new_empty(k, x.shape[1]))
 
@@ -398,9 +409,16 @@ def _residual_svds(xs: list[Input], u: torch.Tensor, k: int, per_task: int) -> l
                 x[span].sub_(uk[span] @ p)
 
             _parallel(piece, _spans(x.shape[0], x.shape[1]), x)
-            return _task_svd(x, per_task)
+            return _task_svd(x, per_task, floor=floor)
 
     return _each(xs, None, residual_svd)
+
+
+def _residual_floor(x: torch.Tensor) -> float:
+    """The σ² below which a direction of Δ_t's residual is the rounding of its making
+    (products and a subtraction in ``x``'s dtype): 16·size·ε²·‖Δ_t‖²_F."""
+    eps = torch.finfo(x.dtype).eps
+    return 16 * min(x.shape) * eps * eps * float(torch.linalg.vector_norm(x)) ** 2
 
 
 # Points of each normalised spectrum kept for the picture (σ_i/σ_1 at evenly spaced i/r).

@@ -24,8 +24,10 @@ class ExtractStep(StepSpec):
 
     accepts: ClassVar = {"base": frozenset({CHECKPOINT}), "finetuned": frozenset({CHECKPOINT})}
     # 2: the floating buffers of checkpoint.BUFFERS (rotary inv_freq, GPT-2's mask) are
-    # kept from the reference model, not merged
-    version: ClassVar = 2
+    # kept from the reference model, not merged. 3: a 1-D `attn.bias` is a weight (only a
+    # 4-D one is GPT-2's mask): the keys after an extract change, so no cached result made
+    # without it is reused
+    version: ClassVar = 3
     independent: ClassVar = True
     returns: ClassVar = "vector (one model) or vectors (a list or mapping)"
     execution: ClassVar = ROWWISE

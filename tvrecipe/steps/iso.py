@@ -36,8 +36,10 @@ class IsoStep(StepSpec):
     cached: ClassVar = True
     # 3: Gram matrices summed over blocks, tasks one at a time. 4: every product and
     # factorisation on one thread (same bytes on any core count). 5: Iso-CTS's k rounded as
-    # the reference implementation does (it was rounded down, raising k).
-    version: ClassVar = 5
+    # the reference implementation does (it was rounded down, raising k). 6: Iso-CTS leaves
+    # residual directions at the rounding floor out (a low-rank task's residual is noise),
+    # and σ̄ is the stacked values' sum over r (over fewer for a rank-deficient Δ_TA before).
+    version: ClassVar = 6
     folds: ClassVar = True
     kernel: ClassVar = "tvrecipe.ops.spectral:iso"
     example: ClassVar = "merged: {op: iso, inputs: tv, variant: cts}"

@@ -137,24 +137,28 @@ class TensorInfo:
         """Whether this is a weight to merge: a real floating-point type (``F*`` or ``BF16``)
         and not a buffer that a model computes from its config (:data:`BUFFERS`), which
         is kept from the reference model as an integer buffer is."""
-        return (self.dtype.startswith("F") or self.dtype == "BF16") and not is_buffer(self.name)
+        return ((self.dtype.startswith("F") or self.dtype == "BF16")
+                and not is_buffer(self.name, len(self.shape)))
 
 
 # Floating buffers that older transformers saved beside the weights and that a model rebuilds
 # from its config, by the end of their names: rotary embeddings' inverse frequencies
 # (``rotary_emb.inv_freq``, ChatGLM's ``rotary_pos_emb.inv_freq``), the attention masks'
 # fill values (``masked_bias``: GPT-2, GPT-Neo, GPT-NeoX) and GPT-2's causal masks
-# (``attn.bias``, ``crossattention.bias``). They are no weights: merged as weights, a
+# (``attn.bias``, ``crossattention.bias``, of shape 1 × 1 × n × n: a 1-D ``attn.bias`` is
+# a real bias, of a module named ``attn``). They are no weights: merged as weights, a
 # weighted sum that does not add up to 1 would scale them. mergekit leaves them out of its
 # output; tvrecipe keeps the reference model's, unchanged.
 _BUFFER_ENDS = ("inv_freq", "masked_bias", "attn.bias", "crossattention.bias")
+_MASK_ENDS = ("attn.bias", "crossattention.bias")
 BUFFERS = re.compile(r"(^|\.)(" + "|".join(map(re.escape, _BUFFER_ENDS)) + r")$")
 
 
-def is_buffer(name: str) -> bool:
-    """Whether tensor ``name`` is one of :data:`BUFFERS` (the engine asks for every tensor
-    and block: the suffix test first, a tenth of the pattern's time)."""
-    return name.endswith(_BUFFER_ENDS) and bool(BUFFERS.search(name))
+def is_buffer(name: str, ndim: int) -> bool:
+    """Whether tensor ``name`` (of ``ndim`` dimensions) is one of :data:`BUFFERS` (the engine
+    asks for every tensor and block: the suffix test first, a tenth of the pattern's time)."""
+    return (name.endswith(_BUFFER_ENDS) and bool(BUFFERS.search(name))
+            and (ndim == 4 or not name.endswith(_MASK_ENDS)))
 
 
 def folder_config(folder: Path | RemotePath) -> dict:
