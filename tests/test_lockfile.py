@@ -82,7 +82,7 @@ def test_verify_recompute_hashes_the_inputs_in_full(tmp_path):
     f = tmp_path / "a" / "model.safetensors"
     st = f.stat()
     data = bytearray(f.read_bytes())
-    data[-1] ^= 0x40
+    data[-4] ^= 0x01  # (the last float32's lowest mantissa bit: still a finite weight)
     with open(f, "r+b") as h:
         h.write(bytes(data))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -91,6 +91,12 @@ def test_verify_recompute_hashes_the_inputs_in_full(tmp_path):
     res = _cli("verify", str(recipe), "--recompute")
     assert res.exit_code == 6
     assert "input 'a' (./a) changed: sha256 " in res.output
+    # ... and the memo learns it: the commands after it see the change too.
+    res = _cli("verify", str(recipe))
+    assert res.exit_code == 6 and "input 'a' (./a) changed: sha256 " in res.output
+    assert _cli("run", str(recipe), "--locked").exit_code == 6
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    assert _cli("verify", str(recipe), "--recompute").exit_code == 0
 
 
 def test_locked_refuses_changed_input_and_names_it(tmp_path):

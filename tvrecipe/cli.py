@@ -658,8 +658,9 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
     from tvrecipe.store.hashing import HashMemo
     compiled = _compile(recipe)
     # (--recompute reads every input again in full, so it hashes them in full too: an input
-    # edited in place with its size, mtime and inode kept is found, not blamed on the machine)
-    memo = HashMemo(None) if recompute else lockfile.hash_memo(compiled)
+    # edited in place with its size, mtime and inode kept is found, not blamed on the machine;
+    # the memo learns it, so that the commands after this one see the change too)
+    memo = lockfile.hash_memo(compiled, reuse=not recompute)
     state = lockfile.run_state(compiled, memo)
     problems = lockfile.state_differences(compiled, state)
     problems += lockfile.output_differences(compiled, HashMemo(None))

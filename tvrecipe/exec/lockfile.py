@@ -132,9 +132,10 @@ def machine_differences(lock: dict[str, Any], here: dict[str, str] | None) -> li
     return lines
 
 
-def hash_memo(compiled: Compiled) -> HashMemo:
-    """The hash memo beside the recipe (``.tvrecipe/hashes.json``), so inputs hash once."""
-    return HashMemo(compiled.loaded.root / ".tvrecipe" / "hashes.json")
+def hash_memo(compiled: Compiled, reuse: bool = True) -> HashMemo:
+    """The hash memo beside the recipe (``.tvrecipe/hashes.json``), so inputs hash once
+    (``reuse`` False: every input hashed again, and the memo told what was found)."""
+    return HashMemo(compiled.loaded.root / ".tvrecipe" / "hashes.json", reuse)
 
 
 def hashed_files(path: Path | RemotePath, kind: str,

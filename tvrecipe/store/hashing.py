@@ -38,10 +38,14 @@ class HashMemo:
 
     Args:
         path: The JSON file, such as ``<cache>/hashes.json``; ``None`` keeps it in memory.
+        reuse: False: every file is read and hashed again, and what is found is recorded
+            (``verify --recompute``: an input edited in place with its size, mtime and inode
+            kept is then seen by the commands after it too).
     """
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, reuse: bool = True):
         self.path = Path(path) if path is not None else None
+        self.reuse = reuse
         self._entries: dict[str, dict] | None = None
 
     def _load_file(self) -> dict[str, dict]:
@@ -66,6 +70,8 @@ class HashMemo:
 
     def get(self, key: str, st: os.stat_result | list) -> str | None:
         """The memoised digest of ``key`` if the file still has identity ``st``."""
+        if not self.reuse:
+            return None
         if self._entries is None:
             self._entries = self._load_file()
         entry = self._entries.get(key)
