@@ -141,6 +141,32 @@ def test_a_project_with_absolute_model_paths_moves_without_changing_its_releases
     cli.ok("verify", str(moved / "r.yaml"), "--recompute")
 
 
+def test_a_release_outside_the_project_is_the_same_from_any_clone(make_models, cli, tmp_path):
+    # An absolute output path (a scratch disk) with relative model paths: a path from the
+    # output to the models would change with where the project is checked out, so the
+    # release keeps the recipe's own paths (relative to the recipe's folder), and a clone
+    # elsewhere reproduces it byte for byte (`run --locked`).
+    ms, _ = project(make_models, cli, f"  model: {{from: model, path: {tmp_path}/scratch/m}}\n")
+    recipe = (tmp_path / "r.yaml").read_text()
+    for where in ("alice", "team/bob"):
+        shutil.copytree(tmp_path / "ckpt", tmp_path / where / "ckpt")
+        (tmp_path / where / "r.yaml").write_text(recipe)
+    cli.ok("run", str(tmp_path / "alice" / "r.yaml"), "-q")
+    release = tmp_path / "scratch" / "m"
+    before = snapshot(release)
+    pinned = (release / "tvrecipe.yaml").read_text()
+    assert yaml.safe_load(pinned)["models"]["base"]["path"] == "./ckpt/base"
+    assert ("# folder). Model paths are relative to the folder of the recipe that built it "
+            "(give\n# --input NAME=PATH for each one from elsewhere); each input") in pinned
+    assert "| `base` | `./ckpt/base` |" in (release / "README.md").read_text()
+    shutil.copy(tmp_path / "alice" / "r.yaml.lock", tmp_path / "team" / "bob" / "r.yaml.lock")
+    shutil.rmtree(release)
+    cli.ok("run", str(tmp_path / "team" / "bob" / "r.yaml"), "--locked", "-q")
+    assert snapshot(release) == before
+    cli.ok("verify", str(release), "--recompute", "--input", f"base={tmp_path}/ckpt/base",
+           *[f"--input={m}={tmp_path}/ckpt/{m}" for m in ("math", "code", "toxic")])
+
+
 def test_verify_folder_checks_every_file_against_the_lock_it_carries(make_models, cli, tmp_path):
     project(make_models, cli, OUTPUTS)
     cli.ok("run", "r.yaml", "-q")

@@ -73,14 +73,24 @@ def needed_by(compiled: Compiled, output: str) -> tuple[list[str], list[str]]:
     return models, steps
 
 
-def _relative(compiled: Compiled, path: str, folder: Path) -> str:
-    """A recipe's model path as seen from ``folder``; absolute paths and URLs stay as they
-    are (as a relative path from the folder, an absolute one would change when the project
-    moves, and so would the release's bytes)."""
-    if url_scheme(path) is not None or Path(path).expanduser().is_absolute():
+def _relative(compiled: Compiled, path: str, output: str) -> str:
+    """A recipe's model path as a release of ``output`` writes it: seen from the output's
+    folder. Absolute paths and URLs stay as they are (as a relative path from the folder, an
+    absolute one would change when the project moves, and so would the release's bytes); so
+    do all paths when the output's own path is absolute (a folder outside the project, such
+    as /scratch/merged: a path from there to the project's models would change with where
+    the project is checked out), and they are then relative to the recipe's folder."""
+    if (url_scheme(path) is not None or Path(path).expanduser().is_absolute()
+            or not _moves_with_project(compiled, output)):
         return path
+    folder = compiled.loaded.resolve(compiled.outputs[output][0].path)
     rel = os.path.relpath(compiled.loaded.resolve(path), folder)
     return PurePosixPath(Path(rel)).as_posix()
+
+
+def _moves_with_project(compiled: Compiled, output: str) -> bool:
+    """Whether an output's folder is given relative to the recipe (and so moves with it)."""
+    return not Path(compiled.outputs[output][0].path).expanduser().is_absolute()
 
 
 def _raw_recipe(compiled: Compiled) -> dict[str, Any]:
@@ -111,8 +121,6 @@ def pinned_recipe(compiled: Compiled, output: str, digests: dict[str, str]) -> s
         digests: Content hash of each input model (``lockfile.run_state``'s ``inputs``).
     """
     raw = _raw_recipe(compiled)
-    spec, _res = compiled.outputs[output]
-    folder = compiled.loaded.resolve(spec.path)
     models, steps = needed_by(compiled, output)
     doc: dict[str, Any] = {"tvrecipe": raw["tvrecipe"]}
     for key in ("name", "description", "settings"):
@@ -122,15 +130,18 @@ def pinned_recipe(compiled: Compiled, output: str, digests: dict[str, str]) -> s
     for name in models:
         entry = raw["models"][name]
         entry = dict(entry) if isinstance(entry, dict) else {"path": entry}
-        entry["path"] = _relative(compiled, entry["path"], folder)
+        entry["path"] = _relative(compiled, entry["path"], output)
         if name in digests:
             entry["sha256"] = digests[name]
         doc["models"][name] = entry
     if steps:
         doc["steps"] = {name: raw["steps"][name] for name in steps}
     doc["outputs"] = {output: {**raw["outputs"][output], "path": "."}}
+    where = ("Model paths are relative to this folder" if _moves_with_project(compiled, output)
+             else "Model paths are relative to the folder of the recipe that built it (give\n"
+                  "# --input NAME=PATH for each one from elsewhere)")
     head = ("# Rebuilds the model in this folder: `tvrecipe verify . --recompute` (from this\n"
-            "# folder). Model paths are relative to this folder; each input is pinned by its\n"
+            f"# folder). {where}; each input is pinned by its\n"
             f"# content hash. Written by tvrecipe {__version__}.\n")
     return head + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
                             default_flow_style=None, width=100)
@@ -385,9 +396,8 @@ def write_release(compiled: Compiled, output: str, staging: Path, digests: dict[
     """
     from tvrecipe.store.hashing import sha256_file
 
-    folder = compiled.loaded.resolve(compiled.outputs[output][0].path)
     models, steps = needed_by(compiled, output)
-    inputs = {m: {"path": _relative(compiled, compiled.models[m].path, folder),
+    inputs = {m: {"path": _relative(compiled, compiled.models[m].path, output),
                   "sha256": state["inputs"][m]["sha256"]}
               for m in models if m in state["inputs"]}
     recipe_text = pinned_recipe(compiled, output,
