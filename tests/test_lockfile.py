@@ -501,3 +501,38 @@ def test_locked_makes_outputs_in_an_empty_folder_and_as_the_lock_let_nan_in(tmp_
     assert res.output.splitlines()[1] == (
         "  --locked, but the lock was written by a run without --allow-nonfinite (which "
         "refused NaN and Inf in its inputs): leave the option out to repeat it")
+
+
+def test_outputs_written_under_an_earlier_lock_are_made_again_without_force(tmp_path):
+    # A `git pull` brings a teammate's recipe and lock: the outputs here are as a run here
+    # wrote them under the earlier lock (nothing changed by hand), so `run` and `run --locked`
+    # make them again, as absent ones, without --force. One changed by hand is still refused.
+    recipe = _make(tmp_path)
+    lock = tmp_path / "r.yaml.lock"
+    out = tmp_path / "out" / "model.safetensors"
+    pulled = RECIPE.replace("weights: 0.5", "weights: 0.25")
+    recipe.write_text(pulled)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    theirs, their_bytes = lock.read_text(), out.read_bytes()
+    recipe.write_text(RECIPE)
+    assert _cli("run", str(recipe), "-q").exit_code == 0  # (replaces the pulled outputs too)
+    ours = out.read_bytes()
+    assert ours != their_bytes
+    for command in (["run", "-q"], ["run", "--locked", "-q"]):  # the pull
+        recipe.write_text(pulled)
+        lock.write_text(theirs)
+        res = _cli(*command[:1], str(recipe), *command[1:])
+        assert res.exit_code == 0, res.output
+        assert out.read_bytes() == their_bytes
+        assert _cli("verify", str(recipe)).exit_code == 0
+        recipe.write_text(RECIPE)  # (back to ours, for the next pull)
+        assert _cli("run", str(recipe), "-q").exit_code == 0
+    recipe.write_text(pulled)
+    lock.write_text(theirs)
+    data = bytearray(out.read_bytes())
+    data[-4] ^= 0x01  # (changed by hand)
+    out.write_bytes(bytes(data))
+    res = _cli("run", str(recipe), "-q")
+    assert res.exit_code == 4 and "was changed since this recipe wrote it" in res.output
+    res = _cli("run", str(recipe), "--locked", "-q")
+    assert res.exit_code == 6 and "--locked, but the outputs differ from the lock" in res.output

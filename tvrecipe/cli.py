@@ -419,7 +419,10 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     # Outputs not there (a fresh checkout) are made; under --locked they must come out as
     # locked (checked before they are moved into place), while one that is there but differs
     # from the lock was changed by hand and needs --force.
+    # (stale: as a run here wrote them under an earlier lock, a `git pull` or checkout ago;
+    # made again as absent ones are)
     absent = lockfile.absent_outputs(compiled) if has_lock else set()
+    absent |= lockfile.stale_outputs(compiled, memo) if has_lock else set()
     damaged = lockfile.output_differences(compiled, memo, skip=absent) if has_lock else []
     if locked and damaged and not force:
         raise VerifyError("--locked, but the outputs differ from the lock (--force writes them "

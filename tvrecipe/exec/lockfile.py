@@ -316,7 +316,7 @@ def remember_digests(folders: dict[str, Path], digests: dict[str, dict[str, str]
             path = (folders[name] / rel).resolve()
             known.append((str(path), path.stat(), digest))
     if known:
-        memo.put_many(known)
+        memo.put_many(known, written=True)
 
 
 def staged_differences(compiled: Compiled,
@@ -427,7 +427,36 @@ def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[st
             continue
         got = hash_tree(target, memo) if target.is_dir() else {}
         written[name] = diff_hashes(entry.get("files") or {}, got, spec.path)
+    for name in stale_outputs(compiled, memo) & set(written):
+        written[name] = []  # (as a run here wrote it, under an earlier lock)
     return written
+
+
+def stale_outputs(compiled: Compiled, memo: HashMemo) -> set[str]:
+    """Outputs that differ from the lock but are, file for file, as a run of tvrecipe here
+    wrote them (the memo says so; no file changed since): written under an earlier lock (a
+    `git pull` or checkout brought a new one). Such a folder holds nothing made by hand, so a
+    run replaces it as it does an absent one, without ``--force``."""
+    path = lock_path(compiled.loaded.path)
+    if not path.is_file():
+        return set()
+    locked = read_lock(path).get("outputs", {})
+    stale = set()
+    for name, (spec, _res) in compiled.outputs.items():
+        target = compiled.loaded.resolve(spec.path)
+        if not isinstance(target, Path) or not target.is_dir() or _absent(target):
+            continue
+        files = sorted(p for p in target.rglob("*") if p.is_file())
+        got = hash_tree(target, memo)
+        entry = locked.get(name)
+        if isinstance(entry, dict) and got == (entry.get("files") or {}):
+            continue  # (as locked: not stale)
+        try:
+            if files and all(memo.wrote(str(f.resolve()), f.resolve().stat()) for f in files):
+                stale.add(name)
+        except OSError:
+            continue
+    return stale
 
 
 def output_differences(compiled: Compiled, memo: HashMemo | None = None,

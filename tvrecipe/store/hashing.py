@@ -83,13 +83,30 @@ class HashMemo:
         """Records a digest and saves the memo file."""
         self.put_many([(key, st, digest)])
 
-    def put_many(self, items: Sequence[tuple[str, os.stat_result | list, str]]) -> None:
-        """Records several (key, identity, digest) triples and saves the memo file once."""
+    def put_many(self, items: Sequence[tuple[str, os.stat_result | list, str]],
+                 written: bool = False) -> None:
+        """Records several (key, identity, digest) triples and saves the memo file once.
+        ``written``: tvrecipe wrote these files (outputs), which :meth:`wrote` then says for
+        as long as they keep that identity."""
         if self._entries is None:
             self._entries = self._load_file()
         for key, st, digest in items:
-            self._entries[key] = {"id": _identity(st), "sha256": digest}
+            entry = {"id": _identity(st), "sha256": digest}
+            old = self._entries.get(key)
+            if written or (old is not None and old.get("written") is True
+                           and old["id"] == entry["id"] and old["sha256"] == digest):
+                entry["written"] = True
+            self._entries[key] = entry
         self._save()
+
+    def wrote(self, key: str, st: os.stat_result | list) -> bool:
+        """Whether tvrecipe wrote the file ``key`` and it still has identity ``st`` (no one
+        has changed it since)."""
+        if self._entries is None:
+            self._entries = self._load_file()
+        entry = self._entries.get(key)
+        return entry is not None and entry.get("written") is True \
+            and entry["id"] == _identity(st)
 
     def _save(self) -> None:
         if self.path is None:
