@@ -146,7 +146,7 @@ def test_a_release_outside_the_project_is_the_same_from_any_clone(make_models, c
     # output to the models would change with where the project is checked out, so the
     # release keeps the recipe's own paths (relative to the recipe's folder), and a clone
     # elsewhere reproduces it byte for byte (`run --locked`).
-    ms, _ = project(make_models, cli, f"  model: {{from: model, path: {tmp_path}/scratch/m}}\n")
+    project(make_models, cli, f"  model: {{from: model, path: {tmp_path}/scratch/m}}\n")
     recipe = (tmp_path / "r.yaml").read_text()
     for where in ("alice", "team/bob"):
         shutil.copytree(tmp_path / "ckpt", tmp_path / where / "ckpt")
