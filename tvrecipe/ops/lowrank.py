@@ -96,7 +96,7 @@ def lora_factors(x: torch.Tensor, rank: int | None = None, energy: float | None 
     root = s.sqrt()
     b = u * root
     a = root[:, None] * vh
-    norm2 = float(torch.linalg.vector_norm(work, dtype=torch.float64) ** 2)
+    norm2 = _squares(work)
     if norm2 == 0.0:
         return b.to(torch.float32), a.to(torch.float32), 0.0, 0.0
     # B·A = U_r·U_rᵀ·x is an orthogonal projection of x, so ‖x − B·A‖² = ‖x‖² − Σ_{i≤r} σ_i²
@@ -104,5 +104,24 @@ def lora_factors(x: torch.Tensor, rank: int | None = None, energy: float | None 
     # is computed outright.
     share = max(norm2 - float((s.double() ** 2).sum()), 0.0) / norm2
     if share < 1e-4:
-        share = float(torch.linalg.norm(work.double() - b.double() @ a.double()) ** 2) / norm2
+        share = _squares(work, b, a) / norm2
     return b.to(torch.float32), a.to(torch.float32), share ** 0.5, norm2 ** 0.5
+
+
+# Rows of x summed at a time in float64 by _squares: about 32 MB of float64 (an embedding's
+# whole float64 copy, and its residual's, were 2-4 GB at a 128k vocabulary).
+_SQUARES_ENTRIES = 1 << 22
+
+
+def _squares(x: torch.Tensor, b: torch.Tensor | None = None,
+             a: torch.Tensor | None = None) -> float:
+    """‖x‖²_F, or ‖x − b·a‖²_F with ``b`` and ``a``, in float64, by row blocks (in order, so
+    the same bytes on any machine): no float64 copy of x is made."""
+    rows = max(1, _SQUARES_ENTRIES // max(1, x.shape[1]))
+    total = 0.0
+    for i in range(0, x.shape[0], rows):
+        block = x[i:i + rows].double()
+        if b is not None:
+            block -= b[i:i + rows].double() @ a.double()
+        total += float(torch.linalg.vector_norm(block) ** 2)
+    return total
