@@ -684,3 +684,25 @@ def test_slerp_from_a_gram_matrix_matches_the_whole_tensor_kernel(t):
         ca, cb = slerp_coefficients(gram, t=t)
         torch.testing.assert_close(slerp_combine(x, y, ca=ca, cb=cb), slerp(x, y, t=t),
                                    rtol=1e-6, atol=1e-7)
+
+
+def test_della_by_blocks_of_rows_gives_the_whole_tensors_bytes(monkeypatch):
+    # The probabilities, draws and mask go a block of rows at a time (a row's probabilities
+    # are its own; the generator continues from block to block): the same bytes as with the
+    # whole tensor in one block, for every rescale, 1-D, 2-D and 4-D tensors, rows of one.
+    import tvrecipe.ops.merges as merges
+    g = torch.Generator().manual_seed(0)
+    cases = [((37, 29), torch.float32), ((64, 48), torch.bfloat16), ((100,), torch.float32),
+             ((5, 7, 3, 3), torch.float16), ((7, 1), torch.float32), ((16, 16), torch.float64)]
+    xs = [torch.randn(shape, generator=g).to(dt) for shape, dt in cases]
+
+    def every(block: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(merges, "_DELLA_BLOCK", block)
+        return [merges.della(x, density=0.4, epsilon=eps, seed=123, rescale=rescale)
+                for x in xs for rescale in (True, "inverse", False) for eps in (0.1, 0.0)]
+
+    whole = every(1 << 30)
+    for block in (1, 50):
+        for a, b in zip(every(block), whole, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8),
+                                                      b.view(-1).view(torch.uint8))

@@ -269,13 +269,14 @@ def l1_rescale(x: torch.Tensor, sparse: torch.Tensor, *, eps: float = L1_RESCALE
     return _l1_rescale(x.to(cd), sparse.to(cd), eps).to(x.dtype)
 
 
-def _l1_rescale(x: torch.Tensor, sparse: torch.Tensor, eps: float) -> torch.Tensor:
+def _l1_rescale(x: torch.Tensor, sparse: torch.Tensor, eps: float,
+                in_place: bool = False) -> torch.Tensor:
     with serial():  # a sum's bytes would depend on the thread count
         before = x.abs().sum()
         after = sparse.abs().sum()
     if before.item() < eps or after.item() < eps:
-        return sparse.clone()
-    return sparse * (before / after)
+        return sparse if in_place else sparse.clone()
+    return sparse.mul_(before / after) if in_place else sparse * (before / after)
 
 
 def _top_mask(xf: torch.Tensor, k: int) -> torch.Tensor:
@@ -475,18 +476,27 @@ def della(
     if d >= 1.0 or x.numel() == 0:
         return x.clone()
     cd = _compute_dtype(x.dtype)
-    p = _della_probs(x, d, eps)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    draw = torch.rand(x.shape, generator=gen, dtype=torch.float32).to(x.device, cd)
-    keep = draw < p
     xc = x.to(cd)
+    # By blocks of rows (a row's probabilities depend on that row alone, and the generator
+    # draws one number per entry in order, so a block continues where the last one ended):
+    # the probabilities, draws and mask of a block at a time, into one result, with the
+    # bytes of the whole tensor's (an embedding's p, draws, mask and result side by side
+    # were 13 times its float32 size).
+    rows, values = (x.reshape(1, -1), xc.reshape(1, -1)) if x.dim() < 2 else (x, xc)
+    out = torch.empty(values.shape, dtype=cd, device=x.device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     zero = torch.zeros((), dtype=cd, device=x.device)
-    if rescale == "inverse":
-        out = torch.where(keep, xc / p, zero)
-    else:
-        out = torch.where(keep, xc, zero)
-        if rescale is True or rescale == "l1":
-            out = _l1_rescale(xc, out, L1_RESCALE_EPS)
+    step = max(1, _DELLA_BLOCK // max(1, rows[0].numel()))
+    for s in range(0, rows.shape[0], step):
+        block = values[s:s + step]
+        p = (_della_rank_probs(rows[s:s + step], d, eps, cd) if rows.shape[1] > 1
+             else torch.full(block.shape, d, dtype=cd, device=x.device))
+        keep = torch.rand(block.shape, generator=gen, dtype=torch.float32).to(x.device, cd) < p
+        torch.where(keep, block / p if rescale == "inverse" else block, zero,
+                    out=out[s:s + step])
+    out = out.view(x.shape)
+    if rescale is True or rescale == "l1":
+        out = _l1_rescale(xc, out, L1_RESCALE_EPS, in_place=True)
     return out.to(x.dtype)
 
 
