@@ -690,7 +690,7 @@ def test_della_by_blocks_of_rows_gives_the_whole_tensors_bytes(monkeypatch):
     # The probabilities, draws and mask go a block of rows at a time (a row's probabilities
     # are its own; the generator continues from block to block): the same bytes as with the
     # whole tensor in one block, for every rescale, 1-D, 2-D and 4-D tensors, rows of one.
-    import tvrecipe.ops.merges as merges
+    from tvrecipe.ops import merges
     g = torch.Generator().manual_seed(0)
     cases = [((37, 29), torch.float32), ((64, 48), torch.bfloat16), ((100,), torch.float32),
              ((5, 7, 3, 3), torch.float16), ((7, 1), torch.float32), ((16, 16), torch.float64)]
