@@ -553,3 +553,30 @@ def test_vector_files_say_their_format_and_sets_take_no_shard_size(make_models, 
         "outputs.vectors.shard_size: shard_size applies to checkpoint and vector outputs; 'tv' "
         "is a vectors set, written one file per member (remove shard_size, or write members "
         "one by one (from: tv.MEMBER), which are sharded)")
+
+
+def test_a_release_written_under_an_earlier_lock_is_made_again_without_force(make_models, cli,
+                                                                             tmp_path):
+    # A release (card, recipe, lock, copied config and tokenizer files) as a run here wrote
+    # it, then a `git pull` of another recipe and lock: made again without --force; with one
+    # of its files removed by hand, refused and named.
+    project(make_models, cli, "  model: {from: model, path: ./out/model}\n")
+    ours = (tmp_path / "r.yaml").read_text()
+    theirs = ours.replace("scale: 0.8", "scale: 0.7")
+    cli.write("r.yaml", theirs)
+    cli.ok("run", "r.yaml", "-q")
+    their_lock, their_files = (tmp_path / "r.yaml.lock").read_text(), snapshot(tmp_path / "out")
+    cli.write("r.yaml", ours)
+    cli.ok("run", "r.yaml", "-q")
+    assert "config.json" in {p.name for p in (tmp_path / "out" / "model").iterdir()}
+    cli.write("r.yaml", theirs)
+    (tmp_path / "r.yaml.lock").write_text(their_lock)
+    cli.ok("run", "r.yaml", "-q")
+    assert snapshot(tmp_path / "out") == their_files
+    cli.write("r.yaml", ours)
+    cli.ok("run", "r.yaml", "-q")
+    cli.write("r.yaml", theirs)
+    (tmp_path / "r.yaml.lock").write_text(their_lock)
+    (tmp_path / "out" / "model" / "tokenizer_config.json").unlink()
+    res = cli.fails(4, "run", "r.yaml")
+    assert "./out/model/tokenizer_config.json: missing" in res.stderr

@@ -311,9 +311,15 @@ def remember_digests(folders: dict[str, Path], digests: dict[str, dict[str, str]
     """Record in ``memo`` the SHA-256 of files hashed as they were written (per output, by
     path in its folder ``folders[name]``), so that they are not read again to hash them."""
     known = []
-    for name, files in (digests or {}).items():
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            continue
+        memo.forget_written(str(folder.resolve()))  # (the previous output's files)
+        # (every file of the folder: the small ones not hashed as written are read here,
+        # so that the memo knows the whole output as tvrecipe wrote it)
+        files = hash_tree(folder, known=(digests or {}).get(name))
         for rel, digest in files.items():
-            path = (folders[name] / rel).resolve()
+            path = (folder / rel).resolve()
             known.append((str(path), path.stat(), digest))
     if known:
         memo.put_many(known, written=True)
@@ -452,7 +458,9 @@ def stale_outputs(compiled: Compiled, memo: HashMemo) -> set[str]:
         if isinstance(entry, dict) and got == (entry.get("files") or {}):
             continue  # (as locked: not stale)
         try:
-            if files and all(memo.wrote(str(f.resolve()), f.resolve().stat()) for f in files):
+            # (every file as written, and none of those written since removed)
+            if (files and all(memo.wrote(str(f.resolve()), f.resolve().stat()) for f in files)
+                    and all(os.path.exists(k) for k in memo.written_under(str(target.resolve())))):
                 stale.add(name)
         except OSError:
             continue

@@ -47,6 +47,7 @@ class HashMemo:
         self.path = Path(path) if path is not None else None
         self.reuse = reuse
         self._entries: dict[str, dict] | None = None
+        self._forgotten: set[str] = set()  # (kept out of what another run saved, too)
 
     def _load_file(self) -> dict[str, dict]:
         if self.path is None:
@@ -99,6 +100,26 @@ class HashMemo:
             self._entries[key] = entry
         self._save()
 
+    def forget_written(self, folder: str) -> None:
+        """Drops the entries of files tvrecipe wrote under ``folder`` (an output about to be
+        recorded anew: its previous files are gone)."""
+        if self._entries is None:
+            self._entries = self._load_file()
+        inside = folder.rstrip(os.sep) + os.sep
+        gone = {k for k, v in self._entries.items()
+                if k.startswith(inside) and v.get("written") is True}
+        for key in gone:
+            del self._entries[key]
+        self._forgotten |= gone
+
+    def written_under(self, folder: str) -> list[str]:
+        """The files under ``folder`` that tvrecipe last wrote there, by key."""
+        if self._entries is None:
+            self._entries = self._load_file()
+        inside = folder.rstrip(os.sep) + os.sep
+        return sorted(k for k, v in self._entries.items()
+                      if k.startswith(inside) and v.get("written") is True)
+
     def wrote(self, key: str, st: os.stat_result | list) -> bool:
         """Whether tvrecipe wrote the file ``key`` and it still has identity ``st`` (no one
         has changed it since)."""
@@ -112,7 +133,8 @@ class HashMemo:
         if self.path is None:
             return
         # Merge with what another run may have saved meanwhile, so neither loses entries.
-        merged = {**self._load_file(), **self._entries}
+        merged = {k: v for k, v in self._load_file().items() if k not in self._forgotten}
+        merged.update(self._entries)
         text = json.dumps({"version": _MEMO_VERSION, "entries": merged}, sort_keys=True, indent=1)
         tmp = None
         try:
