@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -564,3 +565,47 @@ outputs:
     assert "comp" not in res.output.split("from cache:")[-1]
     assert sorted(snapshot(tmp_path / "back")) == ["two.safetensors", "uno.safetensors",
                                                    "vectors.json"]
+
+
+def test_cache_entries_and_the_hash_memo_take_the_umask_mode(tmp_path):
+    """A cache (or project) shared by a group, umask 002: every file the cache and the hash
+    memo write has the mode open() gives (0664 there, 0644 under 022), not mkstemp's private
+    0600, which the other users could not read (the entry was taken for corrupt and replaced,
+    the memo rehashed every input)."""
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    files = sorted((tmp_path / ".tvrecipe" / "cache").glob("*/*"))
+    assert [p.suffix for p in files] == [".json", ".safetensors"]
+    files.append(tmp_path / ".tvrecipe" / "hashes.json")
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.name: oct(0o666 & ~mask) for p in files}
+
+
+def test_a_cache_that_cannot_be_written_is_one_warning_per_run(tmp_path, monkeypatch):
+    """Two steps whose entries cannot be written: one warning naming both, not one each."""
+    import errno
+
+    import tvrecipe.store.cache as cache_mod
+    _make(tmp_path)
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(RECIPE.replace("SCALE", "1.0").replace(
+        "  model:", "  m2: {op: ties, inputs: tv, density: 0.3}\n"
+        "  both: {op: sum, inputs: [merged, m2]}\n  model:", 1).replace(
+        "delta: merged", "delta: both"))
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache_mod, "tempfile", SimpleNamespace(mkstemp=read_only))
+    res = _cli("run", str(recipe))
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.output.splitlines() if "warning" in line]
+    keys = re.findall(r"(?:ties|sum)-[0-9a-f]{16}", warnings[0]) if warnings else []
+    cache = tmp_path / ".tvrecipe" / "cache"
+    assert len(keys) == 3
+    want = (f"tvrecipe: warning: could not write the cache entries {', '.join(keys)} in "
+            f"{cache} (Read-only file system); the run goes on without caching them (a "
+            "writable --cache-dir, or --no-cache, avoids this)")
+    assert warnings == [want]

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from tvrecipe.errors import VerifyError
-from tvrecipe.store.hashing import HashMemo, sha256_file
+from tvrecipe.store.hashing import FILE_MODE, HashMemo, sha256_file
 from tvrecipe.store.output import staging_prefix, sweep_dead_staging
 
 LOCK_VERSION = 1
@@ -39,13 +39,7 @@ def hash_tree(folder: Path, memo: HashMemo | None = None,
     return out
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _umask_mode()  # what open() would give a new file: 0644 under the usual umask
+_FILE_MODE = FILE_MODE  # what open() would give a new file: 0644 under the usual umask
 
 
 def write_lock_temp(path: Path, data: dict[str, Any]) -> Path:
