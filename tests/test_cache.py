@@ -609,3 +609,23 @@ def test_a_cache_that_cannot_be_written_is_one_warning_per_run(tmp_path, monkeyp
             f"{cache} (Read-only file system); the run goes on without caching them (a "
             "writable --cache-dir, or --no-cache, avoids this)")
     assert warnings == [want]
+
+
+def test_a_run_report_is_written_when_the_run_is_up_to_date_too(tmp_path):
+    """`run --report F` wrote nothing when there was nothing to do, leaving F missing (a
+    pipeline's declared output) or stale from an earlier run; it says so now. A TIES
+    recipe's steps report nothing: its report holds the status only."""
+    import json
+    recipe = _make(tmp_path)
+    report = tmp_path / "run.json"
+    assert _cli("run", str(recipe), "-q", "--report", str(report)).exit_code == 0
+    assert report.read_text() == '{\n  "run:status": "ran"\n}\n'
+    report.write_text('{"stale": true}')
+    res = _cli("run", str(recipe), "--report", str(report))
+    assert res.exit_code == 0, res.output
+    assert res.output == ("outputs are up to date with the lock; nothing to do (--force "
+                          "recomputes them)\n")
+    assert json.loads(report.read_text()) == {"run:status": "up_to_date"}
+    report.unlink()
+    assert _cli("run", str(recipe), "-q", "--report", str(report)).exit_code == 0
+    assert report.read_text() == '{\n  "run:status": "up_to_date"\n}\n'

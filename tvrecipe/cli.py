@@ -352,7 +352,9 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
 @_device_option("Override settings.device: auto, cpu, cuda, cuda:N.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that contain NaN or Inf.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Write every step's report (clusters, ranks) to this JSON file.")
+              help="Write the run's report to this JSON file: \"run:status\" (ran, or "
+                   "up_to_date when there was nothing to do) and the reports of the steps "
+                   "that make one (clusters, ranks); see the README.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Cache of step results (default: $TVRECIPE_CACHE, else .tvrecipe/cache "
                    "beside the recipe).")
@@ -425,6 +427,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         raise VerifyError("--locked, but the outputs differ from the lock (--force writes them "
                           "again):\n" + "\n".join(damaged))
     if changes == [] and not force and not damaged and not absent:
+        if report_path:  # (not left missing, or stale from another run: it says so)
+            from tvrecipe.report import json_text
+            Path(report_path).write_text(json_text({"run:status": "up_to_date"}) + "\n")
         if not quiet:
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
@@ -482,6 +487,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                    **{f"output:{n}": r for n, r in result.output_reports.items()}}
         if result.workers:  # a cluster run: time and bytes per worker
             reports["cluster:workers"] = result.workers
+        reports["run:status"] = "ran"
         from tvrecipe.report import json_text
         Path(report_path).write_text(json_text(reports) + "\n")
     if quiet:
