@@ -19,6 +19,34 @@ from tvrecipe.errors import Interrupted, TvrecipeError
 from tvrecipe.store.output import InterruptAfter, OutputFolder, deferred_interrupts
 
 EXIT_BUG = 70
+EXIT_PIPE = 141  # 128 + SIGPIPE: stdout was closed (`tvrecipe plan r.yaml | head -1`)
+
+
+def _stdout_closed(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broken pipe of a closed stdout (the reader of `| head` is gone),
+    rather than one of a connection (a cluster's): a pipe whose reader left polls as an
+    error. Where that cannot be asked (no poll, stdout not a file), a broken pipe is taken as
+    stdout's."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    try:
+        import select
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), 0)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def _quiet_exit_on_closed_stdout() -> int:
+    """End a command whose stdout was closed as other command-line tools do: silently, with
+    exit 141 (as if killed by SIGPIPE). What is still buffered for stdout goes nowhere, so the
+    interpreter's own flush at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 def _fail(exc: TvrecipeError) -> None:
@@ -71,6 +99,8 @@ def handle_errors(fn):
         except click.exceptions.ClickException:
             raise
         except Exception as exc:  # noqa: BLE001 (a bug: say so, and how to report it)
+            if _stdout_closed(exc):  # `tvrecipe plan r.yaml | head -1`: not a bug
+                sys.exit(_quiet_exit_on_closed_stdout())
             if _interrupt_inside(exc):
                 exc = Interrupted("interrupted; temporary outputs were removed, the cache is "
                                   "intact")
@@ -1087,6 +1117,8 @@ def entry() -> None:
         main()
     except SystemExit as exc:
         code = exc.code
+    except BrokenPipeError:  # stdout closed while click wrote (`tvrecipe --help | head -1`)
+        code = _quiet_exit_on_closed_stdout()
     else:  # pragma: no cover (click's standalone mode always raises SystemExit)
         code = 0
     finally:
@@ -1096,8 +1128,15 @@ def entry() -> None:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    elif code == 1 and "PacifyFlushWrapper" in type(sys.stdout).__name__:
+        # click met a closed stdout outside a command (its help) and exited 1: 141 as above
+        code = _quiet_exit_on_closed_stdout()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # (what was buffered last found stdout closed)
+        code = _quiet_exit_on_closed_stdout()
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(code)
 
 
