@@ -683,6 +683,12 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         from tvrecipe.exec.cluster_address import require_dask
         require_dask()
     if Path(recipe).is_dir():
+        from tvrecipe.exec.release import LOCK_FILE
+        if not (Path(recipe) / LOCK_FILE).is_file():  # a wrong argument, not a mismatch
+            raise click.UsageError(
+                f"{recipe} is a folder without {LOCK_FILE}: `tvrecipe verify` takes a recipe "
+                "file, or a checkpoint output folder written with its model card (an output "
+                "without `model_card: false`)", click.get_current_context())
         with _closing_clients(cluster if recompute else None):
             _verify_folder(Path(recipe), recompute, device, _input_paths(inputs), cluster)
         return
