@@ -122,7 +122,7 @@ def test_cache_commands(tmp_path):
     recipe = _make(tmp_path)
     _cli("run", str(recipe), "-q")
     res = _cli("cache", "ls", str(recipe))
-    assert res.output.startswith("ties-")
+    assert res.output.startswith("merged  ties-")  # (its steps' entries, by step name)
     assert _cli("cache", "ls", "--recipe", str(recipe)).output == res.output  # the old flag
     leftover = tmp_path / ".tvrecipe" / "cache" / "ab" / ".ties-x.123.tmp"
     leftover.parent.mkdir(parents=True, exist_ok=True)
@@ -143,10 +143,11 @@ def test_cache_commands(tmp_path):
     assert shards and all(any(d.iterdir()) for d in shards)  # (a folder gc emptied goes too)
     cache = tmp_path / ".tvrecipe" / "cache"
     files = sorted(p for p in cache.rglob("*") if p.is_file())
-    assert _cli("cache", "clear", str(recipe)).output == (
+    assert _cli("cache", "clear", "--cache-dir", str(cache)).output == (
         f"cleared {cache}: removed {len(files)} files\n")
     assert _entries(tmp_path) == [] and not cache.exists()
     assert _cli("cache", "ls", str(recipe)).output == f"cache is empty: {cache}\n"
+    assert _cli("cache", "clear", str(recipe)).output == f"cache is empty: {cache}\n"
     assert _cli("cache", "gc", str(recipe)).output == "removed 0 files\n"
 
 
@@ -629,3 +630,39 @@ def test_a_run_report_is_written_when_the_run_is_up_to_date_too(tmp_path):
     report.unlink()
     assert _cli("run", str(recipe), "-q", "--report", str(report)).exit_code == 0
     assert report.read_text() == '{\n  "run:status": "up_to_date"\n}\n'
+
+
+def test_cache_ls_and_clear_with_a_recipe_keep_to_its_steps(tmp_path, monkeypatch):
+    """A cache shared by two recipes (TVRECIPE_CACHE): `cache ls R` lists R's entries (the
+    keys its steps have now) by step name, and `cache clear R` removes those only; without a
+    recipe, both act on the whole cache, as before."""
+    import time as time_mod
+    recipe = _make(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text(recipe.read_text().replace("density: 0.5", "density: 0.3")
+                     .replace("path: ./out", "path: ./out3"))
+    cache = tmp_path / "shared"
+    monkeypatch.setenv("TVRECIPE_CACHE", str(cache))
+    for r in (recipe, other):
+        assert _cli("run", str(r), "-q").exit_code == 0
+    key = _cli("cache", "ls", str(recipe)).output.split()[1]
+    mine = cache / key.rsplit("-", 1)[1][:2] / f"{key}.json"
+    theirs = [e for e in cache.glob("*/*.json") if e != mine]
+    assert mine.is_file() and len(theirs) == 1
+    size = sum(p.stat().st_size for p in mine.parent.glob(f"{mine.stem}*.safetensors"))
+    when = time_mod.strftime("%Y-%m-%d %H:%M", time_mod.localtime(mine.stat().st_mtime))
+    from tvrecipe.plan.summary import human
+    assert _cli("cache", "ls", str(recipe)).output == (
+        f"merged  {mine.stem:<34} {human(size):>10}  last used {when}\n")
+    assert len(_cli("cache", "ls").output.splitlines()) == 2  # (the whole cache)
+    res = _cli("cache", "clear", str(recipe))
+    assert res.output == (f"removed the cache entries of {recipe} from {cache}: merged "
+                          "(2 files)\n")
+    assert not mine.exists() and [e for e in cache.glob("*/*.json")] == theirs
+    assert _cli("cache", "ls", str(recipe)).output == (
+        f"no step of {recipe} is cached in {cache} (`tvrecipe cache ls` without a recipe lists "
+        "every entry)\n")
+    assert _cli("cache", "clear", str(recipe)).output == (
+        f"no step of {recipe} is cached in {cache}; nothing was removed\n")
+    assert _cli("cache", "ls", str(other)).output.startswith("merged  ties-")
+    assert _cli("cache", "clear").output.startswith(f"cleared {cache}: removed 2 files")

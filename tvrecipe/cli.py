@@ -899,11 +899,24 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _recipe_entries(recipe: str, tc) -> dict[str, object]:
+    """Step name -> cache entry, for the steps of ``recipe`` whose entry (under the key the
+    step has now, from its inputs' hashes, as `plan` finds them) is in the cache ``tc``."""
+    with _importing("tvrecipe.exec.lockfile"):
+        from tvrecipe.exec import lockfile
+    compiled = _compile(recipe)
+    keys = lockfile.run_state(compiled, lockfile.hash_memo(compiled))["steps"]
+    entries = {e.key: e for e in tc.entries()}
+    return {name: entries[key] for name, key in keys.items()
+            if name in compiled.steps and key in entries}
+
+
 @cache.command("ls")
 @_with_cache_opts
 @handle_errors
 def cache_ls(recipe: str | None, cache_dir: str | None) -> None:
-    """List cached step results, least recently used first."""
+    """List cached step results, least recently used first; with RECIPE, only its steps'
+    entries (under the keys they have now), by step name."""
     import time
 
     from tvrecipe.plan.summary import human
@@ -911,9 +924,20 @@ def cache_ls(recipe: str | None, cache_dir: str | None) -> None:
     entries = tc.entries()
     if not entries:
         click.echo(f"cache is empty: {tc.root}")
-    for e in entries:
+        return
+    if recipe is None:
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
+            click.echo(f"{e.key:<34} {human(e.size):>10}  last used {when}")
+        return
+    mine = _recipe_entries(recipe, tc)
+    if not mine:
+        click.echo(f"no step of {recipe} is cached in {tc.root} (`tvrecipe cache ls` without "
+                   "a recipe lists every entry)")
+    width = max((len(name) for name in mine), default=0)
+    for name, e in mine.items():
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
-        click.echo(f"{e.key:<34} {human(e.size):>10}  last used {when}")
+        click.echo(f"{name:<{width}}  {e.key:<34} {human(e.size):>10}  last used {when}")
 
 
 @cache.command("du")
@@ -955,10 +979,21 @@ def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) 
 @_with_cache_opts
 @handle_errors
 def cache_clear(recipe: str | None, cache_dir: str | None) -> None:
-    """Remove every cache entry (a folder holding anything else is refused)."""
+    """Remove every cache entry (a folder holding anything else is refused); with RECIPE,
+    only its steps' entries (under the keys they have now), which leaves those of other
+    recipes sharing the cache."""
     tc = _cache_for(recipe, cache_dir)
     if not tc.root.is_dir():
         click.echo(f"cache is empty: {tc.root}")
+        return
+    if recipe is not None:
+        mine = _recipe_entries(recipe, tc)
+        removed = sum(tc.remove_entry(e.key) for e in mine.values())
+        if not mine:
+            click.echo(f"no step of {recipe} is cached in {tc.root}; nothing was removed")
+        else:
+            click.echo(f"removed the cache entries of {recipe} from {tc.root}: "
+                       f"{', '.join(mine)} ({_plural(removed, 'file')})")
         return
     removed = tc.clear()
     click.echo(f"cleared {tc.root}: removed {_plural(removed, 'file')}")

@@ -290,6 +290,21 @@ class TensorCache:
         for p in manifest.parent.glob(f"{key}*{SUFFIX}"):
             p.unlink(missing_ok=True)
 
+    def remove_entry(self, key: str) -> int:
+        """Delete one entry (as :meth:`remove`), then its shard folder if that is left empty;
+        the number of files removed. OutputError when one cannot be."""
+        manifest = self.manifest(key)
+        files = [manifest, *manifest.parent.glob(f"{key}*{SUFFIX}")]
+        try:
+            removed = sum(p.is_file() for p in files)
+            self.remove(key)
+        except OSError as exc:
+            raise output_oserror(exc, Path(exc.filename or self.root), folder=self.root
+                                 ) from exc
+        with contextlib.suppress(OSError):  # (not empty: kept)
+            manifest.parent.rmdir()
+        return removed
+
     def pending(self, key: str, slots: Mapping[str, Sequence[TensorSpec]],
                 metadata: Mapping[str, str]) -> PendingEntry:
         """Start writing the entry of ``key``."""
