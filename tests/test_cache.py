@@ -666,3 +666,45 @@ def test_cache_ls_and_clear_with_a_recipe_keep_to_its_steps(tmp_path, monkeypatc
         f"no step of {recipe} is cached in {cache}; nothing was removed\n")
     assert _cli("cache", "ls", str(other)).output.startswith("merged  ties-")
     assert _cli("cache", "clear").output.startswith(f"cleared {cache}: removed 2 files")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl: runs are not kept apart there")
+def test_a_second_run_of_one_recipe_fails_at_once_naming_the_first(tmp_path):
+    """Two runs of one recipe at once both computed, and the one that committed last failed
+    with "exists; pass --force" (the wrong fix). Now each run (and verify --recompute) holds
+    an exclusive lock on .tvrecipe/r.yaml.run.lock; another fails at once, exit 4, naming
+    the holder (what it wrote there), and does nothing. The lock goes with the command."""
+    import fcntl
+    recipe = _make(tmp_path)
+    path = tmp_path / ".tvrecipe" / "r.yaml.run.lock"
+    path.parent.mkdir()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"box 4242 2026-11-28T05:00:00 verify --recompute\n")
+        for args in (("run",), ("verify", "--recompute")):
+            res = CliRunner().invoke(main, [*args, str(recipe)])
+            assert res.exit_code == 4, res.output
+            assert res.stderr == (
+                "tvrecipe: output error:\n  r.yaml is being run by another tvrecipe (`tvrecipe "
+                "verify --recompute`, pid 4242 on box, since 2026-11-28T05:00:00); wait for it "
+                f"to finish, then try again (nothing was done here; the lock is {path}, held "
+                "while that process lives)\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".tvrecipe", "a", "b", "base",
+                                                                "c", "r.yaml"]
+        assert sorted(p.name for p in path.parent.iterdir()) == ["r.yaml.run.lock"]
+    finally:
+        os.close(fd)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    assert path.read_text().split(" ")[1:2] == [str(os.getpid())]
+    assert path.read_text().endswith(" run\n")
+    assert _cli("run", str(recipe), "--force", "-q").exit_code == 0  # (released at the end)
+    assert _cli("verify", str(recipe), "--recompute").exit_code == 0
+    other = tmp_path / "r2.yaml"  # another recipe of the folder is not held back
+    other.write_text(recipe.read_text().replace("./out", "./out2"))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _cli("run", str(other), "-q").exit_code == 0
+    finally:
+        os.close(fd)

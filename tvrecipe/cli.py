@@ -420,6 +420,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     compiled = _compile(recipe)
     if report_path:
         _check_side_file(compiled, report_path, "--report")
+    _hold_run_lock(compiled, "run")
     for warning in _kind_warnings(compiled):
         click.echo(f"tvrecipe: {warning}", err=True)
     lockfile.sweep_dead_runs(compiled)
@@ -544,6 +545,15 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
              else "")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}{where}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
+
+
+def _hold_run_lock(compiled, command: str) -> None:
+    """Keep other processes from running the recipe until this command ends (one that tries
+    fails at once, naming this one: OutputError, exit 4). See ``take_run_lock``."""
+    from tvrecipe.store.lock import take_run_lock
+    fd = take_run_lock(compiled.loaded.path, command)
+    if fd is not None:
+        click.get_current_context().call_on_close(functools.partial(os.close, fd))
 
 
 def _cache_apart_from_outputs(compiled, root: Path) -> None:
@@ -699,6 +709,8 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         from tvrecipe.exec import lockfile
     from tvrecipe.store.hashing import HashMemo
     compiled = _compile(recipe)
+    if recompute:  # (its run must not see the outputs replaced under it)
+        _hold_run_lock(compiled, "verify --recompute")
     # (--recompute reads every input again in full, so it hashes them in full too: an input
     # edited in place with its size, mtime and inode kept is found, not blamed on the machine)
     memo = HashMemo(None) if recompute else lockfile.hash_memo(compiled)
