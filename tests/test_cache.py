@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -121,7 +122,7 @@ def test_cache_commands(tmp_path):
     recipe = _make(tmp_path)
     _cli("run", str(recipe), "-q")
     res = _cli("cache", "ls", str(recipe))
-    assert res.output.startswith("ties-")
+    assert res.output.startswith("merged  ties-")  # (its steps' entries, by step name)
     assert _cli("cache", "ls", "--recipe", str(recipe)).output == res.output  # the old flag
     leftover = tmp_path / ".tvrecipe" / "cache" / "ab" / ".ties-x.123.tmp"
     leftover.parent.mkdir(parents=True, exist_ok=True)
@@ -142,10 +143,11 @@ def test_cache_commands(tmp_path):
     assert shards and all(any(d.iterdir()) for d in shards)  # (a folder gc emptied goes too)
     cache = tmp_path / ".tvrecipe" / "cache"
     files = sorted(p for p in cache.rglob("*") if p.is_file())
-    assert _cli("cache", "clear", str(recipe)).output == (
+    assert _cli("cache", "clear", "--cache-dir", str(cache)).output == (
         f"cleared {cache}: removed {len(files)} files\n")
     assert _entries(tmp_path) == [] and not cache.exists()
     assert _cli("cache", "ls", str(recipe)).output == f"cache is empty: {cache}\n"
+    assert _cli("cache", "clear", str(recipe)).output == f"cache is empty: {cache}\n"
     assert _cli("cache", "gc", str(recipe)).output == "removed 0 files\n"
 
 
@@ -564,3 +566,145 @@ outputs:
     assert "comp" not in res.output.split("from cache:")[-1]
     assert sorted(snapshot(tmp_path / "back")) == ["two.safetensors", "uno.safetensors",
                                                    "vectors.json"]
+
+
+def test_cache_entries_and_the_hash_memo_take_the_umask_mode(tmp_path):
+    """A cache (or project) shared by a group, umask 002: every file the cache and the hash
+    memo write has the mode open() gives (0664 there, 0644 under 022), not mkstemp's private
+    0600, which the other users could not read (the entry was taken for corrupt and replaced,
+    the memo rehashed every input)."""
+    recipe = _make(tmp_path)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    files = sorted((tmp_path / ".tvrecipe" / "cache").glob("*/*"))
+    assert [p.suffix for p in files] == [".json", ".safetensors"]
+    files.append(tmp_path / ".tvrecipe" / "hashes.json")
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.name: oct(0o666 & ~mask) for p in files}
+
+
+def test_a_cache_that_cannot_be_written_is_one_warning_per_run(tmp_path, monkeypatch):
+    """Two steps whose entries cannot be written: one warning naming both, not one each."""
+    import errno
+
+    import tvrecipe.store.cache as cache_mod
+    _make(tmp_path)
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(RECIPE.replace("SCALE", "1.0").replace(
+        "  model:", "  m2: {op: ties, inputs: tv, density: 0.3}\n"
+        "  both: {op: sum, inputs: [merged, m2]}\n  model:", 1).replace(
+        "delta: merged", "delta: both"))
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache_mod, "tempfile", SimpleNamespace(mkstemp=read_only))
+    res = _cli("run", str(recipe))
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.output.splitlines() if "warning" in line]
+    keys = re.findall(r"(?:ties|sum)-[0-9a-f]{16}", warnings[0]) if warnings else []
+    cache = tmp_path / ".tvrecipe" / "cache"
+    assert len(keys) == 3
+    want = (f"tvrecipe: warning: could not write the cache entries {', '.join(keys)} in "
+            f"{cache} (Read-only file system); the run goes on without caching them (a "
+            "writable --cache-dir, or --no-cache, avoids this)")
+    assert warnings == [want]
+
+
+def test_a_run_report_is_written_when_the_run_is_up_to_date_too(tmp_path):
+    """`run --report F` wrote nothing when there was nothing to do, leaving F missing (a
+    pipeline's declared output) or stale from an earlier run; it says so now. A TIES
+    recipe's steps report nothing: its report holds the status only."""
+    import json
+    recipe = _make(tmp_path)
+    report = tmp_path / "run.json"
+    assert _cli("run", str(recipe), "-q", "--report", str(report)).exit_code == 0
+    assert report.read_text() == '{\n  "run:status": "ran"\n}\n'
+    report.write_text('{"stale": true}')
+    res = _cli("run", str(recipe), "--report", str(report))
+    assert res.exit_code == 0, res.output
+    assert res.output == ("outputs are up to date with the lock; nothing to do (--force "
+                          "recomputes them)\n")
+    assert json.loads(report.read_text()) == {"run:status": "up_to_date"}
+    report.unlink()
+    assert _cli("run", str(recipe), "-q", "--report", str(report)).exit_code == 0
+    assert report.read_text() == '{\n  "run:status": "up_to_date"\n}\n'
+
+
+def test_cache_ls_and_clear_with_a_recipe_keep_to_its_steps(tmp_path, monkeypatch):
+    """A cache shared by two recipes (TVRECIPE_CACHE): `cache ls R` lists R's entries (the
+    keys its steps have now) by step name, and `cache clear R` removes those only; without a
+    recipe, both act on the whole cache, as before."""
+    import time as time_mod
+    recipe = _make(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text(recipe.read_text().replace("density: 0.5", "density: 0.3")
+                     .replace("path: ./out", "path: ./out3"))
+    cache = tmp_path / "shared"
+    monkeypatch.setenv("TVRECIPE_CACHE", str(cache))
+    for r in (recipe, other):
+        assert _cli("run", str(r), "-q").exit_code == 0
+    key = _cli("cache", "ls", str(recipe)).output.split()[1]
+    mine = cache / key.rsplit("-", 1)[1][:2] / f"{key}.json"
+    theirs = [e for e in cache.glob("*/*.json") if e != mine]
+    assert mine.is_file() and len(theirs) == 1
+    size = sum(p.stat().st_size for p in mine.parent.glob(f"{mine.stem}*.safetensors"))
+    when = time_mod.strftime("%Y-%m-%d %H:%M", time_mod.localtime(mine.stat().st_mtime))
+    from tvrecipe.plan.summary import human
+    assert _cli("cache", "ls", str(recipe)).output == (
+        f"merged  {mine.stem:<34} {human(size):>10}  last used {when}\n")
+    assert len(_cli("cache", "ls").output.splitlines()) == 2  # (the whole cache)
+    res = _cli("cache", "clear", str(recipe))
+    assert res.output == (f"removed the cache entries of {recipe} from {cache}: merged "
+                          "(2 files)\n")
+    assert not mine.exists() and [e for e in cache.glob("*/*.json")] == theirs
+    assert _cli("cache", "ls", str(recipe)).output == (
+        f"no step of {recipe} is cached in {cache} (`tvrecipe cache ls` without a recipe lists "
+        "every entry)\n")
+    assert _cli("cache", "clear", str(recipe)).output == (
+        f"no step of {recipe} is cached in {cache}; nothing was removed\n")
+    assert _cli("cache", "ls", str(other)).output.startswith("merged  ties-")
+    assert _cli("cache", "clear").output.startswith(f"cleared {cache}: removed 2 files")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl: runs are not kept apart there")
+def test_a_second_run_of_one_recipe_fails_at_once_naming_the_first(tmp_path):
+    """Two runs of one recipe at once both computed, and the one that committed last failed
+    with "exists; pass --force" (the wrong fix). Now each run (and verify --recompute) holds
+    an exclusive lock on .tvrecipe/r.yaml.run.lock; another fails at once, exit 4, naming
+    the holder (what it wrote there), and does nothing. The lock goes with the command."""
+    import fcntl
+    recipe = _make(tmp_path)
+    path = tmp_path / ".tvrecipe" / "r.yaml.run.lock"
+    path.parent.mkdir()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"box 4242 2026-11-28T05:00:00 verify --recompute\n")
+        for args in (("run",), ("verify", "--recompute")):
+            res = CliRunner().invoke(main, [*args, str(recipe)])
+            assert res.exit_code == 4, res.output
+            assert res.stderr == (
+                "tvrecipe: output error:\n  r.yaml is being run by another tvrecipe (`tvrecipe "
+                "verify --recompute`, pid 4242 on box, since 2026-11-28T05:00:00); wait for it "
+                f"to finish, then try again (nothing was done here; the lock is {path}, held "
+                "while that process lives)\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".tvrecipe", "a", "b", "base",
+                                                                "c", "r.yaml"]
+        assert sorted(p.name for p in path.parent.iterdir()) == ["r.yaml.run.lock"]
+    finally:
+        os.close(fd)
+    assert _cli("run", str(recipe), "-q").exit_code == 0
+    assert path.read_text().split(" ")[1:2] == [str(os.getpid())]
+    assert path.read_text().endswith(" run\n")
+    assert _cli("run", str(recipe), "--force", "-q").exit_code == 0  # (released at the end)
+    assert _cli("verify", str(recipe), "--recompute").exit_code == 0
+    other = tmp_path / "r2.yaml"  # another recipe of the folder is not held back
+    other.write_text(recipe.read_text().replace("./out", "./out2"))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _cli("run", str(other), "-q").exit_code == 0
+    finally:
+        os.close(fd)

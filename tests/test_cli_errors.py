@@ -764,3 +764,18 @@ def test_an_output_under_a_file_says_the_file_is_in_the_way(cli, tmp_path):
         (f"cannot write {tmp_path}/out: {tmp_path}/out is a file, not a folder; move that file "
         "away or write the output elsewhere")]
     assert (tmp_path / "out").read_text() == "notes"
+
+
+@pytest.mark.parametrize("args", [("plan", "r.yaml"), ("--help",)])
+def test_a_closed_stdout_ends_the_command_quietly_with_exit_141(tmp_path, args):
+    # `tvrecipe plan r.yaml | head -1`: head leaves before tvrecipe writes. That was
+    # "internal error: BrokenPipeError", exit 70; now silent, 141 (128 + SIGPIPE), as other
+    # command-line tools. (The reading end is closed before the interpreter has started.)
+    checkpoints(tmp_path)
+    (tmp_path / "r.yaml").write_text(simple())
+    proc = subprocess.Popen([sys.executable, "-m", "tvrecipe.cli", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert err == b""

@@ -212,7 +212,9 @@ def test_cache_commands_take_the_recipe_as_an_argument(recipe, cli, tmp_path):
     assert cli.ok("cache", "ls", "r.yaml").stdout == f"cache is empty: {cache}\n"
     cli.ok("run", "r.yaml", "-q")
     listed = cli.ok("cache", "ls", "r.yaml").stdout.splitlines()
-    assert [line.split()[0].split("-")[0] for line in listed] == ["sum"]  # merged
+    # (by step name, then its key)
+    assert [(line.split()[0], line.split()[1].split("-")[0]) for line in listed] == [
+        ("merged", "sum")]
     assert cli.ok("cache", "du", "r.yaml").stdout.startswith(f"{cache}: ")
 
 

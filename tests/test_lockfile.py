@@ -145,7 +145,9 @@ def test_verify_recompute_compares_fresh_bytes_and_cleans_up(tmp_path, monkeypat
     assert res.exit_code == 0, res.output
     assert res.output == (f"{recipe}: ok, inputs, recipe and 1 output match the lock, and "
                           "recomputing them without the cache gave the same bytes\n")
-    assert sorted(p.name for p in (tmp_path / ".tvrecipe").iterdir()) == ["cache", "hashes.json"]
+    # (its temporary folder gone; the run lock, which kept runs of r.yaml out meanwhile, stays)
+    assert sorted(p.name for p in (tmp_path / ".tvrecipe").iterdir()) == [
+        "cache", "hashes.json", "r.yaml.run.lock"]
 
     # A run that no longer reproduces (here: apply adds one ulp more) is caught, although the
     # outputs on disk still match the lock.
@@ -176,7 +178,8 @@ def test_verify_recompute_compares_fresh_bytes_and_cleans_up(tmp_path, monkeypat
         "machine's (`tvrecipe run --no-cache --force` writes outputs and a lock from this "
         "machine alone); if not, please report this with the recipe")
     assert all(line.startswith("  recomputed ./out/") for line in lines[2:-1])
-    assert sorted(p.name for p in (tmp_path / ".tvrecipe").iterdir()) == ["cache", "hashes.json"]
+    assert sorted(p.name for p in (tmp_path / ".tvrecipe").iterdir()) == [
+        "cache", "hashes.json", "r.yaml.run.lock"]
     assert _cli("verify", str(recipe)).exit_code == 0  # the outputs themselves are untouched
 
     # A lock written on a GPU, then on another CPU: the message says which, and what to do.

@@ -279,10 +279,14 @@ def test_model_card_false_writes_none_of_the_three(make_models, cli, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "model.safetensors", "tokenizer_config.json"]
     cli.ok("verify", "r.yaml")
-    res = cli.fails(6, "verify", "out/model")
-    assert res.err_lines[1] == ("out/model is a folder without tvrecipe.lock: `tvrecipe verify` "
-                                "takes a recipe file, or a checkpoint output folder written with "
-                                "its model card (an output without `model_card: false`)")
+    # (a wrong argument, exit 2, not a mismatch with a lock, exit 6)
+    res = cli.fails(2, "verify", "out/model")
+    assert res.err_lines == [
+        "tvrecipe: usage error:",
+        ("out/model is a folder without tvrecipe.lock: `tvrecipe verify` takes a recipe file, "
+         "or a checkpoint output folder written with its model card (an output without "
+         "`model_card: false`)"),
+        "Usage: tvrecipe verify [OPTIONS] RECIPE|FOLDER", "see `tvrecipe verify --help`"]
 
 
 def test_a_folder_locked_by_another_tvrecipe_is_judged_by_its_bytes(make_models, cli, tmp_path):

@@ -19,6 +19,34 @@ from tvrecipe.errors import Interrupted, TvrecipeError
 from tvrecipe.store.output import InterruptAfter, OutputFolder, deferred_interrupts
 
 EXIT_BUG = 70
+EXIT_PIPE = 141  # 128 + SIGPIPE: stdout was closed (`tvrecipe plan r.yaml | head -1`)
+
+
+def _stdout_closed(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broken pipe of a closed stdout (the reader of `| head` is gone),
+    rather than one of a connection (a cluster's): a pipe whose reader left polls as an
+    error. Where that cannot be asked (no poll, stdout not a file), a broken pipe is taken as
+    stdout's."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    try:
+        import select
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), 0)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def _quiet_exit_on_closed_stdout() -> int:
+    """End a command whose stdout was closed as other command-line tools do: silently, with
+    exit 141 (as if killed by SIGPIPE). What is still buffered for stdout goes nowhere, so the
+    interpreter's own flush at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 def _fail(exc: TvrecipeError) -> None:
@@ -71,6 +99,8 @@ def handle_errors(fn):
         except click.exceptions.ClickException:
             raise
         except Exception as exc:  # noqa: BLE001 (a bug: say so, and how to report it)
+            if _stdout_closed(exc):  # `tvrecipe plan r.yaml | head -1`: not a bug
+                sys.exit(_quiet_exit_on_closed_stdout())
             if _interrupt_inside(exc):
                 exc = Interrupted("interrupted; temporary outputs were removed, the cache is "
                                   "intact")
@@ -352,7 +382,9 @@ def plan(recipe: str, fmt: str, cache_dir: str | None) -> None:
 @_device_option("Override settings.device: auto, cpu, cuda, cuda:N.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that contain NaN or Inf.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Write every step's report (clusters, ranks) to this JSON file.")
+              help="Write the run's report to this JSON file: \"run:status\" (ran, or "
+                   "up_to_date when there was nothing to do) and the reports of the steps "
+                   "that make one (clusters, ranks); see the README.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Cache of step results (default: $TVRECIPE_CACHE, else .tvrecipe/cache "
                    "beside the recipe).")
@@ -388,6 +420,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     compiled = _compile(recipe)
     if report_path:
         _check_side_file(compiled, report_path, "--report")
+    _hold_run_lock(compiled, "run")
     for warning in _kind_warnings(compiled):
         click.echo(f"tvrecipe: {warning}", err=True)
     lockfile.sweep_dead_runs(compiled)
@@ -428,6 +461,9 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         raise VerifyError("--locked, but the outputs differ from the lock (--force writes them "
                           "again):\n" + "\n".join(damaged))
     if changes == [] and not force and not damaged and not absent:
+        if report_path:  # (not left missing, or stale from another run: it says so)
+            from tvrecipe.report import json_text
+            Path(report_path).write_text(json_text({"run:status": "up_to_date"}) + "\n")
         if not quiet:
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
@@ -485,6 +521,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
                    **{f"output:{n}": r for n, r in result.output_reports.items()}}
         if result.workers:  # a cluster run: time and bytes per worker
             reports["cluster:workers"] = result.workers
+        reports["run:status"] = "ran"
         from tvrecipe.report import json_text
         Path(report_path).write_text(json_text(reports) + "\n")
     if quiet:
@@ -511,6 +548,15 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
              else "")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}{where}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
+
+
+def _hold_run_lock(compiled, command: str) -> None:
+    """Keep other processes from running the recipe until this command ends (one that tries
+    fails at once, naming this one: OutputError, exit 4). See ``take_run_lock``."""
+    from tvrecipe.store.lock import take_run_lock
+    fd = take_run_lock(compiled.loaded.path, command)
+    if fd is not None:
+        click.get_current_context().call_on_close(functools.partial(os.close, fd))
 
 
 def _cache_apart_from_outputs(compiled, root: Path) -> None:
@@ -650,6 +696,12 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         from tvrecipe.exec.cluster_address import require_dask
         require_dask()
     if Path(recipe).is_dir():
+        from tvrecipe.exec.release import LOCK_FILE
+        if not (Path(recipe) / LOCK_FILE).is_file():  # a wrong argument, not a mismatch
+            raise click.UsageError(
+                f"{recipe} is a folder without {LOCK_FILE}: `tvrecipe verify` takes a recipe "
+                "file, or a checkpoint output folder written with its model card (an output "
+                "without `model_card: false`)", click.get_current_context())
         with _closing_clients(cluster if recompute else None):
             _verify_folder(Path(recipe), recompute, device, _input_paths(inputs), cluster)
         return
@@ -660,6 +712,8 @@ def verify(recipe: str, recompute: bool, device: str | None, inputs: tuple[str, 
         from tvrecipe.exec import lockfile
     from tvrecipe.store.hashing import HashMemo
     compiled = _compile(recipe)
+    if recompute:  # (its run must not see the outputs replaced under it)
+        _hold_run_lock(compiled, "verify --recompute")
     # (--recompute reads every input again in full, so it hashes them in full too: an input
     # edited in place with its size, mtime and inode kept is found, not blamed on the machine;
     # the memo learns it, so that the commands after this one see the change too)
@@ -861,11 +915,24 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _recipe_entries(recipe: str, tc) -> dict[str, object]:
+    """Step name -> cache entry, for the steps of ``recipe`` whose entry (under the key the
+    step has now, from its inputs' hashes, as `plan` finds them) is in the cache ``tc``."""
+    with _importing("tvrecipe.exec.lockfile"):
+        from tvrecipe.exec import lockfile
+    compiled = _compile(recipe)
+    keys = lockfile.run_state(compiled, lockfile.hash_memo(compiled))["steps"]
+    entries = {e.key: e for e in tc.entries()}
+    return {name: entries[key] for name, key in keys.items()
+            if name in compiled.steps and key in entries}
+
+
 @cache.command("ls")
 @_with_cache_opts
 @handle_errors
 def cache_ls(recipe: str | None, cache_dir: str | None) -> None:
-    """List cached step results, least recently used first."""
+    """List cached step results, least recently used first; with RECIPE, only its steps'
+    entries (under the keys they have now), by step name."""
     import time
 
     from tvrecipe.plan.summary import human
@@ -873,9 +940,20 @@ def cache_ls(recipe: str | None, cache_dir: str | None) -> None:
     entries = tc.entries()
     if not entries:
         click.echo(f"cache is empty: {tc.root}")
-    for e in entries:
+        return
+    if recipe is None:
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
+            click.echo(f"{e.key:<34} {human(e.size):>10}  last used {when}")
+        return
+    mine = _recipe_entries(recipe, tc)
+    if not mine:
+        click.echo(f"no step of {recipe} is cached in {tc.root} (`tvrecipe cache ls` without "
+                   "a recipe lists every entry)")
+    width = max((len(name) for name in mine), default=0)
+    for name, e in mine.items():
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
-        click.echo(f"{e.key:<34} {human(e.size):>10}  last used {when}")
+        click.echo(f"{name:<{width}}  {e.key:<34} {human(e.size):>10}  last used {when}")
 
 
 @cache.command("du")
@@ -917,10 +995,21 @@ def cache_gc(recipe: str | None, cache_dir: str | None, older_than: str | None) 
 @_with_cache_opts
 @handle_errors
 def cache_clear(recipe: str | None, cache_dir: str | None) -> None:
-    """Remove every cache entry (a folder holding anything else is refused)."""
+    """Remove every cache entry (a folder holding anything else is refused); with RECIPE,
+    only its steps' entries (under the keys they have now), which leaves those of other
+    recipes sharing the cache."""
     tc = _cache_for(recipe, cache_dir)
     if not tc.root.is_dir():
         click.echo(f"cache is empty: {tc.root}")
+        return
+    if recipe is not None:
+        mine = _recipe_entries(recipe, tc)
+        removed = sum(tc.remove_entry(e.key) for e in mine.values())
+        if not mine:
+            click.echo(f"no step of {recipe} is cached in {tc.root}; nothing was removed")
+        else:
+            click.echo(f"removed the cache entries of {recipe} from {tc.root}: "
+                       f"{', '.join(mine)} ({_plural(removed, 'file')})")
         return
     removed = tc.clear()
     click.echo(f"cleared {tc.root}: removed {_plural(removed, 'file')}")
@@ -1085,6 +1174,8 @@ def entry() -> None:
         main()
     except SystemExit as exc:
         code = exc.code
+    except BrokenPipeError:  # stdout closed while click wrote (`tvrecipe --help | head -1`)
+        code = _quiet_exit_on_closed_stdout()
     else:  # pragma: no cover (click's standalone mode always raises SystemExit)
         code = 0
     finally:
@@ -1094,8 +1185,15 @@ def entry() -> None:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    elif code == 1 and "PacifyFlushWrapper" in type(sys.stdout).__name__:
+        # click met a closed stdout outside a command (its help) and exited 1: 141 as above
+        code = _quiet_exit_on_closed_stdout()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # (what was buffered last found stdout closed)
+        code = _quiet_exit_on_closed_stdout()
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(code)
 
 

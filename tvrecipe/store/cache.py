@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tvrecipe.errors import InputError, OutputError
 from tvrecipe.store.checkpoint import Checkpoint, open_checkpoint
+from tvrecipe.store.hashing import FILE_MODE
 from tvrecipe.store.output import output_oserror
 from tvrecipe.store.writer import SafetensorsStreamWriter, TensorSpec, tensor_digest, tensor_hasher
 
@@ -119,7 +120,11 @@ class PendingEntry:
             for slot, specs in slots.items():
                 # A unique temp name per writer: two runs writing one key never share a file.
                 fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
-                os.close(fd)
+                try:
+                    if hasattr(os, "fchmod"):  # the umask's mode, not mkstemp's private 0600:
+                        os.fchmod(fd, FILE_MODE)  # a cache shared by a group serves it
+                finally:
+                    os.close(fd)
                 self.tmp[slot] = Path(tmp)
                 # No fsync: an entry cut short by a crash fails its checksums and is recomputed.
                 self.writers[slot] = SafetensorsStreamWriter(Path(tmp), specs, metadata,
@@ -135,11 +140,7 @@ class PendingEntry:
         partial files go, later writes are skipped, and the run's warnings say so."""
         self.abort()
         self.failed = True
-        reason = exc.strerror or str(exc)
-        self.cache.warnings.append(
-            f"could not write the cache entry {self.key} in {self.cache.root} ({reason}); "
-            "the run goes on without caching it (a writable --cache-dir, or --no-cache, "
-            "avoids this)")
+        self.cache.unwritable(self.key, exc.strerror or str(exc))
 
     def write(self, slot: str, name: str, tensor) -> None:
         """Write the next tensor (or row block) of one slot."""
@@ -201,6 +202,22 @@ class TensorCache:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.warnings: list[str] = []
+        self._unwritable: dict[str, tuple[int, list[str]]] = {}  # reason -> (warning, keys)
+
+    def unwritable(self, key: str, reason: str) -> None:
+        """Record in :attr:`warnings` that the entry ``key`` could not be written: one
+        warning per reason, naming every entry it cost (not one per entry, or per try)."""
+        index, keys = self._unwritable.setdefault(reason, (len(self.warnings), []))
+        if index == len(self.warnings):
+            self.warnings.append("")
+        if key not in keys:
+            keys.append(key)
+        what = (f"the cache entry {keys[0]}" if len(keys) == 1
+                else f"the cache entries {', '.join(keys)}")
+        self.warnings[index] = (
+            f"could not write {what} in {self.root} ({reason}); the run goes on without "
+            f"caching {'it' if len(keys) == 1 else 'them'} (a writable --cache-dir, or "
+            "--no-cache, avoids this)")
 
     def manifest(self, key: str) -> Path:
         """The manifest of ``key``: its presence marks a complete entry."""
@@ -272,6 +289,21 @@ class TensorCache:
         manifest.unlink(missing_ok=True)
         for p in manifest.parent.glob(f"{key}*{SUFFIX}"):
             p.unlink(missing_ok=True)
+
+    def remove_entry(self, key: str) -> int:
+        """Delete one entry (as :meth:`remove`), then its shard folder if that is left empty;
+        the number of files removed. OutputError when one cannot be."""
+        manifest = self.manifest(key)
+        files = [manifest, *manifest.parent.glob(f"{key}*{SUFFIX}")]
+        try:
+            removed = sum(p.is_file() for p in files)
+            self.remove(key)
+        except OSError as exc:
+            raise output_oserror(exc, Path(exc.filename or self.root), folder=self.root
+                                 ) from exc
+        with contextlib.suppress(OSError):  # (not empty: kept)
+            manifest.parent.rmdir()
+        return removed
 
     def pending(self, key: str, slots: Mapping[str, Sequence[TensorSpec]],
                 metadata: Mapping[str, str]) -> PendingEntry:

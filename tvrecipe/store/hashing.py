@@ -12,10 +12,22 @@ from pathlib import Path
 from tvrecipe.errors import InputError
 from tvrecipe.store.remote import RemotePath, as_path
 
-__all__ = ["HashMemo", "checkpoint_digest", "sha256_file"]
+__all__ = ["FILE_MODE", "HashMemo", "checkpoint_digest", "sha256_file"]
 
 CHUNK = 8 << 20
 _MEMO_VERSION = 1
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# What open() would give a new file: 0644 under the usual umask, 0664 under a group's 002.
+# Files made by mkstemp (private, 0600) are given it, so that a cache, memo or lock shared by
+# a group is readable by the group. (Read once: os.umask is process-wide, not thread-safe.)
+FILE_MODE = _umask_mode()
 
 
 def _identity(st: os.stat_result | list) -> list:
@@ -140,6 +152,8 @@ class HashMemo:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            if hasattr(os, "fchmod"):  # (mkstemp's 0600 would keep the memo from the group)
+                os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, self.path)

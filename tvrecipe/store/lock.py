@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import yaml
 
 from tvrecipe.errors import VerifyError
-from tvrecipe.store.hashing import HashMemo, sha256_file
+from tvrecipe.store.hashing import FILE_MODE, HashMemo, sha256_file
 from tvrecipe.store.output import staging_prefix, sweep_dead_staging
 
 LOCK_VERSION = 1
@@ -39,13 +40,7 @@ def hash_tree(folder: Path, memo: HashMemo | None = None,
     return out
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _umask_mode()  # what open() would give a new file: 0644 under the usual umask
+_FILE_MODE = FILE_MODE  # what open() would give a new file: 0644 under the usual umask
 
 
 def write_lock_temp(path: Path, data: dict[str, Any]) -> Path:
@@ -193,3 +188,60 @@ def _how_it_differs(compare: tuple[Path, Path] | None, name: str, locked: str) -
     except OSError:
         return None
     return describe_difference(here, reference)
+
+
+def run_lock_path(recipe: Path) -> Path:
+    """``recipe.yaml`` → ``.tvrecipe/recipe.yaml.run.lock`` beside it: the file that
+    :func:`take_run_lock` locks (one per recipe: two recipes of one folder run side by side)."""
+    real = recipe.resolve()  # (a recipe reached through a link is the same recipe)
+    return real.parent / ".tvrecipe" / f"{real.name}.run.lock"
+
+
+def take_run_lock(recipe: Path, command: str) -> int | None:
+    """Make sure no other process runs (or recomputes) ``recipe`` meanwhile: an exclusive,
+    non-blocking ``flock`` on :func:`run_lock_path`, into which this process writes its host,
+    pid, start time and ``command``. Returns the file descriptor holding the lock (closing it,
+    or the process ending however it does, releases it), or None where nothing could be
+    locked: Windows (no fcntl), a folder that takes no new file (a read-only checkout, whose
+    run writes nothing anyway), a file system without locks.
+
+    Raises:
+        OutputError: another process holds the lock (naming it, from what it wrote).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: runs of one recipe are not kept apart there
+        return None
+    import errno
+    import socket
+    import time
+
+    from tvrecipe.errors import OutputError
+    path = run_lock_path(recipe)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)  # (no locks on this file system: nothing to keep apart with)
+            return None
+        try:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").split("\n")[0].split(" ", 3)
+        except OSError:
+            holder = []
+        finally:
+            os.close(fd)
+        who = (f" (`tvrecipe {holder[3]}`, pid {holder[1]} on {holder[0]}, since {holder[2]})"
+               if len(holder) == 4 else "")
+        raise OutputError(f"{recipe.name} is being run by another tvrecipe{who}; wait for it to "
+                          f"finish, then try again (nothing was done here; the lock is "
+                          f"{path}, held while that process lives)") from None
+    with contextlib.suppress(OSError):  # (who holds it: only for the message above)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()} "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {command}\n".encode())
+    return fd
