@@ -676,3 +676,33 @@ def test_lora_references_in_every_form_mergekit_reads(make_models, cli):
     """, "--force")
     assert recipe["steps"]["model"] == {"op": "slerp", "a": "base_with_lora", "b": "math",
                                         "t": 0.5}
+
+
+def test_an_absolute_output_path_stays_absolute(make_models, cli, tmp_path):
+    # It was written relative to the recipe (../release/merged), so it moved with the recipe.
+    make_models(("math",))
+    release = tmp_path.parent / f"{tmp_path.name}-release" / "merged"
+    recipe = imported(cli, """
+        merge_method: linear
+        models: [{model: ./ckpt/math, parameters: {weight: 1}}]
+    """, "--output-path", str(release))
+    assert recipe["outputs"]["model"]["path"] == str(release)
+    recipe = imported(cli, """
+        merge_method: linear
+        models: [{model: ./ckpt/math, parameters: {weight: 1}}]
+    """, "--output-path", "out/m", "--force")
+    assert recipe["outputs"]["model"]["path"] == "./out/m"  # (a relative one, as before)
+
+
+def test_a_recipe_or_a_missing_config_given_to_import_is_named_as_such(cli):
+    cli.write("r.yaml", "tvrecipe: 1\nmodels: {base: ./ckpt/base}\noutputs:\n"
+                        "  model: {from: base, path: ./out}\n")
+    res = cli.fails(2, "import", "r.yaml", "-o", "x.yaml")
+    assert res.err_lines == [
+        "tvrecipe: recipe error:",
+        ("r.yaml:1:1: tvrecipe: this is a tvrecipe recipe already (it has 'tvrecipe:'), not a "
+         "mergekit config, so there is nothing to import (run it as it is: `tvrecipe run "
+         "r.yaml`; `tvrecipe import` converts a mergekit config (one with merge_method:))")]
+    res = cli.fails(2, "import", "nowhere.yml", "-o", "x.yaml")
+    assert res.err_lines == ["tvrecipe: recipe error:", "mergekit config not found: nowhere.yml"]
+    assert not (cli.root / "x.yaml").exists()

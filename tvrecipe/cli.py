@@ -1028,7 +1028,8 @@ def schema() -> None:
 @click.option("-o", "--output", "recipe", required=True, type=click.Path(dir_okay=False),
               help="The recipe to write.")
 @click.option("--output-path", help="Folder of the merged model (default: ./merged beside the "
-                                    "recipe).")
+                                    "recipe); a relative path is written relative to the "
+                                    "recipe, an absolute one as it is.")
 @click.option("--force", is_flag=True, help="Replace the recipe if it exists.")
 @handle_errors
 def import_(config: str, recipe: str, output_path: str | None, force: bool) -> None:

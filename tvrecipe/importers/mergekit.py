@@ -787,7 +787,9 @@ class _Writer:
 
     def output_path(self) -> str:
         if self.imp.output_path is not None:
-            return _beside(self.imp.recipe, Path(self.imp.output_path).expanduser())
+            given = Path(self.imp.output_path).expanduser()
+            # An absolute path stays absolute (a release disk): it must not move with the recipe.
+            return str(given) if given.is_absolute() else _beside(self.imp.recipe, given)
         # ./merged, or the first ./merged_N that is no input and overlaps none (a model
         # folder may be called merged)
         from tvrecipe.store.output import overlap
@@ -817,9 +819,17 @@ def import_mergekit(config: str | Path, recipe: str | Path,
         RecipeError: with every field that cannot be imported, located in the config.
     """
     config = Path(config)
+    if not config.exists():  # (load_yaml would call it a recipe)
+        raise RecipeError(Problem(f"mergekit config not found: {config}"))
     data, smap, problems = load_yaml(config)
     if problems:
         raise RecipeError(problems)
+    if isinstance(data, dict) and "tvrecipe" in data and "merge_method" not in data:
+        raise RecipeError(smap.problem(
+            ("tvrecipe",), "this is a tvrecipe recipe already (it has 'tvrecipe:'), not a "
+            "mergekit config, so there is nothing to import",
+            f"run it as it is: `tvrecipe run {config}`; `tvrecipe import` converts a mergekit "
+            "config (one with merge_method:)"))
     importer = _Importer(data, smap, config, Path(recipe), output_path)
     text = importer.run()
     if notes is not None:
