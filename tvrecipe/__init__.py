@@ -1,3 +1,3 @@
 """tvrecipe: declarative merge recipes for task vectors."""
 
-__version__ = "0.2.3"
+__version__ = "0.2.4"
