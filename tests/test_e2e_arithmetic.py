@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from tests.conftest import (
@@ -223,11 +224,13 @@ def test_sharded_output_layout_config_and_metadata(make_models, cli, tmp_path):
     for folder in (sharded, single):
         for name in ("config.json", "tokenizer_config.json"):
             assert (folder / name).read_bytes() == (ms.path("base") / name).read_bytes()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps(yaml.safe_load(path.read_text()), sort_keys=True,
+                                       ensure_ascii=False, separators=(",", ":"))
+                            .encode()).hexdigest()
     for f in weight_files(sharded) + weight_files(single):
         meta = read_metadata(f)
         assert meta["format"] == "pt"
-        assert meta["tvrecipe.recipe_sha256"] == digest
+        assert meta["tvrecipe.recipe_content_sha256"] == digest
     assert not list(tmp_path.joinpath("out").glob(".*")), "staging folders left behind"
 
 
@@ -247,14 +250,16 @@ def test_vectors_output_reads_back_as_task_vector_model(make_models, cli, tmp_pa
         "code.safetensors", "math.safetensors", "toxic.safetensors", "vectors.json"]
     index = json.loads((lib / "vectors.json").read_text())
     assert index["members"] == list(TASKS)
-    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps(yaml.safe_load(first.read_text()), sort_keys=True,
+                                       ensure_ascii=False, separators=(",", ":"))
+                            .encode()).hexdigest()
     for t in TASKS:
         got = read_tensors(lib / f"{t}.safetensors")
         assert set(got) == set(FLOATING)
         for k in FLOATING:
             assert torch.equal(got[k], ms.delta(t)[k]), (t, k)
         meta = read_metadata(lib / f"{t}.safetensors")
-        assert meta["tvrecipe.recipe_sha256"] == digest
+        assert meta["tvrecipe.recipe_content_sha256"] == digest
 
     cli.write("second.yaml", f"""\
         tvrecipe: 1

@@ -81,7 +81,9 @@ def test_checkpoint_outputs_carry_card_pinned_recipe_and_lock_entry(make_models,
         assert entry["files"] == {p.name: sha(p) for p in folder.iterdir()
                                   if p.name != "tvrecipe.lock"}
         assert entry["recipe"] == {"file": "tvrecipe.yaml", "sha256": sha(folder / "tvrecipe.yaml")}
-        assert entry["built_from"] == {"file": "r.yaml", "sha256": sha(tmp_path / "r.yaml")}
+        assert entry["built_from"] == {"file": "r.yaml", "sha256": hashlib.sha256(json.dumps(
+            yaml.safe_load((tmp_path / "r.yaml").read_text()), sort_keys=True,
+            ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()}
         assert entry["output"] == name
         # tvrecipe and torch: the recipe's lock also records numpy and scikit-learn,
         # and Python, which would make a rebuild's lock differ after an upgrade of either.
@@ -584,3 +586,33 @@ def test_a_release_written_under_an_earlier_lock_is_made_again_without_force(mak
     (tmp_path / "out" / "model" / "tokenizer_config.json").unlink()
     res = cli.fails(4, "run", "r.yaml")
     assert "./out/model/tokenizer_config.json: missing" in res.stderr
+
+
+def test_edits_that_change_no_meaning_leave_the_release_as_it_is(make_models, cli, tmp_path):
+    # Output files carry the hash of what the recipe says: a comment, other layout, reordered
+    # keys and CRLF line endings (a git autocrlf checkout) give the same bytes, and a CRLF
+    # checkout of the recipe is the locked recipe for --locked.
+    project(make_models, cli, OUTPUTS)
+    cli.ok("run", "r.yaml", "-q")
+    before = snapshot(tmp_path / "out")
+    text = (tmp_path / "r.yaml").read_text()
+    lock = (tmp_path / "r.yaml.lock").read_bytes()
+    (tmp_path / "r.yaml").write_bytes(text.replace("\n", "\r\n").encode())
+    cli.ok("run", "r.yaml", "--locked", "-q")
+    assert (tmp_path / "r.yaml.lock").read_bytes() == lock
+    head, rest = text.split("steps:", 1)
+    (tmp_path / "r.yaml").write_text("# merged for the release\n" + head + "\nsteps:  # ours\n"
+                                     + rest.replace("weights: [0.5, 0.5]",
+                                                    "weights: [ 0.5 , 0.50 ]"))
+    cli.ok("run", "r.yaml", "-q")  # (the recipe's text changed: run again)
+    assert (tmp_path / "r.yaml.lock").read_bytes() != lock
+    assert snapshot(tmp_path / "out") == before
+    # Reordered keys: the same weights and vectors; a release's card and tvrecipe.yaml show
+    # the recipe as written, so they follow.
+    (tmp_path / "r.yaml").write_text(text.replace(
+        "merged: {op: sum, inputs: [tv.math, tv.code], weights: [0.5, 0.5]}",
+        "merged: {weights: [0.5, 0.5], op: sum, inputs: [tv.math, tv.code]}"))
+    cli.ok("run", "r.yaml", "-q")
+    after = snapshot(tmp_path / "out")
+    assert {k for k in before if after[k] != before[k]} == {  # (math does not use merged)
+        f"model/{f}" for f in ("README.md", "tvrecipe.lock", "tvrecipe.yaml")}

@@ -327,3 +327,26 @@ def test_entrywise_work_is_cut_in_ranges_of_at_least_parallel_min(monkeypatch):
         seen[n] = digest(sparsify.ties(xs, density=0.1, weights=[1, 1, 1, 0.1, 1],
                                        majority="count", normalize=False))
     assert len(set(seen.values())) == 1, seen
+
+
+@pytest.mark.parametrize(("v2", "v1", "want"), [
+    ("200000 100000", None, 2), ("150000 100000", None, 2), ("max 100000", None, None),
+    (None, ("-1", "100000"), None), (None, ("50000", "100000"), 1), (None, None, None),
+    ("garbage", None, None)])
+def test_a_cgroup_cpu_quota_bounds_the_cores(tmp_path, monkeypatch, v2, v1, want):
+    # A container limited to QUOTA/PERIOD CPUs (rounded up) gets that many cores, not its
+    # host's: v2's cpu.max, else v1's two files; no quota (max, -1) or no file: None.
+    from tvrecipe.ops import parallel
+
+    def put(name: str, text: str | None) -> str:
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text + "\n")
+        return str(path)
+
+    monkeypatch.setattr(parallel, "CGROUP_V2", put("cpu.max", v2))
+    monkeypatch.setattr(parallel, "CGROUP_V1", (put("quota", v1 and v1[0]),
+                                                put("period", v1 and v1[1])))
+    assert parallel.cgroup_cores() == want
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    assert parallel.machine_cores() == (64 if want is None else want)

@@ -44,7 +44,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class Source:
-    """The recipe a run was given (file name and hash), which output headers record.
+    """The recipe a run was given (file name and the hash of its content,
+    :func:`tvrecipe.spec.load.recipe_content_sha256`), which output headers record.
 
     A rebuild from a folder's own ``tvrecipe.yaml`` passes the original's, so that its bytes
     are the original run's.
@@ -95,7 +96,8 @@ def _moves_with_project(compiled: Compiled, output: str) -> bool:
 
 def _raw_recipe(compiled: Compiled) -> dict[str, Any]:
     text = compiled.loaded.path.read_bytes()
-    if hashlib.sha256(text).hexdigest() != compiled.loaded.text_sha256:
+    from tvrecipe.spec.load import recipe_text_sha256
+    if recipe_text_sha256(text) != compiled.loaded.text_sha256:
         raise VerifyError(f"{compiled.loaded.path} changed while it ran; run it again")
     return yaml.safe_load(text)
 

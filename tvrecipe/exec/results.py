@@ -508,14 +508,14 @@ def upstream_reports(manifest: dict, keys: dict[str, str]) -> dict[str, Any]:
 
 def source_of(compiled: Compiled, options: RunOptions) -> Source:
     """The recipe a run's outputs name: the one run, unless the options name another."""
-    return options.source or Source(compiled.loaded.path.name, compiled.loaded.text_sha256)
+    return options.source or Source(compiled.loaded.path.name, compiled.loaded.content_sha256)
 
 
 def output_metadata(compiled: Compiled, options: RunOptions) -> dict[str, str]:
     """Provenance every output file's header carries."""
     source = source_of(compiled, options)
     return {"tvrecipe.version": __version__, "tvrecipe.recipe": source.file,
-            "tvrecipe.recipe_sha256": source.sha256}
+            "tvrecipe.recipe_content_sha256": source.sha256}
 
 
 def nonfinite_input(where: str, tensor: str) -> InputError:

@@ -44,11 +44,41 @@ def cores() -> int:
 
 
 def machine_cores() -> int:
-    """The number of cores this process's machine lets it run on."""
+    """The number of cores this process's machine lets it run on: the CPUs it may be
+    scheduled on, fewer where its cgroup's CPU quota says so (a container limited to 2
+    CPUs on a 64-core host: 64 threads would only queue for the 2)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        usable = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
+        usable = os.cpu_count() or 1
+    quota = cgroup_cores()
+    return usable if quota is None else max(1, min(usable, quota))
+
+
+# Where Linux says a cgroup's CPU quota: v2's "QUOTA PERIOD" (or "max PERIOD"), v1's two files.
+CGROUP_V2 = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cgroup_cores() -> int | None:
+    """The CPUs this process's cgroup may use (its quota over its period, rounded up), or
+    None where there is no quota (or no cgroup file to read)."""
+    def read(path: str) -> str | None:
+        try:
+            with open(path, encoding="ascii") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    v2 = read(CGROUP_V2)
+    parts = v2.split() if v2 else [read(CGROUP_V1[0]) or "", read(CGROUP_V1[1]) or ""]
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):  # "max" (no quota), or nothing readable
+        return None
+    if quota <= 0 or period <= 0:  # (v1 says -1 for no quota)
+        return None
+    return -(-quota // period)
 
 
 @contextmanager

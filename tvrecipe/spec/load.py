@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,13 +42,17 @@ class LoadedRecipe:
         recipe: The validated, frozen recipe.
         path: The recipe file.
         source: Positions of its keys, for error messages.
-        text_sha256: Hash of the recipe file's bytes (provenance).
+        text_sha256: Hash of the recipe file's bytes, line endings as LF
+            (:func:`recipe_text_sha256`): the lock's record of the recipe.
+        content_sha256: Hash of what the recipe says, not how it is written
+            (:func:`recipe_content_sha256`): the provenance output files carry.
     """
 
     recipe: Recipe
     path: Path
     source: SourceMap
     text_sha256: str
+    content_sha256: str = ""
 
     @property
     def root(self) -> Path:
@@ -343,5 +348,21 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             partial, broken = smap.partial
             error.partial = (LoadedRecipe(partial, path, smap, ""), broken)
         raise error
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoadedRecipe(recipe=recipe, path=path, source=smap, text_sha256=digest)
+    return LoadedRecipe(recipe=recipe, path=path, source=smap,
+                        text_sha256=recipe_text_sha256(path.read_bytes()),
+                        content_sha256=recipe_content_sha256(data))
+
+
+def recipe_text_sha256(text: bytes) -> str:
+    """SHA-256 of a recipe file's bytes with CRLF line endings read as LF: a checkout that
+    converts line endings (git's autocrlf) is the same recipe."""
+    return hashlib.sha256(text.replace(b"\r\n", b"\n")).hexdigest()
+
+
+def recipe_content_sha256(data: object) -> str:
+    """SHA-256 of a parsed recipe as canonical JSON (keys sorted): comments, layout, quoting
+    and the order of keys change it not, so output files, which carry it, keep their bytes
+    through such edits."""
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                      default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
