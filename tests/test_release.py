@@ -604,8 +604,16 @@ def test_edits_that_change_no_meaning_leave_the_release_as_it_is(make_models, cl
     (tmp_path / "r.yaml").write_text("# merged for the release\n" + head + "\nsteps:  # ours\n"
                                      + rest.replace("weights: [0.5, 0.5]",
                                                     "weights: [ 0.5 , 0.50 ]"))
-    cli.ok("run", "r.yaml", "-q")  # (the recipe's text changed: run again)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    res = cli.ok("run", "r.yaml")  # (what it computes is the same: only the lock changes)
+    assert res.stdout == ("r.yaml: only the recipe's text changed (comments, layout), not what "
+                          "it computes: the lock records the new text; the outputs stay as they "
+                          "are (--force writes them again)\n")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == stamps
     assert (tmp_path / "r.yaml.lock").read_bytes() != lock
+    cli.ok("verify", "r.yaml")
+    assert "up to date" in cli.ok("run", "r.yaml").stdout
+    cli.ok("run", "r.yaml", "-q", "--force")  # (and a rerun writes the same bytes)
     assert snapshot(tmp_path / "out") == before
     # Reordered keys: the same weights and vectors; a release's card and tvrecipe.yaml show
     # the recipe as written, so they follow.

@@ -468,6 +468,17 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
         return
+    if (changes and not force and not locked and not damaged and not absent
+            and lockfile.only_the_text_changed(compiled, state)):
+        lockfile.relock_text(compiled, state)
+        if report_path:
+            from tvrecipe.report import json_text
+            Path(report_path).write_text(json_text({"run:status": "relocked"}) + "\n")
+        if not quiet:
+            click.echo(f"{recipe}: only the recipe's text changed (comments, layout), not what "
+                       "it computes: the lock records the new text; the outputs stay as they "
+                       "are (--force writes them again)")
+        return
     from tvrecipe.store.lock import check_writable
     # (not after the outputs are in place; an up-to-date run in a read-only folder is fine,
     # and so is --locked, which leaves the lock as it is)

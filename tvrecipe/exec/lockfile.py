@@ -217,9 +217,53 @@ def run_state(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, Any
             inputs[name]["license"] = licensing
     keys = step_keys(compiled, digests)
     return {"recipe": {"file": compiled.loaded.path.name,
-                       "sha256": compiled.loaded.text_sha256},
+                       "sha256": compiled.loaded.text_sha256,
+                       "content_sha256": compiled.loaded.content_sha256},
             "inputs": inputs,
             "steps": {n: keys[n] for n in compiled.steps}}
+
+
+def only_the_text_changed(compiled: Compiled, state: dict[str, Any]) -> bool:
+    """Whether the recipe's text changed since the lock but not what it says (a comment,
+    layout): the same content hash, inputs, steps and outputs as locked, and each released
+    folder's own recipe as this one would write it. Its outputs are then what a run would
+    write, byte for byte: only the lock needs the new text's hash
+    (:func:`relock_text`). The outputs' own state is checked by the caller."""
+    from tvrecipe.exec.release import pinned_recipe
+    from tvrecipe.exec.results import releases
+    lock = read_lock(lock_path(compiled.loaded.path))
+    recipe = lock.get("recipe") or {}
+    if (recipe.get("content_sha256") != state["recipe"]["content_sha256"]
+            or recipe.get("file") != state["recipe"]["file"]
+            or recipe.get("sha256") == state["recipe"]["sha256"]
+            or lock.get("inputs") != state["inputs"] or lock.get("steps") != state["steps"]
+            or sorted(lock.get("outputs") or {}) != sorted(compiled.outputs)):
+        return False
+    digests = {m: e["sha256"] for m, e in state["inputs"].items()}
+    for name, (spec, _res) in compiled.outputs.items():
+        if lock["outputs"][name].get("path") != spec.path:
+            return False
+        if releases(compiled, name):
+            folder = compiled.loaded.resolve(spec.path)
+            try:
+                written = (folder / "tvrecipe.yaml").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                return False
+            if written != pinned_recipe(compiled, name, digests):
+                return False  # (keys reordered: the folder's recipe and card show the order)
+    return True
+
+
+def relock_text(compiled: Compiled, state: dict[str, Any]) -> None:
+    """The lock, with the recipe's new text hash (:func:`only_the_text_changed`)."""
+    path = lock_path(compiled.loaded.path)
+    data = {k: v for k, v in read_lock(path).items() if k != "lock_version"}
+    data["recipe"] = state["recipe"]
+    try:
+        os.replace(write_lock_temp(path, data), path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the lock file {path}: {exc.strerror or exc}; check "
+                          f"the permissions of {path.resolve().parent}") from exc
 
 
 class StagedLock:
