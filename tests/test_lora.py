@@ -905,3 +905,23 @@ def test_an_adapter_with_a_head_the_base_lacks_says_which(cli, tmp_path):
     assert ("matches no tensor of the base (looked for 'score.weight'); the base has no module "
             "'score' at all: is this adapter for a model with another head (a classification "
             "head over a language model?), or for another base model?") in said
+
+
+def test_plan_counts_an_adapter_outputs_whole_tensors(cli, tmp_path):
+    # A `format: peft` output factors each 2-D delta whole: the plan adds its largest 2-D
+    # tensor twice (gathered, and its float32 working copy) to what the same vector written
+    # as safetensors needs.
+    import math
+
+    from tvrecipe.plan.graph import compile_recipe
+    from tvrecipe.plan.summary import estimates
+    from tvrecipe.plan.tensors import build_tensor_plan
+    from tvrecipe.spec.load import load_recipe
+    _base, stored, _ft = finetuned(tmp_path)
+    largest = max(math.prod(v.shape) for v in stored.values() if v.dim() == 2)
+    peaks = {}
+    for name, form in (("a", "format: peft, rank: 4"), ("b", "dtype: float32")):
+        path = cli.write(f"{name}.yaml", OUT.replace("format: peft, RANK", form))
+        compiled = compile_recipe(load_recipe(path))
+        peaks[name] = estimates(compiled, build_tensor_plan(compiled))["peak_bytes"]
+    assert peaks["a"] - peaks["b"] == largest * (4 + 4)

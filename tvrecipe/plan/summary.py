@@ -44,6 +44,13 @@ def estimates(compiled: Compiled, plan: TensorPlan) -> dict[str, float]:
     # to be written behind the compute.
     live = (ahead + 1) * inputs + values + ahead * written
     out: dict[str, float] = {"peak_bytes": live * unit * cbytes}
+    # A `format: peft` output factors each 2-D delta whole: the tensor gathered from its
+    # blocks and its float32 working copy (the SVD's own scratch is rank-sized).
+    adapters = sum(spec.format == "peft" for spec, _res in compiled.outputs.values())
+    if adapters:
+        largest = max((math.prod(t.shape) for t in plan.tensors.values()
+                       if len(t.shape) == 2 and t.is_floating), default=0)
+        out["peak_bytes"] += adapters * largest * (cbytes + 4)
     for name, (spec, res) in compiled.outputs.items():
         total = 0
         members = 1 if res.type.kind in (CHECKPOINT, VECTOR) else len(res.type.members or ())
