@@ -548,7 +548,10 @@ def test_mutated_recipes_give_located_errors_never_a_crash(text: str):
         assert "internal error" not in res.stderr, shown
         if res.exit_code == 0:
             assert res.stdout.startswith(f"{recipe}: ok ("), shown
-            assert res.stderr == ""
+            # (only notes of model folders the mutation renamed away, located)
+            for line in res.stderr.replace(str(recipe), "r.yaml").splitlines():
+                assert re.match(r"^note: r\.yaml:\d+:\d+: models\.[\w\-]+: .* does not exist "
+                                r"\(yet\)", line), shown
             return
         lines = res.stderr.replace(str(recipe), "r.yaml").splitlines()
         assert lines[0] == "tvrecipe: recipe error:", shown
@@ -556,6 +559,8 @@ def test_mutated_recipes_give_located_errors_never_a_crash(text: str):
         for line in lines[1:]:
             assert line.startswith("  "), shown
             line = line[2:]
+            if line.startswith("r.yaml: this is a binary file"):  # (a NUL: the whole file)
+                continue
             assert LOCATED.match(line) or KEY_PATH.match(line), \
                 f"error line without a location: {line!r}\n{shown}"
 

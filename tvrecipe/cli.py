@@ -288,6 +288,20 @@ def _rule_warnings(compiled) -> list[str]:
         plan.close()
 
 
+def _missing_model_notes(compiled) -> list[str]:
+    """Local model paths that do not exist (yet): validate checks the recipe alone and says
+    ok, but plan and run will stop there (a recipe from `tvrecipe new`, data not pulled)."""
+    out = []
+    for name, model in compiled.models.items():
+        where = compiled.loaded.resolve(model.path)
+        if isinstance(where, Path) and not os.path.lexists(where):
+            line, col = compiled.loaded.source.locate(("models", name))
+            at = f"{compiled.loaded.path.name}:{line}:{col}: " if line else ""
+            out.append(f"note: {at}models.{name}: {model.path} does not exist (yet); validate "
+                       "checks the recipe alone, plan and run need the model there")
+    return out
+
+
 def _kind_warnings(compiled) -> list[str]:
     """A `kind: task_vector` model that looks like a fine-tuned checkpoint (config.json
     beside weights tvrecipe did not write) would be added whole, not as a delta: warn."""
@@ -341,7 +355,8 @@ def validate(recipes: tuple[str, ...]) -> None:
         note = f"; unused steps: {', '.join(compiled.unused)}" if compiled.unused else ""
         click.echo(f"{recipe}: ok ({_plural(len(compiled.steps), 'step')}, "
                    f"{_plural(len(compiled.outputs), 'output')}{note})")
-        for warning in _rule_warnings(compiled) + _kind_warnings(compiled):
+        for warning in (_rule_warnings(compiled) + _kind_warnings(compiled)
+                        + _missing_model_notes(compiled)):
             click.echo(warning, err=True)
     if failed:
         sys.exit(failed[0].exit_code)
