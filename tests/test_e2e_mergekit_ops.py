@@ -287,3 +287,39 @@ outputs:
         got = read_tensors(tmp_path / "out" / "m")
         assert torch.equal(got["h.0.attn.bias"], mask), scale
         close(got["h.0.attn.c_attn.weight"], 1.2 * w, scale)
+
+
+def test_results_made_under_another_buffer_rule_are_not_reused(cli, tmp_path, monkeypatch):
+    # 0.2.3 took every `attn.bias` for GPT-2's mask, a 1-D one too (kept from the base, left
+    # out of task vectors and sums) and cached its results: every step's key carries the
+    # rule's version, so those entries are not read now and the bias is merged.
+    from safetensors.torch import save_file
+
+    import tvrecipe.exec.evaluate as evaluate_module
+    import tvrecipe.store.checkpoint as checkpoint_module
+    g = torch.Generator().manual_seed(6)
+    for name in ("ta", "tb"):
+        (tmp_path / name).mkdir()
+        save_file({"h.0.attn.bias": torch.randn(8, generator=g),
+                   "h.0.mlp.weight": torch.randn(4, 8, generator=g)},
+                  str(tmp_path / name / "model.safetensors"))
+    cli.write("r.yaml", """\
+tvrecipe: 1
+models: {ta: {path: ./ta, kind: task_vector}, tb: {path: ./tb, kind: task_vector}}
+steps:
+  merged: {op: sum, inputs: [ta, tb], weights: 0.5}
+outputs:
+  v: {from: merged, path: ./out/v}
+""")
+    old = lambda name, ndim=0: name.endswith(checkpoint_module._BUFFER_ENDS)
+    with monkeypatch.context() as m:  # as 0.2.3 did
+        m.setattr(checkpoint_module, "is_buffer", old)
+        m.setattr(evaluate_module, "is_buffer", old)
+        m.setattr(checkpoint_module, "BUFFER_RULE", 1)
+        cli.ok("run", "r.yaml", "-q")
+    assert "h.0.attn.bias" not in read_tensors(tmp_path / "out" / "v")
+    res = cli.ok("run", "r.yaml", "--force")
+    assert "from cache" not in res.stdout
+    want = 0.5 * (read_tensors(tmp_path / "ta")["h.0.attn.bias"]
+                  + read_tensors(tmp_path / "tb")["h.0.attn.bias"])
+    close(read_tensors(tmp_path / "out" / "v")["h.0.attn.bias"], want, "h.0.attn.bias")

@@ -843,16 +843,36 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
     from tvrecipe.store.hashing import HashMemo
     with _importing("tvrecipe.exec.lockfile"):
         from tvrecipe.exec import lockfile, release
+    from tvrecipe.store.remote import url_scheme
+    # Inputs not where the folder's recipe says, and not given: said before the recipe is
+    # read as a recipe (a path into the folder itself would read as an output over an input).
+    try:
+        listed = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("models") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        listed = {}
+    listed = listed if isinstance(listed, dict) else {}
+    for name in moved:
+        if name not in listed:
+            raise RecipeError(f"--input {name}=...: {recipe} has no model {name!r}; it has "
+                              f"{', '.join(listed)}")
+    absent = []
+    for name, spec in listed.items():
+        given = spec.get("path") if isinstance(spec, dict) else spec
+        if (name not in moved and isinstance(given, str) and url_scheme(given) is None
+                and not (folder / Path(given).expanduser()).exists()):
+            absent.append(f"{name!r} ({given})")
+    if absent:
+        raise InputError(
+            f"{folder / release.RECIPE_FILE} names inputs that are not there: "
+            f"{', '.join(absent)}; pass --input NAME=PATH for each (its pinned sha256 makes "
+            "sure it is the same model; a release written to an absolute path names them "
+            "relative to the folder of the recipe that built it)")
     if moved:  # the same recipe with some inputs elsewhere (absolute paths)
         doc = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-        for name, path in moved.items():
-            if name not in doc.get("models", {}):
-                raise RecipeError(f"--input {name}=...: {recipe} has no model {name!r}; it has "
-                                  f"{', '.join(doc.get('models', {}))}")
+        for name, path in moved.items():  # (each one a model of it: checked above)
             doc["models"][name]["path"] = path
         # The others, where the folder's recipe says (a relative path is relative to it, not
         # to the temporary folder this copy is written into).
-        from tvrecipe.store.remote import url_scheme
         here = recipe.parent.resolve()
         for name, spec in doc.get("models", {}).items():
             given = spec.get("path") if isinstance(spec, dict) else None

@@ -19,6 +19,9 @@ def test_squares_by_row_blocks_are_the_float64_norms(monkeypatch):
         assert abs(lowrank._squares(x) - (xd ** 2).sum()) <= 1e-12 * (xd ** 2).sum()
         assert abs(lowrank._squares(x, b, a) - (r ** 2).sum()) <= 1e-12 * (r ** 2).sum()
         assert abs(lowrank._squares(x.T) - (xd ** 2).sum()) <= 1e-12 * (xd ** 2).sum()
+        x64 = x.double()  # (its rows are read, not changed)
+        lowrank._squares(x64, b, a)
+        assert torch.equal(x64, x.double())
 
 
 def test_lora_factors_error_of_an_exact_low_rank_matrix():

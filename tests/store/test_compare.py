@@ -62,3 +62,10 @@ def test_text_files_say_their_first_changed_line(tmp_path):
     assert describe_difference(x.with_suffix(".bin"), y.with_suffix(".bin")) is None
     y.unlink()
     assert describe_difference(x, y) is None  # (unreadable: nothing said)
+
+
+def test_an_infinite_entry_is_said_as_such(tmp_path):
+    x, y = _pair(tmp_path, {"t": torch.tensor([float("inf"), 2.0])},
+                 {"t": torch.tensor([1.0, 2.0])})
+    assert describe_difference(x, y) == ("1 of 1 tensors differ; the most, 't': max |Δ| inf "
+                                         "(its largest |w| 2) in 1 of 2 entries")

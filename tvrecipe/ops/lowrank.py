@@ -121,7 +121,7 @@ def _squares(x: torch.Tensor, b: torch.Tensor | None = None,
     total = 0.0
     for i in range(0, x.shape[0], rows):
         block = x[i:i + rows].double()
-        if b is not None:
-            block -= b[i:i + rows].double() @ a.double()
+        if b is not None:  # (a new tensor: a float64 x's rows are not changed)
+            block = block - b[i:i + rows].double() @ a.double()
         total += float(torch.linalg.vector_norm(block) ** 2)
     return total

@@ -15,8 +15,11 @@ def canonical(obj: Any) -> str:
 
 
 def node_key(op: str, version: int, payload: Any) -> str:
-    """``{op}-{sha256(canonical JSON)[:16]}`` over the op, its version and ``payload``."""
-    body = canonical({"op": op, "version": version, **payload})
+    """``{op}-{sha256(canonical JSON)[:16]}`` over the op, its version, the rule that tells
+    buffers from weights (:data:`tvrecipe.store.checkpoint.BUFFER_RULE`: every op leaves
+    buffers out, so a change of it changes what any op computes) and ``payload``."""
+    from tvrecipe.store.checkpoint import BUFFER_RULE
+    body = canonical({"op": op, "version": version, "buffers": BUFFER_RULE, **payload})
     return f"{op}-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 
 

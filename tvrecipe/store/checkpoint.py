@@ -150,6 +150,10 @@ class TensorInfo:
 # weighted sum that does not add up to 1 would scale them. mergekit leaves them out of its
 # output; tvrecipe keeps the reference model's, unchanged.
 _BUFFER_ENDS = ("inv_freq", "masked_bias", "attn.bias", "crossattention.bias")
+# The version of that rule, in every step's key (a change of it changes what every op
+# computes for such a tensor, and no result made under another may be reused): 2, a 1-D
+# `attn.bias` is a weight.
+BUFFER_RULE = 2
 _MASK_ENDS = ("attn.bias", "crossattention.bias")
 BUFFERS = re.compile(r"(^|\.)(" + "|".join(map(re.escape, _BUFFER_ENDS)) + r")$")
 

@@ -68,8 +68,10 @@ def _safetensors_difference(got: Path, locked: Path) -> str:
             wide = torch.float64 if x.dtype == torch.float64 else torch.float32
             xf, yf = x.to(wide).reshape(-1), y.to(wide).reshape(-1)
             unequal = (_bits(x).view(x.numel(), -1) != _bits(y).view(y.numel(), -1)).any(dim=1)
-            gap = (xf - yf)[unequal].abs().nan_to_num(nan=float("inf"))  # (NaN against a number)
-            scale = float(yf.abs().nan_to_num(nan=0.0, posinf=0.0).max())
+            gap = (xf - yf)[unequal].abs()
+            gap = torch.where(gap.isnan(), float("inf"), gap)  # (NaN against a number)
+            finite = yf.abs()[yf.isfinite()]
+            scale = float(finite.max()) if finite.numel() else 0.0
             count, worst = int(unequal.sum()), float(gap.max())
             differ.append((worst / scale if scale else worst, name,
                            (f"max |Δ| {worst:.3g} (its largest |w| {scale:.3g}) in "
