@@ -464,7 +464,7 @@ def test_a_release_of_models_under_other_licenses_must_say_its_own(make_models, 
     recipe = (tmp_path / "r.yaml").read_text()
     line = recipe.splitlines().index("  model: {from: model, path: ./out/model}") + 1
     (ms.path("base") / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Base\n")
-    (ms.path("code") / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    (ms.path("code") / "README.md").write_text("---\nlicense: Apache-2.0\n---\n")  # (case)
     (ms.path("toxic") / "README.md").write_text("# no front matter\n")
     cli.ok("run", "r.yaml", "-q")  # (the same license, or none said: the base's)
     assert front_matter((tmp_path / "out/model/README.md").read_text())["license"] == \

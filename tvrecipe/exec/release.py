@@ -292,7 +292,7 @@ def license_conflict(compiled: Compiled, output: str) -> Problem | None:
     mine = model_license(compiled, source)
     for model in needed_by(compiled, output)[0]:
         theirs = model_license(compiled, model) if model != source else {}
-        if theirs and _license_text(theirs) != _license_text(mine):
+        if theirs and _license_text(theirs).lower() != _license_text(mine).lower():
             said = f"{_license_text(mine)}, from its README.md" if mine else \
                 "its README.md names none"
             return compiled.loaded.source.problem(
