@@ -469,16 +469,15 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
     # from the lock was changed by hand and needs --force.
     # (stale: as a run here wrote them under an earlier lock, a `git pull` or checkout ago;
     # made again as absent ones are)
-    absent = lockfile.absent_outputs(compiled) if has_lock else set()
-    absent |= lockfile.stale_outputs(compiled, memo) if has_lock else set()
+    stale = lockfile.stale_outputs(compiled, memo) if has_lock else set()
+    absent = (lockfile.absent_outputs(compiled) | stale) if has_lock else set()
     damaged = lockfile.output_differences(compiled, memo, skip=absent) if has_lock else []
     if locked and damaged and not force:
         raise VerifyError("--locked, but the outputs differ from the lock (--force writes them "
                           "again):\n" + "\n".join(damaged))
     if changes == [] and not force and not damaged and not absent:
         if report_path:  # (not left missing, or stale from another run: it says so)
-            from tvrecipe.report import json_text
-            Path(report_path).write_text(json_text({"run:status": "up_to_date"}) + "\n")
+            _write_report(report_path, {"run:status": "up_to_date"})
         if not quiet:
             click.echo("outputs are up to date with the lock; nothing to do "
                        "(--force recomputes them)")
@@ -487,8 +486,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
             and lockfile.only_the_text_changed(compiled, state)):
         lockfile.relock_text(compiled, state)
         if report_path:
-            from tvrecipe.report import json_text
-            Path(report_path).write_text(json_text({"run:status": "relocked"}) + "\n")
+            _write_report(report_path, {"run:status": "relocked"})
         if not quiet:
             click.echo(f"{recipe}: only the recipe's text changed (comments, layout), not what "
                        "it computes: the lock records the new text; the outputs stay as they "
@@ -501,7 +499,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         check_writable(lock_path(compiled.loaded.path))
     # Output folders this recipe's lock says it wrote: unchanged ones are replaced without
     # --force; a changed one is refused, saying what changed, before anything runs.
-    written = lockfile.written_outputs(compiled, memo) if has_lock else {}
+    written = lockfile.written_outputs(compiled, memo, stale) if has_lock else {}
     replaceable = frozenset(name for name, changes in written.items() if not changes)
     if not force:
         for name, changes in written.items():
@@ -548,8 +546,7 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
         if result.workers:  # a cluster run: time and bytes per worker
             reports["cluster:workers"] = result.workers
         reports["run:status"] = "ran"
-        from tvrecipe.report import json_text
-        Path(report_path).write_text(json_text(reports) + "\n")
+        _write_report(report_path, reports)
     if quiet:
         return
     for text in render_reports(compiled, result.reports):
@@ -574,6 +571,12 @@ def run(recipe: str, force: bool, device: str | None, allow_nonfinite: bool,
              else "")
     click.echo(f"done in {result.seconds:.2f} s on {result.device}{where}: read "
                f"{result.bytes_read / 1e6:.1f} MB, wrote {result.bytes_written / 1e6:.1f} MB")
+
+
+def _write_report(path: str, reports: dict) -> None:
+    """``run --report``'s file: strict JSON (a NaN or infinite figure is null)."""
+    from tvrecipe.report import json_text
+    Path(path).write_text(json_text(reports) + "\n")
 
 
 def _hold_run_lock(compiled, command: str) -> None:
@@ -847,9 +850,10 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
     # Inputs not where the folder's recipe says, and not given: said before the recipe is
     # read as a recipe (a path into the folder itself would read as an output over an input).
     try:
-        listed = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("models") or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
-        listed = {}
+        doc = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        doc = None
+    listed = doc.get("models") if isinstance(doc, dict) else None
     listed = listed if isinstance(listed, dict) else {}
     for name in moved:
         if name not in listed:
@@ -868,13 +872,12 @@ def _recompute_folder(folder: Path, recipe: Path, tmp: Path, data: dict, device:
             "sure it is the same model; a release written to an absolute path names them "
             "relative to the folder of the recipe that built it)")
     if moved:  # the same recipe with some inputs elsewhere (absolute paths)
-        doc = yaml.safe_load(recipe.read_text(encoding="utf-8"))
         for name, path in moved.items():  # (each one a model of it: checked above)
-            doc["models"][name]["path"] = path
+            listed[name]["path"] = path
         # The others, where the folder's recipe says (a relative path is relative to it, not
         # to the temporary folder this copy is written into).
         here = recipe.parent.resolve()
-        for name, spec in doc.get("models", {}).items():
+        for name, spec in listed.items():  # (doc's models)
             given = spec.get("path") if isinstance(spec, dict) else None
             if name not in moved and isinstance(given, str) and url_scheme(given) is None:
                 spec["path"] = os.path.normpath(here / Path(given).expanduser())

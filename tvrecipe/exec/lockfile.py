@@ -229,7 +229,7 @@ def only_the_text_changed(compiled: Compiled, state: dict[str, Any]) -> bool:
     folder's own recipe as this one would write it. Its outputs are then what a run would
     write, byte for byte: only the lock needs the new text's hash
     (:func:`relock_text`). The outputs' own state is checked by the caller."""
-    from tvrecipe.exec.release import pinned_recipe
+    from tvrecipe.exec.release import RECIPE_FILE, pinned_recipe
     from tvrecipe.exec.results import releases
     lock = read_lock(lock_path(compiled.loaded.path))
     recipe = lock.get("recipe") or {}
@@ -246,7 +246,7 @@ def only_the_text_changed(compiled: Compiled, state: dict[str, Any]) -> bool:
         if releases(compiled, name):
             folder = compiled.loaded.resolve(spec.path)
             try:
-                written = (folder / "tvrecipe.yaml").read_text(encoding="utf-8")
+                written = (folder / RECIPE_FILE).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 return False
             if written != pinned_recipe(compiled, name, digests):
@@ -452,13 +452,15 @@ def _listed(items: list[str]) -> str:
     return " and ".join(filter(None, [", ".join(items[:-1]), *items[-1:]]))
 
 
-def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[str, list[str]]:
+def written_outputs(compiled: Compiled, memo: HashMemo | None = None,
+                    stale: set[str] | frozenset[str] = frozenset()) -> dict[str, list[str]]:
     """Outputs whose folder exists at a path this recipe's lock says it wrote (under the
     output's name, or another name: an output renamed in the recipe), each with how it
     differs from the lock (empty when every file's hash is as locked, no file more or less).
 
     An unchanged one may be replaced by a rerun without ``--force``; a changed one, or a
-    folder the lock does not list, still needs ``--force``.
+    folder the lock does not list, still needs ``--force``. ``stale``: outputs a run here
+    wrote under an earlier lock (:func:`stale_outputs`), unchanged as well.
     """
     path = lock_path(compiled.loaded.path)
     if not path.is_file():
@@ -477,7 +479,7 @@ def written_outputs(compiled: Compiled, memo: HashMemo | None = None) -> dict[st
             continue
         got = hash_tree(target, memo) if target.is_dir() else {}
         written[name] = diff_hashes(entry.get("files") or {}, got, spec.path)
-    for name in stale_outputs(compiled, memo) & set(written):
+    for name in stale & set(written):
         written[name] = []  # (as a run here wrote it, under an earlier lock)
     return written
 
@@ -496,11 +498,11 @@ def stale_outputs(compiled: Compiled, memo: HashMemo) -> set[str]:
         target = compiled.loaded.resolve(spec.path)
         if not isinstance(target, Path) or not target.is_dir() or _absent(target):
             continue
-        files = sorted(p for p in target.rglob("*") if p.is_file())
         got = hash_tree(target, memo)
         entry = locked.get(name)
         if isinstance(entry, dict) and got == (entry.get("files") or {}):
             continue  # (as locked: not stale)
+        files = [target / rel for rel in got]
         try:
             # (every file as written, and none of those written since removed)
             if (files and all(memo.wrote(str(f.resolve()), f.resolve().stat()) for f in files)

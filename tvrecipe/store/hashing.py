@@ -81,13 +81,17 @@ class HashMemo:
             and isinstance(v.get("id"), list)
         }
 
+    def _loaded(self) -> dict[str, dict]:
+        """The entries, read from the file on first use."""
+        if self._entries is None:
+            self._entries = self._load_file()
+        return self._entries
+
     def get(self, key: str, st: os.stat_result | list) -> str | None:
         """The memoised digest of ``key`` if the file still has identity ``st``."""
         if not self.reuse:
             return None
-        if self._entries is None:
-            self._entries = self._load_file()
-        entry = self._entries.get(key)
+        entry = self._loaded().get(key)
         if entry is not None and entry["id"] == _identity(st):
             return entry["sha256"]
         return None
@@ -101,43 +105,34 @@ class HashMemo:
         """Records several (key, identity, digest) triples and saves the memo file once.
         ``written``: tvrecipe wrote these files (outputs), which :meth:`wrote` then says for
         as long as they keep that identity."""
-        if self._entries is None:
-            self._entries = self._load_file()
+        entries = self._loaded()
         for key, st, digest in items:
             entry = {"id": _identity(st), "sha256": digest}
-            old = self._entries.get(key)
+            old = entries.get(key)
             if written or (old is not None and old.get("written") is True
                            and old["id"] == entry["id"] and old["sha256"] == digest):
                 entry["written"] = True
-            self._entries[key] = entry
+            entries[key] = entry
         self._save()
 
     def forget_written(self, folder: str) -> None:
         """Drops the entries of files tvrecipe wrote under ``folder`` (an output about to be
         recorded anew: its previous files are gone)."""
-        if self._entries is None:
-            self._entries = self._load_file()
-        inside = folder.rstrip(os.sep) + os.sep
-        gone = {k for k, v in self._entries.items()
-                if k.startswith(inside) and v.get("written") is True}
+        gone = self.written_under(folder)
         for key in gone:
             del self._entries[key]
-        self._forgotten |= gone
+        self._forgotten.update(gone)
 
     def written_under(self, folder: str) -> list[str]:
         """The files under ``folder`` that tvrecipe last wrote there, by key."""
-        if self._entries is None:
-            self._entries = self._load_file()
         inside = folder.rstrip(os.sep) + os.sep
-        return sorted(k for k, v in self._entries.items()
+        return sorted(k for k, v in self._loaded().items()
                       if k.startswith(inside) and v.get("written") is True)
 
     def wrote(self, key: str, st: os.stat_result | list) -> bool:
         """Whether tvrecipe wrote the file ``key`` and it still has identity ``st`` (no one
         has changed it since)."""
-        if self._entries is None:
-            self._entries = self._load_file()
-        entry = self._entries.get(key)
+        entry = self._loaded().get(key)
         return entry is not None and entry.get("written") is True \
             and entry["id"] == _identity(st)
 

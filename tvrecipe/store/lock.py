@@ -40,9 +40,6 @@ def hash_tree(folder: Path, memo: HashMemo | None = None,
     return out
 
 
-_FILE_MODE = FILE_MODE  # what open() would give a new file: 0644 under the usual umask
-
-
 def write_lock_temp(path: Path, data: dict[str, Any]) -> Path:
     """Write the lock ``path`` will hold to a temporary file beside it (keys sorted, so reruns
     give the same bytes), and return that file: renaming it into place then needs no space
@@ -56,7 +53,7 @@ def write_lock_temp(path: Path, data: dict[str, Any]) -> Path:
     try:
         # mkstemp makes the file private (0600); a lock is meant to be read and committed.
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, _FILE_MODE)
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
